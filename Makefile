@@ -1,0 +1,65 @@
+# The two commands a new machine needs: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# cargo's test binaries link libpython; point the loader at the interpreter's lib dir.
+PYLIBDIR := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR') or '')")
+export PYO3_PYTHON := $(abspath $(PY))
+export LD_LIBRARY_PATH := $(PYLIBDIR):$(LD_LIBRARY_PATH)
+
+.DEFAULT_GOAL := help
+
+.PHONY: help ## show the targets
+help:
+	@grep -E '^\.PHONY: [a-z-]+ ##' Makefile | sed -E 's/^\.PHONY: ([a-z-]+) ## (.*)/  \1\t\2/'
+
+$(VENV)/.installed: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+.PHONY: install ## create .venv with the development tools
+install: $(VENV)/.installed
+
+.PHONY: build-dev ## build the extension in debug mode into .venv
+build-dev: install
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop
+
+.PHONY: build-prod ## build the extension in release mode into .venv
+build-prod: install
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release
+
+.PHONY: format ## format Rust and Python
+format: install
+	cargo fmt
+	$(VENV)/bin/ruff format python tests benches
+	$(VENV)/bin/ruff check --fix python tests benches
+
+.PHONY: lint ## cargo fmt --check, clippy, ruff
+lint: install
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+
+.PHONY: test-rust ## the crate's unit tests
+test-rust: install
+	cargo test
+
+.PHONY: test ## build once (release), then every check: lint, cargo test, pytest (benches run once)
+test: build-prod lint test-rust
+	$(PY) -m pytest -q
+
+.PHONY: bench ## benchmark tables: Rust against the numpy reference (release build)
+bench: build-prod
+	$(PY) -m pytest benches -q --benchmark-enable --benchmark-sort=mean
+
+.PHONY: demo ## build, start the reference servers, run the demo job
+demo: build-prod
+	$(PY) -m dualsample_rs demo
+
+.PHONY: clean ## remove build products and the venv
+clean:
+	rm -rf target $(VENV) .pytest_cache .benchmarks

@@ -1,0 +1,483 @@
+"""The sampling step in plain numpy, vectorised over rows.
+
+This is the test oracle for the Rust kernels and the baseline the benchmarks compare
+them with. It follows design.md step by step and makes the same choices as the Rust
+code wherever a choice changes the result: candidates in ascending id order, ties in
+the support constraint going to the lower id, the same safeguarded Newton iteration,
+and the same counter-based uniform draw, so the same inputs give the same tokens.
+It checks less of its input than the Rust functions do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from .exceptions import InvalidInputError
+
+__all__ = ["ReferenceStepResult", "merge_topk", "mix", "solve_alpha", "step", "uniform"]
+
+NEG_INF = -np.inf
+F64 = NDArray[np.float64]
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
+
+
+# ---------------------------------------------------------------- small helpers
+def _as_rows(x: ArrayLike, dtype: Any) -> tuple[np.ndarray, bool]:
+    arr = np.asarray(x, dtype=dtype)
+    return np.atleast_2d(arr), arr.ndim == 1
+
+
+def _lse(x: F64) -> F64:
+    """Row-wise log-sum-exp; -inf for rows that are all -inf."""
+    m = x.max(axis=1)
+    safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return safe + np.log(np.exp(x - safe[:, None]).sum(axis=1))
+
+
+def _normalise(x: F64) -> tuple[F64, F64]:
+    z = _lse(x)
+    return np.where(np.isfinite(z)[:, None], x - np.where(np.isfinite(z), z, 0.0)[:, None], x), z
+
+
+def _geometric(a: F64, b: F64, alpha: F64) -> F64:
+    """log of π_θ^(1-α) π_t^α per entry, exact at α = 0 and α = 1."""
+    al = alpha[:, None]
+    both = np.isfinite(a) & np.isfinite(b)
+    with np.errstate(invalid="ignore"):
+        w = np.where(both, a + al * (b - a), NEG_INF)
+    return np.where(al <= 0.0, a, np.where(al >= 1.0, b, w))
+
+
+def _plogp(logp: F64) -> F64:
+    fin = np.isfinite(logp)
+    return np.where(fin, np.exp(logp) * np.where(fin, logp, 0.0), 0.0)
+
+
+def _entropy(logp: F64) -> F64:
+    return np.maximum(-_plogp(logp).sum(axis=1), 0.0)
+
+
+def _kl(logp: F64, logr: F64) -> F64:
+    fp = np.isfinite(logp)
+    infinite = (fp & ~np.isfinite(logr)).any(axis=1)
+    diff = np.where(fp & np.isfinite(logr), logp - np.where(np.isfinite(logr), logr, 0.0), 0.0)
+    kl = (np.where(fp, np.exp(logp), 0.0) * diff).sum(axis=1)
+    return np.where(infinite, np.inf, np.maximum(kl, 0.0))
+
+
+def _js(a: F64, b: F64) -> F64:
+    pa, pb = np.exp(a), np.exp(b)
+    m = 0.5 * (pa + pb)
+    with np.errstate(divide="ignore"):
+        lm = np.log(m)
+    ta = np.where(pa > 0, 0.5 * pa * (np.where(pa > 0, a, 0.0) - np.where(m > 0, lm, 0.0)), 0.0)
+    tb = np.where(pb > 0, 0.5 * pb * (np.where(pb > 0, b, 0.0) - np.where(m > 0, lm, 0.0)), 0.0)
+    return np.maximum((ta + tb).sum(axis=1), 0.0)
+
+
+def _ess(logpi: F64, logq: F64) -> F64:
+    fp = np.isfinite(logpi)
+    zero = (fp & ~np.isfinite(logq)).any(axis=1)
+    both = fp & np.isfinite(logq)
+    s = np.where(both, np.exp(2.0 * np.where(both, logpi, 0.0) - np.where(both, logq, 0.0)), 0.0).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        out = np.where(s > 0, 1.0 / np.where(s > 0, s, 1.0), 0.0)
+    return np.where(zero, 0.0, out)
+
+
+def uniform(seed: int, row_keys: ArrayLike, positions: ArrayLike) -> F64:
+    """The counter-based uniform in [0, 1) that the Rust step draws for each row."""
+    keys = np.atleast_1d(np.asarray(row_keys, dtype=np.int64)).view(np.uint64)
+    pos = np.atleast_1d(np.asarray(positions, dtype=np.int64)).view(np.uint64)
+
+    def mix64(z: np.ndarray) -> np.ndarray:
+        z = z + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+    s = mix64(np.full(keys.shape, np.uint64(int(seed) & _MASK64), dtype=np.uint64))
+    h = mix64(mix64(s ^ keys) ^ pos)
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2.0**53)
+
+
+# ---------------------------------------------------------------- α
+def _moments(sa: F64, sd: F64, beta: F64, shift: F64) -> tuple[F64, F64, F64]:
+    """log-partition, mean and variance of d under q_β ∝ exp(a + β d) on the support."""
+    x = sa + beta[:, None] * sd
+    m = x.max(axis=1)
+    w = np.exp(x - m[:, None])
+    c = sd - shift[:, None]
+    wsum = w.sum(axis=1)
+    mean_c = (w * c).sum(axis=1) / wsum
+    var = np.maximum((w * c * c).sum(axis=1) / wsum - mean_c * mean_c, 0.0)
+    return m + np.log(wsum), shift + mean_c, var
+
+
+def _newton(f: Any, f0: F64, f1: F64, tol: float, max_iter: int) -> F64:
+    """Vectorised twin of the Rust bracketed Newton for increasing f with f0 < 0 < f1."""
+    n = f0.shape[0]
+    lo, hi = np.zeros(n), np.ones(n)
+    x = np.clip(-f0 / (f1 - f0), 0.0, 1.0)
+    result = x.copy()
+    active = np.ones(n, dtype=bool)
+    for _ in range(max_iter):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        xi = x[idx]
+        fx, dfx = f(xi, idx)
+        lo[idx] = np.where(fx < 0, xi, lo[idx])
+        hi[idx] = np.where(fx > 0, xi, hi[idx])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            nxt = xi - fx / dfx
+        nxt = np.where((nxt > lo[idx]) & (nxt < hi[idx]), nxt, 0.5 * (lo[idx] + hi[idx]))
+        zero = fx == 0
+        done = zero | (np.abs(nxt - xi) <= tol) | (hi[idx] - lo[idx] <= tol)
+        result[idx] = np.where(zero, xi, nxt)
+        x[idx] = np.where(zero, xi, nxt)
+        active[idx[done]] = False
+    return result
+
+
+def _kl_symmetry(sa: F64, sd: F64, tol: float, max_iter: int) -> F64:
+    n = sa.shape[0]
+    out = np.empty(n)
+    _, g0, _ = _moments(sa, sd, np.zeros(n), np.zeros(n))
+    _, g1, _ = _moments(sa, sd, np.ones(n), g0)
+    low, high = g0 >= 0, g1 <= 0
+    out[low] = 0.0
+    out[~low & high] = 1.0
+    mid = np.flatnonzero(~low & ~high)
+    shift = g0[mid].copy()
+    sa_m, sd_m = sa[mid], sd[mid]
+
+    def f(x: F64, idx: np.ndarray) -> tuple[F64, F64]:
+        _, mean, var = _moments(sa_m[idx], sd_m[idx], x, shift[idx])
+        shift[idx] = mean
+        return mean, var
+
+    out[mid] = _newton(f, g0[mid], g1[mid], tol, max_iter)
+    return out
+
+
+def _ess_balance(sa: F64, sd: F64, tol: float, max_iter: int) -> F64:
+    def f_on(sa_: F64, sd_: F64, x: F64) -> tuple[F64, F64]:
+        zero = np.zeros_like(x)
+        lse_b, mean_b, _ = _moments(sa_, sd_, -x, zero)
+        lse_a, mean_a, _ = _moments(sa_, sd_, 2.0 - x, zero)
+        return lse_b - lse_a, mean_a - mean_b
+
+    n = sa.shape[0]
+    out = np.empty(n)
+    f0, _ = f_on(sa, sd, np.zeros(n))
+    f1, _ = f_on(sa, sd, np.ones(n))
+    low, high = f0 >= 0, f1 <= 0
+    out[low] = 0.0
+    out[~low & high] = 1.0
+    mid = np.flatnonzero(~low & ~high)
+    sa_m, sd_m = sa[mid], sd[mid]
+    out[mid] = _newton(lambda x, idx: f_on(sa_m[idx], sd_m[idx], x), f0[mid], f1[mid], tol, max_iter)
+    return out
+
+
+def _solve_normalised(a: F64, b: F64, p: dict[str, Any]) -> F64:
+    """α per row for log probabilities already normalised over each row's candidates."""
+    n = a.shape[0]
+    method = p["method"]
+    if method == "fixed":
+        raw = np.full(n, float(p["alpha"]))
+    elif method == "entropy":
+        ha, hb = _entropy(a), _entropy(b)
+        tot = ha + hb
+        raw = np.where(tot > 0, ha / np.where(tot > 0, tot, 1.0), 0.5)
+    elif method in ("kl_symmetry", "ess_balance"):
+        both = np.isfinite(a) & np.isfinite(b)
+        sa = np.where(both, a, NEG_INF)
+        sd = np.where(both, b - np.where(both, a, 0.0), 0.0)
+        raw = np.full(n, 0.5)
+        dmin = np.where(both, sd, np.inf).min(axis=1)
+        dmax = np.where(both, sd, -np.inf).max(axis=1)
+        scale = 1.0 + np.where(both, np.abs(np.where(both, a, 0.0)), 0.0).max(axis=1)
+        nonempty = both.any(axis=1)
+        with np.errstate(invalid="ignore"):
+            const = nonempty & (dmax - dmin <= 1e-12 * scale)
+            c = 0.5 * (dmin + dmax)
+        raw[const] = np.where(np.abs(c) <= 1e-12, 0.5, np.where(c > 0, 0.0, 1.0))[const]
+        todo = np.flatnonzero(nonempty & ~const)
+        solver = _kl_symmetry if method == "kl_symmetry" else _ess_balance
+        if todo.size:
+            raw[todo] = solver(sa[todo], sd[todo], float(p["tol"]), int(p["max_iter"]))
+    else:
+        raise InvalidInputError(f"method: unknown method {method!r}")
+    return np.clip(raw, p["alpha_min"], p["alpha_max"])
+
+
+def _params(config: Any = None, **overrides: Any) -> dict[str, Any]:
+    keys = ("method", "alpha", "alpha_min", "alpha_max", "tol", "max_iter")
+    defaults = {"method": "kl_symmetry", "alpha": 0.5, "alpha_min": 0.0, "alpha_max": 1.0, "tol": 1e-10, "max_iter": 100}
+    p = {k: getattr(config, k) for k in keys} if config is not None else defaults
+    p.update(overrides)
+    return p
+
+
+def solve_alpha(
+    logp_theta: ArrayLike,
+    logp_t: ArrayLike,
+    *,
+    method: str = "kl_symmetry",
+    alpha: float = 0.5,
+    alpha_min: float = 0.0,
+    alpha_max: float = 1.0,
+    tol: float = 1e-10,
+    max_iter: int = 100,
+) -> float | F64:
+    """numpy twin of :func:`dualsample_rs.solve_alpha`."""
+    a, one = _as_rows(logp_theta, np.float64)
+    b, _ = _as_rows(logp_t, np.float64)
+    a, _ = _normalise(a)
+    b, _ = _normalise(b)
+    p = _params(method=method, alpha=alpha, alpha_min=alpha_min, alpha_max=alpha_max, tol=tol, max_iter=max_iter)
+    out = _solve_normalised(a, b, p)
+    return float(out[0]) if one else out
+
+
+def mix(logp_theta: ArrayLike, logp_t: ArrayLike, alpha: ArrayLike) -> F64:
+    """numpy twin of :func:`dualsample_rs.mix`."""
+    a, one = _as_rows(logp_theta, np.float64)
+    b, _ = _as_rows(logp_t, np.float64)
+    al = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (a.shape[0],))
+    q, _ = _normalise(_geometric(_normalise(a)[0], _normalise(b)[0], al))
+    return q[0] if one else q
+
+
+# ---------------------------------------------------------------- merge
+def _compact(keep: np.ndarray, *arrays: np.ndarray, fills: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
+    """Left-pack the kept entries of each row, preserving order; pad with `fills`."""
+    order = np.argsort(~keep, axis=1, kind="stable")
+    width = int(keep.sum(axis=1).max()) if keep.size else 0
+    kept = np.take_along_axis(keep, order, axis=1)[:, :width]
+    out = []
+    for arr, fill in zip(arrays, fills):
+        packed = np.take_along_axis(arr, order, axis=1)[:, :width]
+        out.append(np.where(kept, packed, fill))
+    return tuple(out)
+
+
+def _bound(ids: np.ndarray, lp: F64) -> F64:
+    valid = ids >= 0
+    smallest = np.where(valid, lp, np.inf).min(axis=1)
+    total = _lse(np.where(valid, lp, NEG_INF))
+    with np.errstate(divide="ignore"):
+        unlisted = np.where(total >= 0, NEG_INF, np.log(-np.expm1(np.minimum(total, 0.0))))
+    return np.minimum(smallest, unlisted)
+
+
+def _lookup(union: np.ndarray, ids: np.ndarray, lp: F64, stride: int) -> tuple[F64, np.ndarray]:
+    """Each union id's log probability in one model's list, and whether it was listed."""
+    rows = np.arange(ids.shape[0], dtype=np.int64)[:, None]
+    valid = ids >= 0
+    keys = np.where(valid, rows * stride + ids, -1).ravel()
+    order = np.argsort(keys, kind="stable")
+    skeys, svals = keys[order], lp.ravel()[order]
+    want = (rows * stride + union).ravel()
+    pos = np.clip(np.searchsorted(skeys, want), 0, max(skeys.size - 1, 0))
+    found = (skeys[pos] == want) & (union.ravel() >= 0) if skeys.size else np.zeros(want.shape, dtype=bool)
+    vals = np.where(found, svals[pos] if skeys.size else 0.0, NEG_INF)
+    return vals.reshape(union.shape), found.reshape(union.shape)
+
+
+def _merge(ids_a: np.ndarray, lp_a: F64, ids_b: np.ndarray, lp_b: F64, missing: Any) -> dict[str, np.ndarray]:
+    n = ids_a.shape[0]
+    big = np.iinfo(np.int64).max
+    both = np.concatenate([np.where(ids_a >= 0, ids_a, big), np.where(ids_b >= 0, ids_b, big)], axis=1)
+    s = np.sort(both, axis=1)
+    first = np.ones_like(s, dtype=bool)
+    first[:, 1:] = s[:, 1:] != s[:, :-1]
+    keep = first & (s != big)
+    (union,) = _compact(keep, s, fills=(-1,))
+    stride = int(max(ids_a.max(initial=0), ids_b.max(initial=0))) + 2
+    a, obs_a = _lookup(union, ids_a, lp_a, stride)
+    b, obs_b = _lookup(union, ids_b, lp_b, stride)
+    if isinstance(missing, str):
+        fill_a, fill_b = _bound(ids_a, lp_a), _bound(ids_b, lp_b)
+    else:
+        fill_a = fill_b = np.full(n, float(missing))
+    valid = union >= 0
+    a = np.where(valid & ~obs_a, fill_a[:, None], a)
+    b = np.where(valid & ~obs_b, fill_b[:, None], b)
+    no_overlap = np.zeros(n, dtype=bool)
+    if missing == "drop":
+        common = obs_a & obs_b
+        no_overlap = ~common.any(axis=1) & obs_b.any(axis=1)
+        keep = np.where(no_overlap[:, None], obs_b, common)
+        union, a, b, obs_a, obs_b = _compact(keep, union, a, b, obs_a, obs_b, fills=(-1, NEG_INF, NEG_INF, False, False))
+    return {"ids": union, "a": a, "b": b, "obs_a": obs_a, "obs_b": obs_b, "no_overlap": no_overlap}
+
+
+def merge_topk(
+    ids_theta: ArrayLike, logp_theta: ArrayLike, ids_t: ArrayLike, logp_t: ArrayLike, *, missing: str | float = "bound"
+) -> tuple[np.ndarray, F64, F64]:
+    """numpy twin of :func:`dualsample_rs.merge_topk`."""
+    ia, one = _as_rows(ids_theta, np.int64)
+    la, _ = _as_rows(logp_theta, np.float64)
+    ib, _ = _as_rows(ids_t, np.int64)
+    lb, _ = _as_rows(logp_t, np.float64)
+    m = _merge(ia, la, ib, lb, missing)
+    if one:
+        return m["ids"][0], m["a"][0], m["b"][0]
+    return m["ids"], m["a"], m["b"]
+
+
+# ---------------------------------------------------------------- step
+@dataclass(frozen=True)
+class ReferenceStepResult:
+    """The same fields as :class:`dualsample_rs.StepResult`."""
+
+    token_id: np.ndarray
+    alpha: F64
+    logq: F64
+    logp_theta: F64
+    logp_t: F64
+    observed_theta: np.ndarray
+    observed_t: np.ndarray
+    fallback: np.ndarray
+    no_overlap: np.ndarray
+    n_candidates: np.ndarray
+    kl_theta: F64 | None = None
+    kl_t: F64 | None = None
+    ess_theta: F64 | None = None
+    ess_t: F64 | None = None
+    entropy: F64 | None = None
+    js: F64 | None = None
+
+
+def _constrain_top_p(ids: np.ndarray, a: F64, b: F64, obs_a: np.ndarray, obs_b: np.ndarray, top_p: float) -> tuple:
+    order = np.argsort(-b, axis=1, kind="stable")
+    sb = np.take_along_axis(b, order, axis=1)
+    p = np.exp(sb)
+    before = np.concatenate([np.zeros((p.shape[0], 1)), np.cumsum(p, axis=1)[:, :-1]], axis=1)
+    keep_sorted = (before < top_p) & np.isfinite(sb)
+    keep = np.zeros_like(keep_sorted)
+    np.put_along_axis(keep, order, keep_sorted, axis=1)
+    return _compact(keep & (ids >= 0), ids, a, b, obs_a, obs_b, fills=(-1, NEG_INF, NEG_INF, False, False))
+
+
+def step(
+    ids_theta: ArrayLike,
+    logp_theta: ArrayLike,
+    ids_t: ArrayLike,
+    logp_t: ArrayLike,
+    *,
+    config: Any = None,
+    seed: int = 0,
+    positions: ArrayLike | None = None,
+    row_keys: ArrayLike | None = None,
+    force_teacher: ArrayLike | None = None,
+) -> ReferenceStepResult:
+    """numpy twin of :func:`dualsample_rs.step`; `config` is a :class:`SamplerConfig`."""
+    if config is None:
+        from . import SamplerConfig
+
+        config = SamplerConfig()
+    ia, _ = _as_rows(ids_theta, np.int64)
+    la, _ = _as_rows(logp_theta, np.float64)
+    ib, _ = _as_rows(ids_t, np.int64)
+    lb, _ = _as_rows(logp_t, np.float64)
+    n = ia.shape[0]
+    keys = np.arange(n, dtype=np.int64) if row_keys is None else np.asarray(row_keys, dtype=np.int64).reshape(n)
+    pos = np.zeros(n, dtype=np.int64) if positions is None else np.asarray(positions, dtype=np.int64).reshape(n)
+    force = np.zeros(n, dtype=bool) if force_teacher is None else np.asarray(force_teacher, dtype=bool).reshape(n)
+
+    m = _merge(ia, la, ib, lb, config.missing)
+    ids, a, b, obs_a, obs_b = m["ids"], m["a"], m["b"], m["obs_a"], m["obs_b"]
+    if config.exclude_ids:
+        keep = (ids >= 0) & ~np.isin(ids, np.asarray(config.exclude_ids, dtype=np.int64))
+        ids, a, b, obs_a, obs_b = _compact(keep, ids, a, b, obs_a, obs_b, fills=(-1, NEG_INF, NEG_INF, False, False))
+    if ids.shape[1] == 0 or not (ids >= 0).any(axis=1).all():
+        raise InvalidInputError("a row has no candidates left")
+    tau_t = config.temperature if config.temperature_t is None else config.temperature_t
+    a = a / config.temperature
+    b = b / tau_t
+    a, za = _normalise(a)
+    b, zb = _normalise(b)
+    fa, fb = np.isfinite(za), np.isfinite(zb)
+    if not (fa | fb).all():
+        raise InvalidInputError("a row has no candidate with positive probability under either model")
+    forced = np.where(~fa, 1.0, np.where(~fb, 0.0, np.nan))
+    usable = fa & fb
+    if config.stability_js_max is not None:
+        forced = np.where(usable & (_js(a, b) > config.stability_js_max), 1.0, forced)
+    if config.stability_overlap_min is not None:
+        common = obs_a & obs_b
+        mass = np.minimum(np.where(common, np.exp(a), 0.0).sum(1), np.where(common, np.exp(b), 0.0).sum(1))
+        forced = np.where(usable & np.isnan(forced) & (mass < config.stability_overlap_min), 1.0, forced)
+    if config.top_p is not None:
+        cut = _constrain_top_p(ids, a, b, obs_a, obs_b, config.top_p)
+        ids_c, a_c, b_c, oa_c, ob_c = cut
+        if ids_c.shape[1] < ids.shape[1]:
+            pad = ids.shape[1] - ids_c.shape[1]
+            ids_c, a_c, b_c, oa_c, ob_c = (
+                np.pad(ids_c, ((0, 0), (0, pad)), constant_values=-1),
+                np.pad(a_c, ((0, 0), (0, pad)), constant_values=NEG_INF),
+                np.pad(b_c, ((0, 0), (0, pad)), constant_values=NEG_INF),
+                np.pad(oa_c, ((0, 0), (0, pad)), constant_values=False),
+                np.pad(ob_c, ((0, 0), (0, pad)), constant_values=False),
+            )
+        rows = fb[:, None]
+        ids, obs_a, obs_b = np.where(rows, ids_c, ids), np.where(rows, oa_c, obs_a), np.where(rows, ob_c, obs_b)
+        a, b = np.where(rows, a_c, a), np.where(rows, b_c, b)
+        b, _ = _normalise(b)
+        a, za2 = _normalise(a)
+        forced = np.where(fb & ~np.isfinite(za2) & np.isnan(forced), 1.0, forced)
+    fallback = ~np.isnan(forced)
+    alpha = np.where(fallback, forced, np.where(force, 1.0, np.nan))
+    todo = np.flatnonzero(np.isnan(alpha))
+    if todo.size:
+        alpha[todo] = _solve_normalised(a[todo], b[todo], _params(config))
+    logq, zq = _normalise(_geometric(a, b, alpha))
+    empty = ~np.isfinite(zq)
+    fallback = fallback | empty
+    alpha = np.where(empty, 1.0, alpha)
+    logq = np.where(empty[:, None], b, logq)
+
+    u = uniform(seed, keys, pos)
+    q = np.exp(logq)
+    cum = np.cumsum(q, axis=1)
+    target = u * cum[:, -1]
+    hit = cum > target[:, None]
+    last_pos = q.shape[1] - 1 - np.argmax((q > 0)[:, ::-1], axis=1)
+    k = np.where(hit.any(axis=1), np.argmax(hit, axis=1), last_pos)
+    r = np.arange(n)
+    diag: dict[str, Any] = {}
+    if config.diagnostics:
+        diag = {
+            "kl_theta": _kl(logq, a),
+            "kl_t": _kl(logq, b),
+            "ess_theta": _ess(a, logq),
+            "ess_t": _ess(b, logq),
+            "entropy": _entropy(logq),
+            "js": _js(a, b),
+        }
+    return ReferenceStepResult(
+        token_id=ids[r, k].astype(np.int64),
+        alpha=alpha,
+        logq=logq[r, k],
+        logp_theta=a[r, k],
+        logp_t=b[r, k],
+        observed_theta=obs_a[r, k],
+        observed_t=obs_b[r, k],
+        fallback=fallback,
+        no_overlap=m["no_overlap"],
+        n_candidates=(ids >= 0).sum(axis=1).astype(np.int32),
+        **diag,
+    )

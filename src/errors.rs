@@ -1,0 +1,65 @@
+//! Kernel errors and their single conversion into Python exceptions.
+use std::fmt;
+
+use pyo3::import_exception;
+use pyo3::PyErr;
+
+import_exception!(dualsample_rs.exceptions, InvalidInputError);
+import_exception!(dualsample_rs.exceptions, InvalidDtypeError);
+
+/// What went wrong, with the argument and (when it concerns one) the row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KernelError {
+    /// A value the caller passed is outside what the kernel accepts.
+    Input {
+        arg: &'static str,
+        row: Option<usize>,
+        msg: String,
+    },
+    /// An array has a dtype or layout that cannot be converted safely.
+    Dtype { arg: &'static str, msg: String },
+}
+
+impl KernelError {
+    pub fn input(arg: &'static str, row: Option<usize>, msg: impl Into<String>) -> Self {
+        KernelError::Input {
+            arg,
+            row,
+            msg: msg.into(),
+        }
+    }
+
+    pub fn row(arg: &'static str, row: usize, msg: impl Into<String>) -> Self {
+        Self::input(arg, Some(row), msg)
+    }
+
+    pub fn arg(arg: &'static str, msg: impl Into<String>) -> Self {
+        Self::input(arg, None, msg)
+    }
+}
+
+impl fmt::Display for KernelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KernelError::Input {
+                arg,
+                row: Some(row),
+                msg,
+            } => write!(f, "{arg}, row {row}: {msg}"),
+            KernelError::Input { arg, row: None, msg } | KernelError::Dtype { arg, msg } => write!(f, "{arg}: {msg}"),
+        }
+    }
+}
+
+impl std::error::Error for KernelError {}
+
+impl From<KernelError> for PyErr {
+    fn from(err: KernelError) -> PyErr {
+        match err {
+            KernelError::Input { .. } => InvalidInputError::new_err(err.to_string()),
+            KernelError::Dtype { .. } => InvalidDtypeError::new_err(err.to_string()),
+        }
+    }
+}
+
+pub type KernelResult<T> = Result<T, KernelError>;

@@ -1,0 +1,140 @@
+//! The building blocks on their own, batched over rows: α, q*, and the merge.
+use numpy::ndarray::{Array2, ArrayView1, ArrayView2};
+
+use crate::errors::{KernelError, KernelResult};
+use crate::kernels::alpha::{self, AlphaParams, Support};
+use crate::kernels::logspace::{geometric, normalise};
+use crate::kernels::merge::{merge, read_list, List, Merged, Missing};
+use crate::kernels::parallel::map_rows;
+
+/// Copy a row of log probabilities, check it, and normalise it.
+fn read_logp(lp: ArrayView1<'_, f64>, arg: &'static str, row: usize, out: &mut Vec<f64>) -> KernelResult<()> {
+    out.clear();
+    for (col, &x) in lp.iter().enumerate() {
+        if x.is_nan() || x == f64::INFINITY {
+            return Err(KernelError::row(
+                arg,
+                row,
+                format!("column {col} is {x}; log probabilities must be finite or -inf"),
+            ));
+        }
+        out.push(x);
+    }
+    if normalise(out) == f64::NEG_INFINITY {
+        return Err(KernelError::row(
+            arg,
+            row,
+            "every entry is -inf, so there is no distribution",
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct PairScratch {
+    a: Vec<f64>,
+    b: Vec<f64>,
+    support: Support,
+}
+
+fn check_same_shape(a: ArrayView2<'_, f64>, b: ArrayView2<'_, f64>) -> KernelResult<()> {
+    if a.dim() == b.dim() {
+        Ok(())
+    } else {
+        Err(KernelError::arg(
+            "logp_t",
+            format!("shape {:?} does not match logp_theta's {:?}", b.dim(), a.dim()),
+        ))
+    }
+}
+
+pub fn solve_alpha_batch(
+    lp_a: ArrayView2<'_, f64>,
+    lp_b: ArrayView2<'_, f64>,
+    p: &AlphaParams,
+) -> KernelResult<Vec<f64>> {
+    check_same_shape(lp_a, lp_b)?;
+    map_rows(lp_a.nrows(), lp_a.ncols(), |s: &mut PairScratch, r| {
+        read_logp(lp_a.row(r), "logp_theta", r, &mut s.a)?;
+        read_logp(lp_b.row(r), "logp_t", r, &mut s.b)?;
+        Ok(alpha::solve(&s.a, &s.b, p, &mut s.support))
+    })
+}
+
+pub fn mix_batch(lp_a: ArrayView2<'_, f64>, lp_b: ArrayView2<'_, f64>, alphas: &[f64]) -> KernelResult<Array2<f64>> {
+    check_same_shape(lp_a, lp_b)?;
+    if let Some((r, &a)) = alphas.iter().enumerate().find(|(_, a)| !(0.0..=1.0).contains(*a)) {
+        return Err(KernelError::row("alpha", r, format!("must lie in [0, 1], got {a}")));
+    }
+    let rows = map_rows(lp_a.nrows(), lp_a.ncols(), |s: &mut PairScratch, r| {
+        read_logp(lp_a.row(r), "logp_theta", r, &mut s.a)?;
+        read_logp(lp_b.row(r), "logp_t", r, &mut s.b)?;
+        let mut q: Vec<f64> =
+            s.a.iter()
+                .zip(&s.b)
+                .map(|(&x, &y)| geometric(x, y, alphas[r]))
+                .collect();
+        if normalise(&mut q) == f64::NEG_INFINITY {
+            return Err(KernelError::row(
+                "alpha",
+                r,
+                format!(
+                    "the two distributions share no candidate, so q* is undefined at alpha={}",
+                    alphas[r]
+                ),
+            ));
+        }
+        Ok(q)
+    })?;
+    let mut out = Array2::from_elem(lp_a.dim(), f64::NEG_INFINITY);
+    for (mut dst, src) in out.rows_mut().into_iter().zip(&rows) {
+        dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v);
+    }
+    Ok(out)
+}
+
+#[derive(Default)]
+struct MergeScratch {
+    theta: List,
+    t: List,
+}
+
+pub struct MergedBatch {
+    pub ids: Array2<i64>,
+    pub logp_theta: Array2<f64>,
+    pub logp_t: Array2<f64>,
+}
+
+pub fn merge_batch(
+    ids_a: ArrayView2<'_, i64>,
+    lp_a: ArrayView2<'_, f64>,
+    ids_b: ArrayView2<'_, i64>,
+    lp_b: ArrayView2<'_, f64>,
+    missing: Missing,
+) -> KernelResult<MergedBatch> {
+    let rows = map_rows(
+        ids_a.nrows(),
+        ids_a.ncols() + ids_b.ncols(),
+        |s: &mut MergeScratch, r| {
+            read_list(ids_a.row(r), lp_a.row(r), ("ids_theta", "logp_theta"), r, &mut s.theta)?;
+            read_list(ids_b.row(r), lp_b.row(r), ("ids_t", "logp_t"), r, &mut s.t)?;
+            let mut m = Merged::default();
+            merge(&s.theta, &s.t, missing, &mut m);
+            Ok(m)
+        },
+    )?;
+    let width = rows.iter().map(Merged::len).max().unwrap_or(0);
+    let mut out = MergedBatch {
+        ids: Array2::from_elem((rows.len(), width), -1),
+        logp_theta: Array2::from_elem((rows.len(), width), f64::NEG_INFINITY),
+        logp_t: Array2::from_elem((rows.len(), width), f64::NEG_INFINITY),
+    };
+    for (r, m) in rows.iter().enumerate() {
+        for c in 0..m.len() {
+            out.ids[[r, c]] = m.ids[c];
+            out.logp_theta[[r, c]] = m.a[c];
+            out.logp_t[[r, c]] = m.b[c];
+        }
+    }
+    Ok(out)
+}

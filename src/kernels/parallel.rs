@@ -1,0 +1,30 @@
+//! Running a per-row kernel over a batch, in parallel when the batch is big enough.
+//!
+//! Design notes. Rows are independent, so rayon's work stealing over row indices is all
+//! that is needed; each worker owns one scratch value (`map_init`), so the hot loop does
+//! not allocate. Below `PARALLEL_MIN_WORK` (rows × entries per row) the thread hand-off
+//! costs more than it saves, so small batches run on the calling thread. Errors are
+//! reported for the lowest failing row whatever the scheduling.
+use rayon::prelude::*;
+
+use crate::errors::KernelResult;
+
+const PARALLEL_MIN_WORK: usize = 16 * 1024;
+
+pub fn map_rows<T, S, F>(rows: usize, entries_per_row: usize, f: F) -> KernelResult<Vec<T>>
+where
+    T: Send,
+    S: Default,
+    F: Fn(&mut S, usize) -> KernelResult<T> + Sync,
+{
+    if rows.saturating_mul(entries_per_row.max(1)) < PARALLEL_MIN_WORK || rayon::current_num_threads() == 1 {
+        let mut scratch = S::default();
+        return (0..rows).map(|r| f(&mut scratch, r)).collect();
+    }
+    let results: Vec<KernelResult<T>> = (0..rows)
+        .into_par_iter()
+        .with_min_len(4)
+        .map_init(S::default, |s, r| f(s, r))
+        .collect();
+    results.into_iter().collect()
+}

@@ -1,0 +1,26 @@
+//! dualsample_rs: sampling from the geometric mixture of a base and a teacher model.
+pub mod errors;
+pub mod kernels;
+mod py;
+
+#[pyo3::pymodule(gil_used = false)]
+mod _core {
+    use pyo3::prelude::*;
+
+    #[pymodule_export]
+    use crate::py::config::SamplerConfig;
+    #[pymodule_export]
+    use crate::py::functions::{merge_topk_py, mix_py, solve_alpha_py};
+    #[pymodule_export]
+    use crate::py::step::{step_py, StepResult};
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        m.add(
+            "build_profile",
+            if cfg!(debug_assertions) { "debug" } else { "release" },
+        )?;
+        Ok(())
+    }
+}

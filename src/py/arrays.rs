@@ -1,0 +1,191 @@
+//! Turning Python arguments into 2-D views the kernels read.
+//!
+//! float64/int64 arrays of any layout are read in place; float32/int32 are widened once;
+//! lists and other safe numeric dtypes go through `numpy.asarray` first. Everything else
+//! is refused with the dtype that was expected.
+use numpy::ndarray::{Axis, CowArray, Ix2};
+use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+use crate::errors::{KernelError, KernelResult};
+
+/// A 2-D batch and whether the caller passed a single 1-D row.
+pub struct Rows<'a, T> {
+    pub data: CowArray<'a, T, Ix2>,
+    pub one_row: bool,
+}
+
+pub enum FloatInput<'py> {
+    F64(PyReadonlyArrayDyn<'py, f64>),
+    F32(PyReadonlyArrayDyn<'py, f32>),
+}
+
+pub enum IdInput<'py> {
+    I64(PyReadonlyArrayDyn<'py, i64>),
+    I32(PyReadonlyArrayDyn<'py, i32>),
+}
+
+fn borrow_err(arg: &'static str, err: impl std::fmt::Display) -> KernelError {
+    KernelError::arg(arg, format!("cannot read the array: {err}"))
+}
+
+/// `numpy.asarray(obj)` when `obj`'s dtype kind is one of `kinds`, cast to `dtype`.
+fn convert<'py>(
+    obj: &Bound<'py, PyAny>,
+    arg: &'static str,
+    kinds: &str,
+    dtype: &str,
+    expected: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    let np = obj.py().import("numpy")?;
+    let arr = np.call_method1("asarray", (obj,)).map_err(|e| KernelError::Dtype {
+        arg,
+        msg: format!("expected {expected}, got an object numpy cannot read as an array ({e})"),
+    })?;
+    let dt = arr.getattr("dtype")?;
+    let kind: String = dt.getattr("kind")?.extract()?;
+    if kinds.contains(kind.as_str()) {
+        return arr.call_method1("astype", (dtype,));
+    }
+    Err(KernelError::Dtype {
+        arg,
+        msg: format!("expected {expected}, got dtype {}", dt.str()?),
+    }
+    .into())
+}
+
+pub fn float_input<'py>(obj: &Bound<'py, PyAny>, arg: &'static str) -> PyResult<FloatInput<'py>> {
+    if let Ok(a) = obj.cast::<PyArrayDyn<f64>>() {
+        return Ok(FloatInput::F64(a.try_readonly().map_err(|e| borrow_err(arg, e))?));
+    }
+    if let Ok(a) = obj.cast::<PyArrayDyn<f32>>() {
+        return Ok(FloatInput::F32(a.try_readonly().map_err(|e| borrow_err(arg, e))?));
+    }
+    let conv = convert(obj, arg, "fiu", "float64", "float32 or float64 log probabilities")?;
+    let a = conv.cast_into::<PyArrayDyn<f64>>()?;
+    Ok(FloatInput::F64(a.try_readonly().map_err(|e| borrow_err(arg, e))?))
+}
+
+pub fn id_input<'py>(obj: &Bound<'py, PyAny>, arg: &'static str) -> PyResult<IdInput<'py>> {
+    if let Ok(a) = obj.cast::<PyArrayDyn<i64>>() {
+        return Ok(IdInput::I64(a.try_readonly().map_err(|e| borrow_err(arg, e))?));
+    }
+    if let Ok(a) = obj.cast::<PyArrayDyn<i32>>() {
+        return Ok(IdInput::I32(a.try_readonly().map_err(|e| borrow_err(arg, e))?));
+    }
+    let conv = convert(obj, arg, "iu", "int64", "int32 or int64 token ids")?;
+    let a = conv.cast_into::<PyArrayDyn<i64>>()?;
+    Ok(IdInput::I64(a.try_readonly().map_err(|e| borrow_err(arg, e))?))
+}
+
+fn to_rows<'a, T: Clone>(data: CowArray<'a, T, numpy::ndarray::IxDyn>, arg: &'static str) -> KernelResult<Rows<'a, T>> {
+    let one_row = match data.ndim() {
+        1 => true,
+        2 => false,
+        n => {
+            return Err(KernelError::arg(
+                arg,
+                format!("expected a 1-D row or a 2-D batch (one row per sequence), got {n} dimensions"),
+            ))
+        }
+    };
+    let data = if one_row { data.insert_axis(Axis(0)) } else { data };
+    let data = data
+        .into_dimensionality::<Ix2>()
+        .map_err(|e| KernelError::arg(arg, e.to_string()))?;
+    Ok(Rows { data, one_row })
+}
+
+impl FloatInput<'_> {
+    pub fn rows(&self, arg: &'static str) -> KernelResult<Rows<'_, f64>> {
+        match self {
+            FloatInput::F64(a) => to_rows(CowArray::from(a.as_array()), arg),
+            FloatInput::F32(a) => to_rows(CowArray::from(a.as_array().mapv(f64::from)), arg),
+        }
+    }
+}
+
+impl IdInput<'_> {
+    pub fn rows(&self, arg: &'static str) -> KernelResult<Rows<'_, i64>> {
+        match self {
+            IdInput::I64(a) => to_rows(CowArray::from(a.as_array()), arg),
+            IdInput::I32(a) => to_rows(CowArray::from(a.as_array().mapv(i64::from)), arg),
+        }
+    }
+}
+
+/// Check that an id array and its log probabilities have the same shape.
+pub fn same_shape<A, B>(
+    ids: &Rows<'_, A>,
+    logp: &Rows<'_, B>,
+    names: (&'static str, &'static str),
+) -> KernelResult<()> {
+    if ids.data.dim() == logp.data.dim() && ids.one_row == logp.one_row {
+        Ok(())
+    } else {
+        Err(KernelError::arg(
+            names.1,
+            format!(
+                "shape {:?} does not match {}'s {:?}",
+                logp.data.shape(),
+                names.0,
+                ids.data.shape()
+            ),
+        ))
+    }
+}
+
+/// An optional per-row integer argument (row keys, positions), as raw 64-bit keys.
+pub fn per_row_keys(
+    obj: Option<&Bound<'_, PyAny>>,
+    arg: &'static str,
+    rows: usize,
+    default: impl Fn(usize) -> u64,
+) -> PyResult<Vec<u64>> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else {
+        return Ok((0..rows).map(default).collect());
+    };
+    let arr = match obj.cast::<PyArrayDyn<i64>>() {
+        Ok(a) => a.clone(),
+        Err(_) => convert(obj, arg, "iu", "int64", "integers, one per row")?.cast_into::<PyArrayDyn<i64>>()?,
+    };
+    check_len(arr.shape(), arg, rows)?;
+    let ro = arr.try_readonly().map_err(|e| borrow_err(arg, e))?;
+    Ok(ro.as_array().iter().map(|&v| v as u64).collect())
+}
+
+/// An optional per-row flag.
+pub fn per_row_flags(obj: Option<&Bound<'_, PyAny>>, arg: &'static str, rows: usize) -> PyResult<Vec<bool>> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else {
+        return Ok(vec![false; rows]);
+    };
+    let arr = match obj.cast::<PyArrayDyn<bool>>() {
+        Ok(a) => a.clone(),
+        Err(_) => convert(obj, arg, "biu", "bool", "booleans, one per row")?.cast_into::<PyArrayDyn<bool>>()?,
+    };
+    check_len(arr.shape(), arg, rows)?;
+    let ro = arr.try_readonly().map_err(|e| borrow_err(arg, e))?;
+    Ok(ro.as_array().iter().copied().collect())
+}
+
+/// An optional per-row float (a scalar applies to every row).
+pub fn per_row_floats(obj: &Bound<'_, PyAny>, arg: &'static str, rows: usize) -> PyResult<Vec<f64>> {
+    if let Ok(v) = obj.extract::<f64>() {
+        return Ok(vec![v; rows]);
+    }
+    let arr = convert(obj, arg, "fiu", "float64", "a float or one float per row")?.cast_into::<PyArrayDyn<f64>>()?;
+    check_len(arr.shape(), arg, rows)?;
+    let ro = arr.try_readonly().map_err(|e| borrow_err(arg, e))?;
+    Ok(ro.as_array().iter().copied().collect())
+}
+
+fn check_len(shape: &[usize], arg: &'static str, rows: usize) -> KernelResult<()> {
+    if shape.len() == 1 && shape[0] == rows || (shape.is_empty() && rows == 1) {
+        Ok(())
+    } else {
+        Err(KernelError::arg(
+            arg,
+            format!("expected one entry per row ({rows}), got shape {shape:?}"),
+        ))
+    }
+}

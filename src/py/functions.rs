@@ -1,0 +1,124 @@
+//! `solve_alpha`, `mix` and `merge_topk`: the step's building blocks on their own.
+use numpy::ndarray::Axis;
+use numpy::{IntoPyArray, PyArray1};
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use crate::errors::KernelError;
+use crate::kernels::alpha::AlphaParams;
+use crate::kernels::batch::{merge_batch, mix_batch, solve_alpha_batch};
+use crate::kernels::merge::Missing;
+use crate::py::arrays::{float_input, id_input, per_row_floats, same_shape, Rows};
+use crate::py::config::parse_missing;
+
+fn same_layout(a: &Rows<'_, f64>, b: &Rows<'_, f64>) -> PyResult<()> {
+    if a.data.dim() == b.data.dim() && a.one_row == b.one_row {
+        Ok(())
+    } else {
+        Err(KernelError::arg(
+            "logp_t",
+            format!(
+                "shape {:?} does not match logp_theta's {:?}",
+                b.data.shape(),
+                a.data.shape()
+            ),
+        )
+        .into())
+    }
+}
+
+#[pyfunction(name = "solve_alpha")]
+#[pyo3(signature = (logp_theta, logp_t, *, method="kl_symmetry", alpha=0.5, alpha_min=0.0, alpha_max=1.0, tol=1e-10, max_iter=100))]
+pub fn solve_alpha_py(
+    py: Python<'_>,
+    logp_theta: &Bound<'_, PyAny>,
+    logp_t: &Bound<'_, PyAny>,
+    method: &str,
+    alpha: f64,
+    alpha_min: f64,
+    alpha_max: f64,
+    tol: f64,
+    max_iter: i64,
+) -> PyResult<Py<PyAny>> {
+    let params = AlphaParams::new(method, alpha, alpha_min, alpha_max, tol, max_iter)?;
+    let (a_in, b_in) = (float_input(logp_theta, "logp_theta")?, float_input(logp_t, "logp_t")?);
+    let (a, b) = (a_in.rows("logp_theta")?, b_in.rows("logp_t")?);
+    same_layout(&a, &b)?;
+    let (va, vb) = (a.data.view(), b.data.view());
+    let alphas = py.detach(|| solve_alpha_batch(va, vb, &params))?;
+    if a.one_row {
+        Ok(alphas[0].into_pyobject(py)?.into_any().unbind())
+    } else {
+        Ok(PyArray1::from_vec(py, alphas).into_any().unbind())
+    }
+}
+
+#[pyfunction(name = "mix")]
+pub fn mix_py(
+    py: Python<'_>,
+    logp_theta: &Bound<'_, PyAny>,
+    logp_t: &Bound<'_, PyAny>,
+    alpha: &Bound<'_, PyAny>,
+) -> PyResult<Py<PyAny>> {
+    let (a_in, b_in) = (float_input(logp_theta, "logp_theta")?, float_input(logp_t, "logp_t")?);
+    let (a, b) = (a_in.rows("logp_theta")?, b_in.rows("logp_t")?);
+    same_layout(&a, &b)?;
+    let alphas = per_row_floats(alpha, "alpha", a.data.nrows())?;
+    let (va, vb) = (a.data.view(), b.data.view());
+    let q = py.detach(|| mix_batch(va, vb, &alphas))?;
+    if a.one_row {
+        Ok(q.index_axis_move(Axis(0), 0).into_pyarray(py).into_any().unbind())
+    } else {
+        Ok(q.into_pyarray(py).into_any().unbind())
+    }
+}
+
+#[pyfunction(name = "merge_topk")]
+#[pyo3(signature = (ids_theta, logp_theta, ids_t, logp_t, *, missing=None))]
+pub fn merge_topk_py<'py>(
+    py: Python<'py>,
+    ids_theta: &Bound<'py, PyAny>,
+    logp_theta: &Bound<'py, PyAny>,
+    ids_t: &Bound<'py, PyAny>,
+    logp_t: &Bound<'py, PyAny>,
+    missing: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let missing = missing.map_or(Ok(Missing::Bound), parse_missing)?;
+    let (ia_in, la_in) = (
+        id_input(ids_theta, "ids_theta")?,
+        float_input(logp_theta, "logp_theta")?,
+    );
+    let (ib_in, lb_in) = (id_input(ids_t, "ids_t")?, float_input(logp_t, "logp_t")?);
+    let (ia, la) = (ia_in.rows("ids_theta")?, la_in.rows("logp_theta")?);
+    let (ib, lb) = (ib_in.rows("ids_t")?, lb_in.rows("logp_t")?);
+    same_shape(&ia, &la, ("ids_theta", "logp_theta"))?;
+    same_shape(&ib, &lb, ("ids_t", "logp_t"))?;
+    if ia.data.nrows() != ib.data.nrows() || ia.one_row != ib.one_row {
+        return Err(KernelError::arg(
+            "ids_t",
+            format!("has {} rows but ids_theta has {}", ib.data.nrows(), ia.data.nrows()),
+        )
+        .into());
+    }
+    let (via, vla, vib, vlb) = (ia.data.view(), la.data.view(), ib.data.view(), lb.data.view());
+    let m = py.detach(|| merge_batch(via, vla, vib, vlb, missing))?;
+    if ia.one_row {
+        PyTuple::new(
+            py,
+            [
+                m.ids.index_axis_move(Axis(0), 0).into_pyarray(py).into_any(),
+                m.logp_theta.index_axis_move(Axis(0), 0).into_pyarray(py).into_any(),
+                m.logp_t.index_axis_move(Axis(0), 0).into_pyarray(py).into_any(),
+            ],
+        )
+    } else {
+        PyTuple::new(
+            py,
+            [
+                m.ids.into_pyarray(py).into_any(),
+                m.logp_theta.into_pyarray(py).into_any(),
+                m.logp_t.into_pyarray(py).into_any(),
+            ],
+        )
+    }
+}

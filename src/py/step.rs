@@ -1,0 +1,156 @@
+//! `step`: the fused sampling step over a batch, and its `StepResult`.
+use numpy::PyArray1;
+use pyo3::prelude::*;
+
+use crate::errors::KernelError;
+use crate::kernels::step::{step_batch, Batch, RowOutput, StepConfig};
+use crate::py::arrays::{float_input, id_input, per_row_flags, per_row_keys, same_shape};
+use crate::py::config::SamplerConfig;
+
+/// One entry per row; diagnostics are None unless the config asked for them.
+#[pyclass(frozen, module = "dualsample_rs", name = "StepResult")]
+pub struct StepResult {
+    #[pyo3(get)]
+    token_id: Py<PyAny>,
+    #[pyo3(get)]
+    alpha: Py<PyAny>,
+    #[pyo3(get)]
+    logq: Py<PyAny>,
+    #[pyo3(get)]
+    logp_theta: Py<PyAny>,
+    #[pyo3(get)]
+    logp_t: Py<PyAny>,
+    #[pyo3(get)]
+    observed_theta: Py<PyAny>,
+    #[pyo3(get)]
+    observed_t: Py<PyAny>,
+    #[pyo3(get)]
+    fallback: Py<PyAny>,
+    #[pyo3(get)]
+    no_overlap: Py<PyAny>,
+    #[pyo3(get)]
+    n_candidates: Py<PyAny>,
+    #[pyo3(get)]
+    kl_theta: Option<Py<PyAny>>,
+    #[pyo3(get)]
+    kl_t: Option<Py<PyAny>>,
+    #[pyo3(get)]
+    ess_theta: Option<Py<PyAny>>,
+    #[pyo3(get)]
+    ess_t: Option<Py<PyAny>>,
+    #[pyo3(get)]
+    entropy: Option<Py<PyAny>>,
+    #[pyo3(get)]
+    js: Option<Py<PyAny>>,
+}
+
+fn column<T: numpy::Element>(py: Python<'_>, rows: &[RowOutput], f: impl Fn(&RowOutput) -> T) -> Py<PyAny> {
+    PyArray1::from_vec(py, rows.iter().map(f).collect()).into_any().unbind()
+}
+
+impl StepResult {
+    fn new(py: Python<'_>, rows: &[RowOutput], diagnostics: bool) -> Self {
+        let diag = |f: fn(&RowOutput) -> f64| diagnostics.then(|| column(py, rows, f));
+        StepResult {
+            token_id: column(py, rows, |r| r.token_id),
+            alpha: column(py, rows, |r| r.alpha),
+            logq: column(py, rows, |r| r.logq),
+            logp_theta: column(py, rows, |r| r.logp_theta),
+            logp_t: column(py, rows, |r| r.logp_t),
+            observed_theta: column(py, rows, |r| r.observed_theta),
+            observed_t: column(py, rows, |r| r.observed_t),
+            fallback: column(py, rows, |r| r.fallback),
+            no_overlap: column(py, rows, |r| r.no_overlap),
+            n_candidates: column(py, rows, |r| r.n_candidates),
+            kl_theta: diag(|r| r.diagnostics.kl_theta),
+            kl_t: diag(|r| r.diagnostics.kl_t),
+            ess_theta: diag(|r| r.diagnostics.ess_theta),
+            ess_t: diag(|r| r.diagnostics.ess_t),
+            entropy: diag(|r| r.diagnostics.entropy),
+            js: diag(|r| r.diagnostics.js),
+        }
+    }
+}
+
+#[pymethods]
+impl StepResult {
+    fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
+        self.token_id.bind(py).len()
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "StepResult(token_id={}, alpha={})",
+            self.token_id.bind(py).repr()?,
+            self.alpha.bind(py).repr()?
+        ))
+    }
+}
+
+fn seed_bits(seed: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if let Ok(v) = seed.extract::<u64>() {
+        return Ok(v);
+    }
+    seed.extract::<i64>()
+        .map(|v| v as u64)
+        .map_err(|_| KernelError::arg("seed", "must be an integer in [-2**63, 2**64)").into())
+}
+
+#[pyfunction(name = "step")]
+#[pyo3(signature = (ids_theta, logp_theta, ids_t, logp_t, *, config=None, seed=None, positions=None, row_keys=None, force_teacher=None))]
+pub fn step_py(
+    py: Python<'_>,
+    ids_theta: &Bound<'_, PyAny>,
+    logp_theta: &Bound<'_, PyAny>,
+    ids_t: &Bound<'_, PyAny>,
+    logp_t: &Bound<'_, PyAny>,
+    config: Option<PyRef<'_, SamplerConfig>>,
+    seed: Option<&Bound<'_, PyAny>>,
+    positions: Option<&Bound<'_, PyAny>>,
+    row_keys: Option<&Bound<'_, PyAny>>,
+    force_teacher: Option<&Bound<'_, PyAny>>,
+) -> PyResult<StepResult> {
+    let (ids_a_in, lp_a_in) = (
+        id_input(ids_theta, "ids_theta")?,
+        float_input(logp_theta, "logp_theta")?,
+    );
+    let (ids_b_in, lp_b_in) = (id_input(ids_t, "ids_t")?, float_input(logp_t, "logp_t")?);
+    let ids_a = ids_a_in.rows("ids_theta")?;
+    let lp_a = lp_a_in.rows("logp_theta")?;
+    let ids_b = ids_b_in.rows("ids_t")?;
+    let lp_b = lp_b_in.rows("logp_t")?;
+    same_shape(&ids_a, &lp_a, ("ids_theta", "logp_theta"))?;
+    same_shape(&ids_b, &lp_b, ("ids_t", "logp_t"))?;
+    let rows = ids_a.data.nrows();
+    if ids_b.data.nrows() != rows || ids_a.one_row != ids_b.one_row {
+        return Err(KernelError::arg(
+            "ids_t",
+            format!("has {} rows but ids_theta has {rows}", ids_b.data.nrows()),
+        )
+        .into());
+    }
+    let default_cfg;
+    let cfg: &StepConfig = match &config {
+        Some(c) => &c.inner,
+        None => {
+            default_cfg = StepConfig::default();
+            &default_cfg
+        }
+    };
+    let seed = seed.map_or(Ok(0), seed_bits)?;
+    let row_keys = per_row_keys(row_keys, "row_keys", rows, |r| r as u64)?;
+    let positions = per_row_keys(positions, "positions", rows, |_| 0)?;
+    let force_teacher = per_row_flags(force_teacher, "force_teacher", rows)?;
+    let batch = Batch {
+        ids_theta: ids_a.data.view(),
+        logp_theta: lp_a.data.view(),
+        ids_t: ids_b.data.view(),
+        logp_t: lp_b.data.view(),
+        row_keys: &row_keys,
+        positions: &positions,
+        force_teacher: &force_teacher,
+        seed,
+    };
+    let out = py.detach(|| step_batch(&batch, cfg))?;
+    Ok(StepResult::new(py, &out, cfg.diagnostics))
+}
