@@ -139,10 +139,14 @@ def _newton(f: Any, f0: F64, f1: F64, tol: float, max_iter: int) -> F64:
         lo[idx] = np.where(fx < 0, xi, lo[idx])
         hi[idx] = np.where(fx > 0, xi, hi[idx])
         with np.errstate(divide="ignore", invalid="ignore"):
-            nxt = xi - fx / dfx
-        nxt = np.where((nxt > lo[idx]) & (nxt < hi[idx]), nxt, 0.5 * (lo[idx] + hi[idx]))
+            newton = xi - fx / dfx
+        converged = np.abs(newton - xi) <= tol
+        inside = (newton > lo[idx]) & (newton < hi[idx])
+        nxt = np.where(
+            converged, np.clip(newton, lo[idx], hi[idx]), np.where(inside, newton, 0.5 * (lo[idx] + hi[idx]))
+        )
         zero = fx == 0
-        done = zero | (np.abs(nxt - xi) <= tol) | (hi[idx] - lo[idx] <= tol)
+        done = zero | converged | (hi[idx] - lo[idx] <= tol)
         result[idx] = np.where(zero, xi, nxt)
         x[idx] = np.where(zero, xi, nxt)
         active[idx[done]] = False

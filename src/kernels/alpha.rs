@@ -198,11 +198,13 @@ fn newton_in_bracket(mut f: impl FnMut(f64) -> (f64, f64), f0: f64, f1: f64, tol
         } else {
             hi = x;
         }
-        let mut next = x - fx / dfx;
-        if !(next > lo && next < hi) {
-            next = 0.5 * (lo + hi);
+        let newton = x - fx / dfx;
+        // A converged Newton step is taken even when rounding puts it on the bracket's edge.
+        if (newton - x).abs() <= tol {
+            return newton.clamp(lo, hi);
         }
-        if (next - x).abs() <= tol || hi - lo <= tol {
+        let next = if newton > lo && newton < hi { newton } else { 0.5 * (lo + hi) };
+        if hi - lo <= tol {
             return next;
         }
         x = next;

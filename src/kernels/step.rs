@@ -285,7 +285,9 @@ pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch
     s.logq.clear();
     s.logq
         .extend(m.a.iter().zip(&m.b).map(|(&a, &b)| geometric(a, b, alpha)));
-    if !normalise(&mut s.logq).is_finite() {
+    // At α = 0 or 1, q* is one of the (already normalised) models, exactly.
+    let interior = alpha > 0.0 && alpha < 1.0;
+    if interior && !normalise(&mut s.logq).is_finite() {
         // The two models share no candidate: only the teacher's side is usable.
         fallback = true;
         alpha = 1.0;
