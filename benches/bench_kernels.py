@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 
+import dualsample_rs as ds
 import numpy as np
 import pytest
-
-import dualsample_rs as ds
 from dualsample_rs import reference as ref
 from dualsample_rs.synthetic import topk_pair
 

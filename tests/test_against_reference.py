@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import dualsample_rs as ds
 import numpy as np
+from dualsample_rs import reference as ref
 from hypothesis import given
 from hypothesis import strategies as st
-
-import dualsample_rs as ds
-from dualsample_rs import reference as ref
 
 logp_value = st.one_of(
     st.floats(min_value=-30.0, max_value=0.0),
@@ -44,7 +43,9 @@ def topk_batches(draw: st.DrawFn) -> tuple[np.ndarray, ...]:
     temperature=st.sampled_from([1.0, 0.6, 1.7]),
     seed=st.integers(0, 2**63 - 1),
 )
-def test_step_agrees(data: tuple, method: str, missing: object, top_p: float | None, temperature: float, seed: int) -> None:
+def test_step_agrees(
+    data: tuple, method: str, missing: object, top_p: float | None, temperature: float, seed: int
+) -> None:
     cfg = ds.SamplerConfig(method=method, missing=missing, top_p=top_p, temperature=temperature, diagnostics=True)
     r = ds.step(*data, config=cfg, seed=seed)
     e = ref.step(*data, config=cfg, seed=seed)
@@ -54,6 +55,25 @@ def test_step_agrees(data: tuple, method: str, missing: object, top_p: float | N
     np.testing.assert_array_equal(r.n_candidates, e.n_candidates)
     np.testing.assert_array_equal(r.fallback, e.fallback)
     assert np.isfinite(r.alpha).all() and not np.isnan(r.logq).any()
+
+
+def _kl_gap(x: np.ndarray, y: np.ndarray, alpha: float) -> float:
+    q = ds.mix(x, y, alpha)
+    both = np.isfinite(q) & np.isfinite(x) & np.isfinite(y)
+    a, b = ref.mix(x, y, 0.0), ref.mix(x, y, 1.0)
+    return float((np.exp(q[both]) * (b[both] - a[both])).sum())
+
+
+def _ess_gap(x: np.ndarray, y: np.ndarray, alpha: float) -> float:
+    q = ds.mix(x, y, alpha)
+    a, b = ref.mix(x, y, 0.0), ref.mix(x, y, 1.0)
+    fin = np.isfinite(q)
+    return float(1 / np.exp(2 * a[fin] - q[fin]).sum() - 1 / np.exp(2 * b[fin] - q[fin]).sum())
+
+
+def _well_conditioned(x: np.ndarray, y: np.ndarray) -> bool:
+    """Symmetrised KL on the common support above 1e-6."""
+    return abs(_kl_gap(x, y, 1.0) - _kl_gap(x, y, 0.0)) > 1e-6
 
 
 @given(
@@ -68,7 +88,16 @@ def test_solve_alpha_agrees(a: list[float], shift: list[float], method: str) -> 
     y = np.where(np.isfinite(x), x + np.array(shift[: len(x)]), -np.inf)
     got = ds.solve_alpha(x, y, method=method)
     exp = ref.solve_alpha(x, y, method=method)
-    assert abs(got - exp) <= 1e-9
+    if method == "entropy" or _well_conditioned(x, y):
+        assert abs(got - exp) <= 1e-9
+    else:
+        # Nearly identical distributions: the root moves by ~1e-16 / Var(d) with the
+        # rounding of the inputs, so only the defining property can be asked for.
+        for al in (got, exp):
+            if method == "kl_symmetry":
+                assert abs(_kl_gap(x, y, al)) <= 1e-9
+            else:
+                assert abs(_ess_gap(x, y, al)) <= 1e-9
     for al in (0.0, got, 1.0):
         np.testing.assert_allclose(ds.mix(x, y, al), ref.mix(x, y, al), atol=1e-9)
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import dualsample_rs as ds
 import numpy as np
 import pytest
-from scipy.optimize import brentq
-
-import dualsample_rs as ds
 from dualsample_rs.synthetic import topk_pair
+from scipy.optimize import brentq
 
 
 def _norm(x: np.ndarray) -> np.ndarray:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 
+import dualsample_rs as ds
 import numpy as np
 import pytest
-
-import dualsample_rs as ds
 from dualsample_rs import DualSampleError, InvalidDtypeError, InvalidInputError
 
 IDS = np.array([[1, 2, 3], [4, 5, 6]])
@@ -37,12 +36,21 @@ def _with(arr: np.ndarray, row: int, col: int, value: float) -> np.ndarray:
         ({"ids_t": _with(IDS, 0, 2, 1)}, r"ids_t, row 0: token id 1 appears twice"),
         ({"logp_theta": LP[:, :2]}, r"logp_theta: shape \[2, 2\] does not match ids_theta's \[2, 3\]"),
         ({"ids_t": IDS[:1], "logp_t": LP[:1]}, r"ids_t: has 1 rows but ids_theta has 2"),
-        ({"ids_theta": np.full((2, 3), -1), "logp_theta": np.full((2, 3), -np.inf),
-          "ids_t": np.full((2, 3), -1), "logp_t": np.full((2, 3), -np.inf)}, r"row 0: both models' lists are empty"),
+        (
+            {
+                "ids_theta": np.full((2, 3), -1),
+                "logp_theta": np.full((2, 3), -np.inf),
+                "ids_t": np.full((2, 3), -1),
+                "logp_t": np.full((2, 3), -np.inf),
+            },
+            r"row 0: both models' lists are empty",
+        ),
         ({"config": ds.SamplerConfig(exclude_ids=(4, 5, 6))}, r"exclude_ids, row 1: every candidate"),
         ({"logp_theta": np.zeros((2, 3, 1))}, r"logp_theta: expected a 1-D row or a 2-D batch"),
-        ({"logp_theta": np.full((2, 3), -np.inf), "logp_t": np.full((2, 3), -np.inf)},
-         r"row 0: no candidate has positive probability under either model"),
+        (
+            {"logp_theta": np.full((2, 3), -np.inf), "logp_t": np.full((2, 3), -np.inf)},
+            r"row 0: no candidate has positive probability under either model",
+        ),
     ],
 )
 def test_step_rejects(kwargs: dict, pattern: str) -> None:
@@ -55,7 +63,10 @@ def test_step_rejects(kwargs: dict, pattern: str) -> None:
     "kwargs,pattern",
     [
         ({"ids_theta": IDS.astype(np.float64)}, r"ids_theta: expected int32 or int64 token ids, got dtype float64"),
-        ({"logp_t": LP.astype(np.complex128)}, r"logp_t: expected float32 or float64 log probabilities, got dtype complex128"),
+        (
+            {"logp_t": LP.astype(np.complex128)},
+            r"logp_t: expected float32 or float64 log probabilities, got dtype complex128",
+        ),
         ({"logp_t": np.array([["a", "b", "c"]] * 2)}, r"logp_t: expected float32 or float64"),
         ({"ids_t": [[1, 2], [3]]}, r"ids_t: expected int32 or int64 token ids, got an object numpy cannot read"),
     ],

@@ -48,6 +48,19 @@ def _normalise(x: F64) -> tuple[F64, F64]:
     return np.where(np.isfinite(z)[:, None], x - np.where(np.isfinite(z), z, 0.0)[:, None], x), z
 
 
+def _normalise_probs(x: F64) -> tuple[F64, F64, F64]:
+    """`_normalise` plus the probabilities, computed as the Rust kernel does:
+    exp(x − max) / Σ exp(x − max), which is exact at ties such as 1/2."""
+    m = x.max(axis=1, keepdims=True)
+    fin = np.isfinite(m)
+    e = np.exp(x - np.where(fin, m, 0.0))
+    total = e.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(fin, m + np.log(total), NEG_INF)
+        probs = np.where(fin, e / total, 0.0)
+    return np.where(fin, x - np.where(fin, z, 0.0), x), probs, z[:, 0]
+
+
 def _geometric(a: F64, b: F64, alpha: F64) -> F64:
     """log of π_θ^(1-α) π_t^α per entry, exact at α = 0 and α = 1."""
     al = alpha[:, None]
@@ -228,7 +241,14 @@ def _solve_normalised(a: F64, b: F64, p: dict[str, Any]) -> F64:
 
 def _params(config: Any = None, **overrides: Any) -> dict[str, Any]:
     keys = ("method", "alpha", "alpha_min", "alpha_max", "tol", "max_iter")
-    defaults = {"method": "kl_symmetry", "alpha": 0.5, "alpha_min": 0.0, "alpha_max": 1.0, "tol": 1e-10, "max_iter": 100}
+    defaults = {
+        "method": "kl_symmetry",
+        "alpha": 0.5,
+        "alpha_min": 0.0,
+        "alpha_max": 1.0,
+        "tol": 1e-10,
+        "max_iter": 100,
+    }
     p = {k: getattr(config, k) for k in keys} if config is not None else defaults
     p.update(overrides)
     return p
@@ -271,7 +291,7 @@ def _compact(keep: np.ndarray, *arrays: np.ndarray, fills: tuple[Any, ...]) -> t
     width = int(keep.sum(axis=1).max()) if keep.size else 0
     kept = np.take_along_axis(keep, order, axis=1)[:, :width]
     out = []
-    for arr, fill in zip(arrays, fills):
+    for arr, fill in zip(arrays, fills, strict=True):
         packed = np.take_along_axis(arr, order, axis=1)[:, :width]
         out.append(np.where(kept, packed, fill))
     return tuple(out)
@@ -286,46 +306,45 @@ def _bound(ids: np.ndarray, lp: F64) -> F64:
     return np.minimum(smallest, unlisted)
 
 
-def _lookup(union: np.ndarray, ids: np.ndarray, lp: F64, stride: int) -> tuple[F64, np.ndarray]:
-    """Each union id's log probability in one model's list, and whether it was listed."""
+def _lookup(query: np.ndarray, ids: np.ndarray, lp: F64, stride: int) -> tuple[F64, np.ndarray]:
+    """Each query id's log probability in the same row of `ids`, and whether it is there."""
     rows = np.arange(ids.shape[0], dtype=np.int64)[:, None]
-    valid = ids >= 0
-    keys = np.where(valid, rows * stride + ids, -1).ravel()
+    keys = np.where(ids >= 0, rows * stride + ids, -1).ravel()
+    if keys.size == 0:
+        return np.full(query.shape, NEG_INF), np.zeros(query.shape, dtype=bool)
     order = np.argsort(keys, kind="stable")
     skeys, svals = keys[order], lp.ravel()[order]
-    want = (rows * stride + union).ravel()
-    pos = np.clip(np.searchsorted(skeys, want), 0, max(skeys.size - 1, 0))
-    found = (skeys[pos] == want) & (union.ravel() >= 0) if skeys.size else np.zeros(want.shape, dtype=bool)
-    vals = np.where(found, svals[pos] if skeys.size else 0.0, NEG_INF)
-    return vals.reshape(union.shape), found.reshape(union.shape)
+    want = (rows * stride + query).ravel()
+    pos = np.minimum(np.searchsorted(skeys, want), skeys.size - 1)
+    found = (skeys[pos] == want) & (query.ravel() >= 0)
+    return np.where(found, svals[pos], NEG_INF).reshape(query.shape), found.reshape(query.shape)
 
 
 def _merge(ids_a: np.ndarray, lp_a: F64, ids_b: np.ndarray, lp_b: F64, missing: Any) -> dict[str, np.ndarray]:
+    """Candidates in the order the Rust merge produces: the base list as given, then the
+    teacher-only tokens as given."""
     n = ids_a.shape[0]
-    big = np.iinfo(np.int64).max
-    both = np.concatenate([np.where(ids_a >= 0, ids_a, big), np.where(ids_b >= 0, ids_b, big)], axis=1)
-    s = np.sort(both, axis=1)
-    first = np.ones_like(s, dtype=bool)
-    first[:, 1:] = s[:, 1:] != s[:, :-1]
-    keep = first & (s != big)
-    (union,) = _compact(keep, s, fills=(-1,))
     stride = int(max(ids_a.max(initial=0), ids_b.max(initial=0))) + 2
-    a, obs_a = _lookup(union, ids_a, lp_a, stride)
-    b, obs_b = _lookup(union, ids_b, lp_b, stride)
+    valid_a, valid_b = ids_a >= 0, ids_b >= 0
+    b_of_a, a_in_b = _lookup(ids_a, ids_b, lp_b, stride)
+    _, b_in_a = _lookup(ids_b, ids_a, lp_a, stride)
     if isinstance(missing, str):
         fill_a, fill_b = _bound(ids_a, lp_a), _bound(ids_b, lp_b)
     else:
         fill_a = fill_b = np.full(n, float(missing))
-    valid = union >= 0
-    a = np.where(valid & ~obs_a, fill_a[:, None], a)
-    b = np.where(valid & ~obs_b, fill_b[:, None], b)
+    ids = np.concatenate([ids_a, ids_b], axis=1)
+    a = np.concatenate([lp_a, np.broadcast_to(fill_a[:, None], ids_b.shape)], axis=1)
+    b = np.concatenate([np.where(a_in_b, b_of_a, fill_b[:, None]), lp_b], axis=1)
+    obs_a = np.concatenate([valid_a, np.zeros(ids_b.shape, dtype=bool)], axis=1)
+    obs_b = np.concatenate([a_in_b & valid_a, valid_b], axis=1)
+    keep = np.concatenate([valid_a, valid_b & ~b_in_a], axis=1)
     no_overlap = np.zeros(n, dtype=bool)
     if missing == "drop":
-        common = obs_a & obs_b
-        no_overlap = ~common.any(axis=1) & obs_b.any(axis=1)
-        keep = np.where(no_overlap[:, None], obs_b, common)
-        union, a, b, obs_a, obs_b = _compact(keep, union, a, b, obs_a, obs_b, fills=(-1, NEG_INF, NEG_INF, False, False))
-    return {"ids": union, "a": a, "b": b, "obs_a": obs_a, "obs_b": obs_b, "no_overlap": no_overlap}
+        common = keep & obs_a & obs_b
+        no_overlap = ~common.any(axis=1) & valid_b.any(axis=1)
+        keep = np.where(no_overlap[:, None], keep & obs_b, common)
+    ids, a, b, obs_a, obs_b = _compact(keep, ids, a, b, obs_a, obs_b, fills=(-1, NEG_INF, NEG_INF, False, False))
+    return {"ids": ids, "a": a, "b": b, "obs_a": obs_a, "obs_b": obs_b, "no_overlap": no_overlap}
 
 
 def merge_topk(
@@ -365,10 +384,12 @@ class ReferenceStepResult:
     js: F64 | None = None
 
 
-def _constrain_top_p(ids: np.ndarray, a: F64, b: F64, obs_a: np.ndarray, obs_b: np.ndarray, top_p: float) -> tuple:
+def _constrain_top_p(
+    ids: np.ndarray, a: F64, b: F64, pb: F64, obs_a: np.ndarray, obs_b: np.ndarray, top_p: float
+) -> tuple:
     order = np.argsort(-b, axis=1, kind="stable")
     sb = np.take_along_axis(b, order, axis=1)
-    p = np.exp(sb)
+    p = np.take_along_axis(pb, order, axis=1)
     before = np.concatenate([np.zeros((p.shape[0], 1)), np.cumsum(p, axis=1)[:, :-1]], axis=1)
     keep_sorted = (before < top_p) & np.isfinite(sb)
     keep = np.zeros_like(keep_sorted)
@@ -412,8 +433,8 @@ def step(
     tau_t = config.temperature if config.temperature_t is None else config.temperature_t
     a = a / config.temperature
     b = b / tau_t
-    a, za = _normalise(a)
-    b, zb = _normalise(b)
+    a, pa, za = _normalise_probs(a)
+    b, pb, zb = _normalise_probs(b)
     fa, fb = np.isfinite(za), np.isfinite(zb)
     if not (fa | fb).all():
         raise InvalidInputError("a row has no candidate with positive probability under either model")
@@ -423,10 +444,10 @@ def step(
         forced = np.where(usable & (_js(a, b) > config.stability_js_max), 1.0, forced)
     if config.stability_overlap_min is not None:
         common = obs_a & obs_b
-        mass = np.minimum(np.where(common, np.exp(a), 0.0).sum(1), np.where(common, np.exp(b), 0.0).sum(1))
+        mass = np.minimum(np.where(common, pa, 0.0).sum(1), np.where(common, pb, 0.0).sum(1))
         forced = np.where(usable & np.isnan(forced) & (mass < config.stability_overlap_min), 1.0, forced)
     if config.top_p is not None:
-        cut = _constrain_top_p(ids, a, b, obs_a, obs_b, config.top_p)
+        cut = _constrain_top_p(ids, a, b, pb, obs_a, obs_b, config.top_p)
         ids_c, a_c, b_c, oa_c, ob_c = cut
         if ids_c.shape[1] < ids.shape[1]:
             pad = ids.shape[1] - ids_c.shape[1]
@@ -440,8 +461,8 @@ def step(
         rows = fb[:, None]
         ids, obs_a, obs_b = np.where(rows, ids_c, ids), np.where(rows, oa_c, obs_a), np.where(rows, ob_c, obs_b)
         a, b = np.where(rows, a_c, a), np.where(rows, b_c, b)
-        b, _ = _normalise(b)
-        a, za2 = _normalise(a)
+        b, pb, _ = _normalise_probs(b)
+        a, pa, za2 = _normalise_probs(a)
         forced = np.where(fb & ~np.isfinite(za2) & np.isnan(forced), 1.0, forced)
     fallback = ~np.isnan(forced)
     alpha = np.where(fallback, forced, np.where(force, 1.0, np.nan))

@@ -10,7 +10,8 @@
 //! same machinery: ESS_θ(q_α) = exp(−A(α) − A(−α)) and ESS_t(q_α) = exp(−A(α) − A(2−α)),
 //! so ESS_θ = ESS_t where A(−α) = A(2−α), a monotone equation in α.
 use crate::errors::{KernelError, KernelResult};
-use crate::kernels::logspace::entropy;
+use crate::kernels::fastexp::exp;
+use crate::kernels::logspace::{entropy, max};
 
 /// The rule that picks α at each position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,51 +126,94 @@ struct Moments {
     lse: f64,
     mean: f64,
     var: f64,
+    /// Third central moment: A‴(β).
+    skew: f64,
 }
 
-/// The common support of the two models: a and d = b − a where both are finite.
+const LANES: usize = 4;
+
+/// The common support of the two models: a and d = b − a where both are positive,
+/// with the mean and variance of d under each model there (α = 0 and α = 1).
 #[derive(Default, Debug)]
 pub struct Support {
     a: Vec<f64>,
     d: Vec<f64>,
+    ends: [(f64, f64); 2],
+    w: Vec<f64>,
 }
 
 impl Support {
-    /// Fill from normalised log probabilities over the same candidates.
-    pub fn fill(&mut self, a: &[f64], b: &[f64]) {
+    /// Fill from normalised log probabilities over the same candidates and their
+    /// probabilities (so the two ends need no exponentials).
+    #[inline(always)]
+    pub fn fill(&mut self, a: &[f64], b: &[f64], pa: &[f64], pb: &[f64]) {
         self.a.clear();
         self.d.clear();
-        for (&x, &y) in a.iter().zip(b) {
-            if x > f64::NEG_INFINITY && y > f64::NEG_INFINITY {
-                self.a.push(x);
-                self.d.push(y - x);
+        let (mut wa, mut wad, mut wb, mut wbd) = (0.0, 0.0, 0.0, 0.0);
+        for i in 0..a.len() {
+            if a[i] > f64::NEG_INFINITY && b[i] > f64::NEG_INFINITY {
+                let d = b[i] - a[i];
+                self.a.push(a[i]);
+                self.d.push(d);
+                wa += pa[i];
+                wad += pa[i] * d;
+                wb += pb[i];
+                wbd += pb[i] * d;
             }
         }
+        let (ma, mb) = (wad / wa, wbd / wb);
+        let (mut va, mut vb) = (0.0, 0.0);
+        for i in 0..a.len() {
+            if a[i] > f64::NEG_INFINITY && b[i] > f64::NEG_INFINITY {
+                let d = b[i] - a[i];
+                va += pa[i] * (d - ma) * (d - ma);
+                vb += pb[i] * (d - mb) * (d - mb);
+            }
+        }
+        self.ends = [(ma, va / wa), (mb, vb / wb)];
     }
 
     pub fn is_empty(&self) -> bool {
         self.a.is_empty()
     }
 
-    fn moments(&self, beta: f64, shift: f64) -> Moments {
-        let m = self
-            .a
-            .iter()
-            .zip(&self.d)
-            .fold(f64::NEG_INFINITY, |m, (&a, &d)| m.max(a + beta * d));
-        let (mut w_sum, mut s1, mut s2) = (0.0, 0.0, 0.0);
-        for (&a, &d) in self.a.iter().zip(&self.d) {
-            let w = (a + beta * d - m).exp();
-            let c = d - shift;
-            w_sum += w;
-            s1 += w * c;
-            s2 += w * c * c;
+    #[inline(always)]
+    fn moments(&mut self, beta: f64, shift: f64) -> Moments {
+        let w = &mut self.w;
+        w.resize(self.a.len(), 0.0);
+        for ((o, &a), &d) in w.iter_mut().zip(&self.a).zip(&self.d) {
+            *o = a + beta * d;
         }
-        let mean_c = s1 / w_sum;
+        let m = max(w);
+        for x in w.iter_mut() {
+            *x = exp(*x - m);
+        }
+        let mut acc = [[0.0; LANES]; 4];
+        let whole = w.len() - w.len() % LANES;
+        for i in (0..whole).step_by(LANES) {
+            for l in 0..LANES {
+                let (wi, c) = (w[i + l], self.d[i + l] - shift);
+                let wc = wi * c;
+                acc[0][l] += wi;
+                acc[1][l] += wc;
+                acc[2][l] += wc * c;
+                acc[3][l] += wc * c * c;
+            }
+        }
+        let mut s = acc.map(|lanes| (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]));
+        for i in whole..w.len() {
+            let (wi, c) = (w[i], self.d[i] - shift);
+            s[0] += wi;
+            s[1] += wi * c;
+            s[2] += wi * c * c;
+            s[3] += wi * c * c * c;
+        }
+        let (e1, e2, e3) = (s[1] / s[0], s[2] / s[0], s[3] / s[0]);
         Moments {
-            lse: m + w_sum.ln(),
-            mean: shift + mean_c,
-            var: (s2 / w_sum - mean_c * mean_c).max(0.0),
+            lse: m + s[0].ln(),
+            mean: shift + e1,
+            var: (e2 - e1 * e1).max(0.0),
+            skew: e3 - 3.0 * e1 * e2 + 2.0 * e1 * e1 * e1,
         }
     }
 
@@ -183,13 +227,44 @@ impl Support {
     }
 }
 
-/// Root of an increasing function on [0, 1] given its values at the ends (f0 < 0 < f1),
-/// by Newton steps kept inside the bracket, bisecting when a step would leave it.
-fn newton_in_bracket(mut f: impl FnMut(f64) -> (f64, f64), f0: f64, f1: f64, tol: f64, max_iter: u32) -> f64 {
+/// Root in [0, 1] of the cubic that matches g and g′ at both ends (Hermite), a cheap
+/// and usually close first guess for the Chernoff point.
+fn hermite_guess(g0: f64, v0: f64, g1: f64, v1: f64) -> f64 {
+    let h = |t: f64| {
+        let (t2, t3) = (t * t, t * t * t);
+        let val =
+            (2.0 * t3 - 3.0 * t2 + 1.0) * g0 + (t3 - 2.0 * t2 + t) * v0 + (3.0 * t2 - 2.0 * t3) * g1 + (t3 - t2) * v1;
+        let der = (6.0 * t2 - 6.0 * t) * (g0 - g1) + (3.0 * t2 - 4.0 * t + 1.0) * v0 + (3.0 * t2 - 2.0 * t) * v1;
+        (val, der)
+    };
     let (mut lo, mut hi) = (0.0f64, 1.0f64);
-    let mut x = (-f0 / (f1 - f0)).clamp(0.0, 1.0);
+    let mut t = -g0 / (g1 - g0);
+    for _ in 0..40 {
+        let (val, der) = h(t);
+        if val < 0.0 {
+            lo = t;
+        } else {
+            hi = t;
+        }
+        let next = t - val / der;
+        let next = if next > lo && next < hi { next } else { 0.5 * (lo + hi) };
+        if (next - t).abs() < 1e-12 {
+            return next;
+        }
+        t = next;
+    }
+    t
+}
+
+/// Root of an increasing function on [0, 1] with f(0) < 0 < f(1), from `x0`, by
+/// Halley steps (Newton where Halley's denominator misbehaves) kept inside a shrinking
+/// bracket, bisecting when a step would leave it. `f` returns (f, f′, f″).
+#[inline(always)]
+fn halley_in_bracket(mut f: impl FnMut(f64) -> (f64, f64, f64), x0: f64, tol: f64, max_iter: u32) -> f64 {
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    let mut x = x0.clamp(0.0, 1.0);
     for _ in 0..max_iter {
-        let (fx, dfx) = f(x);
+        let (fx, d1, d2) = f(x);
         if fx == 0.0 {
             return x;
         }
@@ -198,12 +273,22 @@ fn newton_in_bracket(mut f: impl FnMut(f64) -> (f64, f64), f0: f64, f1: f64, tol
         } else {
             hi = x;
         }
-        let newton = x - fx / dfx;
-        // A converged Newton step is taken even when rounding puts it on the bracket's edge.
-        if (newton - x).abs() <= tol {
-            return newton.clamp(lo, hi);
+        let denom = 2.0 * d1 * d1 - fx * d2;
+        let step = if denom > 0.0 && denom.is_finite() {
+            -2.0 * fx * d1 / denom
+        } else {
+            -fx / d1
+        };
+        let target = x + step;
+        // A converged step is taken even when rounding puts it on the bracket's edge.
+        if step.abs() <= tol {
+            return target.clamp(lo, hi);
         }
-        let next = if newton > lo && newton < hi { newton } else { 0.5 * (lo + hi) };
+        let next = if target > lo && target < hi {
+            target
+        } else {
+            0.5 * (lo + hi)
+        };
         if hi - lo <= tol {
             return next;
         }
@@ -212,45 +297,56 @@ fn newton_in_bracket(mut f: impl FnMut(f64) -> (f64, f64), f0: f64, f1: f64, tol
     x
 }
 
-fn kl_symmetry(s: &Support, p: &AlphaParams) -> f64 {
-    let m0 = s.moments(0.0, 0.0);
-    if m0.mean >= 0.0 {
+#[inline(always)]
+fn kl_symmetry(s: &mut Support, p: &AlphaParams) -> f64 {
+    let [(g0, v0), (g1, v1)] = s.ends;
+    if g0 >= 0.0 {
         return 0.0;
     }
-    let m1 = s.moments(1.0, m0.mean);
-    if m1.mean <= 0.0 {
+    if g1 <= 0.0 {
         return 1.0;
     }
-    let mut shift = m0.mean;
-    newton_in_bracket(
+    let mut shift = hermite_guess(g0, v0, g1, v1);
+    let x0 = shift;
+    shift = g0 + (g1 - g0) * x0; // a rough mean of d at x0, to centre the sums
+    halley_in_bracket(
+        #[inline(always)]
         |x| {
             let m = s.moments(x, shift);
             shift = m.mean;
-            (m.mean, m.var)
+            (m.mean, m.var, m.skew)
         },
-        m0.mean,
-        m1.mean,
+        x0,
         p.tol,
         p.max_iter,
     )
 }
 
-fn ess_balance(s: &Support, p: &AlphaParams) -> f64 {
-    // f(α) = A(−α) − A(2−α) is increasing; f ≤ 0 where ESS_θ ≥ ESS_t.
-    let f = |x: f64| {
-        let below = s.moments(-x, 0.0);
-        let above = s.moments(2.0 - x, 0.0);
-        (below.lse - above.lse, above.mean - below.mean)
-    };
-    let (f0, _) = f(0.0);
+/// f(α) = A(−α) − A(2−α) and its two derivatives: increasing, ≤ 0 where ESS_θ ≥ ESS_t.
+#[inline(always)]
+fn ess_gap(s: &mut Support, x: f64) -> (f64, f64, f64) {
+    let below = s.moments(-x, 0.0);
+    let above = s.moments(2.0 - x, 0.0);
+    (below.lse - above.lse, above.mean - below.mean, below.var - above.var)
+}
+
+#[inline(always)]
+fn ess_balance(s: &mut Support, p: &AlphaParams) -> f64 {
+    let (f0, ..) = ess_gap(s, 0.0);
     if f0 >= 0.0 {
         return 0.0;
     }
-    let (f1, _) = f(1.0);
+    let (f1, ..) = ess_gap(s, 1.0);
     if f1 <= 0.0 {
         return 1.0;
     }
-    newton_in_bracket(f, f0, f1, p.tol, p.max_iter)
+    halley_in_bracket(
+        #[inline(always)]
+        |x| ess_gap(s, x),
+        -f0 / (f1 - f0),
+        p.tol,
+        p.max_iter,
+    )
 }
 
 fn entropy_rule(a: &[f64], b: &[f64]) -> f64 {
@@ -264,14 +360,15 @@ fn entropy_rule(a: &[f64], b: &[f64]) -> f64 {
 
 /// α by the configured rule, clamped to [alpha_min, alpha_max].
 ///
-/// `a` and `b` are log probabilities normalised over the same candidates; entries that
-/// are −inf in both are padding. `support` is scratch space.
-pub fn solve(a: &[f64], b: &[f64], p: &AlphaParams, support: &mut Support) -> f64 {
+/// `a` and `b` are log probabilities normalised over the same candidates, `pa` and `pb`
+/// their exponentials; entries that are −inf in both are padding. `support` is scratch.
+#[inline(always)]
+pub fn solve(a: &[f64], b: &[f64], pa: &[f64], pb: &[f64], p: &AlphaParams, support: &mut Support) -> f64 {
     let raw = match p.method {
         Method::Fixed => p.alpha,
         Method::Entropy => entropy_rule(a, b),
         Method::KlSymmetry | Method::EssBalance => {
-            support.fill(a, b);
+            support.fill(a, b, pa, pb);
             if support.is_empty() {
                 0.5
             } else if let Some(c) = support.constant_d() {
@@ -300,8 +397,14 @@ mod tests {
 
     fn norm(xs: &[f64]) -> Vec<f64> {
         let mut v = xs.to_vec();
-        normalise(&mut v);
+        normalise(&mut v, &mut Vec::new());
         v
+    }
+
+    fn solve_on(a: &[f64], b: &[f64], p: &AlphaParams) -> f64 {
+        let pa: Vec<f64> = a.iter().map(|x| x.exp()).collect();
+        let pb: Vec<f64> = b.iter().map(|x| x.exp()).collect();
+        solve(a, b, &pa, &pb, p, &mut Support::default())
     }
 
     fn q_at(a: &[f64], b: &[f64], alpha: f64) -> Vec<f64> {
@@ -317,7 +420,7 @@ mod tests {
     fn kl_symmetry_equalises_kls() {
         let a = norm(&[-0.1, -2.0, -3.5, -7.0, -1.2]);
         let b = norm(&[-3.0, -0.2, -1.0, -2.0, -9.0]);
-        let alpha = solve(&a, &b, &AlphaParams::default(), &mut Support::default());
+        let alpha = solve_on(&a, &b, &AlphaParams::default());
         assert!(alpha > 0.0 && alpha < 1.0);
         let q = q_at(&a, &b, alpha);
         let (k1, k2) = (kl(&q, &a), kl(&q, &b));
@@ -327,7 +430,7 @@ mod tests {
     #[test]
     fn identical_rows_give_half() {
         let a = norm(&[-0.5, -1.0, -2.0]);
-        assert_eq!(solve(&a, &a, &AlphaParams::default(), &mut Support::default()), 0.5);
+        assert_eq!(solve_on(&a, &a, &AlphaParams::default()), 0.5);
     }
 
     #[test]
@@ -339,7 +442,7 @@ mod tests {
             method: Method::EssBalance,
             ..AlphaParams::default()
         };
-        let alpha = solve(&a, &b, &p, &mut Support::default());
+        let alpha = solve_on(&a, &b, &p);
         let q = q_at(&a, &b, alpha);
         assert!((ess(&a, &q) - ess(&b, &q)).abs() < 1e-9);
     }
@@ -349,7 +452,7 @@ mod tests {
         let a = norm(&[0.0, -5.0]);
         let b = norm(&[-5.0, 0.0]);
         let p = AlphaParams::new("kl_symmetry", 0.5, 0.0, 0.3, 1e-10, 100).unwrap();
-        assert_eq!(solve(&a, &b, &p, &mut Support::default()), 0.3);
+        assert_eq!(solve_on(&a, &b, &p), 0.3);
         assert!(AlphaParams::new("nope", 0.5, 0.0, 1.0, 1e-10, 100).is_err());
         assert!(AlphaParams::new("fixed", 0.5, 0.6, 0.5, 1e-10, 100).is_err());
         assert!(AlphaParams::new("fixed", 0.5, 0.0, 1.0, 0.0, 100).is_err());

@@ -3,12 +3,20 @@ use numpy::ndarray::{Array2, ArrayView1, ArrayView2};
 
 use crate::errors::{KernelError, KernelResult};
 use crate::kernels::alpha::{self, AlphaParams, Support};
-use crate::kernels::logspace::{geometric, normalise};
-use crate::kernels::merge::{merge, read_list, List, Merged, Missing};
+use crate::kernels::logspace::{geometric, normalise, normalise_with_probs};
+use crate::kernels::merge::{merge, IdTable, Merged, Missing, RowLists};
 use crate::kernels::parallel::map_rows;
+use crate::kernels::simd::with_best_features;
 
 /// Copy a row of log probabilities, check it, and normalise it.
-fn read_logp(lp: ArrayView1<'_, f64>, arg: &'static str, row: usize, out: &mut Vec<f64>) -> KernelResult<()> {
+#[inline(always)]
+fn read_logp(
+    lp: ArrayView1<'_, f64>,
+    arg: &'static str,
+    row: usize,
+    out: &mut Vec<f64>,
+    probs: &mut Vec<f64>,
+) -> KernelResult<()> {
     out.clear();
     for (col, &x) in lp.iter().enumerate() {
         if x.is_nan() || x == f64::INFINITY {
@@ -20,7 +28,7 @@ fn read_logp(lp: ArrayView1<'_, f64>, arg: &'static str, row: usize, out: &mut V
         }
         out.push(x);
     }
-    if normalise(out) == f64::NEG_INFINITY {
+    if normalise_with_probs(out, probs) == f64::NEG_INFINITY {
         return Err(KernelError::row(
             arg,
             row,
@@ -34,6 +42,9 @@ fn read_logp(lp: ArrayView1<'_, f64>, arg: &'static str, row: usize, out: &mut V
 struct PairScratch {
     a: Vec<f64>,
     b: Vec<f64>,
+    pa: Vec<f64>,
+    pb: Vec<f64>,
+    buf: Vec<f64>,
     support: Support,
 }
 
@@ -55,9 +66,11 @@ pub fn solve_alpha_batch(
 ) -> KernelResult<Vec<f64>> {
     check_same_shape(lp_a, lp_b)?;
     map_rows(lp_a.nrows(), lp_a.ncols(), |s: &mut PairScratch, r| {
-        read_logp(lp_a.row(r), "logp_theta", r, &mut s.a)?;
-        read_logp(lp_b.row(r), "logp_t", r, &mut s.b)?;
-        Ok(alpha::solve(&s.a, &s.b, p, &mut s.support))
+        with_best_features(|| {
+            read_logp(lp_a.row(r), "logp_theta", r, &mut s.a, &mut s.pa)?;
+            read_logp(lp_b.row(r), "logp_t", r, &mut s.b, &mut s.pb)?;
+            Ok(alpha::solve(&s.a, &s.b, &s.pa, &s.pb, p, &mut s.support))
+        })
     })
 }
 
@@ -67,14 +80,14 @@ pub fn mix_batch(lp_a: ArrayView2<'_, f64>, lp_b: ArrayView2<'_, f64>, alphas: &
         return Err(KernelError::row("alpha", r, format!("must lie in [0, 1], got {a}")));
     }
     let rows = map_rows(lp_a.nrows(), lp_a.ncols(), |s: &mut PairScratch, r| {
-        read_logp(lp_a.row(r), "logp_theta", r, &mut s.a)?;
-        read_logp(lp_b.row(r), "logp_t", r, &mut s.b)?;
+        read_logp(lp_a.row(r), "logp_theta", r, &mut s.a, &mut s.pa)?;
+        read_logp(lp_b.row(r), "logp_t", r, &mut s.b, &mut s.pb)?;
         let mut q: Vec<f64> =
             s.a.iter()
                 .zip(&s.b)
                 .map(|(&x, &y)| geometric(x, y, alphas[r]))
                 .collect();
-        if normalise(&mut q) == f64::NEG_INFINITY {
+        if normalise(&mut q, &mut s.buf) == f64::NEG_INFINITY {
             return Err(KernelError::row(
                 "alpha",
                 r,
@@ -93,12 +106,6 @@ pub fn mix_batch(lp_a: ArrayView2<'_, f64>, lp_b: ArrayView2<'_, f64>, alphas: &
     Ok(out)
 }
 
-#[derive(Default)]
-struct MergeScratch {
-    theta: List,
-    t: List,
-}
-
 pub struct MergedBatch {
     pub ids: Array2<i64>,
     pub logp_theta: Array2<f64>,
@@ -115,11 +122,15 @@ pub fn merge_batch(
     let rows = map_rows(
         ids_a.nrows(),
         ids_a.ncols() + ids_b.ncols(),
-        |s: &mut MergeScratch, r| {
-            read_list(ids_a.row(r), lp_a.row(r), ("ids_theta", "logp_theta"), r, &mut s.theta)?;
-            read_list(ids_b.row(r), lp_b.row(r), ("ids_t", "logp_t"), r, &mut s.t)?;
+        |table: &mut IdTable, r| {
+            let lists = RowLists {
+                ids_a: ids_a.row(r),
+                lp_a: lp_a.row(r),
+                ids_b: ids_b.row(r),
+                lp_b: lp_b.row(r),
+            };
             let mut m = Merged::default();
-            merge(&s.theta, &s.t, missing, &mut m);
+            merge(&lists, missing, r, table, &mut m)?;
             Ok(m)
         },
     )?;

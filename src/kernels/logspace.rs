@@ -1,18 +1,67 @@
 //! Log-space helpers shared by the kernels.
+//!
+//! Sums and maxima run over four independent lanes so the compiler can keep them in
+//! SIMD registers (a single running float sum cannot be reordered, so it stays scalar).
+use crate::kernels::fastexp::exp;
 
-/// log Σ exp(x), −inf for an empty slice or one that is all −inf.
-pub fn logsumexp(xs: &[f64]) -> f64 {
-    let m = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+const LANES: usize = 4;
+
+/// Largest element (−inf for an empty slice).
+#[inline(always)]
+pub fn max(xs: &[f64]) -> f64 {
+    let mut acc = [f64::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    rest.iter()
+        .chain(&acc)
+        .fold(f64::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+/// Σ xs over four lanes.
+#[inline(always)]
+pub fn sum(xs: &[f64]) -> f64 {
+    let mut acc = [0.0; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + rest.iter().sum::<f64>()
+}
+
+/// exp(x − shift) for each x, into `out` (a plain map, so it vectorises).
+#[inline(always)]
+pub fn exp_shifted(xs: &[f64], shift: f64, out: &mut Vec<f64>) {
+    // An explicit loop rather than `extend`: `extend` is a separate generic function that
+    // is not inlined into the AVX2 caller, so it would run as baseline code.
+    out.resize(xs.len(), 0.0);
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = exp(x - shift);
+    }
+}
+
+/// log Σ exp(x), −inf for an empty slice or one that is all −inf; `buf` is scratch.
+#[inline(always)]
+pub fn logsumexp(xs: &[f64], buf: &mut Vec<f64>) -> f64 {
+    let m = max(xs);
     if m == f64::NEG_INFINITY {
         return m;
     }
-    let s: f64 = xs.iter().map(|&x| (x - m).exp()).sum();
-    m + s.ln()
+    exp_shifted(xs, m, buf);
+    m + sum(buf).ln()
 }
 
 /// Subtract logsumexp in place; returns the subtracted value (−inf leaves xs untouched).
-pub fn normalise(xs: &mut [f64]) -> f64 {
-    let z = logsumexp(xs);
+#[inline(always)]
+pub fn normalise(xs: &mut [f64], buf: &mut Vec<f64>) -> f64 {
+    let z = logsumexp(xs, buf);
     if z.is_finite() {
         for x in xs.iter_mut() {
             *x -= z;
@@ -21,9 +70,29 @@ pub fn normalise(xs: &mut [f64]) -> f64 {
     z
 }
 
+/// `normalise`, also writing the probabilities exp(x) into `probs`.
+#[inline(always)]
+pub fn normalise_with_probs(xs: &mut [f64], probs: &mut Vec<f64>) -> f64 {
+    let m = max(xs);
+    if m == f64::NEG_INFINITY {
+        probs.clear();
+        probs.resize(xs.len(), 0.0);
+        return m;
+    }
+    exp_shifted(xs, m, probs);
+    let s = sum(probs);
+    let z = m + s.ln();
+    let inv = 1.0 / s;
+    for (x, p) in xs.iter_mut().zip(probs.iter_mut()) {
+        *x -= z;
+        *p *= inv;
+    }
+    z
+}
+
 /// Log weight of π_θ^(1−α) π_t^α for one candidate, with 0·(−inf) = 0 so that the
 /// endpoints α = 0 and α = 1 are exactly π_θ and π_t.
-#[inline]
+#[inline(always)]
 pub fn geometric(a: f64, b: f64, alpha: f64) -> f64 {
     if alpha <= 0.0 {
         a
@@ -46,7 +115,7 @@ pub fn kl(logp: &[f64], logr: &[f64]) -> f64 {
         if lr == f64::NEG_INFINITY {
             return f64::INFINITY;
         }
-        total += lp.exp() * (lp - lr);
+        total += exp(lp) * (lp - lr);
     }
     total.max(0.0)
 }
@@ -56,7 +125,7 @@ pub fn entropy(logp: &[f64]) -> f64 {
     let h: f64 = logp
         .iter()
         .filter(|&&lp| lp > f64::NEG_INFINITY)
-        .map(|&lp| -lp.exp() * lp)
+        .map(|&lp| -exp(lp) * lp)
         .sum();
     h.max(0.0)
 }
@@ -65,7 +134,7 @@ pub fn entropy(logp: &[f64]) -> f64 {
 pub fn js(a: &[f64], b: &[f64]) -> f64 {
     let mut total = 0.0;
     for (&la, &lb) in a.iter().zip(b) {
-        let (pa, pb) = (la.exp(), lb.exp());
+        let (pa, pb) = (exp(la), exp(lb));
         let m = 0.5 * (pa + pb);
         if m <= 0.0 {
             continue;
@@ -91,7 +160,7 @@ pub fn ess(logpi: &[f64], logq: &[f64]) -> f64 {
         if lq == f64::NEG_INFINITY {
             return 0.0;
         }
-        s += (2.0 * lp - lq).exp();
+        s += exp(2.0 * lp - lq);
     }
     if s > 0.0 {
         1.0 / s
@@ -106,10 +175,25 @@ mod tests {
 
     #[test]
     fn logsumexp_handles_extremes() {
-        assert_eq!(logsumexp(&[]), f64::NEG_INFINITY);
-        assert_eq!(logsumexp(&[f64::NEG_INFINITY; 3]), f64::NEG_INFINITY);
-        assert!((logsumexp(&[-1e4, -1e4]) - (-1e4 + 2f64.ln())).abs() < 1e-9);
-        assert!((logsumexp(&[0.0, f64::NEG_INFINITY]) - 0.0).abs() < 1e-15);
+        let b = &mut Vec::new();
+        assert_eq!(logsumexp(&[], b), f64::NEG_INFINITY);
+        assert_eq!(logsumexp(&[f64::NEG_INFINITY; 3], b), f64::NEG_INFINITY);
+        assert!((logsumexp(&[-1e4, -1e4], b) - (-1e4 + 2f64.ln())).abs() < 1e-9);
+        assert!((logsumexp(&[0.0, f64::NEG_INFINITY], b) - 0.0).abs() < 1e-15);
+        let xs: Vec<f64> = (0..11).map(|i| -f64::from(i) * 0.7).collect();
+        let naive = xs.iter().map(|x| x.exp()).sum::<f64>().ln();
+        assert!((logsumexp(&xs, b) - naive).abs() < 1e-14);
+    }
+
+    #[test]
+    fn probabilities_match_normalised_logs() {
+        let mut xs = vec![-0.3, -2.0, f64::NEG_INFINITY, -7.5, -1.0];
+        let mut probs = Vec::new();
+        normalise_with_probs(&mut xs, &mut probs);
+        for (x, p) in xs.iter().zip(&probs) {
+            assert!((x.exp() - p).abs() < 1e-15);
+        }
+        assert!((sum(&probs) - 1.0).abs() < 1e-15);
     }
 
     #[test]

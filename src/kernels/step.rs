@@ -6,10 +6,11 @@ use numpy::ndarray::ArrayView2;
 
 use crate::errors::{KernelError, KernelResult};
 use crate::kernels::alpha::{self, AlphaParams, Support};
-use crate::kernels::logspace::{entropy, ess, geometric, js, kl, normalise};
-use crate::kernels::merge::{merge, read_list, List, Merged, Missing};
+use crate::kernels::logspace::{entropy, ess, geometric, js, kl, normalise_with_probs};
+use crate::kernels::merge::{merge, IdTable, Merged, Missing, RowLists};
 use crate::kernels::parallel::map_rows;
 use crate::kernels::rng::uniform;
+use crate::kernels::simd::with_best_features;
 
 /// Validated settings of the step.
 #[derive(Clone, Debug, PartialEq)]
@@ -65,7 +66,7 @@ impl StepConfig {
         exclude_ids.sort_unstable();
         exclude_ids.dedup();
         if let Some(v) = js_max {
-            if !(v >= 0.0) {
+            if v.is_nan() || v < 0.0 {
                 return Err(KernelError::arg("stability_js_max", format!("must be >= 0, got {v}")));
             }
         }
@@ -131,6 +132,7 @@ pub struct Diagnostics {
 }
 
 /// What one row's step reports.
+#[allow(clippy::struct_excessive_bools)] // one flag per reported column
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct RowOutput {
     pub token_id: i64,
@@ -149,51 +151,57 @@ pub struct RowOutput {
 /// Buffers reused across the rows one worker handles.
 #[derive(Default)]
 pub struct Scratch {
-    theta: List,
-    t: List,
+    table: IdTable,
     merged: Merged,
+    pa: Vec<f64>,
+    pb: Vec<f64>,
     order: Vec<usize>,
+    keep: Vec<bool>,
     logq: Vec<f64>,
+    q: Vec<f64>,
     support: Support,
 }
 
-/// Mass a normalised log distribution puts on the tokens both models listed.
-fn common_mass(logp: &[f64], m: &Merged) -> f64 {
-    logp.iter()
+/// Mass a distribution puts on the tokens both models listed.
+#[inline(always)]
+fn common_mass(probs: &[f64], m: &Merged) -> f64 {
+    probs
+        .iter()
         .zip(m.obs_a.iter().zip(&m.obs_b))
         .filter(|(_, (&x, &y))| x && y)
-        .map(|(&lp, _)| lp.exp())
+        .map(|(&p, _)| p)
         .sum()
 }
 
 /// Keep the teacher's most probable candidates until their mass reaches `top_p`
-/// (the one crossing it included); ties go to the lower id.
-fn constrain_top_p(m: &mut Merged, order: &mut Vec<usize>, top_p: f64) {
+/// (the one crossing it included); ties go to the earlier candidate.
+#[inline(always)]
+fn constrain_top_p(m: &mut Merged, pb: &[f64], order: &mut Vec<usize>, keep: &mut Vec<bool>, top_p: f64) {
     order.clear();
     order.extend(0..m.len());
-    let b = &m.b;
-    order.sort_by(|&i, &j| b[j].partial_cmp(&b[i]).unwrap_or(Ordering::Equal));
-    let mut keep = vec![false; m.len()];
+    order.sort_by(|&i, &j| m.b[j].partial_cmp(&m.b[i]).unwrap_or(Ordering::Equal));
+    keep.clear();
+    keep.resize(m.len(), false);
     let mut mass = 0.0;
     for &i in order.iter() {
         // Sorted by descending probability, so the rest have none either.
-        if mass >= top_p || b[i] == f64::NEG_INFINITY {
+        if mass >= top_p || m.b[i] == f64::NEG_INFINITY {
             break;
         }
         keep[i] = true;
-        mass += b[i].exp();
+        mass += pb[i];
     }
-    m.retain(|i, _| keep[i]);
+    m.retain(|c| keep[c.index]);
 }
 
 /// Inverse-CDF draw over the candidates in order; never returns a zero-probability one.
-fn draw(logq: &[f64], u: f64) -> usize {
-    let total: f64 = logq.iter().map(|&x| x.exp()).sum();
+#[inline(always)]
+fn draw(q: &[f64], u: f64) -> usize {
+    let total: f64 = q.iter().sum();
     let target = u * total;
     let mut cum = 0.0;
     let mut last_positive = 0;
-    for (i, &x) in logq.iter().enumerate() {
-        let p = x.exp();
+    for (i, &p) in q.iter().enumerate() {
         if p > 0.0 {
             last_positive = i;
         }
@@ -205,23 +213,32 @@ fn draw(logq: &[f64], u: f64) -> usize {
     last_positive
 }
 
+/// log q* and q* over the candidates at `alpha`; false when they share no support.
+#[inline(always)]
+fn mixture(a: &[f64], b: &[f64], pa: &[f64], pb: &[f64], alpha: f64, logq: &mut Vec<f64>, q: &mut Vec<f64>) -> bool {
+    logq.clear();
+    q.clear();
+    // At α = 0 or 1, q* is one of the (already normalised) models, exactly.
+    if alpha <= 0.0 || alpha >= 1.0 {
+        let (l, p) = if alpha <= 0.0 { (a, pa) } else { (b, pb) };
+        logq.extend_from_slice(l);
+        q.extend_from_slice(p);
+        return true;
+    }
+    logq.extend(a.iter().zip(b).map(|(&x, &y)| geometric(x, y, alpha)));
+    normalise_with_probs(logq, q).is_finite()
+}
+
+#[inline(always)]
 pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch) -> KernelResult<RowOutput> {
-    read_list(
-        batch.ids_theta.row(row),
-        batch.logp_theta.row(row),
-        ("ids_theta", "logp_theta"),
-        row,
-        &mut s.theta,
-    )?;
-    read_list(
-        batch.ids_t.row(row),
-        batch.logp_t.row(row),
-        ("ids_t", "logp_t"),
-        row,
-        &mut s.t,
-    )?;
+    let lists = RowLists {
+        ids_a: batch.ids_theta.row(row),
+        lp_a: batch.logp_theta.row(row),
+        ids_b: batch.ids_t.row(row),
+        lp_b: batch.logp_t.row(row),
+    };
+    merge(&lists, cfg.missing, row, &mut s.table, &mut s.merged)?;
     let m = &mut s.merged;
-    merge(&s.theta, &s.t, cfg.missing, m);
     if m.is_empty() {
         return Err(KernelError::row(
             "ids_theta",
@@ -230,7 +247,7 @@ pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch
         ));
     }
     if !cfg.exclude_ids.is_empty() {
-        m.retain(|_, id| cfg.exclude_ids.binary_search(&id).is_err());
+        m.retain(|c| cfg.exclude_ids.binary_search(&c.id).is_err());
         if m.is_empty() {
             return Err(KernelError::row(
                 "exclude_ids",
@@ -245,8 +262,8 @@ pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch
     if cfg.temperature_t != 1.0 {
         m.b.iter_mut().for_each(|x| *x /= cfg.temperature_t);
     }
-    let za = normalise(&mut m.a);
-    let zb = normalise(&mut m.b);
+    let za = normalise_with_probs(&mut m.a, &mut s.pa);
+    let zb = normalise_with_probs(&mut m.b, &mut s.pb);
     // A model with no mass on any candidate cannot take part: use the other one.
     let mut forced = match (za.is_finite(), zb.is_finite()) {
         (false, false) => {
@@ -264,15 +281,15 @@ pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch
         let unstable_js = cfg.js_max.is_some_and(|max| js(&m.a, &m.b) > max);
         let unstable_overlap = cfg
             .overlap_min
-            .is_some_and(|min| common_mass(&m.a, m).min(common_mass(&m.b, m)) < min);
+            .is_some_and(|min| common_mass(&s.pa, m).min(common_mass(&s.pb, m)) < min);
         if unstable_js || unstable_overlap {
             forced = Some(1.0);
         }
     }
     if let (Some(top_p), true) = (cfg.top_p, zb.is_finite()) {
-        constrain_top_p(m, &mut s.order, top_p);
-        normalise(&mut m.b);
-        if !normalise(&mut m.a).is_finite() && forced.is_none() {
+        constrain_top_p(m, &s.pb, &mut s.order, &mut s.keep, top_p);
+        normalise_with_probs(&mut m.b, &mut s.pb);
+        if !normalise_with_probs(&mut m.a, &mut s.pa).is_finite() && forced.is_none() {
             forced = Some(1.0);
         }
     }
@@ -280,22 +297,16 @@ pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch
     let mut alpha = match forced {
         Some(f) => f,
         None if batch.force_teacher[row] => 1.0,
-        None => alpha::solve(&m.a, &m.b, &cfg.alpha, &mut s.support),
+        None => alpha::solve(&m.a, &m.b, &s.pa, &s.pb, &cfg.alpha, &mut s.support),
     };
-    s.logq.clear();
-    s.logq
-        .extend(m.a.iter().zip(&m.b).map(|(&a, &b)| geometric(a, b, alpha)));
-    // At α = 0 or 1, q* is one of the (already normalised) models, exactly.
-    let interior = alpha > 0.0 && alpha < 1.0;
-    if interior && !normalise(&mut s.logq).is_finite() {
+    if !mixture(&m.a, &m.b, &s.pa, &s.pb, alpha, &mut s.logq, &mut s.q) {
         // The two models share no candidate: only the teacher's side is usable.
         fallback = true;
         alpha = 1.0;
-        s.logq.clear();
-        s.logq.extend_from_slice(&m.b);
+        mixture(&m.a, &m.b, &s.pa, &s.pb, alpha, &mut s.logq, &mut s.q);
     }
     let u = uniform(batch.seed, batch.row_keys[row], batch.positions[row]);
-    let k = draw(&s.logq, u);
+    let k = draw(&s.q, u);
     let diagnostics = if cfg.diagnostics {
         Diagnostics {
             kl_theta: kl(&s.logq, &m.a),
@@ -327,7 +338,10 @@ pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch
 pub fn step_batch(batch: &Batch<'_>, cfg: &StepConfig) -> KernelResult<Vec<RowOutput>> {
     let width = batch.ids_theta.ncols() + batch.ids_t.ncols();
     map_rows(batch.ids_theta.nrows(), width, |s: &mut Scratch, r| {
-        step_row(batch, cfg, r, s)
+        with_best_features(
+            #[inline(always)]
+            || step_row(batch, cfg, r, s),
+        )
     })
 }
 

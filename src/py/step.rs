@@ -130,12 +130,11 @@ pub fn step_py(
         .into());
     }
     let default_cfg;
-    let cfg: &StepConfig = match &config {
-        Some(c) => &c.inner,
-        None => {
-            default_cfg = StepConfig::default();
-            &default_cfg
-        }
+    let cfg: &StepConfig = if let Some(c) = &config {
+        &c.inner
+    } else {
+        default_cfg = StepConfig::default();
+        &default_cfg
     };
     let seed = seed.map_or(Ok(0), seed_bits)?;
     let row_keys = per_row_keys(row_keys, "row_keys", rows, |r| r as u64)?;
