@@ -139,6 +139,8 @@ pub struct Support {
     a: Vec<f64>,
     d: Vec<f64>,
     ends: [(f64, f64); 2],
+    /// The value of d when it is the same on every candidate.
+    constant: Option<f64>,
     w: Vec<f64>,
 }
 
@@ -150,6 +152,7 @@ impl Support {
         self.a.clear();
         self.d.clear();
         let (mut wa, mut wad, mut wb, mut wbd) = (0.0, 0.0, 0.0, 0.0);
+        let (mut dmin, mut dmax, mut amax) = (f64::INFINITY, f64::NEG_INFINITY, 0.0f64);
         for i in 0..a.len() {
             if a[i] > f64::NEG_INFINITY && b[i] > f64::NEG_INFINITY {
                 let d = b[i] - a[i];
@@ -159,6 +162,9 @@ impl Support {
                 wad += pa[i] * d;
                 wb += pb[i];
                 wbd += pb[i] * d;
+                dmin = dmin.min(d);
+                dmax = dmax.max(d);
+                amax = amax.max(a[i].abs());
             }
         }
         let (ma, mb) = (wad / wa, wbd / wb);
@@ -171,6 +177,8 @@ impl Support {
             }
         }
         self.ends = [(ma, va / wa), (mb, vb / wb)];
+        // d is constant (up to rounding) when every α gives the same distribution.
+        self.constant = (dmax - dmin <= 1e-12 * (1.0 + amax)).then_some(0.5 * (dmin + dmax));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -189,20 +197,21 @@ impl Support {
             *x = exp(*x - m);
         }
         let mut acc = [[0.0; LANES]; 4];
-        let whole = w.len() - w.len() % LANES;
-        for i in (0..whole).step_by(LANES) {
+        let (wc, dc) = (w.chunks_exact(LANES), self.d.chunks_exact(LANES));
+        let (w_rest, d_rest) = (wc.remainder(), dc.remainder());
+        for (wq, dq) in wc.zip(dc) {
             for l in 0..LANES {
-                let (wi, c) = (w[i + l], self.d[i + l] - shift);
-                let wc = wi * c;
-                acc[0][l] += wi;
-                acc[1][l] += wc;
-                acc[2][l] += wc * c;
-                acc[3][l] += wc * c * c;
+                let c = dq[l] - shift;
+                let x = wq[l] * c;
+                acc[0][l] += wq[l];
+                acc[1][l] += x;
+                acc[2][l] += x * c;
+                acc[3][l] += x * c * c;
             }
         }
         let mut s = acc.map(|lanes| (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]));
-        for i in whole..w.len() {
-            let (wi, c) = (w[i], self.d[i] - shift);
+        for (&wi, &d) in w_rest.iter().zip(d_rest) {
+            let c = d - shift;
             s[0] += wi;
             s[1] += wi * c;
             s[2] += wi * c * c;
@@ -215,15 +224,6 @@ impl Support {
             var: (e2 - e1 * e1).max(0.0),
             skew: e3 - 3.0 * e1 * e2 + 2.0 * e1 * e1 * e1,
         }
-    }
-
-    /// The value of d when it is the same on every candidate (up to rounding).
-    fn constant_d(&self) -> Option<f64> {
-        let (lo, hi) = self.d.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &d| {
-            (lo.min(d), hi.max(d))
-        });
-        let scale = 1.0 + self.a.iter().fold(0.0f64, |s, &a| s.max(a.abs()));
-        (hi - lo <= 1e-12 * scale).then_some(0.5 * (lo + hi))
     }
 }
 
@@ -371,7 +371,7 @@ pub fn solve(a: &[f64], b: &[f64], pa: &[f64], pb: &[f64], p: &AlphaParams, supp
             support.fill(a, b, pa, pb);
             if support.is_empty() {
                 0.5
-            } else if let Some(c) = support.constant_d() {
+            } else if let Some(c) = support.constant {
                 // Every α gives the same distribution on the common support.
                 if c.abs() <= 1e-12 {
                     0.5

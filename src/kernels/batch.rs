@@ -4,9 +4,9 @@ use numpy::ndarray::{Array2, ArrayView1, ArrayView2};
 use crate::errors::{KernelError, KernelResult};
 use crate::kernels::alpha::{self, AlphaParams, Support};
 use crate::kernels::logspace::{geometric, normalise, normalise_with_probs};
-use crate::kernels::merge::{merge, IdTable, Merged, Missing, RowLists};
+use crate::kernels::merge::{merge, IdTable, Merged, Missing, RowBuffers};
 use crate::kernels::parallel::map_rows;
-use crate::kernels::simd::with_best_features;
+use crate::kernels::simd::with_avx2_twin;
 
 /// Copy a row of log probabilities, check it, and normalise it.
 #[inline(always)]
@@ -59,6 +59,21 @@ fn check_same_shape(a: ArrayView2<'_, f64>, b: ArrayView2<'_, f64>) -> KernelRes
     }
 }
 
+#[inline(always)]
+fn solve_row(
+    lp_a: ArrayView1<'_, f64>,
+    lp_b: ArrayView1<'_, f64>,
+    p: &AlphaParams,
+    r: usize,
+    s: &mut PairScratch,
+) -> KernelResult<f64> {
+    read_logp(lp_a, "logp_theta", r, &mut s.a, &mut s.pa)?;
+    read_logp(lp_b, "logp_t", r, &mut s.b, &mut s.pb)?;
+    Ok(alpha::solve(&s.a, &s.b, &s.pa, &s.pb, p, &mut s.support))
+}
+
+with_avx2_twin!(solve_row_best, solve_row_avx2, solve_row, (lp_a: ArrayView1<'_, f64>, lp_b: ArrayView1<'_, f64>, p: &AlphaParams, r: usize, s: &mut PairScratch) -> KernelResult<f64>);
+
 pub fn solve_alpha_batch(
     lp_a: ArrayView2<'_, f64>,
     lp_b: ArrayView2<'_, f64>,
@@ -66,11 +81,7 @@ pub fn solve_alpha_batch(
 ) -> KernelResult<Vec<f64>> {
     check_same_shape(lp_a, lp_b)?;
     map_rows(lp_a.nrows(), lp_a.ncols(), |s: &mut PairScratch, r| {
-        with_best_features(|| {
-            read_logp(lp_a.row(r), "logp_theta", r, &mut s.a, &mut s.pa)?;
-            read_logp(lp_b.row(r), "logp_t", r, &mut s.b, &mut s.pb)?;
-            Ok(alpha::solve(&s.a, &s.b, &s.pa, &s.pb, p, &mut s.support))
-        })
+        solve_row_best(lp_a.row(r), lp_b.row(r), p, r, s)
     })
 }
 
@@ -122,13 +133,9 @@ pub fn merge_batch(
     let rows = map_rows(
         ids_a.nrows(),
         ids_a.ncols() + ids_b.ncols(),
-        |table: &mut IdTable, r| {
-            let lists = RowLists {
-                ids_a: ids_a.row(r),
-                lp_a: lp_a.row(r),
-                ids_b: ids_b.row(r),
-                lp_b: lp_b.row(r),
-            };
+        |s: &mut (IdTable, RowBuffers), r| {
+            let (table, bufs) = s;
+            let lists = bufs.lists((ids_a, lp_a, ids_b, lp_b), r);
             let mut m = Merged::default();
             merge(&lists, missing, r, table, &mut m)?;
             Ok(m)

@@ -6,7 +6,7 @@
 //! Candidates come out in a fixed order — the base model's list as given, then the
 //! teacher-only tokens as given — which the inverse-CDF draw walks and the numpy
 //! reference mirrors.
-use numpy::ndarray::ArrayView1;
+use numpy::ndarray::{ArrayView1, ArrayView2, Axis};
 
 use crate::errors::{KernelError, KernelResult};
 use crate::kernels::logspace::logsumexp;
@@ -49,15 +49,12 @@ impl Missing {
 /// The value given to a token a list does not hold, under the `bound` rule: from the
 /// list's entries (ids and log probabilities; padding has id −1). `buf` is scratch.
 #[inline(always)]
-pub fn bound(ids: ArrayView1<'_, i64>, logp: ArrayView1<'_, f64>, bufs: &mut [Vec<f64>; 2]) -> f64 {
-    let smallest = ids
-        .iter()
-        .zip(logp.iter())
-        .fold(f64::INFINITY, |m, (&id, &x)| if id >= 0 && x < m { x } else { m });
-    let [listed, exps] = bufs;
-    listed.clear();
-    listed.extend(logp.iter().copied());
-    let total = logsumexp(listed, exps);
+pub fn bound(ids: &[i64], logp: &[f64], buf: &mut Vec<f64>) -> f64 {
+    let mut smallest = f64::INFINITY;
+    for (&id, &x) in ids.iter().zip(logp) {
+        smallest = if id >= 0 && x < smallest { x } else { smallest };
+    }
+    let total = logsumexp(logp, buf);
     // Unlisted mass 1 − Σp, computed as −expm1(log Σp) to keep precision near 1.
     let unlisted = if total >= 0.0 {
         f64::NEG_INFINITY
@@ -67,13 +64,26 @@ pub fn bound(ids: ArrayView1<'_, i64>, logp: ArrayView1<'_, f64>, bufs: &mut [Ve
     smallest.min(unlisted)
 }
 
+/// A row as a slice: borrowed when the array is contiguous, else copied into `buf`.
+#[inline(always)]
+pub fn row_slice<'a, T: Copy>(row: ArrayView1<'a, T>, buf: &'a mut Vec<T>) -> &'a [T] {
+    match row.to_slice() {
+        Some(s) => s,
+        None => {
+            buf.clear();
+            buf.extend(row.iter().copied());
+            buf
+        }
+    }
+}
+
 /// Open-addressing map from token id to candidate slot, and buffers, reused across rows.
 #[derive(Default)]
 pub struct IdTable {
     keys: Vec<i64>,
     slots: Vec<u32>,
     shift: u32,
-    bufs: [Vec<f64>; 2],
+    buf: Vec<f64>,
 }
 
 impl IdTable {
@@ -131,6 +141,14 @@ pub struct Merged {
 }
 
 impl Merged {
+    fn reserve(&mut self, n: usize) {
+        self.ids.reserve(n);
+        self.a.reserve(n);
+        self.b.reserve(n);
+        self.obs_a.reserve(n);
+        self.obs_b.reserve(n);
+    }
+
     fn clear(&mut self) {
         self.ids.clear();
         self.a.clear();
@@ -223,10 +241,41 @@ fn entry(
 
 /// One row of each model's list.
 pub struct RowLists<'a> {
-    pub ids_a: ArrayView1<'a, i64>,
-    pub lp_a: ArrayView1<'a, f64>,
-    pub ids_b: ArrayView1<'a, i64>,
-    pub lp_b: ArrayView1<'a, f64>,
+    pub ids_a: &'a [i64],
+    pub lp_a: &'a [f64],
+    pub ids_b: &'a [i64],
+    pub lp_b: &'a [f64],
+}
+
+/// Buffers for rows that are not contiguous in memory.
+#[derive(Default)]
+pub struct RowBuffers {
+    ids_a: Vec<i64>,
+    lp_a: Vec<f64>,
+    ids_b: Vec<i64>,
+    lp_b: Vec<f64>,
+}
+
+impl RowBuffers {
+    /// Row `r` of each array, borrowed where possible.
+    #[inline(always)]
+    pub fn lists<'a>(
+        &'a mut self,
+        arrays: (
+            ArrayView2<'a, i64>,
+            ArrayView2<'a, f64>,
+            ArrayView2<'a, i64>,
+            ArrayView2<'a, f64>,
+        ),
+        r: usize,
+    ) -> RowLists<'a> {
+        RowLists {
+            ids_a: row_slice(arrays.0.index_axis_move(Axis(0), r), &mut self.ids_a),
+            lp_a: row_slice(arrays.1.index_axis_move(Axis(0), r), &mut self.lp_a),
+            ids_b: row_slice(arrays.2.index_axis_move(Axis(0), r), &mut self.ids_b),
+            lp_b: row_slice(arrays.3.index_axis_move(Axis(0), r), &mut self.lp_b),
+        }
+    }
 }
 
 /// Merge one row's two lists into `out` by the `missing` rule, checking every entry.
@@ -239,6 +288,7 @@ pub fn merge(
     out: &mut Merged,
 ) -> KernelResult<()> {
     out.clear();
+    out.reserve(lists.ids_a.len() + lists.ids_b.len());
     table.reset(lists.ids_a.len() + lists.ids_b.len());
     for (col, (&id, &lp)) in lists.ids_a.iter().zip(lists.lp_a.iter()).enumerate() {
         if let Some((id, lp)) = entry(id, lp, col, ("ids_theta", "logp_theta"), row)? {
@@ -255,7 +305,7 @@ pub fn merge(
     let n_a = out.len();
     let fill_a = match missing {
         Missing::Value(v) => v,
-        Missing::Bound | Missing::Drop => bound(lists.ids_a, lists.lp_a, &mut table.bufs),
+        Missing::Bound | Missing::Drop => bound(lists.ids_a, lists.lp_a, &mut table.buf),
     };
     for (col, (&id, &lp)) in lists.ids_b.iter().zip(lists.lp_b.iter()).enumerate() {
         if let Some((id, lp)) = entry(id, lp, col, ("ids_t", "logp_t"), row)? {
@@ -273,7 +323,7 @@ pub fn merge(
     }
     let fill_b = match missing {
         Missing::Value(v) => v,
-        Missing::Bound | Missing::Drop => bound(lists.ids_b, lists.lp_b, &mut table.bufs),
+        Missing::Bound | Missing::Drop => bound(lists.ids_b, lists.lp_b, &mut table.buf),
     };
     for i in 0..n_a {
         if !out.obs_b[i] {
@@ -294,15 +344,13 @@ pub fn merge(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use numpy::ndarray::arr1;
 
     fn run(a: (&[i64], &[f64]), b: (&[i64], &[f64]), missing: Missing) -> KernelResult<Merged> {
-        let (ia, la, ib, lb) = (arr1(a.0), arr1(a.1), arr1(b.0), arr1(b.1));
         let lists = RowLists {
-            ids_a: ia.view(),
-            lp_a: la.view(),
-            ids_b: ib.view(),
-            lp_b: lb.view(),
+            ids_a: a.0,
+            lp_a: a.1,
+            ids_b: b.0,
+            lp_b: b.1,
         };
         let mut m = Merged::default();
         merge(&lists, missing, 4, &mut IdTable::default(), &mut m)?;

@@ -7,10 +7,10 @@ use numpy::ndarray::ArrayView2;
 use crate::errors::{KernelError, KernelResult};
 use crate::kernels::alpha::{self, AlphaParams, Support};
 use crate::kernels::logspace::{entropy, ess, geometric, js, kl, normalise_with_probs};
-use crate::kernels::merge::{merge, IdTable, Merged, Missing, RowLists};
+use crate::kernels::merge::{merge, IdTable, Merged, Missing, RowBuffers};
 use crate::kernels::parallel::map_rows;
 use crate::kernels::rng::uniform;
-use crate::kernels::simd::with_best_features;
+use crate::kernels::simd::with_avx2_twin;
 
 /// Validated settings of the step.
 #[derive(Clone, Debug, PartialEq)]
@@ -151,6 +151,7 @@ pub struct RowOutput {
 /// Buffers reused across the rows one worker handles.
 #[derive(Default)]
 pub struct Scratch {
+    rows: RowBuffers,
     table: IdTable,
     merged: Merged,
     pa: Vec<f64>,
@@ -231,12 +232,9 @@ fn mixture(a: &[f64], b: &[f64], pa: &[f64], pb: &[f64], alpha: f64, logq: &mut 
 
 #[inline(always)]
 pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch) -> KernelResult<RowOutput> {
-    let lists = RowLists {
-        ids_a: batch.ids_theta.row(row),
-        lp_a: batch.logp_theta.row(row),
-        ids_b: batch.ids_t.row(row),
-        lp_b: batch.logp_t.row(row),
-    };
+    let lists = s
+        .rows
+        .lists((batch.ids_theta, batch.logp_theta, batch.ids_t, batch.logp_t), row);
     merge(&lists, cfg.missing, row, &mut s.table, &mut s.merged)?;
     let m = &mut s.merged;
     if m.is_empty() {
@@ -334,14 +332,13 @@ pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch
     })
 }
 
+with_avx2_twin!(step_row_best, step_row_avx2, step_row, (batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch) -> KernelResult<RowOutput>);
+
 /// The step for every row of the batch.
 pub fn step_batch(batch: &Batch<'_>, cfg: &StepConfig) -> KernelResult<Vec<RowOutput>> {
     let width = batch.ids_theta.ncols() + batch.ids_t.ncols();
     map_rows(batch.ids_theta.nrows(), width, |s: &mut Scratch, r| {
-        with_best_features(
-            #[inline(always)]
-            || step_row(batch, cfg, r, s),
-        )
+        step_row_best(batch, cfg, r, s)
     })
 }
 
