@@ -67,13 +67,12 @@ pub fn bound(ids: &[i64], logp: &[f64], buf: &mut Vec<f64>) -> f64 {
 /// A row as a slice: borrowed when the array is contiguous, else copied into `buf`.
 #[inline(always)]
 pub fn row_slice<'a, T: Copy>(row: ArrayView1<'a, T>, buf: &'a mut Vec<T>) -> &'a [T] {
-    match row.to_slice() {
-        Some(s) => s,
-        None => {
-            buf.clear();
-            buf.extend(row.iter().copied());
-            buf
-        }
+    if let Some(s) = row.to_slice() {
+        s
+    } else {
+        buf.clear();
+        buf.extend(row.iter().copied());
+        buf
     }
 }
 
