@@ -52,9 +52,10 @@ test-rust: install
 test: build-prod lint test-rust
 	$(PY) -m pytest -q
 
-.PHONY: bench ## benchmark tables: Rust against the numpy reference (release build)
+.PHONY: bench ## benchmark tables: Rust against the numpy reference on one core, then on all cores (release build)
 bench: build-prod
-	$(PY) -m pytest benches -q --benchmark-enable --benchmark-sort=mean
+	RAYON_NUM_THREADS=1 $(PY) -m pytest benches -q -p no:randomly --benchmark-enable --benchmark-sort=name
+	$(PY) -m pytest benches/bench_kernels.py -q --benchmark-enable --benchmark-sort=name -k "rust and 1024"
 
 .PHONY: demo ## build, start the reference servers, run the demo job
 demo: build-prod

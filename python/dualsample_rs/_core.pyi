@@ -1,0 +1,199 @@
+"""Type stubs and documentation for the compiled module `dualsample_rs._core`."""
+
+from typing import Literal
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+__version__: str
+build_profile: Literal["debug", "release"]
+
+Method = Literal["kl_symmetry", "fixed", "entropy", "ess_balance"]
+
+class SamplerConfig:
+    """Settings of one sampling step, validated when built.
+
+    Args:
+        method: how α (the weight on the teacher) is chosen at each position:
+            ``"kl_symmetry"`` (KL(q‖π_θ) = KL(q‖π_t), the Chernoff point), ``"fixed"``
+            (``alpha``), ``"entropy"`` (H(π_θ) / (H(π_θ) + H(π_t))) or ``"ess_balance"``
+            (equal effective sample sizes for both models).
+        alpha: α for ``method="fixed"``.
+        alpha_min, alpha_max: every rule's α is clamped to this range.
+        tol: tolerance on α for the iterative rules (> 0).
+        max_iter: iteration cap for the iterative rules (>= 1).
+        missing: log probability given to a token that one model did not list:
+            ``"bound"`` (log min(smallest listed probability, unlisted mass)),
+            ``"drop"`` (keep only tokens both listed) or a float constant.
+        temperature: divides the base model's log probabilities (> 0).
+        temperature_t: the teacher's temperature; None means ``temperature``.
+        top_p: keep the teacher's most probable candidates until their mass reaches
+            ``top_p`` (the one crossing it included), in (0, 1]; None keeps all.
+        exclude_ids: token ids never sampled (e.g. special tokens).
+        stability_js_max: fall back to the teacher (α = 1, ``fallback`` set) where the
+            Jensen–Shannon divergence of the two models exceeds this.
+        stability_overlap_min: fall back where either model puts less than this mass
+            on the tokens both listed.
+        diagnostics: also report KL(q‖π_θ), KL(q‖π_t), ESS_θ, ESS_t, H(q) and JS.
+
+    Raises:
+        InvalidInputError: a value is out of range; the message names the argument.
+
+    Example:
+        >>> SamplerConfig(top_p=0.95, exclude_ids=(0, 1)).top_p
+        0.95
+    """
+
+    def __init__(
+        self,
+        method: Method = "kl_symmetry",
+        alpha: float = 0.5,
+        alpha_min: float = 0.0,
+        alpha_max: float = 1.0,
+        tol: float = 1e-10,
+        max_iter: int = 100,
+        missing: Literal["bound", "drop"] | float = "bound",
+        temperature: float = 1.0,
+        temperature_t: float | None = None,
+        top_p: float | None = None,
+        exclude_ids: tuple[int, ...] | list[int] = (),
+        stability_js_max: float | None = None,
+        stability_overlap_min: float | None = None,
+        diagnostics: bool = False,
+    ) -> None: ...
+    @property
+    def method(self) -> Method: ...
+    @property
+    def alpha(self) -> float: ...
+    @property
+    def alpha_min(self) -> float: ...
+    @property
+    def alpha_max(self) -> float: ...
+    @property
+    def tol(self) -> float: ...
+    @property
+    def max_iter(self) -> int: ...
+    @property
+    def missing(self) -> Literal["bound", "drop"] | float: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def temperature_t(self) -> float | None: ...
+    @property
+    def top_p(self) -> float | None: ...
+    @property
+    def exclude_ids(self) -> tuple[int, ...]: ...
+    @property
+    def stability_js_max(self) -> float | None: ...
+    @property
+    def stability_overlap_min(self) -> float | None: ...
+    @property
+    def diagnostics(self) -> bool: ...
+
+class StepResult:
+    """What :func:`step` reports, one entry per row.
+
+    ``logp_theta``, ``logp_t`` and ``logq`` are the sampled token's log probability
+    under the distributions actually used: after exclusion, temperature, the support
+    constraint and renormalisation. ``n_candidates`` is the size of the support q*
+    was drawn from. ``no_overlap`` marks rows where ``missing="drop"`` found no common
+    token and kept the teacher's list. The diagnostics are None unless the config
+    asked for them.
+    """
+
+    token_id: NDArray[np.int64]
+    alpha: NDArray[np.float64]
+    logq: NDArray[np.float64]
+    logp_theta: NDArray[np.float64]
+    logp_t: NDArray[np.float64]
+    observed_theta: NDArray[np.bool_]
+    observed_t: NDArray[np.bool_]
+    fallback: NDArray[np.bool_]
+    no_overlap: NDArray[np.bool_]
+    n_candidates: NDArray[np.int32]
+    kl_theta: NDArray[np.float64] | None
+    kl_t: NDArray[np.float64] | None
+    ess_theta: NDArray[np.float64] | None
+    ess_t: NDArray[np.float64] | None
+    entropy: NDArray[np.float64] | None
+    js: NDArray[np.float64] | None
+    def __len__(self) -> int: ...
+
+def solve_alpha(
+    logp_theta: ArrayLike,
+    logp_t: ArrayLike,
+    *,
+    method: Method = "kl_symmetry",
+    alpha: float = 0.5,
+    alpha_min: float = 0.0,
+    alpha_max: float = 1.0,
+    tol: float = 1e-10,
+    max_iter: int = 100,
+) -> float | NDArray[np.float64]:
+    """α for log probabilities over the same candidates (normalised inside).
+
+    One row (1-D) gives a float, a batch (2-D) one α per row. An entry that is -inf in
+    one model only is a token that model cannot produce; -inf in both is padding.
+
+    Example:
+        >>> import numpy as np
+        >>> solve_alpha(np.log([0.9, 0.1]), np.log([0.1, 0.9]))
+        0.5
+    """
+
+def mix(logp_theta: ArrayLike, logp_t: ArrayLike, alpha: float | ArrayLike) -> NDArray[np.float64]:
+    """Normalised log q* ∝ (1 − α)·logp_theta + α·logp_t, exact at α = 0 and 1.
+
+    ``alpha`` is a float or one value per row.
+    """
+
+def merge_topk(
+    ids_theta: ArrayLike,
+    logp_theta: ArrayLike,
+    ids_t: ArrayLike,
+    logp_t: ArrayLike,
+    *,
+    missing: Literal["bound", "drop"] | float = "bound",
+) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]:
+    """The union of two top-k lists: ``(ids, logp_theta, logp_t)``, padded with id -1 / -inf.
+
+    Candidates come in a fixed order: the base list as given, then the teacher-only
+    tokens as given. Unlisted tokens are valued by ``missing`` (see SamplerConfig).
+    """
+
+def step(
+    ids_theta: ArrayLike,
+    logp_theta: ArrayLike,
+    ids_t: ArrayLike,
+    logp_t: ArrayLike,
+    *,
+    config: SamplerConfig | None = None,
+    seed: int = 0,
+    positions: ArrayLike | None = None,
+    row_keys: ArrayLike | None = None,
+    force_teacher: ArrayLike | None = None,
+) -> StepResult:
+    """One sampling step from q* for every row: merge, exclude, temperature, normalise,
+    stability check, support constraint, α, q*, draw.
+
+    Args:
+        ids_theta, logp_theta: the base model's top-k token ids and raw log
+            probabilities, shape (k,) or (rows, k); id -1 with -inf is padding.
+        ids_t, logp_t: the teacher's, shape (k_t,) or (rows, k_t).
+        config: the step's settings (default ``SamplerConfig()``).
+        seed, positions, row_keys: the uniform for a row is keyed by (seed, row key,
+            position), so a token depends only on these and the row's own inputs —
+            not on batch size, row order or thread count. Defaults: row key = row
+            index, position = 0.
+        force_teacher: bool per row; α = 1 there (e.g. the first generated token).
+
+    Raises:
+        InvalidInputError: malformed input, naming the argument and the row.
+        InvalidDtypeError: an array of a dtype that cannot be converted safely.
+
+    Example:
+        >>> import numpy as np
+        >>> r = step(np.array([3, 7]), np.log([0.6, 0.3]), np.array([7, 9]), np.log([0.7, 0.2]), seed=1)
+        >>> int(r.token_id[0]) in (3, 7, 9)
+        True
+    """
