@@ -1,0 +1,210 @@
+"""The HTTP layer of the reference server (aiohttp): routes, auth, queue limit, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from . import completions
+from .errors import APIError, bad_request
+from .faults import NO_FAULT, Fault, FaultConfig
+from .model import Model
+
+log = logging.getLogger("dualsample_rs.server")
+
+# Paths that answer without an API key and never misbehave on purpose.
+OPEN_PATHS = {"/health", "/version"}
+
+
+@dataclass
+class ServerOptions:
+    max_logprobs: int = 20
+    api_key: str | None = None
+    max_num_queued_reqs: int | None = None
+    enable_tokenizer_info: bool = False
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=json.dumps(body).encode(), status=status, content_type="application/json", headers=headers)
+
+
+async def _read_json(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"JSON decode error: {err}", "Bad Request") from err
+
+
+class Server:
+    def __init__(self, model: Model, options: ServerOptions) -> None:
+        self.model = model
+        self.options = options
+        self.in_flight = 0
+        self.created = int(time.time())
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors, self._auth, self._faults], client_max_size=64 * 1024**2)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/version", self.version)
+        app.router.add_get("/tokenizer_info", self.tokenizer_info)
+        return app
+
+    # ------------------------------------------------------------ middlewares
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except APIError as err:
+            return _json(err.body(), status=err.status)
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        key = self.options.api_key
+        if key and request.path not in OPEN_PATHS and request.headers.get("Authorization") != f"Bearer {key}":
+            return _json({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    @web.middleware
+    async def _faults(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        faults = self.options.faults
+        fault: Fault = faults.draw() if faults.active and request.path not in OPEN_PATHS else NO_FAULT
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault.kind == "500":
+            return _json(APIError(500, "Injected fault: internal server error", "InternalServerError").body(), 500)
+        if fault.kind == "503":
+            body = APIError(503, "Injected fault: service unavailable", "ServiceUnavailableError").body()
+            return _json(body, 503, headers={"Retry-After": f"{faults.retry_after:g}"})
+        response = await handler(request)
+        if fault.kind is None and not fault.slow_body:
+            return response
+        assert isinstance(response, web.Response) and response.body is not None
+        payload = bytes(response.body)  # type: ignore[arg-type]
+        if fault.kind == "malformed":
+            return web.Response(body=payload[: max(1, len(payload) // 2)], status=200, content_type="application/json")
+        stream = web.StreamResponse(status=response.status, headers={"Content-Type": "application/json"})
+        stream.content_length = len(payload)
+        await stream.prepare(request)
+        if fault.kind == "drop":
+            await stream.write(payload[: len(payload) // 2])
+            assert request.transport is not None
+            request.transport.close()  # the client sees the connection end mid-body
+            return stream
+        chunks = 8
+        step = max(1, -(-len(payload) // chunks))
+        for i in range(0, len(payload), step):
+            await stream.write(payload[i : i + step])
+            await asyncio.sleep(faults.slow_body_seconds / chunks)
+        await stream.write_eof()
+        return stream
+
+    # ------------------------------------------------------------ routes
+    async def completions(self, request: web.Request) -> web.Response:
+        limit = self.options.max_num_queued_reqs
+        if limit is not None and self.in_flight >= limit:
+            raise APIError(
+                503, "The engine is currently busy and cannot accept new requests.", "ServiceUnavailableError"
+            )
+        body = await _read_json(request)
+        req = completions.parse(body, self.model, self.options.max_logprobs)
+        self.in_flight += 1
+        try:
+            # Generation is CPU work: run it off the event loop so health checks still answer.
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(None, self._complete, req)
+        finally:
+            self.in_flight -= 1
+        return _json(result)
+
+    def _complete(self, req: completions.Request) -> dict[str, Any]:
+        seqs = completions.generate(req, self.model)
+        return completions.respond(req, self.model, seqs)
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        if not isinstance(body, dict):
+            raise bad_request("request body must be an object")
+        if "messages" in body:
+            messages = body["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise bad_request("messages must be a list of objects", "messages")
+            text = self.model.apply_chat_template(messages, bool(body.get("add_generation_prompt", True)))
+        elif isinstance(body.get("prompt"), str):
+            text = body["prompt"]
+        else:
+            raise bad_request("prompt (a string) or messages is required", "prompt")
+        ids = self.model.tokenize(text, bool(body.get("add_special_tokens", True)))
+        strs = [self.model.token_text(t) for t in ids] if body.get("return_token_strs") else None
+        return _json({"count": len(ids), "max_model_len": self.model.max_model_len, "tokens": ids, "token_strs": strs})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise bad_request("tokens must be a list of integers", "tokens")
+        for t in tokens:
+            if not 0 <= t < self.model.vocab_size:
+                raise bad_request(f"Token id {t} is out of vocabulary", "tokens")
+        return _json({"prompt": self.model.detokenize(tokens)})
+
+    async def models(self, request: web.Request) -> web.Response:
+        card = {
+            "id": self.model.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "vllm",
+            "root": self.model.name,
+            "parent": None,
+            "max_model_len": self.model.max_model_len,
+            "permission": [],
+        }
+        return _json({"object": "list", "data": [card]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return _json({"version": __version__})
+
+    async def tokenizer_info(self, request: web.Request) -> web.Response:
+        if not self.options.enable_tokenizer_info:
+            raise APIError(404, "Not Found", "NotFoundError")
+        return _json(
+            {
+                "tokenizer_class": "ByteTokenizer",
+                "eos_token": self.model.eos_token,
+                "model_max_length": self.model.max_model_len,
+                "added_tokens_decoder": {
+                    str(i): {"content": s, "special": True}
+                    for s, i in sorted(getattr(self.model, "special_tokens", {}).items(), key=lambda kv: kv[1])
+                },
+            }
+        )
+
+
+async def serve(model: Model, options: ServerOptions, host: str, port: int, ready: Any = None) -> None:
+    """Serve until cancelled; `ready(url)` is called once the socket listens."""
+    runner = web.AppRunner(Server(model, options).app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+    bound = sockets[0].getsockname()[1] if sockets else port
+    if ready is not None:
+        ready(f"http://{host}:{bound}")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

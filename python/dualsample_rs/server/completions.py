@@ -1,0 +1,342 @@
+"""`/v1/completions` as vLLM 0.33 answers it: request checks, generation, response body.
+
+Log probabilities are raw (vLLM's default ``raw_logprobs`` mode): the log-softmax of the
+model before temperature; temperature only shapes the server's own sample.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import APIError, bad_request
+from .model import Model
+
+MAX_PROMPTS = 1024
+NEG_INF_WIRE = -9999.0  # vLLM sends -inf as this
+
+
+def _int(body: dict[str, Any], name: str, default: int | None, minimum: int | None = None) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"1 validation error for CompletionRequest\n{name}\n  Input should be a valid integer", name)
+    if minimum is not None and value < minimum:
+        raise bad_request(f"{name} must be at least {minimum}, got {value}.", name)
+    return value
+
+
+def _float(body: dict[str, Any], name: str, default: float | None) -> float | None:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_request(f"1 validation error for CompletionRequest\n{name}\n  Input should be a valid number", name)
+    return float(value)
+
+
+def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request(f"1 validation error for CompletionRequest\n{name}\n  Input should be a valid boolean", name)
+    return value
+
+
+@dataclass
+class Request:
+    prompts: list[list[int]]
+    max_tokens: int
+    temperature: float
+    seed: int | None
+    n: int
+    logprobs: int | None
+    prompt_logprobs: int | None
+    echo: bool
+    ids_as_keys: bool
+    stop: list[str]
+    stop_token_ids: list[int]
+    ignore_eos: bool
+    skip_special_tokens: bool
+    model: str
+
+
+def _prompts(body: dict[str, Any], model: Model) -> list[list[int]]:
+    prompt = body.get("prompt")
+    if prompt is None or prompt == "" or prompt == []:
+        raise bad_request("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif isinstance(prompt, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
+        items = [prompt]
+    elif isinstance(prompt, list):
+        items = prompt
+    else:
+        raise bad_request("prompt must be a string, a list of strings, or token ids", "prompt")
+    if len(items) > MAX_PROMPTS:
+        raise bad_request(f"At most {MAX_PROMPTS} prompts are allowed per request, got {len(items)}.", "prompt")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            if not item:
+                raise bad_request("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+            ids = model.tokenize(item)
+        elif isinstance(item, list) and item and all(isinstance(x, int) and not isinstance(x, bool) for x in item):
+            ids = list(item)
+        else:
+            raise bad_request("prompt must be a string, a list of strings, or token ids", "prompt")
+        for t in ids:
+            if t < 0 or t >= model.vocab_size:
+                raise bad_request(f"Token id {t} is out of vocabulary", "prompt")
+        if len(ids) > model.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {model.max_model_len} tokens. However, your prompt "
+                f"contains {len(ids)} input tokens. Please reduce the length of the input prompt.",
+                "input_tokens",
+            )
+        if len(ids) == model.max_model_len:
+            raise bad_request("max_tokens must be at least 1, got 0.", "max_tokens")
+        out.append(ids)
+    return out
+
+
+def _logprob_count(body: dict[str, Any], name: str, cap: int, kind: str) -> int | None:
+    value = _int(body, name, None)
+    if value is None:
+        return None
+    if value < -1:
+        raise bad_request(f"`{name}` must be a positive value or -1.", name)
+    if value == -1 and cap != -1:
+        raise bad_request(
+            f"Requested {kind} logprobs of -1, which is greater than max allowed: {cap} (parameter={name}, value=-1)",
+            name,
+        )
+    if cap != -1 and value > cap:
+        raise bad_request(
+            f"Requested {kind} logprobs of {value}, which is greater than max allowed: {cap} "
+            f"(parameter={name}, value={value})",
+            name,
+        )
+    return value
+
+
+def parse(body: Any, model: Model, max_logprobs: int) -> Request:
+    """Check a request body the way vLLM does (unknown fields are ignored)."""
+    if not isinstance(body, dict):
+        raise bad_request("1 validation error for CompletionRequest\n  Input should be a valid dictionary")
+    name = body.get("model")
+    if name is not None and name != model.name:
+        raise APIError(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
+    prompts = _prompts(body, model)
+    temperature = _float(body, "temperature", 1.0)
+    if temperature is not None and not 0.0 <= temperature <= 2.0:
+        raise bad_request(f"temperature must be in [0, 2], got {temperature}.", "temperature")
+    n = _int(body, "n", 1, minimum=1)
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise bad_request("stop must be a string or a list of strings", "stop")
+    if any(s == "" for s in stop):
+        raise bad_request("stop cannot contain an empty string.", "stop")
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+        raise bad_request("stop_token_ids must be a list of integers", "stop_token_ids")
+    echo = _bool(body, "echo", False)
+    logprobs = _logprob_count(body, "logprobs", max_logprobs, "sample")
+    prompt_logprobs = _logprob_count(body, "prompt_logprobs", max_logprobs, "prompt")
+    if echo and logprobs is not None and prompt_logprobs is None:
+        prompt_logprobs = logprobs
+    seed = _int(body, "seed", None)
+    return Request(
+        prompts=prompts,
+        max_tokens=_int(body, "max_tokens", 16, minimum=1) or 16,
+        temperature=1.0 if temperature is None else temperature,
+        seed=seed,
+        n=n or 1,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        echo=echo,
+        ids_as_keys=_bool(body, "return_tokens_as_token_ids", False),
+        stop=stop,
+        stop_token_ids=list(stop_ids),
+        ignore_eos=_bool(body, "ignore_eos", False),
+        skip_special_tokens=_bool(body, "skip_special_tokens", True),
+        model=model.name,
+    )
+
+
+@dataclass
+class Sequence:
+    prompt: list[int]
+    max_tokens: int
+    rng: np.random.Generator
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[np.ndarray] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str = ""
+
+
+def _sample(lp: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    if temperature == 0.0:
+        return int(np.argmax(lp))  # ties go to the lowest id
+    x = lp / temperature
+    p = np.exp(x - x.max())
+    cum = np.cumsum(p)
+    return int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+
+
+def generate(req: Request, model: Model) -> list[Sequence]:
+    """Run every (prompt, sample) to a stop condition, one batched model call per step."""
+    seqs = []
+    for prompt in req.prompts:
+        for j in range(req.n):
+            rng = np.random.default_rng([req.seed, j] if req.seed is not None else None)
+            seqs.append(Sequence(prompt, min(req.max_tokens, model.max_model_len - len(prompt)), rng))
+    active = [s for s in seqs if s.max_tokens > 0]
+    want = req.logprobs is not None
+    while active:
+        lps = model.next_logprobs([s.prompt + s.tokens for s in active])
+        still = []
+        for s, lp in zip(active, lps, strict=True):
+            tok = _sample(lp, req.temperature, s.rng)
+            s.tokens.append(tok)
+            if want:
+                s.logprobs.append(lp)
+            if tok == model.eos_token_id and not req.ignore_eos:
+                s.finish_reason, s.stop_reason = "stop", None
+            elif tok in req.stop_token_ids:
+                s.finish_reason, s.stop_reason = "stop", tok
+            elif req.stop and _stop_string(s, req, model):
+                pass
+            elif len(s.tokens) >= s.max_tokens:
+                s.finish_reason = "length"
+            if s.finish_reason is None:
+                still.append(s)
+        active = still
+    for s in seqs:
+        if not s.text:
+            s.text = model.detokenize(s.tokens, req.skip_special_tokens)
+    return seqs
+
+
+def _stop_string(s: Sequence, req: Request, model: Model) -> bool:
+    text = model.detokenize(s.tokens, req.skip_special_tokens)
+    hits = [(text.find(stop), stop) for stop in req.stop if stop in text]
+    if not hits:
+        return False
+    pos, stop = min(hits)
+    s.text, s.finish_reason, s.stop_reason = text[:pos], "stop", stop
+    return True
+
+
+def _key(model: Model, token: int, ids_as_keys: bool) -> str:
+    return f"token_id:{token}" if ids_as_keys else model.token_text(token)
+
+
+def _wire(x: float) -> float:
+    return float(x) if np.isfinite(x) else NEG_INF_WIRE
+
+
+def _top(lp: np.ndarray, k: int) -> np.ndarray:
+    """The k most probable ids, most probable first, ties to the lower id."""
+    if k < 0 or k >= lp.size:
+        return np.argsort(-lp, kind="stable")
+    part = np.argpartition(-lp, k - 1)[:k] if k > 0 else np.empty(0, dtype=np.int64)
+    return part[np.lexsort((part, -lp[part]))]
+
+
+def _top_logprobs(model: Model, lp: np.ndarray, sampled: int, k: int, ids_as_keys: bool) -> dict[str, float]:
+    """The sampled token first, then the top k: k entries if it is among them, else k+1.
+    Text keys that collide keep one entry, as in vLLM."""
+    entries: dict[str, float] = {_key(model, sampled, ids_as_keys): _wire(lp[sampled])}
+    for t in _top(lp, k):
+        entries[_key(model, int(t), ids_as_keys)] = _wire(lp[t])
+    return entries
+
+
+def _prompt_logprobs(model: Model, prompt: list[int], k: int) -> list[dict[str, Any] | None]:
+    out: list[dict[str, Any] | None] = [None]
+    if len(prompt) < 2:
+        return out
+    lps = model.next_logprobs([prompt[:i] for i in range(1, len(prompt))])
+    for i, lp in enumerate(lps, start=1):
+        actual = prompt[i]
+        ranks = np.argsort(-lp, kind="stable")
+        rank_of = {int(t): r + 1 for r, t in enumerate(ranks)}
+        entry = {
+            str(actual): {
+                "logprob": _wire(lp[actual]),
+                "rank": rank_of[actual],
+                "decoded_token": model.token_text(actual),
+            }
+        }
+        for t in _top(lp, k):
+            t = int(t)
+            entry[str(t)] = {"logprob": _wire(lp[t]), "rank": rank_of[t], "decoded_token": model.token_text(t)}
+        out.append(entry)
+    return out
+
+
+def respond(req: Request, model: Model, seqs: list[Sequence]) -> dict[str, Any]:
+    """The response body, choices in prompt order with flat indices."""
+    choices = []
+    for index, s in enumerate(seqs):
+        text = s.text
+        logprobs = None
+        if req.echo:
+            text = model.detokenize(s.prompt, req.skip_special_tokens) + text
+        if req.logprobs is not None:
+            tokens, token_lps, tops, offsets = [], [], [], []
+            if req.echo:
+                plp = _prompt_logprobs(model, s.prompt, req.logprobs)
+                for t, e in zip(s.prompt, plp, strict=True):
+                    tokens.append(_key(model, t, req.ids_as_keys))
+                    token_lps.append(None if e is None else e[str(t)]["logprob"])
+                    tops.append(
+                        None
+                        if e is None
+                        else {_key(model, int(i), req.ids_as_keys): v["logprob"] for i, v in e.items()}
+                    )
+            for t, lp in zip(s.tokens, s.logprobs, strict=True):
+                tokens.append(_key(model, t, req.ids_as_keys))
+                token_lps.append(_wire(lp[t]))
+                tops.append(_top_logprobs(model, lp, t, req.logprobs, req.ids_as_keys))
+            pos = 0
+            for tok in tokens:
+                offsets.append(pos)
+                pos += len(tok)
+            logprobs = {"tokens": tokens, "token_logprobs": token_lps, "text_offset": offsets, "top_logprobs": tops}
+        choices.append(
+            {
+                "index": index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": s.finish_reason,
+                "stop_reason": s.stop_reason,
+                "prompt_logprobs": (
+                    _prompt_logprobs(model, s.prompt, req.prompt_logprobs) if req.prompt_logprobs is not None else None
+                ),
+            }
+        )
+    prompt_tokens = sum(len(p) for p in req.prompts)
+    completion_tokens = sum(len(s.tokens) for s in seqs)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": req.model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }

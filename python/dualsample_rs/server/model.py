@@ -1,0 +1,84 @@
+"""The model interface the HTTP layer talks to, and the two built-in presets.
+
+A backend implements :class:`Model`; the server needs nothing else, so another backend
+(say, a local Hugging Face model) can be added without touching the HTTP code.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .corpus import base_documents, teacher_documents
+from .ngram import NGramLM
+from .tokenizer import ByteTokenizer
+
+PRESETS = ("base", "teacher")
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What the server needs from a language model."""
+
+    name: str
+    vocab_size: int
+    max_model_len: int
+    eos_token: str
+    eos_token_id: int
+    special_tokens: dict[str, int]
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def detokenize(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
+
+    def next_logprobs(self, contexts: list[list[int]]) -> np.ndarray:
+        """Raw log-softmax over the whole vocabulary for each context: (len(contexts), vocab)."""
+        ...
+
+
+class NGramModel:
+    """A byte-level n-gram model trained at start-up from the package's own text."""
+
+    def __init__(self, name: str, documents: list[str], order: int = 5, max_model_len: int = 2048) -> None:
+        self.name = name
+        self.tokenizer = ByteTokenizer()
+        self.vocab_size = self.tokenizer.vocab_size
+        self.eos_token = self.tokenizer.eos_token
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.special_tokens = dict(self.tokenizer.special_tokens)
+        self.max_model_len = max_model_len
+        ids = np.fromiter((t for d in documents for t in self.tokenizer.encode(d)), dtype=np.int64)
+        self.lm = NGramLM(ids, self.vocab_size, order)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # No BOS: add_special_tokens changes nothing for this tokenizer.
+        return self.tokenizer.encode(text)
+
+    def detokenize(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.token_text(token_id)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+
+    def next_logprobs(self, contexts: list[list[int]]) -> np.ndarray:
+        out = np.empty((len(contexts), self.vocab_size))
+        for i, ctx in enumerate(contexts):
+            out[i] = self.lm.logprobs(tuple(ctx))
+        return out
+
+
+def load_preset(preset: str, max_model_len: int = 2048) -> NGramModel:
+    """``base`` (plain prose) or ``teacher`` (ChatML question/answer text)."""
+    if preset == "base":
+        return NGramModel("dualsample-base", base_documents(), max_model_len=max_model_len)
+    if preset == "teacher":
+        return NGramModel("dualsample-teacher", teacher_documents(), max_model_len=max_model_len)
+    raise ValueError(f"unknown model preset {preset!r}; expected one of {PRESETS}")

@@ -1,0 +1,82 @@
+"""Start a reference server in a subprocess on a free port, for tests, demos and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+from ..exceptions import DualSampleError
+
+READY_PREFIX = "dualsample serve: listening on "
+
+
+class ServerStartError(DualSampleError):
+    """The reference server did not start."""
+
+
+def serve_args(model: str = "base", **options: object) -> list[str]:
+    """Command-line flags for `dualsample serve` from keyword options (None/False omitted)."""
+    args = ["--model", model]
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return args
+
+
+@contextlib.contextmanager
+def running_server(
+    model: str = "base", *, host: str = "127.0.0.1", timeout: float = 30.0, **options: object
+) -> Iterator[str]:
+    """Run `dualsample serve` on a free port and yield its base URL.
+
+    Args:
+        model: ``"base"`` or ``"teacher"``.
+        host: address to bind.
+        timeout: seconds to wait for the server to listen.
+        **options: any `dualsample serve` flag, e.g. ``max_logprobs=50``, ``api_key="k"``,
+            ``error_503_rate=0.2`` (underscores for dashes).
+
+    Example:
+        >>> with running_server("teacher") as url:  # doctest: +SKIP
+        ...     httpx.get(url + "/health")
+    """
+    cmd = [sys.executable, "-m", "dualsample_rs", "serve", "--host", host, "--port", "0", *serve_args(model, **options)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            line = ""
+        if not line.startswith(READY_PREFIX):
+            proc.kill()
+            err = proc.stderr.read() if proc.stderr else ""
+            raise ServerStartError(f"reference server did not start: {line.strip()} {err.strip()}")
+        yield line[len(READY_PREFIX) :].strip()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()

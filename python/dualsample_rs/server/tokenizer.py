@@ -1,0 +1,59 @@
+"""A byte-level tokenizer with ChatML special tokens, shared by both reference models."""
+
+from __future__ import annotations
+
+import re
+
+from .corpus import chat
+
+SPECIAL_TOKENS = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
+_SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+_ID_TO_SPECIAL = {v: k for k, v in SPECIAL_TOKENS.items()}
+
+
+class ByteTokenizer:
+    """Ids 0–255 are bytes; 256–258 are ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``."""
+
+    vocab_size = 259
+    eos_token = "<|endoftext|>"
+    eos_token_id = SPECIAL_TOKENS["<|endoftext|>"]
+
+    def __init__(self) -> None:
+        self.special_tokens = dict(SPECIAL_TOKENS)
+
+    def encode(self, text: str) -> list[int]:
+        """Special-token strings in the text become their ids; everything else is UTF-8 bytes."""
+        ids: list[int] = []
+        for part in _SPECIAL_RE.split(text):
+            if part in SPECIAL_TOKENS:
+                ids.append(SPECIAL_TOKENS[part])
+            elif part:
+                ids.extend(part.encode("utf-8"))
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        out: list[str] = []
+        buf = bytearray()
+        for i in ids:
+            if i in _ID_TO_SPECIAL:
+                out.append(buf.decode("utf-8", errors="replace"))
+                buf.clear()
+                if not skip_special_tokens:
+                    out.append(_ID_TO_SPECIAL[i])
+            else:
+                buf.append(i)
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, as a logprob key: a byte that is not valid UTF-8 on its own
+        becomes "" (as vLLM does for byte fragments), so such keys collide."""
+        if token_id in _ID_TO_SPECIAL:
+            return _ID_TO_SPECIAL[token_id]
+        try:
+            return bytes([token_id]).decode("utf-8")
+        except UnicodeDecodeError:
+            return ""
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return chat(messages, add_generation_prompt)
