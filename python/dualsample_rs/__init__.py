@@ -7,16 +7,43 @@ GIL released; :mod:`dualsample_rs.reference` holds the same functions in numpy.
 from __future__ import annotations
 
 from ._core import SamplerConfig, StepResult, __version__, build_profile, merge_topk, mix, solve_alpha, step
-from .exceptions import DualSampleError, InvalidDtypeError, InvalidInputError
+from .client import VLLMClient
+from .config import CoordinatorConfig, EnhancedCoordinatorConfig
+from .coordinator import DualVLLMCoordinator, EnhancedDualVLLMCoordinator, generate_with_dual_prompts
+from .exceptions import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    ConfigurationError,
+    DualSampleError,
+    InvalidDtypeError,
+    InvalidInputError,
+    InvalidResponseError,
+)
+from .output import GenerationOutput
 
 __all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "APITimeoutError",
+    "ConfigurationError",
+    "CoordinatorConfig",
     "DualSampleError",
+    "DualVLLMCoordinator",
+    "EnhancedCoordinatorConfig",
+    "EnhancedDualVLLMCoordinator",
+    "GenerationOutput",
     "InvalidDtypeError",
     "InvalidInputError",
+    "InvalidResponseError",
     "SamplerConfig",
     "StepResult",
+    "VLLMClient",
     "__version__",
     "build_profile",
+    "generate_with_dual_prompts",
     "merge_topk",
     "mix",
     "solve_alpha",

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
+from typing import TYPE_CHECKING
+
+from .exceptions import DualSampleError
+
+if TYPE_CHECKING:
+    from .config import CoordinatorConfig
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,17 +78,206 @@ async def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--top-k", type=int, default=20, help="log probabilities per position from each server")
+    g.add_argument("--alpha-method", choices=["kl_symmetry", "fixed", "entropy", "ess_balance"], default="kl_symmetry")
+    g.add_argument("--alpha", type=float, default=0.5, help="alpha for --alpha-method fixed")
+    g.add_argument("--alpha-min", type=float, default=0.0)
+    g.add_argument("--alpha-max", type=float, default=1.0)
+    g.add_argument("--alpha-tol", type=float, default=1e-10)
+    g.add_argument("--missing", default="bound", help='"bound", "drop" or a float log probability')
+    g.add_argument("--max-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument(
+        "--temperature-t", type=float, default=None, help="the teacher's temperature (default: --temperature)"
+    )
+    g.add_argument("--target-top-p", type=float, default=None, help="restrict q* to the teacher's top-p support")
+    g.add_argument("--no-force-first-token", action="store_true", help="do not take the first token from the teacher")
+    g.add_argument("--exclude-special-tokens", action="store_true")
+    g.add_argument("--special-token-ids", type=_ids, default=None, help="comma-separated ids to exclude")
+    g.add_argument("--stop-token-ids", type=_ids, default=None, help="comma-separated; default: ask the servers")
+    g.add_argument("--stability-check", action="store_true", help="fall back to the teacher where the models disagree")
+    g.add_argument("--stability-js", type=float, default=0.5)
+    g.add_argument("--stability-overlap", type=float, default=0.1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--diagnostics", action="store_true", help="add per-sequence divergence summaries")
+    h = p.add_argument_group("servers")
+    h.add_argument("--theta-url", default="http://localhost:8000")
+    h.add_argument("--t-url", default="http://localhost:8001")
+    h.add_argument("--theta-model", default=None)
+    h.add_argument("--t-model", default=None)
+    h.add_argument("--api-key", default=None, help="one key for both servers, or THETA_KEY,T_KEY")
+    h.add_argument("--max-concurrency", type=int, default=256)
+    h.add_argument("--max-batch-size", type=int, default=256)
+    h.add_argument("--max-retries", type=int, default=3)
+    h.add_argument("--request-timeout", type=float, default=60.0)
+    h.add_argument("--log-level", default=None, help="e.g. INFO or DEBUG")
+
+
+def _ids(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _missing(text: str) -> str | float:
+    return text if text in ("bound", "drop") else float(text)
+
+
+def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
+    from .config import CoordinatorConfig
+
+    key = args.api_key
+    api_key = tuple(key.split(",", 1)) if key and "," in key else key
+    return CoordinatorConfig(
+        theta_url=args.theta_url,
+        t_url=args.t_url,
+        theta_model_name=args.theta_model,
+        t_model_name=args.t_model,
+        top_k=args.top_k,
+        alpha_method=args.alpha_method,
+        alpha=args.alpha,
+        alpha_min=args.alpha_min,
+        alpha_max=args.alpha_max,
+        alpha_tol=args.alpha_tol,
+        missing=_missing(args.missing),
+        temperature=args.temperature,
+        temperature_t=args.temperature_t,
+        force_first_token=not args.no_force_first_token,
+        constraint_to_target=args.target_top_p is not None,
+        target_top_p=args.target_top_p if args.target_top_p is not None else 0.95,
+        exclude_special_tokens=args.exclude_special_tokens,
+        special_token_ids=args.special_token_ids,
+        stop_token_ids=args.stop_token_ids,
+        enable_stability_check=args.stability_check,
+        stability_threshold_js=args.stability_js,
+        stability_threshold_overlap=args.stability_overlap,
+        max_concurrency=args.max_concurrency,
+        max_batch_size=min(args.max_batch_size, args.max_concurrency),
+        max_retries=args.max_retries,
+        request_timeout=args.request_timeout,
+        api_key=api_key,  # type: ignore[arg-type]
+        seed=args.seed,
+        enable_logging=args.log_level is not None,
+        log_level=args.log_level or "INFO",
+    )
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="sample from q* for every prompt of a JSONL file")
+    p.add_argument("--input", required=True, help="JSONL: id, prompt, optional teacher_prompt")
+    p.add_argument("--output", required=True, help="JSONL records, appended as sequences finish")
+    p.add_argument("--resume", action="store_true", help="skip ids already in --output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--teacher-prompt-field", default="teacher_prompt")
+    p.add_argument("--teacher-chat", action="store_true", help="teacher prompt = prompt in the teacher's chat template")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _sampling_flags(p)
+
+
+async def _run_generate(args: argparse.Namespace) -> int:
+    from .coordinator import DualVLLMCoordinator, WorkItem, stable_key
+    from .jsonl import RecordWriter, count_lines, done_ids, is_done, read_prompts
+
+    config = config_from_args(args)
+    if os.path.exists(args.output) and os.path.getsize(args.output) > 0 and not (args.resume or args.overwrite):
+        print(
+            f"dualsample generate: {args.output} exists; pass --resume to continue it or --overwrite", file=sys.stderr
+        )
+        return 2
+    done = done_ids(args.output) if args.resume else set()
+    total = count_lines(args.input)
+    records = read_prompts(args.input, args.prompt_field, args.teacher_prompt_field)
+    items = (
+        WorkItem(stable_key(r["id"]), r["prompt"], r["teacher_prompt"], r["id"], args.teacher_chat)
+        for r in records
+        if not is_done(r["id"], done)
+    )
+    failed = 0
+    async with DualVLLMCoordinator(config) as coord:
+        with RecordWriter(args.output, append=args.resume) as writer:
+            async for _, out in coord.iter_generate(
+                items, args.max_tokens, 1.0, args.diagnostics, not args.quiet, total=total - len(done)
+            ):
+                writer.write(out.to_record())
+                failed += out.failed
+        stats = coord.get_statistics()
+    print(
+        f"dualsample generate: {stats['sequences']} sequences ({failed} failed), {stats['tokens']} tokens, "
+        f"{stats['tokens_per_second']:.0f} tokens/s, mean alpha {stats['mean_alpha']:.3f}, "
+        f"{stats['retries']} retries, {stats['stability_fallbacks']} stability fallbacks",
+        file=sys.stderr,
+    )
+    return 1 if failed else 0
+
+
+DEMO_QUESTIONS = [
+    "Why is the sky blue?",
+    "What is water made of?",
+    "How do plants make food?",
+    "What does the heart do?",
+    "Why is the ocean salty?",
+    "What causes wind?",
+    "Why does ice float?",
+    "What makes thunder?",
+]
+
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="start two reference servers and generate from q* for a few questions")
+    p.add_argument("--max-tokens", type=int, default=80)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=3, help="how many samples to print")
+
+
+async def _run_demo(args: argparse.Namespace) -> int:
+    from .config import CoordinatorConfig
+    from .coordinator import DualVLLMCoordinator
+    from .server import running_server
+
+    print("starting the reference servers (base: plain prose, teacher: chat) ...", flush=True)
+    with running_server("base") as theta_url, running_server("teacher") as t_url:
+        config = CoordinatorConfig(theta_url=theta_url, t_url=t_url, seed=args.seed, exclude_special_tokens=True)
+        async with DualVLLMCoordinator(config) as coord:
+            plain = [f"Question: {q}\nAnswer:" for q in DEMO_QUESTIONS]
+            outs = await coord.generate_batch_dual_prompts(
+                plain, DEMO_QUESTIONS, max_tokens=args.max_tokens, return_diagnostics=True, teacher_chat=True
+            )
+            stats = coord.get_statistics()
+    for out in outs[: args.samples]:
+        alphas = out.alpha_history
+        print(f"\n--- {out.prompt_t}")
+        print(f"base prompt {out.prompt!r}, teacher prompt: the question in the teacher's chat template")
+        print(f"sample: {out.generated_text!r}")
+        print(
+            f"{len(out.token_ids)} tokens, finish {out.finish_reason}, alpha first {alphas[0]:.2f} then mean "
+            f"{sum(alphas[1:]) / max(1, len(alphas) - 1):.3f}; sum log q* {sum(out.logq):.2f}, "
+            f"sum log pi_theta {sum(out.logp_theta):.2f}, sum log pi_t {sum(out.logp_t):.2f}"
+        )
+    print(
+        f"\nsummary: {stats['sequences']} sequences, {stats['tokens']} tokens, "
+        f"{stats['tokens_per_second']:.0f} tokens/s, "
+        f"mean alpha {stats['mean_alpha']:.3f}, {stats['stability_fallbacks']} stability fallbacks, "
+        f"{stats['errors']} errors, {stats['requests']} requests"
+    )
+    return 1 if stats["errors"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dualsample", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
     _serve_parser(sub)
+    _demo_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        try:
-            return asyncio.run(_run_serve(args))
-        except ValueError as err:
-            parser.error(str(err))
-    return 2
+    runners = {"serve": _run_serve, "generate": _run_generate, "demo": _run_demo}
+    try:
+        return asyncio.run(runners[args.command](args))
+    except DualSampleError as err:
+        print(f"dualsample {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,7 +8,27 @@ keeps working; an array of a dtype that cannot be converted safely raises
 
 from __future__ import annotations
 
-__all__ = ["DualSampleError", "InvalidDtypeError", "InvalidInputError"]
+from typing import Any
+
+import httpx
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConfigurationError",
+    "DualSampleError",
+    "InternalServerError",
+    "InvalidDtypeError",
+    "InvalidInputError",
+    "InvalidResponseError",
+    "NotFoundError",
+    "RateLimitError",
+    "ServiceUnavailableError",
+]
 
 
 class DualSampleError(Exception):
@@ -22,3 +42,94 @@ class InvalidInputError(DualSampleError, ValueError):
 
 class InvalidDtypeError(InvalidInputError, TypeError):
     """An array has a dtype that cannot be converted safely to the one expected."""
+
+
+class ConfigurationError(InvalidInputError):
+    """The coordinator cannot run with this configuration or these servers (the top-k
+    above the server's cap, servers with different vocabularies, ...)."""
+
+
+class APIError(DualSampleError):
+    """A call to a server failed.
+
+    Attributes:
+        request: the request that failed.
+        message: what went wrong.
+        body: the decoded error body, when there was one.
+    """
+
+    def __init__(self, message: str, request: httpx.Request | None = None, body: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request = request
+        self.body = body
+
+
+class APIConnectionError(APIError):
+    """The server could not be reached, or the connection broke mid-response."""
+
+
+class APITimeoutError(APIConnectionError):
+    """The request timed out."""
+
+
+class InvalidResponseError(APIError):
+    """The server answered 2xx with a body that is not the expected JSON."""
+
+
+class APIStatusError(APIError):
+    """The server answered with an error status.
+
+    Attributes:
+        response: the response.
+        status_code: its HTTP status.
+    """
+
+    def __init__(self, message: str, response: httpx.Response, body: Any = None) -> None:
+        super().__init__(message, response.request, body)
+        self.response = response
+        self.status_code = response.status_code
+
+
+class BadRequestError(APIStatusError):
+    """400."""
+
+
+class AuthenticationError(APIStatusError):
+    """401."""
+
+
+class NotFoundError(APIStatusError):
+    """404."""
+
+
+class RateLimitError(APIStatusError):
+    """429."""
+
+
+class InternalServerError(APIStatusError):
+    """500 and other 5xx without a class of their own."""
+
+
+class ServiceUnavailableError(InternalServerError):
+    """503."""
+
+
+def status_error(response: httpx.Response, body: Any) -> APIStatusError:
+    """The exception for an error response, with the server's message when it sent one."""
+    message = f"HTTP {response.status_code} from {response.request.url}"
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict) and err.get("message"):
+        message += f": {err['message']}"
+    elif isinstance(body, dict) and isinstance(body.get("message"), str):  # vLLM <= 0.10 flat shape
+        message += f": {body['message']}"
+    elif isinstance(err, str):
+        message += f": {err}"
+    cls: type[APIStatusError] = {
+        400: BadRequestError,
+        401: AuthenticationError,
+        404: NotFoundError,
+        429: RateLimitError,
+        503: ServiceUnavailableError,
+    }.get(response.status_code, InternalServerError if response.status_code >= 500 else APIStatusError)
+    return cls(message, response, body)

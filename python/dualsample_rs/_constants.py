@@ -1,0 +1,21 @@
+"""Defaults shared by the HTTP client and the coordinator."""
+
+from __future__ import annotations
+
+import httpx
+
+# A step is one forward pass per sequence; a minute covers a loaded server. Connecting
+# to a local or cluster server should be quick, so fail fast there.
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+DEFAULT_MAX_RETRIES = 3
+DEFAULT_CONNECTION_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+INITIAL_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 8.0
+# A Retry-After longer than this is not honoured (the back-off is used instead).
+MAX_RETRY_AFTER = 60.0
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+# End-of-sequence strings tried through /tokenize when the server does not say.
+KNOWN_EOS_STRINGS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<eos>", "<|end|>")
+# Special-token strings that are excluded from sampling when asked to and found.
+KNOWN_SPECIAL_STRINGS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|begin_of_text|>", "<s>", "<pad>", "<|pad|>")
+VOCAB_PROBE_TEXT = "Hello, world! The quick brown fox: 12345 ünïcödé 日本"

@@ -1,0 +1,285 @@
+"""One vLLM server over its OpenAI-compatible completions dialect (httpx, async).
+
+Token ids in and out: prompts are sent as id lists with ``return_tokens_as_token_ids``
+(text keys collide), and the top-k log probabilities of one step come back as arrays.
+Transient failures (connection errors, timeouts, malformed bodies, 408/409/429/5xx) are
+retried with exponential back-off and jitter, honouring Retry-After; other errors are
+raised at once as typed exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+from ._constants import (
+    DEFAULT_CONNECTION_LIMITS,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    INITIAL_RETRY_DELAY,
+    MAX_RETRY_AFTER,
+    MAX_RETRY_DELAY,
+    RETRYABLE_STATUS,
+)
+from .exceptions import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    InvalidResponseError,
+    NotFoundError,
+    status_error,
+)
+
+log = logging.getLogger("dualsample_rs.client")
+
+NEG_INF_WIRE = -9999.0
+ID_PREFIX = "token_id:"
+
+
+@dataclass
+class RequestStats:
+    """Counts for one server: requests sent (each attempt), retries, calls that failed."""
+
+    requests: int = 0
+    retries: int = 0
+    failures: int = 0
+
+
+@dataclass
+class TopK:
+    """Each row's returned top-k: ids (int64, -1 padding) and raw log probabilities."""
+
+    ids: np.ndarray
+    logp: np.ndarray
+
+
+class VLLMClient:
+    """An async client for one vLLM (or compatible) server.
+
+    Args:
+        base_url: e.g. ``"http://localhost:8000"``.
+        api_key: sent as ``Authorization: Bearer``.
+        timeout: an ``httpx.Timeout`` or seconds.
+        max_retries: retries after the first attempt for transient failures.
+        http_client: an ``httpx.AsyncClient`` to use instead of creating one (e.g. with
+            a custom transport); it is not closed by :meth:`aclose`.
+        connection_pool_size: connections kept to the server.
+
+    Example:
+        >>> async with VLLMClient("http://localhost:8000") as c:  # doctest: +SKIP
+        ...     ids = await c.tokenize("Hello")
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        http_client: httpx.AsyncClient | None = None,
+        connection_pool_size: int | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout, connect=5.0)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._owns_http = http_client is None
+        if http_client is None:
+            limits = (
+                httpx.Limits(max_connections=connection_pool_size, max_keepalive_connections=connection_pool_size)
+                if connection_pool_size
+                else DEFAULT_CONNECTION_LIMITS
+            )
+            http_client = httpx.AsyncClient(timeout=self.timeout, limits=limits)
+        self._http = http_client
+        self._headers = headers
+        self.stats = RequestStats()
+
+    async def __aenter__(self) -> VLLMClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    def with_options(
+        self, *, timeout: httpx.Timeout | float | None = None, max_retries: int | None = None
+    ) -> VLLMClient:
+        """A client sharing this one's connections and counters, with other limits."""
+        clone = object.__new__(VLLMClient)
+        clone.__dict__.update(self.__dict__)
+        clone._owns_http = False
+        if timeout is not None:
+            clone.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout, connect=5.0)
+        if max_retries is not None:
+            clone.max_retries = max_retries
+        return clone
+
+    # ------------------------------------------------------------ retry policy
+    def should_retry(self, err: APIError) -> bool:
+        if isinstance(err, (APIConnectionError, InvalidResponseError)):
+            return True
+        if isinstance(err, APIStatusError):
+            return err.status_code in RETRYABLE_STATUS or err.status_code >= 500
+        return False
+
+    def retry_delay(self, attempt: int, response: httpx.Response | None) -> float:
+        """Retry-After (ms or seconds or an HTTP date) when given and within the cap,
+        else min(0.5·2^attempt, 8) s scaled by a jitter in [0.75, 1]."""
+        after = parse_retry_after(response.headers) if response is not None else None
+        if after is not None and 0 <= after <= MAX_RETRY_AFTER:
+            return after
+        return min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY) * (1 - 0.25 * random.random())
+
+    async def _request(self, method: str, path: str, body: Any = None, content: bytes | None = None) -> Any:
+        url = self.base_url + path
+        headers = dict(self._headers)
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        for attempt in range(self.max_retries + 1):
+            response: httpx.Response | None = None
+            self.stats.requests += 1
+            try:
+                response = await self._http.request(
+                    method, url, json=body, content=content, headers=headers, timeout=self.timeout
+                )
+            except httpx.TimeoutException as exc:
+                err: APIError = APITimeoutError(f"timed out: {method} {url}", exc.request)
+                cause: BaseException = exc
+            except httpx.TransportError as exc:
+                err = APIConnectionError(f"connection error: {method} {url}: {exc!r}", getattr(exc, "_request", None))
+                cause = exc
+            else:
+                try:
+                    data = response.json() if response.content else None
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    data, cause = exc, exc
+                if 200 <= response.status_code < 300:
+                    if not isinstance(data, Exception):
+                        return data
+                    err = InvalidResponseError(f"malformed JSON from {method} {url}", response.request)
+                else:
+                    err = status_error(response, None if isinstance(data, Exception) else data)
+                    cause = err
+            if attempt < self.max_retries and self.should_retry(err):
+                delay = self.retry_delay(attempt, response)
+                log.debug("retrying %s %s in %.2fs after %s", method, path, delay, err)
+                self.stats.retries += 1
+                await asyncio.sleep(delay)
+                continue
+            self.stats.failures += 1
+            raise err from cause
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------ endpoints
+    async def models(self) -> list[dict[str, Any]]:
+        data = await self._request("GET", "/v1/models")
+        return list(data.get("data", [])) if isinstance(data, dict) else []
+
+    async def tokenize(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        add_special_tokens: bool = True,
+    ) -> list[int]:
+        body: dict[str, Any] = {"add_special_tokens": add_special_tokens}
+        if messages is not None:
+            body["messages"] = messages
+            body["add_generation_prompt"] = True
+        else:
+            body["prompt"] = prompt
+        data = await self._request("POST", "/tokenize", body)
+        return [int(t) for t in data["tokens"]]
+
+    async def detokenize(self, ids: list[int]) -> str:
+        data = await self._request("POST", "/detokenize", {"tokens": ids})
+        return str(data["prompt"])
+
+    async def tokenizer_info(self) -> dict[str, Any] | None:
+        """The tokenizer's settings, or None where the endpoint is not enabled."""
+        try:
+            data = await self.with_options(max_retries=0)._request("GET", "/tokenizer_info")
+        except NotFoundError:
+            return None
+        except APIStatusError as err:
+            if err.status_code in (404, 405, 501):
+                return None
+            raise
+        return data if isinstance(data, dict) else None
+
+    async def step(self, contexts_json: list[str], top_k: int, model: str | None) -> TopK:
+        """The top-k next-token log probabilities for each context (already JSON-encoded
+        id lists, so a growing context is not re-encoded every step)."""
+        head = {"max_tokens": 1, "logprobs": top_k, "temperature": 0, "return_tokens_as_token_ids": True}
+        if model:
+            head["model"] = model
+        content = (json.dumps(head)[:-1] + ',"prompt":[' + ",".join(contexts_json) + "]}").encode()
+        t0 = time.perf_counter()
+        data = await self._request("POST", "/v1/completions", content=content)
+        log.debug("step of %d rows in %.1f ms", len(contexts_json), 1e3 * (time.perf_counter() - t0))
+        return parse_topk(data, len(contexts_json), top_k)
+
+
+def parse_retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000.0
+            return value if np.isfinite(value) else None
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+        return value if np.isfinite(value) else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return when.timestamp() - time.time()
+
+
+def parse_topk(data: Any, rows: int, top_k: int) -> TopK:
+    """Arrays from a completions reply with token-id keys; raises InvalidResponseError
+    when the reply does not have one choice per row with a top-logprobs dict."""
+    try:
+        choices = sorted(data["choices"], key=lambda c: c["index"])
+        if len(choices) != rows:
+            raise InvalidResponseError(f"expected {rows} choices, got {len(choices)}")
+        width = top_k + 1
+        ids = np.full((rows, width), -1, dtype=np.int64)
+        logp = np.full((rows, width), -np.inf)
+        for i, choice in enumerate(choices):
+            top = choice["logprobs"]["top_logprobs"][0]
+            n = min(len(top), width)
+            keys = list(top)[:n]
+            if keys and not keys[0].startswith(ID_PREFIX):
+                raise InvalidResponseError(
+                    "top_logprobs keys are not token ids; is return_tokens_as_token_ids ignored?"
+                )
+            ids[i, :n] = [int(k[9:]) for k in keys]
+            logp[i, :n] = [top[k] for k in keys]
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        raise InvalidResponseError(f"unexpected completions reply: {exc!r}") from exc
+    logp[logp <= NEG_INF_WIRE] = -np.inf
+    return TopK(ids, logp)

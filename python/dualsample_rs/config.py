@@ -1,0 +1,154 @@
+"""`CoordinatorConfig`: everything the coordinator needs, validated when built."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from ._constants import DEFAULT_MAX_RETRIES
+from ._core import SamplerConfig
+from .exceptions import ConfigurationError, InvalidInputError
+
+AlphaMethod = Literal["kl_symmetry", "fixed", "entropy", "ess_balance"]
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigurationError(f"{name}: {message}")
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Settings of a dual-model generation run.
+
+    Args:
+        theta_url, t_url: base URLs of the base model's and the teacher's vLLM servers.
+        theta_model_name, t_model_name: model names to request; None asks ``/v1/models``.
+        top_k: log probabilities requested per position from each server; vLLM must be
+            started with ``--max-logprobs`` at least this (its default cap is 20).
+        alpha_method, alpha, alpha_min, alpha_max, alpha_tol, alpha_max_iter, missing,
+            temperature, temperature_t: the sampler's knobs (see ``SamplerConfig``).
+        force_first_token: take the first generated token from the teacher (α = 1).
+        constraint_to_target, target_top_p: restrict q* to the teacher's top-p support.
+        exclude_special_tokens, special_token_ids: never sample these ids (None finds
+            the server's special tokens); stop ids are never excluded.
+        stop_token_ids: ids that end a sequence; None asks the servers.
+        enable_stability_check, stability_threshold_js, stability_threshold_overlap,
+            auto_fallback: where the two models disagree too much (JS above the
+            threshold, or either puts less than the overlap threshold on tokens both
+            listed), fall back to the teacher (auto_fallback) or only count it.
+        max_concurrency: sequences in flight.
+        max_batch_size: sequences per request (a step of up to this many rows).
+        connection_pool_size, max_retries, request_timeout: HTTP settings per server.
+        api_key: one key for both servers, or a (theta, t) pair.
+        seed: keys every draw together with the sequence and position.
+        enable_logging, log_level: configure the ``dualsample_rs`` logger.
+    """
+
+    theta_url: str = "http://localhost:8000"
+    t_url: str = "http://localhost:8001"
+    theta_model_name: str | None = None
+    t_model_name: str | None = None
+    top_k: int = 20
+    alpha_method: AlphaMethod = "kl_symmetry"
+    alpha: float = 0.5
+    alpha_min: float = 0.0
+    alpha_max: float = 1.0
+    alpha_tol: float = 1e-10
+    alpha_max_iter: int = 100
+    missing: str | float = "bound"
+    temperature: float = 1.0
+    temperature_t: float | None = None
+    force_first_token: bool = True
+    constraint_to_target: bool = False
+    target_top_p: float = 0.95
+    exclude_special_tokens: bool = False
+    special_token_ids: tuple[int, ...] | None = None
+    stop_token_ids: tuple[int, ...] | None = None
+    enable_stability_check: bool = False
+    stability_threshold_js: float = 0.5
+    stability_threshold_overlap: float = 0.1
+    auto_fallback: bool = True
+    max_concurrency: int = 256
+    max_batch_size: int = 256
+    connection_pool_size: int = 100
+    max_retries: int = DEFAULT_MAX_RETRIES
+    request_timeout: float = 60.0
+    api_key: str | tuple[str | None, str | None] | None = field(default=None, repr=False)
+    seed: int = 0
+    enable_logging: bool = False
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for name in ("theta_url", "t_url"):
+            url = getattr(self, name)
+            _check(
+                isinstance(url, str) and url.startswith(("http://", "https://")),
+                name,
+                f"expected an http(s) URL, got {url!r}",
+            )
+        _check(
+            isinstance(self.top_k, int) and 1 <= self.top_k <= 100_000,
+            "top_k",
+            f"must be a positive integer, got {self.top_k!r}",
+        )
+        for name in ("max_concurrency", "max_batch_size", "connection_pool_size"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        _check(self.max_batch_size <= 1024, "max_batch_size", "vLLM accepts at most 1024 prompts per request")
+        _check(
+            isinstance(self.max_retries, int) and self.max_retries >= 0,
+            "max_retries",
+            f"must be >= 0, got {self.max_retries!r}",
+        )
+        _check(self.request_timeout > 0, "request_timeout", f"must be positive, got {self.request_timeout!r}")
+        _check(0.0 < self.target_top_p <= 1.0, "target_top_p", f"must lie in (0, 1], got {self.target_top_p}")
+        _check(self.stability_threshold_js >= 0, "stability_threshold_js", "must be >= 0")
+        _check(0.0 <= self.stability_threshold_overlap <= 1.0, "stability_threshold_overlap", "must lie in [0, 1]")
+        level = logging.getLevelName(str(self.log_level).upper())
+        _check(isinstance(level, int), "log_level", f"unknown level {self.log_level!r}")
+        if isinstance(self.api_key, tuple):
+            _check(len(self.api_key) == 2, "api_key", "a pair is (theta key, teacher key)")
+        for name in ("special_token_ids", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(all(isinstance(t, int) and t >= 0 for t in value), name, "token ids are non-negative integers")
+                object.__setattr__(self, name, tuple(value))
+        try:
+            self.sampler_config(exclude_ids=())
+        except InvalidInputError as err:
+            raise ConfigurationError(str(err)) from err
+
+    @property
+    def api_keys(self) -> tuple[str | None, str | None]:
+        return self.api_key if isinstance(self.api_key, tuple) else (self.api_key, self.api_key)
+
+    def sampler_config(self, exclude_ids: tuple[int, ...], diagnostics: bool = False) -> SamplerConfig:
+        """The Rust step's settings for this run."""
+        stability = self.enable_stability_check and self.auto_fallback
+        return SamplerConfig(
+            method=self.alpha_method,
+            alpha=self.alpha,
+            alpha_min=self.alpha_min,
+            alpha_max=self.alpha_max,
+            tol=self.alpha_tol,
+            max_iter=self.alpha_max_iter,
+            missing=self.missing,
+            temperature=self.temperature,
+            temperature_t=self.temperature_t,
+            top_p=self.target_top_p if self.constraint_to_target else None,
+            exclude_ids=exclude_ids,
+            stability_js_max=self.stability_threshold_js if stability else None,
+            stability_overlap_min=self.stability_threshold_overlap if stability else None,
+            diagnostics=diagnostics,
+        )
+
+    def replace(self, **changes: Any) -> CoordinatorConfig:
+        """A copy with some fields changed (validated again)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return CoordinatorConfig(**values)
+
+
+EnhancedCoordinatorConfig = CoordinatorConfig

@@ -1,0 +1,80 @@
+"""`GenerationOutput`: one generated sequence with everything training code needs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+Prompt = str | list[int]
+
+DIAGNOSTIC_NAMES = ("kl_theta", "kl_t", "ess_theta", "ess_t", "entropy", "js")
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    """mean, std, min and max (NaN for an empty list; infinities kept)."""
+    if not values:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
+    n = len(values)
+    mean = sum(values) / n
+    finite = all(math.isfinite(v) for v in values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / n) if finite else math.nan
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+@dataclass
+class GenerationOutput:
+    """One sequence sampled from q*.
+
+    Per-token lists are aligned: ``token_ids[i]`` was drawn with weight ``alpha_history[i]``
+    on the teacher and has log probability ``logp_theta[i]``, ``logp_t[i]`` and
+    ``logq[i]`` under π_θ, π_t and q* (after exclusion, temperature and the support
+    constraint), and ``observed_theta[i]`` / ``observed_t[i]`` say whether each model
+    actually listed it in its top-k. A stop token, when one ended the sequence, is the
+    last entry of ``token_ids`` and is not part of ``generated_text``.
+    """
+
+    prompt: Prompt
+    prompt_t: Prompt | None = None
+    id: Any = None
+    generated_text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    alpha_history: list[float] = field(default_factory=list)
+    logp_theta: list[float] = field(default_factory=list)
+    logp_t: list[float] = field(default_factory=list)
+    logq: list[float] = field(default_factory=list)
+    observed_theta: list[bool] = field(default_factory=list)
+    observed_t: list[bool] = field(default_factory=list)
+    fallback: list[bool] = field(default_factory=list)
+    diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def generated_tokens(self) -> list[int]:
+        """The generated token ids (same as ``token_ids``)."""
+        return self.token_ids
+
+    @property
+    def failed(self) -> bool:
+        return self.finish_reason == "error"
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON object written per line by ``dualsample generate``."""
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "teacher_prompt": self.prompt_t,
+            "text": self.generated_text,
+            "token_ids": self.token_ids,
+            "alpha": self.alpha_history,
+            "logp_theta": self.logp_theta,
+            "logp_t": self.logp_t,
+            "logq": self.logq,
+            "observed_theta": self.observed_theta,
+            "observed_t": self.observed_t,
+            "fallback": self.fallback,
+            "finish_reason": self.finish_reason,
+            "error": self.error,
+            "diagnostics": self.diagnostics,
+        }
