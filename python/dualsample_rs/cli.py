@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run a vLLM-compatible reference server with a small real model")
-    p.add_argument("--model", choices=["base", "teacher"], default="base")
+    p.add_argument("--model", choices=["base", "teacher", "base-reversed"], default="base")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--max-logprobs", type=int, default=20)

@@ -145,7 +145,11 @@ class VLLMClient:
             return after
         return min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY) * (1 - 0.25 * random.random())
 
-    async def _request(self, method: str, path: str, body: Any = None, content: bytes | None = None) -> Any:
+    async def _request(
+        self, method: str, path: str, body: Any = None, content: bytes | None = None, probe: bool = False
+    ) -> Any:
+        """Send with retries. `probe`: an error answer is an expected outcome (not
+        retried, not counted as a failure)."""
         url = self.base_url + path
         headers = dict(self._headers)
         if content is not None:
@@ -175,6 +179,8 @@ class VLLMClient:
                 else:
                     err = status_error(response, None if isinstance(data, Exception) else data)
                     cause = err
+            if probe and isinstance(err, APIStatusError):
+                raise err
             if attempt < self.max_retries and self.should_retry(err):
                 delay = self.retry_delay(attempt, response)
                 log.debug("retrying %s %s in %.2fs after %s", method, path, delay, err)
@@ -213,7 +219,7 @@ class VLLMClient:
     async def tokenizer_info(self) -> dict[str, Any] | None:
         """The tokenizer's settings, or None where the endpoint is not enabled."""
         try:
-            data = await self.with_options(max_retries=0)._request("GET", "/tokenizer_info")
+            data = await self._request("GET", "/tokenizer_info", probe=True)
         except NotFoundError:
             return None
         except APIStatusError as err:

@@ -14,7 +14,7 @@ from .corpus import base_documents, teacher_documents
 from .ngram import NGramLM
 from .tokenizer import ByteTokenizer
 
-PRESETS = ("base", "teacher")
+PRESETS = ("base", "teacher", "base-reversed")
 
 
 @runtime_checkable
@@ -44,9 +44,11 @@ class Model(Protocol):
 class NGramModel:
     """A byte-level n-gram model trained at start-up from the package's own text."""
 
-    def __init__(self, name: str, documents: list[str], order: int = 5, max_model_len: int = 2048) -> None:
+    def __init__(
+        self, name: str, documents: list[str], order: int = 5, max_model_len: int = 2048, reversed_bytes: bool = False
+    ) -> None:
         self.name = name
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = ByteTokenizer(reversed_bytes)
         self.vocab_size = self.tokenizer.vocab_size
         self.eos_token = self.tokenizer.eos_token
         self.eos_token_id = self.tokenizer.eos_token_id
@@ -76,9 +78,15 @@ class NGramModel:
 
 
 def load_preset(preset: str, max_model_len: int = 2048) -> NGramModel:
-    """``base`` (plain prose) or ``teacher`` (ChatML question/answer text)."""
+    """``base`` (plain prose), ``teacher`` (ChatML question/answer text), or
+    ``base-reversed`` (the base model with its byte ids numbered backwards: same text,
+    different vocabulary, for testing that mismatched servers are refused)."""
     if preset == "base":
         return NGramModel("dualsample-base", base_documents(), max_model_len=max_model_len)
     if preset == "teacher":
         return NGramModel("dualsample-teacher", teacher_documents(), max_model_len=max_model_len)
+    if preset == "base-reversed":
+        return NGramModel(
+            "dualsample-base-reversed", base_documents(), max_model_len=max_model_len, reversed_bytes=True
+        )
     raise ValueError(f"unknown model preset {preset!r}; expected one of {PRESETS}")

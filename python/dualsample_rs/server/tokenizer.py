@@ -18,8 +18,11 @@ class ByteTokenizer:
     eos_token = "<|endoftext|>"
     eos_token_id = SPECIAL_TOKENS["<|endoftext|>"]
 
-    def __init__(self) -> None:
+    def __init__(self, reversed_bytes: bool = False) -> None:
         self.special_tokens = dict(SPECIAL_TOKENS)
+        # A different numbering of the same bytes (b -> 255 - b): a tokenizer that looks
+        # alike but does not share ids, for testing vocabulary checks.
+        self._flip = reversed_bytes
 
     def encode(self, text: str) -> list[int]:
         """Special-token strings in the text become their ids; everything else is UTF-8 bytes."""
@@ -28,7 +31,7 @@ class ByteTokenizer:
             if part in SPECIAL_TOKENS:
                 ids.append(SPECIAL_TOKENS[part])
             elif part:
-                ids.extend(part.encode("utf-8"))
+                ids.extend(255 - b if self._flip else b for b in part.encode("utf-8"))
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
@@ -41,7 +44,7 @@ class ByteTokenizer:
                 if not skip_special_tokens:
                     out.append(_ID_TO_SPECIAL[i])
             else:
-                buf.append(i)
+                buf.append(255 - i if self._flip else i)
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
 
@@ -51,7 +54,7 @@ class ByteTokenizer:
         if token_id in _ID_TO_SPECIAL:
             return _ID_TO_SPECIAL[token_id]
         try:
-            return bytes([token_id]).decode("utf-8")
+            return bytes([255 - token_id if self._flip else token_id]).decode("utf-8")
         except UnicodeDecodeError:
             return ""
 

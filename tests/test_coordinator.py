@@ -1,0 +1,303 @@
+"""The coordinator end to end against two real reference servers over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dualsample_rs as ds
+import pytest
+from dualsample_rs import ConfigurationError, CoordinatorConfig, DualVLLMCoordinator
+from dualsample_rs.server import running_server
+from dualsample_rs.server.process import READY_PREFIX
+
+QUESTIONS = [
+    "Why is the sky blue?",
+    "What is water made of?",
+    "What causes wind?",
+    "Why does ice float?",
+    "What makes thunder?",
+    "How is bread made?",
+    "What is gravity?",
+    "Why do trees lose their leaves?",
+]
+PLAIN = [f"Question: {q}\nAnswer:" for q in QUESTIONS]
+IM_START, IM_END, EOS = 257, 258, 256
+
+
+@pytest.fixture(scope="module")
+def urls() -> Iterator[tuple[str, str]]:
+    with running_server("base") as a, running_server("teacher") as b:
+        yield a, b
+
+
+def run(config: CoordinatorConfig, prompts_theta=PLAIN, prompts_t=QUESTIONS, **kwargs) -> list[ds.GenerationOutput]:
+    async def go() -> list[ds.GenerationOutput]:
+        async with DualVLLMCoordinator(config) as coord:
+            kwargs.setdefault("show_progress", False)
+            kwargs.setdefault("teacher_chat", True)
+            return await coord.generate_batch_dual_prompts(list(prompts_theta), list(prompts_t), **kwargs)
+
+    return asyncio.run(go())
+
+
+def cfg(urls: tuple[str, str], **kw) -> CoordinatorConfig:
+    return CoordinatorConfig(theta_url=urls[0], t_url=urls[1], **kw)
+
+
+def test_dual_prompts_give_aligned_outputs(urls: tuple[str, str]) -> None:
+    outs = run(cfg(urls, seed=1), max_tokens=40, return_diagnostics=True)
+    assert [o.prompt for o in outs] == PLAIN and [o.prompt_t for o in outs] == QUESTIONS
+    for o in outs:
+        n = len(o.token_ids)
+        assert 1 <= n <= 40 and o.finish_reason in ("stop", "length") and o.error is None
+        for field in ("alpha_history", "logp_theta", "logp_t", "logq", "observed_theta", "observed_t"):
+            assert len(getattr(o, field)) == n
+        assert all(0.0 <= a <= 1.0 for a in o.alpha_history)
+        assert all(q <= 0 for q in o.logq)
+        assert set(o.diagnostics) == {"kl_theta", "kl_t", "ess_theta", "ess_t", "entropy", "js"}
+        assert o.generated_tokens == o.token_ids
+    # the two contexts differ: the teacher's chat prompt changes what the teacher predicts
+    assert any(0.0 < a < 1.0 for o in outs for a in o.alpha_history[1:])
+
+
+def test_first_token_is_forced_to_the_teacher(urls: tuple[str, str]) -> None:
+    forced = run(cfg(urls, seed=2), max_tokens=5)
+    assert all(o.alpha_history[0] == 1.0 for o in forced)
+    assert all(o.logq[0] == o.logp_t[0] for o in forced)
+    free = run(cfg(urls, seed=2, force_first_token=False), max_tokens=5)
+    assert any(o.alpha_history[0] < 1.0 for o in free)
+
+
+def test_support_constraint(urls: tuple[str, str]) -> None:
+    # A tiny top-p keeps only the teacher's most probable token: q* is a point mass there.
+    outs = run(cfg(urls, seed=3, constraint_to_target=True, target_top_p=0.01), max_tokens=12)
+    for o in outs:
+        assert all(q == 0.0 for q in o.logq) and all(t == 0.0 for t in o.logp_t)
+    plain = run(cfg(urls, seed=3), max_tokens=12)
+    assert any(q < 0.0 for o in plain for q in o.logq)
+
+
+def test_special_tokens_are_excluded_but_stop_ids_are_not(urls: tuple[str, str]) -> None:
+    teacher_only = {"alpha_method": "fixed", "alpha": 1.0, "alpha_min": 1.0}
+    plain = run(cfg(urls, seed=4, stop_token_ids=(EOS,), **teacher_only), max_tokens=60)
+    assert any(IM_END in o.token_ids for o in plain)  # the teacher does produce <|im_end|>
+    outs = run(
+        cfg(urls, seed=4, stop_token_ids=(EOS,), exclude_special_tokens=True, special_token_ids=(IM_START, IM_END, EOS),
+            **teacher_only),
+        max_tokens=60,
+    )  # fmt: skip
+    for o in outs:
+        assert IM_START not in o.token_ids and IM_END not in o.token_ids
+    auto = run(cfg(urls, seed=4, exclude_special_tokens=True), max_tokens=60)
+    assert not any(IM_START in o.token_ids for o in auto)
+
+
+def test_eos_stops_with_finish_reason_stop(urls: tuple[str, str]) -> None:
+    outs = run(cfg(urls, seed=5, alpha_method="fixed", alpha=1.0, alpha_min=1.0), max_tokens=200)
+    stopped = [o for o in outs if o.finish_reason == "stop"]
+    assert len(stopped) >= len(outs) // 2
+    for o in stopped:
+        assert o.token_ids[-1] in (EOS, IM_END)
+        assert "<|im_end|>" not in o.generated_text and "<|endoftext|>" not in o.generated_text
+    short = run(cfg(urls, seed=5), max_tokens=3)
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 3 for o in short if o.finish_reason != "stop")
+
+
+def _records(outs: list[ds.GenerationOutput]) -> list[tuple]:
+    return [(o.token_ids, o.alpha_history, o.logq, o.logp_theta, o.logp_t, o.finish_reason) for o in outs]
+
+
+def test_same_seed_same_records_whatever_concurrency(urls: tuple[str, str]) -> None:
+    runs = [
+        _records(run(cfg(urls, seed=6, max_concurrency=c, max_batch_size=b), max_tokens=30))
+        for c, b in ((1, 1), (8, 8), (6, 2), (3, 3))
+    ]
+    assert runs[0] == runs[1] == runs[2] == runs[3]
+    other = _records(run(cfg(urls, seed=7), max_tokens=30))
+    assert other != runs[0]
+
+
+def test_statistics(urls: tuple[str, str]) -> None:
+    async def go() -> dict:
+        config = cfg(urls, seed=8, constraint_to_target=True, target_top_p=0.9, enable_stability_check=True,
+                     stability_threshold_js=0.05)  # fmt: skip
+        async with DualVLLMCoordinator(config) as coord:
+            outs = await coord.generate_batch(QUESTIONS, max_tokens=10, show_progress=False)
+            stats = coord.get_statistics()
+            assert stats["tokens"] == sum(len(o.token_ids) for o in outs)
+            return stats
+
+    stats = asyncio.run(go())
+    assert stats["sequences"] == len(QUESTIONS) and stats["errors"] == 0
+    assert stats["first_tokens_forced"] == len(QUESTIONS)
+    assert stats["constraint_applied"] == stats["tokens"]
+    assert stats["stability_fallbacks"] > 0  # a low JS threshold makes some rows fall back
+    assert stats["requests"] > 0 and stats["tokens_per_second"] > 0 and 0 <= stats["mean_alpha"] <= 1
+
+
+def test_top_k_over_the_cap_is_refused(urls: tuple[str, str]) -> None:
+    with pytest.raises(ConfigurationError, match=r"--max-logprobs 30"):
+        run(cfg(urls, top_k=30), max_tokens=2)
+    with running_server("base", max_logprobs=40) as a, running_server("teacher", max_logprobs=40) as b:
+        assert run(CoordinatorConfig(theta_url=a, t_url=b, top_k=30), max_tokens=2)[0].error is None
+
+
+def test_mismatched_vocabularies_are_refused(urls: tuple[str, str]) -> None:
+    with running_server("base-reversed") as other:
+        with pytest.raises(ConfigurationError, match="do not share a vocabulary"):
+            run(CoordinatorConfig(theta_url=other, t_url=urls[1]), max_tokens=2)
+
+
+def test_faults_are_retried_and_counted(urls: tuple[str, str]) -> None:
+    clean = run(cfg(urls, seed=9), max_tokens=20)
+    faults = {"fault_seed": 3, "error_503_rate": 0.15, "retry_after": 0.05, "drop_rate": 0.05, "error_500_rate": 0.05,
+              "malformed_rate": 0.05, "slow_body_rate": 0.05, "slow_body_seconds": 0.2}  # fmt: skip
+
+    async def go(a: str, b: str) -> tuple[list[ds.GenerationOutput], dict]:
+        config = CoordinatorConfig(theta_url=a, t_url=b, seed=9, max_retries=8)
+        async with DualVLLMCoordinator(config) as coord:
+            coord.theta.retry_delay = coord.teacher.retry_delay = lambda attempt, response: 0.01  # type: ignore[method-assign]
+            outs = await coord.generate_batch_dual_prompts(PLAIN, QUESTIONS, 20, show_progress=False, teacher_chat=True)
+            return outs, coord.get_statistics()
+
+    with running_server("base", **faults) as a, running_server("teacher", **{**faults, "fault_seed": 4}) as b:
+        outs, stats = asyncio.run(go(a, b))
+    assert all(o.error is None for o in outs)
+    assert stats["retries"] > 5 and stats["failures"] == 0
+    assert _records(outs) == _records(clean)  # faults change nothing but the time taken
+
+
+def _start(model: str, *flags: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dualsample_rs", "serve", "--model", model, "--port", "0", *flags],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline()[len(READY_PREFIX) :].strip()
+
+
+def test_a_dead_server_becomes_per_sequence_errors(urls: tuple[str, str]) -> None:
+    proc, url = _start("teacher", "--latency", "0.05", "--latency-rate", "1")
+    try:
+
+        async def go() -> tuple[list[ds.GenerationOutput], dict]:
+            config = CoordinatorConfig(
+                theta_url=urls[0], t_url=url, max_retries=2, request_timeout=5, stop_token_ids=()
+            )
+            async with DualVLLMCoordinator(config) as coord:
+                coord.theta.retry_delay = coord.teacher.retry_delay = lambda attempt, response: 0.05  # type: ignore[method-assign]
+
+                async def kill_soon() -> None:
+                    await asyncio.sleep(0.8)
+                    proc.kill()
+
+                killer = asyncio.create_task(kill_soon())
+                outs = await coord.generate_batch_dual_prompts(PLAIN, QUESTIONS, 400, show_progress=False)
+                await killer
+                return outs, coord.get_statistics()
+
+        t0 = time.monotonic()
+        outs, stats = asyncio.run(asyncio.wait_for(go(), timeout=60))
+        assert time.monotonic() - t0 < 60
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    failed = [o for o in outs if o.finish_reason == "error"]
+    assert failed and all("APIConnectionError" in (o.error or "") for o in failed)
+    assert stats["errors"] == len(failed) and stats["failures"] >= 1
+
+
+def _write_input(path: Path, n: int) -> None:
+    with path.open("w") as f:
+        for i in range(n):
+            q = QUESTIONS[i % len(QUESTIONS)]
+            f.write(json.dumps({"id": f"q{i}", "prompt": f"Question: {q}\nAnswer:", "teacher_prompt": q}) + "\n")
+
+
+def _generate(urls: tuple[str, str], inp: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dualsample_rs", "generate", "--theta-url", urls[0], "--t-url", urls[1],
+         "--input", str(inp), "--output", str(out), "--max-tokens", "25", "--seed", "11", "--quiet", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _wait(p: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    """Exit status and stderr, closing the pipes."""
+    _, err = p.communicate(timeout=timeout)
+    return p.returncode, err
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cli_killed_and_resumed_loses_and_duplicates_nothing(urls: tuple[str, str], tmp_path: Path) -> None:
+    inp, full, part = tmp_path / "in.jsonl", tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    _write_input(inp, 60)
+    code, err = _wait(_generate(urls, inp, full, "--max-concurrency", "8"))
+    assert code == 0, err
+    reference = {r["id"]: r for r in _read(full)}
+    assert len(reference) == 60
+
+    p = _generate(urls, inp, part, "--max-concurrency", "3")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not part.exists() or part.read_text().count("\n") < 10):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    _wait(p)
+    written = part.read_text().count("\n")
+    assert 10 <= written < 60
+    with part.open("a") as f:
+        f.write('{"id": "q59", "prompt": "Question: half a rec')  # a write cut short by the kill
+    code, err = _wait(_generate(urls, inp, part, "--max-concurrency", "5", "--resume"))
+    assert code == 0, err
+    records = _read(part)
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)) == 60
+    for r in records:
+        assert r == reference[r["id"]]  # same seed, same record, whatever the interruption
+
+
+def test_cli_refuses_to_clobber_and_reports_failures(urls: tuple[str, str], tmp_path: Path) -> None:
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_input(inp, 3)
+    out.write_text('{"id": "x"}\n')
+    code, err = _wait(_generate(urls, inp, out))
+    assert code == 2 and "--resume" in err
+    code, err = _wait(_generate(urls, inp, out, "--overwrite", "--top-k", "25"))
+    assert code == 2 and "--max-logprobs 25" in err
+    with inp.open("a") as f:
+        f.write(json.dumps({"id": "bad", "prompt": [1, 2, 999]}) + "\n")  # out of vocabulary
+    code, _ = _wait(_generate(urls, inp, out, "--overwrite"))
+    records = {r["id"]: r for r in _read(out)}
+    assert code == 1 and records["bad"]["finish_reason"] == "error" and "out of vocabulary" in records["bad"]["error"]
+    assert all(records[f"q{i}"]["finish_reason"] in ("stop", "length") for i in range(3))
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigurationError, match="top_k"):
+        CoordinatorConfig(top_k=0)
+    with pytest.raises(ConfigurationError, match="theta_url"):
+        CoordinatorConfig(theta_url="localhost:8000")
+    with pytest.raises(ConfigurationError, match="target_top_p"):
+        CoordinatorConfig(target_top_p=1.5)
+    with pytest.raises(ConfigurationError, match="alpha_min"):
+        CoordinatorConfig(alpha_min=0.9, alpha_max=0.1)
+    with pytest.raises(ConfigurationError, match="method"):
+        CoordinatorConfig(alpha_method="nope")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        CoordinatorConfig(max_batch_size=5000)
+    assert ds.EnhancedCoordinatorConfig is CoordinatorConfig and ds.EnhancedDualVLLMCoordinator is DualVLLMCoordinator
+    assert os.environ.get("DUALSAMPLE_NO_SUCH") is None
