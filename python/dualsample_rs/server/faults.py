@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+RATE_FIELDS = ("latency_rate", "error_500_rate", "error_503_rate", "drop_rate", "malformed_rate", "slow_body_rate")
+
 
 @dataclass
 class FaultConfig:
