@@ -3,8 +3,10 @@
 //! Design notes. Rows are independent, so rayon's work stealing over row indices is all
 //! that is needed; each worker owns one scratch value (`map_init`), so the hot loop does
 //! not allocate. Below `PARALLEL_MIN_WORK` (rows × entries per row) the thread hand-off
-//! costs more than it saves, so small batches run on the calling thread. Errors are
-//! reported for the lowest failing row whatever the scheduling.
+//! costs more than it saves, so small batches run on the calling thread. Measured with
+//! `step` on 2 cores: 64 rows × 100 entries 325 µs either way, 128 × 100 681 → 411 µs,
+//! 512 × 20 770 → 460-500 µs. Errors are reported for the lowest failing row whatever
+//! the scheduling.
 use rayon::prelude::*;
 
 use crate::errors::KernelResult;
