@@ -37,12 +37,14 @@ format: install
 	$(VENV)/bin/ruff format python tests benches
 	$(VENV)/bin/ruff check --fix python tests benches
 
-.PHONY: lint ## cargo fmt --check, clippy, ruff
-lint: install
+.PHONY: lint ## cargo fmt --check, clippy, ruff, mypy, and stubtest of the compiled module's stubs
+lint: build-prod
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python tests benches
+	$(PY) -m mypy python/dualsample_rs
+	$(PY) -m mypy.stubtest dualsample_rs._core
 
 .PHONY: test-rust ## the crate's unit tests
 test-rust: install
@@ -50,7 +52,7 @@ test-rust: install
 
 .PHONY: test ## build once (release), then every check: lint, cargo test, pytest (benches run once)
 test: build-prod lint test-rust
-	$(PY) -m pytest -q
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q
 
 .PHONY: bench ## benchmark tables: Rust against the numpy reference on one core, then on all cores (release build)
 bench: build-prod

@@ -1,15 +1,18 @@
 """Type stubs and documentation for the compiled module `dualsample_rs._core`."""
 
-from typing import Literal
+from typing import Literal, final
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+__all__ = ["SamplerConfig", "StepResult", "__version__", "build_profile", "merge_topk", "mix", "solve_alpha", "step"]
+
 __version__: str
 build_profile: Literal["debug", "release"]
 
-Method = Literal["kl_symmetry", "fixed", "entropy", "ess_balance"]
+_Method = Literal["kl_symmetry", "fixed", "entropy", "ess_balance"]
 
+@final
 class SamplerConfig:
     """Settings of one sampling step, validated when built.
 
@@ -44,9 +47,9 @@ class SamplerConfig:
         0.95
     """
 
-    def __init__(
-        self,
-        method: Method = "kl_symmetry",
+    def __new__(
+        cls,
+        method: _Method = "kl_symmetry",
         alpha: float = 0.5,
         alpha_min: float = 0.0,
         alpha_max: float = 1.0,
@@ -60,9 +63,9 @@ class SamplerConfig:
         stability_js_max: float | None = None,
         stability_overlap_min: float | None = None,
         diagnostics: bool = False,
-    ) -> None: ...
+    ) -> SamplerConfig: ...
     @property
-    def method(self) -> Method: ...
+    def method(self) -> _Method: ...
     @property
     def alpha(self) -> float: ...
     @property
@@ -90,6 +93,7 @@ class SamplerConfig:
     @property
     def diagnostics(self) -> bool: ...
 
+@final
 class StepResult:
     """What :func:`step` reports, one entry per row.
 
@@ -123,7 +127,7 @@ def solve_alpha(
     logp_theta: ArrayLike,
     logp_t: ArrayLike,
     *,
-    method: Method = "kl_symmetry",
+    method: _Method = "kl_symmetry",
     alpha: float = 0.5,
     alpha_min: float = 0.0,
     alpha_max: float = 1.0,

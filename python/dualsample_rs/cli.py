@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from .exceptions import DualSampleError
 
@@ -119,8 +119,12 @@ def _ids(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
-def _missing(text: str) -> str | float:
-    return text if text in ("bound", "drop") else float(text)
+def _missing(text: str) -> Literal["bound", "drop"] | float:
+    if text == "bound":
+        return "bound"
+    if text == "drop":
+        return "drop"
+    return float(text)
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
@@ -155,7 +159,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         max_batch_size=min(args.max_batch_size, args.max_concurrency),
         max_retries=args.max_retries,
         request_timeout=args.request_timeout,
-        api_key=api_key,  # type: ignore[arg-type]
+        api_key=api_key,
         seed=args.seed,
         enable_logging=args.log_level is not None,
         log_level=args.log_level or "INFO",

@@ -57,7 +57,7 @@ class CoordinatorConfig:
     alpha_max: float = 1.0
     alpha_tol: float = 1e-10
     alpha_max_iter: int = 100
-    missing: str | float = "bound"
+    missing: Literal["bound", "drop"] | float = "bound"
     temperature: float = 1.0
     temperature_t: float | None = None
     force_first_token: bool = True

@@ -105,16 +105,18 @@ class DualVLLMCoordinator:
             logging.basicConfig()
             log.setLevel(self.config.log_level.upper())
         keys = self.config.api_keys
-        common = {
-            "timeout": httpx.Timeout(self.config.request_timeout, connect=min(5.0, self.config.request_timeout)),
-            "max_retries": self.config.max_retries,
-            "connection_pool_size": self.config.connection_pool_size,
-        }
-        self.theta = VLLMClient(
-            self.config.theta_url, api_key=keys[0], http_client=http_clients[0] if http_clients else None, **common
-        )
-        self.teacher = VLLMClient(
-            self.config.t_url, api_key=keys[1], http_client=http_clients[1] if http_clients else None, **common
+        timeout = httpx.Timeout(self.config.request_timeout, connect=min(5.0, self.config.request_timeout))
+        clients = http_clients or (None, None)
+        self.theta, self.teacher = (
+            VLLMClient(
+                url,
+                api_key=key,
+                timeout=timeout,
+                max_retries=self.config.max_retries,
+                connection_pool_size=self.config.connection_pool_size,
+                http_client=http,
+            )
+            for url, key, http in zip((self.config.theta_url, self.config.t_url), keys, clients, strict=True)
         )
         self.stats = Statistics()
         self.stop_ids: tuple[int, ...] = ()

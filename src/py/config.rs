@@ -45,7 +45,9 @@ impl SamplerConfig {
         method="kl_symmetry", alpha=0.5, alpha_min=0.0, alpha_max=1.0, tol=1e-10, max_iter=100,
         missing=None, temperature=1.0, temperature_t=None, top_p=None, exclude_ids=Vec::new(),
         stability_js_max=None, stability_overlap_min=None, diagnostics=false
-    ))]
+    ), text_signature = "(method='kl_symmetry', alpha=0.5, alpha_min=0.0, alpha_max=1.0, tol=1e-10, max_iter=100, \
+        missing='bound', temperature=1.0, temperature_t=None, top_p=None, exclude_ids=(), stability_js_max=None, \
+        stability_overlap_min=None, diagnostics=False)")]
     fn new(
         method: &str,
         alpha: f64,

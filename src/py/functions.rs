@@ -74,7 +74,10 @@ pub fn mix_py(
 }
 
 #[pyfunction(name = "merge_topk")]
-#[pyo3(signature = (ids_theta, logp_theta, ids_t, logp_t, *, missing=None))]
+#[pyo3(
+    signature = (ids_theta, logp_theta, ids_t, logp_t, *, missing=None),
+    text_signature = "(ids_theta, logp_theta, ids_t, logp_t, *, missing='bound')"
+)]
 pub fn merge_topk_py<'py>(
     py: Python<'py>,
     ids_theta: &Bound<'py, PyAny>,

@@ -97,7 +97,10 @@ fn seed_bits(seed: &Bound<'_, PyAny>) -> PyResult<u64> {
 }
 
 #[pyfunction(name = "step")]
-#[pyo3(signature = (ids_theta, logp_theta, ids_t, logp_t, *, config=None, seed=None, positions=None, row_keys=None, force_teacher=None))]
+#[pyo3(
+    signature = (ids_theta, logp_theta, ids_t, logp_t, *, config=None, seed=None, positions=None, row_keys=None, force_teacher=None),
+    text_signature = "(ids_theta, logp_theta, ids_t, logp_t, *, config=None, seed=0, positions=None, row_keys=None, force_teacher=None)"
+)]
 pub fn step_py(
     py: Python<'_>,
     ids_theta: &Bound<'_, PyAny>,

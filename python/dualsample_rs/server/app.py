@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
-from . import completions
+from . import completions as completion_api
 from .errors import APIError, bad_request
 from .faults import NO_FAULT, Fault, FaultConfig
 from .model import Model
@@ -118,7 +118,7 @@ class Server:
                 503, "The engine is currently busy and cannot accept new requests.", "ServiceUnavailableError"
             )
         body = await _read_json(request)
-        req = completions.parse(body, self.model, self.options.max_logprobs)
+        req = completion_api.parse(body, self.model, self.options.max_logprobs)
         self.in_flight += 1
         try:
             # Generation is CPU work: run it off the event loop so health checks still answer.
@@ -128,9 +128,9 @@ class Server:
             self.in_flight -= 1
         return _json(result)
 
-    def _complete(self, req: completions.Request) -> dict[str, Any]:
-        seqs = completions.generate(req, self.model)
-        return completions.respond(req, self.model, seqs)
+    def _complete(self, req: completion_api.Request) -> dict[str, Any]:
+        seqs = completion_api.generate(req, self.model)
+        return completion_api.respond(req, self.model, seqs)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         body = await _read_json(request)
@@ -200,8 +200,7 @@ async def serve(model: Model, options: ServerOptions, host: str, port: int, read
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-    bound = sockets[0].getsockname()[1] if sockets else port
+    bound = runner.addresses[0][1] if runner.addresses else port
     if ready is not None:
         ready(f"http://{host}:{bound}")
     try:
