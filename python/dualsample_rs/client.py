@@ -231,7 +231,12 @@ class VLLMClient:
     async def step(self, contexts_json: list[str], top_k: int, model: str | None) -> TopK:
         """The top-k next-token log probabilities for each context (already JSON-encoded
         id lists, so a growing context is not re-encoded every step)."""
-        head: dict[str, Any] = {"max_tokens": 1, "logprobs": top_k, "temperature": 0, "return_tokens_as_token_ids": True}
+        head: dict[str, Any] = {
+            "max_tokens": 1,
+            "logprobs": top_k,
+            "temperature": 0,
+            "return_tokens_as_token_ids": True,
+        }
         if model:
             head["model"] = model
         content = (json.dumps(head)[:-1] + ',"prompt":[' + ",".join(contexts_json) + "]}").encode()
