@@ -301,3 +301,19 @@ def test_config_validation() -> None:
         CoordinatorConfig(max_batch_size=5000)
     assert ds.EnhancedCoordinatorConfig is CoordinatorConfig and ds.EnhancedDualVLLMCoordinator is DualVLLMCoordinator
     assert os.environ.get("DUALSAMPLE_NO_SUCH") is None
+
+
+def test_cli_resume_can_retry_failed_records(urls: tuple[str, str], tmp_path: Path) -> None:
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_input(inp, 4)
+    code, err = _wait(_generate(urls, inp, out))
+    assert code == 0, err
+    records = _read(out)
+    broken = dict(records[1], finish_reason="error", error="APIConnectionError: gone", token_ids=[])
+    out.write_text("".join(json.dumps(r) + "\n" for r in [records[0], broken, records[2], records[3]]))
+    code, err = _wait(_generate(urls, inp, out, "--resume"))  # failures stay failures without the flag
+    assert code == 0 and len(_read(out)) == 4
+    code, err = _wait(_generate(urls, inp, out, "--resume", "--retry-errors"))
+    assert code == 0, err
+    again = {r["id"]: r for r in _read(out)}
+    assert len(_read(out)) == 4 and again[records[1]["id"]] == records[1]

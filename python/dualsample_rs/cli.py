@@ -171,6 +171,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, help="JSONL: id, prompt, optional teacher_prompt")
     p.add_argument("--output", required=True, help="JSONL records, appended as sequences finish")
     p.add_argument("--resume", action="store_true", help="skip ids already in --output")
+    p.add_argument("--retry-errors", action="store_true", help="with --resume: generate failed records again")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--teacher-prompt-field", default="teacher_prompt")
@@ -189,7 +190,7 @@ async def _run_generate(args: argparse.Namespace) -> int:
             f"dualsample generate: {args.output} exists; pass --resume to continue it or --overwrite", file=sys.stderr
         )
         return 2
-    done = done_ids(args.output) if args.resume else set()
+    done = done_ids(args.output, retry_errors=args.retry_errors) if args.resume else set()
     total = count_lines(args.input)
     records = read_prompts(args.input, args.prompt_field, args.teacher_prompt_field)
     items = (

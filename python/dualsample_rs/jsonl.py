@@ -43,23 +43,38 @@ def count_lines(path: str) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def done_ids(path: str) -> set[Any]:
-    """Ids already in an output file, after cutting off a partial last line."""
+def done_ids(path: str, retry_errors: bool = False) -> set[Any]:
+    """Ids already in an output file, after cutting off a partial last line. With
+    `retry_errors`, records that failed are removed from the file (rewritten through a
+    temporary file and an atomic rename) and left out, so they are generated again."""
     if not os.path.exists(path):
         return set()
-    ids: set[Any] = set()
-    good = 0
     with open(path, "rb") as f:
         data = f.read()
+    ids: set[Any] = set()
+    kept: list[bytes] = []
+    good = 0
     for line in data.splitlines(keepends=True):
         if not line.endswith(b"\n"):
             break
         try:
-            ids.add(_hashable(json.loads(line)["id"]))
+            record = json.loads(line)
+            key = _hashable(record["id"])
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             break
         good += len(line)
-    if good < len(data):
+        if retry_errors and record.get("finish_reason") == "error":
+            continue
+        ids.add(key)
+        kept.append(line)
+    if retry_errors and len(kept) < data[:good].count(b"\n"):
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    elif good < len(data):
         with open(path, "r+b") as f:
             f.truncate(good)
     return ids
