@@ -226,7 +226,10 @@ fn mixture(a: &[f64], b: &[f64], pa: &[f64], pb: &[f64], alpha: f64, logq: &mut 
         q.extend_from_slice(p);
         return true;
     }
-    logq.extend(a.iter().zip(b).map(|(&x, &y)| geometric(x, y, alpha)));
+    logq.resize(a.len(), 0.0);
+    for ((w, &x), &y) in logq.iter_mut().zip(a).zip(b) {
+        *w = geometric(x, y, alpha);
+    }
     normalise_with_probs(logq, q).is_finite()
 }
 
