@@ -142,3 +142,32 @@ def test_mix_per_row_alpha_and_padding() -> None:
     assert q[0, 2] == -np.inf and q[1, 2] == -np.inf
     np.testing.assert_allclose(np.exp(q).sum(axis=1), 1.0)
     np.testing.assert_allclose(q[1, :2], _norm(b[1, :2]))
+
+
+def test_peaked_and_nearly_equal_rows() -> None:
+    """Very peaked rows make A′ nearly flat away from the root (where a Halley step can
+    be tiny while the root is far); nearly equal rows make the root ill-conditioned."""
+    rng = np.random.default_rng(5)
+    checked = 0
+    for _ in range(1500):
+        n = int(rng.integers(2, 120))
+        a = rng.standard_normal(n) * rng.uniform(0.1, 40)
+        b = rng.standard_normal(n) * rng.uniform(0.1, 40)
+        if rng.random() < 0.3:
+            b = a + rng.standard_normal(n) * rng.uniform(0.01, 1)
+        al = ds.solve_alpha(a, b)
+        if not 0.0 < al < 1.0:
+            continue
+        k_theta, k_t = _kls(a, b, al)
+        assert abs(k_theta - k_t) <= 1e-9 * max(1.0, k_theta, k_t)
+        root = _true_root(a, b)
+        an, bn = _norm(a), _norm(b)
+        x = an + root * (bn - an)
+        w = np.exp(x - x.max())
+        w /= w.sum()
+        d = bn - an
+        var = float((w * (d - (w * d).sum()) ** 2).sum())
+        if var > 1e-4:  # well conditioned: the root itself, to tol
+            assert abs(al - root) <= 1e-9
+            checked += 1
+    assert checked > 500

@@ -263,6 +263,7 @@ fn hermite_guess(g0: f64, v0: f64, g1: f64, v1: f64) -> f64 {
 fn halley_in_bracket(mut f: impl FnMut(f64) -> (f64, f64, f64), x0: f64, tol: f64, max_iter: u32) -> f64 {
     let (mut lo, mut hi) = (0.0f64, 1.0f64);
     let mut x = x0.clamp(0.0, 1.0);
+    let halley_done = 0.01 * tol.cbrt();
     for _ in 0..max_iter {
         let (fx, d1, d2) = f(x);
         if fx == 0.0 {
@@ -273,15 +274,21 @@ fn halley_in_bracket(mut f: impl FnMut(f64) -> (f64, f64, f64), x0: f64, tol: f6
         } else {
             hi = x;
         }
+        let newton = -fx / d1;
         let denom = 2.0 * d1 * d1 - fx * d2;
-        let step = if denom > 0.0 && denom.is_finite() {
-            -2.0 * fx * d1 / denom
-        } else {
-            -fx / d1
-        };
+        let halley = -2.0 * fx * d1 / denom;
+        // Trust Halley only where it agrees with Newton (near the root the two steps
+        // coincide); on a flat stretch far from the root f′ and f″ are both tiny and
+        // Halley's step can be tiny too while Newton's rightly is huge.
+        let ratio = halley / newton;
+        let use_halley = denom > 0.0 && ratio.is_finite() && (0.5..=2.0).contains(&ratio);
+        let step = if use_halley { halley } else { newton };
         let target = x + step;
         // A converged step is taken even when rounding puts it on the bracket's edge.
-        if step.abs() <= tol {
+        // Halley's error after a step of size s is O(s³), so once Newton's step (the
+        // distance to the root, to first order) is below 0.01·tol^(1/3) the Halley step
+        // lands well within tol without another sweep to confirm it.
+        if newton.abs() <= tol || (use_halley && newton.abs() <= halley_done) {
             return target.clamp(lo, hi);
         }
         let next = if target > lo && target < hi {
