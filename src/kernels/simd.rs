@@ -8,18 +8,25 @@
 //! generic target-feature function was measured to stay baseline (and slower).
 //! Floating-point results do not change: Rust never contracts a multiply and an add into
 //! an FMA on its own, and the lane layout of every sum is fixed in the source.
+use std::sync::OnceLock;
 
-/// Whether the AVX2 twins may run on this CPU (cached by std after the first call).
+/// Whether the AVX2 twins may run: the CPU has AVX2 and FMA, and the environment does
+/// not set `DUALSAMPLE_NO_SIMD` (which tests use to check that both builds agree).
 #[inline]
 pub fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        let disabled = std::env::var_os("DUALSAMPLE_NO_SIMD").is_some_and(|v| !v.is_empty() && v != "0");
+        #[cfg(target_arch = "x86_64")]
+        {
+            !disabled && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = disabled;
+            false
+        }
+    })
 }
 
 /// Define `$fast`, an AVX2+FMA build of the `#[inline(always)]` function `$generic`,
