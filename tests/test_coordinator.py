@@ -15,6 +15,7 @@ from pathlib import Path
 import dualsample_rs as ds
 import pytest
 from dualsample_rs import ConfigurationError, CoordinatorConfig, DualVLLMCoordinator
+from dualsample_rs.coordinator import WorkItem
 from dualsample_rs.server import running_server
 from dualsample_rs.server.process import READY_PREFIX
 
@@ -317,3 +318,26 @@ def test_cli_resume_can_retry_failed_records(urls: tuple[str, str], tmp_path: Pa
     assert code == 0, err
     again = {r["id"]: r for r in _read(out)}
     assert len(_read(out)) == 4 and again[records[1]["id"]] == records[1]
+
+
+def test_a_failing_prompt_source_raises_instead_of_hanging(urls: tuple[str, str]) -> None:
+    def items() -> Iterator[WorkItem]:
+        yield WorkItem(0, "Water is", "Water is")
+        raise RuntimeError("the prompt file went away")
+
+    async def go() -> None:
+        async with DualVLLMCoordinator(cfg(urls)) as coord:
+            async for _ in coord.iter_generate(items(), max_tokens=5, show_progress=False, total=2):
+                pass
+
+    with pytest.raises(RuntimeError, match="went away"):
+        asyncio.run(asyncio.wait_for(go(), timeout=30))
+
+
+def test_cli_reports_a_malformed_input_line(urls: tuple[str, str], tmp_path: Path) -> None:
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_input(inp, 3)
+    with inp.open("a") as f:
+        f.write("{not json\n")
+    code, err = _wait(_generate(urls, inp, out), timeout=60)
+    assert code == 2 and "line 4: not JSON" in err

@@ -164,7 +164,7 @@ class VLLMClient:
             except httpx.TimeoutException as exc:
                 err: APIError = APITimeoutError(f"timed out: {method} {url}", exc.request)
                 cause: BaseException = exc
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # transport errors, bad encodings, redirect loops
                 err = APIConnectionError(f"connection error: {method} {url}: {exc!r}", getattr(exc, "_request", None))
                 cause = exc
             else:

@@ -284,7 +284,8 @@ class DualVLLMCoordinator:
         n_total = total if total is not None else len(items)  # type: ignore[arg-type]
         progress = _progress(n_total, show_progress)
         ready: asyncio.Queue[_Seq | None] = asyncio.Queue(maxsize=2 * cfg.max_batch_size)
-        finished: asyncio.Queue[tuple[int, GenerationOutput] | None] = asyncio.Queue()
+        # Outputs, None when a worker is done, or the exception that stopped a task.
+        finished: asyncio.Queue[tuple[int, GenerationOutput] | BaseException | None] = asyncio.Queue()
         workers = max(1, math.ceil(cfg.max_concurrency / cfg.max_batch_size))
         batch = min(cfg.max_batch_size, cfg.max_concurrency)
         positions: dict[int, int] = {}
@@ -300,6 +301,8 @@ class DualVLLMCoordinator:
                 if got is None:
                     done_workers += 1
                     continue
+                if isinstance(got, BaseException):
+                    raise got
                 self._count_finished(got[1])
                 progress.update(1)
                 if progress.n % 8 == 0 or progress.n == n_total:
@@ -346,11 +349,13 @@ class DualVLLMCoordinator:
         items: Iterable[WorkItem],
         max_tokens: int,
         ready: asyncio.Queue[_Seq | None],
-        finished: asyncio.Queue[tuple[int, GenerationOutput] | None],
+        finished: asyncio.Queue[tuple[int, GenerationOutput] | BaseException | None],
         positions: dict[int, int],
         workers: int,
     ) -> None:
-        """Tokenise prompts ahead of the workers (a few at a time) and queue them."""
+        """Tokenise prompts ahead of the workers (a few at a time) and queue them. If
+        reading the prompts fails, the error goes to the consumer instead of leaving the
+        workers waiting."""
         sem = asyncio.Semaphore(32)
         pending: set[asyncio.Task[None]] = set()
 
@@ -365,14 +370,18 @@ class DualVLLMCoordinator:
                 positions[id(seq)] = index
                 await ready.put(seq)
 
-        for index, item in enumerate(items):
-            await sem.acquire()  # bound how far ahead we read
-            sem.release()
-            task = asyncio.create_task(prepare(index, item))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-        if pending:
-            await asyncio.gather(*pending)
+        try:
+            for index, item in enumerate(items):
+                await sem.acquire()  # bound how far ahead we read
+                sem.release()
+                task = asyncio.create_task(prepare(index, item))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            if pending:
+                await asyncio.gather(*pending)
+        except Exception as err:  # handed to the consumer, which raises it
+            await finished.put(err)
+            return
         for _ in range(workers):
             await ready.put(None)
 
@@ -404,7 +413,7 @@ class DualVLLMCoordinator:
     async def _worker(
         self,
         ready: asyncio.Queue[_Seq | None],
-        finished: asyncio.Queue[tuple[int, GenerationOutput] | None],
+        finished: asyncio.Queue[tuple[int, GenerationOutput] | BaseException | None],
         positions: dict[int, int],
         sampler: _core.SamplerConfig,
         batch: int,
@@ -440,6 +449,8 @@ class DualVLLMCoordinator:
                 active = [seq for seq in active if not seq.done]
             if finishing:
                 await asyncio.gather(*finishing)
+        except Exception as err:  # a bug must surface, not hang the run
+            await finished.put(err)
         finally:
             await finished.put(None)
 
