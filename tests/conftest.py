@@ -4,7 +4,9 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-# Few examples locally, many in CI: HYPOTHESIS_PROFILE=ci.
-settings.register_profile("dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("ci", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Few examples locally, many in CI (HYPOTHESIS_PROFILE=ci, which `make test` sets).
+# Derandomised with no example database, so a run is the same on every machine.
+_common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow], "derandomize": True, "database": None}
+settings.register_profile("dev", max_examples=60, **_common)
+settings.register_profile("ci", max_examples=400, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
