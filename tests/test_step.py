@@ -321,3 +321,16 @@ def test_simd_and_baseline_builds_agree_bit_for_bit() -> None:
         )
         outs.append(run.stdout)
     assert outs[0] == outs[1]
+
+
+def test_bench_command_prints_a_table() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "dualsample_rs", "bench", "--rows", "16", "--k", "8", "--repeat", "2"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("16 rows x k=8")
+    step_line = next(line for line in lines if line.startswith("step"))
+    assert step_line.rstrip().endswith("x") and float(step_line.split()[1]) > 0

@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .exceptions import DualSampleError
 
@@ -268,14 +268,55 @@ async def _run_demo(args: argparse.Namespace) -> int:
     return 1 if stats["errors"] else 0
 
 
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time the Rust step against the numpy reference on this machine")
+    p.add_argument("--rows", type=int, default=1024)
+    p.add_argument("--k", type=int, default=100, help="entries per model's top-k list")
+    p.add_argument("--repeat", type=int, default=20)
+
+
+async def _run_bench(args: argparse.Namespace) -> int:
+    import time
+
+    from . import _core, reference
+    from .synthetic import topk_pair
+
+    data = topk_pair(args.rows, args.k, vocab=8192, seed=0)
+    config = _core.SamplerConfig()
+    _, a, b = _core.merge_topk(*data)
+
+    def timed(fn: Any) -> float:
+        fn()
+        best = float("inf")
+        for _ in range(max(1, args.repeat)):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    rows = [
+        ("step", timed(lambda: _core.step(*data, config=config)), timed(lambda: reference.step(*data, config=config))),
+        ("solve_alpha", timed(lambda: _core.solve_alpha(a, b)), timed(lambda: reference.solve_alpha(a, b))),
+    ]
+    threads = os.environ.get("RAYON_NUM_THREADS", "all")
+    print(f"{args.rows} rows x k={args.k}, best of {args.repeat}, Rust threads: {threads}")
+    print(f"build: {_core.build_profile}")
+    print(f"{'call':<12} {'Rust µs/row':>12} {'numpy µs/row':>13} {'ratio':>7}")
+    for name, fast, slow in rows:
+        per = 1e6 / args.rows
+        print(f"{name:<12} {fast * per:>12.2f} {slow * per:>13.2f} {slow / fast:>6.1f}x")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dualsample", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _serve_parser(sub)
     _demo_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
-    runners = {"serve": _run_serve, "generate": _run_generate, "demo": _run_demo}
+    runners = {"serve": _run_serve, "generate": _run_generate, "demo": _run_demo, "bench": _run_bench}
     try:
         return asyncio.run(runners[args.command](args))
     except DualSampleError as err:
