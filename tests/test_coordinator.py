@@ -341,3 +341,13 @@ def test_cli_reports_a_malformed_input_line(urls: tuple[str, str], tmp_path: Pat
         f.write("{not json\n")
     code, err = _wait(_generate(urls, inp, out), timeout=60)
     assert code == 2 and "line 4: not JSON" in err
+
+
+def test_one_call_convenience(urls: tuple[str, str]) -> None:
+    outs = asyncio.run(
+        ds.generate_with_dual_prompts(PLAIN[:2], QUESTIONS[:2], cfg(urls, seed=12), max_tokens=6, show_progress=False)
+    )
+    assert [o.prompt for o in outs] == PLAIN[:2] and all(1 <= len(o.token_ids) <= 6 for o in outs)
+    assert _records(outs) == _records(
+        run(cfg(urls, seed=12), PLAIN[:2], QUESTIONS[:2], max_tokens=6, teacher_chat=False)
+    )
