@@ -10,7 +10,7 @@ mod _core {
     #[pymodule_export]
     use crate::py::config::SamplerConfig;
     #[pymodule_export]
-    use crate::py::functions::{merge_topk_py, mix_py, solve_alpha_py};
+    use crate::py::functions::{merge_topk_py, mix_py, parse_topk_py, solve_alpha_py};
     #[pymodule_export]
     use crate::py::step::{step_py, StepResult};
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import time
 
 import httpx
@@ -157,16 +158,18 @@ def test_parse_topk() -> None:
         {"index": 1, "logprobs": {"top_logprobs": [{"token_id:5": -0.1, "token_id:7": -9999.0}]}},
         {"index": 0, "logprobs": {"top_logprobs": [{"token_id:3": -0.5, "token_id:4": -1.5, "token_id:9": -2.0}]}},
     ]}  # fmt: skip
-    top = parse_topk(body, 2, 2)
+    top = parse_topk(json.dumps(body).encode(), 2, 2)
     np.testing.assert_array_equal(top.ids, [[3, 4, 9], [5, 7, -1]])
     assert top.logp[1, 1] == -np.inf and top.logp[1, 2] == -np.inf and top.logp[0, 2] == -2.0
     with pytest.raises(InvalidResponseError, match="expected 3 choices"):
-        parse_topk(body, 3, 2)
+        parse_topk(json.dumps(body).encode(), 3, 2)
     text_keys = {"choices": [{"index": 0, "logprobs": {"top_logprobs": [{"a": -0.1}]}}]}
-    with pytest.raises(InvalidResponseError, match="not token ids"):
-        parse_topk(text_keys, 1, 1)
+    with pytest.raises(InvalidResponseError, match="is not a token id"):
+        parse_topk(json.dumps(text_keys).encode(), 1, 1)
     with pytest.raises(InvalidResponseError):
-        parse_topk({"nope": 1}, 1, 1)
+        parse_topk(b'{"nope": 1}', 1, 1)
+    with pytest.raises(InvalidResponseError):
+        parse_topk(b'{"choices": [{"index": 0, "logprobs": {"top_logprobs": [{"token_id:1"', 1, 1)
 
 
 def test_with_options_shares_connections_and_counters() -> None:

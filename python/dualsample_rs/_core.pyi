@@ -5,7 +5,17 @@ from typing import Literal, final
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["SamplerConfig", "StepResult", "__version__", "build_profile", "merge_topk", "mix", "solve_alpha", "step"]
+__all__ = [
+    "SamplerConfig",
+    "StepResult",
+    "__version__",
+    "build_profile",
+    "merge_topk",
+    "mix",
+    "parse_topk",
+    "solve_alpha",
+    "step",
+]
 
 __version__: str
 build_profile: Literal["debug", "release"]
@@ -200,4 +210,15 @@ def step(
         >>> r = step(np.array([3, 7]), np.log([0.6, 0.3]), np.array([7, 9]), np.log([0.7, 0.2]), seed=1)
         >>> int(r.token_id[0]) in (3, 7, 9)
         True
+    """
+
+def parse_topk(body: bytes, rows: int, top_k: int) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """The first position's top-k log probabilities of each choice of a vLLM completions
+    reply (``return_tokens_as_token_ids`` keys), read straight from the body's bytes.
+
+    Returns ``(ids, logp)``, each of shape (rows, top_k + 1), rows in ``index`` order,
+    padded with id -1 and -inf; ``-9999.0`` (vLLM's -inf) becomes -inf.
+
+    Raises:
+        InvalidInputError: the body is not such a reply, or has not ``rows`` choices.
     """

@@ -15,12 +15,14 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import numpy as np
 
+from . import _core
 from ._constants import (
     DEFAULT_CONNECTION_LIMITS,
     DEFAULT_MAX_RETRIES,
@@ -35,15 +37,13 @@ from .exceptions import (
     APIError,
     APIStatusError,
     APITimeoutError,
+    InvalidInputError,
     InvalidResponseError,
     NotFoundError,
     status_error,
 )
 
 log = logging.getLogger("dualsample_rs.client")
-
-NEG_INF_WIRE = -9999.0
-ID_PREFIX = "token_id:"
 
 
 @dataclass
@@ -146,10 +146,18 @@ class VLLMClient:
         return min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY) * (1 - 0.25 * random.random())
 
     async def _request(
-        self, method: str, path: str, body: Any = None, content: bytes | None = None, probe: bool = False
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content: bytes | None = None,
+        probe: bool = False,
+        decode: Callable[[bytes], Any] | None = None,
     ) -> Any:
-        """Send with retries. `probe`: an error answer is an expected outcome (not
-        retried, not counted as a failure)."""
+        """Send with retries. `decode` turns a 2xx body into the result (default: JSON)
+        and raises `InvalidResponseError` for a malformed one, which is retried like a
+        transient fault. `probe`: an error answer is an expected outcome (not retried,
+        not counted as a failure)."""
         url = self.base_url + path
         headers = dict(self._headers)
         if content is not None:
@@ -168,16 +176,17 @@ class VLLMClient:
                 err = APIConnectionError(f"connection error: {method} {url}: {exc!r}", getattr(exc, "_request", None))
                 cause = exc
             else:
-                try:
-                    data = response.json() if response.content else None
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    data, cause = exc, exc
                 if 200 <= response.status_code < 300:
-                    if not isinstance(data, Exception):
-                        return data
-                    err = InvalidResponseError(f"malformed JSON from {method} {url}", response.request)
+                    try:
+                        return decode(response.content) if decode else _json_body(response.content)
+                    except InvalidResponseError as exc:
+                        err, cause = exc, exc
                 else:
-                    err = status_error(response, None if isinstance(data, Exception) else data)
+                    try:
+                        data = _json_body(response.content)
+                    except InvalidResponseError:
+                        data = None
+                    err = status_error(response, data)
                     cause = err
             if probe and isinstance(err, APIStatusError):
                 raise err
@@ -241,9 +250,12 @@ class VLLMClient:
             head["model"] = model
         content = (json.dumps(head)[:-1] + ',"prompt":[' + ",".join(contexts_json) + "]}").encode()
         t0 = time.perf_counter()
-        data = await self._request("POST", "/v1/completions", content=content)
-        log.debug("step of %d rows in %.1f ms", len(contexts_json), 1e3 * (time.perf_counter() - t0))
-        return parse_topk(data, len(contexts_json), top_k)
+        rows = len(contexts_json)
+        top = await self._request(
+            "POST", "/v1/completions", content=content, decode=lambda raw: parse_topk(raw, rows, top_k)
+        )
+        log.debug("step of %d rows in %.1f ms", rows, 1e3 * (time.perf_counter() - t0))
+        return top
 
 
 def parse_retry_after(headers: httpx.Headers) -> float | None:
@@ -270,27 +282,21 @@ def parse_retry_after(headers: httpx.Headers) -> float | None:
     return when.timestamp() - time.time()
 
 
-def parse_topk(data: Any, rows: int, top_k: int) -> TopK:
-    """Arrays from a completions reply with token-id keys; raises InvalidResponseError
-    when the reply does not have one choice per row with a top-logprobs dict."""
+def _json_body(raw: bytes) -> Any:
+    if not raw:
+        return None
     try:
-        choices = sorted(data["choices"], key=lambda c: c["index"])
-        if len(choices) != rows:
-            raise InvalidResponseError(f"expected {rows} choices, got {len(choices)}")
-        width = top_k + 1
-        ids = np.full((rows, width), -1, dtype=np.int64)
-        logp = np.full((rows, width), -np.inf)
-        for i, choice in enumerate(choices):
-            top = choice["logprobs"]["top_logprobs"][0]
-            n = min(len(top), width)
-            keys = list(top)[:n]
-            if keys and not keys[0].startswith(ID_PREFIX):
-                raise InvalidResponseError(
-                    "top_logprobs keys are not token ids; is return_tokens_as_token_ids ignored?"
-                )
-            ids[i, :n] = [int(k[9:]) for k in keys]
-            logp[i, :n] = [top[k] for k in keys]
-    except (KeyError, TypeError, IndexError, ValueError) as exc:
-        raise InvalidResponseError(f"unexpected completions reply: {exc!r}") from exc
-    logp[logp <= NEG_INF_WIRE] = -np.inf
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidResponseError(f"malformed JSON body: {exc}") from exc
+
+
+def parse_topk(raw: bytes, rows: int, top_k: int) -> TopK:
+    """Arrays from a completions reply with token-id keys (parsed in Rust, without
+    building Python objects); raises InvalidResponseError unless the reply has one
+    choice per row, each with a top-logprobs object keyed ``"token_id:N"``."""
+    try:
+        ids, logp = _core.parse_topk(raw, rows, top_k)
+    except InvalidInputError as exc:
+        raise InvalidResponseError(f"unexpected completions reply: {exc}") from exc
     return TopK(ids, logp)
