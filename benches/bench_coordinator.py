@@ -23,10 +23,10 @@ TOP_K = 20
 VOCAB = 259
 
 
-def _fake_server(seed: int) -> httpx.MockTransport:
+def _fake_server(seed: int, top_k: int = TOP_K) -> httpx.MockTransport:
     rng = np.random.default_rng(seed)
-    ids = rng.choice(np.arange(3, 250), size=TOP_K, replace=False)  # no special or stop ids
-    logp = np.sort(np.log(rng.dirichlet(np.ones(TOP_K) * 0.5)) - 0.2)[::-1]
+    ids = rng.choice(np.arange(3, 250), size=top_k, replace=False)  # no special or stop ids
+    logp = np.sort(np.log(rng.dirichlet(np.ones(top_k) * 0.5)) - 0.2)[::-1]
     top = {f"token_id:{int(i)}": float(v) for i, v in zip(ids, logp, strict=True)}
     logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [top]}
     choice = json.dumps({"index": 0, "text": "", "logprobs": logprobs, "finish_reason": "length"})
@@ -54,16 +54,20 @@ def _fake_server(seed: int) -> httpx.MockTransport:
     return httpx.MockTransport(handler)
 
 
+@pytest.mark.parametrize("top_k", [20, 100])
 @pytest.mark.parametrize("in_flight", [256])
-def test_coordinator_overhead(benchmark, in_flight: int) -> None:
+def test_coordinator_overhead(benchmark, in_flight: int, top_k: int) -> None:
     benchmark.group = "coordinator overhead (in-process zero-latency servers)"
     tokens = 64
-    config = CoordinatorConfig(theta_url="http://theta", t_url="http://t", top_k=TOP_K, max_concurrency=in_flight,
+    config = CoordinatorConfig(theta_url="http://theta", t_url="http://t", top_k=top_k, max_concurrency=in_flight,
                                max_batch_size=in_flight, stop_token_ids=())  # fmt: skip
     prompts = [[65 + i % 26] * 40 for i in range(in_flight)]
 
     async def go() -> int:
-        clients = (httpx.AsyncClient(transport=_fake_server(1)), httpx.AsyncClient(transport=_fake_server(2)))
+        clients = (
+            httpx.AsyncClient(transport=_fake_server(1, top_k)),
+            httpx.AsyncClient(transport=_fake_server(2, top_k)),
+        )
         async with DualVLLMCoordinator(config, http_clients=clients) as coord:
             outs = await coord.generate_batch(prompts, max_tokens=tokens, show_progress=False)
         for c in clients:
