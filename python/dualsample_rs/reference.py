@@ -43,14 +43,10 @@ def _lse(x: F64) -> F64:
         return safe + np.log(np.exp(x - safe[:, None]).sum(axis=1))
 
 
-def _normalise(x: F64) -> tuple[F64, F64]:
-    z = _lse(x)
-    return np.where(np.isfinite(z)[:, None], x - np.where(np.isfinite(z), z, 0.0)[:, None], x), z
-
-
 def _normalise_probs(x: F64) -> tuple[F64, F64, F64]:
-    """`_normalise` plus the probabilities, computed as the Rust kernel does:
-    exp(x − max) / Σ exp(x − max), which is exact at ties such as 1/2."""
+    """Row-wise (log probabilities, probabilities, log normaliser), computed as the Rust
+    kernel does: probabilities as exp(x − max) / Σ exp(x − max), exact at ties such as
+    1/2. Rows that are all -inf stay as they are, with normaliser -inf."""
     m = x.max(axis=1, keepdims=True)
     fin = np.isfinite(m)
     e = np.exp(x - np.where(fin, m, 0.0))
@@ -268,8 +264,8 @@ def solve_alpha(
     """numpy twin of :func:`dualsample_rs.solve_alpha`."""
     a, one = _as_rows(logp_theta, np.float64)
     b, _ = _as_rows(logp_t, np.float64)
-    a, _ = _normalise(a)
-    b, _ = _normalise(b)
+    a = _normalise_probs(a)[0]
+    b = _normalise_probs(b)[0]
     p = _params(method=method, alpha=alpha, alpha_min=alpha_min, alpha_max=alpha_max, tol=tol, max_iter=max_iter)
     out = _solve_normalised(a, b, p)
     return float(out[0]) if one else out
@@ -280,7 +276,7 @@ def mix(logp_theta: ArrayLike, logp_t: ArrayLike, alpha: ArrayLike) -> F64:
     a, one = _as_rows(logp_theta, np.float64)
     b, _ = _as_rows(logp_t, np.float64)
     al = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (a.shape[0],))
-    q, _ = _normalise(_geometric(_normalise(a)[0], _normalise(b)[0], al))
+    q = _normalise_probs(_geometric(_normalise_probs(a)[0], _normalise_probs(b)[0], al))[0]
     return q[0] if one else q
 
 
@@ -384,9 +380,9 @@ class ReferenceStepResult:
     js: F64 | None = None
 
 
-def _constrain_top_p(
-    ids: np.ndarray, a: F64, b: F64, pb: F64, obs_a: np.ndarray, obs_b: np.ndarray, top_p: float
-) -> tuple:
+def _top_p_keep(b: F64, pb: F64, top_p: float) -> np.ndarray:
+    """The teacher's most probable candidates until their mass reaches top_p (the one
+    crossing it included), ties to the earlier candidate."""
     order = np.argsort(-b, axis=1, kind="stable")
     sb = np.take_along_axis(b, order, axis=1)
     p = np.take_along_axis(pb, order, axis=1)
@@ -394,7 +390,7 @@ def _constrain_top_p(
     keep_sorted = (before < top_p) & np.isfinite(sb)
     keep = np.zeros_like(keep_sorted)
     np.put_along_axis(keep, order, keep_sorted, axis=1)
-    return _compact(keep & (ids >= 0), ids, a, b, obs_a, obs_b, fills=(-1, NEG_INF, NEG_INF, False, False))
+    return keep
 
 
 def step(
@@ -447,20 +443,10 @@ def step(
         mass = np.minimum(np.where(common, pa, 0.0).sum(1), np.where(common, pb, 0.0).sum(1))
         forced = np.where(usable & np.isnan(forced) & (mass < config.stability_overlap_min), 1.0, forced)
     if config.top_p is not None:
-        cut = _constrain_top_p(ids, a, b, pb, obs_a, obs_b, config.top_p)
-        ids_c, a_c, b_c, oa_c, ob_c = cut
-        if ids_c.shape[1] < ids.shape[1]:
-            pad = ids.shape[1] - ids_c.shape[1]
-            ids_c, a_c, b_c, oa_c, ob_c = (
-                np.pad(ids_c, ((0, 0), (0, pad)), constant_values=-1),
-                np.pad(a_c, ((0, 0), (0, pad)), constant_values=NEG_INF),
-                np.pad(b_c, ((0, 0), (0, pad)), constant_values=NEG_INF),
-                np.pad(oa_c, ((0, 0), (0, pad)), constant_values=False),
-                np.pad(ob_c, ((0, 0), (0, pad)), constant_values=False),
-            )
-        rows = fb[:, None]
-        ids, obs_a, obs_b = np.where(rows, ids_c, ids), np.where(rows, oa_c, obs_a), np.where(rows, ob_c, obs_b)
-        a, b = np.where(rows, a_c, a), np.where(rows, b_c, b)
+        # Rows whose teacher has no mass keep every candidate, as in the Rust step.
+        keep = np.where(fb[:, None], _top_p_keep(b, pb, config.top_p), ids >= 0)
+        fills = (-1, NEG_INF, NEG_INF, False, False)
+        ids, a, b, obs_a, obs_b = _compact(keep & (ids >= 0), ids, a, b, obs_a, obs_b, fills=fills)
         b, pb, _ = _normalise_probs(b)
         a, pa, za2 = _normalise_probs(a)
         forced = np.where(fb & ~np.isfinite(za2) & np.isnan(forced), 1.0, forced)
@@ -469,14 +455,17 @@ def step(
     todo = np.flatnonzero(np.isnan(alpha))
     if todo.size:
         alpha[todo] = _solve_normalised(a[todo], b[todo], _params(config))
-    logq, zq = _normalise(_geometric(a, b, alpha))
-    empty = ~np.isfinite(zq)
+    # At α = 0 or 1, q* is one of the (already normalised) models, exactly.
+    interior = (alpha > 0) & (alpha < 1)
+    logq, q, zq = _normalise_probs(_geometric(a, b, alpha))
+    empty = interior & ~np.isfinite(zq)
     fallback = fallback | empty
     alpha = np.where(empty, 1.0, alpha)
-    logq = np.where(empty[:, None], b, logq)
+    to_a, to_b = (alpha <= 0)[:, None], (alpha >= 1)[:, None]
+    logq = np.where(to_a, a, np.where(to_b, b, logq))
+    q = np.where(to_a, pa, np.where(to_b, pb, q))
 
     u = uniform(seed, keys, pos)
-    q = np.exp(logq)
     cum = np.cumsum(q, axis=1)
     target = u * cum[:, -1]
     hit = cum > target[:, None]

@@ -356,8 +356,8 @@ fn ess_balance(s: &mut Support, p: &AlphaParams) -> f64 {
     )
 }
 
-fn entropy_rule(a: &[f64], b: &[f64]) -> f64 {
-    let (ha, hb) = (entropy(a), entropy(b));
+fn entropy_rule(a: &[f64], b: &[f64], pa: &[f64], pb: &[f64]) -> f64 {
+    let (ha, hb) = (entropy(a, pa), entropy(b, pb));
     if ha + hb > 0.0 {
         ha / (ha + hb)
     } else {
@@ -373,7 +373,7 @@ fn entropy_rule(a: &[f64], b: &[f64]) -> f64 {
 pub fn solve(a: &[f64], b: &[f64], pa: &[f64], pb: &[f64], p: &AlphaParams, support: &mut Support) -> f64 {
     let raw = match p.method {
         Method::Fixed => p.alpha,
-        Method::Entropy => entropy_rule(a, b),
+        Method::Entropy => entropy_rule(a, b, pa, pb),
         Method::KlSymmetry | Method::EssBalance => {
             support.fill(a, b, pa, pb);
             if support.is_empty() {
@@ -400,11 +400,11 @@ pub fn solve(a: &[f64], b: &[f64], pa: &[f64], pb: &[f64], p: &AlphaParams, supp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::logspace::{geometric, kl, normalise};
+    use crate::kernels::logspace::{geometric, kl, normalise_with_probs};
 
     fn norm(xs: &[f64]) -> Vec<f64> {
         let mut v = xs.to_vec();
-        normalise(&mut v, &mut Vec::new());
+        normalise_with_probs(&mut v, &mut Vec::new());
         v
     }
 
@@ -430,7 +430,8 @@ mod tests {
         let alpha = solve_on(&a, &b, &AlphaParams::default());
         assert!(alpha > 0.0 && alpha < 1.0);
         let q = q_at(&a, &b, alpha);
-        let (k1, k2) = (kl(&q, &a), kl(&q, &b));
+        let pq: Vec<f64> = q.iter().map(|x| x.exp()).collect();
+        let (k1, k2) = (kl(&q, &pq, &a), kl(&q, &pq, &b));
         assert!((k1 - k2).abs() <= 1e-9 * k1.max(k2).max(1.0), "{k1} {k2}");
     }
 

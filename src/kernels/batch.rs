@@ -3,7 +3,7 @@ use numpy::ndarray::{Array2, ArrayView1, ArrayView2};
 
 use crate::errors::{KernelError, KernelResult};
 use crate::kernels::alpha::{self, AlphaParams, Support};
-use crate::kernels::logspace::{geometric, normalise, normalise_with_probs};
+use crate::kernels::logspace::{geometric, normalise_with_probs};
 use crate::kernels::merge::{merge, IdTable, Merged, Missing, RowBuffers};
 use crate::kernels::parallel::map_rows;
 use crate::kernels::simd::with_avx2_twin;
@@ -48,17 +48,6 @@ struct PairScratch {
     support: Support,
 }
 
-fn check_same_shape(a: ArrayView2<'_, f64>, b: ArrayView2<'_, f64>) -> KernelResult<()> {
-    if a.dim() == b.dim() {
-        Ok(())
-    } else {
-        Err(KernelError::arg(
-            "logp_t",
-            format!("shape {:?} does not match logp_theta's {:?}", b.dim(), a.dim()),
-        ))
-    }
-}
-
 #[inline(always)]
 fn solve_row(
     lp_a: ArrayView1<'_, f64>,
@@ -79,14 +68,14 @@ pub fn solve_alpha_batch(
     lp_b: ArrayView2<'_, f64>,
     p: &AlphaParams,
 ) -> KernelResult<Vec<f64>> {
-    check_same_shape(lp_a, lp_b)?;
+    debug_assert_eq!(lp_a.dim(), lp_b.dim(), "callers check shapes");
     map_rows(lp_a.nrows(), lp_a.ncols(), |s: &mut PairScratch, r| {
         solve_row_best(lp_a.row(r), lp_b.row(r), p, r, s)
     })
 }
 
 pub fn mix_batch(lp_a: ArrayView2<'_, f64>, lp_b: ArrayView2<'_, f64>, alphas: &[f64]) -> KernelResult<Array2<f64>> {
-    check_same_shape(lp_a, lp_b)?;
+    debug_assert_eq!(lp_a.dim(), lp_b.dim(), "callers check shapes");
     if let Some((r, &a)) = alphas.iter().enumerate().find(|(_, a)| !(0.0..=1.0).contains(*a)) {
         return Err(KernelError::row("alpha", r, format!("must lie in [0, 1], got {a}")));
     }
@@ -98,7 +87,7 @@ pub fn mix_batch(lp_a: ArrayView2<'_, f64>, lp_b: ArrayView2<'_, f64>, alphas: &
                 .zip(&s.b)
                 .map(|(&x, &y)| geometric(x, y, alphas[r]))
                 .collect();
-        if normalise(&mut q, &mut s.buf) == f64::NEG_INFINITY {
+        if normalise_with_probs(&mut q, &mut s.buf) == f64::NEG_INFINITY {
             return Err(KernelError::row(
                 "alpha",
                 r,

@@ -47,30 +47,8 @@ pub fn exp_shifted(xs: &[f64], shift: f64, out: &mut Vec<f64>) {
     }
 }
 
-/// log Σ exp(x), −inf for an empty slice or one that is all −inf; `buf` is scratch.
-#[inline(always)]
-pub fn logsumexp(xs: &[f64], buf: &mut Vec<f64>) -> f64 {
-    let m = max(xs);
-    if m == f64::NEG_INFINITY {
-        return m;
-    }
-    exp_shifted(xs, m, buf);
-    m + sum(buf).ln()
-}
-
-/// Subtract logsumexp in place; returns the subtracted value (−inf leaves xs untouched).
-#[inline(always)]
-pub fn normalise(xs: &mut [f64], buf: &mut Vec<f64>) -> f64 {
-    let z = logsumexp(xs, buf);
-    if z.is_finite() {
-        for x in xs.iter_mut() {
-            *x -= z;
-        }
-    }
-    z
-}
-
-/// `normalise`, also writing the probabilities exp(x) into `probs`.
+/// Subtract log Σ exp(x) in place and write the probabilities exp(x) into `probs`;
+/// returns the subtracted value (−inf, leaving xs untouched, when every x is −inf).
 #[inline(always)]
 pub fn normalise_with_probs(xs: &mut [f64], probs: &mut Vec<f64>) -> f64 {
     let m = max(xs);
@@ -105,46 +83,48 @@ pub fn geometric(a: f64, b: f64, alpha: f64) -> f64 {
     }
 }
 
-/// Σ p·(log p − log r) over entries with p > 0; +inf when r = 0 where p > 0.
-pub fn kl(logp: &[f64], logr: &[f64]) -> f64 {
+/// Σ p·(log p − log r) over entries with p > 0 (given as logs and probabilities);
+/// +inf when r = 0 where p > 0.
+pub fn kl(logp: &[f64], p: &[f64], logr: &[f64]) -> f64 {
     let mut total = 0.0;
-    for (&lp, &lr) in logp.iter().zip(logr) {
-        if lp == f64::NEG_INFINITY {
+    for i in 0..logp.len() {
+        if logp[i] == f64::NEG_INFINITY {
             continue;
         }
-        if lr == f64::NEG_INFINITY {
+        if logr[i] == f64::NEG_INFINITY {
             return f64::INFINITY;
         }
-        total += exp(lp) * (lp - lr);
+        total += p[i] * (logp[i] - logr[i]);
     }
     total.max(0.0)
 }
 
-/// Shannon entropy in nats of a normalised log distribution.
-pub fn entropy(logp: &[f64]) -> f64 {
+/// Shannon entropy in nats of a normalised distribution, as logs and probabilities.
+pub fn entropy(logp: &[f64], p: &[f64]) -> f64 {
     let h: f64 = logp
         .iter()
-        .filter(|&&lp| lp > f64::NEG_INFINITY)
-        .map(|&lp| -exp(lp) * lp)
+        .zip(p)
+        .filter(|(&lp, _)| lp > f64::NEG_INFINITY)
+        .map(|(&lp, &pi)| -pi * lp)
         .sum();
     h.max(0.0)
 }
 
-/// Jensen–Shannon divergence in nats between two normalised log distributions.
-pub fn js(a: &[f64], b: &[f64]) -> f64 {
+/// Jensen–Shannon divergence in nats between two normalised distributions, given both
+/// as logs and as probabilities (the step has both, so no exponential is needed).
+pub fn js(a: &[f64], b: &[f64], pa: &[f64], pb: &[f64]) -> f64 {
     let mut total = 0.0;
-    for (&la, &lb) in a.iter().zip(b) {
-        let (pa, pb) = (exp(la), exp(lb));
-        let m = 0.5 * (pa + pb);
+    for i in 0..a.len() {
+        let m = 0.5 * (pa[i] + pb[i]);
         if m <= 0.0 {
             continue;
         }
         let lm = m.ln();
-        if pa > 0.0 {
-            total += 0.5 * pa * (la - lm);
+        if pa[i] > 0.0 {
+            total += 0.5 * pa[i] * (a[i] - lm);
         }
-        if pb > 0.0 {
-            total += 0.5 * pb * (lb - lm);
+        if pb[i] > 0.0 {
+            total += 0.5 * pb[i] * (b[i] - lm);
         }
     }
     total.max(0.0)
@@ -174,15 +154,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn logsumexp_handles_extremes() {
-        let b = &mut Vec::new();
-        assert_eq!(logsumexp(&[], b), f64::NEG_INFINITY);
-        assert_eq!(logsumexp(&[f64::NEG_INFINITY; 3], b), f64::NEG_INFINITY);
-        assert!((logsumexp(&[-1e4, -1e4], b) - (-1e4 + 2f64.ln())).abs() < 1e-9);
-        assert!((logsumexp(&[0.0, f64::NEG_INFINITY], b) - 0.0).abs() < 1e-15);
+    fn normaliser_handles_extremes() {
+        let lse = |xs: &[f64]| normalise_with_probs(&mut xs.to_vec(), &mut Vec::new());
+        assert_eq!(lse(&[]), f64::NEG_INFINITY);
+        assert_eq!(lse(&[f64::NEG_INFINITY; 3]), f64::NEG_INFINITY);
+        assert!((lse(&[-1e4, -1e4]) - (-1e4 + 2f64.ln())).abs() < 1e-9);
+        assert!((lse(&[0.0, f64::NEG_INFINITY]) - 0.0).abs() < 1e-15);
         let xs: Vec<f64> = (0..11).map(|i| -f64::from(i) * 0.7).collect();
         let naive = xs.iter().map(|x| x.exp()).sum::<f64>().ln();
-        assert!((logsumexp(&xs, b) - naive).abs() < 1e-14);
+        assert!((lse(&xs) - naive).abs() < 1e-14);
     }
 
     #[test]
@@ -208,9 +188,10 @@ mod tests {
     #[test]
     fn divergences_of_identical_are_zero() {
         let p = [0.5f64.ln(), 0.25f64.ln(), 0.25f64.ln()];
-        assert!(kl(&p, &p).abs() < 1e-15);
-        assert!(js(&p, &p).abs() < 1e-15);
+        let probs: Vec<f64> = p.iter().map(|x| x.exp()).collect();
+        assert!(kl(&p, &probs, &p).abs() < 1e-15);
+        assert!(js(&p, &p, &probs, &probs).abs() < 1e-15);
         assert!((ess(&p, &p) - 1.0).abs() < 1e-12);
-        assert!((entropy(&p) - 1.5 * 2f64.ln()).abs() < 1e-12);
+        assert!((entropy(&p, &probs) - 1.5 * 2f64.ln()).abs() < 1e-12);
     }
 }

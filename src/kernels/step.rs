@@ -279,7 +279,7 @@ pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch
         (true, true) => None,
     };
     if forced.is_none() {
-        let unstable_js = cfg.js_max.is_some_and(|max| js(&m.a, &m.b) > max);
+        let unstable_js = cfg.js_max.is_some_and(|max| js(&m.a, &m.b, &s.pa, &s.pb) > max);
         let unstable_overlap = cfg
             .overlap_min
             .is_some_and(|min| common_mass(&s.pa, m).min(common_mass(&s.pb, m)) < min);
@@ -310,12 +310,12 @@ pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch
     let k = draw(&s.q, u);
     let diagnostics = if cfg.diagnostics {
         Diagnostics {
-            kl_theta: kl(&s.logq, &m.a),
-            kl_t: kl(&s.logq, &m.b),
+            kl_theta: kl(&s.logq, &s.q, &m.a),
+            kl_t: kl(&s.logq, &s.q, &m.b),
             ess_theta: ess(&m.a, &s.logq),
             ess_t: ess(&m.b, &s.logq),
-            entropy: entropy(&s.logq),
-            js: js(&m.a, &m.b),
+            entropy: entropy(&s.logq, &s.q),
+            js: js(&m.a, &m.b, &s.pa, &s.pb),
         }
     } else {
         Diagnostics::default()

@@ -4,7 +4,7 @@
 //! lists and other safe numeric dtypes go through `numpy.asarray` first. Everything else
 //! is refused with the dtype that was expected.
 use numpy::ndarray::{Axis, CowArray, Ix2};
-use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use crate::errors::{KernelError, KernelResult};
@@ -114,7 +114,7 @@ impl IdInput<'_> {
     }
 }
 
-/// Check that an id array and its log probabilities have the same shape.
+/// Check that two arrays have the same shape (and are both rows or both batches).
 pub fn same_shape<A, B>(
     ids: &Rows<'_, A>,
     logp: &Rows<'_, B>,
@@ -135,6 +135,23 @@ pub fn same_shape<A, B>(
     }
 }
 
+/// A per-row array argument as a `Vec`: `T` arrays are read directly, others converted
+/// by numpy when their dtype kind is in `kinds`.
+fn per_row<T: Element + Copy>(
+    obj: &Bound<'_, PyAny>,
+    arg: &'static str,
+    rows: usize,
+    (kinds, dtype, expected): (&str, &str, &str),
+) -> PyResult<Vec<T>> {
+    let arr = match obj.cast::<PyArrayDyn<T>>() {
+        Ok(a) => a.clone(),
+        Err(_) => convert(obj, arg, kinds, dtype, expected)?.cast_into::<PyArrayDyn<T>>()?,
+    };
+    check_len(arr.shape(), arg, rows)?;
+    let ro = arr.try_readonly().map_err(|e| borrow_err(arg, e))?;
+    Ok(ro.as_array().iter().copied().collect())
+}
+
 /// An optional per-row integer argument (row keys, positions), as raw 64-bit keys.
 pub fn per_row_keys(
     obj: Option<&Bound<'_, PyAny>>,
@@ -142,41 +159,74 @@ pub fn per_row_keys(
     rows: usize,
     default: impl Fn(usize) -> u64,
 ) -> PyResult<Vec<u64>> {
-    let Some(obj) = obj.filter(|o| !o.is_none()) else {
-        return Ok((0..rows).map(default).collect());
-    };
-    let arr = match obj.cast::<PyArrayDyn<i64>>() {
-        Ok(a) => a.clone(),
-        Err(_) => convert(obj, arg, "iu", "int64", "integers, one per row")?.cast_into::<PyArrayDyn<i64>>()?,
-    };
-    check_len(arr.shape(), arg, rows)?;
-    let ro = arr.try_readonly().map_err(|e| borrow_err(arg, e))?;
-    Ok(ro.as_array().iter().map(|&v| v as u64).collect())
+    match obj.filter(|o| !o.is_none()) {
+        None => Ok((0..rows).map(default).collect()),
+        Some(obj) => Ok(
+            per_row::<i64>(obj, arg, rows, ("iu", "int64", "integers, one per row"))?
+                .into_iter()
+                .map(|v| v as u64)
+                .collect(),
+        ),
+    }
 }
 
 /// An optional per-row flag.
 pub fn per_row_flags(obj: Option<&Bound<'_, PyAny>>, arg: &'static str, rows: usize) -> PyResult<Vec<bool>> {
-    let Some(obj) = obj.filter(|o| !o.is_none()) else {
-        return Ok(vec![false; rows]);
-    };
-    let arr = match obj.cast::<PyArrayDyn<bool>>() {
-        Ok(a) => a.clone(),
-        Err(_) => convert(obj, arg, "biu", "bool", "booleans, one per row")?.cast_into::<PyArrayDyn<bool>>()?,
-    };
-    check_len(arr.shape(), arg, rows)?;
-    let ro = arr.try_readonly().map_err(|e| borrow_err(arg, e))?;
-    Ok(ro.as_array().iter().copied().collect())
+    match obj.filter(|o| !o.is_none()) {
+        None => Ok(vec![false; rows]),
+        Some(obj) => per_row(obj, arg, rows, ("biu", "bool", "booleans, one per row")),
+    }
 }
 
-/// An optional per-row float (a scalar applies to every row).
+/// A per-row float (a scalar applies to every row).
 pub fn per_row_floats(obj: &Bound<'_, PyAny>, arg: &'static str, rows: usize) -> PyResult<Vec<f64>> {
     if let Ok(v) = obj.extract::<f64>() {
         return Ok(vec![v; rows]);
     }
-    let arr = convert(obj, arg, "fiu", "float64", "a float or one float per row")?.cast_into::<PyArrayDyn<f64>>()?;
-    check_len(arr.shape(), arg, rows)?;
-    let ro = arr.try_readonly().map_err(|e| borrow_err(arg, e))?;
-    Ok(ro.as_array().iter().copied().collect())
+    per_row(obj, arg, rows, ("fiu", "float64", "a float or one float per row"))
+}
+
+/// Both models' top-k arguments, extracted once; `rows` checks their shapes agree.
+pub struct TopkInputs<'py> {
+    ids_a: IdInput<'py>,
+    lp_a: FloatInput<'py>,
+    ids_b: IdInput<'py>,
+    lp_b: FloatInput<'py>,
+}
+
+/// Views of `TopkInputs`: (ids_theta, logp_theta, ids_t, logp_t).
+pub type TopkRows<'a> = (Rows<'a, i64>, Rows<'a, f64>, Rows<'a, i64>, Rows<'a, f64>);
+
+impl<'py> TopkInputs<'py> {
+    pub fn extract(
+        ids_theta: &Bound<'py, PyAny>,
+        logp_theta: &Bound<'py, PyAny>,
+        ids_t: &Bound<'py, PyAny>,
+        logp_t: &Bound<'py, PyAny>,
+    ) -> PyResult<Self> {
+        Ok(TopkInputs {
+            ids_a: id_input(ids_theta, "ids_theta")?,
+            lp_a: float_input(logp_theta, "logp_theta")?,
+            ids_b: id_input(ids_t, "ids_t")?,
+            lp_b: float_input(logp_t, "logp_t")?,
+        })
+    }
+
+    pub fn rows(&self) -> KernelResult<TopkRows<'_>> {
+        let ia = self.ids_a.rows("ids_theta")?;
+        let la = self.lp_a.rows("logp_theta")?;
+        let ib = self.ids_b.rows("ids_t")?;
+        let lb = self.lp_b.rows("logp_t")?;
+        same_shape(&ia, &la, ("ids_theta", "logp_theta"))?;
+        same_shape(&ib, &lb, ("ids_t", "logp_t"))?;
+        if ib.data.nrows() != ia.data.nrows() || ia.one_row != ib.one_row {
+            return Err(KernelError::arg(
+                "ids_t",
+                format!("has {} rows but ids_theta has {}", ib.data.nrows(), ia.data.nrows()),
+            ));
+        }
+        Ok((ia, la, ib, lb))
+    }
 }
 
 fn check_len(shape: &[usize], arg: &'static str, rows: usize) -> KernelResult<()> {

@@ -4,28 +4,11 @@ use numpy::{IntoPyArray, PyArray1};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use crate::errors::KernelError;
 use crate::kernels::alpha::AlphaParams;
 use crate::kernels::batch::{merge_batch, mix_batch, solve_alpha_batch};
 use crate::kernels::merge::Missing;
-use crate::py::arrays::{float_input, id_input, per_row_floats, same_shape, Rows};
+use crate::py::arrays::{float_input, per_row_floats, same_shape, TopkInputs};
 use crate::py::config::parse_missing;
-
-fn same_layout(a: &Rows<'_, f64>, b: &Rows<'_, f64>) -> PyResult<()> {
-    if a.data.dim() == b.data.dim() && a.one_row == b.one_row {
-        Ok(())
-    } else {
-        Err(KernelError::arg(
-            "logp_t",
-            format!(
-                "shape {:?} does not match logp_theta's {:?}",
-                b.data.shape(),
-                a.data.shape()
-            ),
-        )
-        .into())
-    }
-}
 
 #[pyfunction(name = "solve_alpha")]
 #[pyo3(signature = (logp_theta, logp_t, *, method="kl_symmetry", alpha=0.5, alpha_min=0.0, alpha_max=1.0, tol=1e-10, max_iter=100))]
@@ -43,7 +26,7 @@ pub fn solve_alpha_py(
     let params = AlphaParams::new(method, alpha, alpha_min, alpha_max, tol, max_iter)?;
     let (a_in, b_in) = (float_input(logp_theta, "logp_theta")?, float_input(logp_t, "logp_t")?);
     let (a, b) = (a_in.rows("logp_theta")?, b_in.rows("logp_t")?);
-    same_layout(&a, &b)?;
+    same_shape(&a, &b, ("logp_theta", "logp_t"))?;
     let (va, vb) = (a.data.view(), b.data.view());
     let alphas = py.detach(|| solve_alpha_batch(va, vb, &params))?;
     if a.one_row {
@@ -62,7 +45,7 @@ pub fn mix_py(
 ) -> PyResult<Py<PyAny>> {
     let (a_in, b_in) = (float_input(logp_theta, "logp_theta")?, float_input(logp_t, "logp_t")?);
     let (a, b) = (a_in.rows("logp_theta")?, b_in.rows("logp_t")?);
-    same_layout(&a, &b)?;
+    same_shape(&a, &b, ("logp_theta", "logp_t"))?;
     let alphas = per_row_floats(alpha, "alpha", a.data.nrows())?;
     let (va, vb) = (a.data.view(), b.data.view());
     let q = py.detach(|| mix_batch(va, vb, &alphas))?;
@@ -87,22 +70,8 @@ pub fn merge_topk_py<'py>(
     missing: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let missing = missing.map_or(Ok(Missing::Bound), parse_missing)?;
-    let (ia_in, la_in) = (
-        id_input(ids_theta, "ids_theta")?,
-        float_input(logp_theta, "logp_theta")?,
-    );
-    let (ib_in, lb_in) = (id_input(ids_t, "ids_t")?, float_input(logp_t, "logp_t")?);
-    let (ia, la) = (ia_in.rows("ids_theta")?, la_in.rows("logp_theta")?);
-    let (ib, lb) = (ib_in.rows("ids_t")?, lb_in.rows("logp_t")?);
-    same_shape(&ia, &la, ("ids_theta", "logp_theta"))?;
-    same_shape(&ib, &lb, ("ids_t", "logp_t"))?;
-    if ia.data.nrows() != ib.data.nrows() || ia.one_row != ib.one_row {
-        return Err(KernelError::arg(
-            "ids_t",
-            format!("has {} rows but ids_theta has {}", ib.data.nrows(), ia.data.nrows()),
-        )
-        .into());
-    }
+    let inputs = TopkInputs::extract(ids_theta, logp_theta, ids_t, logp_t)?;
+    let (ia, la, ib, lb) = inputs.rows()?;
     let (via, vla, vib, vlb) = (ia.data.view(), la.data.view(), ib.data.view(), lb.data.view());
     let m = py.detach(|| merge_batch(via, vla, vib, vlb, missing))?;
     if ia.one_row {

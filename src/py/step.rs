@@ -4,7 +4,7 @@ use pyo3::prelude::*;
 
 use crate::errors::KernelError;
 use crate::kernels::step::{step_batch, Batch, RowOutput, StepConfig};
-use crate::py::arrays::{float_input, id_input, per_row_flags, per_row_keys, same_shape};
+use crate::py::arrays::{per_row_flags, per_row_keys, TopkInputs};
 use crate::py::config::SamplerConfig;
 
 /// One entry per row; diagnostics are None unless the config asked for them.
@@ -113,25 +113,9 @@ pub fn step_py(
     row_keys: Option<&Bound<'_, PyAny>>,
     force_teacher: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<StepResult> {
-    let (ids_a_in, lp_a_in) = (
-        id_input(ids_theta, "ids_theta")?,
-        float_input(logp_theta, "logp_theta")?,
-    );
-    let (ids_b_in, lp_b_in) = (id_input(ids_t, "ids_t")?, float_input(logp_t, "logp_t")?);
-    let ids_a = ids_a_in.rows("ids_theta")?;
-    let lp_a = lp_a_in.rows("logp_theta")?;
-    let ids_b = ids_b_in.rows("ids_t")?;
-    let lp_b = lp_b_in.rows("logp_t")?;
-    same_shape(&ids_a, &lp_a, ("ids_theta", "logp_theta"))?;
-    same_shape(&ids_b, &lp_b, ("ids_t", "logp_t"))?;
+    let inputs = TopkInputs::extract(ids_theta, logp_theta, ids_t, logp_t)?;
+    let (ids_a, lp_a, ids_b, lp_b) = inputs.rows()?;
     let rows = ids_a.data.nrows();
-    if ids_b.data.nrows() != rows || ids_a.one_row != ids_b.one_row {
-        return Err(KernelError::arg(
-            "ids_t",
-            format!("has {} rows but ids_theta has {rows}", ids_b.data.nrows()),
-        )
-        .into());
-    }
     let default_cfg;
     let cfg: &StepConfig = if let Some(c) = &config {
         &c.inner
