@@ -149,8 +149,11 @@ def test_parse_retry_after(headers: dict, expected: float | None) -> None:
 def test_parse_retry_after_dates() -> None:
     when = email.utils.formatdate(time.time() + 30, usegmt=True)
     assert 25 <= parse_retry_after(httpx.Headers({"Retry-After": when})) <= 31  # type: ignore[operator]
-    negative = parse_retry_after(httpx.Headers({"Retry-After": "-5"}))
-    assert negative == -5.0 and not (0 <= negative)  # the caller ignores it and backs off
+    assert parse_retry_after(httpx.Headers({"Retry-After": "-5"})) == -5.0
+    c = VLLMClient("http://server")
+    # a negative or past Retry-After is not honoured: the back-off is used
+    assert 0.375 <= c.retry_delay(1, httpx.Response(503, headers={"Retry-After": "-5"})) <= 1.0
+    asyncio.run(c.aclose())
 
 
 def test_parse_topk() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -301,7 +300,10 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError):
         CoordinatorConfig(max_batch_size=5000)
     assert ds.EnhancedCoordinatorConfig is CoordinatorConfig and ds.EnhancedDualVLLMCoordinator is DualVLLMCoordinator
-    assert os.environ.get("DUALSAMPLE_NO_SUCH") is None
+    changed = CoordinatorConfig().replace(top_k=7)
+    assert changed.top_k == 7 and changed.theta_url == CoordinatorConfig().theta_url
+    with pytest.raises(ConfigurationError, match="top_k"):
+        CoordinatorConfig().replace(top_k=-1)
 
 
 def test_cli_resume_can_retry_failed_records(urls: tuple[str, str], tmp_path: Path) -> None:
@@ -351,3 +353,29 @@ def test_one_call_convenience(urls: tuple[str, str]) -> None:
     assert _records(outs) == _records(
         run(cfg(urls, seed=12), PLAIN[:2], QUESTIONS[:2], max_tokens=6, teacher_chat=False)
     )
+
+
+def test_stability_check_without_fallback_only_counts(urls: tuple[str, str]) -> None:
+    async def go(auto: bool) -> tuple[list[ds.GenerationOutput], dict]:
+        config = cfg(urls, seed=13, enable_stability_check=True, stability_threshold_js=0.05, auto_fallback=auto)
+        async with DualVLLMCoordinator(config) as coord:
+            outs = await coord.generate_batch(QUESTIONS, max_tokens=10, show_progress=False)
+            return outs, coord.get_statistics()
+
+    outs, stats = asyncio.run(go(False))
+    assert stats["stability_flagged"] > 0 and stats["stability_fallbacks"] == 0
+    assert not any(f for o in outs for f in o.fallback)
+    _, with_fallback = asyncio.run(go(True))
+    assert with_fallback["stability_fallbacks"] > 0 and with_fallback["stability_flagged"] == 0
+
+
+def test_stop_ids_come_from_tokenizer_info_when_enabled(urls: tuple[str, str]) -> None:
+    async def stop_ids(theta: str, t: str) -> tuple[int, ...]:
+        async with DualVLLMCoordinator(CoordinatorConfig(theta_url=theta, t_url=t)) as coord:
+            return coord.stop_ids
+
+    # Without the endpoint: every known end-of-sequence string that is one token.
+    assert asyncio.run(stop_ids(*urls)) == (EOS, IM_END)
+    with running_server("base", enable_tokenizer_info_endpoint=True) as a:
+        with running_server("teacher", enable_tokenizer_info_endpoint=True) as b:
+            assert asyncio.run(stop_ids(a, b)) == (EOS,)  # only the tokenizer's own EOS

@@ -146,3 +146,12 @@ def test_messages_name_the_row_in_a_batch() -> None:
     with pytest.raises(InvalidInputError) as info:
         ds.step(np.tile(IDS[0], (50, 1)), lp, np.tile(IDS[0], (50, 1)), np.tile(LP[0], (50, 1)))
     assert re.search(r"row 37\b", str(info.value))
+
+
+def test_config_equality_and_repr() -> None:
+    a = ds.SamplerConfig(top_p=0.9, exclude_ids=(5, 1, 5), missing=-20.0)
+    assert a == ds.SamplerConfig(top_p=0.9, exclude_ids=(1, 5), missing=-20.0)  # ids sorted, deduplicated
+    assert a != ds.SamplerConfig(top_p=0.8, exclude_ids=(1, 5), missing=-20.0)
+    assert a != "SamplerConfig"
+    assert a.exclude_ids == (1, 5) and a.missing == -20.0 and a.temperature_t is None
+    assert "top_p=0.9" in repr(a) and "missing=-20.0" in repr(a)

@@ -237,9 +237,13 @@ class VLLMClient:
             raise
         return data if isinstance(data, dict) else None
 
-    async def step(self, contexts_json: list[str], top_k: int, model: str | None) -> TopK:
-        """The top-k next-token log probabilities for each context (already JSON-encoded
-        id lists, so a growing context is not re-encoded every step)."""
+    async def step(self, open_contexts: list[str], top_k: int, model: str | None) -> TopK:
+        """The top-k next-token log probabilities for each context.
+
+        Each context is its ids as JSON text without the closing bracket (``"[1,2,3"``):
+        the form a growing context is kept in, so building the request is one join
+        (closing each one first would copy every context once more per step).
+        """
         head: dict[str, Any] = {
             "max_tokens": 1,
             "logprobs": top_k,
@@ -248,9 +252,9 @@ class VLLMClient:
         }
         if model:
             head["model"] = model
-        content = (json.dumps(head)[:-1] + ',"prompt":[' + ",".join(contexts_json) + "]}").encode()
+        content = (json.dumps(head)[:-1] + ',"prompt":[' + "],".join(open_contexts) + "]]}").encode()
         t0 = time.perf_counter()
-        rows = len(contexts_json)
+        rows = len(open_contexts)
         top = await self._request(
             "POST", "/v1/completions", content=content, decode=lambda raw: parse_topk(raw, rows, top_k)
         )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ._constants import DEFAULT_MAX_RETRIES
@@ -146,9 +147,7 @@ class CoordinatorConfig:
 
     def replace(self, **changes: Any) -> CoordinatorConfig:
         """A copy with some fields changed (validated again)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update(changes)
-        return CoordinatorConfig(**values)
+        return dataclasses.replace(self, **changes)
 
 
 EnhancedCoordinatorConfig = CoordinatorConfig

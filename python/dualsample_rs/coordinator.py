@@ -194,7 +194,7 @@ class DualVLLMCoordinator:
 
     async def _check_top_k(self, client: VLLMClient, model: str | None, probe: list[int]) -> None:
         try:
-            await client.step([str(probe[:4] or [0])], self.config.top_k, model)
+            await client.step(["[" + ",".join(map(str, probe[:4] or [0]))], self.config.top_k, model)
         except BadRequestError as err:
             if "logprobs" in str(err):
                 raise ConfigurationError(
@@ -207,10 +207,12 @@ class DualVLLMCoordinator:
         if self.config.stop_token_ids is not None:
             return tuple(self.config.stop_token_ids)
         info_a, info_b = await asyncio.gather(self.theta.tokenizer_info(), self.teacher.tokenizer_info())
-        eos_names = [str(i["eos_token"]) for i in (info_a, info_b) if i and isinstance(i.get("eos_token"), str)]
+        eos_names = {str(i["eos_token"]) for i in (info_a, info_b) if i and isinstance(i.get("eos_token"), str)}
         if eos_names:
-            ids = [await self.theta.tokenize(s, add_special_tokens=False) for s in eos_names]
-            found = tuple(sorted({t[0] for t in ids if len(t) == 1}))
+            # Known special strings were already tokenised; only ask for others.
+            unknown = sorted(eos_names - set(specials))
+            ids = await asyncio.gather(*(self.theta.tokenize(s, add_special_tokens=False) for s in unknown))
+            found = tuple(sorted({specials[s] for s in eos_names & set(specials)} | {t[0] for t in ids if len(t) == 1}))
         else:
             found = tuple(sorted({i for s, i in specials.items() if s in KNOWN_EOS_STRINGS}))
         if not found:
@@ -458,8 +460,8 @@ class DualVLLMCoordinator:
         """One token for every sequence in `active`; failures become per-sequence errors."""
         k = self.config.top_k
         got = await asyncio.gather(
-            self.theta.step([s.ctx_theta + "]" for s in active], k, self.model_names[0]),
-            self.teacher.step([s.ctx_t + "]" for s in active], k, self.model_names[1]),
+            self.theta.step([s.ctx_theta for s in active], k, self.model_names[0]),
+            self.teacher.step([s.ctx_t for s in active], k, self.model_names[1]),
             return_exceptions=True,
         )
         failure = next((g for g in got if isinstance(g, BaseException)), None)

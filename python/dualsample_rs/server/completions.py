@@ -20,33 +20,30 @@ MAX_PROMPTS = 1024
 NEG_INF_WIRE = -9999.0  # vLLM sends -inf as this
 
 
-def _int(body: dict[str, Any], name: str, default: int | None, minimum: int | None = None) -> int | None:
+def _field(body: dict[str, Any], name: str, default: Any, kind: str, ok: Any) -> Any:
+    """`body[name]` (None or absent: `default`), refused with pydantic's message unless `ok`."""
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad_request(f"1 validation error for CompletionRequest\n{name}\n  Input should be a valid integer", name)
-    if minimum is not None and value < minimum:
+    if not ok(value):
+        raise bad_request(f"1 validation error for CompletionRequest\n{name}\n  Input should be a valid {kind}", name)
+    return value
+
+
+def _int(body: dict[str, Any], name: str, default: int | None, minimum: int | None = None) -> int | None:
+    value = _field(body, name, default, "integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
+    if value is not None and minimum is not None and value < minimum:
         raise bad_request(f"{name} must be at least {minimum}, got {value}.", name)
     return value
 
 
 def _float(body: dict[str, Any], name: str, default: float | None) -> float | None:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad_request(f"1 validation error for CompletionRequest\n{name}\n  Input should be a valid number", name)
-    return float(value)
+    value = _field(body, name, default, "number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+    return None if value is None else float(value)
 
 
 def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise bad_request(f"1 validation error for CompletionRequest\n{name}\n  Input should be a valid boolean", name)
-    return value
+    return bool(_field(body, name, default, "boolean", lambda v: isinstance(v, bool)))
 
 
 @dataclass
@@ -288,6 +285,16 @@ def _prompt_logprobs(model: Model, prompt: list[int], k: int) -> list[dict[str, 
 def respond(req: Request, model: Model, seqs: list[Sequence]) -> dict[str, Any]:
     """The response body, choices in prompt order with flat indices."""
     choices = []
+    # One forward pass per prompt position: shared by echo, prompt_logprobs and the n
+    # samples of a prompt (which share its token list).
+    cache: dict[tuple[int, int], list[dict[str, Any] | None]] = {}
+
+    def prompt_logprobs(prompt: list[int], k: int) -> list[dict[str, Any] | None]:
+        key = (id(prompt), k)
+        if key not in cache:
+            cache[key] = _prompt_logprobs(model, prompt, k)
+        return cache[key]
+
     for index, s in enumerate(seqs):
         text = s.text
         logprobs = None
@@ -296,7 +303,7 @@ def respond(req: Request, model: Model, seqs: list[Sequence]) -> dict[str, Any]:
         if req.logprobs is not None:
             tokens, token_lps, tops, offsets = [], [], [], []
             if req.echo:
-                plp = _prompt_logprobs(model, s.prompt, req.logprobs)
+                plp = prompt_logprobs(s.prompt, req.logprobs)
                 for t, e in zip(s.prompt, plp, strict=True):
                     tokens.append(_key(model, t, req.ids_as_keys))
                     token_lps.append(None if e is None else e[str(t)]["logprob"])
@@ -322,7 +329,7 @@ def respond(req: Request, model: Model, seqs: list[Sequence]) -> dict[str, Any]:
                 "finish_reason": s.finish_reason,
                 "stop_reason": s.stop_reason,
                 "prompt_logprobs": (
-                    _prompt_logprobs(model, s.prompt, req.prompt_logprobs) if req.prompt_logprobs is not None else None
+                    prompt_logprobs(s.prompt, req.prompt_logprobs) if req.prompt_logprobs is not None else None
                 ),
             }
         )

@@ -29,14 +29,7 @@ class FaultConfig:
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in (
-            "latency_rate",
-            "error_500_rate",
-            "error_503_rate",
-            "drop_rate",
-            "malformed_rate",
-            "slow_body_rate",
-        ):
+        for name in RATE_FIELDS:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
@@ -47,17 +40,7 @@ class FaultConfig:
 
     @property
     def active(self) -> bool:
-        return any(
-            getattr(self, n) > 0
-            for n in (
-                "latency_rate",
-                "error_500_rate",
-                "error_503_rate",
-                "drop_rate",
-                "malformed_rate",
-                "slow_body_rate",
-            )
-        )
+        return any(getattr(self, n) > 0 for n in RATE_FIELDS)
 
     def draw(self) -> Fault:
         """The faults for the next request."""
