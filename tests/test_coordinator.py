@@ -17,25 +17,9 @@ from dualsample_rs import ConfigurationError, CoordinatorConfig, DualVLLMCoordin
 from dualsample_rs.coordinator import WorkItem
 from dualsample_rs.server import running_server
 from dualsample_rs.server.process import READY_PREFIX
+from support import PLAIN, QUESTIONS, generate_cli, read_records, wait_cli, write_input
 
-QUESTIONS = [
-    "Why is the sky blue?",
-    "What is water made of?",
-    "What causes wind?",
-    "Why does ice float?",
-    "What makes thunder?",
-    "How is bread made?",
-    "What is gravity?",
-    "Why do trees lose their leaves?",
-]
-PLAIN = [f"Question: {q}\nAnswer:" for q in QUESTIONS]
 IM_START, IM_END, EOS = 257, 258, 256
-
-
-@pytest.fixture(scope="module")
-def urls() -> Iterator[tuple[str, str]]:
-    with running_server("base") as a, running_server("teacher") as b:
-        yield a, b
 
 
 def run(config: CoordinatorConfig, prompts_theta=PLAIN, prompts_t=QUESTIONS, **kwargs) -> list[ds.GenerationOutput]:
@@ -218,52 +202,27 @@ def test_a_dead_server_becomes_per_sequence_errors(urls: tuple[str, str]) -> Non
     assert stats["errors"] == len(failed) and stats["failures"] >= 1
 
 
-def _write_input(path: Path, n: int) -> None:
-    with path.open("w") as f:
-        for i in range(n):
-            q = QUESTIONS[i % len(QUESTIONS)]
-            f.write(json.dumps({"id": f"q{i}", "prompt": f"Question: {q}\nAnswer:", "teacher_prompt": q}) + "\n")
-
-
-def _generate(urls: tuple[str, str], inp: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dualsample_rs", "generate", "--theta-url", urls[0], "--t-url", urls[1],
-         "--input", str(inp), "--output", str(out), "--max-tokens", "25", "--seed", "11", "--quiet", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def _wait(p: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
-    """Exit status and stderr, closing the pipes."""
-    _, err = p.communicate(timeout=timeout)
-    return p.returncode, err
-
-
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def test_cli_killed_and_resumed_loses_and_duplicates_nothing(urls: tuple[str, str], tmp_path: Path) -> None:
     inp, full, part = tmp_path / "in.jsonl", tmp_path / "full.jsonl", tmp_path / "part.jsonl"
-    _write_input(inp, 60)
-    code, err = _wait(_generate(urls, inp, full, "--max-concurrency", "8"))
+    write_input(inp, 60)
+    code, err = wait_cli(generate_cli(urls, inp, full, "--max-concurrency", "8"))
     assert code == 0, err
-    reference = {r["id"]: r for r in _read(full)}
+    reference = {r["id"]: r for r in read_records(full)}
     assert len(reference) == 60
 
-    p = _generate(urls, inp, part, "--max-concurrency", "3")
+    p = generate_cli(urls, inp, part, "--max-concurrency", "3")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not part.exists() or part.read_text().count("\n") < 10):
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
-    _wait(p)
+    wait_cli(p)
     written = part.read_text().count("\n")
     assert 10 <= written < 60
     with part.open("a") as f:
         f.write('{"id": "q59", "prompt": "Question: half a rec')  # a write cut short by the kill
-    code, err = _wait(_generate(urls, inp, part, "--max-concurrency", "5", "--resume"))
+    code, err = wait_cli(generate_cli(urls, inp, part, "--max-concurrency", "5", "--resume"))
     assert code == 0, err
-    records = _read(part)
+    records = read_records(part)
     ids = [r["id"] for r in records]
     assert len(ids) == len(set(ids)) == 60
     for r in records:
@@ -272,16 +231,16 @@ def test_cli_killed_and_resumed_loses_and_duplicates_nothing(urls: tuple[str, st
 
 def test_cli_refuses_to_clobber_and_reports_failures(urls: tuple[str, str], tmp_path: Path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    _write_input(inp, 3)
+    write_input(inp, 3)
     out.write_text('{"id": "x"}\n')
-    code, err = _wait(_generate(urls, inp, out))
+    code, err = wait_cli(generate_cli(urls, inp, out))
     assert code == 2 and "--resume" in err
-    code, err = _wait(_generate(urls, inp, out, "--overwrite", "--top-k", "25"))
+    code, err = wait_cli(generate_cli(urls, inp, out, "--overwrite", "--top-k", "25"))
     assert code == 2 and "--max-logprobs 25" in err
     with inp.open("a") as f:
         f.write(json.dumps({"id": "bad", "prompt": [1, 2, 999]}) + "\n")  # out of vocabulary
-    code, _ = _wait(_generate(urls, inp, out, "--overwrite"))
-    records = {r["id"]: r for r in _read(out)}
+    code, _ = wait_cli(generate_cli(urls, inp, out, "--overwrite"))
+    records = {r["id"]: r for r in read_records(out)}
     assert code == 1 and records["bad"]["finish_reason"] == "error" and "out of vocabulary" in records["bad"]["error"]
     assert all(records[f"q{i}"]["finish_reason"] in ("stop", "length") for i in range(3))
 
@@ -308,18 +267,18 @@ def test_config_validation() -> None:
 
 def test_cli_resume_can_retry_failed_records(urls: tuple[str, str], tmp_path: Path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    _write_input(inp, 4)
-    code, err = _wait(_generate(urls, inp, out))
+    write_input(inp, 4)
+    code, err = wait_cli(generate_cli(urls, inp, out))
     assert code == 0, err
-    records = _read(out)
+    records = read_records(out)
     broken = dict(records[1], finish_reason="error", error="APIConnectionError: gone", token_ids=[])
     out.write_text("".join(json.dumps(r) + "\n" for r in [records[0], broken, records[2], records[3]]))
-    code, err = _wait(_generate(urls, inp, out, "--resume"))  # failures stay failures without the flag
-    assert code == 0 and len(_read(out)) == 4
-    code, err = _wait(_generate(urls, inp, out, "--resume", "--retry-errors"))
+    code, err = wait_cli(generate_cli(urls, inp, out, "--resume"))  # failures stay failures without the flag
+    assert code == 0 and len(read_records(out)) == 4
+    code, err = wait_cli(generate_cli(urls, inp, out, "--resume", "--retry-errors"))
     assert code == 0, err
-    again = {r["id"]: r for r in _read(out)}
-    assert len(_read(out)) == 4 and again[records[1]["id"]] == records[1]
+    again = {r["id"]: r for r in read_records(out)}
+    assert len(read_records(out)) == 4 and again[records[1]["id"]] == records[1]
 
 
 def test_a_failing_prompt_source_raises_instead_of_hanging(urls: tuple[str, str]) -> None:
@@ -338,10 +297,10 @@ def test_a_failing_prompt_source_raises_instead_of_hanging(urls: tuple[str, str]
 
 def test_cli_reports_a_malformed_input_line(urls: tuple[str, str], tmp_path: Path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    _write_input(inp, 3)
+    write_input(inp, 3)
     with inp.open("a") as f:
         f.write("{not json\n")
-    code, err = _wait(_generate(urls, inp, out), timeout=60)
+    code, err = wait_cli(generate_cli(urls, inp, out), timeout=60)
     assert code == 2 and "line 4: not JSON" in err
 
 

@@ -7,12 +7,20 @@ import asyncio
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
-from .exceptions import DualSampleError
+from .exceptions import DualSampleError, InvalidInputError
 
 if TYPE_CHECKING:
     from .config import CoordinatorConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    """Flag errors in one line (the full usage is a screenful), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -86,7 +94,7 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha-min", type=float, default=0.0)
     g.add_argument("--alpha-max", type=float, default=1.0)
     g.add_argument("--alpha-tol", type=float, default=1e-10)
-    g.add_argument("--missing", default="bound", help='"bound", "drop" or a float log probability')
+    g.add_argument("--missing", type=_missing, default="bound", help='"bound", "drop" or a float log probability')
     g.add_argument("--max-tokens", type=int, default=100)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument(
@@ -116,15 +124,22 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _ids(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
+    try:
+        ids = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"token ids are non-negative, got {text!r}")
+    return ids
 
 
 def _missing(text: str) -> Literal["bound", "drop"] | float:
-    if text == "bound":
-        return "bound"
-    if text == "drop":
-        return "drop"
-    return float(text)
+    if text in ("bound", "drop"):
+        return text  # type: ignore[return-value]
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected "bound", "drop" or a float log probability, got {text!r}') from None
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
@@ -143,7 +158,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         alpha_min=args.alpha_min,
         alpha_max=args.alpha_max,
         alpha_tol=args.alpha_tol,
-        missing=_missing(args.missing),
+        missing=args.missing,
         temperature=args.temperature,
         temperature_t=args.temperature_t,
         force_first_token=not args.no_force_first_token,
@@ -180,33 +195,63 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     _sampling_flags(p)
 
 
+def _check_paths(inp: str, out: str) -> None:
+    """Refuse paths that cannot work, before any file is touched or server contacted."""
+    if not os.path.exists(inp):
+        raise InvalidInputError(f"--input: {inp} does not exist")
+    if os.path.isdir(inp):
+        raise InvalidInputError(f"--input: {inp} is a directory")
+    if not os.access(inp, os.R_OK):
+        raise InvalidInputError(f"--input: {inp} is not readable")
+    if os.path.isdir(out):
+        raise InvalidInputError(f"--output: {out} is a directory")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise InvalidInputError(f"--output: the directory {parent} does not exist")
+    if os.path.exists(out):
+        if os.path.samefile(inp, out):
+            raise InvalidInputError(f"--output: {out} is the input file; writing it would destroy the prompts")
+        if not os.access(out, os.W_OK):
+            raise InvalidInputError(f"--output: {out} is not writable")
+    elif not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"--output: cannot create files in {parent}")
+
+
 async def _run_generate(args: argparse.Namespace) -> int:
     from .coordinator import DualVLLMCoordinator, WorkItem, stable_key
-    from .jsonl import RecordWriter, count_lines, done_ids, is_done, read_prompts
+    from .input_file import check_input, read_input
+    from .output_file import OutputLock, RecordWriter, prepare_resume, scan_output
 
     config = config_from_args(args)
+    if args.max_tokens < 1:
+        raise InvalidInputError(f"--max-tokens: must be at least 1, got {args.max_tokens}")
+    if args.retry_errors and not args.resume:
+        raise InvalidInputError("--retry-errors: only with --resume")
+    _check_paths(args.input, args.output)
     if os.path.exists(args.output) and os.path.getsize(args.output) > 0 and not (args.resume or args.overwrite):
-        print(
-            f"dualsample generate: {args.output} exists; pass --resume to continue it or --overwrite", file=sys.stderr
+        raise InvalidInputError(f"--output: {args.output} exists; pass --resume to continue it or --overwrite")
+    with OutputLock(args.output):
+        existing = scan_output(args.output, args.retry_errors) if args.resume else None
+        _, remaining = check_input(
+            args.input, args.prompt_field, args.teacher_prompt_field, existing.done if existing else None
         )
-        return 2
-    done = done_ids(args.output, retry_errors=args.retry_errors) if args.resume else set()
-    total = count_lines(args.input)
-    records = read_prompts(args.input, args.prompt_field, args.teacher_prompt_field)
-    items = (
-        WorkItem(stable_key(r["id"]), r["prompt"], r["teacher_prompt"], r["id"], args.teacher_chat)
-        for r in records
-        if not is_done(r["id"], done)
-    )
-    failed = 0
-    async with DualVLLMCoordinator(config) as coord:
-        with RecordWriter(args.output, append=args.resume) as writer:
-            async for _, out in coord.iter_generate(
-                items, args.max_tokens, 1.0, args.diagnostics, not args.quiet, total=total - len(done)
-            ):
-                writer.write(out.to_record())
-                failed += out.failed
-        stats = coord.get_statistics()
+        items = (
+            WorkItem(stable_key(r.id), r.prompt, r.teacher_prompt, r.id, args.teacher_chat, where=f"line {r.line}")
+            for r in read_input(args.input, args.prompt_field, args.teacher_prompt_field)
+            if existing is None or not existing.is_done(r.id)
+        )
+        failed = 0
+        async with DualVLLMCoordinator(config) as coord:
+            # The servers are up: only now is the existing output changed.
+            if existing is not None:
+                prepare_resume(args.output, existing, args.retry_errors)
+            with RecordWriter(args.output, append=args.resume) as writer:
+                async for _, out in coord.iter_generate(
+                    items, args.max_tokens, 1.0, args.diagnostics, not args.quiet, total=remaining
+                ):
+                    writer.write(out.to_record())
+                    failed += out.failed
+            stats = coord.get_statistics()
     print(
         f"dualsample generate: {stats['sequences']} sequences ({failed} failed), {stats['tokens']} tokens, "
         f"{stats['tokens_per_second']:.0f} tokens/s, mean alpha {stats['mean_alpha']:.3f}, "
@@ -308,9 +353,37 @@ async def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _stoppable(command: str, work: Coroutine[Any, Any, int]) -> int:
+    """Run `work`; on SIGINT or SIGTERM cancel it, so that the record being written is
+    finished, files are closed and locks released, then exit 128 + the signal number."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def stop(sig: int) -> None:
+        received.append(sig)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        name = signal.Signals(received[0]).name
+        print(f"dualsample {command}: stopped by {name}; what was written is complete (--resume continues)",
+              file=sys.stderr)  # fmt: skip
+        return 128 + received[0]
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dualsample", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="dualsample", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _generate_parser(sub)
     _serve_parser(sub)
     _demo_parser(sub)
@@ -318,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runners = {"serve": _run_serve, "generate": _run_generate, "demo": _run_demo, "bench": _run_bench}
     try:
-        return asyncio.run(runners[args.command](args))
+        if args.command == "serve":
+            return asyncio.run(_run_serve(args))
+        return asyncio.run(_stoppable(args.command, runners[args.command](args)))
     except DualSampleError as err:
         print(f"dualsample {args.command}: error: {err}", file=sys.stderr)
         return 2

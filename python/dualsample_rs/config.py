@@ -107,6 +107,11 @@ class CoordinatorConfig:
         _check(0.0 < self.target_top_p <= 1.0, "target_top_p", f"must lie in (0, 1], got {self.target_top_p}")
         _check(self.stability_threshold_js >= 0, "stability_threshold_js", "must be >= 0")
         _check(0.0 <= self.stability_threshold_overlap <= 1.0, "stability_threshold_overlap", "must lie in [0, 1]")
+        _check(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and -(2**63) <= self.seed < 2**64,
+            "seed",
+            f"must be an integer in [-2**63, 2**64), got {self.seed!r}",
+        )
         level = logging.getLevelName(str(self.log_level).upper())
         _check(isinstance(level, int), "log_level", f"unknown level {self.log_level!r}")
         if isinstance(self.api_key, tuple):

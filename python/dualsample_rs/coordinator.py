@@ -29,9 +29,13 @@ from ._constants import KNOWN_EOS_STRINGS, KNOWN_SPECIAL_STRINGS, VOCAB_PROBE_TE
 from .client import TopK, VLLMClient
 from .config import CoordinatorConfig
 from .exceptions import APIError, BadRequestError, ConfigurationError, DualSampleError, InvalidInputError
-from .output import DIAGNOSTIC_NAMES, GenerationOutput, Prompt, summarise
+from .output import DIAGNOSTIC_NAMES, GenerationOutput, summarise
+from .prompts import Prompt, check_prompt
 
 log = logging.getLogger("dualsample_rs")
+
+# Prompts being tokenised ahead of the workers at any moment.
+READ_AHEAD = 64
 
 
 def stable_key(value: Any) -> int:
@@ -49,11 +53,13 @@ class WorkItem:
     prompt_t: Prompt
     id: Any = None
     teacher_chat: bool = False
+    where: str = ""  # how errors about this item name it, e.g. "line 12"
 
 
 @dataclass
 class _Seq:
     item: WorkItem
+    index: int  # position in the caller's items
     ctx_theta: str
     ctx_t: str
     len_theta: int
@@ -290,10 +296,9 @@ class DualVLLMCoordinator:
         finished: asyncio.Queue[tuple[int, GenerationOutput] | BaseException | None] = asyncio.Queue()
         workers = max(1, math.ceil(cfg.max_concurrency / cfg.max_batch_size))
         batch = min(cfg.max_batch_size, cfg.max_concurrency)
-        positions: dict[int, int] = {}
-        feeder = asyncio.create_task(self._feed(items, max_tokens, ready, finished, positions, workers))
+        feeder = asyncio.create_task(self._feed(items, max_tokens, ready, finished, workers))
         tasks = [
-            asyncio.create_task(self._worker(ready, finished, positions, sampler, batch, return_diagnostics))
+            asyncio.create_task(self._worker(ready, finished, sampler, batch, return_diagnostics))
             for _ in range(workers)
         ]
         done_workers = 0
@@ -352,30 +357,30 @@ class DualVLLMCoordinator:
         max_tokens: int,
         ready: asyncio.Queue[_Seq | None],
         finished: asyncio.Queue[tuple[int, GenerationOutput] | BaseException | None],
-        positions: dict[int, int],
         workers: int,
     ) -> None:
-        """Tokenise prompts ahead of the workers (a few at a time) and queue them. If
-        reading the prompts fails, the error goes to the consumer instead of leaving the
-        workers waiting."""
-        sem = asyncio.Semaphore(32)
+        """Tokenise prompts ahead of the workers and queue them. At most `READ_AHEAD`
+        prompts are being prepared at once, and the queue is bounded too, so memory does
+        not grow with the number of items. If reading the items fails, the error goes to
+        the consumer instead of leaving the workers waiting."""
+        slots = asyncio.Semaphore(READ_AHEAD)
         pending: set[asyncio.Task[None]] = set()
 
         async def prepare(index: int, item: WorkItem) -> None:
-            async with sem:
+            try:
                 try:
-                    seq = await self._prepare(item, max_tokens)
+                    seq = await self._prepare(index, item, max_tokens)
                 except (APIError, DualSampleError) as err:
                     out = GenerationOutput(item.prompt, item.prompt_t, item.id, finish_reason="error", error=str(err))
                     await finished.put((index, out))
                     return
-                positions[id(seq)] = index
                 await ready.put(seq)
+            finally:
+                slots.release()
 
         try:
             for index, item in enumerate(items):
-                await sem.acquire()  # bound how far ahead we read
-                sem.release()
+                await slots.acquire()  # a slot is held until the prompt is queued
                 task = asyncio.create_task(prepare(index, item))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
@@ -387,23 +392,24 @@ class DualVLLMCoordinator:
         for _ in range(workers):
             await ready.put(None)
 
-    async def _tokens(self, client: VLLMClient, prompt: Prompt, chat: bool) -> list[int]:
+    async def _tokens(self, client: VLLMClient, prompt: Any, chat: bool, name: str) -> list[int]:
+        prompt = check_prompt(prompt, name)
         if isinstance(prompt, str):
             if chat:
                 return await client.tokenize(messages=[{"role": "user", "content": prompt}])
             return await client.tokenize(prompt)
-        ids = [int(t) for t in prompt]
-        if not ids or min(ids) < 0:
-            raise InvalidInputError("prompt: token-id prompts must be non-empty lists of non-negative ids")
-        return ids
+        return prompt
 
-    async def _prepare(self, item: WorkItem, max_tokens: int) -> _Seq:
+    async def _prepare(self, index: int, item: WorkItem, max_tokens: int) -> _Seq:
+        where = f"{item.where}, " if item.where else ""
         ids_a, ids_b = await asyncio.gather(
-            self._tokens(self.theta, item.prompt, False), self._tokens(self.teacher, item.prompt_t, item.teacher_chat)
+            self._tokens(self.theta, item.prompt, False, where + "prompt"),
+            self._tokens(self.teacher, item.prompt_t, item.teacher_chat, where + "teacher_prompt"),
         )
         out = GenerationOutput(item.prompt, item.prompt_t, item.id)
         return _Seq(
             item,
+            index,
             "[" + ",".join(map(str, ids_a)),
             "[" + ",".join(map(str, ids_b)),
             len(ids_a),
@@ -416,7 +422,6 @@ class DualVLLMCoordinator:
         self,
         ready: asyncio.Queue[_Seq | None],
         finished: asyncio.Queue[tuple[int, GenerationOutput] | BaseException | None],
-        positions: dict[int, int],
         sampler: _core.SamplerConfig,
         batch: int,
         diagnostics: bool,
@@ -427,7 +432,7 @@ class DualVLLMCoordinator:
 
         async def finish(seq: _Seq) -> None:
             await self._finish(seq)
-            await finished.put((positions.pop(id(seq)), seq.out))
+            await finished.put((seq.index, seq.out))
 
         try:
             while True:

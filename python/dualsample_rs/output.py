@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-Prompt = str | list[int]
+from .prompts import Prompt
 
 DIAGNOSTIC_NAMES = ("kl_theta", "kl_t", "ess_theta", "ess_t", "entropy", "js")
 

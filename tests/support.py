@@ -1,0 +1,45 @@
+"""Shared by the end-to-end tests: prompts, and running the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+QUESTIONS = [
+    "Why is the sky blue?",
+    "What is water made of?",
+    "What causes wind?",
+    "Why does ice float?",
+    "What makes thunder?",
+    "How is bread made?",
+    "What is gravity?",
+    "Why do trees lose their leaves?",
+]
+PLAIN = [f"Question: {q}\nAnswer:" for q in QUESTIONS]
+
+
+def write_input(path: Path, n: int) -> None:
+    with path.open("w") as f:
+        for i in range(n):
+            q = QUESTIONS[i % len(QUESTIONS)]
+            f.write(json.dumps({"id": f"q{i}", "prompt": f"Question: {q}\nAnswer:", "teacher_prompt": q}) + "\n")
+
+
+def generate_cli(urls: tuple[str, str], inp: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dualsample_rs", "generate", "--theta-url", urls[0], "--t-url", urls[1],
+         "--input", str(inp), "--output", str(out), "--max-tokens", "25", "--seed", "11", "--quiet", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_cli(p: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    """Exit status and stderr, closing the pipes."""
+    _, err = p.communicate(timeout=timeout)
+    return p.returncode, err
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
