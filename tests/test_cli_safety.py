@@ -167,3 +167,25 @@ def test_sigterm_finishes_the_line_and_exits_143(urls: tuple[str, str], tmp_path
 
 def test_sigint_finishes_the_line_and_exits_130(urls: tuple[str, str], tmp_path: Path) -> None:
     _kill_and_resume(urls, tmp_path, signal.SIGINT)
+
+
+def test_repeated_resume_under_heavy_faults_converges_to_the_clean_records(
+    urls: tuple[str, str], tmp_path: Path
+) -> None:
+    from dualsample_rs.server import running_server
+
+    inp, clean, out = tmp_path / "in.jsonl", tmp_path / "clean.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, 12)
+    code, err = wait_cli(generate_cli(urls, inp, clean, "--max-tokens", "8", "--teacher-chat"))
+    assert code == 0, err
+    faults = {"error_503_rate": 0.1, "error_500_rate": 0.1, "drop_rate": 0.05, "malformed_rate": 0.05,
+              "slow_body_rate": 0.05, "slow_body_seconds": 0.1, "retry_after": 0.01}  # fmt: skip
+    codes = []
+    with running_server("base", **faults) as a, running_server("teacher", fault_seed=7, **faults) as b:
+        flags = ("--max-tokens", "8", "--max-retries", "3", "--retry-delay", "0.01", "--max-concurrency", "4",
+                 "--teacher-chat")  # fmt: skip
+        codes.append(wait_cli(generate_cli((a, b), inp, out, *flags))[0])
+        while codes[-1] != 0 and len(codes) < 12:
+            codes.append(wait_cli(generate_cli((a, b), inp, out, *flags, "--resume", "--retry-errors"))[0])
+    assert codes[-1] == 0 and codes[0] == 1, codes  # faults did fail records, and resuming mended them
+    assert sorted(read_records(out), key=lambda r: r["id"]) == sorted(read_records(clean), key=lambda r: r["id"])

@@ -182,3 +182,29 @@ def test_with_options_shares_connections_and_counters() -> None:
     with pytest.raises(InternalServerError):
         asyncio.run(strict.tokenize("x"))
     assert calls["n"] == 1 and c.max_retries == 5
+
+
+def test_probes_retry_transient_failures_but_not_missing_endpoints() -> None:
+    info = httpx.Response(200, json={"eos_token": "</s>"})
+    handler, calls = flaky([httpx.Response(503), httpx.Response(502)], info)
+    c, _ = client_for(handler)
+    assert asyncio.run(c.tokenizer_info()) == {"eos_token": "</s>"} and calls["n"] == 3
+    handler, calls = flaky([httpx.Response(404)] * 3, info)
+    c, _ = client_for(handler)
+    assert asyncio.run(c.tokenizer_info()) is None and calls["n"] == 1 and c.stats.failures == 0
+
+
+def test_the_timeout_is_a_deadline_for_a_trickling_body() -> None:
+    from dualsample_rs.server import running_server
+
+    # The server trickles its body out in 8 pieces over 4 s, each well inside the timeout.
+    with running_server("base", slow_body_rate=1.0, slow_body_seconds=4.0) as url:
+
+        async def go() -> float:
+            async with VLLMClient(url, timeout=1.5, max_retries=0) as c:
+                t0 = time.monotonic()
+                with pytest.raises(APITimeoutError, match="timed out"):
+                    await c.tokenize("Hello")
+                return time.monotonic() - t0
+
+        assert asyncio.run(go()) < 3.5

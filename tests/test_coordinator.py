@@ -338,3 +338,15 @@ def test_stop_ids_come_from_tokenizer_info_when_enabled(urls: tuple[str, str]) -
     with running_server("base", enable_tokenizer_info_endpoint=True) as a:
         with running_server("teacher", enable_tokenizer_info_endpoint=True) as b:
             assert asyncio.run(stop_ids(a, b)) == (EOS,)  # only the tokenizer's own EOS
+
+
+def test_start_up_survives_a_flaky_server() -> None:
+    # 30% of requests answer 503: every start-up request is retried, so every start succeeds.
+    flaky = {"error_503_rate": 0.3, "retry_after": 0.01}
+    with running_server("base", **flaky) as a, running_server("teacher", fault_seed=1, **flaky) as b:
+
+        async def start() -> tuple[int, ...]:
+            async with DualVLLMCoordinator(CoordinatorConfig(theta_url=a, t_url=b, max_retries=8)) as coord:
+                return coord.stop_ids
+
+        assert [asyncio.run(start()) for _ in range(10)] == [(EOS, IM_END)] * 10

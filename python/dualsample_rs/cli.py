@@ -119,7 +119,8 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     h.add_argument("--max-concurrency", type=int, default=256)
     h.add_argument("--max-batch-size", type=int, default=256)
     h.add_argument("--max-retries", type=int, default=3)
-    h.add_argument("--request-timeout", type=float, default=60.0)
+    h.add_argument("--retry-delay", type=float, default=0.5, help="first back-off in seconds (doubles, up to 8)")
+    h.add_argument("--request-timeout", type=float, default=60.0, help="deadline of each request, in seconds")
     h.add_argument("--log-level", default=None, help="e.g. INFO or DEBUG")
 
 
@@ -173,6 +174,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         max_concurrency=args.max_concurrency,
         max_batch_size=min(args.max_batch_size, args.max_concurrency),
         max_retries=args.max_retries,
+        retry_delay=args.retry_delay,
         request_timeout=args.request_timeout,
         api_key=api_key,
         seed=args.seed,

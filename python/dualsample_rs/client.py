@@ -71,6 +71,7 @@ class VLLMClient:
         api_key: sent as ``Authorization: Bearer``.
         timeout: an ``httpx.Timeout`` or seconds.
         max_retries: retries after the first attempt for transient failures.
+        retry_delay: the first back-off in seconds; it doubles with each retry, up to 8 s.
         http_client: an ``httpx.AsyncClient`` to use instead of creating one (e.g. with
             a custom transport); it is not closed by :meth:`aclose`.
         connection_pool_size: connections kept to the server.
@@ -87,12 +88,14 @@ class VLLMClient:
         api_key: str | None = None,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
+        retry_delay: float = INITIAL_RETRY_DELAY,
         http_client: httpx.AsyncClient | None = None,
         connection_pool_size: int | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
-        self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout, connect=5.0)
+        self.initial_retry_delay = retry_delay
+        self.timeout = _timeout(timeout)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._owns_http = http_client is None
         if http_client is None:
@@ -124,7 +127,7 @@ class VLLMClient:
         clone.__dict__.update(self.__dict__)
         clone._owns_http = False
         if timeout is not None:
-            clone.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout, connect=5.0)
+            clone.timeout = _timeout(timeout)
         if max_retries is not None:
             clone.max_retries = max_retries
         return clone
@@ -139,11 +142,11 @@ class VLLMClient:
 
     def retry_delay(self, attempt: int, response: httpx.Response | None) -> float:
         """Retry-After (ms or seconds or an HTTP date) when given and within the cap,
-        else min(0.5·2^attempt, 8) s scaled by a jitter in [0.75, 1]."""
+        else min(retry_delay·2^attempt, 8) s scaled by a jitter in [0.75, 1]."""
         after = parse_retry_after(response.headers) if response is not None else None
         if after is not None and 0 <= after <= MAX_RETRY_AFTER:
             return after
-        return min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY) * (1 - 0.25 * random.random())
+        return min(self.initial_retry_delay * 2**attempt, MAX_RETRY_DELAY) * (1 - 0.25 * random.random())
 
     async def _request(
         self,
@@ -166,11 +169,14 @@ class VLLMClient:
             response: httpx.Response | None = None
             self.stats.requests += 1
             try:
-                response = await self._http.request(
-                    method, url, json=body, content=content, headers=headers, timeout=self.timeout
+                # httpx bounds each read, so a body that trickles in would never time out:
+                # the read timeout is also a deadline for the whole request.
+                response = await asyncio.wait_for(
+                    self._http.request(method, url, json=body, content=content, headers=headers, timeout=self.timeout),
+                    self.timeout.read,
                 )
-            except httpx.TimeoutException as exc:
-                err: APIError = APITimeoutError(f"timed out: {method} {url}", exc.request)
+            except (httpx.TimeoutException, asyncio.TimeoutError) as exc:
+                err: APIError = APITimeoutError(f"timed out: {method} {url}", getattr(exc, "_request", None))
                 cause: BaseException = exc
             except httpx.RequestError as exc:  # transport errors, bad encodings, redirect loops
                 err = APIConnectionError(f"connection error: {method} {url}: {exc!r}", getattr(exc, "_request", None))
@@ -188,7 +194,7 @@ class VLLMClient:
                         data = None
                     err = status_error(response, data)
                     cause = err
-            if probe and isinstance(err, APIStatusError):
+            if probe and isinstance(err, APIStatusError) and not self.should_retry(err):
                 raise err
             if attempt < self.max_retries and self.should_retry(err):
                 delay = self.retry_delay(attempt, response)
@@ -260,6 +266,13 @@ class VLLMClient:
         )
         log.debug("step of %d rows in %.1f ms", rows, 1e3 * (time.perf_counter() - t0))
         return top
+
+
+def _timeout(value: httpx.Timeout | float) -> httpx.Timeout:
+    t = value if isinstance(value, httpx.Timeout) else httpx.Timeout(value, connect=min(5.0, value))
+    if t.read is None:
+        raise InvalidInputError("timeout: a read timeout is needed (it is also the deadline of each request)")
+    return t
 
 
 def parse_retry_after(headers: httpx.Headers) -> float | None:

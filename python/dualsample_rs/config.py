@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._constants import DEFAULT_MAX_RETRIES
+from ._constants import DEFAULT_MAX_RETRIES, INITIAL_RETRY_DELAY
 from ._core import SamplerConfig
 from .exceptions import ConfigurationError, InvalidInputError
 
@@ -41,7 +41,10 @@ class CoordinatorConfig:
             listed), fall back to the teacher (auto_fallback) or only count it.
         max_concurrency: sequences in flight.
         max_batch_size: sequences per request (a step of up to this many rows).
-        connection_pool_size, max_retries, request_timeout: HTTP settings per server.
+        connection_pool_size, max_retries, request_timeout: HTTP settings per server
+            (the timeout is a deadline for each whole request).
+        retry_delay: the first back-off before a retry, in seconds; it doubles with each
+            retry up to 8 s (a server's Retry-After takes precedence).
         api_key: one key for both servers, or a (theta, t) pair.
         seed: keys every draw together with the sequence and position.
         enable_logging, log_level: configure the ``dualsample_rs`` logger.
@@ -76,6 +79,7 @@ class CoordinatorConfig:
     connection_pool_size: int = 100
     max_retries: int = DEFAULT_MAX_RETRIES
     request_timeout: float = 60.0
+    retry_delay: float = INITIAL_RETRY_DELAY
     api_key: str | tuple[str | None, str | None] | None = field(default=None, repr=False)
     seed: int = 0
     enable_logging: bool = False
@@ -102,6 +106,11 @@ class CoordinatorConfig:
             isinstance(self.max_retries, int) and self.max_retries >= 0,
             "max_retries",
             f"must be >= 0, got {self.max_retries!r}",
+        )
+        _check(
+            isinstance(self.retry_delay, (int, float)) and 0 <= self.retry_delay <= 60,
+            "retry_delay",
+            f"must lie in [0, 60] seconds, got {self.retry_delay!r}",
         )
         _check(self.request_timeout > 0, "request_timeout", f"must be positive, got {self.request_timeout!r}")
         _check(0.0 < self.target_top_p <= 1.0, "target_top_p", f"must lie in (0, 1], got {self.target_top_p}")

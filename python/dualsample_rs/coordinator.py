@@ -34,6 +34,8 @@ from .prompts import Prompt, check_prompt
 
 log = logging.getLogger("dualsample_rs")
 
+# Retries of each start-up request, at least (see `start`).
+STARTUP_RETRIES = 8
 # Prompts being tokenised ahead of the workers at any moment.
 READ_AHEAD = 64
 
@@ -119,6 +121,7 @@ class DualVLLMCoordinator:
                 api_key=key,
                 timeout=timeout,
                 max_retries=self.config.max_retries,
+                retry_delay=self.config.retry_delay,
                 connection_pool_size=self.config.connection_pool_size,
                 http_client=http,
             )
@@ -151,30 +154,32 @@ class DualVLLMCoordinator:
         top_k is within their logprobs cap, and settle the stop and excluded ids."""
         if self._started:
             return
+        # A server that is still loading answers 503 for a while, and start-up is a few
+        # cheap requests: give it at least STARTUP_RETRIES retries whatever the run's own.
+        retries = max(self.config.max_retries, STARTUP_RETRIES)
+        theta, teacher = self.theta.with_options(max_retries=retries), self.teacher.with_options(max_retries=retries)
         (name_a, len_a), (name_b, len_b) = await asyncio.gather(
-            self._model_card(self.theta, self.config.theta_model_name),
-            self._model_card(self.teacher, self.config.t_model_name),
+            self._model_card(theta, self.config.theta_model_name),
+            self._model_card(teacher, self.config.t_model_name),
         )
         self.model_names, self.max_model_len = (name_a, name_b), (len_a, len_b)
         probe_a, probe_b = await asyncio.gather(
-            self.theta.tokenize(VOCAB_PROBE_TEXT, add_special_tokens=False),
-            self.teacher.tokenize(VOCAB_PROBE_TEXT, add_special_tokens=False),
+            theta.tokenize(VOCAB_PROBE_TEXT, add_special_tokens=False),
+            teacher.tokenize(VOCAB_PROBE_TEXT, add_special_tokens=False),
         )
         if probe_a != probe_b:
             raise ConfigurationError(
                 "the two servers do not share a vocabulary: the same probe text tokenises to different ids "
                 f"({self.config.theta_url}: {probe_a[:8]}..., {self.config.t_url}: {probe_b[:8]}...)"
             )
-        specials_a, specials_b = await asyncio.gather(self._single_ids(self.theta), self._single_ids(self.teacher))
+        specials_a, specials_b = await asyncio.gather(self._single_ids(theta), self._single_ids(teacher))
         if specials_a != specials_b:
             raise ConfigurationError(
                 f"the two servers' special tokens differ: {self.config.theta_url} {specials_a}, "
                 f"{self.config.t_url} {specials_b}"
             )
-        await asyncio.gather(
-            self._check_top_k(self.theta, name_a, probe_a), self._check_top_k(self.teacher, name_b, probe_a)
-        )
-        self.stop_ids = await self._stop_ids(specials_a)
+        await asyncio.gather(self._check_top_k(theta, name_a, probe_a), self._check_top_k(teacher, name_b, probe_a))
+        self.stop_ids = await self._stop_ids(theta, teacher, specials_a)
         if self.config.exclude_special_tokens:
             found = self.config.special_token_ids
             if found is None:
@@ -209,15 +214,15 @@ class DualVLLMCoordinator:
                 ) from err
             raise
 
-    async def _stop_ids(self, specials: dict[str, int]) -> tuple[int, ...]:
+    async def _stop_ids(self, theta: VLLMClient, teacher: VLLMClient, specials: dict[str, int]) -> tuple[int, ...]:
         if self.config.stop_token_ids is not None:
             return tuple(self.config.stop_token_ids)
-        info_a, info_b = await asyncio.gather(self.theta.tokenizer_info(), self.teacher.tokenizer_info())
+        info_a, info_b = await asyncio.gather(theta.tokenizer_info(), teacher.tokenizer_info())
         eos_names = {str(i["eos_token"]) for i in (info_a, info_b) if i and isinstance(i.get("eos_token"), str)}
         if eos_names:
             # Known special strings were already tokenised; only ask for others.
             unknown = sorted(eos_names - set(specials))
-            ids = await asyncio.gather(*(self.theta.tokenize(s, add_special_tokens=False) for s in unknown))
+            ids = await asyncio.gather(*(theta.tokenize(s, add_special_tokens=False) for s in unknown))
             found = tuple(sorted({specials[s] for s in eos_names & set(specials)} | {t[0] for t in ids if len(t) == 1}))
         else:
             found = tuple(sorted({i for s, i in specials.items() if s in KNOWN_EOS_STRINGS}))
