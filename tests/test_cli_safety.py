@@ -18,7 +18,7 @@ DEAD = ("http://127.0.0.1:9", "http://127.0.0.1:9")  # nothing listens on the di
 
 
 def _refused(urls: tuple[str, str], inp: Path, out: Path, *extra: str) -> str:
-    code, err = wait_cli(generate_cli(urls, inp, out, "--max-retries", "0", *extra), timeout=60)
+    code, err = wait_cli(generate_cli(urls, inp, out, "--retry-delay", "0.01", *extra), timeout=60)
     assert code == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     return err
@@ -112,7 +112,9 @@ def test_retry_errors_keeps_failed_records_while_a_server_is_down(urls: tuple[st
     records[1] = dict(records[1], finish_reason="error", error="APIConnectionError: gone")
     text = "".join(json.dumps(r) + "\n" for r in records)
     out.write_text(text)
-    code, err = wait_cli(generate_cli((urls[0], DEAD[1]), inp, out, "--resume", "--retry-errors", "--max-retries", "0"))
+    code, err = wait_cli(
+        generate_cli((urls[0], DEAD[1]), inp, out, "--resume", "--retry-errors", "--retry-delay", "0.01")
+    )
     assert code == 2 and "connection error" in err
     assert out.read_text() == text  # the failed record is still there
     code, err = wait_cli(generate_cli(urls, inp, out, "--resume", "--retry-errors"))
