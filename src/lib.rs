@@ -2,6 +2,7 @@
 pub mod errors;
 pub mod kernels;
 mod py;
+pub mod wire;
 
 #[pyo3::pymodule(gil_used = false)]
 mod _core {
@@ -10,9 +11,11 @@ mod _core {
     #[pymodule_export]
     use crate::py::config::SamplerConfig;
     #[pymodule_export]
-    use crate::py::functions::{merge_topk_py, mix_py, parse_topk_py, solve_alpha_py};
+    use crate::py::functions::{merge_topk_py, mix_py, solve_alpha_py};
     #[pymodule_export]
     use crate::py::step::{step_py, StepResult};
+    #[pymodule_export]
+    use crate::py::wire::{parse_completions_topk, parse_generate_topk, parse_sglang_topk};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

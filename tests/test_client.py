@@ -11,7 +11,8 @@ import httpx
 import numpy as np
 import pytest
 from dualsample_rs import VLLMClient
-from dualsample_rs.client import parse_retry_after, parse_topk
+from dualsample_rs.backends.http import parse_retry_after
+from dualsample_rs.backends.vllm_completions import parse_topk
 from dualsample_rs.exceptions import (
     APIConnectionError,
     APITimeoutError,
@@ -161,11 +162,11 @@ def test_parse_topk() -> None:
         {"index": 1, "logprobs": {"top_logprobs": [{"token_id:5": -0.1, "token_id:7": -9999.0}]}},
         {"index": 0, "logprobs": {"top_logprobs": [{"token_id:3": -0.5, "token_id:4": -1.5, "token_id:9": -2.0}]}},
     ]}  # fmt: skip
-    top = parse_topk(json.dumps(body).encode(), 2, 2)
+    top = parse_topk(json.dumps(body).encode(), 2, 3)
     np.testing.assert_array_equal(top.ids, [[3, 4, 9], [5, 7, -1]])
     assert top.logp[1, 1] == -np.inf and top.logp[1, 2] == -np.inf and top.logp[0, 2] == -2.0
     with pytest.raises(InvalidResponseError, match="expected 3 choices"):
-        parse_topk(json.dumps(body).encode(), 3, 2)
+        parse_topk(json.dumps(body).encode(), 3, 3)
     text_keys = {"choices": [{"index": 0, "logprobs": {"top_logprobs": [{"a": -0.1}]}}]}
     with pytest.raises(InvalidResponseError, match="is not a token id"):
         parse_topk(json.dumps(text_keys).encode(), 1, 1)

@@ -7,7 +7,7 @@ GIL released; :mod:`dualsample_rs.reference` holds the same functions in numpy.
 from __future__ import annotations
 
 from ._core import SamplerConfig, StepResult, __version__, build_profile, merge_topk, mix, solve_alpha, step
-from .client import VLLMClient
+from .backends import SGLangBackend, VLLMCompletionsBackend, VLLMGenerateBackend
 from .config import CoordinatorConfig, EnhancedCoordinatorConfig
 from .coordinator import DualVLLMCoordinator, EnhancedDualVLLMCoordinator, generate_with_dual_prompts
 from .exceptions import (
@@ -22,6 +22,9 @@ from .exceptions import (
     InvalidResponseError,
 )
 from .output import GenerationOutput
+
+# The vLLM completions backend under its earlier name.
+VLLMClient = VLLMCompletionsBackend
 
 __all__ = [
     "APIConnectionError",
@@ -38,9 +41,12 @@ __all__ = [
     "InvalidDtypeError",
     "InvalidInputError",
     "InvalidResponseError",
+    "SGLangBackend",
     "SamplerConfig",
     "StepResult",
     "VLLMClient",
+    "VLLMCompletionsBackend",
+    "VLLMGenerateBackend",
     "__version__",
     "build_profile",
     "generate_with_dual_prompts",

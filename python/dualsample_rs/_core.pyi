@@ -12,7 +12,9 @@ __all__ = [
     "build_profile",
     "merge_topk",
     "mix",
-    "parse_topk",
+    "parse_completions_topk",
+    "parse_generate_topk",
+    "parse_sglang_topk",
     "solve_alpha",
     "step",
 ]
@@ -212,13 +214,34 @@ def step(
         True
     """
 
-def parse_topk(body: bytes, rows: int, top_k: int) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
-    """The first position's top-k log probabilities of each choice of a vLLM completions
-    reply (``return_tokens_as_token_ids`` keys), read straight from the body's bytes.
+def parse_completions_topk(body: bytes, rows: int, width: int) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """The first position's entries of each choice of a vLLM completions reply
+    (``return_tokens_as_token_ids`` keys), read straight from the body's bytes.
 
-    Returns ``(ids, logp)``, each of shape (rows, top_k + 1), rows in ``index`` order,
+    Returns ``(ids, logp)``, each of shape (rows, width), rows in ``index`` order,
     padded with id -1 and -inf; ``-9999.0`` (vLLM's -inf) becomes -inf.
 
     Raises:
         InvalidInputError: the body is not such a reply, or has not ``rows`` choices.
+    """
+
+def parse_generate_topk(bodies: list[bytes], width: int) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """The first generated position's ``top_logprobs`` of each of a list of vLLM
+    ``/inference/v1/generate`` replies (one per row), as ``(ids, logp)`` of shape
+    (len(bodies), width), padded with id -1 and -inf.
+
+    Raises:
+        InvalidInputError: a body is not such a reply (the message names its row).
+    """
+
+def parse_sglang_topk(
+    body: bytes, rows: int, width: int, field: Literal["top", "token_ids"]
+) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """The first generated position's entries of each item of a batched SGLang
+    ``/generate`` reply: ``meta_info.output_top_logprobs`` (``field="top"``) or
+    ``meta_info.output_token_ids_logprobs`` (``"token_ids"``), as ``(ids, logp)`` of
+    shape (rows, width), padded with id -1 and -inf (a null log probability is -inf).
+
+    Raises:
+        InvalidInputError: the body is not such a reply, or has not ``rows`` items.
     """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -12,6 +13,19 @@ from ._core import SamplerConfig
 from .exceptions import ConfigurationError, InvalidInputError
 
 AlphaMethod = Literal["kl_symmetry", "fixed", "entropy", "ess_balance"]
+Dialect = Literal["auto", "vllm-completions", "vllm-generate", "sglang"]
+Scoring = Literal["topk", "exact"]
+DIALECT_NAMES = ("auto", "vllm-completions", "vllm-generate", "sglang")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How to reach one server (the per-server part of a `CoordinatorConfig`)."""
+
+    url: str
+    model_name: str | None
+    dialect: str
+    api_key: str | None = field(default=None, repr=False)
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -24,8 +38,17 @@ class CoordinatorConfig:
     """Settings of a dual-model generation run.
 
     Args:
-        theta_url, t_url: base URLs of the base model's and the teacher's vLLM servers.
+        theta_url, t_url: base URLs of the base model's and the teacher's servers.
         theta_model_name, t_model_name: model names to request; None asks ``/v1/models``.
+        dialect: how to talk to the servers: ``"vllm-completions"`` (batched
+            ``/v1/completions``), ``"vllm-generate"`` (``/inference/v1/generate``),
+            ``"sglang"`` (native ``/generate``), or ``"auto"`` (found at start-up); one
+            for both servers or a (theta, teacher) pair.
+        scoring: ``"topk"`` merges both models' top-k lists (a token one did not list
+            gets the ``missing`` estimate); ``"exact"`` takes the teacher's candidates
+            and has the base score exactly those, so every reported number is exact.
+        rescore: after a sequence ends, score it whole on both servers and report the
+            true log probability of every token (``logp_theta_exact``, ``logp_t_exact``).
         top_k: log probabilities requested per position from each server; vLLM must be
             started with ``--max-logprobs`` at least this (its default cap is 20).
         alpha_method, alpha, alpha_min, alpha_max, alpha_tol, alpha_max_iter, missing,
@@ -54,6 +77,9 @@ class CoordinatorConfig:
     t_url: str = "http://localhost:8001"
     theta_model_name: str | None = None
     t_model_name: str | None = None
+    dialect: Dialect | tuple[Dialect, Dialect] = "auto"
+    scoring: Scoring = "topk"
+    rescore: bool = False
     top_k: int = 20
     alpha_method: AlphaMethod = "kl_symmetry"
     alpha: float = 0.5
@@ -94,24 +120,37 @@ class CoordinatorConfig:
                 f"expected an http(s) URL, got {url!r}",
             )
         _check(
-            isinstance(self.top_k, int) and 1 <= self.top_k <= 100_000,
+            isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and 1 <= self.top_k <= 100_000,
             "top_k",
             f"must be a positive integer, got {self.top_k!r}",
         )
         for name in ("max_concurrency", "max_batch_size", "connection_pool_size"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                name,
+                f"must be a positive integer, got {value!r}",
+            )
         _check(self.max_batch_size <= 1024, "max_batch_size", "vLLM accepts at most 1024 prompts per request")
         _check(
             isinstance(self.max_retries, int) and self.max_retries >= 0,
             "max_retries",
             f"must be >= 0, got {self.max_retries!r}",
         )
-        _check(
-            isinstance(self.retry_delay, (int, float)) and 0 <= self.retry_delay <= 60,
+        for name in (
             "retry_delay",
-            f"must lie in [0, 60] seconds, got {self.retry_delay!r}",
-        )
+            "request_timeout",
+            "target_top_p",
+            "stability_threshold_js",
+            "stability_threshold_overlap",
+        ):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                name,
+                f"must be a finite number, got {value!r}",
+            )
+        _check(0 <= self.retry_delay <= 60, "retry_delay", f"must lie in [0, 60] seconds, got {self.retry_delay!r}")
         _check(self.request_timeout > 0, "request_timeout", f"must be positive, got {self.request_timeout!r}")
         _check(0.0 < self.target_top_p <= 1.0, "target_top_p", f"must lie in (0, 1], got {self.target_top_p}")
         _check(self.stability_threshold_js >= 0, "stability_threshold_js", "must be >= 0")
@@ -123,6 +162,16 @@ class CoordinatorConfig:
         )
         level = logging.getLevelName(str(self.log_level).upper())
         _check(isinstance(level, int), "log_level", f"unknown level {self.log_level!r}")
+        dialects = self.dialect if isinstance(self.dialect, tuple) else (self.dialect,)
+        _check(
+            len(dialects) in (1, 2) and all(d in DIALECT_NAMES for d in dialects),
+            "dialect",
+            f"expected one of {DIALECT_NAMES} or a (theta, teacher) pair of them, got {self.dialect!r}",
+        )
+        _check(self.scoring in ("topk", "exact"), "scoring", f'expected "topk" or "exact", got {self.scoring!r}')
+        for name in ("rescore", "force_first_token", "constraint_to_target", "exclude_special_tokens",
+                     "enable_stability_check", "auto_fallback", "enable_logging"):  # fmt: skip
+            _check(isinstance(getattr(self, name), bool), name, f"must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.api_key, tuple):
             _check(len(self.api_key) == 2, "api_key", "a pair is (theta key, teacher key)")
         for name in ("special_token_ids", "stop_token_ids"):
@@ -138,6 +187,20 @@ class CoordinatorConfig:
     @property
     def api_keys(self) -> tuple[str | None, str | None]:
         return self.api_key if isinstance(self.api_key, tuple) else (self.api_key, self.api_key)
+
+    @property
+    def dialects(self) -> tuple[str, str]:
+        """(theta, teacher) dialects, either of which may still be ``"auto"``."""
+        return self.dialect if isinstance(self.dialect, tuple) else (self.dialect, self.dialect)
+
+    @property
+    def servers(self) -> tuple[ServerSettings, ServerSettings]:
+        """The per-server part: (base, teacher)."""
+        keys, dialects = self.api_keys, self.dialects
+        return (
+            ServerSettings(self.theta_url, self.theta_model_name, dialects[0], keys[0]),
+            ServerSettings(self.t_url, self.t_model_name, dialects[1], keys[1]),
+        )
 
     def sampler_config(self, exclude_ids: tuple[int, ...], diagnostics: bool = False) -> SamplerConfig:
         """The Rust step's settings for this run."""

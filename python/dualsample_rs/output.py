@@ -30,7 +30,9 @@ class GenerationOutput:
     on the teacher and has log probability ``logp_theta[i]``, ``logp_t[i]`` and
     ``logq[i]`` under π_θ, π_t and q* (after exclusion, temperature and the support
     constraint), and ``observed_theta[i]`` / ``observed_t[i]`` say whether each model
-    actually listed it in its top-k. A stop token, when one ended the sequence, is the
+    actually listed it in its top-k. With rescoring, ``logp_theta_exact[i]`` and
+    ``logp_t_exact[i]`` are the models' true raw log probabilities of the token, from
+    scoring the finished sequence whole. A stop token, when one ended the sequence, is the
     last entry of ``token_ids`` and is not part of ``generated_text``.
     """
 
@@ -49,6 +51,8 @@ class GenerationOutput:
     diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
     finish_reason: str | None = None
     error: str | None = None
+    logp_theta_exact: list[float] | None = None
+    logp_t_exact: list[float] | None = None
 
     @property
     def generated_tokens(self) -> list[int]:
@@ -60,8 +64,9 @@ class GenerationOutput:
         return self.finish_reason == "error"
 
     def to_record(self) -> dict[str, Any]:
-        """The JSON object written per line by ``dualsample generate``."""
-        return {
+        """The JSON object written per line by ``dualsample generate`` (the exact keys
+        only when the sequence was rescored)."""
+        record = {
             "id": self.id,
             "prompt": self.prompt,
             "teacher_prompt": self.prompt_t,
@@ -78,3 +83,7 @@ class GenerationOutput:
             "error": self.error,
             "diagnostics": self.diagnostics,
         }
+        if self.logp_theta_exact is not None:
+            record["logp_theta_exact"] = self.logp_theta_exact
+            record["logp_t_exact"] = self.logp_t_exact
+        return record

@@ -5,7 +5,6 @@ pub mod fastexp;
 pub mod logspace;
 pub mod merge;
 pub mod parallel;
-pub mod reply;
 pub mod rng;
 pub mod simd;
 pub mod step;

@@ -94,10 +94,3 @@ pub fn merge_topk_py<'py>(
         )
     }
 }
-
-/// Arrays from a completions reply's bytes (see `kernels::reply`).
-#[pyfunction(name = "parse_topk")]
-pub fn parse_topk_py<'py>(py: Python<'py>, body: &[u8], rows: usize, top_k: usize) -> PyResult<Bound<'py, PyTuple>> {
-    let (ids, logp) = py.detach(|| crate::kernels::reply::parse_topk(body, rows, top_k))?;
-    PyTuple::new(py, [ids.into_pyarray(py).into_any(), logp.into_pyarray(py).into_any()])
-}

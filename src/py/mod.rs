@@ -4,3 +4,4 @@ pub mod arrays;
 pub mod config;
 pub mod functions;
 pub mod step;
+pub mod wire;

@@ -1,9 +1,4 @@
-//! Reading a vLLM completions reply straight into arrays.
-//!
-//! Design notes. With 256 sequences and top-100 lists a reply is ~1 MB of JSON;
-//! `json.loads` plus a Python loop over 25,600 `"token_id:N"` keys cost ~10 ms per step,
-//! most of the coordinator's time. Deserialising only the fields needed (unknown ones
-//! skipped without building values) into preallocated arrays takes a fraction of that.
+//! vLLM `/v1/completions` replies with `"token_id:N"` keys (batched, one choice per prompt).
 use std::borrow::Cow;
 use std::fmt;
 
@@ -11,10 +6,9 @@ use numpy::ndarray::Array2;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-use crate::errors::{KernelError, KernelResult};
+use super::{reply_error, wire_logprob, TopkRows};
+use crate::errors::KernelResult;
 
-/// vLLM writes −inf as this.
-const NEG_INF_WIRE: f64 = -9999.0;
 const ID_PREFIX: &str = "token_id:";
 
 #[derive(Deserialize)]
@@ -59,14 +53,7 @@ impl<'de> Deserialize<'de> for Entries {
                                 "key {key:?} is not a token id; is return_tokens_as_token_ids ignored?"
                             ))
                         })?;
-                    out.push((
-                        id,
-                        if value <= NEG_INF_WIRE {
-                            f64::NEG_INFINITY
-                        } else {
-                            value
-                        },
-                    ));
+                    out.push((id, wire_logprob(Some(value))));
                 }
                 Ok(Entries(out))
             }
@@ -76,34 +63,32 @@ impl<'de> Deserialize<'de> for Entries {
     }
 }
 
-/// The first position's top-k of each choice: `(ids, logp)`, each (rows, top_k + 1),
+/// The first position's entries of each choice: `(ids, logp)`, each (rows, width),
 /// padded with id −1 and −inf; rows in `index` order.
-pub fn parse_topk(body: &[u8], rows: usize, top_k: usize) -> KernelResult<(Array2<i64>, Array2<f64>)> {
-    let bad = |msg: String| KernelError::arg("reply", msg);
-    let reply: Reply = serde_json::from_slice(body).map_err(|e| bad(format!("not a completions reply: {e}")))?;
+pub fn parse_topk(body: &[u8], rows: usize, width: usize) -> KernelResult<(Array2<i64>, Array2<f64>)> {
+    let reply: Reply =
+        serde_json::from_slice(body).map_err(|e| reply_error(format!("not a completions reply: {e}")))?;
     if reply.choices.len() != rows {
-        return Err(bad(format!("expected {rows} choices, got {}", reply.choices.len())));
+        return Err(reply_error(format!(
+            "expected {rows} choices, got {}",
+            reply.choices.len()
+        )));
     }
-    let width = top_k + 1;
-    let mut ids = Array2::from_elem((rows, width), -1i64);
-    let mut logp = Array2::from_elem((rows, width), f64::NEG_INFINITY);
+    let mut out = TopkRows::new(rows, width);
     let mut seen = vec![false; rows];
     for choice in reply.choices {
         let r = choice.index;
         if r >= rows || seen[r] {
-            return Err(bad(format!("choice index {r} is out of range or repeated")));
+            return Err(reply_error(format!("choice index {r} is out of range or repeated")));
         }
         seen[r] = true;
         let entries = choice
             .logprobs
             .and_then(|l| l.top_logprobs.into_iter().next().flatten())
-            .ok_or_else(|| bad(format!("choice {r} has no top_logprobs")))?;
-        for (c, (id, lp)) in entries.0.into_iter().take(width).enumerate() {
-            ids[[r, c]] = id;
-            logp[[r, c]] = lp;
-        }
+            .ok_or_else(|| reply_error(format!("choice {r} has no top_logprobs")))?;
+        out.fill(r, entries.0);
     }
-    Ok((ids, logp))
+    Ok(out.into_parts())
 }
 
 #[cfg(test)]
@@ -116,11 +101,11 @@ mod tests {
             {"index":1,"text":"a \"token_id:9\": 1","logprobs":{"tokens":["token_id:5"],"top_logprobs":[{"token_id:5":-0.1,"token_id:7":-9999.0}]}},
             {"index":0,"logprobs":{"top_logprobs":[{"token_id:3":-0.5,"token_id:4":-1.5,"token_id:9":-2.0}]},"finish_reason":"length"}
         ],"usage":{}}"#;
-        let (ids, lp) = parse_topk(body, 2, 2).unwrap();
+        let (ids, lp) = parse_topk(body, 2, 3).unwrap();
         assert_eq!(ids.row(0).to_vec(), vec![3, 4, 9]);
         assert_eq!(ids.row(1).to_vec(), vec![5, 7, -1]);
         assert_eq!(lp[[1, 1]], f64::NEG_INFINITY);
-        assert!(parse_topk(body, 3, 2).is_err());
+        assert!(parse_topk(body, 3, 3).is_err());
         assert!(parse_topk(b"{\"choices\": [", 1, 2).is_err());
         assert!(parse_topk(
             br#"{"choices":[{"index":0,"logprobs":{"top_logprobs":[{"a":-1.0}]}}]}"#,

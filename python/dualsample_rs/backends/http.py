@@ -1,10 +1,8 @@
-"""One vLLM server over its OpenAI-compatible completions dialect (httpx, async).
+"""The HTTP side every backend shares: one server, httpx, retries, typed errors.
 
-Token ids in and out: prompts are sent as id lists with ``return_tokens_as_token_ids``
-(text keys collide), and the top-k log probabilities of one step come back as arrays.
 Transient failures (connection errors, timeouts, malformed bodies, 408/409/429/5xx) are
 retried with exponential back-off and jitter, honouring Retry-After; other errors are
-raised at once as typed exceptions.
+raised at once as typed exceptions. The timeout is a deadline for each whole request.
 """
 
 from __future__ import annotations
@@ -17,13 +15,12 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 
-from . import _core
-from ._constants import (
+from .._constants import (
     DEFAULT_CONNECTION_LIMITS,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
@@ -32,18 +29,18 @@ from ._constants import (
     MAX_RETRY_DELAY,
     RETRYABLE_STATUS,
 )
-from .exceptions import (
+from ..exceptions import (
     APIConnectionError,
     APIError,
     APIStatusError,
     APITimeoutError,
     InvalidInputError,
     InvalidResponseError,
-    NotFoundError,
     status_error,
 )
 
 log = logging.getLogger("dualsample_rs.client")
+_B = TypeVar("_B", bound="HttpBackend")
 
 
 @dataclass
@@ -55,16 +52,8 @@ class RequestStats:
     failures: int = 0
 
 
-@dataclass
-class TopK:
-    """Each row's returned top-k: ids (int64, -1 padding) and raw log probabilities."""
-
-    ids: np.ndarray
-    logp: np.ndarray
-
-
-class VLLMClient:
-    """An async client for one vLLM (or compatible) server.
+class HttpBackend:
+    """The HTTP connection to one server, which each wire dialect builds on.
 
     Args:
         base_url: e.g. ``"http://localhost:8000"``.
@@ -76,10 +65,12 @@ class VLLMClient:
             a custom transport); it is not closed by :meth:`aclose`.
         connection_pool_size: connections kept to the server.
 
-    Example:
-        >>> async with VLLMClient("http://localhost:8000") as c:  # doctest: +SKIP
-        ...     ids = await c.tokenize("Hello")
+    Attributes:
+        model: the model name sent with requests (set by the handshake).
+        stats: requests, retries and failures so far.
     """
+
+    dialect = "http"
 
     def __init__(
         self,
@@ -108,8 +99,9 @@ class VLLMClient:
         self._http = http_client
         self._headers = headers
         self.stats = RequestStats()
+        self.model: str | None = None
 
-    async def __aenter__(self) -> VLLMClient:
+    async def __aenter__(self: _B) -> _B:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -119,11 +111,9 @@ class VLLMClient:
         if self._owns_http:
             await self._http.aclose()
 
-    def with_options(
-        self, *, timeout: httpx.Timeout | float | None = None, max_retries: int | None = None
-    ) -> VLLMClient:
+    def with_options(self: _B, *, timeout: httpx.Timeout | float | None = None, max_retries: int | None = None) -> _B:
         """A client sharing this one's connections and counters, with other limits."""
-        clone = object.__new__(VLLMClient)
+        clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
         clone._owns_http = False
         if timeout is not None:
@@ -206,66 +196,14 @@ class VLLMClient:
             raise err from cause
         raise AssertionError("unreachable")
 
-    # ------------------------------------------------------------ endpoints
+    # ------------------------------------------------------------ shared endpoints
     async def models(self) -> list[dict[str, Any]]:
+        """The served models' cards (``/v1/models``, which vLLM and SGLang both answer)."""
         data = await self._request("GET", "/v1/models")
         return list(data.get("data", [])) if isinstance(data, dict) else []
 
-    async def tokenize(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list[dict[str, str]] | None = None,
-        add_special_tokens: bool = True,
-    ) -> list[int]:
-        body: dict[str, Any] = {"add_special_tokens": add_special_tokens}
-        if messages is not None:
-            body["messages"] = messages
-            body["add_generation_prompt"] = True
-        else:
-            body["prompt"] = prompt
-        data = await self._request("POST", "/tokenize", body)
-        return [int(t) for t in data["tokens"]]
-
-    async def detokenize(self, ids: list[int]) -> str:
-        data = await self._request("POST", "/detokenize", {"tokens": ids})
-        return str(data["prompt"])
-
-    async def tokenizer_info(self) -> dict[str, Any] | None:
-        """The tokenizer's settings, or None where the endpoint is not enabled."""
-        try:
-            data = await self._request("GET", "/tokenizer_info", probe=True)
-        except NotFoundError:
-            return None
-        except APIStatusError as err:
-            if err.status_code in (404, 405, 501):
-                return None
-            raise
-        return data if isinstance(data, dict) else None
-
-    async def step(self, open_contexts: list[str], top_k: int, model: str | None) -> TopK:
-        """The top-k next-token log probabilities for each context.
-
-        Each context is its ids as JSON text without the closing bracket (``"[1,2,3"``):
-        the form a growing context is kept in, so building the request is one join
-        (closing each one first would copy every context once more per step).
-        """
-        head: dict[str, Any] = {
-            "max_tokens": 1,
-            "logprobs": top_k,
-            "temperature": 0,
-            "return_tokens_as_token_ids": True,
-        }
-        if model:
-            head["model"] = model
-        content = (json.dumps(head)[:-1] + ',"prompt":[' + "],".join(open_contexts) + "]]}").encode()
-        t0 = time.perf_counter()
-        rows = len(open_contexts)
-        top = await self._request(
-            "POST", "/v1/completions", content=content, decode=lambda raw: parse_topk(raw, rows, top_k)
-        )
-        log.debug("step of %d rows in %.1f ms", rows, 1e3 * (time.perf_counter() - t0))
-        return top
+    async def post_json(self, path: str, body: Any, probe: bool = False) -> Any:
+        return await self._request("POST", path, body, probe=probe)
 
 
 def _timeout(value: httpx.Timeout | float) -> httpx.Timeout:
@@ -306,14 +244,3 @@ def _json_body(raw: bytes) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidResponseError(f"malformed JSON body: {exc}") from exc
-
-
-def parse_topk(raw: bytes, rows: int, top_k: int) -> TopK:
-    """Arrays from a completions reply with token-id keys (parsed in Rust, without
-    building Python objects); raises InvalidResponseError unless the reply has one
-    choice per row, each with a top-logprobs object keyed ``"token_id:N"``."""
-    try:
-        ids, logp = _core.parse_topk(raw, rows, top_k)
-    except InvalidInputError as exc:
-        raise InvalidResponseError(f"unexpected completions reply: {exc}") from exc
-    return TopK(ids, logp)

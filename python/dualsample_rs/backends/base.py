@@ -1,0 +1,104 @@
+"""What the dual step asks of a server, whatever its wire dialect."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..exceptions import InvalidResponseError
+from .context import Context
+from .http import RequestStats
+
+# vLLM's cap on ids scored in one request (`MAX_LOGPROB_TOKEN_IDS`).
+VLLM_MAX_SCORED_IDS = 128
+
+
+@dataclass
+class TopK:
+    """Each row's entries at the next position: ids (int64, -1 padding) and raw log
+    probabilities (-inf padding), one row per context."""
+
+    ids: np.ndarray
+    logp: np.ndarray
+
+    def rows(self, start: int, stop: int | None) -> TopK:
+        return TopK(self.ids[start:stop], self.logp[start:stop])
+
+
+class Backend(Protocol):
+    """One server in one wire dialect. Contexts are token ids; every log probability is
+    the model's raw log-softmax (temperature is applied by the caller)."""
+
+    dialect: str
+    base_url: str
+    model: str | None
+    stats: RequestStats
+    #: The most ids one scoring request may name (None: no cap).
+    max_scored_ids: int | None
+
+    async def models(self) -> list[dict[str, Any]]: ...
+
+    async def tokenize(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        add_special_tokens: bool = True,
+    ) -> list[int]: ...
+
+    async def detokenize(self, ids: list[int]) -> str: ...
+
+    async def tokenizer_info(self) -> dict[str, Any] | None: ...
+
+    async def topk(self, contexts: Sequence[Context], top_k: int) -> TopK:
+        """The top-k at the next position of each context: (rows, top_k + 1) arrays."""
+        ...
+
+    async def score(self, contexts: Sequence[Context], ids: np.ndarray) -> np.ndarray:
+        """The log probability of each of ``ids[r]`` (-1 padding) at the next position of
+        ``contexts[r]``: an array shaped like `ids`, -inf at the padding."""
+        ...
+
+    async def sequence_logprobs(self, ids: list[int], start: int) -> list[float]:
+        """log π(ids[i] | ids[:i]) for every i from `start` (>= 1) to the end."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def gather_scores(wanted: np.ndarray, got: TopK, where: str) -> np.ndarray:
+    """Each row's log probabilities of the ids in `wanted` (-1 padding), looked up among
+    the ids the server returned for that row; a wanted id the reply lacks is an error."""
+    match = wanted[:, :, None] == got.ids[:, None, :]  # (rows, m, width)
+    found = match.any(axis=2)
+    pad = wanted < 0
+    if not (found | pad).all():
+        r, c = np.argwhere(~(found | pad))[0]
+        raise InvalidResponseError(f"{where}: the reply has no log probability for id {wanted[r, c]} (row {r})")
+    out = np.where(match, got.logp[:, None, :], 0.0).sum(axis=2)
+    out[pad] = -np.inf
+    return out
+
+
+def scoring_groups(ids: np.ndarray, cap: int) -> list[tuple[np.ndarray, list[int]]]:
+    """Rows grouped so that the ids each group names together are at most `cap`:
+    ``(row indices, sorted union of their ids)``. Rows are taken in order and a group
+    is closed when the next row would push it over the cap."""
+    groups: list[tuple[np.ndarray, list[int]]] = []
+    rows: list[int] = []
+    union: set[int] = set()
+    for r in range(ids.shape[0]):
+        row = {int(t) for t in ids[r] if t >= 0}
+        if len(row) > cap:
+            raise InvalidResponseError(f"row {r}: {len(row)} ids to score, more than the server's cap of {cap}")
+        if rows and len(union | row) > cap:
+            groups.append((np.array(rows), sorted(union)))
+            rows, union = [], set()
+        rows.append(r)
+        union |= row
+    if rows:
+        groups.append((np.array(rows), sorted(union)))
+    return groups

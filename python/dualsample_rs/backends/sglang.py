@@ -1,0 +1,98 @@
+"""SGLang's native ``/generate``: a batch of ``input_ids`` per request, integer ids back.
+
+The top-k comes from ``top_logprobs_num`` (exactly k entries: SGLang does not add the
+sampled token), given ids are scored with ``token_ids_logprob`` (one list per prompt),
+and a finished sequence is scored with ``logprob_start_len``, which keeps the radix cache
+for the prefix before it. ``temperature: 0`` makes SGLang report raw log probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from .. import _core
+from ..exceptions import ConfigurationError, InvalidInputError, InvalidResponseError
+from .base import TopK, gather_scores
+from .context import Context, join_lists
+from .http import HttpBackend
+
+
+class SGLangBackend(HttpBackend):
+    """One SGLang server through its native API."""
+
+    dialect = "sglang"
+    max_scored_ids: int | None = None
+
+    async def tokenize(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        add_special_tokens: bool = True,
+    ) -> list[int]:
+        if messages is not None:
+            raise ConfigurationError(
+                f"{self.base_url}: SGLang's /tokenize does not render chat templates, so teacher_chat cannot be "
+                "used with an SGLang teacher; render the template into the teacher prompt instead"
+            )
+        data = await self._request("POST", "/tokenize", {"prompt": prompt, "add_special_tokens": add_special_tokens})
+        return [int(t) for t in data["tokens"]]
+
+    async def detokenize(self, ids: list[int]) -> str:
+        data = await self._request("POST", "/detokenize", {"tokens": ids})
+        return str(data["text"])
+
+    async def tokenizer_info(self) -> dict[str, Any] | None:
+        return None  # SGLang has no such endpoint; stop ids come from known strings
+
+    async def _generate(
+        self, contexts: Sequence[Context], fields: dict[str, Any], width: int, field: Literal["top", "token_ids"]
+    ) -> TopK:
+        head = {"sampling_params": {"max_new_tokens": 1, "temperature": 0}, "return_logprob": True, **fields}
+        content = json.dumps(head)[:-1].encode() + b',"input_ids":' + join_lists(contexts) + b"}"
+        rows = len(contexts)
+        return await self._request(
+            "POST", "/generate", content=content, decode=lambda raw: _parse(raw, rows, width, field)
+        )
+
+    async def topk(self, contexts: Sequence[Context], top_k: int) -> TopK:
+        return await self._generate(contexts, {"top_logprobs_num": top_k}, top_k, "top")
+
+    async def score(self, contexts: Sequence[Context], ids: np.ndarray) -> np.ndarray:
+        lists = [[int(t) for t in row if t >= 0] for row in ids]
+        got = await self._generate(contexts, {"token_ids_logprob": lists}, ids.shape[1], "token_ids")
+        return gather_scores(ids, got, f"{self.base_url} token_ids_logprob")
+
+    async def sequence_logprobs(self, ids: list[int], start: int) -> list[float]:
+        if start >= len(ids):
+            return []
+        # Scoring from start - 1 keeps the radix cache for the prefix before it; SGLang
+        # answers None at exactly logprob_start_len, so that entry is dropped.
+        body = {
+            "input_ids": ids,
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+            "return_logprob": True,
+            "logprob_start_len": start - 1,
+        }
+        data = await self._request("POST", "/generate", body)
+        try:
+            entries = data["meta_info"]["input_token_logprobs"][-(len(ids) - start) :]
+            values = [float(e[0]) if e[0] is not None else -np.inf for e in entries]
+            ok = len(values) == len(ids) - start and all(e[1] == t for e, t in zip(entries, ids[start:], strict=True))
+        except (KeyError, IndexError, TypeError) as err:
+            raise InvalidResponseError(f"{self.base_url}: unexpected input_token_logprobs ({err})") from err
+        if not ok:
+            raise InvalidResponseError(f"{self.base_url}: input_token_logprobs do not match the scored ids")
+        return values
+
+
+def _parse(raw: bytes, rows: int, width: int, field: Literal["top", "token_ids"]) -> TopK:
+    try:
+        ids, logp = _core.parse_sglang_topk(raw, rows, width, field)
+    except InvalidInputError as exc:
+        raise InvalidResponseError(f"unexpected SGLang reply: {exc}") from exc
+    return TopK(ids, logp)

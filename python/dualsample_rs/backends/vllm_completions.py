@@ -1,0 +1,123 @@
+"""vLLM's OpenAI-compatible ``/v1/completions``: many contexts per request.
+
+Contexts go as id prompts with ``return_tokens_as_token_ids`` (text keys collide),
+``max_tokens=1`` and ``temperature=0``: the reply's top-k at the one generated position
+is the model's raw log-softmax. Scoring given ids uses ``logprob_token_ids``, which is
+one list per request, so rows are grouped until their ids together reach vLLM's 128.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import _core
+from ..exceptions import APIStatusError, InvalidInputError, InvalidResponseError, NotFoundError
+from .base import VLLM_MAX_SCORED_IDS, TopK, gather_scores, scoring_groups
+from .context import Context, join_lists
+from .http import HttpBackend, log
+
+
+class VLLMCompletionsBackend(HttpBackend):
+    """One vLLM server through ``/v1/completions`` (batched)."""
+
+    dialect = "vllm-completions"
+    max_scored_ids: int | None = VLLM_MAX_SCORED_IDS
+
+    async def tokenize(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        add_special_tokens: bool = True,
+    ) -> list[int]:
+        """Ids of a text, or of chat messages rendered by the server's chat template."""
+        body: dict[str, Any] = {"add_special_tokens": add_special_tokens}
+        if messages is not None:
+            body["messages"] = messages
+            body["add_generation_prompt"] = True
+        else:
+            body["prompt"] = prompt
+        data = await self._request("POST", "/tokenize", body)
+        return [int(t) for t in data["tokens"]]
+
+    async def detokenize(self, ids: list[int]) -> str:
+        data = await self._request("POST", "/detokenize", {"tokens": ids})
+        return str(data["prompt"])
+
+    async def tokenizer_info(self) -> dict[str, Any] | None:
+        """The tokenizer's settings, or None where the endpoint is not enabled."""
+        try:
+            data = await self._request("GET", "/tokenizer_info", probe=True)
+        except NotFoundError:
+            return None
+        except APIStatusError as err:
+            if err.status_code in (404, 405, 501):
+                return None
+            raise
+        return data if isinstance(data, dict) else None
+
+    def _body(self, contexts: Sequence[Context], fields: dict[str, Any]) -> bytes:
+        head = {"max_tokens": 1, "temperature": 0, "return_tokens_as_token_ids": True, **fields}
+        if self.model:
+            head["model"] = self.model
+        return json.dumps(head)[:-1].encode() + b',"prompt":' + join_lists(contexts) + b"}"
+
+    async def _completions(self, contexts: Sequence[Context], fields: dict[str, Any], width: int) -> TopK:
+        rows = len(contexts)
+        t0 = time.perf_counter()
+        top = await self._request(
+            "POST",
+            "/v1/completions",
+            content=self._body(contexts, fields),
+            decode=lambda raw: parse_topk(raw, rows, width),
+        )
+        log.debug("completions of %d rows in %.1f ms", rows, 1e3 * (time.perf_counter() - t0))
+        return top
+
+    async def topk(self, contexts: Sequence[Context], top_k: int) -> TopK:
+        return await self._completions(contexts, {"logprobs": top_k}, top_k + 1)
+
+    async def score(self, contexts: Sequence[Context], ids: np.ndarray) -> np.ndarray:
+        out = np.full(ids.shape, -np.inf)
+        groups = scoring_groups(ids, VLLM_MAX_SCORED_IDS)
+
+        async def one(rows: np.ndarray, union: list[int]) -> None:
+            # `logprobs` must be set, but `logprob_token_ids` replaces the top-k it asks for.
+            fields = {"logprobs": 1, "logprob_token_ids": union}
+            got = await self._completions([contexts[r] for r in rows], fields, len(union) + 1)
+            out[rows] = gather_scores(ids[rows], got, f"{self.base_url} logprob_token_ids")
+
+        await asyncio.gather(*(one(rows, union) for rows, union in groups))
+        return out
+
+    async def sequence_logprobs(self, ids: list[int], start: int) -> list[float]:
+        # Prompt log probabilities: exact, but they skip the prefix cache (the whole
+        # sequence is computed again).
+        body: dict[str, Any] = {"prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
+        if self.model:
+            body["model"] = self.model
+        data = await self._request("POST", "/v1/completions", body)
+        try:
+            entries = data["choices"][0]["prompt_logprobs"]
+            return [_wire(entries[i][str(ids[i])]["logprob"]) for i in range(start, len(ids))]
+        except (KeyError, IndexError, TypeError) as err:
+            raise InvalidResponseError(f"{self.base_url}: prompt_logprobs reply without position {err}") from err
+
+
+def _wire(value: Any) -> float:
+    return -np.inf if value is None or value <= -9999.0 else float(value)
+
+
+def parse_topk(raw: bytes, rows: int, width: int) -> TopK:
+    """Arrays from a completions reply (parsed in Rust, without building Python objects)."""
+    try:
+        ids, logp = _core.parse_completions_topk(raw, rows, width)
+    except InvalidInputError as exc:
+        raise InvalidResponseError(f"unexpected completions reply: {exc}") from exc
+    return TopK(ids, logp)

@@ -1,0 +1,132 @@
+"""Start-up: probe each server once into a `ServerInfo`, then check that the two agree.
+
+A probe finds the dialect (when asked to), the model and its context length, how a fixed
+text and the known special tokens tokenise, the tokenizer's end-of-sequence string where
+the server tells it, and whether the server returns as many log probabilities as asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ._constants import KNOWN_EOS_STRINGS, KNOWN_SPECIAL_STRINGS, VOCAB_PROBE_TEXT
+from .backends import Backend, Context, HttpBackend, backend_for, detect_dialect
+from .backends.base import VLLM_MAX_SCORED_IDS
+from .exceptions import BadRequestError, ConfigurationError
+
+UNLIMITED_LEN = 1 << 62
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the handshake learnt about one server."""
+
+    url: str
+    dialect: str
+    model: str | None
+    max_model_len: int
+    probe_ids: tuple[int, ...]
+    #: known special strings that the tokenizer maps to a single id
+    special_ids: dict[str, int]
+    #: ids of the tokenizer's own end-of-sequence strings, where the server tells them
+    eos_ids: tuple[int, ...]
+
+
+async def handshake(
+    http: HttpBackend, dialect: str, model_name: str | None, top_k: int, exact: bool
+) -> tuple[Backend, ServerInfo]:
+    """Probe one server; return the backend for its dialect and what was found.
+    `exact`: this server will be asked to score the other's top_k candidates."""
+    if dialect == "auto":
+        dialect = await detect_dialect(http)
+    backend = backend_for(dialect, http)
+    cards = await backend.models()
+    card = next((c for c in cards if model_name is None or c.get("id") == model_name), None)
+    if card is None:
+        raise ConfigurationError(
+            f"model {model_name!r} is not served at {backend.base_url} (it serves {[c.get('id') for c in cards]})"
+        )
+    backend.model = card.get("id")
+    probe = await backend.tokenize(VOCAB_PROBE_TEXT, add_special_tokens=False)
+    names = sorted(set(KNOWN_EOS_STRINGS) | set(KNOWN_SPECIAL_STRINGS))
+    tokenised = await asyncio.gather(*(backend.tokenize(s, add_special_tokens=False) for s in names))
+    specials = {s: t[0] for s, t in zip(names, tokenised, strict=True) if len(t) == 1}
+    eos_ids = await _eos_ids(backend, specials)
+    await _check_logprobs(backend, top_k, probe, exact)
+    info = ServerInfo(
+        url=backend.base_url,
+        dialect=dialect,
+        model=backend.model,
+        max_model_len=int(card.get("max_model_len") or UNLIMITED_LEN),
+        probe_ids=tuple(probe),
+        special_ids=specials,
+        eos_ids=eos_ids,
+    )
+    return backend, info
+
+
+async def _eos_ids(backend: Backend, specials: dict[str, int]) -> tuple[int, ...]:
+    info = await backend.tokenizer_info()
+    eos = info.get("eos_token") if info else None
+    if not isinstance(eos, str):
+        return ()
+    if eos in specials:  # already tokenised
+        return (specials[eos],)
+    ids = await backend.tokenize(eos, add_special_tokens=False)
+    return (ids[0],) if len(ids) == 1 else ()
+
+
+async def _check_logprobs(backend: Backend, top_k: int, probe: list[int], exact: bool) -> None:
+    if exact and backend.max_scored_ids is not None and top_k > backend.max_scored_ids:
+        raise ConfigurationError(
+            f"top_k={top_k} with scoring='exact': {backend.base_url} ({backend.dialect}) scores at most "
+            f"{backend.max_scored_ids} ids per position (the teacher's top-k); use top_k <= {VLLM_MAX_SCORED_IDS}"
+        )
+    try:
+        await backend.topk([Context(probe[:4] or [0])], top_k)
+    except BadRequestError as err:
+        if "logprobs" in str(err):
+            raise ConfigurationError(
+                f"top_k={top_k} is above the number of log probabilities {backend.base_url} returns "
+                f"({err.message}). Start vLLM with --max-logprobs {top_k} (or more), or lower top_k."
+            ) from err
+        raise
+
+
+def agree(a: ServerInfo, b: ServerInfo) -> None:
+    """Refuse two servers whose tokenizers differ: they could not share token ids."""
+    if a.probe_ids != b.probe_ids:
+        raise ConfigurationError(
+            "the two servers do not share a vocabulary: the same probe text tokenises to different ids "
+            f"({a.url}: {list(a.probe_ids[:8])}..., {b.url}: {list(b.probe_ids[:8])}...)"
+        )
+    if a.special_ids != b.special_ids:
+        raise ConfigurationError(
+            f"the two servers' special tokens differ: {a.url} {a.special_ids}, {b.url} {b.special_ids}"
+        )
+
+
+def stop_and_excluded_ids(
+    a: ServerInfo,
+    b: ServerInfo,
+    stop_token_ids: tuple[int, ...] | None,
+    exclude: bool,
+    special_ids: tuple[int, ...] | None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ids that end a sequence (given, else the servers' end-of-sequence ids, else
+    every known end-of-sequence string that is one token) and the ids never sampled
+    (given or the known special tokens, when `exclude`; stop ids are never excluded)."""
+    if stop_token_ids is not None:
+        stop = tuple(stop_token_ids)
+    elif a.eos_ids or b.eos_ids:
+        stop = tuple(sorted(set(a.eos_ids) | set(b.eos_ids)))
+    else:
+        stop = tuple(sorted({i for s, i in a.special_ids.items() if s in KNOWN_EOS_STRINGS}))
+    excluded: tuple[int, ...] = ()
+    if exclude:
+        found = special_ids
+        if found is None:
+            found = tuple(i for s, i in a.special_ids.items() if s in KNOWN_SPECIAL_STRINGS)
+        excluded = tuple(sorted(set(found) - set(stop)))
+    return stop, excluded

@@ -1,0 +1,143 @@
+"""Sequences in flight: read-ahead, batching, refill, progress and cancellation.
+
+It knows nothing of sampling: it is given how to prepare a sequence from an item, how to
+advance a batch by one step, and how to finish a sequence. Each worker owns a batch and
+refills it from a bounded queue of prepared sequences as others finish, so sequences
+join and leave independently; several workers overlap one another's network waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+from .exceptions import APIError, DualSampleError
+from .output import GenerationOutput
+from .sequence import Sequence, WorkItem
+
+# Items being prepared (tokenised) ahead of the workers at any moment.
+READ_AHEAD = 64
+
+Finished = tuple[int, GenerationOutput] | BaseException | None
+
+
+class Scheduler:
+    """Runs items through `prepare`, then `step` in batches until done, then `finish`.
+
+    Args:
+        prepare: builds the sequence for ``(index, item)``; a `DualSampleError` or
+            `APIError` becomes that item's failed output.
+        step: advances a batch by one token, marking finished sequences ``done``.
+        finish: completes a finished sequence's output (text, rescoring).
+        workers, batch: concurrent batches, and sequences per batch.
+        on_output: called with each output as it is yielded (statistics, progress).
+    """
+
+    def __init__(
+        self,
+        prepare: Callable[[int, WorkItem], Awaitable[Sequence]],
+        step: Callable[[list[Sequence]], Awaitable[None]],
+        finish: Callable[[Sequence], Awaitable[None]],
+        workers: int,
+        batch: int,
+        on_output: Callable[[GenerationOutput], Any],
+    ) -> None:
+        self.prepare, self.step, self.finish = prepare, step, finish
+        self.workers, self.batch, self.on_output = workers, batch, on_output
+
+    async def run(self, items: Iterable[WorkItem]) -> AsyncIterator[tuple[int, GenerationOutput]]:
+        """Yield ``(position in items, output)`` as sequences finish; cancelling the
+        iteration (or an error in a task) stops every task it started."""
+        ready: asyncio.Queue[Sequence | None] = asyncio.Queue(maxsize=2 * self.batch)
+        # Outputs, None when a worker is done, or the exception that stopped a task.
+        finished: asyncio.Queue[Finished] = asyncio.Queue()
+        feeder = asyncio.create_task(self._feed(items, ready, finished))
+        tasks = [asyncio.create_task(self._worker(ready, finished)) for _ in range(self.workers)]
+        done_workers = 0
+        try:
+            while done_workers < self.workers:
+                got = await finished.get()
+                if got is None:
+                    done_workers += 1
+                    continue
+                if isinstance(got, BaseException):
+                    raise got
+                self.on_output(got[1])
+                yield got
+            await feeder
+        finally:
+            for t in (feeder, *tasks):
+                t.cancel()
+            await asyncio.gather(feeder, *tasks, return_exceptions=True)
+
+    async def _feed(
+        self, items: Iterable[WorkItem], ready: asyncio.Queue[Sequence | None], finished: asyncio.Queue[Finished]
+    ) -> None:
+        """Prepare items ahead of the workers: at most READ_AHEAD at once, and the queue
+        is bounded too, so memory does not grow with the number of items. If reading the
+        items fails, the error goes to the consumer instead of leaving workers waiting."""
+        slots = asyncio.Semaphore(READ_AHEAD)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def prepare(index: int, item: WorkItem) -> None:
+            try:
+                try:
+                    seq = await self.prepare(index, item)
+                except (APIError, DualSampleError) as err:
+                    out = GenerationOutput(item.prompt, item.prompt_t, item.id, finish_reason="error", error=str(err))
+                    await finished.put((index, out))
+                    return
+                await ready.put(seq)
+            finally:
+                slots.release()
+
+        try:
+            for index, item in enumerate(items):
+                await slots.acquire()  # a slot is held until the item is queued
+                task = asyncio.create_task(prepare(index, item))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            if pending:
+                await asyncio.gather(*pending)
+        except Exception as err:  # handed to the consumer, which raises it
+            await finished.put(err)
+            return
+        for _ in range(self.workers):
+            await ready.put(None)
+
+    async def _worker(self, ready: asyncio.Queue[Sequence | None], finished: asyncio.Queue[Finished]) -> None:
+        active: list[Sequence] = []
+        exhausted = False
+        finishing: set[asyncio.Task[None]] = set()
+
+        async def finish(seq: Sequence) -> None:
+            await self.finish(seq)
+            await finished.put((seq.index, seq.out))
+
+        try:
+            while True:
+                while not exhausted and len(active) < self.batch:
+                    if active and ready.empty():
+                        break
+                    seq = await ready.get()
+                    if seq is None:
+                        exhausted = True
+                    else:
+                        active.append(seq)
+                if not active:
+                    break
+                await self.step(active)
+                for seq in active:
+                    if seq.done:
+                        # Finishing is a round trip or two: do it beside the next step.
+                        task = asyncio.create_task(finish(seq))
+                        finishing.add(task)
+                        task.add_done_callback(finishing.discard)
+                active = [seq for seq in active if not seq.done]
+            if finishing:
+                await asyncio.gather(*finishing)
+        except Exception as err:  # a bug must surface, not hang the run
+            await finished.put(err)
+        finally:
+            await finished.put(None)

@@ -1,0 +1,50 @@
+"""A prompt pair to generate from, and the state of its sequence while in flight."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backends import Context
+from .output import GenerationOutput
+from .prompts import Prompt
+
+
+def stable_key(value: Any) -> int:
+    """A 63-bit key for a record id, the same in every run."""
+    digest = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass
+class WorkItem:
+    """One prompt pair to generate from. ``key`` keys the random draws."""
+
+    key: int
+    prompt: Prompt
+    prompt_t: Prompt
+    id: Any = None
+    teacher_chat: bool = False
+    where: str = ""  # how errors about this item name it, e.g. "line 12"
+
+
+@dataclass
+class Sequence:
+    """One sequence in flight: both contexts, the output so far, and where it came from."""
+
+    item: WorkItem
+    index: int  # position in the caller's items
+    ctx_theta: Context
+    ctx_t: Context
+    max_tokens: int
+    out: GenerationOutput
+    prompt_len_theta: int = 0
+    prompt_len_t: int = 0
+    diag: dict[str, list[float]] = field(default_factory=dict)
+    done: bool = False
+
+    def fail(self, err: BaseException) -> None:
+        self.out.finish_reason = "error"
+        self.out.error = f"{type(err).__name__}: {err}"
+        self.done = True

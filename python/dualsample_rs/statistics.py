@@ -1,0 +1,57 @@
+"""Counts of a run, and the dictionary `get_statistics()` returns."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backends import RequestStats
+from .output import GenerationOutput
+
+
+@dataclass
+class Statistics:
+    sequences: int = 0
+    errors: int = 0
+    tokens: int = 0
+    steps: int = 0
+    first_tokens_forced: int = 0
+    constraint_applied: int = 0
+    stability_fallbacks: int = 0
+    stability_flagged: int = 0
+    alpha_sum: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    def count_finished(self, out: GenerationOutput) -> None:
+        self.sequences += 1
+        self.errors += out.failed
+        self.tokens += len(out.token_ids)
+        self.alpha_sum += sum(out.alpha_history)
+
+    def summary(self, theta: RequestStats, t: RequestStats) -> dict[str, Any]:
+        """Counts so far: requests, retries and failures per server and in total, tokens,
+        sequences, errors, first tokens forced, constraint applied, stability fallbacks,
+        tokens per second and mean α."""
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return {
+            "requests": theta.requests + t.requests,
+            "retries": theta.retries + t.retries,
+            "failures": theta.failures + t.failures,
+            "requests_theta": theta.requests,
+            "requests_t": t.requests,
+            "retries_theta": theta.retries,
+            "retries_t": t.retries,
+            "sequences": self.sequences,
+            "errors": self.errors,
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "first_tokens_forced": self.first_tokens_forced,
+            "constraint_applied": self.constraint_applied,
+            "stability_fallbacks": self.stability_fallbacks,
+            "stability_flagged": self.stability_flagged,
+            "mean_alpha": self.alpha_sum / self.tokens if self.tokens else math.nan,
+            "elapsed_s": elapsed,
+            "tokens_per_second": self.tokens / elapsed,
+        }

@@ -1,0 +1,195 @@
+//! SGLang native `/generate` replies to a batch: a list with one object per prompt, whose
+//! `meta_info` holds per-position lists of `[logprob, token_id, text|null]` triples.
+use std::fmt;
+
+use numpy::ndarray::Array2;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::{reply_error, wire_logprob, TopkRows};
+use crate::errors::KernelResult;
+
+/// Which per-position list to read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// `output_top_logprobs`: the top-k at each generated position.
+    Top,
+    /// `output_token_ids_logprobs`: the ids asked for with `token_ids_logprob`.
+    TokenIds,
+}
+
+impl Field {
+    fn key(self) -> &'static str {
+        match self {
+            Field::Top => "output_top_logprobs",
+            Field::TokenIds => "output_token_ids_logprobs",
+        }
+    }
+}
+
+/// One `[logprob, token_id, text]` triple (text skipped).
+struct Triple(i64, f64);
+
+impl<'de> Deserialize<'de> for Triple {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TripleVisitor;
+
+        impl<'de> Visitor<'de> for TripleVisitor {
+            type Value = Triple;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a [logprob, token_id, text] triple")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Triple, A::Error> {
+                let lp: Option<f64> = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(0, &self))?;
+                let id: i64 = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(1, &self))?;
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Triple(id, wire_logprob(lp)))
+            }
+        }
+
+        deserializer.deserialize_seq(TripleVisitor)
+    }
+}
+
+/// The first position's triples from the chosen field of `meta_info`.
+struct FirstPosition(Option<Vec<Triple>>);
+
+struct MetaSeed(Field);
+
+impl<'de> de::DeserializeSeed<'de> for MetaSeed {
+    type Value = FirstPosition;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<FirstPosition, D::Error> {
+        struct MetaVisitor(Field);
+
+        impl<'de> Visitor<'de> for MetaVisitor {
+            type Value = FirstPosition;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a meta_info object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FirstPosition, A::Error> {
+                let mut found = None;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == self.0.key() {
+                        let positions: Option<Vec<Option<Vec<Triple>>>> = map.next_value()?;
+                        found = positions.and_then(|p| p.into_iter().next().flatten());
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(FirstPosition(found))
+            }
+        }
+
+        deserializer.deserialize_map(MetaVisitor(self.0))
+    }
+}
+
+/// One object of the reply list: only `meta_info` is read.
+struct Item(FirstPosition);
+
+struct ItemSeed(Field);
+
+impl<'de> de::DeserializeSeed<'de> for ItemSeed {
+    type Value = Item;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Item, D::Error> {
+        struct ItemVisitor(Field);
+
+        impl<'de> Visitor<'de> for ItemVisitor {
+            type Value = Item;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a generate reply object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
+                let mut first = FirstPosition(None);
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "meta_info" {
+                        first = map.next_value_seed(MetaSeed(self.0))?;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(Item(first))
+            }
+        }
+
+        deserializer.deserialize_map(ItemVisitor(self.0))
+    }
+}
+
+struct ListSeed(Field);
+
+impl<'de> de::DeserializeSeed<'de> for ListSeed {
+    type Value = Vec<Item>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Vec<Item>, D::Error> {
+        struct ListVisitor(Field);
+
+        impl<'de> Visitor<'de> for ListVisitor {
+            type Value = Vec<Item>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of generate reply objects")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Item>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(16));
+                while let Some(item) = seq.next_element_seed(ItemSeed(self.0))? {
+                    out.push(item);
+                }
+                Ok(out)
+            }
+        }
+
+        deserializer.deserialize_seq(ListVisitor(self.0))
+    }
+}
+
+/// The first generated position's entries of each prompt of a batched reply.
+pub fn parse_topk(body: &[u8], rows: usize, width: usize, field: Field) -> KernelResult<(Array2<i64>, Array2<f64>)> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let items = de::DeserializeSeed::deserialize(ListSeed(field), &mut de)
+        .and_then(|items| de.end().map(|()| items))
+        .map_err(|e| reply_error(format!("not an SGLang batch reply: {e}")))?;
+    if items.len() != rows {
+        return Err(reply_error(format!("expected {rows} replies, got {}", items.len())));
+    }
+    let mut out = TopkRows::new(rows, width);
+    for (r, Item(FirstPosition(first))) in items.into_iter().enumerate() {
+        let triples =
+            first.ok_or_else(|| reply_error(format!("reply {r} has no {} at the first position", field.key())))?;
+        out.fill(r, triples.into_iter().map(|Triple(id, lp)| (id, lp)));
+    }
+    Ok(out.into_parts())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_chosen_field_of_each_item() {
+        let body = br#"[
+            {"text":"a","output_ids":[5],"meta_info":{"id":"x","output_token_logprobs":[[-0.1,5,null]],
+             "output_top_logprobs":[[[-0.1,5,null],[null,7,"b"]]],"output_token_ids_logprobs":[[[-3.0,9,null]]],
+             "finish_reason":{"type":"length","length":1}}},
+            {"meta_info":{"output_top_logprobs":[[[-0.5,3,null],[-1.5,4,null],[-2.0,9,null]]]}}
+        ]"#;
+        let (ids, lp) = parse_topk(body, 2, 3, Field::Top).unwrap();
+        assert_eq!(ids.row(0).to_vec(), vec![5, 7, -1]);
+        assert_eq!(ids.row(1).to_vec(), vec![3, 4, 9]);
+        assert_eq!(lp[[0, 1]], f64::NEG_INFINITY);
+        let (ids, lp) = parse_topk(&body[..], 2, 1, Field::TokenIds).map_or((None, None), |(a, b)| (Some(a), Some(b)));
+        assert!(ids.is_none() && lp.is_none()); // the second item has no token-id entries
+        assert!(parse_topk(body, 3, 3, Field::Top).is_err());
+        assert!(parse_topk(b"[", 1, 3, Field::Top).is_err());
+        assert!(parse_topk(br#"{"meta_info":{}}"#, 1, 3, Field::Top).is_err());
+    }
+}
