@@ -11,6 +11,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from .exceptions import DualSampleError, InvalidInputError
+from .server import cli as serve_cli
 
 if TYPE_CHECKING:
     from .config import CoordinatorConfig
@@ -21,69 +22,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run a vLLM-compatible reference server with a small real model")
-    p.add_argument("--model", choices=["base", "teacher", "base-reversed"], default="base")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    p.add_argument("--max-logprobs", type=int, default=20)
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--max-num-queued-reqs", type=int, default=None)
-    p.add_argument("--enable-tokenizer-info-endpoint", action="store_true")
-    f = p.add_argument_group("faults (rates are per request; deterministic under --fault-seed)")
-    f.add_argument("--fault-seed", type=int, default=0)
-    f.add_argument("--latency", type=float, default=0.0, help="seconds added to a delayed request")
-    f.add_argument("--latency-rate", type=float, default=0.0)
-    f.add_argument("--error-500-rate", type=float, default=0.0)
-    f.add_argument("--error-503-rate", type=float, default=0.0)
-    f.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds on injected 503s")
-    f.add_argument("--drop-rate", type=float, default=0.0, help="close the connection mid-response")
-    f.add_argument("--malformed-rate", type=float, default=0.0, help="answer with a truncated JSON body")
-    f.add_argument("--slow-body-rate", type=float, default=0.0)
-    f.add_argument("--slow-body-seconds", type=float, default=1.0, help="time to trickle out a slow body")
-
-
-async def _run_serve(args: argparse.Namespace) -> int:
-    from .server.app import ServerOptions, serve
-    from .server.faults import FaultConfig
-    from .server.model import load_preset
-    from .server.process import READY_PREFIX
-
-    faults = FaultConfig(
-        seed=args.fault_seed,
-        latency=args.latency,
-        latency_rate=args.latency_rate,
-        error_500_rate=args.error_500_rate,
-        error_503_rate=args.error_503_rate,
-        retry_after=args.retry_after,
-        drop_rate=args.drop_rate,
-        malformed_rate=args.malformed_rate,
-        slow_body_rate=args.slow_body_rate,
-        slow_body_seconds=args.slow_body_seconds,
-    )
-    options = ServerOptions(
-        max_logprobs=args.max_logprobs,
-        api_key=args.api_key,
-        max_num_queued_reqs=args.max_num_queued_reqs,
-        enable_tokenizer_info=args.enable_tokenizer_info_endpoint,
-        faults=faults,
-    )
-    model = load_preset(args.model, max_model_len=args.max_model_len)
-    task = asyncio.create_task(
-        serve(model, options, args.host, args.port, ready=lambda url: print(READY_PREFIX + url, flush=True))
-    )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
-    print("dualsample serve: stopped", flush=True)
-    return 0
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -108,11 +46,19 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stability-check", action="store_true", help="fall back to the teacher where the models disagree")
     g.add_argument("--stability-js", type=float, default=0.5)
     g.add_argument("--stability-overlap", type=float, default=0.1)
+    g.add_argument("--scoring", choices=["topk", "exact"], default="topk",
+                   help="exact: the base scores the teacher's candidates, so every number is exact")  # fmt: skip
+    g.add_argument("--rescore", action="store_true", help="add each token's exact log probabilities (extra requests)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--diagnostics", action="store_true", help="add per-sequence divergence summaries")
     h = p.add_argument_group("servers")
     h.add_argument("--theta-url", default="http://localhost:8000")
     h.add_argument("--t-url", default="http://localhost:8001")
+    h.add_argument(
+        "--dialect",
+        default="auto",
+        help="auto, vllm-completions, vllm-generate or sglang; one for both servers, or THETA,T",
+    )
     h.add_argument("--theta-model", default=None)
     h.add_argument("--t-model", default=None)
     h.add_argument("--api-key", default=None, help="one key for both servers, or THETA_KEY,T_KEY")
@@ -148,8 +94,12 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
 
     key = args.api_key
     api_key = tuple(key.split(",", 1)) if key and "," in key else key
+    dialect = tuple(args.dialect.split(",", 1)) if "," in args.dialect else args.dialect
     return CoordinatorConfig(
         theta_url=args.theta_url,
+        dialect=dialect,
+        scoring=args.scoring,
+        rescore=args.rescore,
         t_url=args.t_url,
         theta_model_name=args.theta_model,
         t_model_name=args.t_model,
@@ -280,25 +230,36 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=80)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=3, help="how many samples to print")
+    p.add_argument("--dialect", choices=["vllm-completions", "vllm-generate", "sglang"], default="vllm-completions",
+                   help="which engine the reference servers imitate, and how to talk to them")  # fmt: skip
+    p.add_argument("--scoring", choices=["topk", "exact"], default="topk")
 
 
 async def _run_demo(args: argparse.Namespace) -> int:
     from .config import CoordinatorConfig
     from .coordinator import DualVLLMCoordinator
     from .server import running_server
+    from .server.corpus import chat
 
-    print("starting the reference servers (base: plain prose, teacher: chat) ...", flush=True)
-    with running_server("base") as theta_url, running_server("teacher") as t_url:
-        config = CoordinatorConfig(theta_url=theta_url, t_url=t_url, seed=args.seed, exclude_special_tokens=True)
+    flavor = {"flavor": "sglang"} if args.dialect == "sglang" else {"enable_scale_out": True}
+    print(f"starting the reference servers as {args.dialect} (base: plain prose, teacher: chat) ...", flush=True)
+    with running_server("base", **flavor) as theta_url, running_server("teacher", **flavor) as t_url:
+        config = CoordinatorConfig(theta_url=theta_url, t_url=t_url, seed=args.seed, exclude_special_tokens=True,
+                                   dialect=args.dialect, scoring=args.scoring)  # fmt: skip
         async with DualVLLMCoordinator(config) as coord:
             plain = [f"Question: {q}\nAnswer:" for q in DEMO_QUESTIONS]
+            # SGLang's /tokenize renders no chat template: render the teacher's (ChatML) here.
+            sglang = args.dialect == "sglang"
+            teacher = (
+                [chat([{"role": "user", "content": q}], True) for q in DEMO_QUESTIONS] if sglang else DEMO_QUESTIONS
+            )
             outs = await coord.generate_batch_dual_prompts(
-                plain, DEMO_QUESTIONS, max_tokens=args.max_tokens, return_diagnostics=True, teacher_chat=True
+                plain, teacher, max_tokens=args.max_tokens, return_diagnostics=True, teacher_chat=not sglang
             )
             stats = coord.get_statistics()
     for out in outs[: args.samples]:
         alphas = out.alpha_history
-        print(f"\n--- {out.prompt_t}")
+        print(f"\n--- {out.prompt_t!r}")
         print(f"base prompt {out.prompt!r}, teacher prompt: the question in the teacher's chat template")
         print(f"sample: {out.generated_text!r}")
         print(
@@ -387,14 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="dualsample", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _generate_parser(sub)
-    _serve_parser(sub)
+    serve_cli.add_parser(sub)
     _demo_parser(sub)
     _bench_parser(sub)
     args = parser.parse_args(argv)
-    runners = {"serve": _run_serve, "generate": _run_generate, "demo": _run_demo, "bench": _run_bench}
+    runners = {"generate": _run_generate, "demo": _run_demo, "bench": _run_bench}
     try:
         if args.command == "serve":
-            return asyncio.run(_run_serve(args))
+            return serve_cli.main(args)
         return asyncio.run(_stoppable(args.command, runners[args.command](args)))
     except DualSampleError as err:
         print(f"dualsample {args.command}: error: {err}", file=sys.stderr)

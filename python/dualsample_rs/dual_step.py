@@ -2,7 +2,8 @@
 
 In ``topk`` scoring both servers are asked for their top-k at once. In ``exact``
 scoring the teacher is asked first and the base then scores exactly the teacher's
-candidates, so every number on q*'s support is a true log probability.
+candidates: q* lives on the teacher's candidates, nothing is estimated, and the reported
+``logp_theta``/``logp_t`` are the models' own (raw) log probabilities of the token.
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ class DualStep:
         )  # fmt: skip
         self._count(res, force, n)
         cols: list[list[Any]] = [getattr(res, name).tolist() for name in _COLUMNS]
+        if self.exact:
+            # Every candidate was scored by both models: report their true log probabilities
+            # of the token (the kernel's are renormalised over the candidates).
+            cols[2], cols[3] = (_lookup(top, res.token_id).tolist() for top in (top_a, top_b))
         diag_cols = [getattr(res, name).tolist() for name in DIAGNOSTIC_NAMES] if self.diagnostics else []
         max_a, max_b = self.max_model_len
         for i, seq in enumerate(rows):
@@ -143,3 +148,9 @@ class DualStep:
             s.stability_fallbacks += int(res.fallback.sum())
         if cfg.enable_stability_check and not cfg.auto_fallback and res.js is not None:
             s.stability_flagged += int((res.js > cfg.stability_threshold_js).sum())
+
+
+def _lookup(top: TopK, tokens: np.ndarray) -> np.ndarray:
+    """Each row's log probability of its token, from the lists the servers sent."""
+    hit = top.ids == tokens[:, None]
+    return np.where(hit.any(axis=1), top.logp[np.arange(len(tokens)), hit.argmax(axis=1)], -np.inf)

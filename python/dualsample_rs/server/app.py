@@ -1,4 +1,9 @@
-"""The HTTP layer of the reference server (aiohttp): routes, auth, queue limit, faults."""
+"""The HTTP layer of the reference server (aiohttp): routes, auth, queue limit, faults.
+
+Two flavors share the models: ``vllm`` (OpenAI-compatible routes, and with
+``enable_scale_out`` the tokens-in/out ``/inference/v1/generate``) and ``sglang`` (the
+native ``/generate`` and SGLang's discovery routes, error bodies and tokenizer shapes).
+"""
 
 from __future__ import annotations
 
@@ -13,14 +18,17 @@ from aiohttp import web
 
 from .. import __version__
 from . import completions as completion_api
+from . import generate_api
 from .errors import APIError, bad_request
 from .faults import NO_FAULT, Fault, FaultConfig
 from .model import Model
+from .sglang_api import GenerateCall
 
 log = logging.getLogger("dualsample_rs.server")
 
 # Paths that answer without an API key and never misbehave on purpose.
-OPEN_PATHS = {"/health", "/version"}
+OPEN_PATHS = {"/health", "/version", "/health_generate"}
+FLAVORS = ("vllm", "sglang")
 
 
 @dataclass
@@ -29,6 +37,8 @@ class ServerOptions:
     api_key: str | None = None
     max_num_queued_reqs: int | None = None
     enable_tokenizer_info: bool = False
+    flavor: str = "vllm"
+    enable_scale_out: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
 
 
@@ -52,14 +62,27 @@ class Server:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors, self._auth, self._faults], client_max_size=64 * 1024**2)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/tokenize", self.tokenize)
-        app.router.add_post("/detokenize", self.detokenize)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/version", self.version)
-        app.router.add_get("/tokenizer_info", self.tokenizer_info)
+        add = app.router
+        add.add_post("/tokenize", self.tokenize)
+        add.add_post("/detokenize", self.detokenize)
+        add.add_get("/v1/models", self.models)
+        add.add_get("/health", self.health)
+        if self.options.flavor == "sglang":
+            add.add_post("/generate", self.sglang_generate)
+            add.add_get("/health_generate", self.health)
+            add.add_get("/get_model_info", self.model_info)
+            add.add_get("/model_info", self.model_info)
+            add.add_get("/server_info", self.server_info)
+        else:
+            add.add_post("/v1/completions", self.completions)
+            add.add_get("/version", self.version)
+            add.add_get("/tokenizer_info", self.tokenizer_info)
+            if self.options.enable_scale_out:
+                add.add_post(generate_api.PATH, self.vllm_generate)
         return app
+
+    def _error(self, err: APIError, headers: dict[str, str] | None = None) -> web.Response:
+        return _json(err.body(self.options.flavor), status=err.status, headers=headers)
 
     # ------------------------------------------------------------ middlewares
     @web.middleware
@@ -67,7 +90,11 @@ class Server:
         try:
             return await handler(request)
         except APIError as err:
-            return _json(err.body(), status=err.status)
+            return self._error(err)
+        except web.HTTPException as err:  # unknown route, wrong method, body too large: JSON too
+            if err.status < 400:
+                raise
+            return self._error(APIError(err.status, err.reason, type(err).__name__.removeprefix("HTTP") + "Error"))
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -83,10 +110,10 @@ class Server:
         if fault.delay:
             await asyncio.sleep(fault.delay)
         if fault.kind == "500":
-            return _json(APIError(500, "Injected fault: internal server error", "InternalServerError").body(), 500)
+            return self._error(APIError(500, "Injected fault: internal server error", "InternalServerError"))
         if fault.kind == "503":
-            body = APIError(503, "Injected fault: service unavailable", "ServiceUnavailableError").body()
-            return _json(body, 503, headers={"Retry-After": f"{faults.retry_after:g}"})
+            err = APIError(503, "Injected fault: service unavailable", "ServiceUnavailableError")
+            return self._error(err, headers={"Retry-After": f"{faults.retry_after:g}"})
         response = await handler(request)
         if fault.kind is None and not fault.slow_body:
             return response
@@ -111,31 +138,60 @@ class Server:
         return stream
 
     # ------------------------------------------------------------ routes
-    async def completions(self, request: web.Request) -> web.Response:
+    async def _run(self, work: Any) -> Any:
+        """Run generation work off the event loop (it is CPU work), so health checks still
+        answer, within the queue limit."""
         limit = self.options.max_num_queued_reqs
         if limit is not None and self.in_flight >= limit:
             raise APIError(
                 503, "The engine is currently busy and cannot accept new requests.", "ServiceUnavailableError"
             )
-        body = await _read_json(request)
-        req = completion_api.parse(body, self.model, self.options.max_logprobs)
         self.in_flight += 1
         try:
-            # Generation is CPU work: run it off the event loop so health checks still answer.
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(None, self._complete, req)
+            return await asyncio.get_running_loop().run_in_executor(None, work)
         finally:
             self.in_flight -= 1
-        return _json(result)
 
-    def _complete(self, req: completion_api.Request) -> dict[str, Any]:
-        seqs = completion_api.generate(req, self.model)
-        return completion_api.respond(req, self.model, seqs)
+    async def completions(self, request: web.Request) -> web.Response:
+        req = completion_api.parse(await _read_json(request), self.model, self.options.max_logprobs)
+
+        def work() -> dict[str, Any]:
+            return completion_api.respond(req, self.model, completion_api.generate(req, self.model))
+
+        return _json(await self._run(work))
+
+    async def vllm_generate(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        req = generate_api.parse(body, self.model, self.options.max_logprobs)
+        want_ids = bool(isinstance(body, dict) and body.get("return_token_ids"))
+
+        def work() -> dict[str, Any]:
+            return generate_api.respond(req, self.model, completion_api.generate(req, self.model)[0], want_ids)
+
+        return _json(await self._run(work))
+
+    async def sglang_generate(self, request: web.Request) -> web.Response:
+        call = GenerateCall(await _read_json(request), self.model)
+        return _json(
+            await self._run(lambda: call.respond(self.model, completion_api.generate(call.request, self.model)))
+        )
 
     async def tokenize(self, request: web.Request) -> web.Response:
         body = await _read_json(request)
         if not isinstance(body, dict):
             raise bad_request("request body must be an object")
+        if self.options.flavor == "sglang":
+            prompt = body.get("prompt")
+            if not isinstance(prompt, (str, list)):
+                raise bad_request(f"Invalid prompt type: {type(prompt)}. Expected str or List[str].")
+            add = bool(body.get("add_special_tokens", True))
+            if isinstance(prompt, str):
+                ids: Any = self.model.tokenize(prompt, add)
+                count: Any = len(ids)
+            else:
+                ids = [self.model.tokenize(str(p), add) for p in prompt]
+                count = [len(i) for i in ids]
+            return _json({"tokens": ids, "count": count, "max_model_len": self.model.max_model_len})
         if "messages" in body:
             messages = body["messages"]
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
@@ -157,6 +213,8 @@ class Server:
         for t in tokens:
             if not 0 <= t < self.model.vocab_size:
                 raise bad_request(f"Token id {t} is out of vocabulary", "tokens")
+        if self.options.flavor == "sglang":
+            return _json({"text": self.model.detokenize(tokens, bool(body.get("skip_special_tokens", True)))})
         return _json({"prompt": self.model.detokenize(tokens)})
 
     async def models(self, request: web.Request) -> web.Response:
@@ -164,13 +222,22 @@ class Server:
             "id": self.model.name,
             "object": "model",
             "created": self.created,
-            "owned_by": "vllm",
+            "owned_by": self.options.flavor,
             "root": self.model.name,
             "parent": None,
             "max_model_len": self.model.max_model_len,
             "permission": [],
         }
         return _json({"object": "list", "data": [card]})
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        return _json({"model_path": self.model.name, "tokenizer_path": self.model.name, "is_generation": True,
+                      "preferred_sampling_params": None, "weight_version": "default"})  # fmt: skip
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        return _json(
+            {"model_path": self.model.name, "context_length": self.model.max_model_len, "version": __version__}
+        )
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)

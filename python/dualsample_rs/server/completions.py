@@ -18,6 +18,7 @@ from .model import Model
 
 MAX_PROMPTS = 1024
 NEG_INF_WIRE = -9999.0  # vLLM sends -inf as this
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's cap on ids scored per request
 
 
 def _field(body: dict[str, Any], name: str, default: Any, kind: str, ok: Any) -> Any:
@@ -62,6 +63,8 @@ class Request:
     ignore_eos: bool
     skip_special_tokens: bool
     model: str
+    # ids whose log probabilities replace the top-k at each generated position
+    logprob_token_ids: list[int] | None = None
 
 
 def _prompts(body: dict[str, Any], model: Model) -> list[list[int]]:
@@ -88,19 +91,24 @@ def _prompts(body: dict[str, Any], model: Model) -> list[list[int]]:
             ids = list(item)
         else:
             raise bad_request("prompt must be a string, a list of strings, or token ids", "prompt")
-        for t in ids:
-            if t < 0 or t >= model.vocab_size:
-                raise bad_request(f"Token id {t} is out of vocabulary", "prompt")
-        if len(ids) > model.max_model_len:
-            raise bad_request(
-                f"This model's maximum context length is {model.max_model_len} tokens. However, your prompt "
-                f"contains {len(ids)} input tokens. Please reduce the length of the input prompt.",
-                "input_tokens",
-            )
-        if len(ids) == model.max_model_len:
-            raise bad_request("max_tokens must be at least 1, got 0.", "max_tokens")
+        validate_prompt(ids, model)
         out.append(ids)
     return out
+
+
+def validate_prompt(ids: list[int], model: Model, param: str = "prompt") -> None:
+    """vLLM's checks of a prompt's ids: in the vocabulary, and room for one more token."""
+    for t in ids:
+        if t < 0 or t >= model.vocab_size:
+            raise bad_request(f"Token id {t} is out of vocabulary", param)
+    if len(ids) > model.max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {model.max_model_len} tokens. However, your prompt "
+            f"contains {len(ids)} input tokens. Please reduce the length of the input prompt.",
+            "input_tokens",
+        )
+    if len(ids) == model.max_model_len:
+        raise bad_request("max_tokens must be at least 1, got 0.", "max_tokens")
 
 
 def _logprob_count(body: dict[str, Any], name: str, cap: int, kind: str) -> int | None:
@@ -151,6 +159,11 @@ def parse(body: Any, model: Model, max_logprobs: int) -> Request:
     if echo and logprobs is not None and prompt_logprobs is None:
         prompt_logprobs = logprobs
     seed = _int(body, "seed", None)
+    score_ids = logprob_token_ids(body.get("logprob_token_ids"), model)
+    if score_ids is not None and logprobs is None:
+        raise bad_request("logprob_token_ids requires logprobs to be set.", "logprob_token_ids")
+    if score_ids is not None and prompt_logprobs is not None:
+        raise bad_request("logprob_token_ids cannot be used with prompt logprobs.", "logprob_token_ids")
     return Request(
         prompts=prompts,
         max_tokens=_int(body, "max_tokens", 16, minimum=1) or 16,
@@ -166,7 +179,26 @@ def parse(body: Any, model: Model, max_logprobs: int) -> Request:
         ignore_eos=_bool(body, "ignore_eos", False),
         skip_special_tokens=_bool(body, "skip_special_tokens", True),
         model=model.name,
+        logprob_token_ids=score_ids,
     )
+
+
+def logprob_token_ids(value: Any, model: Model) -> list[int] | None:
+    """vLLM's checks of ``logprob_token_ids``: a list of at most 128 ids in the vocabulary."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise bad_request("logprob_token_ids must be a list of integers", "logprob_token_ids")
+    if len(value) > MAX_LOGPROB_TOKEN_IDS:
+        raise bad_request(
+            f"Requested logprob_token_ids of length {len(value)}, which is greater than max allowed: "
+            f"{MAX_LOGPROB_TOKEN_IDS}",
+            "logprob_token_ids",
+        )
+    for t in value:
+        if not 0 <= t < model.vocab_size:
+            raise bad_request(f"Token id {t} in logprob_token_ids is out of vocabulary", "logprob_token_ids")
+    return value
 
 
 @dataclass
@@ -238,11 +270,18 @@ def _key(model: Model, token: int, ids_as_keys: bool) -> str:
     return f"token_id:{token}" if ids_as_keys else model.token_text(token)
 
 
-def _wire(x: float) -> float:
+def wire(x: float) -> float:
     return float(x) if np.isfinite(x) else NEG_INF_WIRE
 
 
-def _top(lp: np.ndarray, k: int) -> np.ndarray:
+def _entry_ids(lp: np.ndarray, sampled: int, k: int, score_ids: list[int] | None) -> list[int]:
+    """The ids reported at a generated position, in vLLM's order: the sampled token first,
+    then the given ids when scoring, else the top k (each id once)."""
+    rest = score_ids if score_ids is not None else [int(t) for t in top_ids(lp, k)]
+    return list(dict.fromkeys([sampled, *rest]))
+
+
+def top_ids(lp: np.ndarray, k: int) -> np.ndarray:
     """The k most probable ids, most probable first, ties to the lower id."""
     if k < 0 or k >= lp.size:
         return np.argsort(-lp, kind="stable")
@@ -250,16 +289,17 @@ def _top(lp: np.ndarray, k: int) -> np.ndarray:
     return part[np.lexsort((part, -lp[part]))]
 
 
-def _top_logprobs(model: Model, lp: np.ndarray, sampled: int, k: int, ids_as_keys: bool) -> dict[str, float]:
-    """The sampled token first, then the top k: k entries if it is among them, else k+1.
-    Text keys that collide keep one entry, as in vLLM."""
-    entries: dict[str, float] = {_key(model, sampled, ids_as_keys): _wire(lp[sampled])}
-    for t in _top(lp, k):
-        entries[_key(model, int(t), ids_as_keys)] = _wire(lp[t])
-    return entries
+def _top_logprobs(model: Model, lp: np.ndarray, sampled: int, req: Request) -> dict[str, float]:
+    """The sampled token first, then the top k: k entries if it is among them, else k+1
+    (or the ``logprob_token_ids``). Text keys that collide keep one entry, as in vLLM."""
+    assert req.logprobs is not None
+    return {
+        _key(model, t, req.ids_as_keys): wire(lp[t])
+        for t in _entry_ids(lp, sampled, req.logprobs, req.logprob_token_ids)
+    }
 
 
-def _prompt_logprobs(model: Model, prompt: list[int], k: int) -> list[dict[str, Any] | None]:
+def prompt_logprob_entries(model: Model, prompt: list[int], k: int) -> list[dict[str, Any] | None]:
     out: list[dict[str, Any] | None] = [None]
     if len(prompt) < 2:
         return out
@@ -270,14 +310,14 @@ def _prompt_logprobs(model: Model, prompt: list[int], k: int) -> list[dict[str, 
         rank_of = {int(t): r + 1 for r, t in enumerate(ranks)}
         entry = {
             str(actual): {
-                "logprob": _wire(lp[actual]),
+                "logprob": wire(lp[actual]),
                 "rank": rank_of[actual],
                 "decoded_token": model.token_text(actual),
             }
         }
-        for t in _top(lp, k):
+        for t in top_ids(lp, k):
             t = int(t)
-            entry[str(t)] = {"logprob": _wire(lp[t]), "rank": rank_of[t], "decoded_token": model.token_text(t)}
+            entry[str(t)] = {"logprob": wire(lp[t]), "rank": rank_of[t], "decoded_token": model.token_text(t)}
         out.append(entry)
     return out
 
@@ -292,7 +332,7 @@ def respond(req: Request, model: Model, seqs: list[Sequence]) -> dict[str, Any]:
     def prompt_logprobs(prompt: list[int], k: int) -> list[dict[str, Any] | None]:
         key = (id(prompt), k)
         if key not in cache:
-            cache[key] = _prompt_logprobs(model, prompt, k)
+            cache[key] = prompt_logprob_entries(model, prompt, k)
         return cache[key]
 
     for index, s in enumerate(seqs):
@@ -314,8 +354,8 @@ def respond(req: Request, model: Model, seqs: list[Sequence]) -> dict[str, Any]:
                     )
             for t, lp in zip(s.tokens, s.logprobs, strict=True):
                 tokens.append(_key(model, t, req.ids_as_keys))
-                token_lps.append(_wire(lp[t]))
-                tops.append(_top_logprobs(model, lp, t, req.logprobs, req.ids_as_keys))
+                token_lps.append(wire(lp[t]))
+                tops.append(_top_logprobs(model, lp, t, req))
             pos = 0
             for tok in tokens:
                 offsets.append(pos)

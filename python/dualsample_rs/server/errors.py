@@ -6,7 +6,7 @@ from typing import Any
 
 
 class APIError(Exception):
-    """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
+    """An error answered with the engine's error body (see `body`)."""
 
     def __init__(self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None) -> None:
         super().__init__(message)
@@ -15,8 +15,12 @@ class APIError(Exception):
         self.type = type_
         self.param = param
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+    def body(self, flavor: str = "vllm") -> dict[str, Any]:
+        """vLLM's ``{"error": {...}}``, or SGLang's flat ``{"object": "error", ...}``."""
+        fields = {"message": self.message, "type": self.type, "param": self.param, "code": self.status}
+        if flavor == "sglang":
+            return {"object": "error", **fields}
+        return {"error": fields}
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:

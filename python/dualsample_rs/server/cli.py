@@ -1,0 +1,89 @@
+"""`dualsample serve`: run a reference server. Needs the ``server`` extra (aiohttp)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+INSTALL_HINT = "dualsample serve needs the reference server's extra: pip install 'dualsample_rs[server]'"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run a vLLM- or SGLang-compatible reference server with a small real model")
+    p.add_argument("--model", choices=["base", "teacher", "base-reversed"], default="base")
+    p.add_argument("--flavor", choices=["vllm", "sglang"], default="vllm", help="which engine's API to speak")
+    p.add_argument("--enable-scale-out", action="store_true", help="vllm flavor: serve /inference/v1/generate")
+    p.add_argument("--served-model-name", default=None, help="the model name clients must send (default: preset's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--max-logprobs", type=int, default=20)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--max-num-queued-reqs", type=int, default=None)
+    p.add_argument("--enable-tokenizer-info-endpoint", action="store_true")
+    f = p.add_argument_group("faults (rates are per request; deterministic under --fault-seed)")
+    f.add_argument("--fault-seed", type=int, default=0)
+    f.add_argument("--latency", type=float, default=0.0, help="seconds added to a delayed request")
+    f.add_argument("--latency-rate", type=float, default=0.0)
+    f.add_argument("--error-500-rate", type=float, default=0.0)
+    f.add_argument("--error-503-rate", type=float, default=0.0)
+    f.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds on injected 503s")
+    f.add_argument("--drop-rate", type=float, default=0.0, help="close the connection mid-response")
+    f.add_argument("--malformed-rate", type=float, default=0.0, help="answer with a truncated JSON body")
+    f.add_argument("--slow-body-rate", type=float, default=0.0)
+    f.add_argument("--slow-body-seconds", type=float, default=1.0, help="time to trickle out a slow body")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        print(INSTALL_HINT, file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from .app import ServerOptions, serve
+    from .faults import FaultConfig
+    from .model import load_preset
+    from .process import READY_PREFIX
+
+    faults = FaultConfig(
+        seed=args.fault_seed,
+        latency=args.latency,
+        latency_rate=args.latency_rate,
+        error_500_rate=args.error_500_rate,
+        error_503_rate=args.error_503_rate,
+        retry_after=args.retry_after,
+        drop_rate=args.drop_rate,
+        malformed_rate=args.malformed_rate,
+        slow_body_rate=args.slow_body_rate,
+        slow_body_seconds=args.slow_body_seconds,
+    )
+    options = ServerOptions(
+        max_logprobs=args.max_logprobs,
+        api_key=args.api_key,
+        max_num_queued_reqs=args.max_num_queued_reqs,
+        enable_tokenizer_info=args.enable_tokenizer_info_endpoint,
+        flavor=args.flavor,
+        enable_scale_out=args.enable_scale_out,
+        faults=faults,
+    )
+    model = load_preset(args.model, max_model_len=args.max_model_len)
+    if args.served_model_name:
+        model.name = args.served_model_name
+    task = asyncio.create_task(
+        serve(model, options, args.host, args.port, ready=lambda url: print(READY_PREFIX + url, flush=True))
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    print("dualsample serve: stopped", flush=True)
+    return 0

@@ -1,0 +1,131 @@
+"""vLLM's tokens-in/tokens-out ``POST /inference/v1/generate`` (behind ``--enable-scale-out``).
+
+One prompt per request; ``sampling_params`` are the engine's own fields; the reply lists
+integer ids, and ``top_logprobs`` is a list in engine order (sampled token first).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from .completions import (
+    Request,
+    Sequence,
+    _entry_ids,
+    _logprob_count,
+    logprob_token_ids,
+    prompt_logprob_entries,
+    validate_prompt,
+    wire,
+)
+from .errors import APIError, bad_request
+from .model import Model
+
+PATH = "/inference/v1/generate"
+
+
+def _ranks(lp: np.ndarray) -> np.ndarray:
+    """Each id's 1-based rank over the vocabulary (ties to the lower id)."""
+    ranks = np.empty(lp.size, dtype=np.int64)
+    ranks[np.argsort(-lp, kind="stable")] = np.arange(1, lp.size + 1)
+    return ranks
+
+
+def parse(body: Any, model: Model, max_logprobs: int) -> Request:
+    if not isinstance(body, dict):
+        raise bad_request("1 validation error for GenerateRequest\n  Input should be a valid dictionary")
+    name = body.get("model")
+    if name is not None and name != model.name:
+        raise APIError(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
+    ids = body.get("token_ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise bad_request(
+            "1 validation error for GenerateRequest\ntoken_ids\n  Input should be a non-empty list of integers",
+            "token_ids",
+        )
+    if any(t < 0 for t in ids):
+        raise bad_request("token_ids must not contain negative values", "token_ids")
+    validate_prompt(ids, model)
+    if body.get("stream"):
+        raise bad_request("streaming is not supported by this server", "stream")
+    params = body.get("sampling_params") or {}
+    if not isinstance(params, dict):
+        raise bad_request("sampling_params must be an object", "sampling_params")
+    detokenize = params.get("detokenize", True)
+    if body.get("output_mode", "tokens") != "tokens" and not detokenize:
+        raise bad_request("output_mode='text' requires sampling_params.detokenize to be true", "output_mode")
+    score_ids = logprob_token_ids(params.get("logprob_token_ids"), model)
+    logprobs = _logprob_count(params, "logprobs", max_logprobs, "sample") if score_ids is None else None
+    if score_ids is not None and params.get("logprobs") is not None and params["logprobs"] != len(score_ids):
+        raise bad_request(
+            f"logprobs ({params['logprobs']}) must equal the length of logprob_token_ids ({len(score_ids)})", "logprobs"
+        )
+    temperature = params.get("temperature", 1.0)
+    if not isinstance(temperature, (int, float)) or not 0.0 <= temperature <= 2.0:
+        raise bad_request(f"temperature must be in [0, 2], got {temperature}.", "temperature")
+    max_tokens = params.get("max_tokens", 16)
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise bad_request(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
+    return Request(
+        prompts=[ids],
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        seed=params.get("seed"),
+        n=1,
+        logprobs=len(score_ids) if score_ids is not None else logprobs,
+        prompt_logprobs=_logprob_count(params, "prompt_logprobs", max_logprobs, "prompt"),
+        echo=False,
+        ids_as_keys=True,
+        stop=[],
+        stop_token_ids=list(params.get("stop_token_ids") or []),
+        ignore_eos=bool(params.get("ignore_eos", False)),
+        skip_special_tokens=True,
+        model=model.name,
+        logprob_token_ids=score_ids,
+    )
+
+
+def respond(req: Request, model: Model, seq: Sequence, return_token_ids: bool) -> dict[str, Any]:
+    content = None
+    if req.logprobs is not None:
+        content = []
+        for tok, lp in zip(seq.tokens, seq.logprobs, strict=True):
+            ranks = _ranks(lp)
+            entries = [
+                {"token_id": t, "logprob": wire(lp[t]), "rank": int(ranks[t])}
+                for t in _entry_ids(lp, tok, req.logprobs, req.logprob_token_ids)
+            ]
+            content.append(
+                {"token_id": tok, "logprob": wire(lp[tok]), "rank": int(ranks[tok]), "top_logprobs": entries}
+            )
+    prompt_logprobs = None
+    if req.prompt_logprobs is not None:
+        prompt_logprobs = [
+            None if e is None else {k: {"logprob": v["logprob"], "rank": v["rank"]} for k, v in e.items()}
+            for e in prompt_logprob_entries(model, seq.prompt, req.prompt_logprobs)
+        ]
+    return {
+        "request_id": uuid.uuid4().hex,
+        "model": model.name,
+        "created": int(time.time()),
+        "usage": {
+            "prompt_tokens": len(seq.prompt),
+            "completion_tokens": len(seq.tokens),
+            "total_tokens": len(seq.prompt) + len(seq.tokens),
+        },
+        "prompt_token_ids": seq.prompt if return_token_ids else None,
+        "prompt_logprobs": prompt_logprobs,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": seq.finish_reason,
+                "stop_reason": seq.stop_reason,
+                "token_ids": seq.tokens,
+                "logprobs": None if content is None else {"content": content},
+            }
+        ],
+    }
