@@ -2,10 +2,12 @@
 
 This is the test oracle for the Rust kernels and the baseline the benchmarks compare
 them with. It follows design.md step by step and makes the same choices as the Rust
-code wherever a choice changes the result: candidates in ascending id order, ties in
-the support constraint going to the lower id, the same safeguarded Newton iteration,
-and the same counter-based uniform draw, so the same inputs give the same tokens.
-It checks less of its input than the Rust functions do.
+code wherever a choice changes the result: candidates in the merge's order (the base
+model's list as given, then the teacher-only tokens as given), ties in the support
+constraint going to the earlier candidate, and the same counter-based uniform draw, so
+the same inputs give the same tokens. α is found by its own vectorised bracketed Newton
+iteration (the Rust solver takes Halley steps from a Hermite guess); the two agree
+within the tolerance. It checks less of its input than the Rust functions do.
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ def _moments(sa: F64, sd: F64, beta: F64, shift: F64) -> tuple[F64, F64, F64]:
 
 
 def _newton(f: Any, f0: F64, f1: F64, tol: float, max_iter: int) -> F64:
-    """Vectorised twin of the Rust bracketed Newton for increasing f with f0 < 0 < f1."""
+    """The root of an increasing f with f0 < 0 < f1, by Newton steps kept inside a
+    shrinking bracket (bisection where a step leaves it), all rows at once."""
     n = f0.shape[0]
     lo, hi = np.zeros(n), np.ones(n)
     x = np.clip(-f0 / (f1 - f0), 0.0, 1.0)

@@ -233,8 +233,97 @@ fn mixture(a: &[f64], b: &[f64], pa: &[f64], pb: &[f64], alpha: f64, logq: &mut 
     normalise_with_probs(logq, q).is_finite()
 }
 
+/// Step 2: drop the ids the caller keeps out.
+#[inline(always)]
+fn exclude(m: &mut Merged, exclude_ids: &[i64], row: usize) -> KernelResult<()> {
+    if !exclude_ids.is_empty() {
+        m.retain(|c| exclude_ids.binary_search(&c.id).is_err());
+        if m.is_empty() {
+            return Err(KernelError::row(
+                "exclude_ids",
+                row,
+                "every candidate of this row is excluded",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Step 3: each model's temperature.
+#[inline(always)]
+fn apply_temperature(m: &mut Merged, cfg: &StepConfig) {
+    if cfg.temperature != 1.0 {
+        m.a.iter_mut().for_each(|x| *x /= cfg.temperature);
+    }
+    if cfg.temperature_t != 1.0 {
+        m.b.iter_mut().for_each(|x| *x /= cfg.temperature_t);
+    }
+}
+
+/// Step 4: normalise both models over the candidates. A model with no mass on any
+/// candidate cannot take part: α is forced to the other one.
+#[inline(always)]
+fn normalise_both(
+    m: &mut Merged,
+    pa: &mut Vec<f64>,
+    pb: &mut Vec<f64>,
+    row: usize,
+) -> KernelResult<(Option<f64>, bool)> {
+    let za = normalise_with_probs(&mut m.a, pa);
+    let zb = normalise_with_probs(&mut m.b, pb);
+    let forced = match (za.is_finite(), zb.is_finite()) {
+        (false, false) => {
+            return Err(KernelError::row(
+                "logp_theta",
+                row,
+                "no candidate has positive probability under either model",
+            ))
+        }
+        (false, true) => Some(1.0),
+        (true, false) => Some(0.0),
+        (true, true) => None,
+    };
+    Ok((forced, zb.is_finite()))
+}
+
+/// Step 5: where the models disagree too much, fall back to the teacher.
+#[inline(always)]
+fn unstable(m: &Merged, pa: &[f64], pb: &[f64], cfg: &StepConfig) -> bool {
+    let by_js = cfg.js_max.is_some_and(|max| js(&m.a, &m.b, pa, pb) > max);
+    let by_overlap = cfg
+        .overlap_min
+        .is_some_and(|min| common_mass(pa, m).min(common_mass(pb, m)) < min);
+    by_js || by_overlap
+}
+
+/// Step 6: keep the teacher's top-p support and renormalise both; false when the base
+/// has no mass left on it.
+#[inline(always)]
+fn support_constraint(s: &mut Scratch, top_p: f64) -> bool {
+    let m = &mut s.merged;
+    constrain_top_p(m, &s.pb, &mut s.order, &mut s.keep, top_p);
+    normalise_with_probs(&mut m.b, &mut s.pb);
+    normalise_with_probs(&mut m.a, &mut s.pa).is_finite()
+}
+
+/// Step 9's optional divergences of q* from both models.
+#[inline(always)]
+fn diagnostics(s: &Scratch) -> Diagnostics {
+    let m = &s.merged;
+    Diagnostics {
+        kl_theta: kl(&s.logq, &s.q, &m.a),
+        kl_t: kl(&s.logq, &s.q, &m.b),
+        ess_theta: ess(&m.a, &s.logq),
+        ess_t: ess(&m.b, &s.logq),
+        entropy: entropy(&s.logq, &s.q),
+        js: js(&m.a, &m.b, &s.pa, &s.pb),
+    }
+}
+
+/// One row, stage by stage as in design.md.
 #[inline(always)]
 pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch) -> KernelResult<RowOutput> {
+    // 1. merge
     let lists = s
         .rows
         .lists((batch.ids_theta, batch.logp_theta, batch.ids_t, batch.logp_t), row);
@@ -247,79 +336,37 @@ pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch
             "both models' lists are empty (all padding)",
         ));
     }
-    if !cfg.exclude_ids.is_empty() {
-        m.retain(|c| cfg.exclude_ids.binary_search(&c.id).is_err());
-        if m.is_empty() {
-            return Err(KernelError::row(
-                "exclude_ids",
-                row,
-                "every candidate of this row is excluded",
-            ));
-        }
+    // 2. exclude, 3. temperature, 4. normalise
+    exclude(m, &cfg.exclude_ids, row)?;
+    apply_temperature(m, cfg);
+    let (mut forced, teacher_has_mass) = normalise_both(m, &mut s.pa, &mut s.pb, row)?;
+    // 5. stability check
+    if forced.is_none() && unstable(&s.merged, &s.pa, &s.pb, cfg) {
+        forced = Some(1.0);
     }
-    if cfg.temperature != 1.0 {
-        m.a.iter_mut().for_each(|x| *x /= cfg.temperature);
-    }
-    if cfg.temperature_t != 1.0 {
-        m.b.iter_mut().for_each(|x| *x /= cfg.temperature_t);
-    }
-    let za = normalise_with_probs(&mut m.a, &mut s.pa);
-    let zb = normalise_with_probs(&mut m.b, &mut s.pb);
-    // A model with no mass on any candidate cannot take part: use the other one.
-    let mut forced = match (za.is_finite(), zb.is_finite()) {
-        (false, false) => {
-            return Err(KernelError::row(
-                "logp_theta",
-                row,
-                "no candidate has positive probability under either model",
-            ))
-        }
-        (false, true) => Some(1.0),
-        (true, false) => Some(0.0),
-        (true, true) => None,
-    };
-    if forced.is_none() {
-        let unstable_js = cfg.js_max.is_some_and(|max| js(&m.a, &m.b, &s.pa, &s.pb) > max);
-        let unstable_overlap = cfg
-            .overlap_min
-            .is_some_and(|min| common_mass(&s.pa, m).min(common_mass(&s.pb, m)) < min);
-        if unstable_js || unstable_overlap {
+    // 6. support constraint
+    if let (Some(top_p), true) = (cfg.top_p, teacher_has_mass) {
+        if !support_constraint(s, top_p) && forced.is_none() {
             forced = Some(1.0);
         }
     }
-    if let (Some(top_p), true) = (cfg.top_p, zb.is_finite()) {
-        constrain_top_p(m, &s.pb, &mut s.order, &mut s.keep, top_p);
-        normalise_with_probs(&mut m.b, &mut s.pb);
-        if !normalise_with_probs(&mut m.a, &mut s.pa).is_finite() && forced.is_none() {
-            forced = Some(1.0);
-        }
-    }
+    let m = &s.merged;
+    // 7. α
     let mut fallback = forced.is_some();
     let mut alpha = match forced {
         Some(f) => f,
         None if batch.force_teacher[row] => 1.0,
         None => alpha::solve(&m.a, &m.b, &s.pa, &s.pb, &cfg.alpha, &mut s.support),
     };
+    // 8. q* and the draw
     if !mixture(&m.a, &m.b, &s.pa, &s.pb, alpha, &mut s.logq, &mut s.q) {
         // The two models share no candidate: only the teacher's side is usable.
         fallback = true;
         alpha = 1.0;
         mixture(&m.a, &m.b, &s.pa, &s.pb, alpha, &mut s.logq, &mut s.q);
     }
-    let u = uniform(batch.seed, batch.row_keys[row], batch.positions[row]);
-    let k = draw(&s.q, u);
-    let diagnostics = if cfg.diagnostics {
-        Diagnostics {
-            kl_theta: kl(&s.logq, &s.q, &m.a),
-            kl_t: kl(&s.logq, &s.q, &m.b),
-            ess_theta: ess(&m.a, &s.logq),
-            ess_t: ess(&m.b, &s.logq),
-            entropy: entropy(&s.logq, &s.q),
-            js: js(&m.a, &m.b, &s.pa, &s.pb),
-        }
-    } else {
-        Diagnostics::default()
-    };
+    let k = draw(&s.q, uniform(batch.seed, batch.row_keys[row], batch.positions[row]));
+    // 9. report
     Ok(RowOutput {
         token_id: m.ids[k],
         alpha,
@@ -331,7 +378,11 @@ pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch
         fallback,
         no_overlap: m.no_overlap,
         n_candidates: i32::try_from(m.len()).unwrap_or(i32::MAX),
-        diagnostics,
+        diagnostics: if cfg.diagnostics {
+            diagnostics(s)
+        } else {
+            Diagnostics::default()
+        },
     })
 }
 
