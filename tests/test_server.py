@@ -325,3 +325,60 @@ def test_serve_cli_prints_address_and_stops_on_signals() -> None:
         assert proc.wait(timeout=10) == 0
         assert "stopped" in proc.stdout.read()
         proc.stdout.close()
+
+
+def test_serve_without_the_extra_says_how_to_install_it() -> None:
+    # aiohttp made unimportable: the CLI explains instead of failing with a traceback.
+    code = "import sys; sys.modules['aiohttp'] = None; from dualsample_rs.cli import main; sys.exit(main(['serve']))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "pip install 'dualsample_rs[server]'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_json_error_bodies_for_unknown_routes_and_methods(base: httpx.Client) -> None:
+    r = base.get("/no/such/path")
+    assert r.status_code == 404 and r.json()["error"]["code"] == 404
+    r = base.get("/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == 405
+    # the tokens-in/out route exists only with --enable-scale-out, as in vLLM
+    assert base.post("/inference/v1/generate", json={"token_ids": [1]}).status_code == 404
+
+
+def test_vllm_generate_route_shapes() -> None:
+    with running_server("base", enable_scale_out=True) as url, httpx.Client(base_url=url, timeout=30) as c:
+        body = {"token_ids": [72, 105], "sampling_params": {"max_tokens": 2, "temperature": 0, "logprobs": 3,
+                                                             "detokenize": False}}  # fmt: skip
+        got = c.post("/inference/v1/generate", json=body).json()
+        choice = got["choices"][0]
+        assert len(choice["token_ids"]) == 2 and len(choice["logprobs"]["content"]) == 2
+        first = choice["logprobs"]["content"][0]
+        ids = [e["token_id"] for e in first["top_logprobs"]]
+        assert ids[0] == first["token_id"] == choice["token_ids"][0] and len(ids) == 3  # greedy: sampled is top 1
+        assert [e["rank"] for e in first["top_logprobs"]] == [1, 2, 3]
+        scored = {"token_ids": [72], "sampling_params": {"max_tokens": 1, "logprob_token_ids": [5, 6], "logprobs": 3}}
+        r = c.post("/inference/v1/generate", json=scored)
+        assert r.status_code == 400 and "must equal" in r.json()["error"]["message"]
+        r = c.post("/inference/v1/generate", json={"token_ids": [], "sampling_params": {}})
+        assert r.status_code == 400
+
+
+def test_sglang_flavor_shapes_and_errors() -> None:
+    with running_server("teacher", flavor="sglang") as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/v1/models").json()["data"][0]["owned_by"] == "sglang"
+        assert c.get("/get_model_info").json()["model_path"] == "dualsample-teacher"
+        assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 404
+        tokens = c.post("/tokenize", json={"prompt": "Hi"}).json()
+        assert tokens["tokens"] == [72, 105] and tokens["count"] == 2
+        assert c.post("/detokenize", json={"tokens": [72, 105]}).json() == {"text": "Hi"}
+        one = c.post("/generate", json={"input_ids": [72, 105, 33], "sampling_params": {"max_new_tokens": 2},
+                                        "return_logprob": True, "top_logprobs_num": 4, "logprob_start_len": 1,
+                                        "token_ids_logprob": [10, 11]}).json()  # fmt: skip
+        meta = one["meta_info"]
+        assert len(one["output_ids"]) == 2 and meta["finish_reason"]["type"] in ("length", "stop")
+        assert [len(p) for p in meta["output_top_logprobs"]] == [4, 4]
+        assert [[t[1] for t in p] for p in meta["output_token_ids_logprobs"]] == [[10, 11], [10, 11]]
+        # scoring the input from logprob_start_len: None exactly there, as SGLang answers
+        assert [t[1] for t in meta["input_token_logprobs"]] == [105, 33] and meta["input_token_logprobs"][0][0] is None
+        batch = c.post("/generate", json={"input_ids": [[72], [73, 74]], "sampling_params": {"max_new_tokens": 1}})
+        assert isinstance(batch.json(), list) and len(batch.json()) == 2
+        r = c.post("/generate", json={"sampling_params": {}})
+        assert r.status_code == 400 and r.json()["object"] == "error" and "input_ids" in r.json()["message"]
