@@ -7,14 +7,15 @@ import email.utils
 import json
 import time
 
-import httpx
 import numpy as np
 import pytest
+from aiohttp import web
 from dualsample_rs import VLLMClient
 from dualsample_rs.backends.http import parse_retry_after
 from dualsample_rs.backends.vllm_completions import parse_topk
 from dualsample_rs.exceptions import (
     APIConnectionError,
+    APIStatusError,
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
@@ -22,78 +23,136 @@ from dualsample_rs.exceptions import (
     InvalidResponseError,
     NotFoundError,
     RateLimitError,
+    Response,
     ServiceUnavailableError,
 )
 
 
-def client_for(handler, max_retries: int = 3) -> tuple[VLLMClient, list[float]]:
-    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    c = VLLMClient("http://server", http_client=http, max_retries=max_retries)
+class Scripted:
+    """An in-process aiohttp server that answers each request with the next step of a
+    script, then with `final`: a (status, body, headers) triple, or "drop" (close the
+    connection without answering), "cut" (close it mid-body) or "stall" (answer late)."""
+
+    def __init__(self, steps: list, final: tuple = (200, {"tokens": [1, 2], "count": 2}, {})) -> None:
+        self.steps, self.final, self.calls = list(steps), final, 0
+        self.runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.calls += 1
+        step = self.steps.pop(0) if self.steps else self.final
+        if step == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        if step == "cut":
+            stream = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+            stream.content_length = 100
+            await stream.prepare(request)
+            await stream.write(b'{"tokens": [1')
+            assert request.transport is not None
+            request.transport.close()
+            return stream
+        if step == "stall":
+            await asyncio.sleep(2)
+            step = self.final
+        status, body, headers = step
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return web.Response(status=status, body=data, headers=headers, content_type="application/json")
+
+    async def __aenter__(self) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+def run_client(steps: list, call, max_retries: int = 3, timeout: float = 5.0, **final) -> tuple[object, Scripted, list]:
+    """Run `call(client)` against a scripted server, without waiting between retries;
+    returns (result or raised exception, server, the back-offs the client chose)."""
+    server = Scripted(steps, **final)
     delays: list[float] = []
 
-    def no_wait(attempt: int, response: httpx.Response | None) -> float:
-        delays.append(VLLMClient.retry_delay(c, attempt, response))
-        return 0.0
+    async def go() -> object:
+        async with server as url:
+            c = VLLMClient(url, max_retries=max_retries, timeout=timeout)
 
-    c.retry_delay = no_wait  # type: ignore[method-assign]
-    return c, delays
+            def no_wait(attempt: int, response) -> float:
+                delays.append(VLLMClient.retry_delay(c, attempt, response))
+                return 0.0
 
+            c.retry_delay = no_wait  # type: ignore[method-assign]
+            try:
+                return await call(c)
+            except Exception as err:
+                return err
+            finally:
+                await c.aclose()
+                run_client.last = c  # type: ignore[attr-defined]
 
-def flaky(failures: list, final: httpx.Response):
-    calls = {"n": 0}
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        calls["n"] += 1
-        if failures:
-            f = failures.pop(0)
-            if isinstance(f, Exception):
-                raise f
-            return f
-        return final
-
-    return handler, calls
+    return asyncio.run(go()), server, delays
 
 
-OK = httpx.Response(200, json={"tokens": [1, 2], "count": 2})
+def tokenize(c: VLLMClient):
+    return c.tokenize("x")
 
 
 @pytest.mark.parametrize(
     "failure",
     [
-        httpx.Response(500, json={"error": {"message": "boom"}}),
-        httpx.Response(503, headers={"Retry-After": "1"}),
-        httpx.Response(429),
-        httpx.Response(408),
-        httpx.Response(200, content=b'{"tokens": [1'),
-        httpx.ConnectError("refused"),
-        httpx.ReadTimeout("slow"),
-        httpx.RemoteProtocolError("peer closed connection without sending complete message body"),
+        (500, {"error": {"message": "boom"}}, {}),
+        (503, b"", {"Retry-After": "1"}),
+        (429, b"", {}),
+        (408, b"", {}),
+        (200, b'{"tokens": [1', {}),
+        "drop",
+        "cut",
     ],
 )
 def test_transient_failures_are_retried(failure: object) -> None:
-    handler, calls = flaky([failure, failure], OK)
-    c, _ = client_for(handler)
-    assert asyncio.run(c.tokenize("x")) == [1, 2]
-    assert calls["n"] == 3 and c.stats.retries == 2 and c.stats.failures == 0 and c.stats.requests == 3
+    got, server, _ = run_client([failure, failure], tokenize)
+    c = run_client.last  # type: ignore[attr-defined]
+    assert got == [1, 2]
+    assert server.calls == 3 and c.stats.retries == 2 and c.stats.failures == 0 and c.stats.requests == 3
 
 
 @pytest.mark.parametrize(
     "failure,exc",
     [
-        (httpx.Response(500), InternalServerError),
-        (httpx.Response(503), ServiceUnavailableError),
-        (httpx.Response(429), RateLimitError),
-        (httpx.Response(200, content=b"not json"), InvalidResponseError),
-        (httpx.ConnectError("refused"), APIConnectionError),
-        (httpx.ReadTimeout("slow"), APITimeoutError),
+        ((500, b"", {}), InternalServerError),
+        ((503, b"", {}), ServiceUnavailableError),
+        ((429, b"", {}), RateLimitError),
+        ((200, b"not json", {}), InvalidResponseError),
+        ("drop", APIConnectionError),
     ],
 )
 def test_retries_run_out(failure: object, exc: type) -> None:
-    handler, calls = flaky([failure] * 10, OK)
-    c, _ = client_for(handler, max_retries=2)
-    with pytest.raises(exc):
-        asyncio.run(c.tokenize("x"))
-    assert calls["n"] == 3 and c.stats.failures == 1
+    got, server, _ = run_client([failure] * 10, tokenize, max_retries=2)
+    assert isinstance(got, exc), got
+    assert server.calls == 3 and run_client.last.stats.failures == 1  # type: ignore[attr-defined]
+
+
+def test_timeouts_and_refused_connections() -> None:
+    got, server, _ = run_client(["stall"] * 3, tokenize, max_retries=1, timeout=0.3)
+    assert isinstance(got, APITimeoutError) and server.calls == 2
+
+    async def refused() -> object:
+        c = VLLMClient("http://127.0.0.1:9", max_retries=1, retry_delay=0.0)
+        try:
+            return await c.tokenize("x")
+        except Exception as err:
+            return err
+        finally:
+            await c.aclose()
+
+    got = asyncio.run(refused())
+    assert isinstance(got, APIConnectionError) and not isinstance(got, APITimeoutError)
 
 
 @pytest.mark.parametrize(
@@ -104,20 +163,19 @@ def test_client_errors_are_not_retried(status: int, exc: type | None) -> None:
     body = {
         "error": {"message": "Requested sample logprobs of 25, which is greater than max allowed: 20", "code": status}
     }
-    handler, calls = flaky([httpx.Response(status, json=body)] * 5, OK)
-    c, _ = client_for(handler)
-    with pytest.raises(exc or Exception) as info:
-        asyncio.run(c.tokenize("x"))
-    assert calls["n"] == 1
-    assert info.value.status_code == status and "max allowed: 20" in str(info.value)
+    got, server, _ = run_client([(status, body, {})] * 5, tokenize)
+    assert isinstance(got, exc or APIStatusError) and server.calls == 1
+    assert got.status_code == status and "max allowed: 20" in str(got)  # type: ignore[attr-defined]
 
 
 def test_old_flat_error_bodies_are_read() -> None:
     body = {"object": "error", "message": "This model's maximum context length is 2048 tokens.", "code": 400}
-    handler, _ = flaky([httpx.Response(400, json=body)], OK)
-    c, _ = client_for(handler)
-    with pytest.raises(BadRequestError, match="maximum context length"):
-        asyncio.run(c.tokenize("x"))
+    got, _, _ = run_client([(400, body, {})], tokenize)
+    assert isinstance(got, BadRequestError) and "maximum context length" in str(got)
+
+
+def _reply(headers: dict) -> Response:
+    return Response(503, headers, b"", "POST", "http://server/x")
 
 
 def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
@@ -125,10 +183,9 @@ def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
     for attempt, cap in enumerate([0.5, 1.0, 2.0, 4.0, 8.0, 8.0]):
         for _ in range(20):
             assert 0.75 * cap <= c.retry_delay(attempt, None) <= cap
-    assert c.retry_delay(0, httpx.Response(503, headers={"Retry-After": "3"})) == 3.0
-    assert c.retry_delay(0, httpx.Response(503, headers={"retry-after-ms": "250"})) == 0.25
-    assert c.retry_delay(0, httpx.Response(503, headers={"Retry-After": "100000"})) <= 0.5  # over the cap: back-off
-    asyncio.run(c.aclose())
+    assert c.retry_delay(0, _reply({"Retry-After": "3"})) == 3.0
+    assert c.retry_delay(0, _reply({"retry-after-ms": "250"})) == 0.25
+    assert c.retry_delay(0, _reply({"Retry-After": "100000"})) <= 0.5  # over the cap: back-off
 
 
 @pytest.mark.parametrize(
@@ -144,17 +201,16 @@ def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
     ],
 )
 def test_parse_retry_after(headers: dict, expected: float | None) -> None:
-    assert parse_retry_after(httpx.Headers(headers)) == expected
+    assert parse_retry_after(headers) == expected
 
 
 def test_parse_retry_after_dates() -> None:
     when = email.utils.formatdate(time.time() + 30, usegmt=True)
-    assert 25 <= parse_retry_after(httpx.Headers({"Retry-After": when})) <= 31  # type: ignore[operator]
-    assert parse_retry_after(httpx.Headers({"Retry-After": "-5"})) == -5.0
+    assert 25 <= parse_retry_after({"Retry-After": when}) <= 31  # type: ignore[operator]
+    assert parse_retry_after({"Retry-After": "-5"}) == -5.0
     c = VLLMClient("http://server")
     # a negative or past Retry-After is not honoured: the back-off is used
-    assert 0.375 <= c.retry_delay(1, httpx.Response(503, headers={"Retry-After": "-5"})) <= 1.0
-    asyncio.run(c.aclose())
+    assert 0.375 <= c.retry_delay(1, _reply({"Retry-After": "-5"})) <= 1.0
 
 
 def test_parse_topk() -> None:
@@ -177,22 +233,24 @@ def test_parse_topk() -> None:
 
 
 def test_with_options_shares_connections_and_counters() -> None:
-    handler, calls = flaky([httpx.Response(500)] * 3, OK)
-    c, _ = client_for(handler, max_retries=5)
-    strict = c.with_options(max_retries=0)
-    with pytest.raises(InternalServerError):
-        asyncio.run(strict.tokenize("x"))
-    assert calls["n"] == 1 and c.max_retries == 5
+    async def call(c: VLLMClient) -> object:
+        strict = c.with_options(max_retries=0)
+        with pytest.raises(InternalServerError):
+            await strict.tokenize("x")
+        await strict.aclose()  # a clone leaves the shared connections open
+        return await c.tokenize("x")
+
+    got, server, _ = run_client([(500, b"", {})] * 2, call, max_retries=5)
+    c = run_client.last  # type: ignore[attr-defined]
+    assert got == [1, 2] and server.calls == 3 and c.max_retries == 5 and c.stats.requests == 3
 
 
 def test_probes_retry_transient_failures_but_not_missing_endpoints() -> None:
-    info = httpx.Response(200, json={"eos_token": "</s>"})
-    handler, calls = flaky([httpx.Response(503), httpx.Response(502)], info)
-    c, _ = client_for(handler)
-    assert asyncio.run(c.tokenizer_info()) == {"eos_token": "</s>"} and calls["n"] == 3
-    handler, calls = flaky([httpx.Response(404)] * 3, info)
-    c, _ = client_for(handler)
-    assert asyncio.run(c.tokenizer_info()) is None and calls["n"] == 1 and c.stats.failures == 0
+    info = (200, {"eos_token": "</s>"}, {})
+    got, server, _ = run_client([(503, b"", {}), (502, b"", {})], lambda c: c.tokenizer_info(), final=info)
+    assert got == {"eos_token": "</s>"} and server.calls == 3
+    got, server, _ = run_client([(404, b"", {})] * 3, lambda c: c.tokenizer_info(), final=info)
+    assert got is None and server.calls == 1 and run_client.last.stats.failures == 0  # type: ignore[attr-defined]
 
 
 def test_the_timeout_is_a_deadline_for_a_trickling_body() -> None:

@@ -327,13 +327,6 @@ def test_serve_cli_prints_address_and_stops_on_signals() -> None:
         proc.stdout.close()
 
 
-def test_serve_without_the_extra_says_how_to_install_it() -> None:
-    # aiohttp made unimportable: the CLI explains instead of failing with a traceback.
-    code = "import sys; sys.modules['aiohttp'] = None; from dualsample_rs.cli import main; sys.exit(main(['serve']))"
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and "pip install 'dualsample_rs[server]'" in p.stderr and "Traceback" not in p.stderr
-
-
 def test_json_error_bodies_for_unknown_routes_and_methods(base: httpx.Client) -> None:
     r = base.get("/no/such/path")
     assert r.status_code == 404 and r.json()["error"]["code"] == 404
@@ -382,3 +375,10 @@ def test_sglang_flavor_shapes_and_errors() -> None:
         assert isinstance(batch.json(), list) and len(batch.json()) == 2
         r = c.post("/generate", json={"sampling_params": {}})
         assert r.status_code == 400 and r.json()["object"] == "error" and "input_ids" in r.json()["message"]
+
+
+def test_serve_without_the_extra_says_how_to_install_it() -> None:
+    # aiohttp made unimportable: sampling still imports, and serve explains what to install.
+    code = "import sys; sys.modules['aiohttp'] = None; from dualsample_rs.cli import main; sys.exit(main(['serve']))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "pip install 'dualsample_rs[server]'" in p.stderr and "Traceback" not in p.stderr

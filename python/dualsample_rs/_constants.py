@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import httpx
-
 # A step is one forward pass per sequence; a minute covers a loaded server. Connecting
 # to a local or cluster server should be quick, so fail fast there.
-DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_MAX_RETRIES = 3
-DEFAULT_CONNECTION_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+DEFAULT_CONNECTIONS = 100
 INITIAL_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 8.0
 # A Retry-After longer than this is not honoured (the back-off is used instead).

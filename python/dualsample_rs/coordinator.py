@@ -20,8 +20,6 @@ from collections.abc import AsyncIterator, Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
 
-import httpx
-
 from .backends import Backend, Context, HttpBackend
 from .config import CoordinatorConfig
 from .dual_step import DualStep
@@ -49,8 +47,6 @@ class DualVLLMCoordinator:
 
     Args:
         config: the run's settings.
-        http_clients: optional ``(theta, teacher)`` ``httpx.AsyncClient`` pair to send
-            requests through (e.g. with a custom transport); not closed on exit.
 
     Attributes:
         theta, teacher: the two servers' backends (their dialect is known after start).
@@ -61,31 +57,23 @@ class DualVLLMCoordinator:
         ...     outs = await coord.generate_batch(["Why is the sky blue?"], max_tokens=64)
     """
 
-    def __init__(
-        self,
-        config: CoordinatorConfig | None = None,
-        *,
-        http_clients: tuple[httpx.AsyncClient, httpx.AsyncClient] | None = None,
-    ) -> None:
+    def __init__(self, config: CoordinatorConfig | None = None) -> None:
         self.config = config or CoordinatorConfig()
         if self.config.enable_logging:
             logging.basicConfig()
             log.setLevel(self.config.log_level.upper())
-        timeout = httpx.Timeout(self.config.request_timeout, connect=min(5.0, self.config.request_timeout))
-        clients = http_clients or (None, None)
         self.theta: Backend
         self.teacher: Backend
         self.theta, self.teacher = (  # type: ignore[assignment]
             HttpBackend(
                 server.url,
                 api_key=server.api_key,
-                timeout=timeout,
+                timeout=self.config.request_timeout,
                 max_retries=self.config.max_retries,
                 retry_delay=self.config.retry_delay,
                 connection_pool_size=self.config.connection_pool_size,
-                http_client=http,
             )
-            for server, http in zip(self.config.servers, clients, strict=True)
+            for server in self.config.servers
         )
         self.stats = Statistics()
         self.info: tuple[ServerInfo, ServerInfo] | None = None
@@ -125,10 +113,9 @@ class DualVLLMCoordinator:
         agree(info_a, info_b)
         # From now on the dialect backends (with the run's own retry budget) stand for
         # the two servers, and close the connections these did.
-        owns = [b._owns_http for b in (self.theta, self.teacher)]  # type: ignore[attr-defined]
         self.theta = theta.with_options(max_retries=cfg.max_retries)  # type: ignore[attr-defined]
         self.teacher = teacher.with_options(max_retries=cfg.max_retries)  # type: ignore[attr-defined]
-        self.theta._owns_http, self.teacher._owns_http = owns  # type: ignore[attr-defined]
+        self.theta._closes = self.teacher._closes = True  # type: ignore[attr-defined]  # they own them now
         self.stop_ids, self.exclude_ids = stop_and_excluded_ids(
             info_a, info_b, cfg.stop_token_ids, cfg.exclude_special_tokens, cfg.special_token_ids
         )

@@ -8,9 +8,9 @@ keeps working; an array of a dtype that cannot be converted safely raises
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
-
-import httpx
 
 __all__ = [
     "APIConnectionError",
@@ -27,8 +27,20 @@ __all__ = [
     "InvalidResponseError",
     "NotFoundError",
     "RateLimitError",
+    "Response",
     "ServiceUnavailableError",
 ]
+
+
+@dataclass(frozen=True)
+class Response:
+    """A server's answer, as much of it as errors and retry decisions need."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
+    method: str
+    url: str
 
 
 class DualSampleError(Exception):
@@ -53,12 +65,12 @@ class APIError(DualSampleError):
     """A call to a server failed.
 
     Attributes:
-        request: the request that failed.
+        request: the request that failed, as ``(method, url)``.
         message: what went wrong.
         body: the decoded error body, when there was one.
     """
 
-    def __init__(self, message: str, request: httpx.Request | None = None, body: Any = None) -> None:
+    def __init__(self, message: str, request: tuple[str, str] | None = None, body: Any = None) -> None:
         super().__init__(message)
         self.message = message
         self.request = request
@@ -85,8 +97,8 @@ class APIStatusError(APIError):
         status_code: its HTTP status.
     """
 
-    def __init__(self, message: str, response: httpx.Response, body: Any = None) -> None:
-        super().__init__(message, response.request, body)
+    def __init__(self, message: str, response: Response, body: Any = None) -> None:
+        super().__init__(message, (response.method, response.url), body)
         self.response = response
         self.status_code = response.status_code
 
@@ -115,9 +127,9 @@ class ServiceUnavailableError(InternalServerError):
     """503."""
 
 
-def status_error(response: httpx.Response, body: Any) -> APIStatusError:
+def status_error(response: Response, body: Any) -> APIStatusError:
     """The exception for an error response, with the server's message when it sent one."""
-    message = f"HTTP {response.status_code} from {response.request.url}"
+    message = f"HTTP {response.status_code} from {response.url}"
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict) and err.get("message"):
         message += f": {err['message']}"

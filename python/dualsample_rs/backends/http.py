@@ -1,8 +1,9 @@
-"""The HTTP side every backend shares: one server, httpx, retries, typed errors.
+"""The HTTP side every backend shares: one server, retries, typed errors.
 
 Transient failures (connection errors, timeouts, malformed bodies, 408/409/429/5xx) are
 retried with exponential back-off and jitter, honouring Retry-After; other errors are
 raised at once as typed exceptions. The timeout is a deadline for each whole request.
+Requests go through `connection.ConnectionPool` (see there why not a general client).
 """
 
 from __future__ import annotations
@@ -11,17 +12,16 @@ import asyncio
 import email.utils
 import json
 import logging
+import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import httpx
-import numpy as np
-
 from .._constants import (
-    DEFAULT_CONNECTION_LIMITS,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_CONNECTIONS,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     INITIAL_RETRY_DELAY,
@@ -36,10 +36,13 @@ from ..exceptions import (
     APITimeoutError,
     InvalidInputError,
     InvalidResponseError,
+    Response,
     status_error,
 )
+from .connection import ConnectionPool
 
 log = logging.getLogger("dualsample_rs.client")
+_timeout_scope = getattr(asyncio, "timeout", None)  # Python 3.11+
 _B = TypeVar("_B", bound="HttpBackend")
 
 
@@ -58,11 +61,10 @@ class HttpBackend:
     Args:
         base_url: e.g. ``"http://localhost:8000"``.
         api_key: sent as ``Authorization: Bearer``.
-        timeout: an ``httpx.Timeout`` or seconds.
+        timeout: seconds allowed for each whole request (connecting, sending, reading).
+        connect_timeout: seconds allowed to connect.
         max_retries: retries after the first attempt for transient failures.
         retry_delay: the first back-off in seconds; it doubles with each retry, up to 8 s.
-        http_client: an ``httpx.AsyncClient`` to use instead of creating one (e.g. with
-            a custom transport); it is not closed by :meth:`aclose`.
         connection_pool_size: connections kept to the server.
 
     Attributes:
@@ -77,29 +79,28 @@ class HttpBackend:
         base_url: str,
         *,
         api_key: str | None = None,
-        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         retry_delay: float = INITIAL_RETRY_DELAY,
-        http_client: httpx.AsyncClient | None = None,
         connection_pool_size: int | None = None,
     ) -> None:
+        if not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise InvalidInputError(f"timeout: must be a positive number of seconds, got {timeout!r}")
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
         self.initial_retry_delay = retry_delay
-        self.timeout = _timeout(timeout)
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._owns_http = http_client is None
-        if http_client is None:
-            limits = (
-                httpx.Limits(max_connections=connection_pool_size, max_keepalive_connections=connection_pool_size)
-                if connection_pool_size
-                else DEFAULT_CONNECTION_LIMITS
+        self.timeout = float(timeout)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        try:
+            self._pool = ConnectionPool(
+                self.base_url, connection_pool_size or DEFAULT_CONNECTIONS, min(connect_timeout, timeout)
             )
-            http_client = httpx.AsyncClient(timeout=self.timeout, limits=limits)
-        self._http = http_client
-        self._headers = headers
+        except ValueError as err:
+            raise InvalidInputError(f"base_url: {err}") from None
         self.stats = RequestStats()
         self.model: str | None = None
+        self._closes = True  # False for clones, which share another client's connections
 
     async def __aenter__(self: _B) -> _B:
         return self
@@ -108,16 +109,18 @@ class HttpBackend:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._owns_http:
-            await self._http.aclose()
+        """Close the connections (unless they were given, or belong to another client)."""
+        if self._closes:
+            self._pool.close()
 
-    def with_options(self: _B, *, timeout: httpx.Timeout | float | None = None, max_retries: int | None = None) -> _B:
-        """A client sharing this one's connections and counters, with other limits."""
+    def with_options(self: _B, *, timeout: float | None = None, max_retries: int | None = None) -> _B:
+        """A client sharing this one's connections and counters, with other limits; closing
+        it leaves the connections open."""
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
-        clone._owns_http = False
+        clone._closes = False
         if timeout is not None:
-            clone.timeout = _timeout(timeout)
+            clone.timeout = float(timeout)
         if max_retries is not None:
             clone.max_retries = max_retries
         return clone
@@ -130,13 +133,24 @@ class HttpBackend:
             return err.status_code in RETRYABLE_STATUS or err.status_code >= 500
         return False
 
-    def retry_delay(self, attempt: int, response: httpx.Response | None) -> float:
+    def retry_delay(self, attempt: int, response: Response | None) -> float:
         """Retry-After (ms or seconds or an HTTP date) when given and within the cap,
         else min(retry_delay·2^attempt, 8) s scaled by a jitter in [0.75, 1]."""
         after = parse_retry_after(response.headers) if response is not None else None
         if after is not None and 0 <= after <= MAX_RETRY_AFTER:
             return after
         return min(self.initial_retry_delay * 2**attempt, MAX_RETRY_DELAY) * (1 - 0.25 * random.random())
+
+    async def _send(self, method: str, path: str, data: bytes | None) -> Response:
+        headers = dict(self._headers)
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if _timeout_scope is not None:  # no extra task per request, unlike wait_for
+            async with _timeout_scope(self.timeout):
+                reply = await self._pool.request(method, path, headers, data)
+        else:
+            reply = await asyncio.wait_for(self._pool.request(method, path, headers, data), self.timeout)
+        return Response(reply.status, reply.headers, reply.body, method, self.base_url + path)
 
     async def _request(
         self,
@@ -149,40 +163,33 @@ class HttpBackend:
     ) -> Any:
         """Send with retries. `decode` turns a 2xx body into the result (default: JSON)
         and raises `InvalidResponseError` for a malformed one, which is retried like a
-        transient fault. `probe`: an error answer is an expected outcome (not retried,
-        not counted as a failure)."""
+        transient fault. `probe`: a non-transient error answer is an expected outcome
+        (raised at once, not counted as a failure)."""
         url = self.base_url + path
-        headers = dict(self._headers)
-        if content is not None:
-            headers["Content-Type"] = "application/json"
+        data = content if content is not None else (json.dumps(body).encode() if body is not None else None)
         for attempt in range(self.max_retries + 1):
-            response: httpx.Response | None = None
+            response: Response | None = None
             self.stats.requests += 1
             try:
-                # httpx bounds each read, so a body that trickles in would never time out:
-                # the read timeout is also a deadline for the whole request.
-                response = await asyncio.wait_for(
-                    self._http.request(method, url, json=body, content=content, headers=headers, timeout=self.timeout),
-                    self.timeout.read,
-                )
-            except (httpx.TimeoutException, asyncio.TimeoutError) as exc:
-                err: APIError = APITimeoutError(f"timed out: {method} {url}", getattr(exc, "_request", None))
+                response = await self._send(method, path, data)
+            except asyncio.TimeoutError as exc:
+                err: APIError = APITimeoutError(f"timed out: {method} {url}", (method, url))
                 cause: BaseException = exc
-            except httpx.RequestError as exc:  # transport errors, bad encodings, redirect loops
-                err = APIConnectionError(f"connection error: {method} {url}: {exc!r}", getattr(exc, "_request", None))
+            except OSError as exc:  # refused, reset, closed mid-body, not HTTP, TLS
+                err = APIConnectionError(f"connection error: {method} {url}: {exc!r}", (method, url))
                 cause = exc
             else:
                 if 200 <= response.status_code < 300:
                     try:
-                        return decode(response.content) if decode else _json_body(response.content)
+                        return decode(response.content) if decode else json_body(response.content)
                     except InvalidResponseError as exc:
                         err, cause = exc, exc
                 else:
                     try:
-                        data = _json_body(response.content)
+                        data_ = json_body(response.content)
                     except InvalidResponseError:
-                        data = None
-                    err = status_error(response, data)
+                        data_ = None
+                    err = status_error(response, data_)
                     cause = err
             if probe and isinstance(err, APIStatusError) and not self.should_retry(err):
                 raise err
@@ -206,28 +213,22 @@ class HttpBackend:
         return await self._request("POST", path, body, probe=probe)
 
 
-def _timeout(value: httpx.Timeout | float) -> httpx.Timeout:
-    t = value if isinstance(value, httpx.Timeout) else httpx.Timeout(value, connect=min(5.0, value))
-    if t.read is None:
-        raise InvalidInputError("timeout: a read timeout is needed (it is also the deadline of each request)")
-    return t
-
-
-def parse_retry_after(headers: httpx.Headers) -> float | None:
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
-    ms = headers.get("retry-after-ms")
+    lower = {k.lower(): v for k, v in headers.items()}
+    ms = lower.get("retry-after-ms")
     if ms is not None:
         try:
             value = float(ms) / 1000.0
-            return value if np.isfinite(value) else None
+            return value if math.isfinite(value) else None
         except ValueError:
             pass
-    raw = headers.get("retry-after")
+    raw = lower.get("retry-after")
     if raw is None:
         return None
     try:
         value = float(raw)
-        return value if np.isfinite(value) else None
+        return value if math.isfinite(value) else None
     except ValueError:
         pass
     try:
@@ -237,7 +238,7 @@ def parse_retry_after(headers: httpx.Headers) -> float | None:
     return when.timestamp() - time.time()
 
 
-def _json_body(raw: bytes) -> Any:
+def json_body(raw: bytes) -> Any:
     if not raw:
         return None
     try:
