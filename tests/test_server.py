@@ -382,3 +382,60 @@ def test_serve_without_the_extra_says_how_to_install_it() -> None:
     code = "import sys; sys.modules['aiohttp'] = None; from dualsample_rs.cli import main; sys.exit(main(['serve']))"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "pip install 'dualsample_rs[server]'" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize(
+    "path,raw,needle",
+    [
+        ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        ("/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 1}', "not valid Unicode"),
+        ("/tokenize", b'{"prompt": "\\ud800"}', "not valid Unicode"),
+        ("/tokenize", b'{"messages": [{"content": "hi"}]}', "messages[0].role"),
+        ("/tokenize", b'{"messages": [{"role": "user"}]}', "messages[0].content"),
+        ("/v1/completions", b'{"prompt": "a", "n": 1000000000000000000000000000000}', "n must be at most"),
+        ("/v1/completions", b'{"prompt": "a", "n": 1000, "max_tokens": 2000}', "this server allows"),
+        ("/v1/completions", b'{"prompt": "a", "seed": 99999999999999999999}', "int64"),
+    ],
+)
+def test_hostile_requests_get_400_bodies(base: httpx.Client, path: str, raw: bytes, needle: str) -> None:
+    r = base.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+def test_negative_seeds_are_valid_and_repeat(base: httpx.Client) -> None:
+    a = complete(base, prompt="The sea", max_tokens=8, seed=-5)
+    b = complete(base, prompt="The sea", max_tokens=8, seed=-5)
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+
+
+def test_streaming_sends_server_sent_events(base: httpx.Client) -> None:
+    whole = complete(base, prompt="The sea", max_tokens=12, seed=3, logprobs=2)["choices"][0]
+    with base.stream("POST", "/v1/completions", json={"prompt": "The sea", "max_tokens": 12, "seed": 3,
+                                                      "logprobs": 2, "stream": True}) as r:  # fmt: skip
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert chunks[-1]["finish_reason"] == whole["finish_reason"] and len(chunks) == 13
+    assert [c["logprobs"]["top_logprobs"][0] for c in chunks[:-1]] == whole["logprobs"]["top_logprobs"]
+
+
+def test_sigterm_stops_the_server_mid_request() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dualsample_rs", "serve", "--port", "0"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline()[len(READY_PREFIX) :].strip()
+        big = {"prompt": "The sea", "n": 1000, "max_tokens": 1000, "ignore_eos": True}
+        threading.Thread(target=lambda: httpx.post(url + "/v1/completions", json=big, timeout=60), daemon=True).start()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0 and time.monotonic() - t0 < 10
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from aiohttp import web
 from .. import __version__
 from . import completions as completion_api
 from . import generate_api
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, valid_text
 from .faults import NO_FAULT, Fault, FaultConfig
 from .model import Model
 from .sglang_api import GenerateCall
@@ -51,6 +52,8 @@ async def _read_json(request: web.Request) -> Any:
         return json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise APIError(400, f"JSON decode error: {err}", "Bad Request") from err
+    except RecursionError:
+        raise APIError(400, "JSON decode error: nested too deeply", "Bad Request") from None
 
 
 class Server:
@@ -59,6 +62,8 @@ class Server:
         self.options = options
         self.in_flight = 0
         self.created = int(time.time())
+        # Set on shutdown: generation running in worker threads stops at its next step.
+        self.stopping = threading.Event()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors, self._auth, self._faults], client_max_size=64 * 1024**2)
@@ -91,6 +96,8 @@ class Server:
             return await handler(request)
         except APIError as err:
             return self._error(err)
+        except completion_api.Stopped:
+            return self._error(APIError(503, "The server is shutting down.", "ServiceUnavailableError"))
         except web.HTTPException as err:  # unknown route, wrong method, body too large: JSON too
             if err.status < 400:
                 raise
@@ -152,11 +159,25 @@ class Server:
         finally:
             self.in_flight -= 1
 
-    async def completions(self, request: web.Request) -> web.Response:
+    async def completions(self, request: web.Request) -> web.StreamResponse:
         req = completion_api.parse(await _read_json(request), self.model, self.options.max_logprobs)
+        if req.stream:
+
+            def chunks_of() -> list[dict[str, Any]]:
+                seqs = completion_api.generate(req, self.model, self.stopping)
+                return completion_api.stream_chunks(req, self.model, seqs)
+
+            chunks = await self._run(chunks_of)
+            stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await stream.prepare(request)
+            for c in chunks:
+                await stream.write(b"data: " + json.dumps(c).encode() + b"\n\n")
+            await stream.write(b"data: [DONE]\n\n")
+            await stream.write_eof()
+            return stream
 
         def work() -> dict[str, Any]:
-            return completion_api.respond(req, self.model, completion_api.generate(req, self.model))
+            return completion_api.respond(req, self.model, completion_api.generate(req, self.model, self.stopping))
 
         return _json(await self._run(work))
 
@@ -166,14 +187,17 @@ class Server:
         want_ids = bool(isinstance(body, dict) and body.get("return_token_ids"))
 
         def work() -> dict[str, Any]:
-            return generate_api.respond(req, self.model, completion_api.generate(req, self.model)[0], want_ids)
+            seq = completion_api.generate(req, self.model, self.stopping)[0]
+            return generate_api.respond(req, self.model, seq, want_ids)
 
         return _json(await self._run(work))
 
     async def sglang_generate(self, request: web.Request) -> web.Response:
         call = GenerateCall(await _read_json(request), self.model)
         return _json(
-            await self._run(lambda: call.respond(self.model, completion_api.generate(call.request, self.model)))
+            await self._run(
+                lambda: call.respond(self.model, completion_api.generate(call.request, self.model, self.stopping))
+            )
         )
 
     async def tokenize(self, request: web.Request) -> web.Response:
@@ -186,19 +210,24 @@ class Server:
                 raise bad_request(f"Invalid prompt type: {type(prompt)}. Expected str or List[str].")
             add = bool(body.get("add_special_tokens", True))
             if isinstance(prompt, str):
-                ids: Any = self.model.tokenize(prompt, add)
+                ids: Any = self.model.tokenize(valid_text(prompt, "prompt"), add)
                 count: Any = len(ids)
             else:
-                ids = [self.model.tokenize(str(p), add) for p in prompt]
+                ids = [self.model.tokenize(valid_text(str(p), "prompt"), add) for p in prompt]
                 count = [len(i) for i in ids]
             return _json({"tokens": ids, "count": count, "max_model_len": self.model.max_model_len})
         if "messages" in body:
             messages = body["messages"]
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
                 raise bad_request("messages must be a list of objects", "messages")
+            for i, m in enumerate(messages):
+                for key in ("role", "content"):
+                    if not isinstance(m.get(key), str):
+                        raise bad_request(f"messages[{i}].{key}: Field required (a string)", "messages")
+                    valid_text(m[key], "messages")
             text = self.model.apply_chat_template(messages, bool(body.get("add_generation_prompt", True)))
         elif isinstance(body.get("prompt"), str):
-            text = body["prompt"]
+            text = valid_text(body["prompt"], "prompt")
         else:
             raise bad_request("prompt (a string) or messages is required", "prompt")
         ids = self.model.tokenize(text, bool(body.get("add_special_tokens", True)))
@@ -263,7 +292,8 @@ class Server:
 
 async def serve(model: Model, options: ServerOptions, host: str, port: int, ready: Any = None) -> None:
     """Serve until cancelled; `ready(url)` is called once the socket listens."""
-    runner = web.AppRunner(Server(model, options).app(), access_log=None, handle_signals=False)
+    server = Server(model, options)
+    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -273,4 +303,5 @@ async def serve(model: Model, options: ServerOptions, host: str, port: int, read
     try:
         await asyncio.Event().wait()
     finally:
+        server.stopping.set()
         await runner.cleanup()

@@ -13,12 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, valid_text
 from .model import Model
 
 MAX_PROMPTS = 1024
 NEG_INF_WIRE = -9999.0  # vLLM sends -inf as this
 MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's cap on ids scored per request
+# Caps on one request's work. vLLM caps `n` (VLLM_MAX_N_SEQUENCES); this server also caps
+# the tokens one request may generate, so no request can run for hours.
+MAX_N = 16384
+MAX_REQUEST_TOKENS = 1_000_000
+INT64 = (-(2**63), 2**63 - 1)
 
 
 def _field(body: dict[str, Any], name: str, default: Any, kind: str, ok: Any) -> Any:
@@ -65,6 +70,7 @@ class Request:
     model: str
     # ids whose log probabilities replace the top-k at each generated position
     logprob_token_ids: list[int] | None = None
+    stream: bool = False
 
 
 def _prompts(body: dict[str, Any], model: Model) -> list[list[int]]:
@@ -86,7 +92,7 @@ def _prompts(body: dict[str, Any], model: Model) -> list[list[int]]:
         if isinstance(item, str):
             if not item:
                 raise bad_request("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
-            ids = model.tokenize(item)
+            ids = model.tokenize(valid_text(item, "prompt"))
         elif isinstance(item, list) and item and all(isinstance(x, int) and not isinstance(x, bool) for x in item):
             ids = list(item)
         else:
@@ -150,6 +156,8 @@ def parse(body: Any, model: Model, max_logprobs: int) -> Request:
         raise bad_request("stop must be a string or a list of strings", "stop")
     if any(s == "" for s in stop):
         raise bad_request("stop cannot contain an empty string.", "stop")
+    for s_ in stop:
+        valid_text(s_, "stop")
     stop_ids = body.get("stop_token_ids") or []
     if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
         raise bad_request("stop_token_ids must be a list of integers", "stop_token_ids")
@@ -159,14 +167,34 @@ def parse(body: Any, model: Model, max_logprobs: int) -> Request:
     if echo and logprobs is not None and prompt_logprobs is None:
         prompt_logprobs = logprobs
     seed = _int(body, "seed", None)
+    if seed is not None and not INT64[0] <= seed <= INT64[1]:
+        raise bad_request(
+            "1 validation error for CompletionRequest\nseed\n  Input should be within the int64 range", "seed"
+        )
+    if n is not None and n > MAX_N:
+        raise bad_request(
+            f"n must be at most {MAX_N}, got {n}. To increase this limit, set the VLLM_MAX_N_SEQUENCES "
+            "environment variable.",
+            "n",
+        )
+    max_tokens = _int(body, "max_tokens", 16, minimum=1) or 16
+    if (n or 1) * max_tokens * len(prompts) > MAX_REQUEST_TOKENS:
+        raise bad_request(
+            f"this request asks for up to {(n or 1) * max_tokens * len(prompts)} generated tokens (prompts × n × "
+            f"max_tokens); this server allows {MAX_REQUEST_TOKENS} per request",
+            "max_tokens",
+        )
     score_ids = logprob_token_ids(body.get("logprob_token_ids"), model)
     if score_ids is not None and logprobs is None:
         raise bad_request("logprob_token_ids requires logprobs to be set.", "logprob_token_ids")
     if score_ids is not None and prompt_logprobs is not None:
         raise bad_request("logprob_token_ids cannot be used with prompt logprobs.", "logprob_token_ids")
+    stream = _bool(body, "stream", False)
+    if stream and prompt_logprobs is not None:
+        raise bad_request("Prompt logprobs are not supported when stream is enabled.", "prompt_logprobs")
     return Request(
         prompts=prompts,
-        max_tokens=_int(body, "max_tokens", 16, minimum=1) or 16,
+        max_tokens=max_tokens,
         temperature=1.0 if temperature is None else temperature,
         seed=seed,
         n=n or 1,
@@ -180,6 +208,7 @@ def parse(body: Any, model: Model, max_logprobs: int) -> Request:
         skip_special_tokens=_bool(body, "skip_special_tokens", True),
         model=model.name,
         logprob_token_ids=score_ids,
+        stream=stream,
     )
 
 
@@ -222,16 +251,24 @@ def _sample(lp: np.ndarray, temperature: float, rng: np.random.Generator) -> int
     return int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
 
 
-def generate(req: Request, model: Model) -> list[Sequence]:
-    """Run every (prompt, sample) to a stop condition, one batched model call per step."""
+class Stopped(Exception):
+    """The server is shutting down: generation was abandoned mid-request."""
+
+
+def generate(req: Request, model: Model, stopping: Any = None) -> list[Sequence]:
+    """Run every (prompt, sample) to a stop condition, one batched model call per step.
+    `stopping` (a `threading.Event`) abandons the work when set."""
     seqs = []
     for prompt in req.prompts:
         for j in range(req.n):
-            rng = np.random.default_rng([req.seed, j] if req.seed is not None else None)
+            # A negative seed is valid (int64): its two's complement seeds the generator.
+            rng = np.random.default_rng([req.seed % 2**64, j] if req.seed is not None else None)
             seqs.append(Sequence(prompt, min(req.max_tokens, model.max_model_len - len(prompt)), rng))
     active = [s for s in seqs if s.max_tokens > 0]
     want = req.logprobs is not None
     while active:
+        if stopping is not None and stopping.is_set():
+            raise Stopped
         lps = model.next_logprobs([s.prompt + s.tokens for s in active])
         still = []
         for s, lp in zip(active, lps, strict=True):
@@ -387,3 +424,32 @@ def respond(req: Request, model: Model, seqs: list[Sequence]) -> dict[str, Any]:
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
+
+
+def stream_chunks(req: Request, model: Model, seqs: list[Sequence]) -> list[dict[str, Any]]:
+    """The server-sent events of a streamed response, as vLLM sends them: one chunk per
+    generated token of each choice (text delta, and its log probabilities when asked),
+    then one with the finish reason. The text deltas add up to the whole text."""
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    chunks: list[dict[str, Any]] = []
+
+    def chunk(index: int, text: str, finish: str | None, stop: Any, logprobs: Any) -> dict[str, Any]:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop}
+        return {"id": cid, "object": "text_completion", "created": created, "model": req.model, "choices": [choice]}
+
+    for index, s in enumerate(seqs):
+        sent = ""
+        lps: list[Any] = s.logprobs if s.logprobs else [None] * len(s.tokens)
+        for i, (tok, lp) in enumerate(zip(s.tokens, lps, strict=True)):
+            so_far = model.detokenize(s.tokens[: i + 1], req.skip_special_tokens)
+            text = s.text if i == len(s.tokens) - 1 else so_far
+            delta = "" if text.endswith("\ufffd") and i < len(s.tokens) - 1 else text[len(sent) :]
+            sent += delta
+            logprobs = None
+            if req.logprobs is not None and lp is not None:
+                key = _key(model, tok, req.ids_as_keys)
+                logprobs = {"tokens": [key], "token_logprobs": [wire(lp[tok])], "text_offset": [0],
+                            "top_logprobs": [_top_logprobs(model, lp, tok, req)]}  # fmt: skip
+            chunks.append(chunk(index, delta, None, None, logprobs))
+        chunks.append(chunk(index, "", s.finish_reason, s.stop_reason, None))
+    return chunks

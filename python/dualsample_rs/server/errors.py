@@ -25,3 +25,12 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, "BadRequestError", param)
+
+
+def valid_text(value: str, param: str) -> str:
+    """`value` if it can be encoded as UTF-8 (a lone surrogate from a JSON escape cannot)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise bad_request(f"{param} is not valid Unicode: {err.reason} at position {err.start}", param) from None
+    return value

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .completions import Request, Sequence, prompt_logprob_entries, top_ids, validate_prompt
-from .errors import bad_request
+from .errors import bad_request, valid_text
 from .model import Model
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -59,7 +59,7 @@ class GenerateCall:
             texts = [text] if isinstance(text, str) else text
             if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
                 raise bad_request("text must be a string or a list of strings")
-            prompts = [model.tokenize(t) for t in texts]
+            prompts = [model.tokenize(valid_text(t, "text")) for t in texts]
         if not isinstance(prompts, list) or not prompts:
             raise bad_request("input_ids must be a non-empty list")
         for p in prompts:
