@@ -34,15 +34,15 @@ build-prod: install
 .PHONY: format ## format Rust and Python
 format: install
 	cargo fmt
-	$(VENV)/bin/ruff format python tests benches
-	$(VENV)/bin/ruff check --fix python tests benches
+	$(VENV)/bin/ruff format python tests benches examples
+	$(VENV)/bin/ruff check --fix python tests benches examples
 
 .PHONY: lint ## cargo fmt --check, clippy, ruff, mypy, and stubtest of the compiled module's stubs
 lint: build-prod
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests benches
-	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/ruff check python tests benches examples
+	$(VENV)/bin/ruff format --check python tests benches examples
 	$(PY) -m mypy python/dualsample_rs
 	$(PY) -m mypy.stubtest dualsample_rs._core
 

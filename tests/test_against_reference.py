@@ -53,6 +53,7 @@ def test_step_agrees(
     np.testing.assert_allclose(r.alpha, e.alpha, atol=1e-9, rtol=0)
     np.testing.assert_allclose(r.logq, e.logq, atol=1e-9, rtol=1e-9)
     np.testing.assert_array_equal(r.n_candidates, e.n_candidates)
+    np.testing.assert_array_equal(r.n_merged, e.n_merged)
     np.testing.assert_array_equal(r.fallback, e.fallback)
     assert np.isfinite(r.alpha).all() and not np.isnan(r.logq).any()
 

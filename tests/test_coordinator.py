@@ -114,15 +114,28 @@ def test_statistics(urls: tuple[str, str]) -> None:
         config = cfg(urls, seed=8, constraint_to_target=True, target_top_p=0.9, enable_stability_check=True,
                      stability_threshold_js=0.05)  # fmt: skip
         async with DualVLLMCoordinator(config) as coord:
-            outs = await coord.generate_batch(QUESTIONS, max_tokens=10, show_progress=False)
+            outs = await coord.generate_batch_dual_prompts(
+                PLAIN, QUESTIONS, max_tokens=10, show_progress=False, teacher_chat=True
+            )
             stats = coord.get_statistics()
             assert stats["tokens"] == sum(len(o.token_ids) for o in outs)
             return stats
 
     stats = asyncio.run(go())
     assert stats["sequences"] == len(QUESTIONS) and stats["errors"] == 0
-    assert stats["first_tokens_forced"] == len(QUESTIONS)
-    assert stats["constraint_applied"] == stats["tokens"]
+    assert stats["first_tokens_forced"] == stats["first_token_forced"] == len(QUESTIONS)
+    # counted where the constraint removed a candidate: with top-p 1 it never does
+    assert 0 < stats["constraint_applied"] <= stats["tokens"]
+    config = cfg(urls, seed=8, constraint_to_target=True, target_top_p=1.0)
+
+    async def keep_all() -> dict:
+        async with DualVLLMCoordinator(config) as coord:
+            await coord.generate_batch_dual_prompts(PLAIN, QUESTIONS, 10, show_progress=False, teacher_chat=True)
+            return coord.get_statistics()
+
+    assert asyncio.run(keep_all())["constraint_applied"] == 0
+    assert stats["total_tokens"] == stats["tokens"] and stats["total_requests"] == stats["requests"]
+    assert stats["failed_requests"] == stats["failures"] == 0 and stats["success_rate"] == 1.0
     assert stats["stability_fallbacks"] > 0  # a low JS threshold makes some rows fall back
     assert stats["requests"] > 0 and stats["tokens_per_second"] > 0 and 0 <= stats["mean_alpha"] <= 1
 

@@ -112,8 +112,10 @@ class StepResult:
     ``logp_theta``, ``logp_t`` and ``logq`` are the sampled token's log probability
     under the distributions actually used: after exclusion, temperature, the support
     constraint and renormalisation. ``n_candidates`` is the size of the support q*
-    was drawn from. ``no_overlap`` marks rows where ``missing="drop"`` found no common
-    token and kept the teacher's list. The diagnostics are None unless the config
+    was drawn from, ``n_merged`` the number of candidates before the support
+    constraint (so the constraint removed some where it is larger). ``no_overlap``
+    marks rows where ``missing="drop"`` found no common token and kept the teacher's
+    list. The diagnostics are None unless the config
     asked for them.
     """
 
@@ -127,6 +129,7 @@ class StepResult:
     fallback: NDArray[np.bool_]
     no_overlap: NDArray[np.bool_]
     n_candidates: NDArray[np.int32]
+    n_merged: NDArray[np.int32]
     kl_theta: NDArray[np.float64] | None
     kl_t: NDArray[np.float64] | None
     ess_theta: NDArray[np.float64] | None

@@ -143,7 +143,8 @@ class DualStep:
         s.steps += 1
         s.first_tokens_forced += int(force.sum())
         if cfg.constraint_to_target:
-            s.constraint_applied += n
+            # Rows where the support constraint actually removed a candidate.
+            s.constraint_applied += int((res.n_merged > res.n_candidates).sum())
         if self.sampler.stability_js_max is not None:
             s.stability_fallbacks += int(res.fallback.sum())
         if cfg.enable_stability_check and not cfg.auto_fallback and res.js is not None:

@@ -375,6 +375,7 @@ class ReferenceStepResult:
     fallback: np.ndarray
     no_overlap: np.ndarray
     n_candidates: np.ndarray
+    n_merged: np.ndarray
     kl_theta: F64 | None = None
     kl_t: F64 | None = None
     ess_theta: F64 | None = None
@@ -445,6 +446,7 @@ def step(
         common = obs_a & obs_b
         mass = np.minimum(np.where(common, pa, 0.0).sum(1), np.where(common, pb, 0.0).sum(1))
         forced = np.where(usable & np.isnan(forced) & (mass < config.stability_overlap_min), 1.0, forced)
+    n_merged = (ids >= 0).sum(axis=1).astype(np.int32)
     if config.top_p is not None:
         # Rows whose teacher has no mass keep every candidate, as in the Rust step.
         keep = np.where(fb[:, None], _top_p_keep(b, pb, config.top_p), ids >= 0)
@@ -496,5 +498,6 @@ def step(
         fallback=fallback,
         no_overlap=m["no_overlap"],
         n_candidates=(ids >= 0).sum(axis=1).astype(np.int32),
+        n_merged=n_merged,
         **diag,
     )

@@ -32,13 +32,22 @@ class Statistics:
 
     def summary(self, theta: RequestStats, t: RequestStats) -> dict[str, Any]:
         """Counts so far: requests, retries and failures per server and in total, tokens,
-        sequences, errors, first tokens forced, constraint applied, stability fallbacks,
-        tokens per second and mean α."""
+        sequences, errors, first tokens forced, constraint applied (tokens where the
+        support constraint removed a candidate), stability fallbacks, tokens per second
+        and mean α; and the same under the names earlier tools used: ``total_requests``,
+        ``failed_requests`` (requests that failed after their retries), ``total_tokens``,
+        ``first_token_forced`` and ``success_rate`` (sequences without error / sequences)."""
         elapsed = max(time.monotonic() - self.started, 1e-9)
+        requests, failures = theta.requests + t.requests, theta.failures + t.failures
         return {
-            "requests": theta.requests + t.requests,
+            "total_requests": requests,
+            "failed_requests": failures,
+            "total_tokens": self.tokens,
+            "first_token_forced": self.first_tokens_forced,
+            "success_rate": (self.sequences - self.errors) / self.sequences if self.sequences else math.nan,
+            "requests": requests,
             "retries": theta.retries + t.retries,
-            "failures": theta.failures + t.failures,
+            "failures": failures,
             "requests_theta": theta.requests,
             "requests_t": t.requests,
             "retries_theta": theta.retries,

@@ -145,6 +145,8 @@ pub struct RowOutput {
     pub fallback: bool,
     pub no_overlap: bool,
     pub n_candidates: i32,
+    /// Candidates before the support constraint (after the merge and exclusion).
+    pub n_merged: i32,
     pub diagnostics: Diagnostics,
 }
 
@@ -340,6 +342,7 @@ pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch
     exclude(m, &cfg.exclude_ids, row)?;
     apply_temperature(m, cfg);
     let (mut forced, teacher_has_mass) = normalise_both(m, &mut s.pa, &mut s.pb, row)?;
+    let n_merged = i32::try_from(s.merged.len()).unwrap_or(i32::MAX);
     // 5. stability check
     if forced.is_none() && unstable(&s.merged, &s.pa, &s.pb, cfg) {
         forced = Some(1.0);
@@ -378,6 +381,7 @@ pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch
         fallback,
         no_overlap: m.no_overlap,
         n_candidates: i32::try_from(m.len()).unwrap_or(i32::MAX),
+        n_merged,
         diagnostics: if cfg.diagnostics {
             diagnostics(s)
         } else {

@@ -31,6 +31,8 @@ pub struct StepResult {
     #[pyo3(get)]
     n_candidates: Py<PyAny>,
     #[pyo3(get)]
+    n_merged: Py<PyAny>,
+    #[pyo3(get)]
     kl_theta: Option<Py<PyAny>>,
     #[pyo3(get)]
     kl_t: Option<Py<PyAny>>,
@@ -62,6 +64,7 @@ impl StepResult {
             fallback: column(py, rows, |r| r.fallback),
             no_overlap: column(py, rows, |r| r.no_overlap),
             n_candidates: column(py, rows, |r| r.n_candidates),
+            n_merged: column(py, rows, |r| r.n_merged),
             kl_theta: diag(|r| r.diagnostics.kl_theta),
             kl_t: diag(|r| r.diagnostics.kl_t),
             ess_theta: diag(|r| r.diagnostics.ess_theta),
