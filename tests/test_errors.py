@@ -155,3 +155,45 @@ def test_config_equality_and_repr() -> None:
     assert a != "SamplerConfig"
     assert a.exclude_ids == (1, 5) and a.missing == -20.0 and a.temperature_t is None
     assert "top_p=0.9" in repr(a) and "missing=-20.0" in repr(a)
+
+
+@pytest.mark.parametrize(
+    "call,pattern",
+    [
+        (lambda: ds.step(IDS, np.exp(LP), IDS, LP), r"logp_theta, row 0: column 0 is 0.5, above 0"),
+        (lambda: ds.step(IDS, LP, IDS, np.exp(LP)), r"logp_t, row 0: column 0 is 0.5, above 0"),
+        (lambda: ds.merge_topk(IDS, LP, IDS, np.exp(LP)), r"logp_t, row 0: column 0 is 0.5"),
+        (lambda: ds.SamplerConfig(missing=5.0), r"missing: a constant must be a log probability"),
+        (lambda: ds.step(np.array([[2**64 - 1, 2, 3], [4, 5, 6]], dtype=np.uint64), LP, IDS, LP),
+         r"ids_theta: 18446744073709551615 does not fit"),
+        (lambda: ds.step(np.full((2, 3), -1), np.full((2, 3), -np.inf), IDS, LP),
+         r"ids_theta, row 0: the list is empty \(all padding\) while ids_t's is not"),
+        (lambda: ds.step(IDS, LP, IDS, LP, positions=[0, -1]), r"positions, row 1: must be >= 0, got -1"),
+    ],
+)  # fmt: skip
+def test_values_that_would_be_silently_wrong_are_refused(call, pattern: str) -> None:
+    with pytest.raises(InvalidInputError, match=pattern):
+        call()
+
+
+def test_rounding_just_above_zero_is_accepted() -> None:
+    lp = LP.copy()
+    lp[0, 0] = 1e-7  # float32 log-softmax of a near-certain token can land here
+    assert len(ds.step(IDS, lp, IDS, LP)) == 2
+
+
+@pytest.mark.parametrize(
+    "call,arg",
+    [
+        (lambda: ds.step(IDS, LP, IDS, LP, config="abc"), "config"),
+        (lambda: ds.SamplerConfig(temperature="x"), "temperature"),
+        (lambda: ds.SamplerConfig(exclude_ids=["a"]), "exclude_ids"),
+        (lambda: ds.SamplerConfig(diagnostics="yes"), "diagnostics"),
+        (lambda: ds.solve_alpha(LP, LP, tol="x"), "tol"),
+        (lambda: ds.step(IDS, LP, IDS, LP, positions=["a", "b"]), "positions"),
+    ],
+)
+def test_type_errors_name_the_argument(call, arg: str) -> None:
+    with pytest.raises(TypeError, match=rf"^{arg}: ") as info:
+        call()
+    assert isinstance(info.value, DualSampleError)

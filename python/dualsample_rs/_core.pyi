@@ -149,7 +149,8 @@ def solve_alpha(
     tol: float = 1e-10,
     max_iter: int = 100,
 ) -> float | NDArray[np.float64]:
-    """α for log probabilities over the same candidates (normalised inside).
+    """α for log probabilities over the same candidates. Each row is normalised inside,
+    so log-weights at any level (logits) are accepted too.
 
     One row (1-D) gives a float, a batch (2-D) one α per row. An entry that is -inf in
     one model only is a token that model cannot produce; -inf in both is padding.

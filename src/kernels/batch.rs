@@ -8,7 +8,9 @@ use crate::kernels::merge::{merge, IdTable, Merged, Missing, RowBuffers};
 use crate::kernels::parallel::map_rows;
 use crate::kernels::simd::with_avx2_twin;
 
-/// Copy a row of log probabilities, check it, and normalise it.
+/// Copy a row of log-weights, check it, and normalise it. Any finite level is accepted
+/// here (unlike in `merge`, where the unlisted mass needs true log probabilities): α and
+/// q* depend on each row only up to a constant.
 #[inline(always)]
 fn read_logp(
     lp: ArrayView1<'_, f64>,

@@ -11,6 +11,11 @@ use numpy::ndarray::{ArrayView1, ArrayView2, Axis};
 use crate::errors::{KernelError, KernelResult};
 use crate::kernels::logspace::{exp_shifted, sum};
 
+/// The largest log probability accepted: raw log-softmax values are ≤ 0, and rounding in
+/// the servers' float32 arithmetic can push a near-certain token a hair above 0. Anything
+/// larger is a mistake (probabilities passed for log probabilities, say).
+pub const MAX_LOGP: f64 = 1e-4;
+
 /// How a token listed by one model only is valued for the other.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Missing {
@@ -35,10 +40,10 @@ impl Missing {
     }
 
     pub fn value(v: f64) -> KernelResult<Self> {
-        if v.is_nan() || v == f64::INFINITY {
+        if v.is_nan() || v > MAX_LOGP {
             Err(KernelError::arg(
                 "missing",
-                format!("a constant must be a log probability, got {v}"),
+                format!("a constant must be a log probability (<= 0), got {v}"),
             ))
         } else {
             Ok(Missing::Value(v))
@@ -52,6 +57,7 @@ struct ListSummary {
     bad: bool,
     smallest: f64,
     largest: f64,
+    listed: usize,
 }
 
 /// One branch-free (so vectorisable) pass over a list; `explain` describes a bad one.
@@ -62,11 +68,13 @@ fn summarise(ids: &[i64], logp: &[f64]) -> ListSummary {
         bad: false,
         smallest: f64::INFINITY,
         largest: f64::NEG_INFINITY,
+        listed: 0,
     };
     for (&id, &lp) in ids.iter().zip(logp) {
         let padding = id == -1;
-        sum.bad |= lp.is_nan() | (lp == f64::INFINITY) | (id < -1) | (padding & (lp != f64::NEG_INFINITY));
+        sum.bad |= lp.is_nan() | (lp > MAX_LOGP) | (id < -1) | (padding & (lp != f64::NEG_INFINITY));
         let listed = id >= 0;
+        sum.listed += usize::from(listed);
         sum.smallest = if listed & (lp < sum.smallest) { lp } else { sum.smallest };
         sum.largest = if listed & (lp > sum.largest) { lp } else { sum.largest };
     }
@@ -251,6 +259,13 @@ fn explain(ids: &[i64], logp: &[f64], names: (&'static str, &'static str), row: 
                 format!("column {col} is {lp}; log probabilities must be finite or -inf"),
             ));
         }
+        if lp > MAX_LOGP {
+            return Err(KernelError::row(
+                names.1,
+                row,
+                format!("column {col} is {lp}, above 0: log probabilities are <= 0 (were probabilities passed?)"),
+            ));
+        }
         if id == -1 && lp != f64::NEG_INFINITY {
             return Err(KernelError::row(
                 names.0,
@@ -325,6 +340,19 @@ pub fn merge(
     }
     if sum_b.bad {
         explain(lists.ids_b, lists.lp_b, ("ids_t", "logp_t"), row)?;
+    }
+    // One model with nothing listed would make every candidate look equally likely to it.
+    if (sum_a.listed == 0) != (sum_b.listed == 0) {
+        let (name, other) = if sum_a.listed == 0 {
+            ("ids_theta", "ids_t")
+        } else {
+            ("ids_t", "ids_theta")
+        };
+        return Err(KernelError::row(
+            name,
+            row,
+            format!("the list is empty (all padding) while {other}'s is not"),
+        ));
     }
     out.start(ka + kb);
     table.reset(ka + kb);

@@ -30,12 +30,12 @@ fn borrow_err(arg: &'static str, err: impl std::fmt::Display) -> KernelError {
 }
 
 /// `numpy.asarray(obj)` when `obj`'s dtype kind is one of `kinds`, cast to `dtype`.
+/// `exact`: unsigned values must fit the signed target (token ids; row keys may wrap).
 fn convert<'py>(
     obj: &Bound<'py, PyAny>,
     arg: &'static str,
-    kinds: &str,
-    dtype: &str,
-    expected: &str,
+    (kinds, dtype, expected): (&str, &str, &str),
+    exact: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let np = obj.py().import("numpy")?;
     let arr = np.call_method1("asarray", (obj,)).map_err(|e| KernelError::Dtype {
@@ -44,6 +44,13 @@ fn convert<'py>(
     })?;
     let dt = arr.getattr("dtype")?;
     let kind: String = dt.getattr("kind")?.extract()?;
+    if exact && kind == "u" && arr.getattr("size")?.extract::<usize>()? > 0 {
+        // uint64 values past i64::MAX would wrap to negatives (and -1 is padding).
+        let largest: u64 = arr.call_method0("max")?.extract()?;
+        if largest > i64::MAX as u64 {
+            return Err(KernelError::arg(arg, format!("{largest} does not fit in a signed 64-bit integer")).into());
+        }
+    }
     if kinds.contains(kind.as_str()) {
         return arr.call_method1("astype", (dtype,));
     }
@@ -61,7 +68,12 @@ pub fn float_input<'py>(obj: &Bound<'py, PyAny>, arg: &'static str) -> PyResult<
     if let Ok(a) = obj.cast::<PyArrayDyn<f32>>() {
         return Ok(FloatInput::F32(a.try_readonly().map_err(|e| borrow_err(arg, e))?));
     }
-    let conv = convert(obj, arg, "fiu", "float64", "float32 or float64 log probabilities")?;
+    let conv = convert(
+        obj,
+        arg,
+        ("fiu", "float64", "float32 or float64 log probabilities"),
+        false,
+    )?;
     let a = conv.cast_into::<PyArrayDyn<f64>>()?;
     Ok(FloatInput::F64(a.try_readonly().map_err(|e| borrow_err(arg, e))?))
 }
@@ -73,7 +85,7 @@ pub fn id_input<'py>(obj: &Bound<'py, PyAny>, arg: &'static str) -> PyResult<IdI
     if let Ok(a) = obj.cast::<PyArrayDyn<i32>>() {
         return Ok(IdInput::I32(a.try_readonly().map_err(|e| borrow_err(arg, e))?));
     }
-    let conv = convert(obj, arg, "iu", "int64", "int32 or int64 token ids")?;
+    let conv = convert(obj, arg, ("iu", "int64", "int32 or int64 token ids"), true)?;
     let a = conv.cast_into::<PyArrayDyn<i64>>()?;
     Ok(IdInput::I64(a.try_readonly().map_err(|e| borrow_err(arg, e))?))
 }
@@ -145,14 +157,28 @@ fn per_row<T: Element + Copy>(
 ) -> PyResult<Vec<T>> {
     let arr = match obj.cast::<PyArrayDyn<T>>() {
         Ok(a) => a.clone(),
-        Err(_) => convert(obj, arg, kinds, dtype, expected)?.cast_into::<PyArrayDyn<T>>()?,
+        Err(_) => convert(obj, arg, (kinds, dtype, expected), false)?.cast_into::<PyArrayDyn<T>>()?,
     };
     check_len(arr.shape(), arg, rows)?;
     let ro = arr.try_readonly().map_err(|e| borrow_err(arg, e))?;
     Ok(ro.as_array().iter().copied().collect())
 }
 
-/// An optional per-row integer argument (row keys, positions), as raw 64-bit keys.
+/// An optional per-row count (positions): non-negative integers.
+pub fn per_row_counts(obj: Option<&Bound<'_, PyAny>>, arg: &'static str, rows: usize) -> PyResult<Vec<u64>> {
+    match obj.filter(|o| !o.is_none()) {
+        None => Ok(vec![0; rows]),
+        Some(obj) => {
+            let values = per_row::<i64>(obj, arg, rows, ("iu", "int64", "non-negative integers, one per row"))?;
+            if let Some((r, v)) = values.iter().enumerate().find(|(_, &v)| v < 0) {
+                return Err(KernelError::row(arg, r, format!("must be >= 0, got {v}")).into());
+            }
+            Ok(values.into_iter().map(|v| v as u64).collect())
+        }
+    }
+}
+
+/// An optional per-row integer argument (row keys), as raw 64-bit keys.
 pub fn per_row_keys(
     obj: Option<&Bound<'_, PyAny>>,
     arg: &'static str,

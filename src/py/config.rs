@@ -1,5 +1,7 @@
 //! `SamplerConfig`: the step's settings, validated once when built.
 use pyo3::prelude::*;
+
+use crate::py::args;
 use pyo3::types::{PyFloat, PyString, PyTuple};
 
 use crate::errors::KernelError;
@@ -42,30 +44,30 @@ fn missing_to_py(py: Python<'_>, m: Missing) -> Py<PyAny> {
 impl SamplerConfig {
     #[new]
     #[pyo3(signature = (
-        method="kl_symmetry", alpha=0.5, alpha_min=0.0, alpha_max=1.0, tol=1e-10, max_iter=100,
+        method="kl_symmetry".to_owned(), alpha=0.5, alpha_min=0.0, alpha_max=1.0, tol=1e-10, max_iter=100,
         missing=None, temperature=1.0, temperature_t=None, top_p=None, exclude_ids=Vec::new(),
         stability_js_max=None, stability_overlap_min=None, diagnostics=false
     ), text_signature = "(method='kl_symmetry', alpha=0.5, alpha_min=0.0, alpha_max=1.0, tol=1e-10, max_iter=100, \
         missing='bound', temperature=1.0, temperature_t=None, top_p=None, exclude_ids=(), stability_js_max=None, \
         stability_overlap_min=None, diagnostics=False)")]
     fn new(
-        method: &str,
-        alpha: f64,
-        alpha_min: f64,
-        alpha_max: f64,
-        tol: f64,
-        max_iter: i64,
+        #[pyo3(from_py_with = args::method)] method: String,
+        #[pyo3(from_py_with = args::alpha)] alpha: f64,
+        #[pyo3(from_py_with = args::alpha_min)] alpha_min: f64,
+        #[pyo3(from_py_with = args::alpha_max)] alpha_max: f64,
+        #[pyo3(from_py_with = args::tol)] tol: f64,
+        #[pyo3(from_py_with = args::max_iter)] max_iter: i64,
         missing: Option<&Bound<'_, PyAny>>,
-        temperature: f64,
-        temperature_t: Option<f64>,
-        top_p: Option<f64>,
-        exclude_ids: Vec<i64>,
-        stability_js_max: Option<f64>,
-        stability_overlap_min: Option<f64>,
-        diagnostics: bool,
+        #[pyo3(from_py_with = args::temperature)] temperature: f64,
+        #[pyo3(from_py_with = args::temperature_t)] temperature_t: Option<f64>,
+        #[pyo3(from_py_with = args::top_p)] top_p: Option<f64>,
+        #[pyo3(from_py_with = args::exclude_ids)] exclude_ids: Vec<i64>,
+        #[pyo3(from_py_with = args::stability_js_max)] stability_js_max: Option<f64>,
+        #[pyo3(from_py_with = args::stability_overlap_min)] stability_overlap_min: Option<f64>,
+        #[pyo3(from_py_with = args::diagnostics)] diagnostics: bool,
     ) -> PyResult<Self> {
         let missing = missing.map_or(Ok(Missing::Bound), parse_missing)?;
-        let alpha = AlphaParams::new(method, alpha, alpha_min, alpha_max, tol, max_iter)?;
+        let alpha = AlphaParams::new(&method, alpha, alpha_min, alpha_max, tol, max_iter)?;
         let inner = StepConfig::new(
             alpha,
             missing,

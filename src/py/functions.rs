@@ -7,23 +7,27 @@ use pyo3::types::PyTuple;
 use crate::kernels::alpha::AlphaParams;
 use crate::kernels::batch::{merge_batch, mix_batch, solve_alpha_batch};
 use crate::kernels::merge::Missing;
+use crate::py::args;
 use crate::py::arrays::{float_input, per_row_floats, same_shape, TopkInputs};
 use crate::py::config::parse_missing;
 
 #[pyfunction(name = "solve_alpha")]
-#[pyo3(signature = (logp_theta, logp_t, *, method="kl_symmetry", alpha=0.5, alpha_min=0.0, alpha_max=1.0, tol=1e-10, max_iter=100))]
+#[pyo3(
+    signature = (logp_theta, logp_t, *, method="kl_symmetry".to_owned(), alpha=0.5, alpha_min=0.0, alpha_max=1.0, tol=1e-10, max_iter=100),
+    text_signature = "(logp_theta, logp_t, *, method='kl_symmetry', alpha=0.5, alpha_min=0.0, alpha_max=1.0, tol=1e-10, max_iter=100)"
+)]
 pub fn solve_alpha_py(
     py: Python<'_>,
     logp_theta: &Bound<'_, PyAny>,
     logp_t: &Bound<'_, PyAny>,
-    method: &str,
-    alpha: f64,
-    alpha_min: f64,
-    alpha_max: f64,
-    tol: f64,
-    max_iter: i64,
+    #[pyo3(from_py_with = args::method)] method: String,
+    #[pyo3(from_py_with = args::alpha)] alpha: f64,
+    #[pyo3(from_py_with = args::alpha_min)] alpha_min: f64,
+    #[pyo3(from_py_with = args::alpha_max)] alpha_max: f64,
+    #[pyo3(from_py_with = args::tol)] tol: f64,
+    #[pyo3(from_py_with = args::max_iter)] max_iter: i64,
 ) -> PyResult<Py<PyAny>> {
-    let params = AlphaParams::new(method, alpha, alpha_min, alpha_max, tol, max_iter)?;
+    let params = AlphaParams::new(&method, alpha, alpha_min, alpha_max, tol, max_iter)?;
     let (a_in, b_in) = (float_input(logp_theta, "logp_theta")?, float_input(logp_t, "logp_t")?);
     let (a, b) = (a_in.rows("logp_theta")?, b_in.rows("logp_t")?);
     same_shape(&a, &b, ("logp_theta", "logp_t"))?;

@@ -1,5 +1,6 @@
 //! Python bindings: extract and check arguments, release the GIL, call a kernel,
 //! build the result.
+pub mod args;
 pub mod arrays;
 pub mod config;
 pub mod functions;

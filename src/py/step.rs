@@ -4,7 +4,7 @@ use pyo3::prelude::*;
 
 use crate::errors::KernelError;
 use crate::kernels::step::{step_batch, Batch, RowOutput, StepConfig};
-use crate::py::arrays::{per_row_flags, per_row_keys, TopkInputs};
+use crate::py::arrays::{per_row_counts, per_row_flags, per_row_keys, TopkInputs};
 use crate::py::config::SamplerConfig;
 
 /// One entry per row; diagnostics are None unless the config asked for them.
@@ -44,6 +44,19 @@ pub struct StepResult {
     entropy: Option<Py<PyAny>>,
     #[pyo3(get)]
     js: Option<Py<PyAny>>,
+}
+
+fn config_arg<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<PyRef<'py, SamplerConfig>>> {
+    if obj.is_none() {
+        return Ok(None);
+    }
+    obj.extract::<PyRef<'py, SamplerConfig>>().map(Some).map_err(|_| {
+        KernelError::Dtype {
+            arg: "config",
+            msg: "expected a SamplerConfig or None".to_owned(),
+        }
+        .into()
+    })
 }
 
 fn column<T: numpy::Element>(py: Python<'_>, rows: &[RowOutput], f: impl Fn(&RowOutput) -> T) -> Py<PyAny> {
@@ -110,7 +123,7 @@ pub fn step_py(
     logp_theta: &Bound<'_, PyAny>,
     ids_t: &Bound<'_, PyAny>,
     logp_t: &Bound<'_, PyAny>,
-    config: Option<PyRef<'_, SamplerConfig>>,
+    #[pyo3(from_py_with = config_arg)] config: Option<PyRef<'_, SamplerConfig>>,
     seed: Option<&Bound<'_, PyAny>>,
     positions: Option<&Bound<'_, PyAny>>,
     row_keys: Option<&Bound<'_, PyAny>>,
@@ -128,7 +141,7 @@ pub fn step_py(
     };
     let seed = seed.map_or(Ok(0), seed_bits)?;
     let row_keys = per_row_keys(row_keys, "row_keys", rows, |r| r as u64)?;
-    let positions = per_row_keys(positions, "positions", rows, |_| 0)?;
+    let positions = per_row_counts(positions, "positions", rows)?;
     let force_teacher = per_row_flags(force_teacher, "force_teacher", rows)?;
     let batch = Batch {
         ids_theta: ids_a.data.view(),
