@@ -196,3 +196,28 @@ def test_end_to_end_tokens_per_second(
     assert tokens == in_flight * 64
     if benchmark.stats is not None:
         benchmark.extra_info["tokens_per_second"] = tokens / benchmark.stats.stats.mean
+
+
+@pytest.mark.parametrize("context", [100, 2000, 8000, 32000])
+def test_cost_by_context_length(benchmark, fake_servers: dict[int, tuple[str, str]], context: int) -> None:
+    """Coordinator CPU per sequence-step as contexts grow. Per-prompt work (checking and
+    encoding the prompt once) is taken out by timing runs of 1 and 17 tokens: what is left
+    grows only with the copy of each context into the request body."""
+    benchmark.group = "coordinator CPU by context length (64 in flight, top-20, vllm-completions)"
+    in_flight = 64
+    urls = fake_servers[20]
+    config = CoordinatorConfig(theta_url=urls[0], t_url=urls[1], max_concurrency=in_flight, max_batch_size=in_flight,
+                               stop_token_ids=(), dialect="vllm-completions")  # fmt: skip
+    prompts = [[65 + (i + j) % 26 for j in range(context)] for i in range(in_flight)]
+    cpu: dict[int, list[float]] = {1: [], 17: []}
+
+    async def go() -> None:
+        async with DualVLLMCoordinator(config) as coord:
+            for tokens in (1, 17):
+                t0 = time.process_time()
+                outs = await coord.generate_batch(prompts, max_tokens=tokens, show_progress=False)
+                cpu[tokens].append(time.process_time() - t0)
+                assert sum(len(o.token_ids) for o in outs) == in_flight * tokens
+
+    benchmark.pedantic(lambda: asyncio.run(go()), rounds=2, iterations=1)
+    benchmark.extra_info["us_per_sequence_step"] = 1e6 * (min(cpu[17]) - min(cpu[1])) / (16 * in_flight)

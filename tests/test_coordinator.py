@@ -363,3 +363,22 @@ def test_start_up_survives_a_flaky_server() -> None:
                 return coord.stop_ids
 
         assert [asyncio.run(start()) for _ in range(10)] == [(EOS, IM_END)] * 10
+
+
+def test_prompts_are_read_ahead_a_bounded_number_at_a_time(urls: tuple[str, str]) -> None:
+    pulled = 0
+
+    def items() -> Iterator[WorkItem]:
+        nonlocal pulled
+        for i in range(1_000_000):
+            pulled += 1
+            yield WorkItem(i, "Water is", "Water is")
+
+    async def go() -> int:
+        async with DualVLLMCoordinator(cfg(urls, max_concurrency=8, max_batch_size=8)) as coord:
+            async for _ in coord.iter_generate(items(), max_tokens=2, show_progress=False, total=1_000_000):
+                return pulled
+        return pulled
+
+    # Memory must not grow with the input: only a few dozen prompts are ever ahead.
+    assert asyncio.run(asyncio.wait_for(go(), timeout=60)) < 200

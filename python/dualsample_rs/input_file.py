@@ -13,6 +13,7 @@ default id of line 5 are the same id, and ``"5"`` is another. The check keeps on
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import math
@@ -96,12 +97,12 @@ def check_input(
     are not among the sorted id hashes `done`. Raise `InvalidInputError` (with line
     numbers) for anything that would make the run's output ambiguous or unreadable,
     before anything else happens."""
-    hashes: list[int] = []
+    hashes = array.array("Q")  # 8 bytes per line, not a Python int each
     for lineno, offset, raw in _lines(path):
         rec = _parse(lineno, offset, raw, prompt_field, teacher_field)
         if rec is not None:
             hashes.append(id_hash(rec.id))
-    arr = np.fromiter(hashes, dtype=np.uint64, count=len(hashes))
+    arr = np.frombuffer(hashes, dtype=np.uint64).copy()
     del hashes
     arr.sort()
     repeated = arr[1:][arr[1:] == arr[:-1]]

@@ -13,6 +13,7 @@ cannot append to the same output.
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import json
@@ -118,7 +119,7 @@ def scan_output(path: str, retry_errors: bool = False) -> ExistingOutput:
     """Read an existing output without changing it. With `retry_errors`, failed records
     do not count as done. Raises `InvalidInputError` for a broken line that is not the
     torn last one."""
-    hashes: list[int] = []
+    hashes = array.array("Q")
     records = failed = complete = 0
     if not os.path.exists(path):
         return ExistingOutput(np.zeros(0, dtype=np.uint64), 0, 0, 0, 0)
@@ -144,7 +145,7 @@ def scan_output(path: str, retry_errors: bool = False) -> ExistingOutput:
                     continue
             hashes.append(key)
         size = f.seek(0, os.SEEK_END)
-    done = np.fromiter(hashes, dtype=np.uint64, count=len(hashes))
+    done = np.frombuffer(hashes, dtype=np.uint64).copy()
     done.sort()
     return ExistingOutput(done, records, failed, complete, size)
 

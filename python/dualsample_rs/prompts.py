@@ -29,6 +29,8 @@ def check_prompt(value: Any, name: str) -> Prompt:
     if isinstance(value, (list, tuple)):
         if not value:
             raise InvalidInputError(f"{name}: empty list of token ids")
+        if set(map(type, value)) == {int} and min(value) >= 0:  # the common case, at C speed
+            return list(value)
         for i, t in enumerate(value):
             if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or t < 0:
                 raise InvalidInputError(

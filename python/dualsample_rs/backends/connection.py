@@ -70,13 +70,14 @@ class _Connection(asyncio.Protocol):
         self._fail(exc or ConnectionResetError("the server closed the connection"))
 
     # --------------------------------------------------------------- requests
-    def send(self, data: bytes) -> asyncio.Future[Reply]:
+    def send(self, parts: tuple[bytes, ...]) -> asyncio.Future[Reply]:
         assert self.transport is not None
         self.reply = asyncio.get_running_loop().create_future()
         self.received = False
         self._head, self._length, self._chunked = None, None, False
         self._chunks.clear()
-        self.transport.write(data)
+        for part in parts:
+            self.transport.write(part)
         return self.reply
 
     def close(self) -> None:
@@ -186,15 +187,16 @@ class ConnectionPool:
         head = f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self.host_header}\r\nAccept-Encoding: identity\r\n"
         for name, value in headers.items():
             head += f"{name}: {value}\r\n"
-        data = (
-            (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        # Head and body go to the socket separately: joining them would copy the body again.
+        parts = (
+            ((head + f"Content-Length: {len(body)}\r\n\r\n").encode(), body)
             if body is not None
-            else (head + "\r\n").encode()
+            else ((head + "\r\n").encode(),)
         )
         for attempt in (0, 1):
             conn, reused = await self._acquire()
             try:
-                reply = await conn.send(data)
+                reply = await conn.send(parts)
             except BaseException as err:
                 conn.close()
                 self._release(conn)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 class Context:
@@ -36,6 +37,18 @@ class Context:
         return f"Context({len(self)} ids)"
 
 
-def join_lists(contexts: Iterable[Context]) -> bytes:
-    """``[[...],[...],...]``: the contexts as one JSON list of lists, in one copy."""
-    return b"[" + b"],".join(c.json for c in contexts) + b"]]"
+def body_with_lists(head: dict[str, Any], key: str, contexts: Sequence[Context]) -> bytes:
+    """The JSON object `head` plus ``key: [[...],[...],...]`` holding the contexts, built
+    with one copy of the contexts' bytes (one join over all the pieces)."""
+    pieces: list[bytes | bytearray] = [json.dumps(head)[:-1].encode(), b',"%s":[' % key.encode()]
+    for i, c in enumerate(contexts):
+        if i:
+            pieces.append(b"],")
+        pieces.append(c.json)
+    pieces.append(b"]]}")
+    return b"".join(pieces)
+
+
+def body_with_list(head: dict[str, Any], key: str, context: Context) -> bytes:
+    """The JSON object `head` plus ``key: [...]`` holding one context, in one copy."""
+    return b"".join((json.dumps(head)[:-1].encode(), b',"%s":' % key.encode(), context.json, b"]}"))

@@ -8,7 +8,6 @@ for the prefix before it. ``temperature: 0`` makes SGLang report raw log probabi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -17,7 +16,7 @@ import numpy as np
 from .. import _core
 from ..exceptions import ConfigurationError, InvalidInputError, InvalidResponseError
 from .base import TopK, gather_scores
-from .context import Context, join_lists
+from .context import Context, body_with_lists
 from .http import HttpBackend
 
 
@@ -53,7 +52,7 @@ class SGLangBackend(HttpBackend):
         self, contexts: Sequence[Context], fields: dict[str, Any], width: int, field: Literal["top", "token_ids"]
     ) -> TopK:
         head = {"sampling_params": {"max_new_tokens": 1, "temperature": 0}, "return_logprob": True, **fields}
-        content = json.dumps(head)[:-1].encode() + b',"input_ids":' + join_lists(contexts) + b"}"
+        content = body_with_lists(head, "input_ids", contexts)
         rows = len(contexts)
         return await self._request(
             "POST", "/generate", content=content, decode=lambda raw: _parse(raw, rows, width, field)

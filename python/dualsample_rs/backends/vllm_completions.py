@@ -9,7 +9,6 @@ one list per request, so rows are grouped until their ids together reach vLLM's 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 from .. import _core
 from ..exceptions import APIStatusError, InvalidInputError, InvalidResponseError, NotFoundError
 from .base import VLLM_MAX_SCORED_IDS, TopK, gather_scores, scoring_groups
-from .context import Context, join_lists
+from .context import Context, body_with_lists
 from .http import HttpBackend, log
 
 
@@ -66,7 +65,7 @@ class VLLMCompletionsBackend(HttpBackend):
         head = {"max_tokens": 1, "temperature": 0, "return_tokens_as_token_ids": True, **fields}
         if self.model:
             head["model"] = self.model
-        return json.dumps(head)[:-1].encode() + b',"prompt":' + join_lists(contexts) + b"}"
+        return body_with_lists(head, "prompt", contexts)
 
     async def _completions(self, contexts: Sequence[Context], fields: dict[str, Any], width: int) -> TopK:
         rows = len(contexts)

@@ -8,7 +8,6 @@ server), and the reply lists integer ids: nothing to re-key or re-tokenise.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 from .. import _core
 from ..exceptions import InvalidInputError, InvalidResponseError
 from .base import TopK, gather_scores
-from .context import Context
+from .context import Context, body_with_list
 from .vllm_completions import VLLMCompletionsBackend, _wire
 
 GENERATE_PATH = "/inference/v1/generate"
@@ -35,7 +34,7 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
         }
         if self.model:
             head["model"] = self.model
-        return json.dumps(head)[:-1].encode() + b',"token_ids":' + context.json + b"]}"
+        return body_with_list(head, "token_ids", context)
 
     async def _one(self, context: Context, params: dict[str, Any], width: int) -> TopK:
         return await self._request(
