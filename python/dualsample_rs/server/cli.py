@@ -12,7 +12,7 @@ INSTALL_HINT = "dualsample serve needs the reference server's extra: pip install
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run a vLLM- or SGLang-compatible reference server with a small real model")
-    p.add_argument("--model", choices=["base", "teacher", "base-reversed"], default="base")
+    p.add_argument("--model", choices=["base", "teacher", "base-bpe", "teacher-bpe", "base-reversed"], default="base")
     p.add_argument("--flavor", choices=["vllm", "sglang"], default="vllm", help="which engine's API to speak")
     p.add_argument("--enable-scale-out", action="store_true", help="vllm flavor: serve /inference/v1/generate")
     p.add_argument("--served-model-name", default=None, help="the model name clients must send (default: preset's)")

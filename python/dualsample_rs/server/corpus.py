@@ -170,6 +170,21 @@ FACTS: list[tuple[str, str, list[str]]] = [
     ),
 ]
 
+# Facts with text beyond ASCII (accents, Greek, CJK, emoji: 2-, 3- and 4-byte UTF-8), for
+# the BPE presets, whose tokens then hold parts of characters.
+WORLD_FACTS: list[tuple[str, str, list[str]]] = [
+    ("coffee", "What is café au lait?", ["Café au lait is coffee with hot milk ☕.", "In Spain it is café con leche."]),
+    ("Tokyo", "What is Tokyo called in Japanese?", ["Tokyo is 東京 in Japanese.", "東京 means eastern capital."]),
+    ("Zürich", "Where is Zürich?", ["Zürich is a city in Switzerland.", "People there say Grüezi to say hello 👋."]),
+    ("Greece", "What do Greeks call Greece?", ["Greeks call their country Ελλάδα.", "Its capital is Αθήνα, Athens."]),
+    (
+        "naïve",
+        "How is naïve spelled?",
+        ["The word naïve has two dots over the i.", "So do the words coöperate and Noël."],
+    ),
+    ("π", "What is π?", ["π is about 3.14159.", "It is the ratio of a circle's circumference to its diameter 🔵."]),
+]
+
 OPENERS = ["In short,", "As a rule,", "Most of the time,", "Put simply,", "It is worth knowing that", "Of course,"]
 CONNECTORS = ["Also,", "In the same way,", "For example,", "Then again,", "Because of this,", "Later,"]
 NARRATIVE = [
@@ -192,14 +207,15 @@ def _lower_first(s: str) -> str:
     return s[0].lower() + s[1:] if s else s
 
 
-def base_documents(seed: int = 0, n: int = 700) -> list[str]:
+def base_documents(seed: int = 0, n: int = 700, facts: list | None = None) -> list[str]:
     """Plain prose paragraphs, each ending with the end-of-text token."""
     rng = random.Random(seed)
+    facts = facts or FACTS
     docs = []
     for _ in range(n):
         parts = []
         for _ in range(rng.randint(2, 4)):
-            _, _, answer = rng.choice(FACTS)
+            _, _, answer = rng.choice(facts)
             first = answer[0]
             if rng.random() < 0.3:
                 first = f"{rng.choice(OPENERS)} {_lower_first(first)}"
@@ -218,12 +234,13 @@ def chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) ->
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def teacher_documents(seed: int = 1, n: int = 700) -> list[str]:
+def teacher_documents(seed: int = 1, n: int = 700, facts: list | None = None) -> list[str]:
     """ChatML question/answer conversations; assistant turns end with <|im_end|> then EOS."""
     rng = random.Random(seed)
+    facts = facts or FACTS
     docs = []
     for _ in range(n):
-        subject, question, answer = rng.choice(FACTS)
+        subject, question, answer = rng.choice(facts)
         messages = []
         if rng.random() < 0.5:
             messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})

@@ -6,15 +6,21 @@ A backend implements :class:`Model`; the server needs nothing else, so another b
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from functools import lru_cache
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .corpus import base_documents, teacher_documents
+from .bpe import BPETokenizer
+from .corpus import FACTS, WORLD_FACTS, base_documents, teacher_documents
 from .ngram import NGramLM
 from .tokenizer import ByteTokenizer
 
-PRESETS = ("base", "teacher", "base-reversed")
+PRESETS = ("base", "teacher", "base-reversed", "base-bpe", "teacher-bpe")
+# The BPE presets learn from text with the multi-byte facts weighted up, so that merges
+# inside and across multi-byte characters are learnt too.
+BPE_FACTS = FACTS + WORLD_FACTS * 4
+BPE_MERGES = 300
 
 
 @runtime_checkable
@@ -41,14 +47,27 @@ class Model(Protocol):
         ...
 
 
+@lru_cache(maxsize=1)
+def bpe_tokenizer() -> BPETokenizer:
+    """One tokenizer for both BPE presets (trained on both texts), so they share ids."""
+    return BPETokenizer(base_documents(facts=BPE_FACTS) + teacher_documents(facts=BPE_FACTS), BPE_MERGES)
+
+
 class NGramModel:
-    """A byte-level n-gram model trained at start-up from the package's own text."""
+    """An n-gram model trained at start-up from the package's own text, over a byte-level
+    tokenizer or the given one."""
 
     def __init__(
-        self, name: str, documents: list[str], order: int = 5, max_model_len: int = 2048, reversed_bytes: bool = False
+        self,
+        name: str,
+        documents: list[str],
+        order: int = 5,
+        max_model_len: int = 2048,
+        reversed_bytes: bool = False,
+        tokenizer: Any = None,
     ) -> None:
         self.name = name
-        self.tokenizer = ByteTokenizer(reversed_bytes)
+        self.tokenizer = tokenizer or ByteTokenizer(reversed_bytes)
         self.vocab_size = self.tokenizer.vocab_size
         self.eos_token = self.tokenizer.eos_token
         self.eos_token_id = self.tokenizer.eos_token_id
@@ -78,13 +97,20 @@ class NGramModel:
 
 
 def load_preset(preset: str, max_model_len: int = 2048) -> NGramModel:
-    """``base`` (plain prose), ``teacher`` (ChatML question/answer text), or
-    ``base-reversed`` (the base model with its byte ids numbered backwards: same text,
+    """``base`` (plain prose), ``teacher`` (ChatML question/answer text), their BPE
+    twins ``base-bpe`` and ``teacher-bpe`` (a learnt BPE vocabulary and text with
+    multi-byte characters), or ``base-reversed`` (the base model with its byte ids numbered backwards: same text,
     different vocabulary, for testing that mismatched servers are refused)."""
     if preset == "base":
         return NGramModel("dualsample-base", base_documents(), max_model_len=max_model_len)
     if preset == "teacher":
         return NGramModel("dualsample-teacher", teacher_documents(), max_model_len=max_model_len)
+    if preset == "base-bpe":
+        return NGramModel("dualsample-base-bpe", base_documents(facts=BPE_FACTS), max_model_len=max_model_len,
+                          tokenizer=bpe_tokenizer())  # fmt: skip
+    if preset == "teacher-bpe":
+        return NGramModel("dualsample-teacher-bpe", teacher_documents(facts=BPE_FACTS), max_model_len=max_model_len,
+                          tokenizer=bpe_tokenizer())  # fmt: skip
     if preset == "base-reversed":
         return NGramModel(
             "dualsample-base-reversed", base_documents(), max_model_len=max_model_len, reversed_bytes=True
