@@ -276,6 +276,15 @@ def test_config_validation() -> None:
     assert changed.top_k == 7 and changed.theta_url == CoordinatorConfig().theta_url
     with pytest.raises(ConfigurationError, match="top_k"):
         CoordinatorConfig().replace(top_k=-1)
+    # every field checked when built, so a mistake never becomes a per-sequence failure
+    for bad in ({"seed": 2**64}, {"seed": 1.5}, {"dialect": "vllm"}, {"scoring": "all"}, {"rescore": "yes"},
+                {"request_timeout": "1"}, {"retry_delay": -1.0}, {"max_concurrency": True}):  # fmt: skip
+        with pytest.raises(ConfigurationError, match=next(iter(bad))):
+            CoordinatorConfig(**bad)  # type: ignore[arg-type]
+    parts = CoordinatorConfig(dialect=("vllm-completions", "sglang"), seed=5, scoring="exact", api_key=("a", "b"))
+    assert [s.dialect for s in parts.servers] == ["vllm-completions", "sglang"]
+    assert [s.api_key for s in parts.servers] == ["a", "b"]
+    assert parts.run.seed == 5 and parts.run.scoring == "exact" and parts.run.max_concurrency == 256
 
 
 def test_cli_resume_can_retry_failed_records(urls: tuple[str, str], tmp_path: Path) -> None:

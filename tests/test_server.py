@@ -439,3 +439,14 @@ def test_sigterm_stops_the_server_mid_request() -> None:
         proc.wait()
         if proc.stdout:
             proc.stdout.close()
+
+
+def test_served_model_name_and_413_bodies() -> None:
+    name = "Qwen/Qwen2.5-1.5B"
+    with running_server("base", served_model_name=name) as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert c.get("/v1/models").json()["data"][0]["id"] == name
+        assert c.post("/v1/completions", json={"model": name, "prompt": "The sea", "max_tokens": 2}).status_code == 200
+        r = c.post("/v1/completions", json={"model": "other", "prompt": "The sea"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == 404
+        r = c.post("/v1/completions", content=b" " * (65 * 1024**2), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == 413

@@ -28,6 +28,21 @@ class ServerSettings:
     api_key: str | None = field(default=None, repr=False)
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run proceeds (the run part of a `CoordinatorConfig`)."""
+
+    max_concurrency: int
+    max_batch_size: int
+    scoring: str
+    rescore: bool
+    seed: int
+    max_retries: int
+    retry_delay: float
+    request_timeout: float
+    connection_pool_size: int
+
+
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigurationError(f"{name}: {message}")
@@ -35,7 +50,12 @@ def _check(ok: bool, name: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    """Settings of a dual-model generation run.
+    """Settings of a dual-model generation run, validated when built.
+
+    It is built flat, as earlier tools' configs were, and read in parts: ``servers``
+    (per server: URL, model, dialect, key), ``run`` (concurrency, scoring, seed,
+    retries, timeouts) and ``sampler_config()`` (the Rust step's settings). Every
+    mistake is a `ConfigurationError` here, never a failure later in a run.
 
     Args:
         theta_url, t_url: base URLs of the base model's and the teacher's servers.
@@ -194,6 +214,11 @@ class CoordinatorConfig:
         return self.dialect if isinstance(self.dialect, tuple) else (self.dialect, self.dialect)
 
     @property
+    def run(self) -> RunSettings:
+        """The run part: concurrency, scoring, seed, retries and timeouts."""
+        return RunSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunSettings)})
+
+    @property
     def servers(self) -> tuple[ServerSettings, ServerSettings]:
         """The per-server part: (base, teacher)."""
         keys, dialects = self.api_keys, self.dialects
@@ -203,7 +228,7 @@ class CoordinatorConfig:
         )
 
     def sampler_config(self, exclude_ids: tuple[int, ...], diagnostics: bool = False) -> SamplerConfig:
-        """The Rust step's settings for this run."""
+        """The sampler part: the Rust step's settings for this run."""
         stability = self.enable_stability_check and self.auto_fallback
         return SamplerConfig(
             method=self.alpha_method,
