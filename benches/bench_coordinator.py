@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator
-from dualsample_rs.server import running_server
+from dualsample_rs.server import running_flavors
 
 TOP_K = 20
 DIALECTS = ("vllm-completions", "vllm-generate", "sglang")
@@ -166,13 +166,8 @@ def test_coordinator_overhead(
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[dict[str, tuple[str, str]]]:
-    with (
-        running_server("base", enable_scale_out=True) as va,
-        running_server("teacher", enable_scale_out=True) as vb,
-        running_server("base", flavor="sglang") as sa,
-        running_server("teacher", flavor="sglang") as sb,
-    ):
-        yield {"vllm": (va, vb), "sglang": (sa, sb)}
+    with running_flavors() as urls:
+        yield urls
 
 
 @pytest.mark.parametrize("scoring", ["topk", "exact"])

@@ -20,7 +20,7 @@ from dualsample_rs import (
 )
 from dualsample_rs.backends import Context
 from dualsample_rs.exceptions import BadRequestError, NotFoundError
-from dualsample_rs.server import running_server
+from dualsample_rs.server import running_flavors, running_server
 from dualsample_rs.server.corpus import chat
 from support import PLAIN, QUESTIONS
 
@@ -33,13 +33,8 @@ DIALECTS = ("vllm-completions", "vllm-generate", "sglang")
 @pytest.fixture(scope="module")
 def flavors() -> Iterator[dict[str, tuple[str, str]]]:
     """(base, teacher) URLs per flavor: vLLM with the generate route on, and SGLang."""
-    with (
-        running_server("base", enable_scale_out=True) as va,
-        running_server("teacher", enable_scale_out=True) as vb,
-        running_server("base", flavor="sglang") as sa,
-        running_server("teacher", flavor="sglang") as sb,
-    ):
-        yield {"vllm": (va, vb), "sglang": (sa, sb)}
+    with running_flavors() as urls:
+        yield urls
 
 
 def _urls(flavors: dict[str, tuple[str, str]], dialect: str) -> tuple[str, str]:

@@ -80,3 +80,16 @@ def running_server(
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+@contextlib.contextmanager
+def running_flavors(base: str = "base", teacher: str = "teacher") -> Iterator[dict[str, tuple[str, str]]]:
+    """A (base, teacher) pair of servers in each flavor: ``{"vllm": ..., "sglang": ...}``;
+    the vLLM pair also serves ``/inference/v1/generate``."""
+    with (
+        running_server(base, enable_scale_out=True) as va,
+        running_server(teacher, enable_scale_out=True) as vb,
+        running_server(base, flavor="sglang") as sa,
+        running_server(teacher, flavor="sglang") as sb,
+    ):
+        yield {"vllm": (va, vb), "sglang": (sa, sb)}
