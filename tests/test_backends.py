@@ -175,3 +175,16 @@ def test_sequence_logprobs_agree_across_dialects(flavors: dict[str, tuple[str, s
 
     for cls, flavor in ((VLLMCompletionsBackend, "vllm"), (VLLMGenerateBackend, "vllm"), (SGLangBackend, "sglang")):
         np.testing.assert_allclose(asyncio.run(go(cls, flavors[flavor][1])), want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_demo_runs_in_every_dialect(dialect: str) -> None:
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "-m", "dualsample_rs", "demo", "--dialect", dialect, "--max-tokens", "12", "--samples", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "summary: 8 sequences" in p.stdout and "0 errors" in p.stdout
