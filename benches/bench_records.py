@@ -41,5 +41,5 @@ def test_records_per_second_at_two_tokens(benchmark, servers: tuple[str, str], t
         walls.append(time.perf_counter() - t0)
 
     benchmark.pedantic(run, rounds=2, iterations=1)
-    assert sum(1 for _ in out.open()) == RECORDS
+    assert out.read_text().count("\n") == RECORDS
     benchmark.extra_info["records_per_second"] = RECORDS / min(walls)
