@@ -159,9 +159,8 @@ def test_faults_are_retried_and_counted(urls: tuple[str, str]) -> None:
               "malformed_rate": 0.05, "slow_body_rate": 0.05, "slow_body_seconds": 0.2}  # fmt: skip
 
     async def go(a: str, b: str) -> tuple[list[ds.GenerationOutput], dict]:
-        config = CoordinatorConfig(theta_url=a, t_url=b, seed=9, max_retries=8)
+        config = CoordinatorConfig(theta_url=a, t_url=b, seed=9, max_retries=8, retry_delay=0.01)
         async with DualVLLMCoordinator(config) as coord:
-            coord.theta.retry_delay = coord.teacher.retry_delay = lambda attempt, response: 0.01  # type: ignore[method-assign]
             outs = await coord.generate_batch_dual_prompts(PLAIN, QUESTIONS, 20, show_progress=False, teacher_chat=True)
             return outs, coord.get_statistics()
 
@@ -188,10 +187,9 @@ def test_a_dead_server_becomes_per_sequence_errors(urls: tuple[str, str]) -> Non
 
         async def go() -> tuple[list[ds.GenerationOutput], dict]:
             config = CoordinatorConfig(
-                theta_url=urls[0], t_url=url, max_retries=2, request_timeout=5, stop_token_ids=()
+                theta_url=urls[0], t_url=url, max_retries=2, request_timeout=5, stop_token_ids=(), retry_delay=0.05
             )
             async with DualVLLMCoordinator(config) as coord:
-                coord.theta.retry_delay = coord.teacher.retry_delay = lambda attempt, response: 0.05  # type: ignore[method-assign]
 
                 async def kill_soon() -> None:
                     await asyncio.sleep(0.8)

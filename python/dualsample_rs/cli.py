@@ -52,8 +52,9 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--diagnostics", action="store_true", help="add per-sequence divergence summaries")
     h = p.add_argument_group("servers")
-    h.add_argument("--theta-url", default="http://localhost:8000")
-    h.add_argument("--t-url", default="http://localhost:8001")
+    h.add_argument("--theta-url", action="append", default=None,
+                   help="the base model's server; repeat it (or give a comma-separated list) for replicas")  # fmt: skip
+    h.add_argument("--t-url", action="append", default=None, help="the teacher's server; repeat it for replicas")
     h.add_argument(
         "--dialect",
         default="auto",
@@ -68,6 +69,12 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     h.add_argument("--retry-delay", type=float, default=0.5, help="first back-off in seconds (doubles, up to 8)")
     h.add_argument("--request-timeout", type=float, default=60.0, help="deadline of each request, in seconds")
     h.add_argument("--log-level", default=None, help="e.g. INFO or DEBUG")
+
+
+def _url_list(given: list[str] | None, default: str) -> str | tuple[str, ...]:
+    """Repeated flags and comma-separated lists, flattened; one URL stays a string."""
+    urls = tuple(u.strip() for arg in (given or [default]) for u in arg.split(",") if u.strip())
+    return urls[0] if len(urls) == 1 else urls
 
 
 def _ids(text: str) -> tuple[int, ...]:
@@ -96,11 +103,11 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     api_key = tuple(key.split(",", 1)) if key and "," in key else key
     dialect = tuple(args.dialect.split(",", 1)) if "," in args.dialect else args.dialect
     return CoordinatorConfig(
-        theta_url=args.theta_url,
+        theta_url=_url_list(args.theta_url, "http://localhost:8000"),
         dialect=dialect,
         scoring=args.scoring,
         rescore=args.rescore,
-        t_url=args.t_url,
+        t_url=_url_list(args.t_url, "http://localhost:8001"),
         theta_model_name=args.theta_model,
         t_model_name=args.t_model,
         top_k=args.top_k,

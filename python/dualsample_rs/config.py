@@ -20,9 +20,10 @@ DIALECT_NAMES = ("auto", "vllm-completions", "vllm-generate", "sglang")
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """How to reach one server (the per-server part of a `CoordinatorConfig`)."""
+    """How to reach one model's server, or its replicas (the per-server part of a
+    `CoordinatorConfig`)."""
 
-    url: str
+    urls: tuple[str, ...]
     model_name: str | None
     dialect: str
     api_key: str | None = field(default=None, repr=False)
@@ -43,6 +44,10 @@ class RunSettings:
     connection_pool_size: int
 
 
+def _urls(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigurationError(f"{name}: {message}")
@@ -58,7 +63,8 @@ class CoordinatorConfig:
     mistake is a `ConfigurationError` here, never a failure later in a run.
 
     Args:
-        theta_url, t_url: base URLs of the base model's and the teacher's servers.
+        theta_url, t_url: base URL of the base model's and of the teacher's server, or a
+            list of URLs of replicas of it (each sequence stays on one replica).
         theta_model_name, t_model_name: model names to request; None asks ``/v1/models``.
         dialect: how to talk to the servers: ``"vllm-completions"`` (batched
             ``/v1/completions``), ``"vllm-generate"`` (``/inference/v1/generate``),
@@ -93,8 +99,8 @@ class CoordinatorConfig:
         enable_logging, log_level: configure the ``dualsample_rs`` logger.
     """
 
-    theta_url: str = "http://localhost:8000"
-    t_url: str = "http://localhost:8001"
+    theta_url: str | tuple[str, ...] = "http://localhost:8000"
+    t_url: str | tuple[str, ...] = "http://localhost:8001"
     theta_model_name: str | None = None
     t_model_name: str | None = None
     dialect: Dialect | tuple[Dialect, Dialect] = "auto"
@@ -133,12 +139,17 @@ class CoordinatorConfig:
 
     def __post_init__(self) -> None:
         for name in ("theta_url", "t_url"):
-            url = getattr(self, name)
-            _check(
-                isinstance(url, str) and url.startswith(("http://", "https://")),
-                name,
-                f"expected an http(s) URL, got {url!r}",
-            )
+            value = getattr(self, name)
+            urls = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else ()
+            _check(bool(urls), name, f"expected an http(s) URL or a list of them, got {value!r}")
+            for url in urls:
+                _check(
+                    isinstance(url, str) and url.startswith(("http://", "https://")),
+                    name,
+                    f"expected an http(s) URL, got {url!r}",
+                )
+            _check(len(set(urls)) == len(urls), name, f"a replica is listed twice: {urls}")
+            object.__setattr__(self, name, urls[0] if len(urls) == 1 else urls)
         _check(
             isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and 1 <= self.top_k <= 100_000,
             "top_k",
@@ -223,8 +234,8 @@ class CoordinatorConfig:
         """The per-server part: (base, teacher)."""
         keys, dialects = self.api_keys, self.dialects
         return (
-            ServerSettings(self.theta_url, self.theta_model_name, dialects[0], keys[0]),
-            ServerSettings(self.t_url, self.t_model_name, dialects[1], keys[1]),
+            ServerSettings(_urls(self.theta_url), self.theta_model_name, dialects[0], keys[0]),
+            ServerSettings(_urls(self.t_url), self.t_model_name, dialects[1], keys[1]),
         )
 
     def sampler_config(self, exclude_ids: tuple[int, ...], diagnostics: bool = False) -> SamplerConfig:

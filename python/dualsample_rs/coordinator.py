@@ -13,17 +13,20 @@ depend on concurrency, batching or dialect.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Iterable
 from collections.abc import Sequence as Seq
-from typing import Any
+from typing import Any, cast
 
+from ._constants import VOCAB_PROBE_TEXT
 from .backends import Backend, Context, HttpBackend
-from .config import CoordinatorConfig
+from .backends.replicas import ReplicaSet
+from .config import CoordinatorConfig, ServerSettings
 from .dual_step import DualStep
-from .exceptions import APIError, InvalidInputError
+from .exceptions import APIError, ConfigurationError, InvalidInputError
 from .handshake import ServerInfo, agree, handshake, stop_and_excluded_ids
 from .output import GenerationOutput, summarise
 from .prompts import Prompt, check_prompt
@@ -62,16 +65,20 @@ class DualVLLMCoordinator:
         if self.config.enable_logging:
             logging.basicConfig()
             log.setLevel(self.config.log_level.upper())
-        self.theta: Backend
-        self.teacher: Backend
-        self.theta, self.teacher = (  # type: ignore[assignment]
-            HttpBackend(
-                server.url,
-                api_key=server.api_key,
-                timeout=self.config.request_timeout,
-                max_retries=self.config.max_retries,
-                retry_delay=self.config.retry_delay,
-                connection_pool_size=self.config.connection_pool_size,
+        # Until the handshake knows their dialects, the replicas are plain HTTP clients.
+        self.theta, self.teacher = (
+            ReplicaSet(
+                [
+                    HttpBackend(  # type: ignore[misc]
+                        url,
+                        api_key=server.api_key,
+                        timeout=self.config.request_timeout,
+                        max_retries=self.config.max_retries,
+                        retry_delay=self.config.retry_delay,
+                        connection_pool_size=self.config.connection_pool_size,
+                    )
+                    for url in server.urls
+                ]
             )
             for server in self.config.servers
         )
@@ -102,20 +109,14 @@ class DualVLLMCoordinator:
         # A server that is still loading answers 503 for a while, and start-up is a few
         # cheap requests: give it at least STARTUP_RETRIES retries whatever the run's own.
         retries = max(cfg.max_retries, STARTUP_RETRIES)
-        patient = [b.with_options(max_retries=retries) for b in (self.theta, self.teacher)]  # type: ignore[attr-defined]
         exact = cfg.scoring == "exact"
-        (theta, info_a), (teacher, info_b) = await asyncio.gather(
+        (self.theta, info_a), (self.teacher, info_b) = await asyncio.gather(
             *(
-                handshake(http, server.dialect, server.model_name, cfg.top_k, exact and i == 0)
-                for i, (http, server) in enumerate(zip(patient, cfg.servers, strict=True))
+                self._start_model(replicas, server, retries, exact and i == 0)
+                for i, (replicas, server) in enumerate(zip((self.theta, self.teacher), cfg.servers, strict=True))
             )
         )
         agree(info_a, info_b)
-        # From now on the dialect backends (with the run's own retry budget) stand for
-        # the two servers, and close the connections these did.
-        self.theta = theta.with_options(max_retries=cfg.max_retries)  # type: ignore[attr-defined]
-        self.teacher = teacher.with_options(max_retries=cfg.max_retries)  # type: ignore[attr-defined]
-        self.theta._closes = self.teacher._closes = True  # type: ignore[attr-defined]  # they own them now
         self.stop_ids, self.exclude_ids = stop_and_excluded_ids(
             info_a, info_b, cfg.stop_token_ids, cfg.exclude_special_tokens, cfg.special_token_ids
         )
@@ -129,6 +130,35 @@ class DualVLLMCoordinator:
             self.stop_ids,
             self.exclude_ids,
         )
+
+    async def _start_model(
+        self, replicas: ReplicaSet, server: ServerSettings, retries: int, exact: bool
+    ) -> tuple[ReplicaSet, ServerInfo]:
+        """Handshake with every replica of one model; they must serve the same model,
+        dialect and vocabulary. Returns the replicas in their dialect, and what they serve."""
+        patient = [cast(HttpBackend, http).with_options(max_retries=retries) for http in replicas.replicas]
+        found = await asyncio.gather(
+            *(handshake(http, server.dialect, server.model_name, self.config.top_k, exact) for http in patient)
+        )
+        first = found[0][1]
+        for _, info in found[1:]:
+            if (info.model, info.dialect) != (first.model, first.dialect):
+                raise ConfigurationError(
+                    f"replicas of one model must serve the same model in the same dialect: {first.url} serves "
+                    f"{first.model!r} ({first.dialect}), {info.url} serves {info.model!r} ({info.dialect})"
+                )
+            agree(first, info)
+        backends = []
+        for backend, _ in found:
+            # The run's own retry budget from now on; these close the connections.
+            run = backend.with_options(max_retries=self.config.max_retries)  # type: ignore[attr-defined]
+            run._closes = True
+            backends.append(run)
+        ready = ReplicaSet(backends, probe=_fingerprint)
+        for i, (_, info) in enumerate(found):
+            ready.expect(i, (info.model, info.probe_ids))
+        shortest = min(info.max_model_len for _, info in found)
+        return ready, dataclasses.replace(first, max_model_len=shortest)
 
     @property
     def model_names(self) -> tuple[str | None, str | None]:
@@ -235,7 +265,15 @@ class DualVLLMCoordinator:
         """Counts so far: requests, retries and failures per server and in total, tokens,
         sequences, errors, first tokens forced, constraint applied, stability fallbacks,
         tokens per second and mean α."""
-        return self.stats.summary(self.theta.stats, self.teacher.stats)
+        summary = self.stats.summary(self.theta.stats, self.teacher.stats)
+        summary["replicas"] = {
+            name: [
+                {**dataclasses.asdict(info), "requests": r.stats.requests, "in_flight": load}
+                for info, r, load in zip(rs.info, rs.replicas, rs.load, strict=True)
+            ]
+            for name, rs in (("theta", self.theta), ("t", self.teacher))
+        }
+        return summary
 
     # ------------------------------------------------------------ one sequence
     async def _tokens(self, backend: Backend, prompt: Any, chat: bool, name: str) -> list[int]:
@@ -260,6 +298,8 @@ class DualVLLMCoordinator:
         out = seq.out
         if seq.diag:
             out.diagnostics = {name: summarise(values) for name, values in seq.diag.items()}
+        self.theta.release([seq.ctx_theta])
+        self.teacher.release([seq.ctx_t])
         if out.finish_reason == "error":
             return
         text_ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
@@ -283,6 +323,14 @@ class DualVLLMCoordinator:
 
 async def _constant(value: Any) -> Any:
     return value
+
+
+async def _fingerprint(backend: Backend) -> tuple[str | None, tuple[int, ...]]:
+    """What a replica serves (model, and how it tokenises the probe text): it must not
+    have changed when a replica out of rotation comes back."""
+    cards = await backend.models()
+    model = backend.model if any(c.get("id") == backend.model for c in cards) else None
+    return model, tuple(await backend.tokenize(VOCAB_PROBE_TEXT, add_special_tokens=False))
 
 
 def _progress(total: int, show: bool) -> Any:

@@ -35,9 +35,13 @@ class Backend(Protocol):
     dialect: str
     base_url: str
     model: str | None
-    stats: RequestStats
     #: The most ids one scoring request may name (None: no cap).
     max_scored_ids: int | None
+
+    @property
+    def stats(self) -> RequestStats:
+        """Requests, retries and failures so far."""
+        ...
 
     async def models(self) -> list[dict[str, Any]]: ...
 

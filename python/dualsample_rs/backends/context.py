@@ -15,12 +15,15 @@ class Context:
     (a ``bytearray`` grows in place) instead of re-encoding the whole list each step.
     """
 
-    __slots__ = ("_len", "json")
+    __slots__ = ("_len", "json", "replica")
 
     def __init__(self, ids: Iterable[int]) -> None:
         ids = list(ids)
         self.json = bytearray(b"[" + ",".join(map(str, ids)).encode())
         self._len = len(ids)
+        # Which replica of its model serves this sequence (set on first use): it stays
+        # there, where the server's prefix cache holds it.
+        self.replica: int | None = None
 
     def append(self, token: int) -> None:
         self.json += b",%d" % token if self._len else b"%d" % token

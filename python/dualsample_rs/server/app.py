@@ -8,6 +8,7 @@ native ``/generate`` and SGLang's discovery routes, error bodies and tokenizer s
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import threading
@@ -30,6 +31,7 @@ log = logging.getLogger("dualsample_rs.server")
 # Paths that answer without an API key and never misbehave on purpose.
 OPEN_PATHS = {"/health", "/version", "/health_generate"}
 FLAVORS = ("vllm", "sglang")
+PROMPT_KEY_IDS = 24
 
 
 @dataclass
@@ -64,6 +66,9 @@ class Server:
         self.created = int(time.time())
         # Set on shutdown: generation running in worker threads stops at its next step.
         self.stopping = threading.Event()
+        # Generation requests per prompt, keyed by the prompt's first ids: lets a test see
+        # which server each sequence's steps went to (GET /dualsample/prompts).
+        self.prompt_counts: collections.Counter[str] = collections.Counter()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors, self._auth, self._faults], client_max_size=64 * 1024**2)
@@ -72,6 +77,7 @@ class Server:
         add.add_post("/detokenize", self.detokenize)
         add.add_get("/v1/models", self.models)
         add.add_get("/health", self.health)
+        add.add_get("/dualsample/prompts", self.prompts)
         if self.options.flavor == "sglang":
             add.add_post("/generate", self.sglang_generate)
             add.add_get("/health_generate", self.health)
@@ -159,8 +165,16 @@ class Server:
         finally:
             self.in_flight -= 1
 
+    def _count(self, prompts: list[list[int]]) -> None:
+        for p in prompts:
+            self.prompt_counts[",".join(map(str, p[:PROMPT_KEY_IDS]))] += 1
+
+    async def prompts(self, request: web.Request) -> web.Response:
+        return _json(dict(self.prompt_counts))
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = completion_api.parse(await _read_json(request), self.model, self.options.max_logprobs)
+        self._count(req.prompts)
         if req.stream:
 
             def chunks_of() -> list[dict[str, Any]]:
@@ -184,6 +198,7 @@ class Server:
     async def vllm_generate(self, request: web.Request) -> web.Response:
         body = await _read_json(request)
         req = generate_api.parse(body, self.model, self.options.max_logprobs)
+        self._count(req.prompts)
         want_ids = bool(isinstance(body, dict) and body.get("return_token_ids"))
 
         def work() -> dict[str, Any]:
@@ -194,6 +209,7 @@ class Server:
 
     async def sglang_generate(self, request: web.Request) -> web.Response:
         call = GenerateCall(await _read_json(request), self.model)
+        self._count(call.request.prompts)
         return _json(
             await self._run(
                 lambda: call.respond(self.model, completion_api.generate(call.request, self.model, self.stopping))

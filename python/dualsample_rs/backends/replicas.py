@@ -1,0 +1,221 @@
+"""Several replicas of one model behind the `Backend` protocol.
+
+Each sequence stays on the replica it started on (its context grows by one token a step
+and only that replica holds it in its prefix cache); a new sequence goes to the replica
+with the fewest sequences. A batch is split into one request per replica. A replica that
+still fails after its retries (unreachable, 5xx) is taken out of rotation and its
+sequences move to the others, losing only their cache; it is probed in the background
+and taken back once it answers with the same model and vocabulary. Only when every
+replica of the model is down do requests fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ..exceptions import APIConnectionError, APIError, InternalServerError
+from .base import Backend, TopK
+from .context import Context
+from .http import RequestStats
+
+log = logging.getLogger("dualsample_rs.replicas")
+T = TypeVar("T")
+# Seconds between probes of a replica out of rotation.
+PROBE_INTERVAL = 1.0
+
+
+@dataclass
+class ReplicaStats:
+    """One replica's share of the work."""
+
+    url: str
+    sequences: int = 0
+    failures: int = 0
+    down: bool = False
+
+
+def _replica_failure(err: BaseException) -> bool:
+    """Failures that say the replica is unwell, not that the request was wrong."""
+    return isinstance(err, (APIConnectionError, InternalServerError))
+
+
+class ReplicaSet:
+    """The replicas of one model; `probe(backend)` returns what must not change when a
+    replica comes back (its model and vocabulary)."""
+
+    def __init__(self, replicas: list[Backend], probe: Callable[[Backend], Awaitable[Any]] | None = None) -> None:
+        self.replicas = replicas
+        self.load = [0] * len(replicas)
+        self.info = [ReplicaStats(r.base_url) for r in replicas]
+        self.dialect = replicas[0].dialect
+        self.max_scored_ids = getattr(replicas[0], "max_scored_ids", None)
+        self.base_url = replicas[0].base_url if len(replicas) == 1 else ",".join(r.base_url for r in replicas)
+        self._probe = probe
+        self._expected: list[Any] = [None] * len(replicas)
+        self._probes: dict[int, asyncio.Task[None]] = {}
+
+    # ------------------------------------------------------------ bookkeeping
+    @property
+    def model(self) -> str | None:
+        return self.replicas[0].model
+
+    @model.setter
+    def model(self, name: str | None) -> None:
+        for r in self.replicas:
+            r.model = name
+
+    @property
+    def stats(self) -> RequestStats:
+        return RequestStats(
+            sum(r.stats.requests for r in self.replicas),
+            sum(r.stats.retries for r in self.replicas),
+            sum(r.stats.failures for r in self.replicas),
+        )
+
+    def expect(self, index: int, fingerprint: Any) -> None:
+        """What replica `index` answered at start-up, to compare when it comes back."""
+        self._expected[index] = fingerprint
+
+    def _up(self) -> list[int]:
+        return [i for i, s in enumerate(self.info) if not s.down]
+
+    def _place(self, ctx: Context) -> int:
+        if ctx.replica is None or self.info[ctx.replica].down:
+            up = self._up()
+            if not up:
+                raise APIConnectionError(f"every replica is out of rotation: {self.base_url}")
+            if ctx.replica is not None:
+                self.load[ctx.replica] -= 1
+            ctx.replica = min(up, key=lambda i: self.load[i])
+            self.load[ctx.replica] += 1
+            self.info[ctx.replica].sequences += 1
+        return ctx.replica
+
+    def release(self, contexts: Sequence[Context]) -> None:
+        """The sequences of these contexts are finished: free their places."""
+        for ctx in contexts:
+            if ctx.replica is not None:
+                self.load[ctx.replica] -= 1
+                ctx.replica = None
+
+    def _take_down(self, index: int, err: BaseException) -> None:
+        if self.info[index].down:
+            return
+        self.info[index].down = True
+        self.info[index].failures += 1
+        log.warning("replica %s out of rotation after: %s", self.replicas[index].base_url, err)
+        if self._probe is not None and len(self.replicas) > 1:
+            self._probes[index] = asyncio.create_task(self._watch(index))
+
+    async def _watch(self, index: int) -> None:
+        replica = self.replicas[index]
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            try:
+                assert self._probe is not None
+                seen = await self._probe(replica)
+            except APIError:
+                continue
+            if seen != self._expected[index]:
+                log.error(
+                    "replica %s came back serving another model or vocabulary; it stays out of rotation",
+                    replica.base_url,
+                )
+                return
+            self.info[index].down = False
+            log.warning("replica %s back in rotation", replica.base_url)
+            return
+
+    # ------------------------------------------------------------ requests
+    async def _per_replica(
+        self, contexts: Sequence[Context], call: Callable[[Backend, list[int]], Awaitable[T]]
+    ) -> list[tuple[list[int], T]]:
+        """`call(replica, rows)` for the rows each replica serves, all at once; rows of a
+        replica that fails move to the others and are asked again there."""
+        results: list[tuple[list[int], T]] = []
+        todo = list(range(len(contexts)))
+        while todo:
+            groups: dict[int, list[int]] = {}
+            for r in todo:
+                groups.setdefault(self._place(contexts[r]), []).append(r)
+            got = await asyncio.gather(
+                *(call(self.replicas[i], rows) for i, rows in groups.items()), return_exceptions=True
+            )
+            todo = []
+            for (i, rows), g in zip(groups.items(), got, strict=True):
+                if isinstance(g, BaseException):
+                    if not _replica_failure(g) or len(self._up()) <= 1:
+                        raise g
+                    self._take_down(i, g)
+                    todo += rows
+                else:
+                    results.append((rows, g))
+        return results
+
+    async def topk(self, contexts: Sequence[Context], top_k: int) -> TopK:
+        if len(self.replicas) == 1:
+            return await self.replicas[0].topk(contexts, top_k)
+        parts = await self._per_replica(contexts, lambda b, rows: b.topk([contexts[r] for r in rows], top_k))
+        width = max(p.ids.shape[1] for _, p in parts)
+        ids = np.full((len(contexts), width), -1, dtype=np.int64)
+        logp = np.full((len(contexts), width), -np.inf)
+        for rows, p in parts:
+            ids[rows, : p.ids.shape[1]] = p.ids
+            logp[rows, : p.logp.shape[1]] = p.logp
+        return TopK(ids, logp)
+
+    async def score(self, contexts: Sequence[Context], ids: np.ndarray) -> np.ndarray:
+        if len(self.replicas) == 1:
+            return await self.replicas[0].score(contexts, ids)
+        parts = await self._per_replica(contexts, lambda b, rows: b.score([contexts[r] for r in rows], ids[rows]))
+        out = np.full(ids.shape, -np.inf)
+        for rows, p in parts:
+            out[rows] = p
+        return out
+
+    async def _any(self, call: Callable[[Backend], Awaitable[T]]) -> T:
+        """`call` on a replica in rotation, failing over to the others."""
+        while True:
+            up = self._up()
+            if not up:
+                raise APIConnectionError(f"every replica is out of rotation: {self.base_url}")
+            index = min(up, key=lambda i: self.load[i])
+            try:
+                return await call(self.replicas[index])
+            except APIError as err:
+                if not _replica_failure(err) or len(up) <= 1:
+                    raise
+                self._take_down(index, err)
+
+    async def models(self) -> list[dict[str, Any]]:
+        return await self._any(lambda b: b.models())
+
+    async def tokenize(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        add_special_tokens: bool = True,
+    ) -> list[int]:
+        return await self._any(lambda b: b.tokenize(prompt, messages=messages, add_special_tokens=add_special_tokens))
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await self._any(lambda b: b.detokenize(ids))
+
+    async def tokenizer_info(self) -> dict[str, Any] | None:
+        return await self._any(lambda b: b.tokenizer_info())
+
+    async def sequence_logprobs(self, ids: list[int], start: int) -> list[float]:
+        return await self._any(lambda b: b.sequence_logprobs(ids, start))
+
+    async def aclose(self) -> None:
+        for task in self._probes.values():
+            task.cancel()
+        await asyncio.gather(*self._probes.values(), return_exceptions=True)
+        await asyncio.gather(*(r.aclose() for r in self.replicas))

@@ -1,0 +1,124 @@
+"""Several replicas per model: the same records as one server, each sequence on one
+replica per model, a replica lost mid-run costs nothing, a mismatched one is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from dualsample_rs import ConfigurationError, CoordinatorConfig, DualVLLMCoordinator, GenerationOutput
+from dualsample_rs.server import running_server
+from dualsample_rs.server.process import READY_PREFIX
+from support import PLAIN, QUESTIONS
+
+PLAIN_MANY = [f"({i}) {p}" for i in range(3) for p in PLAIN]  # 24 sequences, distinct first ids
+QUESTIONS_MANY = [f"({i}) {q}" for i in range(3) for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def replicas() -> Iterator[tuple[tuple[str, str], tuple[str, str]]]:
+    with running_server("base") as a1, running_server("base") as a2:
+        with running_server("teacher") as b1, running_server("teacher") as b2:
+            yield (a1, a2), (b1, b2)
+
+
+def _run(theta: str | tuple[str, ...], t: str | tuple[str, ...], **kw) -> tuple[list[GenerationOutput], dict]:
+    async def go() -> tuple[list[GenerationOutput], dict]:
+        config = CoordinatorConfig(theta_url=theta, t_url=t, seed=31, max_concurrency=12, max_batch_size=12, **kw)
+        async with DualVLLMCoordinator(config) as coord:
+            outs = await coord.generate_batch_dual_prompts(PLAIN_MANY, QUESTIONS_MANY, 30, show_progress=False,
+                                                           teacher_chat=True)  # fmt: skip
+            return outs, coord.get_statistics()
+
+    return asyncio.run(go())
+
+
+def _prompt_counts(url: str) -> dict[str, int]:
+    """Requests per prompt key; keys of the handshake's short probes are left out."""
+    counts = httpx.get(url + "/dualsample/prompts", timeout=10).json()
+    return {k: n for k, n in counts.items() if k.count(",") == 23}
+
+
+def test_replicas_give_the_same_records_and_keep_each_sequence_on_one(
+    replicas: tuple[tuple[str, str], tuple[str, str]], urls: tuple[str, str]
+) -> None:
+    (a1, a2), (b1, b2) = replicas
+    before = [_prompt_counts(u) for u in (a1, a2, b1, b2)]
+    outs, stats = _run((a1, a2), (b1, b2))
+    after = [_prompt_counts(u) for u in (a1, a2, b1, b2)]
+    single, _ = _run(urls[0], urls[1])
+    assert [o.to_record() for o in outs] == [o.to_record() for o in single]
+    # requests per sequence (keyed by its prompt's first ids) on each replica of each model
+    for pair in ((0, 1), (2, 3)):
+        seen = [{k: after[i][k] - before[i].get(k, 0) for k in after[i] if after[i][k] > before[i].get(k, 0)}
+                for i in pair]  # fmt: skip
+        assert not set(seen[0]) & set(seen[1])  # no sequence on both replicas
+        assert len(seen[0]) + len(seen[1]) == len(PLAIN_MANY) and min(len(s) for s in seen) >= 8  # spread out
+    assert [r["sequences"] for r in stats["replicas"]["theta"]] == [12, 12]
+
+
+def test_a_replica_lost_mid_run_costs_no_record(replicas, urls: tuple[str, str]) -> None:
+    (a1, _), (b1, b2) = replicas
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dualsample_rs", "serve", "--model", "base", "--port", "0", "--latency", "0.02",
+         "--latency-rate", "1"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        doomed = proc.stdout.readline()[len(READY_PREFIX) :].strip()
+
+        async def go() -> tuple[list[GenerationOutput], dict]:
+            config = CoordinatorConfig(theta_url=(a1, doomed), t_url=(b1, b2), seed=31, max_concurrency=12,
+                                       max_batch_size=12, max_retries=1, retry_delay=0.01)  # fmt: skip
+            async with DualVLLMCoordinator(config) as coord:
+
+                async def kill_soon() -> None:
+                    await asyncio.sleep(0.3)
+                    proc.kill()
+
+                killer = asyncio.create_task(kill_soon())
+                outs = await coord.generate_batch_dual_prompts(PLAIN_MANY, QUESTIONS_MANY, 30, show_progress=False,
+                                                               teacher_chat=True)  # fmt: skip
+                await killer
+                return outs, coord.get_statistics()
+
+        outs, stats = asyncio.run(asyncio.wait_for(go(), timeout=120))
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    assert all(o.error is None for o in outs)
+    single, _ = _run(urls[0], urls[1])
+    assert [o.to_record() for o in outs] == [o.to_record() for o in single]  # moved sequences keep their tokens
+    doomed_stats = stats["replicas"]["theta"][1]
+    assert doomed_stats["down"] and doomed_stats["failures"] == 1 and doomed_stats["requests"] > 0
+
+
+def test_a_replica_with_another_vocabulary_is_refused(replicas) -> None:
+    (a1, _), (b1, _) = replicas
+    with running_server("base-reversed", served_model_name="dualsample-base") as other:
+        with pytest.raises(ConfigurationError, match="do not share a vocabulary"):
+            _run((a1, other), b1)
+    with running_server("base", served_model_name="another-model") as renamed:
+        with pytest.raises(ConfigurationError, match="same model"):
+            _run((a1, renamed), b1)
+
+
+def test_cli_takes_repeated_and_comma_separated_urls(replicas) -> None:
+    import argparse
+
+    from dualsample_rs.cli import _generate_parser, config_from_args
+
+    (a1, a2), (b1, b2) = replicas
+    parser = argparse.ArgumentParser()
+    _generate_parser(parser.add_subparsers())
+    args = parser.parse_args(["generate", "--input", "x", "--output", "y", "--theta-url", a1, "--theta-url", a2,
+                              "--t-url", f"{b1},{b2}"])  # fmt: skip
+    config = config_from_args(args)
+    assert config.theta_url == (a1, a2) and config.t_url == (b1, b2)
