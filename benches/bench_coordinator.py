@@ -11,6 +11,7 @@ coordinator CPU per sequence-step. End to end: two reference servers over loopba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import time
@@ -97,33 +98,30 @@ class _FakeServer:
         return web.json_response({"error": {"message": "no"}}, status=404)
 
 
-def _serve_fakes(conn: Any) -> None:
-    """In a process of its own: base and teacher fakes per top-k; sends their URLs."""
+def _serve_fakes(conn: Any, specs: list[tuple[int, int]]) -> None:
+    """In a process of its own: one fake per (seed, top_k) of `specs`; sends their URLs."""
 
     async def main() -> None:
-        urls: dict[int, tuple[str, ...]] = {}
-        for top_k in (20, 100):
-            pair = []
-            for seed in (1, 2):
-                app = web.Application(client_max_size=1 << 30)
-                app.router.add_route("*", "/{tail:.*}", _FakeServer(seed, top_k).handle)
-                runner = web.AppRunner(app, access_log=None)
-                await runner.setup()
-                await web.TCPSite(runner, "127.0.0.1", 0).start()
-                pair.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
-            urls[top_k] = tuple(pair)
+        urls = []
+        for seed, top_k in specs:
+            app = web.Application(client_max_size=1 << 30)
+            app.router.add_route("*", "/{tail:.*}", _FakeServer(seed, top_k).handle)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
         conn.send(urls)
         await asyncio.Event().wait()
 
     asyncio.run(main())
 
 
-@pytest.fixture(scope="module")
-def fake_servers() -> Iterator[dict[int, tuple[str, str]]]:
-    """The fakes run in another process, so the CPU time measured here is the coordinator's."""
+@contextlib.contextmanager
+def fakes_elsewhere(specs: list[tuple[int, int]]) -> Iterator[list[str]]:
+    """Fakes in another process, so the CPU time measured here is the coordinator's."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_serve_fakes, args=(child,), daemon=True)
+    proc = ctx.Process(target=_serve_fakes, args=(child, specs), daemon=True)
     proc.start()
     try:
         if not parent.poll(60):
@@ -132,6 +130,13 @@ def fake_servers() -> Iterator[dict[int, tuple[str, str]]]:
     finally:
         proc.terminate()
         proc.join(10)
+
+
+@pytest.fixture(scope="module")
+def fake_servers() -> Iterator[dict[int, tuple[str, str]]]:
+    """A base and a teacher fake, per top-k."""
+    with fakes_elsewhere([(1, 20), (2, 20), (1, 100), (2, 100)]) as urls:
+        yield {20: (urls[0], urls[1]), 100: (urls[2], urls[3])}
 
 
 @pytest.mark.parametrize("scoring", ["topk", "exact"])

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from aiohttp import web
-from bench_coordinator import _FakeServer
+from bench_coordinator import fakes_elsewhere
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator
 from dualsample_rs.server import running_server
 
@@ -48,35 +45,10 @@ def test_tokens_per_second_by_replicas(benchmark, replicas: int) -> None:
     benchmark.extra_info["tokens_per_second"] = 128 * 32 / min(walls)
 
 
-def _serve_many(conn: Any, n: int) -> None:
-    async def main() -> None:
-        urls = []
-        for seed in range(2 * n):
-            app = web.Application(client_max_size=1 << 30)
-            app.router.add_route("*", "/{tail:.*}", _FakeServer(1 + seed % 2, 20).handle)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
-        conn.send(urls)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
-
-
 @pytest.fixture(scope="module")
 def many_fakes() -> Iterator[list[str]]:
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_serve_many, args=(child, 4), daemon=True)
-    proc.start()
-    try:
-        if not parent.poll(60):
-            raise RuntimeError("the fake servers did not start")
-        yield parent.recv()
-    finally:
-        proc.terminate()
-        proc.join(10)
+    with fakes_elsewhere([(1 + i % 2, 20) for i in range(8)]) as urls:
+        yield urls
 
 
 def test_coordinator_cpu_at_1024_in_flight_over_4_replicas(benchmark, many_fakes: list[str]) -> None:
