@@ -12,11 +12,13 @@ import httpx
 import pytest
 from dualsample_rs import ConfigurationError, CoordinatorConfig, DualVLLMCoordinator, GenerationOutput
 from dualsample_rs.server import running_server
+from dualsample_rs.server.corpus import chat
 from dualsample_rs.server.process import READY_PREFIX
 from support import PLAIN, QUESTIONS
 
 PLAIN_MANY = [f"({i}) {p}" for i in range(3) for p in PLAIN]  # 24 sequences, distinct first ids
 QUESTIONS_MANY = [f"({i}) {q}" for i in range(3) for q in QUESTIONS]
+CHAT_MANY = [chat([{"role": "user", "content": q}], True) for q in QUESTIONS_MANY]
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +28,15 @@ def replicas() -> Iterator[tuple[tuple[str, str], tuple[str, str]]]:
             yield (a1, a2), (b1, b2)
 
 
-def _run(theta: str | tuple[str, ...], t: str | tuple[str, ...], **kw) -> tuple[list[GenerationOutput], dict]:
+def _run(
+    theta: str | tuple[str, ...], t: str | tuple[str, ...], teacher_chat: bool = True, **kw
+) -> tuple[list[GenerationOutput], dict]:
     async def go() -> tuple[list[GenerationOutput], dict]:
         config = CoordinatorConfig(theta_url=theta, t_url=t, seed=31, max_concurrency=12, max_batch_size=12, **kw)
         async with DualVLLMCoordinator(config) as coord:
-            outs = await coord.generate_batch_dual_prompts(PLAIN_MANY, QUESTIONS_MANY, 30, show_progress=False,
-                                                           teacher_chat=True)  # fmt: skip
+            teacher = QUESTIONS_MANY if teacher_chat else CHAT_MANY
+            outs = await coord.generate_batch_dual_prompts(PLAIN_MANY, teacher, 30, show_progress=False,
+                                                           teacher_chat=teacher_chat)  # fmt: skip
             return outs, coord.get_statistics()
 
     return asyncio.run(go())
@@ -122,3 +127,23 @@ def test_cli_takes_repeated_and_comma_separated_urls(replicas) -> None:
                               "--t-url", f"{b1},{b2}"])  # fmt: skip
     config = config_from_args(args)
     assert config.theta_url == (a1, a2) and config.t_url == (b1, b2)
+
+
+@pytest.mark.parametrize("flavor", ["vllm", "sglang"])
+def test_prefix_cache_hit_rate_per_replica(flavor: str) -> None:
+    opts: dict = {"flavor": "sglang"} if flavor == "sglang" else {"enable_prompt_tokens_details": True}
+    with running_server("base", **opts) as a1, running_server("base", **opts) as a2:
+        with running_server("teacher", **opts) as b1:
+            outs, stats = _run((a1, a2), b1, teacher_chat=flavor == "vllm")  # SGLang renders no chat template
+    assert all(o.error is None for o in outs)
+    rates = [r["cache_hit_rate"] for r in stats["replicas"]["theta"]]
+    # each sequence stays where its context is cached: after the first step, every
+    # request finds all but the last (partial) block of its prompt in the cache
+    assert all(r is not None and r > 0.5 for r in rates), rates
+    assert stats["replicas"]["t"][0]["cache_hit_rate"] > 0.5
+
+
+def test_no_hit_rate_where_the_server_does_not_report_it(replicas) -> None:
+    (a1, a2), (b1, b2) = replicas
+    _, stats = _run((a1, a2), (b1, b2))
+    assert all(r["cache_hit_rate"] is None for r in stats["replicas"]["theta"])

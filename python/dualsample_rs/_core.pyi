@@ -218,21 +218,26 @@ def step(
         True
     """
 
-def parse_completions_topk(body: bytes, rows: int, width: int) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+def parse_completions_topk(
+    body: bytes, rows: int, width: int
+) -> tuple[NDArray[np.int64], NDArray[np.float64], int | None]:
     """The first position's entries of each choice of a vLLM completions reply
     (``return_tokens_as_token_ids`` keys), read straight from the body's bytes.
 
-    Returns ``(ids, logp)``, each of shape (rows, width), rows in ``index`` order,
-    padded with id -1 and -inf; ``-9999.0`` (vLLM's -inf) becomes -inf.
+    Returns ``(ids, logp, cached_tokens)``: arrays of shape (rows, width), rows in
+    ``index`` order, padded with id -1 and -inf (``-9999.0``, vLLM's -inf, becomes -inf),
+    and the prompt tokens served from the prefix cache as the reply's
+    ``usage.prompt_tokens_details`` says (vLLM: the batch's last prompt), or None.
 
     Raises:
         InvalidInputError: the body is not such a reply, or has not ``rows`` choices.
     """
 
-def parse_generate_topk(bodies: list[bytes], width: int) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+def parse_generate_topk(bodies: list[bytes], width: int) -> tuple[NDArray[np.int64], NDArray[np.float64], int | None]:
     """The first generated position's ``top_logprobs`` of each of a list of vLLM
     ``/inference/v1/generate`` replies (one per row), as ``(ids, logp)`` of shape
-    (len(bodies), width), padded with id -1 and -inf.
+    (len(bodies), width), padded with id -1 and -inf, and the cached prompt tokens summed
+    over the replies that report them (None if none do).
 
     Raises:
         InvalidInputError: a body is not such a reply (the message names its row).
@@ -240,11 +245,12 @@ def parse_generate_topk(bodies: list[bytes], width: int) -> tuple[NDArray[np.int
 
 def parse_sglang_topk(
     body: bytes, rows: int, width: int, field: Literal["top", "token_ids"]
-) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+) -> tuple[NDArray[np.int64], NDArray[np.float64], int | None]:
     """The first generated position's entries of each item of a batched SGLang
     ``/generate`` reply: ``meta_info.output_top_logprobs`` (``field="top"``) or
     ``meta_info.output_token_ids_logprobs`` (``"token_ids"``), as ``(ids, logp)`` of
-    shape (rows, width), padded with id -1 and -inf (a null log probability is -inf).
+    shape (rows, width), padded with id -1 and -inf (a null log probability is -inf), and
+    ``meta_info.cached_tokens`` summed over the items (None if none report it).
 
     Raises:
         InvalidInputError: the body is not such a reply, or has not ``rows`` items.

@@ -268,7 +268,12 @@ class DualVLLMCoordinator:
         summary = self.stats.summary(self.theta.stats, self.teacher.stats)
         summary["replicas"] = {
             name: [
-                {**dataclasses.asdict(info), "requests": r.stats.requests, "in_flight": load}
+                {
+                    **dataclasses.asdict(info),
+                    "requests": r.stats.requests,
+                    "in_flight": load,
+                    "cache_hit_rate": r.stats.cache_hit_rate,
+                }
                 for info, r, load in zip(rs.info, rs.replicas, rs.load, strict=True)
             ]
             for name, rs in (("theta", self.theta), ("t", self.teacher))

@@ -1,14 +1,25 @@
 //! Reply parsers for the three wire dialects (see `crate::wire`), GIL released.
-use numpy::ndarray::Array2;
 use numpy::IntoPyArray;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyBytesMethods, PyTuple};
 
 use crate::errors::KernelError;
-use crate::wire::{completions, generate, sglang};
+use crate::wire::{completions, generate, sglang, Parsed};
 
-fn arrays(py: Python<'_>, (ids, logp): (Array2<i64>, Array2<f64>)) -> PyResult<Bound<'_, PyTuple>> {
-    PyTuple::new(py, [ids.into_pyarray(py).into_any(), logp.into_pyarray(py).into_any()])
+/// `(ids, logp, cached_tokens or None)`.
+fn arrays(py: Python<'_>, parsed: Parsed) -> PyResult<Bound<'_, PyTuple>> {
+    let cached = match parsed.cached_tokens {
+        Some(c) => c.into_pyobject(py)?.into_any(),
+        None => py.None().into_bound(py),
+    };
+    PyTuple::new(
+        py,
+        [
+            parsed.ids.into_pyarray(py).into_any(),
+            parsed.logp.into_pyarray(py).into_any(),
+            cached,
+        ],
+    )
 }
 
 /// `(ids, logp)` of shape (rows, width) from a batched vLLM completions reply.

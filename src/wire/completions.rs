@@ -2,11 +2,10 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use numpy::ndarray::Array2;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-use super::{reply_error, wire_logprob, TopkRows};
+use super::{reply_error, wire_logprob, Parsed, TopkRows, Usage};
 use crate::errors::KernelResult;
 
 const ID_PREFIX: &str = "token_id:";
@@ -14,6 +13,7 @@ const ID_PREFIX: &str = "token_id:";
 #[derive(Deserialize)]
 struct Reply {
     choices: Vec<Choice>,
+    usage: Option<Usage>,
 }
 
 #[derive(Deserialize)]
@@ -63,9 +63,9 @@ impl<'de> Deserialize<'de> for Entries {
     }
 }
 
-/// The first position's entries of each choice: `(ids, logp)`, each (rows, width),
-/// padded with id −1 and −inf; rows in `index` order.
-pub fn parse_topk(body: &[u8], rows: usize, width: usize) -> KernelResult<(Array2<i64>, Array2<f64>)> {
+/// The first position's entries of each choice, each (rows, width), padded with id −1
+/// and −inf; rows in `index` order. vLLM reports cached tokens for the batch's last prompt.
+pub fn parse_topk(body: &[u8], rows: usize, width: usize) -> KernelResult<Parsed> {
     let reply: Reply =
         serde_json::from_slice(body).map_err(|e| reply_error(format!("not a completions reply: {e}")))?;
     if reply.choices.len() != rows {
@@ -88,7 +88,7 @@ pub fn parse_topk(body: &[u8], rows: usize, width: usize) -> KernelResult<(Array
             .ok_or_else(|| reply_error(format!("choice {r} has no top_logprobs")))?;
         out.fill(r, entries.0);
     }
-    Ok(out.into_parts())
+    Ok(out.finish(Usage::cached_tokens(reply.usage)))
 }
 
 #[cfg(test)]
@@ -101,11 +101,19 @@ mod tests {
             {"index":1,"text":"a \"token_id:9\": 1","logprobs":{"tokens":["token_id:5"],"top_logprobs":[{"token_id:5":-0.1,"token_id:7":-9999.0}]}},
             {"index":0,"logprobs":{"top_logprobs":[{"token_id:3":-0.5,"token_id:4":-1.5,"token_id:9":-2.0}]},"finish_reason":"length"}
         ],"usage":{}}"#;
-        let (ids, lp) = parse_topk(body, 2, 3).unwrap();
+        let Parsed {
+            ids,
+            logp: lp,
+            cached_tokens,
+        } = parse_topk(body, 2, 3).unwrap();
+        assert_eq!(cached_tokens, None);
         assert_eq!(ids.row(0).to_vec(), vec![3, 4, 9]);
         assert_eq!(ids.row(1).to_vec(), vec![5, 7, -1]);
         assert_eq!(lp[[1, 1]], f64::NEG_INFINITY);
         assert!(parse_topk(body, 3, 3).is_err());
+        let cached = br#"{"choices":[{"index":0,"logprobs":{"top_logprobs":[{"token_id:3":-0.5}]}}],
+            "usage":{"prompt_tokens":40,"prompt_tokens_details":{"cached_tokens":32}}}"#;
+        assert_eq!(parse_topk(cached, 1, 2).unwrap().cached_tokens, Some(32));
         assert!(parse_topk(b"{\"choices\": [", 1, 2).is_err());
         assert!(parse_topk(
             br#"{"choices":[{"index":0,"logprobs":{"top_logprobs":[{"a":-1.0}]}}]}"#,

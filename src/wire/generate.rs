@@ -1,14 +1,14 @@
 //! vLLM `/inference/v1/generate` replies (tokens out): one prompt per request, integer
 //! ids, `top_logprobs` a list of `{"token_id", "logprob", "rank"}` in engine order.
-use numpy::ndarray::Array2;
 use serde::Deserialize;
 
-use super::{reply_error, wire_logprob, TopkRows};
+use super::{reply_error, wire_logprob, Parsed, TopkRows, Usage};
 use crate::errors::KernelResult;
 
 #[derive(Deserialize)]
 struct Reply {
     choices: Vec<Choice>,
+    usage: Option<Usage>,
 }
 
 #[derive(Deserialize)]
@@ -32,12 +32,17 @@ struct Entry {
     logprob: Option<f64>,
 }
 
-/// The first generated position's entries of each reply (one reply per row).
-pub fn parse_topk<B: AsRef<[u8]>>(bodies: &[B], width: usize) -> KernelResult<(Array2<i64>, Array2<f64>)> {
+/// The first generated position's entries of each reply (one reply per row), and the
+/// cached prompt tokens summed over the replies that report them.
+pub fn parse_topk<B: AsRef<[u8]>>(bodies: &[B], width: usize) -> KernelResult<Parsed> {
     let mut out = TopkRows::new(bodies.len(), width);
+    let mut cached: Option<u64> = None;
     for (r, body) in bodies.iter().enumerate() {
         let reply: Reply = serde_json::from_slice(body.as_ref())
             .map_err(|e| reply_error(format!("row {r}: not a generate reply: {e}")))?;
+        if let Some(c) = Usage::cached_tokens(reply.usage) {
+            cached = Some(cached.unwrap_or(0) + c);
+        }
         let position = reply
             .choices
             .into_iter()
@@ -54,7 +59,7 @@ pub fn parse_topk<B: AsRef<[u8]>>(bodies: &[B], width: usize) -> KernelResult<(A
                 .map(|e| (e.token_id, wire_logprob(e.logprob))),
         );
     }
-    Ok(out.into_parts())
+    Ok(out.finish(cached))
 }
 
 #[cfg(test)]
@@ -68,7 +73,7 @@ mod tests {
             {"token_id":5,"logprob":-0.1,"rank":1},{"token_id":7,"logprob":-9999.0,"rank":null}]}]}}]}"#;
         let b = br#"{"choices":[{"index":0,"logprobs":{"content":[{"token_id":3,"logprob":-0.5,
             "top_logprobs":[{"token_id":3,"logprob":-0.5},{"token_id":4,"logprob":-1.5},{"token_id":9,"logprob":-2.0}]}]}}]}"#;
-        let (ids, lp) = parse_topk(&[&a[..], &b[..]], 3).unwrap();
+        let Parsed { ids, logp: lp, .. } = parse_topk(&[&a[..], &b[..]], 3).unwrap();
         assert_eq!(ids.row(0).to_vec(), vec![5, 7, -1]);
         assert_eq!(ids.row(1).to_vec(), vec![3, 4, 9]);
         assert_eq!(lp[[0, 1]], f64::NEG_INFINITY);

@@ -9,6 +9,7 @@ pub mod generate;
 pub mod sglang;
 
 use numpy::ndarray::Array2;
+use serde::Deserialize;
 
 use crate::errors::KernelError;
 
@@ -20,6 +21,34 @@ pub fn wire_logprob(value: Option<f64>) -> f64 {
         Some(v) if v > NEG_INF_WIRE => v,
         _ => f64::NEG_INFINITY,
     }
+}
+
+/// vLLM's `usage`: only the prompt tokens the prefix cache served are read (present with
+/// `--enable-prompt-tokens-details`).
+#[derive(Deserialize)]
+pub struct Usage {
+    prompt_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize)]
+struct Details {
+    cached_tokens: Option<u64>,
+}
+
+impl Usage {
+    pub fn cached_tokens(usage: Option<Usage>) -> Option<u64> {
+        usage
+            .and_then(|u| u.prompt_tokens_details)
+            .and_then(|d| d.cached_tokens)
+    }
+}
+
+/// A parsed reply: each row's entries, and the prompt tokens the server's prefix cache
+/// served, where it says.
+pub struct Parsed {
+    pub ids: Array2<i64>,
+    pub logp: Array2<f64>,
+    pub cached_tokens: Option<u64>,
 }
 
 /// `(ids, logp)` of shape (rows, width), padded with id −1 and −inf.
@@ -45,8 +74,12 @@ impl TopkRows {
         }
     }
 
-    pub fn into_parts(self) -> (Array2<i64>, Array2<f64>) {
-        (self.ids, self.logp)
+    pub fn finish(self, cached_tokens: Option<u64>) -> Parsed {
+        Parsed {
+            ids: self.ids,
+            logp: self.logp,
+            cached_tokens,
+        }
     }
 }
 

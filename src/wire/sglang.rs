@@ -2,11 +2,10 @@
 //! `meta_info` holds per-position lists of `[logprob, token_id, text|null]` triples.
 use std::fmt;
 
-use numpy::ndarray::Array2;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::{reply_error, wire_logprob, TopkRows};
+use super::{reply_error, wire_logprob, Parsed, TopkRows};
 use crate::errors::KernelResult;
 
 /// Which per-position list to read.
@@ -53,8 +52,9 @@ impl<'de> Deserialize<'de> for Triple {
     }
 }
 
-/// The first position's triples from the chosen field of `meta_info`.
-struct FirstPosition(Option<Vec<Triple>>);
+/// The first position's triples from the chosen field of `meta_info`, and its
+/// `cached_tokens` (prompt tokens the radix cache served).
+struct FirstPosition(Option<Vec<Triple>>, Option<u64>);
 
 struct MetaSeed(Field);
 
@@ -73,15 +73,18 @@ impl<'de> de::DeserializeSeed<'de> for MetaSeed {
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FirstPosition, A::Error> {
                 let mut found = None;
+                let mut cached = None;
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     if key == self.0.key() {
                         let positions: Option<Vec<Option<Vec<Triple>>>> = map.next_value()?;
                         found = positions.and_then(|p| p.into_iter().next().flatten());
+                    } else if key == "cached_tokens" {
+                        cached = map.next_value::<Option<u64>>()?;
                     } else {
                         map.next_value::<IgnoredAny>()?;
                     }
                 }
-                Ok(FirstPosition(found))
+                Ok(FirstPosition(found, cached))
             }
         }
 
@@ -108,7 +111,7 @@ impl<'de> de::DeserializeSeed<'de> for ItemSeed {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
-                let mut first = FirstPosition(None);
+                let mut first = FirstPosition(None, None);
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     if key == "meta_info" {
                         first = map.next_value_seed(MetaSeed(self.0))?;
@@ -153,7 +156,8 @@ impl<'de> de::DeserializeSeed<'de> for ListSeed {
 }
 
 /// The first generated position's entries of each prompt of a batched reply.
-pub fn parse_topk(body: &[u8], rows: usize, width: usize, field: Field) -> KernelResult<(Array2<i64>, Array2<f64>)> {
+/// Cached prompt tokens are summed over the items that report them.
+pub fn parse_topk(body: &[u8], rows: usize, width: usize, field: Field) -> KernelResult<Parsed> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let items = de::DeserializeSeed::deserialize(ListSeed(field), &mut de)
         .and_then(|items| de.end().map(|()| items))
@@ -162,12 +166,16 @@ pub fn parse_topk(body: &[u8], rows: usize, width: usize, field: Field) -> Kerne
         return Err(reply_error(format!("expected {rows} replies, got {}", items.len())));
     }
     let mut out = TopkRows::new(rows, width);
-    for (r, Item(FirstPosition(first))) in items.into_iter().enumerate() {
+    let mut cached: Option<u64> = None;
+    for (r, Item(FirstPosition(first, item_cached))) in items.into_iter().enumerate() {
+        if let Some(c) = item_cached {
+            cached = Some(cached.unwrap_or(0) + c);
+        }
         let triples =
             first.ok_or_else(|| reply_error(format!("reply {r} has no {} at the first position", field.key())))?;
         out.fill(r, triples.into_iter().map(|Triple(id, lp)| (id, lp)));
     }
-    Ok(out.into_parts())
+    Ok(out.finish(cached))
 }
 
 #[cfg(test)]
@@ -182,12 +190,11 @@ mod tests {
              "finish_reason":{"type":"length","length":1}}},
             {"meta_info":{"output_top_logprobs":[[[-0.5,3,null],[-1.5,4,null],[-2.0,9,null]]]}}
         ]"#;
-        let (ids, lp) = parse_topk(body, 2, 3, Field::Top).unwrap();
+        let Parsed { ids, logp: lp, .. } = parse_topk(body, 2, 3, Field::Top).unwrap();
         assert_eq!(ids.row(0).to_vec(), vec![5, 7, -1]);
         assert_eq!(ids.row(1).to_vec(), vec![3, 4, 9]);
         assert_eq!(lp[[0, 1]], f64::NEG_INFINITY);
-        let (ids, lp) = parse_topk(&body[..], 2, 1, Field::TokenIds).map_or((None, None), |(a, b)| (Some(a), Some(b)));
-        assert!(ids.is_none() && lp.is_none()); // the second item has no token-id entries
+        assert!(parse_topk(&body[..], 2, 1, Field::TokenIds).is_err()); // the second item has none
         assert!(parse_topk(body, 3, 3, Field::Top).is_err());
         assert!(parse_topk(b"[", 1, 3, Field::Top).is_err());
         assert!(parse_topk(br#"{"meta_info":{}}"#, 1, 3, Field::Top).is_err());

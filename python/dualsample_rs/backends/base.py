@@ -23,6 +23,8 @@ class TopK:
 
     ids: np.ndarray
     logp: np.ndarray
+    #: prompt tokens the server's prefix cache served, where the reply says
+    cached_tokens: int | None = None
 
     def rows(self, start: int, stop: int | None) -> TopK:
         return TopK(self.ids[start:stop], self.logp[start:stop])

@@ -48,11 +48,25 @@ _B = TypeVar("_B", bound="HttpBackend")
 
 @dataclass
 class RequestStats:
-    """Counts for one server: requests sent (each attempt), retries, calls that failed."""
+    """Counts for one server: requests sent (each attempt), retries, calls that failed,
+    and of the prompts whose cache use the server reported, their tokens and how many
+    of those its prefix cache served."""
 
     requests: int = 0
     retries: int = 0
     failures: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+    def count_cache(self, cached: int | None, prompt_tokens: int) -> None:
+        if cached is not None:
+            self.cached_tokens += cached
+            self.prompt_tokens += prompt_tokens
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """Cached / prompt tokens, where the server reported it."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
 
 
 class HttpBackend:

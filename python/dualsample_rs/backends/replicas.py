@@ -72,10 +72,10 @@ class ReplicaSet:
 
     @property
     def stats(self) -> RequestStats:
+        if len(self.replicas) == 1:
+            return self.replicas[0].stats
         return RequestStats(
-            sum(r.stats.requests for r in self.replicas),
-            sum(r.stats.retries for r in self.replicas),
-            sum(r.stats.failures for r in self.replicas),
+            *(sum(getattr(r.stats, f) for r in self.replicas) for f in RequestStats.__dataclass_fields__)
         )
 
     def expect(self, index: int, fingerprint: Any) -> None:

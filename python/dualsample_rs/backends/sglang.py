@@ -54,9 +54,11 @@ class SGLangBackend(HttpBackend):
         head = {"sampling_params": {"max_new_tokens": 1, "temperature": 0}, "return_logprob": True, **fields}
         content = body_with_lists(head, "input_ids", contexts)
         rows = len(contexts)
-        return await self._request(
+        top: TopK = await self._request(
             "POST", "/generate", content=content, decode=lambda raw: _parse(raw, rows, width, field)
         )
+        self.stats.count_cache(top.cached_tokens, sum(len(c) for c in contexts))
+        return top
 
     async def topk(self, contexts: Sequence[Context], top_k: int) -> TopK:
         return await self._generate(contexts, {"top_logprobs_num": top_k}, top_k, "top")
@@ -91,7 +93,7 @@ class SGLangBackend(HttpBackend):
 
 def _parse(raw: bytes, rows: int, width: int, field: Literal["top", "token_ids"]) -> TopK:
     try:
-        ids, logp = _core.parse_sglang_topk(raw, rows, width, field)
+        ids, logp, cached = _core.parse_sglang_topk(raw, rows, width, field)
     except InvalidInputError as exc:
         raise InvalidResponseError(f"unexpected SGLang reply: {exc}") from exc
-    return TopK(ids, logp)
+    return TopK(ids, logp, cached)

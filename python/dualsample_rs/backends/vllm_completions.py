@@ -77,6 +77,8 @@ class VLLMCompletionsBackend(HttpBackend):
             decode=lambda raw: parse_topk(raw, rows, width),
         )
         log.debug("completions of %d rows in %.1f ms", rows, 1e3 * (time.perf_counter() - t0))
+        # vLLM reports the cache use of the batch's last prompt only
+        self.stats.count_cache(top.cached_tokens, len(contexts[-1]))
         return top
 
     async def topk(self, contexts: Sequence[Context], top_k: int) -> TopK:
@@ -116,7 +118,7 @@ def _wire(value: Any) -> float:
 def parse_topk(raw: bytes, rows: int, width: int) -> TopK:
     """Arrays from a completions reply (parsed in Rust, without building Python objects)."""
     try:
-        ids, logp = _core.parse_completions_topk(raw, rows, width)
+        ids, logp, cached = _core.parse_completions_topk(raw, rows, width)
     except InvalidInputError as exc:
         raise InvalidResponseError(f"unexpected completions reply: {exc}") from exc
-    return TopK(ids, logp)
+    return TopK(ids, logp, cached)

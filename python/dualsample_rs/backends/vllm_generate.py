@@ -37,9 +37,11 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
         return body_with_list(head, "token_ids", context)
 
     async def _one(self, context: Context, params: dict[str, Any], width: int) -> TopK:
-        return await self._request(
+        top: TopK = await self._request(
             "POST", GENERATE_PATH, content=self._body(context, params), decode=lambda raw: _parse(raw, width)
         )
+        self.stats.count_cache(top.cached_tokens, len(context))
+        return top
 
     async def _each(self, contexts: Sequence[Context], params: list[dict[str, Any]], width: int) -> TopK:
         got = await asyncio.gather(*(self._one(c, p, width) for c, p in zip(contexts, params, strict=True)))
@@ -68,7 +70,7 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
 
 def _parse(raw: bytes, width: int) -> TopK:
     try:
-        ids, logp = _core.parse_generate_topk([raw], width)
+        ids, logp, cached = _core.parse_generate_topk([raw], width)
     except InvalidInputError as exc:
         raise InvalidResponseError(f"unexpected generate reply: {exc}") from exc
-    return TopK(ids, logp)
+    return TopK(ids, logp, cached)

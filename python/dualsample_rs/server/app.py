@@ -24,6 +24,7 @@ from . import generate_api
 from .errors import APIError, bad_request, valid_text
 from .faults import NO_FAULT, Fault, FaultConfig
 from .model import Model
+from .prefix_cache import PrefixCache
 from .sglang_api import GenerateCall
 
 log = logging.getLogger("dualsample_rs.server")
@@ -42,6 +43,7 @@ class ServerOptions:
     enable_tokenizer_info: bool = False
     flavor: str = "vllm"
     enable_scale_out: bool = False
+    enable_prompt_tokens_details: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
 
 
@@ -69,6 +71,7 @@ class Server:
         # Generation requests per prompt, keyed by the prompt's first ids: lets a test see
         # which server each sequence's steps went to (GET /dualsample/prompts).
         self.prompt_counts: collections.Counter[str] = collections.Counter()
+        self.prefix_cache = PrefixCache()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors, self._auth, self._faults], client_max_size=64 * 1024**2)
@@ -165,16 +168,19 @@ class Server:
         finally:
             self.in_flight -= 1
 
-    def _count(self, prompts: list[list[int]]) -> None:
-        for p in prompts:
+    def _admit(self, req: completion_api.Request) -> None:
+        """Count the request's prompts and look them up in the prefix cache."""
+        for p in req.prompts:
             self.prompt_counts[",".join(map(str, p[:PROMPT_KEY_IDS]))] += 1
+        req.cached_tokens = [self.prefix_cache.use(p) for p in req.prompts]
+        req.report_cached = self.options.enable_prompt_tokens_details
 
     async def prompts(self, request: web.Request) -> web.Response:
         return _json(dict(self.prompt_counts))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = completion_api.parse(await _read_json(request), self.model, self.options.max_logprobs)
-        self._count(req.prompts)
+        self._admit(req)
         if req.stream:
 
             def chunks_of() -> list[dict[str, Any]]:
@@ -198,7 +204,7 @@ class Server:
     async def vllm_generate(self, request: web.Request) -> web.Response:
         body = await _read_json(request)
         req = generate_api.parse(body, self.model, self.options.max_logprobs)
-        self._count(req.prompts)
+        self._admit(req)
         want_ids = bool(isinstance(body, dict) and body.get("return_token_ids"))
 
         def work() -> dict[str, Any]:
@@ -209,7 +215,7 @@ class Server:
 
     async def sglang_generate(self, request: web.Request) -> web.Response:
         call = GenerateCall(await _read_json(request), self.model)
-        self._count(call.request.prompts)
+        self._admit(call.request)
         return _json(
             await self._run(
                 lambda: call.respond(self.model, completion_api.generate(call.request, self.model, self.stopping))

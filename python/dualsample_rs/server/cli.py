@@ -23,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--max-num-queued-reqs", type=int, default=None)
     p.add_argument("--enable-tokenizer-info-endpoint", action="store_true")
+    p.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="vllm flavor: report cached prompt tokens in usage (SGLang always does)")  # fmt: skip
     f = p.add_argument_group("faults (rates are per request; deterministic under --fault-seed)")
     f.add_argument("--fault-seed", type=int, default=0)
     f.add_argument("--latency", type=float, default=0.0, help="seconds added to a delayed request")
@@ -70,6 +72,7 @@ async def _serve(args: argparse.Namespace) -> int:
         enable_tokenizer_info=args.enable_tokenizer_info_endpoint,
         flavor=args.flavor,
         enable_scale_out=args.enable_scale_out,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         faults=faults,
     )
     model = load_preset(args.model, max_model_len=args.max_model_len)

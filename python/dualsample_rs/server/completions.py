@@ -71,6 +71,10 @@ class Request:
     # ids whose log probabilities replace the top-k at each generated position
     logprob_token_ids: list[int] | None = None
     stream: bool = False
+    # prompt tokens the prefix cache served, per prompt (set by the server), and whether
+    # to report them (vLLM's --enable-prompt-tokens-details)
+    cached_tokens: list[int] = field(default_factory=list)
+    report_cached: bool = False
 
 
 def _prompts(body: dict[str, Any], model: Model) -> list[list[int]]:
@@ -418,12 +422,20 @@ def respond(req: Request, model: Model, seqs: list[Sequence]) -> dict[str, Any]:
         "created": int(time.time()),
         "model": req.model,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": usage(req, prompt_tokens, completion_tokens),
     }
+
+
+def usage(req: Request, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """vLLM's usage block; with prompt token details, the cached tokens of the last prompt."""
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if req.report_cached and req.cached_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": req.cached_tokens[-1]}
+    return out
 
 
 def stream_chunks(req: Request, model: Model, seqs: list[Sequence]) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from .completions import (
     _logprob_count,
     logprob_token_ids,
     prompt_logprob_entries,
+    usage,
     validate_prompt,
     wire,
 )
@@ -112,11 +113,7 @@ def respond(req: Request, model: Model, seq: Sequence, return_token_ids: bool) -
         "request_id": uuid.uuid4().hex,
         "model": model.name,
         "created": int(time.time()),
-        "usage": {
-            "prompt_tokens": len(seq.prompt),
-            "completion_tokens": len(seq.tokens),
-            "total_tokens": len(seq.prompt) + len(seq.tokens),
-        },
+        "usage": usage(req, len(seq.prompt), len(seq.tokens)),
         "prompt_token_ids": seq.prompt if return_token_ids else None,
         "prompt_logprobs": prompt_logprobs,
         "choices": [

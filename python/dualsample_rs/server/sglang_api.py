@@ -130,7 +130,7 @@ class GenerateCall:
             "finish_reason": finish,
             "prompt_tokens": len(s.prompt),
             "completion_tokens": len(s.tokens),
-            "cached_tokens": 0,
+            "cached_tokens": self.request.cached_tokens[i] if self.request.cached_tokens else 0,
         }
         if self.return_logprob:
             lps = [_scaled(lp, self.temperature) for lp in s.logprobs]
