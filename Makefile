@@ -25,11 +25,11 @@ install: $(VENV)/.installed
 
 .PHONY: build-dev ## build the extension in debug mode into .venv
 build-dev: install
-	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --extras server
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --extras server,ray
 
 .PHONY: build-prod ## build the extension in release mode into .venv
 build-prod: install
-	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release --extras server
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release --extras server,ray
 
 .PHONY: format ## format Rust and Python
 format: install

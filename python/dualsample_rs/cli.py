@@ -151,6 +151,11 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-prompt-field", default="teacher_prompt")
     p.add_argument("--teacher-chat", action="store_true", help="teacher prompt = prompt in the teacher's chat template")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    r = p.add_argument_group("Ray (the ray extra)")
+    r.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run over a Ray cluster (alone: a local one); output *.parquet is a directory")  # fmt: skip
+    r.add_argument("--ray-actors", type=int, default=2, help="actors, each running a coordinator")
+    r.add_argument("--ray-batch-size", type=int, default=256, help="prompts per batch an actor takes")
     _sampling_flags(p)
 
 
@@ -186,6 +191,8 @@ async def _run_generate(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--max-tokens: must be at least 1, got {args.max_tokens}")
     if args.retry_errors and not args.resume:
         raise InvalidInputError("--retry-errors: only with --resume")
+    if args.ray is not None:
+        return _run_ray(args, config)
     _check_paths(args.input, args.output)
     if os.path.exists(args.output) and os.path.getsize(args.output) > 0 and not (args.resume or args.overwrite):
         raise InvalidInputError(f"--output: {args.output} exists; pass --resume to continue it or --overwrite")
@@ -218,6 +225,45 @@ async def _run_generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1 if failed else 0
+
+
+def _run_ray(args: argparse.Namespace, config: CoordinatorConfig) -> int:
+    """The same job over Ray Data: input read by Ray, batches mapped by `DualSample`
+    actors; JSONL written here as the records stream back (the same lines a single
+    process writes), Parquet written by Ray."""
+    if args.resume or args.retry_errors:
+        raise InvalidInputError("--ray: --resume is not supported; write to a new output")
+    if args.ray_actors < 1 or args.ray_batch_size < 1:
+        raise InvalidInputError("--ray-actors and --ray-batch-size: must be at least 1")
+    import ray
+
+    from .output_file import OutputLock, RecordWriter
+    from .ray import DualSample, record_from_row
+
+    if args.ray == "local":
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=args.ray, log_to_driver=False)
+    try:
+        kwargs = {"config": config, "max_tokens": args.max_tokens, "teacher_chat": args.teacher_chat,
+                  "diagnostics": args.diagnostics, "prompt_field": args.prompt_field,
+                  "teacher_field": args.teacher_prompt_field, "actors": args.ray_actors}  # fmt: skip
+        mapped = ray.data.read_json(args.input).map_batches(
+            DualSample, fn_constructor_kwargs=kwargs, concurrency=args.ray_actors, batch_size=args.ray_batch_size,
+            num_cpus=0.25,  # the actors wait on servers; do not reserve a core each
+        )  # fmt: skip
+        if args.output.endswith(".parquet"):
+            mapped.write_parquet(args.output)
+            return 0
+        failed = 0
+        with OutputLock(args.output), RecordWriter(args.output, append=False) as writer:
+            for row in mapped.iter_rows():
+                record = record_from_row(row)
+                writer.write(record)
+                failed += record["finish_reason"] == "error"
+        return 1 if failed else 0
+    finally:
+        ray.shutdown()
 
 
 DEMO_QUESTIONS = [
