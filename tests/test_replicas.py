@@ -147,3 +147,60 @@ def test_no_hit_rate_where_the_server_does_not_report_it(replicas) -> None:
     (a1, a2), (b1, b2) = replicas
     _, stats = _run((a1, a2), (b1, b2))
     assert all(r["cache_hit_rate"] is None for r in stats["replicas"]["theta"])
+
+
+def _serve_on(port: int, model: str = "base", *flags: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dualsample_rs", "serve", "--model", model, "--port", str(port), *flags],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().startswith(READY_PREFIX)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("comes_back_as,back", [("base", True), ("base-reversed", False)])
+def test_a_replica_is_taken_back_only_as_it_was(
+    replicas, comes_back_as: str, back: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+
+    from dualsample_rs.backends import Context
+    from dualsample_rs.backends.replicas import PROBE_INTERVAL
+
+    (a1, _), _ = replicas
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _serve_on(port, "base", "--served-model-name", "dualsample-base")
+    url = f"http://127.0.0.1:{port}"
+
+    async def go() -> list[bool]:
+        config = CoordinatorConfig(theta_url=(a1, url), t_url=a1, max_retries=0, retry_delay=0.0)
+        async with DualVLLMCoordinator(config) as coord:
+            contexts = [Context([72, 105, i]) for i in range(4)]
+            await coord.theta.topk(contexts, 5)  # two on each replica
+            _stop(proc)
+            await coord.theta.topk(contexts, 5)  # the dead one leaves, its sequences move
+            states = [coord.theta.info[1].down]
+            again = _serve_on(port, comes_back_as, "--served-model-name", "dualsample-base")
+            try:
+                await asyncio.sleep(3 * PROBE_INTERVAL)
+                states.append(coord.theta.info[1].down)
+            finally:
+                _stop(again)
+            return states
+
+    try:
+        states = asyncio.run(asyncio.wait_for(go(), timeout=60))
+    finally:
+        _stop(proc)
+    assert states == [True, not back]
+    if not back:
+        assert "came back serving another model or vocabulary" in caplog.text
