@@ -139,14 +139,14 @@ def fake_servers() -> Iterator[dict[int, tuple[str, str]]]:
         yield {20: (urls[0], urls[1]), 100: (urls[2], urls[3])}
 
 
-@pytest.mark.parametrize("scoring", ["topk", "exact"])
-@pytest.mark.parametrize("dialect", DIALECTS)
-@pytest.mark.parametrize("top_k", [20, 100])
+# Every dialect and scoring mode at top-20; top-100 for the default path.
+OVERHEAD_CASES = [(20, d, s) for d in DIALECTS for s in ("topk", "exact")] + [(100, "vllm-completions", "topk")]
+
+
+@pytest.mark.parametrize("top_k,dialect,scoring", OVERHEAD_CASES)
 def test_coordinator_overhead(
     benchmark, fake_servers: dict[int, tuple[str, str]], top_k: int, dialect: str, scoring: str
 ) -> None:
-    if top_k == 100 and (dialect != "vllm-completions" or scoring != "topk"):
-        pytest.skip("top-100 is measured for the default path only")
     benchmark.group = "coordinator overhead (zero-latency fake servers in another process), 256 in flight"
     in_flight, tokens = 256, 64
     urls = fake_servers[top_k]
