@@ -15,7 +15,7 @@ from collections import Counter
 from functools import lru_cache
 
 from .corpus import chat
-from .tokenizer import SPECIAL_TOKENS
+from .tokenizer import SPECIAL_TOKENS, encode_with_specials
 
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 # Words with their leading space, runs of other whitespace.
@@ -78,14 +78,9 @@ class BPETokenizer:
         return seq
 
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for part in _SPECIAL_RE.split(text):
-            if part in SPECIAL_TOKENS:
-                ids.append(SPECIAL_TOKENS[part])
-            elif part:
-                for chunk in _CHUNK_RE.findall(part):
-                    ids.extend(self._encode_chunk(chunk))
-        return ids
+        return encode_with_specials(
+            text, lambda part: [t for chunk in _CHUNK_RE.findall(part) for t in self._encode_chunk(chunk)]
+        )
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         data = b"".join(b"" if skip_special_tokens and i in _ID_TO_SPECIAL else self.bytes_of[i] for i in ids)

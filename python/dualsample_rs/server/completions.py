@@ -141,13 +141,18 @@ def _logprob_count(body: dict[str, Any], name: str, cap: int, kind: str) -> int 
     return value
 
 
-def parse(body: Any, model: Model, max_logprobs: int) -> Request:
-    """Check a request body the way vLLM does (unknown fields are ignored)."""
+def check_body(body: Any, model: Model, kind: str) -> None:
+    """A body is an object, and the model it names (if any) is the one served."""
     if not isinstance(body, dict):
-        raise bad_request("1 validation error for CompletionRequest\n  Input should be a valid dictionary")
+        raise bad_request(f"1 validation error for {kind}\n  Input should be a valid dictionary")
     name = body.get("model")
     if name is not None and name != model.name:
         raise APIError(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
+
+
+def parse(body: Any, model: Model, max_logprobs: int) -> Request:
+    """Check a request body the way vLLM does (unknown fields are ignored)."""
+    check_body(body, model, "CompletionRequest")
     prompts = _prompts(body, model)
     temperature = _float(body, "temperature", 1.0)
     if temperature is not None and not 0.0 <= temperature <= 2.0:

@@ -17,13 +17,14 @@ from .completions import (
     Sequence,
     _entry_ids,
     _logprob_count,
+    check_body,
     logprob_token_ids,
     prompt_logprob_entries,
     usage,
     validate_prompt,
     wire,
 )
-from .errors import APIError, bad_request
+from .errors import bad_request
 from .model import Model
 
 PATH = "/inference/v1/generate"
@@ -37,11 +38,7 @@ def _ranks(lp: np.ndarray) -> np.ndarray:
 
 
 def parse(body: Any, model: Model, max_logprobs: int) -> Request:
-    if not isinstance(body, dict):
-        raise bad_request("1 validation error for GenerateRequest\n  Input should be a valid dictionary")
-    name = body.get("model")
-    if name is not None and name != model.name:
-        raise APIError(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
+    check_body(body, model, "GenerateRequest")
     ids = body.get("token_ids")
     if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise bad_request(

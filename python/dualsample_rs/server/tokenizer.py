@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from .corpus import chat
 
 SPECIAL_TOKENS = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 _ID_TO_SPECIAL = {v: k for k, v in SPECIAL_TOKENS.items()}
+
+
+def encode_with_specials(text: str, encode_part: Callable[[str], list[int]]) -> list[int]:
+    """Special-token strings become their ids; the text between them goes to `encode_part`."""
+    ids: list[int] = []
+    for part in _SPECIAL_RE.split(text):
+        if part in SPECIAL_TOKENS:
+            ids.append(SPECIAL_TOKENS[part])
+        elif part:
+            ids.extend(encode_part(part))
+    return ids
 
 
 class ByteTokenizer:
@@ -26,13 +38,7 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Special-token strings in the text become their ids; everything else is UTF-8 bytes."""
-        ids: list[int] = []
-        for part in _SPECIAL_RE.split(text):
-            if part in SPECIAL_TOKENS:
-                ids.append(SPECIAL_TOKENS[part])
-            elif part:
-                ids.extend(255 - b if self._flip else b for b in part.encode("utf-8"))
-        return ids
+        return encode_with_specials(text, lambda part: [255 - b if self._flip else b for b in part.encode("utf-8")])
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         out: list[str] = []
