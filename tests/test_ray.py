@@ -44,9 +44,10 @@ def test_map_batches_gives_the_single_process_records(cluster: None, urls: tuple
     assert all(r == reference[r["id"]] for r in records)
 
 
-def test_cli_ray_gives_the_single_process_records(urls: tuple[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_cli_ray_gives_the_single_process_records(urls: tuple[str, str], tmp_path: Path, suffix: str) -> None:
     inp, reference = _reference(urls, tmp_path, 16)
-    out = tmp_path / "ray.jsonl"
+    out = tmp_path / f"ray{suffix}"
     p = subprocess.run(
         [sys.executable, "-m", "dualsample_rs", "generate", "--theta-url", urls[0], "--t-url", urls[1],
          "--input", str(inp), "--output", str(out), "--max-tokens", "25", "--seed", "11", "--quiet",
@@ -54,7 +55,12 @@ def test_cli_ray_gives_the_single_process_records(urls: tuple[str, str], tmp_pat
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    if suffix == ".jsonl":
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+    else:  # a directory of Parquet files written by Ray
+        import pyarrow.parquet as pq
+
+        records = [record_from_row(row) for row in pq.read_table(out).to_pylist()]
     assert sorted(r["id"] for r in records) == sorted(reference)
     assert all(r == reference[r["id"]] for r in records)
 
