@@ -450,3 +450,24 @@ def test_served_model_name_and_413_bodies() -> None:
         assert r.status_code == 404 and r.json()["error"]["code"] == 404
         r = c.post("/v1/completions", content=b" " * (65 * 1024**2), headers={"Content-Type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["code"] == 413
+
+
+def test_trace_replay_reports_the_model_at_each_given_token() -> None:
+    with running_server("teacher", enable_scale_out=True, enable_trace_replay=True) as url:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            prompt = c.post("/tokenize", json={"messages": CHAT}).json()["tokens"]
+            trace = [87, 97, 116, 258, 256, 101]  # through <|im_end|> and EOS: nothing stops it early
+            body = {"token_ids": prompt, "sampling_params": {"max_tokens": 50, "logprobs": 2, "temperature": 1.0,
+                                                             "trace_decode_token_ids": trace}}  # fmt: skip
+            choice = c.post("/inference/v1/generate", json=body).json()["choices"][0]
+            assert choice["token_ids"] == trace and choice["finish_reason"] == "length"
+            got = [p["logprob"] for p in choice["logprobs"]["content"]]
+            full = complete(c, prompt=prompt + trace, max_tokens=1, prompt_logprobs=0)["choices"][0]["prompt_logprobs"]
+            want = [full[len(prompt) + i][str(t)]["logprob"] for i, t in enumerate(trace)]
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+            r = c.post("/inference/v1/generate", json={**body, "sampling_params": {
+                "trace_decode_token_ids": trace, "prompt_logprobs": 1}})  # fmt: skip
+            assert r.status_code == 400
+    with running_server("teacher", enable_scale_out=True) as url:
+        r = httpx.post(url + "/inference/v1/generate", json=body, timeout=30)
+        assert r.status_code == 400 and "trace replay is not enabled" in r.json()["error"]["message"]

@@ -44,6 +44,7 @@ class ServerOptions:
     flavor: str = "vllm"
     enable_scale_out: bool = False
     enable_prompt_tokens_details: bool = False
+    enable_trace_replay: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
 
 
@@ -203,7 +204,7 @@ class Server:
 
     async def vllm_generate(self, request: web.Request) -> web.Response:
         body = await _read_json(request)
-        req = generate_api.parse(body, self.model, self.options.max_logprobs)
+        req = generate_api.parse(body, self.model, self.options.max_logprobs, self.options.enable_trace_replay)
         self._admit(req)
         want_ids = bool(isinstance(body, dict) and body.get("return_token_ids"))
 

@@ -15,6 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", choices=["base", "teacher", "base-bpe", "teacher-bpe", "base-reversed"], default="base")
     p.add_argument("--flavor", choices=["vllm", "sglang"], default="vllm", help="which engine's API to speak")
     p.add_argument("--enable-scale-out", action="store_true", help="vllm flavor: serve /inference/v1/generate")
+    p.add_argument("--enable-trace-replay", action="store_true",
+                   help="vllm flavor: accept trace_decode_token_ids on /inference/v1/generate")  # fmt: skip
     p.add_argument("--served-model-name", default=None, help="the model name clients must send (default: preset's)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
@@ -73,6 +75,7 @@ async def _serve(args: argparse.Namespace) -> int:
         flavor=args.flavor,
         enable_scale_out=args.enable_scale_out,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        enable_trace_replay=args.enable_trace_replay,
         faults=faults,
     )
     model = load_preset(args.model, max_model_len=args.max_model_len)

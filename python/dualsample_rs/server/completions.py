@@ -75,6 +75,8 @@ class Request:
     # to report them (vLLM's --enable-prompt-tokens-details)
     cached_tokens: list[int] = field(default_factory=list)
     report_cached: bool = False
+    # vLLM trace replay: the tokens to decode, in place of sampling
+    trace: list[int] | None = None
 
 
 def _prompts(body: dict[str, Any], model: Model) -> list[list[int]]:
@@ -272,7 +274,8 @@ def generate(req: Request, model: Model, stopping: Any = None) -> list[Sequence]
         for j in range(req.n):
             # A negative seed is valid (int64): its two's complement seeds the generator.
             rng = np.random.default_rng([req.seed % 2**64, j] if req.seed is not None else None)
-            seqs.append(Sequence(prompt, min(req.max_tokens, model.max_model_len - len(prompt)), rng))
+            limit = req.max_tokens if req.trace is None else min(req.max_tokens, len(req.trace))
+            seqs.append(Sequence(prompt, min(limit, model.max_model_len - len(prompt)), rng))
     active = [s for s in seqs if s.max_tokens > 0]
     want = req.logprobs is not None
     while active:
@@ -281,11 +284,15 @@ def generate(req: Request, model: Model, stopping: Any = None) -> list[Sequence]
         lps = model.next_logprobs([s.prompt + s.tokens for s in active])
         still = []
         for s, lp in zip(active, lps, strict=True):
-            tok = _sample(lp, req.temperature, s.rng)
+            # A replayed trace is followed whatever the model prefers, and no stop ends it.
+            tok = req.trace[len(s.tokens)] if req.trace is not None else _sample(lp, req.temperature, s.rng)
             s.tokens.append(tok)
             if want:
                 s.logprobs.append(lp)
-            if tok == model.eos_token_id and not req.ignore_eos:
+            if req.trace is not None:
+                if len(s.tokens) >= s.max_tokens:
+                    s.finish_reason = "length"
+            elif tok == model.eos_token_id and not req.ignore_eos:
                 s.finish_reason, s.stop_reason = "stop", None
             elif tok in req.stop_token_ids:
                 s.finish_reason, s.stop_reason = "stop", tok

@@ -37,7 +37,33 @@ def _ranks(lp: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def parse(body: Any, model: Model, max_logprobs: int) -> Request:
+def _trace(params: dict[str, Any], model: Model, enabled: bool) -> list[int] | None:
+    """vLLM's checks of ``trace_decode_token_ids`` (replaying a given continuation)."""
+    trace = params.get("trace_decode_token_ids")
+    if trace is None:
+        return None
+    if not enabled:
+        raise bad_request(
+            "trace_decode_token_ids is set but trace replay is not enabled. Start the server with "
+            "--enable-trace-replay.",
+            "trace_decode_token_ids",
+        )
+    if (
+        not isinstance(trace, list)
+        or not trace
+        or not all(isinstance(t, int) and not isinstance(t, bool) for t in trace)
+    ):
+        raise bad_request("trace_decode_token_ids must be a non-empty list of integers", "trace_decode_token_ids")
+    if any(not 0 <= t < model.vocab_size for t in trace):
+        raise bad_request("trace_decode_token_ids has a token id out of vocabulary", "trace_decode_token_ids")
+    if params.get("prompt_logprobs") is not None:
+        raise bad_request("trace_decode_token_ids cannot be used with prompt_logprobs", "trace_decode_token_ids")
+    if params.get("n", 1) != 1:
+        raise bad_request("trace_decode_token_ids requires n=1", "trace_decode_token_ids")
+    return trace
+
+
+def parse(body: Any, model: Model, max_logprobs: int, trace_replay: bool = False) -> Request:
     check_body(body, model, "GenerateRequest")
     ids = body.get("token_ids")
     if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -84,6 +110,7 @@ def parse(body: Any, model: Model, max_logprobs: int) -> Request:
         skip_special_tokens=True,
         model=model.name,
         logprob_token_ids=score_ids,
+        trace=_trace(params, model, trace_replay),
     )
 
 
