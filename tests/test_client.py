@@ -52,6 +52,19 @@ class Scripted:
             assert request.transport is not None
             request.transport.close()
             return stream
+        if step == "chunked":  # no Content-Length: the body comes in chunks
+            stream = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+            stream.enable_chunked_encoding()
+            await stream.prepare(request)
+            for piece in (b'{"tokens": ', b"[1, ", b"2], ", b'"count": 2}'):
+                await stream.write(piece)
+            await stream.write_eof()
+            return stream
+        if step == "not http":  # a reply that is not HTTP at all
+            assert request.transport is not None
+            request.transport.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+            request.transport.close()
+            return web.Response()
         if step == "stall":
             await asyncio.sleep(2)
             step = self.final
@@ -113,6 +126,7 @@ def tokenize(c: VLLMClient):
         (200, b'{"tokens": [1', {}),
         "drop",
         "cut",
+        "not http",
     ],
 )
 def test_transient_failures_are_retried(failure: object) -> None:
@@ -267,3 +281,34 @@ def test_the_timeout_is_a_deadline_for_a_trickling_body() -> None:
                 return time.monotonic() - t0
 
         assert asyncio.run(go()) < 3.5
+
+
+def test_chunked_bodies_are_read_whole() -> None:
+    got, server, _ = run_client(["chunked"], tokenize)
+    assert got == [1, 2] and server.calls == 1
+
+
+@pytest.mark.parametrize("model_info,dialect", [(200, "sglang"), (404, "vllm-completions")])
+def test_dialect_detection_falls_back_to_sglang_discovery(model_info: int, dialect: str) -> None:
+    from dualsample_rs.backends import HttpBackend, detect_dialect
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "m"}]})  # no owned_by
+
+    async def info(request: web.Request) -> web.Response:
+        return web.json_response({}, status=model_info)
+
+    async def go() -> str:
+        app = web.Application()
+        app.router.add_get("/v1/models", models)
+        app.router.add_get("/get_model_info", info)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            async with HttpBackend(f"http://127.0.0.1:{runner.addresses[0][1]}", max_retries=0) as http:
+                return await detect_dialect(http)
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(go()) == dialect

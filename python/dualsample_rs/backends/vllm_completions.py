@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -104,8 +104,13 @@ class VLLMCompletionsBackend(HttpBackend):
         if self.model:
             body["model"] = self.model
         data = await self._request("POST", "/v1/completions", body)
+        return self._prompt_logprobs(lambda: data["choices"][0]["prompt_logprobs"], ids, start)
+
+    def _prompt_logprobs(self, entries_of: Callable[[], Any], ids: list[int], start: int) -> list[float]:
+        """Each token's log probability from vLLM's ``prompt_logprobs`` (one object per
+        position, keyed by id), from `start` on; `entries_of` finds them in the reply."""
         try:
-            entries = data["choices"][0]["prompt_logprobs"]
+            entries = entries_of()
             return [_wire(entries[i][str(ids[i])]["logprob"]) for i in range(start, len(ids))]
         except (KeyError, IndexError, TypeError) as err:
             raise InvalidResponseError(f"{self.base_url}: prompt_logprobs reply without position {err}") from err

@@ -17,7 +17,7 @@ from .. import _core
 from ..exceptions import InvalidInputError, InvalidResponseError
 from .base import TopK, gather_scores
 from .context import Context, body_with_list
-from .vllm_completions import VLLMCompletionsBackend, _wire
+from .vllm_completions import VLLMCompletionsBackend
 
 GENERATE_PATH = "/inference/v1/generate"
 
@@ -61,11 +61,7 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
         if self.model:
             body["model"] = self.model
         data = await self._request("POST", GENERATE_PATH, body)
-        try:
-            entries = data["prompt_logprobs"]
-            return [_wire(entries[i][str(ids[i])]["logprob"]) for i in range(start, len(ids))]
-        except (KeyError, IndexError, TypeError) as err:
-            raise InvalidResponseError(f"{self.base_url}: prompt_logprobs reply without position {err}") from err
+        return self._prompt_logprobs(lambda: data["prompt_logprobs"], ids, start)
 
 
 def _parse(raw: bytes, width: int) -> TopK:

@@ -31,7 +31,6 @@ log = logging.getLogger("dualsample_rs.server")
 
 # Paths that answer without an API key and never misbehave on purpose.
 OPEN_PATHS = {"/health", "/version", "/health_generate"}
-FLAVORS = ("vllm", "sglang")
 PROMPT_KEY_IDS = 24
 
 
