@@ -334,3 +334,46 @@ def test_bench_command_prints_a_table() -> None:
     assert lines[0].startswith("16 rows x k=8")
     step_line = next(line for line in lines if line.startswith("step"))
     assert step_line.rstrip().endswith("x") and float(step_line.split()[1]) > 0
+
+
+@pytest.mark.parametrize("options", [{}, {"top_p": 0.9, "temperature": 0.7}, {"exclude_ids": (0, 1, 2, 3)}])
+def test_drafts_match_reference(options: dict) -> None:
+    """Acceptance tests and residual draws agree with the numpy twin, row by row."""
+    n = 400
+    data = topk_pair(n, 20, vocab=256, seed=4)
+    rng = np.random.default_rng(1)
+    drafts = np.where(rng.random(n) < 0.5, data[2][:, 0], rng.integers(-1, 256, n))
+    cfg = ds.SamplerConfig(**options)
+    kw = {"config": cfg, "seed": 9, "positions": np.arange(n), "row_keys": np.arange(n) * 3, "drafts": drafts}
+    r, e = ds.step(*data, **kw), ref.step(*data, **kw)
+    np.testing.assert_array_equal(r.token_id, e.token_id)
+    np.testing.assert_array_equal(r.accepted, e.accepted)
+    np.testing.assert_allclose(r.logq, e.logq, atol=1e-9, rtol=1e-9)
+    assert 0.05 < r.accepted.mean() < 0.95  # both outcomes are exercised
+    assert not (r.accepted & (r.token_id != drafts)).any()
+    # Without a draft the row is the plain step.
+    plain = ds.step(*data, config=cfg, seed=9, positions=np.arange(n), row_keys=np.arange(n) * 3)
+    none = drafts < 0
+    np.testing.assert_array_equal(r.token_id[none], plain.token_id[none])
+
+
+def test_drafted_tokens_keep_the_law_of_q_star() -> None:
+    """Whatever is drafted, the token's frequencies are q*'s (chi-square, fixed seed)."""
+    from scipy import stats
+
+    ids_a, ids_b = np.array([0, 1, 2, 3]), np.array([1, 2, 3, 4])
+    lp_a, lp_b = np.log([0.4, 0.3, 0.2, 0.1]), np.log([0.1, 0.2, 0.3, 0.4])
+    n = 40_000
+    rows = (np.tile(x, (n, 1)) for x in (ids_a, lp_a, ids_b, lp_b))
+    ia, la, ib, lb = rows
+    cfg = ds.SamplerConfig(temperature=1.3)
+    ids, a, b = ref.merge_topk(ids_a, lp_a, ids_b, lp_b)
+    alpha = ds.step(ids_a, lp_a, ids_b, lp_b, config=cfg).alpha[0]
+    q = np.zeros(5)
+    q[ids] = np.exp(ref.mix(a / 1.3, b / 1.3, alpha))
+    for draft in (1, 4, 0, 77):
+        r = ds.step(ia, la, ib, lb, config=cfg, seed=2, positions=np.arange(n), drafts=np.full(n, draft))
+        counts = np.bincount(r.token_id, minlength=5)
+        live = q > 0
+        assert counts[~live].sum() == 0
+        assert stats.chisquare(counts[live], n * q[live]).pvalue > 1e-3, (draft, counts, q)

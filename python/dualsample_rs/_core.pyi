@@ -115,8 +115,8 @@ class StepResult:
     was drawn from, ``n_merged`` the number of candidates before the support
     constraint (so the constraint removed some where it is larger). ``no_overlap``
     marks rows where ``missing="drop"`` found no common token and kept the teacher's
-    list. The diagnostics are None unless the config
-    asked for them.
+    list; ``accepted`` rows whose drafted token was accepted. The diagnostics are None
+    unless the config asked for them.
     """
 
     token_id: NDArray[np.int64]
@@ -127,6 +127,7 @@ class StepResult:
     observed_theta: NDArray[np.bool_]
     observed_t: NDArray[np.bool_]
     fallback: NDArray[np.bool_]
+    accepted: NDArray[np.bool_]
     no_overlap: NDArray[np.bool_]
     n_candidates: NDArray[np.int32]
     n_merged: NDArray[np.int32]
@@ -192,6 +193,7 @@ def step(
     positions: ArrayLike | None = None,
     row_keys: ArrayLike | None = None,
     force_teacher: ArrayLike | None = None,
+    drafts: ArrayLike | None = None,
 ) -> StepResult:
     """One sampling step from q* for every row: merge, exclude, temperature, normalise,
     stability check, support constraint, α, q*, draw.
@@ -206,6 +208,10 @@ def step(
             not on batch size, row order or thread count. Defaults: row key = row
             index, position = 0.
         force_teacher: bool per row; α = 1 there (e.g. the first generated token).
+        drafts: per row, a token drafted deterministically to test, or -1. It is
+            accepted with probability q*(d) (``accepted``), else the token is drawn from
+            q* without d, so the token's law is q* either way (speculative sampling
+            with a point-mass draft). The test draws a second uniform at the same key.
 
     Raises:
         InvalidInputError: malformed input, naming the argument and the row.

@@ -29,6 +29,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _MASK64 = (1 << 64) - 1
+_ACCEPT_SALT = np.uint64(0x6163636570742121)
 
 
 # ---------------------------------------------------------------- small helpers
@@ -105,20 +106,32 @@ def _ess(logpi: F64, logq: F64) -> F64:
     return np.where(zero, 0.0, out)
 
 
-def uniform(seed: int, row_keys: ArrayLike, positions: ArrayLike) -> F64:
-    """The counter-based uniform in [0, 1) that the Rust step draws for each row."""
+def _mix64(z: np.ndarray) -> np.ndarray:
+    z = z + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def _key_hash(seed: int, row_keys: ArrayLike, positions: ArrayLike) -> np.ndarray:
     keys = np.atleast_1d(np.asarray(row_keys, dtype=np.int64)).view(np.uint64)
     pos = np.atleast_1d(np.asarray(positions, dtype=np.int64)).view(np.uint64)
+    s = _mix64(np.full(keys.shape, np.uint64(int(seed) & _MASK64), dtype=np.uint64))
+    return _mix64(_mix64(s ^ keys) ^ pos)
 
-    def mix64(z: np.ndarray) -> np.ndarray:
-        z = z + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        return z ^ (z >> np.uint64(31))
 
-    s = mix64(np.full(keys.shape, np.uint64(int(seed) & _MASK64), dtype=np.uint64))
-    h = mix64(mix64(s ^ keys) ^ pos)
+def _unit(h: np.ndarray) -> F64:
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2.0**53)
+
+
+def uniform(seed: int, row_keys: ArrayLike, positions: ArrayLike) -> F64:
+    """The counter-based uniform in [0, 1) that the Rust step draws for each row."""
+    return _unit(_key_hash(seed, row_keys, positions))
+
+
+def accept_uniform(seed: int, row_keys: ArrayLike, positions: ArrayLike) -> F64:
+    """The second, independent uniform at the same key: a drafted token's acceptance test."""
+    return _unit(_mix64(_key_hash(seed, row_keys, positions) ^ _ACCEPT_SALT))
 
 
 # ---------------------------------------------------------------- α
@@ -373,6 +386,7 @@ class ReferenceStepResult:
     observed_theta: np.ndarray
     observed_t: np.ndarray
     fallback: np.ndarray
+    accepted: np.ndarray
     no_overlap: np.ndarray
     n_candidates: np.ndarray
     n_merged: np.ndarray
@@ -408,6 +422,7 @@ def step(
     positions: ArrayLike | None = None,
     row_keys: ArrayLike | None = None,
     force_teacher: ArrayLike | None = None,
+    drafts: ArrayLike | None = None,
 ) -> ReferenceStepResult:
     """numpy twin of :func:`dualsample_rs.step`; `config` is a :class:`SamplerConfig`."""
     if config is None:
@@ -471,12 +486,20 @@ def step(
     q = np.where(to_a, pa, np.where(to_b, pb, q))
 
     u = uniform(seed, keys, pos)
+    r = np.arange(n)
+    # A drafted token (point mass) is accepted with probability q*(d); on rejection the
+    # draw is from the residual, q* without d.
+    d = np.full(n, -1, dtype=np.int64) if drafts is None else np.asarray(drafts, dtype=np.int64).reshape(n)
+    at = (ids == d[:, None]) & (d[:, None] >= 0)
+    q_d = np.where(at, q, 0.0).sum(axis=1)
+    accepted = at.any(axis=1) & (accept_uniform(seed, keys, pos) * q.sum(axis=1) < q_d)
+    q = np.where(at, 0.0, q)
     cum = np.cumsum(q, axis=1)
     target = u * cum[:, -1]
     hit = cum > target[:, None]
     last_pos = q.shape[1] - 1 - np.argmax((q > 0)[:, ::-1], axis=1)
     k = np.where(hit.any(axis=1), np.argmax(hit, axis=1), last_pos)
-    r = np.arange(n)
+    k = np.where(accepted, np.argmax(at, axis=1), k)
     diag: dict[str, Any] = {}
     if config.diagnostics:
         diag = {
@@ -496,6 +519,7 @@ def step(
         observed_theta=obs_a[r, k],
         observed_t=obs_b[r, k],
         fallback=fallback,
+        accepted=accepted,
         no_overlap=m["no_overlap"],
         n_candidates=(ids >= 0).sum(axis=1).astype(np.int32),
         n_merged=n_merged,

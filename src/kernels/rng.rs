@@ -14,10 +14,26 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+// Salt of the second stream at a position (acceptance tests of drafted tokens).
+const ACCEPT_SALT: u64 = 0x6163_6365_7074_2121;
+
+fn key_hash(seed: u64, row_key: u64, position: u64) -> u64 {
+    mix64(mix64(mix64(seed) ^ row_key) ^ position)
+}
+
+fn unit(h: u64) -> f64 {
+    (h >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
 /// A uniform draw in [0, 1) with 53 random bits.
 pub fn uniform(seed: u64, row_key: u64, position: u64) -> f64 {
-    let h = mix64(mix64(mix64(seed) ^ row_key) ^ position);
-    (h >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    unit(key_hash(seed, row_key, position))
+}
+
+/// A second uniform at the same key, independent of `uniform`: the acceptance test of a
+/// drafted token. A position is decided once, so each of its two draws is used once.
+pub fn accept_uniform(seed: u64, row_key: u64, position: u64) -> f64 {
+    unit(mix64(key_hash(seed, row_key, position) ^ ACCEPT_SALT))
 }
 
 #[cfg(test)]
@@ -36,5 +52,6 @@ mod tests {
         assert_eq!(uniform(1, 2, 3), uniform(1, 2, 3));
         assert_ne!(uniform(1, 2, 3), uniform(1, 3, 2));
         assert_ne!(uniform(1, 2, 3), uniform(2, 2, 3));
+        assert_ne!(uniform(1, 2, 3), accept_uniform(1, 2, 3));
     }
 }

@@ -9,7 +9,7 @@ use crate::kernels::alpha::{self, AlphaParams, Support};
 use crate::kernels::logspace::{entropy, ess, geometric, js, kl, normalise_with_probs};
 use crate::kernels::merge::{merge, IdTable, Merged, Missing, RowBuffers};
 use crate::kernels::parallel::map_rows;
-use crate::kernels::rng::uniform;
+use crate::kernels::rng::{accept_uniform, uniform};
 use crate::kernels::simd::with_avx2_twin;
 
 /// Validated settings of the step.
@@ -117,6 +117,8 @@ pub struct Batch<'a> {
     pub row_keys: &'a [u64],
     pub positions: &'a [u64],
     pub force_teacher: &'a [bool],
+    /// Per row, a drafted token to test (-1: none, draw afresh); empty: no drafts.
+    pub drafts: &'a [i64],
     pub seed: u64,
 }
 
@@ -143,6 +145,8 @@ pub struct RowOutput {
     pub observed_theta: bool,
     pub observed_t: bool,
     pub fallback: bool,
+    /// The row's drafted token passed its acceptance test and is the token.
+    pub accepted: bool,
     pub no_overlap: bool,
     pub n_candidates: i32,
     /// Candidates before the support constraint (after the merge and exclusion).
@@ -214,6 +218,22 @@ fn draw(q: &[f64], u: f64) -> usize {
         }
     }
     last_positive
+}
+
+/// Step 8 for a row with a drafted token `d`, drafted deterministically (a point mass):
+/// speculative sampling accepts it with probability min(1, q*(d)/1) = q*(d), and on
+/// rejection draws from the residual max(0, q* − δ_d), which is q* without d. The token
+/// then has law q* exactly, as if drawn afresh (`u_accept` and `u` are independent).
+#[inline(always)]
+fn accept_or_residual(q: &mut [f64], ids: &[i64], d: i64, u_accept: f64, u: f64) -> (usize, bool) {
+    let total: f64 = q.iter().sum();
+    if let Some(j) = ids.iter().position(|&id| id == d) {
+        if u_accept * total < q[j] {
+            return (j, true);
+        }
+        q[j] = 0.0;
+    }
+    (draw(q, u), false)
 }
 
 /// log q* and q* over the candidates at `alpha`; false when they share no support.
@@ -368,7 +388,12 @@ pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch
         alpha = 1.0;
         mixture(&m.a, &m.b, &s.pa, &s.pb, alpha, &mut s.logq, &mut s.q);
     }
-    let k = draw(&s.q, uniform(batch.seed, batch.row_keys[row], batch.positions[row]));
+    let (key, pos) = (batch.row_keys[row], batch.positions[row]);
+    let u = uniform(batch.seed, key, pos);
+    let (k, accepted) = match batch.drafts.get(row) {
+        Some(&d) if d >= 0 => accept_or_residual(&mut s.q, &m.ids, d, accept_uniform(batch.seed, key, pos), u),
+        _ => (draw(&s.q, u), false),
+    };
     // 9. report
     Ok(RowOutput {
         token_id: m.ids[k],
@@ -379,6 +404,7 @@ pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch
         observed_theta: m.obs_a[k],
         observed_t: m.obs_b[k],
         fallback,
+        accepted,
         no_overlap: m.no_overlap,
         n_candidates: i32::try_from(m.len()).unwrap_or(i32::MAX),
         n_merged,
@@ -421,6 +447,7 @@ mod tests {
             row_keys: &[0],
             positions: &[pos],
             force_teacher: &[false],
+            drafts: &[],
             seed: 1,
         };
         step_batch(&batch, cfg).unwrap()[0]
@@ -448,6 +475,48 @@ mod tests {
         };
         for pos in 0..200 {
             assert_ne!(run(&ids_a, &lp_a, &ids_b, &lp_b, &cfg, pos).token_id, 1);
+        }
+    }
+
+    #[test]
+    fn a_tested_draft_leaves_the_law_q_star() {
+        // q* here is the teacher (α forced to 1): 0.5, 0.3, 0.2 on ids 1, 2, 3.
+        let ids = arr2(&[[1i64, 2, 3]]);
+        let lp_b = arr2(&[[0.5f64.ln(), 0.3f64.ln(), 0.2f64.ln()]]);
+        let lp_a = arr2(&[[0.1f64.ln(), 0.1f64.ln(), 0.8f64.ln()]]);
+        let n = 200_000u64;
+        for draft in [1i64, 3, 9] {
+            let mut counts = [0u64; 3];
+            let mut accepted = 0u64;
+            for pos in 0..n {
+                let batch = Batch {
+                    ids_theta: ids.view(),
+                    logp_theta: lp_a.view(),
+                    ids_t: ids.view(),
+                    logp_t: lp_b.view(),
+                    row_keys: &[5],
+                    positions: &[pos],
+                    force_teacher: &[true],
+                    drafts: &[draft],
+                    seed: 3,
+                };
+                let out = step_batch(&batch, &StepConfig::default()).unwrap()[0];
+                counts[(out.token_id - 1) as usize] += 1;
+                accepted += u64::from(out.accepted);
+                assert!(!out.accepted || out.token_id == draft);
+            }
+            for (c, p) in counts.iter().zip([0.5, 0.3, 0.2]) {
+                // 6 standard deviations of a binomial count
+                let sd = (n as f64 * p * (1.0 - p)).sqrt();
+                assert!((*c as f64 - n as f64 * p).abs() < 6.0 * sd, "draft {draft}: {counts:?}");
+            }
+            let p_accept = match draft {
+                1 => 0.5,
+                3 => 0.2,
+                _ => 0.0,
+            };
+            let sd = (n as f64 * 0.25).sqrt();
+            assert!((accepted as f64 - n as f64 * p_accept).abs() < 6.0 * sd);
         }
     }
 

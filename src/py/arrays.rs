@@ -196,6 +196,20 @@ pub fn per_row_keys(
     }
 }
 
+/// Optional drafted tokens, one per row (-1: none); empty when not given.
+pub fn per_row_drafts(obj: Option<&Bound<'_, PyAny>>, rows: usize) -> PyResult<Vec<i64>> {
+    match obj.filter(|o| !o.is_none()) {
+        None => Ok(Vec::new()),
+        Some(obj) => {
+            let values = per_row::<i64>(obj, "drafts", rows, ("iu", "int64", "token ids or -1, one per row"))?;
+            if let Some((r, v)) = values.iter().enumerate().find(|(_, &v)| v < -1) {
+                return Err(KernelError::row("drafts", r, format!("must be a token id or -1, got {v}")).into());
+            }
+            Ok(values)
+        }
+    }
+}
+
 /// An optional per-row flag.
 pub fn per_row_flags(obj: Option<&Bound<'_, PyAny>>, arg: &'static str, rows: usize) -> PyResult<Vec<bool>> {
     match obj.filter(|o| !o.is_none()) {

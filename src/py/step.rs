@@ -4,7 +4,7 @@ use pyo3::prelude::*;
 
 use crate::errors::KernelError;
 use crate::kernels::step::{step_batch, Batch, RowOutput, StepConfig};
-use crate::py::arrays::{per_row_counts, per_row_flags, per_row_keys, TopkInputs};
+use crate::py::arrays::{per_row_counts, per_row_drafts, per_row_flags, per_row_keys, TopkInputs};
 use crate::py::config::SamplerConfig;
 
 /// One entry per row; diagnostics are None unless the config asked for them.
@@ -26,6 +26,8 @@ pub struct StepResult {
     observed_t: Py<PyAny>,
     #[pyo3(get)]
     fallback: Py<PyAny>,
+    #[pyo3(get)]
+    accepted: Py<PyAny>,
     #[pyo3(get)]
     no_overlap: Py<PyAny>,
     #[pyo3(get)]
@@ -75,6 +77,7 @@ impl StepResult {
             observed_theta: column(py, rows, |r| r.observed_theta),
             observed_t: column(py, rows, |r| r.observed_t),
             fallback: column(py, rows, |r| r.fallback),
+            accepted: column(py, rows, |r| r.accepted),
             no_overlap: column(py, rows, |r| r.no_overlap),
             n_candidates: column(py, rows, |r| r.n_candidates),
             n_merged: column(py, rows, |r| r.n_merged),
@@ -114,8 +117,8 @@ fn seed_bits(seed: &Bound<'_, PyAny>) -> PyResult<u64> {
 
 #[pyfunction(name = "step")]
 #[pyo3(
-    signature = (ids_theta, logp_theta, ids_t, logp_t, *, config=None, seed=None, positions=None, row_keys=None, force_teacher=None),
-    text_signature = "(ids_theta, logp_theta, ids_t, logp_t, *, config=None, seed=0, positions=None, row_keys=None, force_teacher=None)"
+    signature = (ids_theta, logp_theta, ids_t, logp_t, *, config=None, seed=None, positions=None, row_keys=None, force_teacher=None, drafts=None),
+    text_signature = "(ids_theta, logp_theta, ids_t, logp_t, *, config=None, seed=0, positions=None, row_keys=None, force_teacher=None, drafts=None)"
 )]
 pub fn step_py(
     py: Python<'_>,
@@ -128,6 +131,7 @@ pub fn step_py(
     positions: Option<&Bound<'_, PyAny>>,
     row_keys: Option<&Bound<'_, PyAny>>,
     force_teacher: Option<&Bound<'_, PyAny>>,
+    drafts: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<StepResult> {
     let inputs = TopkInputs::extract(ids_theta, logp_theta, ids_t, logp_t)?;
     let (ids_a, lp_a, ids_b, lp_b) = inputs.rows()?;
@@ -143,6 +147,7 @@ pub fn step_py(
     let row_keys = per_row_keys(row_keys, "row_keys", rows, |r| r as u64)?;
     let positions = per_row_counts(positions, "positions", rows)?;
     let force_teacher = per_row_flags(force_teacher, "force_teacher", rows)?;
+    let drafts = per_row_drafts(drafts, rows)?;
     let batch = Batch {
         ids_theta: ids_a.data.view(),
         logp_theta: lp_a.data.view(),
@@ -151,6 +156,7 @@ pub fn step_py(
         row_keys: &row_keys,
         positions: &positions,
         force_teacher: &force_teacher,
+        drafts: &drafts,
         seed,
     };
     let out = py.detach(|| step_batch(&batch, cfg))?;

@@ -139,8 +139,22 @@ class GenerateCall:
             meta["output_top_logprobs"] = [[_triple(lp[t], t) for t in top_ids(lp, k)] for lp in lps] if k else None
             meta["output_token_ids_logprobs"] = [[_triple(lp[t], t) for t in ids] for lp in lps] if ids else None
             meta["input_token_logprobs"] = self._input_logprobs(model, s.prompt, self.start[i])
+            meta["input_top_logprobs"], meta["input_token_ids_logprobs"] = self._input_lists(model, s.prompt, i)
         return {"text": model.detokenize(s.tokens, self.request.skip_special_tokens), "output_ids": s.tokens,
                 "meta_info": meta}  # fmt: skip
+
+    def _input_lists(self, model: Model, prompt: list[int], i: int) -> tuple[Any, Any]:
+        """The top-k and the given ids' entries at each input position from
+        ``logprob_start_len`` on (None at that first position, as for the tokens), when
+        asked for: how a continuation given in the input is scored in one request."""
+        start, k, ids = self.start[i], self.top_n[i], self.token_ids[i]
+        if start < 0 or not (k or ids):
+            return None, None
+        contexts = [prompt[:p] for p in range(start + 1, len(prompt))]
+        lps = [_scaled(lp, self.temperature) for lp in model.next_logprobs(contexts)] if contexts else []
+        top = [None, *([_triple(lp[t], t) for t in top_ids(lp, k)] for lp in lps)] if k else None
+        given = [None, *([_triple(lp[t], t) for t in ids] for lp in lps)] if ids else None
+        return top, given
 
     def _input_logprobs(self, model: Model, prompt: list[int], start: int) -> list[list[Any]]:
         if start < 0:
