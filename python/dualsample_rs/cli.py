@@ -50,6 +50,9 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
                    help="exact: the base scores the teacher's candidates, so every number is exact")  # fmt: skip
     g.add_argument("--rescore", action="store_true", help="add each token's exact log probabilities (extra requests)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--speculate", type=_speculate, default=0, metavar="K",
+                   help="draft K tokens per round and verify them exactly (0: one token per step; auto: per "
+                        "sequence); needs vllm-generate (base with --enable-trace-replay) or sglang")  # fmt: skip
     g.add_argument("--diagnostics", action="store_true", help="add per-sequence divergence summaries")
     h = p.add_argument_group("servers")
     h.add_argument("--theta-url", action="append", default=None,
@@ -96,6 +99,18 @@ def _missing(text: str) -> Literal["bound", "drop"] | float:
         raise argparse.ArgumentTypeError(f'expected "bound", "drop" or a float log probability, got {text!r}') from None
 
 
+def _speculate(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = -1
+    if not 0 <= k <= 64:
+        raise argparse.ArgumentTypeError(f'expected an integer in [0, 64] or "auto", got {text!r}')
+    return k
+
+
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     from .config import CoordinatorConfig
 
@@ -135,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         request_timeout=args.request_timeout,
         api_key=api_key,
         seed=args.seed,
+        speculate=args.speculate,
         enable_logging=args.log_level is not None,
         log_level=args.log_level or "INFO",
     )
@@ -286,6 +302,8 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dialect", choices=["vllm-completions", "vllm-generate", "sglang"], default="vllm-completions",
                    help="which engine the reference servers imitate, and how to talk to them")  # fmt: skip
     p.add_argument("--scoring", choices=["topk", "exact"], default="topk")
+    p.add_argument("--speculate", type=_speculate, default=0, metavar="K",
+                   help="drafted tokens per speculative round (vllm-generate or sglang)")  # fmt: skip
 
 
 async def _run_demo(args: argparse.Namespace) -> int:
@@ -294,11 +312,13 @@ async def _run_demo(args: argparse.Namespace) -> int:
     from .server import running_server
     from .server.corpus import chat
 
-    flavor = {"flavor": "sglang"} if args.dialect == "sglang" else {"enable_scale_out": True}
+    flavor: dict[str, object] = (
+        {"flavor": "sglang"} if args.dialect == "sglang" else {"enable_scale_out": True, "enable_trace_replay": True}
+    )
     print(f"starting the reference servers as {args.dialect} (base: plain prose, teacher: chat) ...", flush=True)
     with running_server("base", **flavor) as theta_url, running_server("teacher", **flavor) as t_url:
         config = CoordinatorConfig(theta_url=theta_url, t_url=t_url, seed=args.seed, exclude_special_tokens=True,
-                                   dialect=args.dialect, scoring=args.scoring)  # fmt: skip
+                                   dialect=args.dialect, scoring=args.scoring, speculate=args.speculate)  # fmt: skip
         async with DualVLLMCoordinator(config) as coord:
             plain = [f"Question: {q}\nAnswer:" for q in DEMO_QUESTIONS]
             # SGLang's /tokenize renders no chat template: render the teacher's (ChatML) here.
@@ -326,6 +346,11 @@ async def _run_demo(args: argparse.Namespace) -> int:
         f"mean alpha {stats['mean_alpha']:.3f}, {stats['stability_fallbacks']} stability fallbacks, "
         f"{stats['errors']} errors, {stats['requests']} requests"
     )
+    if stats["rounds"]:
+        print(
+            f"speculation: {stats['rounds']} rounds, {stats['tokens_per_round']:.2f} tokens per round, "
+            f"acceptance rate {stats['acceptance_rate']:.2f}"
+        )
     return 1 if stats["errors"] else 0
 
 

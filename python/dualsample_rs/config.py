@@ -38,6 +38,7 @@ class RunSettings:
     scoring: str
     rescore: bool
     seed: int
+    speculate: int | str
     max_retries: int
     retry_delay: float
     request_timeout: float
@@ -96,6 +97,14 @@ class CoordinatorConfig:
             retry up to 8 s (a server's Retry-After takes precedence).
         api_key: one key for both servers, or a (theta, t) pair.
         seed: keys every draw together with the sequence and position.
+        speculate: drafted tokens per speculative round (0: one token per step).
+            Each round the teacher drafts up to this many tokens greedily in one
+            request, the base scores them in one more, and each is accepted with
+            probability q*(token), the first rejected one replaced by a draw from the
+            residual: the sequences have exactly the law of the one-token path.
+            ``"auto"`` picks it per sequence from its acceptance rate so far. Needs
+            ``vllm-generate`` (the base's server with ``--enable-trace-replay``) or
+            ``sglang``; otherwise a warning says why and the run takes one token a step.
         enable_logging, log_level: configure the ``dualsample_rs`` logger.
     """
 
@@ -134,6 +143,7 @@ class CoordinatorConfig:
     retry_delay: float = INITIAL_RETRY_DELAY
     api_key: str | tuple[str | None, str | None] | None = field(default=None, repr=False)
     seed: int = 0
+    speculate: int | Literal["auto"] = 0
     enable_logging: bool = False
     log_level: str = "INFO"
 
@@ -190,6 +200,12 @@ class CoordinatorConfig:
             isinstance(self.seed, int) and not isinstance(self.seed, bool) and -(2**63) <= self.seed < 2**64,
             "seed",
             f"must be an integer in [-2**63, 2**64), got {self.seed!r}",
+        )
+        _check(
+            self.speculate == "auto"
+            or (isinstance(self.speculate, int) and not isinstance(self.speculate, bool) and 0 <= self.speculate <= 64),
+            "speculate",
+            f'expected an integer in [0, 64] or "auto", got {self.speculate!r}',
         )
         level = logging.getLevelName(str(self.log_level).upper())
         _check(isinstance(level, int), "log_level", f"unknown level {self.log_level!r}")

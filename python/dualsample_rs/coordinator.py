@@ -32,6 +32,7 @@ from .output import GenerationOutput, summarise
 from .prompts import Prompt, check_prompt
 from .scheduler import Scheduler
 from .sequence import Sequence, WorkItem, stable_key
+from .speculation import SpeculativeRound, speculation_problem
 from .statistics import Statistics
 
 log = logging.getLogger("dualsample_rs")
@@ -86,6 +87,8 @@ class DualVLLMCoordinator:
         self.info: tuple[ServerInfo, ServerInfo] | None = None
         self.stop_ids: tuple[int, ...] = ()
         self.exclude_ids: tuple[int, ...] = ()
+        #: drafted tokens per speculative round in effect (0 when the servers cannot)
+        self.speculate: int | str = self.config.speculate
 
     async def __aenter__(self) -> DualVLLMCoordinator:
         try:
@@ -122,6 +125,11 @@ class DualVLLMCoordinator:
         )
         if not self.stop_ids:
             log.warning("no end-of-sequence id found on the servers: sequences run to max_tokens (pass stop_token_ids)")
+        if cfg.speculate:
+            problem = await speculation_problem(self.theta, self.teacher)
+            if problem is not None:
+                log.warning("speculative rounds are off, one token per step: %s", problem)
+                self.speculate = 0
         self.info = (info_a, info_b)
         log.info(
             "servers ready (%s, %s): stop ids %s, excluded ids %s",
@@ -248,12 +256,14 @@ class DualVLLMCoordinator:
             if progress.n % 8 == 0 or progress.n == total:
                 progress.set_postfix(self._postfix(), refresh=False)
 
-        # Exact scoring asks the teacher, then the base: two workers or more keep both
-        # servers busy, each with its own half of the sequences in flight.
-        workers = max(math.ceil(cfg.max_concurrency / cfg.max_batch_size), 2 if cfg.scoring == "exact" else 1)
+        # Exact scoring and speculative rounds ask the teacher, then the base: two workers
+        # or more keep both servers busy, each with its own half of the sequences in flight.
+        serial = cfg.scoring == "exact" or bool(self.speculate)
+        workers = max(math.ceil(cfg.max_concurrency / cfg.max_batch_size), 2 if serial else 1)
         batch = max(1, min(cfg.max_batch_size, math.ceil(cfg.max_concurrency / workers)))
+        advance = SpeculativeRound(step, self.speculate) if self.speculate else step
         scheduler = Scheduler(
-            lambda index, item: self._prepare(index, item, max_tokens), step, self._finish, workers, batch, on_output
+            lambda index, item: self._prepare(index, item, max_tokens), advance, self._finish, workers, batch, on_output
         )
         try:
             async for got in scheduler.run(items):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -101,54 +102,76 @@ class DualStep:
         return got[0], got[1]  # type: ignore[return-value]
 
     def _apply(self, rows: list[Sequence], top_a: TopK, top_b: TopK) -> None:
-        cfg = self.config
-        n = len(rows)
-        positions = np.fromiter((len(s.out.token_ids) for s in rows), dtype=np.int64, count=n)
-        keys = np.fromiter((s.item.key for s in rows), dtype=np.int64, count=n)
-        force = positions == 0 if cfg.force_first_token else np.zeros(n, dtype=bool)
+        positions = np.fromiter((len(s.out.token_ids) for s in rows), dtype=np.int64, count=len(rows))
+        keys = np.fromiter((s.item.key for s in rows), dtype=np.int64, count=len(rows))
+        drawn = self.kernel(top_a, top_b, positions, keys)
+        self.stats.steps += 1
+        self.count(drawn, np.ones(len(rows), dtype=bool))
+        for i, seq in enumerate(rows):
+            self.emit(seq, drawn, i)
+
+    def kernel(
+        self, top_a: TopK, top_b: TopK, positions: np.ndarray, keys: np.ndarray, drafts: np.ndarray | None = None
+    ) -> Drawn:
+        """The Rust step over rows (one per sequence and position), as Python columns."""
+        force = positions == 0 if self.config.force_first_token else np.zeros(len(positions), dtype=bool)
         res = _core.step(
             top_a.ids, top_a.logp, top_b.ids, top_b.logp,
-            config=self.sampler, seed=cfg.seed, positions=positions, row_keys=keys, force_teacher=force,
+            config=self.sampler, seed=self.config.seed, positions=positions, row_keys=keys, force_teacher=force,
+            drafts=drafts,
         )  # fmt: skip
-        self._count(res, force, n)
         cols: list[list[Any]] = [getattr(res, name).tolist() for name in _COLUMNS]
         if self.exact:
             # Every candidate was scored by both models: report their true log probabilities
             # of the token (the kernel's are renormalised over the candidates).
             cols[2], cols[3] = (_lookup(top, res.token_id).tolist() for top in (top_a, top_b))
         diag_cols = [getattr(res, name).tolist() for name in DIAGNOSTIC_NAMES] if self.diagnostics else []
-        max_a, max_b = self.max_model_len
-        for i, seq in enumerate(rows):
-            tok = cols[0][i]
-            out = seq.out
-            out.token_ids.append(tok)
-            out.alpha_history.append(cols[1][i])
-            out.logp_theta.append(cols[2][i])
-            out.logp_t.append(cols[3][i])
-            out.logq.append(cols[4][i])
-            out.observed_theta.append(cols[5][i])
-            out.observed_t.append(cols[6][i])
-            out.fallback.append(cols[7][i])
-            for name, col in zip(DIAGNOSTIC_NAMES, diag_cols, strict=False):
-                seq.diag.setdefault(name, []).append(col[i])
-            seq.ctx_theta.append(tok)
-            seq.ctx_t.append(tok)
-            if tok in self.stop:
-                out.finish_reason, seq.done = "stop", True
-            elif len(out.token_ids) >= seq.max_tokens or len(seq.ctx_theta) >= max_a or len(seq.ctx_t) >= max_b:
-                out.finish_reason, seq.done = "length", True
+        return Drawn(res, force, cols, diag_cols)
 
-    def _count(self, res: _core.StepResult, force: np.ndarray, n: int) -> None:
-        cfg, s = self.config, self.stats
-        s.steps += 1
-        s.first_tokens_forced += int(force.sum())
+    def emit(self, seq: Sequence, drawn: Drawn, i: int) -> None:
+        """Append row `i`'s token to `seq` and end it on a stop id or a length limit."""
+        cols = drawn.cols
+        tok = cols[0][i]
+        out = seq.out
+        out.token_ids.append(tok)
+        out.alpha_history.append(cols[1][i])
+        out.logp_theta.append(cols[2][i])
+        out.logp_t.append(cols[3][i])
+        out.logq.append(cols[4][i])
+        out.observed_theta.append(cols[5][i])
+        out.observed_t.append(cols[6][i])
+        out.fallback.append(cols[7][i])
+        for name, col in zip(DIAGNOSTIC_NAMES, drawn.diag_cols, strict=False):
+            seq.diag.setdefault(name, []).append(col[i])
+        seq.ctx_theta.append(tok)
+        seq.ctx_t.append(tok)
+        max_a, max_b = self.max_model_len
+        if tok in self.stop:
+            out.finish_reason, seq.done = "stop", True
+        elif len(out.token_ids) >= seq.max_tokens or len(seq.ctx_theta) >= max_a or len(seq.ctx_t) >= max_b:
+            out.finish_reason, seq.done = "length", True
+
+    def count(self, drawn: Drawn, emitted: np.ndarray) -> None:
+        """Count the statistics of the rows whose tokens were emitted."""
+        cfg, s, res = self.config, self.stats, drawn.res
+        s.first_tokens_forced += int((drawn.force & emitted).sum())
         if cfg.constraint_to_target:
             # Rows where the support constraint actually removed a candidate.
-            s.constraint_applied += int((res.n_merged > res.n_candidates).sum())
+            s.constraint_applied += int(((res.n_merged > res.n_candidates) & emitted).sum())
         if self.sampler.stability_js_max is not None:
-            s.stability_fallbacks += int(res.fallback.sum())
+            s.stability_fallbacks += int((res.fallback & emitted).sum())
         if cfg.enable_stability_check and not cfg.auto_fallback and res.js is not None:
-            s.stability_flagged += int((res.js > cfg.stability_threshold_js).sum())
+            s.stability_flagged += int(((res.js > cfg.stability_threshold_js) & emitted).sum())
+
+
+@dataclass
+class Drawn:
+    """One kernel call's result: the Rust columns, and the reported ones as lists."""
+
+    res: _core.StepResult
+    force: np.ndarray
+    cols: list[list[Any]]
+    diag_cols: list[list[Any]]
 
 
 def _lookup(top: TopK, tokens: np.ndarray) -> np.ndarray:

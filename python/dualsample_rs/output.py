@@ -32,7 +32,9 @@ class GenerationOutput:
     constraint), and ``observed_theta[i]`` / ``observed_t[i]`` say whether each model
     actually listed it in its top-k. With rescoring, ``logp_theta_exact[i]`` and
     ``logp_t_exact[i]`` are the models' true raw log probabilities of the token, from
-    scoring the finished sequence whole. A stop token, when one ended the sequence, is the
+    scoring the finished sequence whole. With speculative rounds, ``round[i]`` is the
+    round (0, 1, ...) that produced token i and ``drafted[i]`` whether it was a drafted
+    token accepted (else a fresh or residual draw). A stop token, when one ended the sequence, is the
     last entry of ``token_ids`` and is not part of ``generated_text``.
     """
 
@@ -53,6 +55,8 @@ class GenerationOutput:
     error: str | None = None
     logp_theta_exact: list[float] | None = None
     logp_t_exact: list[float] | None = None
+    round: list[int] | None = None
+    drafted: list[bool] | None = None
 
     @property
     def generated_tokens(self) -> list[int]:
@@ -86,4 +90,7 @@ class GenerationOutput:
         if self.logp_theta_exact is not None:
             record["logp_theta_exact"] = self.logp_theta_exact
             record["logp_t_exact"] = self.logp_t_exact
+        if self.round is not None:
+            record["round"] = self.round
+            record["drafted"] = self.drafted
         return record

@@ -43,6 +43,10 @@ class Sequence:
     prompt_len_t: int = 0
     diag: dict[str, list[float]] = field(default_factory=dict)
     done: bool = False
+    # speculative rounds so far, drafted tokens tested and accepted
+    rounds: int = 0
+    tested: int = 0
+    accepted: int = 0
 
     def fail(self, err: BaseException) -> None:
         self.out.finish_reason = "error"

@@ -22,6 +22,9 @@ class Statistics:
     stability_fallbacks: int = 0
     stability_flagged: int = 0
     alpha_sum: float = 0.0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def count_finished(self, out: GenerationOutput) -> None:
@@ -36,7 +39,10 @@ class Statistics:
         support constraint removed a candidate), stability fallbacks, tokens per second
         and mean α; and the same under the names earlier tools used: ``total_requests``,
         ``failed_requests`` (requests that failed after their retries), ``total_tokens``,
-        ``first_token_forced`` and ``success_rate`` (sequences without error / sequences)."""
+        ``first_token_forced`` and ``success_rate`` (sequences without error / sequences).
+        With speculative rounds: ``rounds``, ``drafted`` (drafted tokens tested),
+        ``accepted``, ``acceptance_rate``, ``tokens_per_round``; and always
+        ``requests_per_token``."""
         elapsed = max(time.monotonic() - self.started, 1e-9)
         requests, failures = theta.requests + t.requests, theta.failures + t.failures
         return {
@@ -61,6 +67,12 @@ class Statistics:
             "stability_fallbacks": self.stability_fallbacks,
             "stability_flagged": self.stability_flagged,
             "mean_alpha": self.alpha_sum / self.tokens if self.tokens else math.nan,
+            "rounds": self.rounds,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else math.nan,
+            "tokens_per_round": self.tokens / self.rounds if self.rounds else math.nan,
+            "requests_per_token": requests / self.tokens if self.tokens else math.nan,
             "elapsed_s": elapsed,
             "tokens_per_second": self.tokens / elapsed,
         }

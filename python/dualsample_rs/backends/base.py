@@ -30,6 +30,26 @@ class TopK:
         return TopK(self.ids[start:stop], self.logp[start:stop])
 
 
+@dataclass
+class Draft:
+    """Tokens a model generated greedily past a context, and its top-k at each of their
+    positions (one row per token, the row before the token)."""
+
+    tokens: list[int]
+    top: TopK
+
+
+def topk_rows(positions: list[list[tuple[int, float]]], width: int) -> TopK:
+    """(positions, width) arrays from each position's ``(id, logprob)`` entries."""
+    ids = np.full((len(positions), width), -1, dtype=np.int64)
+    logp = np.full((len(positions), width), -np.inf)
+    for r, entries in enumerate(positions):
+        for c, (t, lp) in enumerate(entries[:width]):
+            ids[r, c] = t
+            logp[r, c] = lp
+    return TopK(ids, logp)
+
+
 class Backend(Protocol):
     """One server in one wire dialect. Contexts are token ids; every log probability is
     the model's raw log-softmax (temperature is applied by the caller)."""
@@ -70,6 +90,30 @@ class Backend(Protocol):
 
     async def sequence_logprobs(self, ids: list[int], start: int) -> list[float]:
         """log π(ids[i] | ids[:i]) for every i from `start` (>= 1) to the end."""
+        ...
+
+    async def speculation_problem(self, verify: bool) -> str | None:
+        """Why this server cannot draft (or, with `verify`, verify drafted tokens with
+        its prefix cache kept) in speculative rounds; None when it can."""
+        ...
+
+    async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:
+        """``lengths[r]`` tokens generated greedily past each context (no stop), with the
+        top-k at each of their positions."""
+        ...
+
+    async def continuation_topk(
+        self, contexts: Sequence[Context], continuations: Sequence[list[int]], top_k: int
+    ) -> list[TopK]:
+        """The top-k at each position of each given continuation (the row before each of
+        its tokens), in one request that keeps the context's prefix cache."""
+        ...
+
+    async def continuation_scores(
+        self, contexts: Sequence[Context], continuations: Sequence[list[int]], ids: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
+        """Like `continuation_topk`, the log probabilities of given ids instead: ``ids[r]``
+        has one row of ids (-1 padding) per position of ``continuations[r]``."""
         ...
 
     async def aclose(self) -> None: ...

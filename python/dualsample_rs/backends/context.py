@@ -40,14 +40,19 @@ class Context:
         return f"Context({len(self)} ids)"
 
 
-def body_with_lists(head: dict[str, Any], key: str, contexts: Sequence[Context]) -> bytes:
-    """The JSON object `head` plus ``key: [[...],[...],...]`` holding the contexts, built
-    with one copy of the contexts' bytes (one join over all the pieces)."""
+def body_with_lists(
+    head: dict[str, Any], key: str, contexts: Sequence[Context], tails: Sequence[list[int]] | None = None
+) -> bytes:
+    """The JSON object `head` plus ``key: [[...],[...],...]`` holding the contexts (each
+    followed by its ``tails`` ids, if given), built with one copy of the contexts' bytes
+    (one join over all the pieces)."""
     pieces: list[bytes | bytearray] = [json.dumps(head)[:-1].encode(), b',"%s":[' % key.encode()]
     for i, c in enumerate(contexts):
         if i:
             pieces.append(b"],")
         pieces.append(c.json)
+        if tails is not None and tails[i]:
+            pieces.append(("," if len(c) else "").encode() + ",".join(map(str, tails[i])).encode())
     pieces.append(b"]]}")
     return b"".join(pieces)
 

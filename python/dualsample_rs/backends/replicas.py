@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..exceptions import APIConnectionError, APIError, InternalServerError
-from .base import Backend, TopK
+from .base import Backend, Draft, TopK
 from .context import Context
 from .http import RequestStats
 
@@ -178,6 +178,48 @@ class ReplicaSet:
         for rows, p in parts:
             out[rows] = p
         return out
+
+    async def _per_row(
+        self, contexts: Sequence[Context], call: Callable[[Backend, list[int]], Awaitable[list[T]]]
+    ) -> list[T]:
+        """A call answering one item per row, on the replicas the rows live on."""
+        if len(self.replicas) == 1:
+            return await call(self.replicas[0], list(range(len(contexts))))
+        out: list[Any] = [None] * len(contexts)
+        for rows, got in await self._per_replica(contexts, call):
+            for r, g in zip(rows, got, strict=True):
+                out[r] = g
+        return out
+
+    async def speculation_problem(self, verify: bool) -> str | None:
+        for replica in self.replicas:
+            problem = await replica.speculation_problem(verify)
+            if problem is not None:
+                return problem
+        return None
+
+    async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:
+        return await self._per_row(
+            contexts, lambda b, rows: b.draft([contexts[r] for r in rows], [lengths[r] for r in rows], top_k)
+        )
+
+    async def continuation_topk(
+        self, contexts: Sequence[Context], continuations: Sequence[list[int]], top_k: int
+    ) -> list[TopK]:
+        return await self._per_row(
+            contexts,
+            lambda b, rows: b.continuation_topk([contexts[r] for r in rows], [continuations[r] for r in rows], top_k),
+        )
+
+    async def continuation_scores(
+        self, contexts: Sequence[Context], continuations: Sequence[list[int]], ids: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
+        return await self._per_row(
+            contexts,
+            lambda b, rows: b.continuation_scores(
+                [contexts[r] for r in rows], [continuations[r] for r in rows], [ids[r] for r in rows]
+            ),
+        )
 
     async def _any(self, call: Callable[[Backend], Awaitable[T]]) -> T:
         """`call` on a replica in rotation, failing over to the others."""

@@ -97,6 +97,12 @@ class VLLMCompletionsBackend(HttpBackend):
         await asyncio.gather(*(one(rows, union) for rows, union in groups))
         return out
 
+    async def speculation_problem(self, verify: bool) -> str | None:
+        return (
+            f"{self.base_url}: the vllm-completions dialect cannot take part in speculative rounds "
+            "(use vllm-generate, with --enable-trace-replay on the base's server, or sglang)"
+        )
+
     async def sequence_logprobs(self, ids: list[int], start: int) -> list[float]:
         # Prompt log probabilities: exact, but they skip the prefix cache (the whole
         # sequence is computed again).
@@ -111,12 +117,12 @@ class VLLMCompletionsBackend(HttpBackend):
         position, keyed by id), from `start` on; `entries_of` finds them in the reply."""
         try:
             entries = entries_of()
-            return [_wire(entries[i][str(ids[i])]["logprob"]) for i in range(start, len(ids))]
+            return [wire_logprob(entries[i][str(ids[i])]["logprob"]) for i in range(start, len(ids))]
         except (KeyError, IndexError, TypeError) as err:
             raise InvalidResponseError(f"{self.base_url}: prompt_logprobs reply without position {err}") from err
 
 
-def _wire(value: Any) -> float:
+def wire_logprob(value: Any) -> float:
     return -np.inf if value is None or value <= -9999.0 else float(value)
 
 

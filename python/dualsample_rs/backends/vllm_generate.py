@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from ..exceptions import InvalidInputError, InvalidResponseError
-from .base import TopK, gather_scores
+from ..exceptions import BadRequestError, InvalidInputError, InvalidResponseError
+from .base import VLLM_MAX_SCORED_IDS, Draft, TopK, gather_scores, topk_rows
 from .context import Context, body_with_list
-from .vllm_completions import VLLMCompletionsBackend
+from .vllm_completions import VLLMCompletionsBackend, wire_logprob
 
 GENERATE_PATH = "/inference/v1/generate"
 
@@ -55,6 +55,71 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
         got = await self._each(contexts, params, ids.shape[1] + 1)
         return gather_scores(ids, got, f"{self.base_url} logprob_token_ids")
 
+    # ------------------------------------------------------------ speculative rounds
+    async def speculation_problem(self, verify: bool) -> str | None:
+        if not verify:
+            return None
+        try:  # one replayed token past a one-token context
+            await self._positions(Context([0]), {"max_tokens": 1, "logprobs": 1, "trace_decode_token_ids": [0]})
+        except BadRequestError as err:
+            if "trace" not in str(err).lower():
+                raise
+            return f"{self.base_url}: vLLM cannot verify drafted tokens without --enable-trace-replay ({err})"
+        return None
+
+    async def _positions(self, context: Context, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Each generated position's ``logprobs.content`` entry of one generate reply."""
+        data = await self._request("POST", GENERATE_PATH, content=self._body(context, params))
+        self.stats.count_cache(_cached(data), len(context))
+        try:
+            content = data["choices"][0]["logprobs"]["content"]
+            if not isinstance(content, list) or not content:
+                raise TypeError("no positions")
+            return content
+        except (KeyError, IndexError, TypeError) as err:
+            raise InvalidResponseError(f"{self.base_url}: generate reply without logprobs content ({err})") from err
+
+    async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:
+        async def one(context: Context, length: int) -> Draft:
+            params = {"max_tokens": length, "logprobs": top_k, "ignore_eos": True}
+            content = await self._positions(context, params)
+            tokens = [int(p["token_id"]) for p in content]
+            return Draft(tokens, topk_rows([_top_entries(p, top_k) for p in content], top_k + 1))
+
+        return list(await asyncio.gather(*(one(c, n) for c, n in zip(contexts, lengths, strict=True))))
+
+    async def continuation_topk(
+        self, contexts: Sequence[Context], continuations: Sequence[list[int]], top_k: int
+    ) -> list[TopK]:
+        async def one(context: Context, cont: list[int]) -> TopK:
+            params = {"max_tokens": len(cont), "logprobs": top_k, "trace_decode_token_ids": cont}
+            content = await self._replayed(context, cont, params)
+            return topk_rows([_top_entries(p, top_k) for p in content], top_k + 1)
+
+        return list(await asyncio.gather(*(one(c, t) for c, t in zip(contexts, continuations, strict=True))))
+
+    async def continuation_scores(
+        self, contexts: Sequence[Context], continuations: Sequence[list[int]], ids: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
+        async def one(context: Context, cont: list[int], wanted: np.ndarray) -> np.ndarray:
+            # `logprob_token_ids` is one list for every position: the union of the rows.
+            union = sorted({int(t) for t in wanted.ravel() if t >= 0})
+            if len(union) > VLLM_MAX_SCORED_IDS:
+                raise InvalidInputError(f"{len(union)} ids to score over a round, over vLLM's cap of 128")
+            params = {"max_tokens": len(cont), "logprob_token_ids": union, "trace_decode_token_ids": cont}
+            content = await self._replayed(context, cont, params)
+            got = topk_rows([_top_entries(p, None) for p in content], len(union) + 1)
+            return gather_scores(wanted, got, f"{self.base_url} logprob_token_ids")
+
+        calls = (one(c, t, w) for c, t, w in zip(contexts, continuations, ids, strict=True))
+        return list(await asyncio.gather(*calls))
+
+    async def _replayed(self, context: Context, cont: list[int], params: dict[str, Any]) -> list[dict[str, Any]]:
+        content = await self._positions(context, params)
+        if [p.get("token_id") for p in content] != cont:
+            raise InvalidResponseError(f"{self.base_url}: the replayed tokens differ from the trace sent")
+        return content
+
     async def sequence_logprobs(self, ids: list[int], start: int) -> list[float]:
         params = {"max_tokens": 1, "temperature": 0, "detokenize": False, "prompt_logprobs": 0}
         body: dict[str, Any] = {"token_ids": ids, "sampling_params": params}
@@ -62,6 +127,21 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
             body["model"] = self.model
         data = await self._request("POST", GENERATE_PATH, body)
         return self._prompt_logprobs(lambda: data["prompt_logprobs"], ids, start)
+
+
+def _top_entries(position: dict[str, Any], top_k: int | None) -> list[tuple[int, float]]:
+    """A position's ``(id, logprob)`` entries without the sampled token vLLM puts first
+    when it is not among the top k (as the one-token path sees the same position)."""
+    entries = position.get("top_logprobs") or []
+    if top_k is not None and len(entries) > top_k:
+        entries = entries[1:]
+    return [(int(e["token_id"]), wire_logprob(e.get("logprob"))) for e in entries]
+
+
+def _cached(data: Any) -> int | None:
+    details = ((data.get("usage") or {}).get("prompt_tokens_details") or {}) if isinstance(data, dict) else {}
+    cached = details.get("cached_tokens")
+    return int(cached) if cached is not None else None
 
 
 def _parse(raw: bytes, width: int) -> TopK:
