@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .completions import Request, Sequence, prompt_logprob_entries, top_ids, validate_prompt
+from .completions import Request, Sequence, top_ids, validate_prompt
 from .errors import bad_request, valid_text
 from .model import Model
 
@@ -138,32 +138,23 @@ class GenerateCall:
             k, ids = self.top_n[i], self.token_ids[i]
             meta["output_top_logprobs"] = [[_triple(lp[t], t) for t in top_ids(lp, k)] for lp in lps] if k else None
             meta["output_token_ids_logprobs"] = [[_triple(lp[t], t) for t in ids] for lp in lps] if ids else None
-            meta["input_token_logprobs"] = self._input_logprobs(model, s.prompt, self.start[i])
-            meta["input_top_logprobs"], meta["input_token_ids_logprobs"] = self._input_lists(model, s.prompt, i)
+            inputs = self._input(model, s.prompt, i)
+            meta["input_token_logprobs"], meta["input_top_logprobs"], meta["input_token_ids_logprobs"] = inputs
         return {"text": model.detokenize(s.tokens, self.request.skip_special_tokens), "output_ids": s.tokens,
                 "meta_info": meta}  # fmt: skip
 
-    def _input_lists(self, model: Model, prompt: list[int], i: int) -> tuple[Any, Any]:
-        """The top-k and the given ids' entries at each input position from
-        ``logprob_start_len`` on (None at that first position, as for the tokens), when
-        asked for: how a continuation given in the input is scored in one request."""
+    def _input(self, model: Model, prompt: list[int], i: int) -> tuple[Any, Any, Any]:
+        """The input positions' token entries, top-k and given ids' entries from
+        ``logprob_start_len`` on, each None at that first position as SGLang answers
+        (the last two only when asked for): how a continuation given in the input is
+        scored in one request."""
         start, k, ids = self.start[i], self.top_n[i], self.token_ids[i]
-        if start < 0 or not (k or ids):
-            return None, None
+        if start < 0:
+            return [], None, None
         contexts = [prompt[:p] for p in range(start + 1, len(prompt))]
         lps = [_scaled(lp, self.temperature) for lp in model.next_logprobs(contexts)] if contexts else []
+        scored = (_triple(lp[prompt[p]], prompt[p]) for p, lp in enumerate(lps, start + 1))
+        tokens = [[None, prompt[start], None], *scored]
         top = [None, *([_triple(lp[t], t) for t in top_ids(lp, k)] for lp in lps)] if k else None
         given = [None, *([_triple(lp[t], t) for t in ids] for lp in lps)] if ids else None
-        return top, given
-
-    def _input_logprobs(self, model: Model, prompt: list[int], start: int) -> list[list[Any]]:
-        if start < 0:
-            return []
-        entries = prompt_logprob_entries(model, prompt, 0)
-        out: list[list[Any]] = [[None, prompt[start], None]]
-        for p in range(start + 1, len(prompt)):
-            e = entries[p]
-            assert e is not None
-            lp = e[str(prompt[p])]["logprob"]
-            out.append(_triple(lp if lp > -9999.0 else -np.inf, prompt[p]))
-        return out
+        return tokens, top, given
