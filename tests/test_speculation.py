@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from scipy import stats
-from support import generate_cli, read_records, wait_cli, write_input
-
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, GenerationOutput
 from dualsample_rs.backends import Context, SGLangBackend, VLLMGenerateBackend
 from dualsample_rs.server import running_flavors, running_server
+from scipy import stats
+from support import generate_cli, read_records, wait_cli, write_input
 
 DIALECT = {"vllm": "vllm-generate", "sglang": "sglang"}
 
