@@ -13,6 +13,7 @@ import pytest
 import ray
 from dualsample_rs import CoordinatorConfig
 from dualsample_rs.ray import DualSample, record_from_row
+from dualsample_rs.server import running_server
 from support import generate_cli, read_records, wait_cli, write_input
 
 
@@ -23,17 +24,17 @@ def cluster() -> Iterator[None]:
     ray.shutdown()
 
 
-def _reference(urls: tuple[str, str], tmp_path: Path, n: int) -> tuple[Path, dict]:
+def _reference(urls: tuple[str, str], tmp_path: Path, n: int, *flags: str) -> tuple[Path, dict]:
     inp, out = tmp_path / "in.jsonl", tmp_path / "single.jsonl"
     write_input(inp, n)
-    code, err = wait_cli(generate_cli(urls, inp, out))
+    code, err = wait_cli(generate_cli(urls, inp, out, *flags))
     assert code == 0, err
     return inp, {r["id"]: r for r in read_records(out)}
 
 
-def test_map_batches_gives_the_single_process_records(cluster: None, urls: tuple[str, str], tmp_path: Path) -> None:
-    inp, reference = _reference(urls, tmp_path, 24)
-    config = CoordinatorConfig(theta_url=urls[0], t_url=urls[1], seed=11)
+def _map_batches(urls: tuple[str, str], tmp_path: Path, flags: tuple[str, ...], **options: object) -> None:
+    inp, reference = _reference(urls, tmp_path, 24, *flags)
+    config = CoordinatorConfig(theta_url=urls[0], t_url=urls[1], seed=11, **options)  # type: ignore[arg-type]
     kwargs = {"config": config, "max_tokens": 25, "actors": 2}
     mapped = ray.data.read_json(str(inp)).map_batches(
         DualSample, fn_constructor_kwargs=kwargs, concurrency=2, batch_size=5, num_cpus=0.25
@@ -42,6 +43,16 @@ def test_map_batches_gives_the_single_process_records(cluster: None, urls: tuple
     records = [record_from_row(r) for r in rows]
     assert sorted(r["id"] for r in records) == sorted(reference)
     assert all(r == reference[r["id"]] for r in records)
+
+
+def test_map_batches_gives_the_single_process_records(cluster: None, urls: tuple[str, str], tmp_path: Path) -> None:
+    _map_batches(urls, tmp_path, ())
+
+
+def test_map_batches_keeps_rescored_and_speculative_fields(cluster: None, tmp_path: Path) -> None:
+    with running_server("base", flavor="sglang") as a, running_server("teacher", flavor="sglang") as b:
+        flags = ("--dialect", "sglang", "--speculate", "3", "--rescore")
+        _map_batches((a, b), tmp_path, flags, dialect="sglang", speculate=3, rescore=True)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])

@@ -31,6 +31,9 @@ from .sequence import WorkItem, stable_key
 # The record's fields as columns; `diagnostics` (a nested mapping) goes as JSON text.
 COLUMNS = ("id", "prompt", "teacher_prompt", "text", "token_ids", "alpha", "logp_theta", "logp_t", "logq",
            "observed_theta", "observed_t", "fallback", "finish_reason", "error", "diagnostics")  # fmt: skip
+# Fields a record has only with rescoring, or with speculative rounds.
+RESCORED = ("logp_theta_exact", "logp_t_exact")
+SPECULATED = ("round", "drafted")
 
 
 def _plain(value: Any) -> Any:
@@ -84,6 +87,7 @@ class DualSample:
         self.loop = asyncio.new_event_loop()
         self.coord = DualVLLMCoordinator(cfg)
         self.loop.run_until_complete(self.coord.start())
+        self.columns = COLUMNS + (RESCORED if cfg.rescore else ()) + (SPECULATED if self.coord.speculate else ())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         if "id" not in batch:
@@ -97,7 +101,7 @@ class DualSample:
         ]
         outs = self.loop.run_until_complete(self._generate(items))
         records = [_row(o) for o in outs]
-        return {name: [r[name] for r in records] for name in COLUMNS}
+        return {name: [r.get(name) for r in records] for name in self.columns}
 
     async def _generate(self, items: list[WorkItem]) -> list[GenerationOutput]:
         outs: list[GenerationOutput | None] = [None] * len(items)
@@ -124,6 +128,10 @@ def record_from_row(row: dict[str, Any]) -> dict[str, Any]:
     """A record as `dualsample generate` writes it, from a row `DualSample` returned."""
     record = {name: _plain(row[name]) for name in COLUMNS}
     record["diagnostics"] = json.loads(record["diagnostics"])
+    # A failed sequence of a rescored run has no exact values: its record has no such keys.
+    for name in (*RESCORED, *SPECULATED):
+        if row.get(name) is not None:
+            record[name] = _plain(row[name])
     return record
 
 
