@@ -6,6 +6,7 @@ model before temperature; temperature only shapes the server's own sample.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -324,7 +325,8 @@ def _key(model: Model, token: int, ids_as_keys: bool) -> str:
 
 
 def wire(x: float) -> float:
-    return float(x) if np.isfinite(x) else NEG_INF_WIRE
+    x = float(x)  # math on a Python float: np.isfinite on a numpy scalar is slow per entry
+    return x if math.isfinite(x) else NEG_INF_WIRE
 
 
 def _entry_ids(lp: np.ndarray, sampled: int, k: int, score_ids: list[int] | None) -> list[int]:

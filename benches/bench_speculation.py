@@ -1,0 +1,70 @@
+"""Speculative rounds against one token per step, side by side in one run.
+
+Reference servers add a fixed 20 ms to every request (a stand-in for a forward pass).
+With 4 sequences in flight that latency bounds the run; with 16 and 128 the two cores that run
+both servers and the client do (and a round's extra server work shows). For each
+dialect, load and K (0 = one token per step), ``extra_info`` has tokens/s end to end,
+the acceptance rate, tokens per round, the generation requests per token (tokenising
+and detokenising left out), round trips per token of a sequence, and the context ids
+sent per token. The models and prompts are the demo's: plain questions for the base,
+the same questions in the teacher's chat template.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator
+from dualsample_rs.cli import DEMO_QUESTIONS
+from dualsample_rs.server import running_server
+from dualsample_rs.server.corpus import chat
+
+LATENCY = 0.02  # seconds added to every request
+TOKENS = 48
+FLAVOR = {
+    "vllm-generate": {"enable_scale_out": True, "enable_trace_replay": True, "enable_prompt_tokens_details": True},
+    "sglang": {"flavor": "sglang"},
+}
+
+
+@pytest.mark.parametrize("speculate", [0, 2, 4, 8, "auto"])
+@pytest.mark.parametrize("in_flight", [4, 16, 128])
+@pytest.mark.parametrize("dialect", ["vllm-generate", "sglang"])
+def test_speculation(benchmark, dialect: str, in_flight: int, speculate: int | str) -> None:
+    benchmark.group = f"{dialect}: {LATENCY * 1e3:.0f} ms per request, {in_flight} in flight, {TOKENS} tokens"
+    questions = [DEMO_QUESTIONS[i % len(DEMO_QUESTIONS)] for i in range(in_flight)]
+    plain = [f"Question: {q}\nAnswer:" for q in questions]
+    teacher = [chat([{"role": "user", "content": q}], True) for q in questions]
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(running_server(m, latency=LATENCY, latency_rate=1.0, **FLAVOR[dialect]))
+                for m in ("base", "teacher")]  # fmt: skip
+        config = CoordinatorConfig(theta_url=urls[0], t_url=urls[1], dialect=dialect, speculate=speculate,  # type: ignore[arg-type]
+                                   max_concurrency=in_flight, max_batch_size=32, stop_token_ids=(), seed=1)  # fmt: skip
+        found: dict[str, float] = {}
+
+        async def go() -> None:
+            async with DualVLLMCoordinator(config) as coord:
+                before = coord.get_statistics()["requests"]
+                t0 = time.perf_counter()
+                outs = await coord.generate_batch_dual_prompts(plain, teacher, max_tokens=TOKENS, show_progress=False)
+                wall = time.perf_counter() - t0
+                st = coord.get_statistics()
+            tokens = sum(len(o.token_ids) for o in outs)
+            assert tokens == in_flight * TOKENS and not any(o.error for o in outs)
+            # Each sequence is tokenised on both servers and detokenised once.
+            generation_requests = st["requests"] - before - 3 * in_flight
+            sent = coord.theta.stats.prompt_tokens + coord.teacher.stats.prompt_tokens
+            found.update(
+                tokens_per_second=tokens / wall,
+                acceptance_rate=st["acceptance_rate"],
+                tokens_per_round=st["tokens_per_round"] if st["rounds"] else 1.0,
+                requests_per_token=generation_requests / tokens,
+                round_trips_per_token=2 * (st["rounds"] or tokens) / tokens,
+                context_ids_per_token=sent / tokens,
+            )
+
+        benchmark.pedantic(lambda: asyncio.run(go()), rounds=1, iterations=1)
+    benchmark.extra_info.update({k: round(v, 3) for k, v in found.items()})
