@@ -312,7 +312,7 @@ async def _run_demo(args: argparse.Namespace) -> int:
     from .server import running_server
     from .server.corpus import chat
 
-    flavor: dict[str, object] = (
+    flavor: dict[str, Any] = (
         {"flavor": "sglang"} if args.dialect == "sglang" else {"enable_scale_out": True, "enable_trace_replay": True}
     )
     print(f"starting the reference servers as {args.dialect} (base: plain prose, teacher: chat) ...", flush=True)
