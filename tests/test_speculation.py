@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,7 +19,9 @@ import numpy as np
 import pytest
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, GenerationOutput
 from dualsample_rs.backends import Context, SGLangBackend, VLLMGenerateBackend
+from dualsample_rs.exceptions import ConfigurationError
 from dualsample_rs.server import running_flavors, running_server
+from dualsample_rs.speculation import AUTO_RANGE, auto_drafts
 from scipy import stats
 from support import generate_cli, read_records, wait_cli, write_input
 
@@ -234,3 +238,39 @@ def test_cli_speculating_killed_and_resumed_loses_and_duplicates_nothing(
     records = read_records(part)
     assert sorted(r["id"] for r in records) == sorted(reference)
     assert all(r == reference[r["id"]] for r in records)
+
+
+def test_exact_scoring_rounds_fit_vllm_cap_of_128_ids() -> None:
+    """Top-60 candidates at up to nine positions pass vLLM's 128 scored ids: each round is
+    cut to the positions that fit, and the numbers stay the one-token path's."""
+    prompts = ["Question: What makes thunder?\nAnswer:"] * 100
+    options = {"scoring": "exact", "top_k": 60}
+    with (
+        running_server("base", enable_scale_out=True, enable_trace_replay=True, max_logprobs=64) as a,
+        running_server("teacher", enable_scale_out=True, max_logprobs=64) as b,
+    ):
+        one, _ = generate((a, b), "vllm-generate", prompts, 10, seed=1, **options)
+        spec, st = generate((a, b), "vllm-generate", prompts, 10, seed=2, speculate=8, **options)
+    assert not any(o.error for o in spec)
+    assert 1 < st["tokens_per_round"] < 2.5  # two or three positions fit, not nine
+    ref, got = _numbers_by_context(one), _numbers_by_context(spec)
+    shared = set(ref) & set(got)
+    assert len(shared) > 20
+    for key in shared:
+        np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-12, err_msg=str(key))
+
+
+def test_auto_drafts_more_where_more_is_accepted() -> None:
+    ks = [auto_drafts(100, accepted) for accepted in (5, 30, 60, 85, 99)]
+    assert ks == sorted(ks) and ks[0] == 1 and ks[-1] == max(AUTO_RANGE)
+
+
+def test_bad_speculate_values_are_refused() -> None:
+    for bad in (-1, 65, True, 2.0, "fast"):
+        with pytest.raises(ConfigurationError, match="speculate"):
+            CoordinatorConfig(speculate=bad)  # type: ignore[arg-type]
+    p = subprocess.run(
+        [sys.executable, "-m", "dualsample_rs", "generate", "--input", "x", "--output", "y", "--speculate", "-2"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert p.returncode == 2 and "--speculate" in p.stderr
