@@ -15,7 +15,10 @@ mod _core {
     #[pymodule_export]
     use crate::py::step::{step_py, StepResult};
     #[pymodule_export]
-    use crate::py::wire::{parse_completions_topk, parse_generate_topk, parse_sglang_topk};
+    use crate::py::wire::{
+        parse_completions_topk, parse_generate_positions, parse_generate_topk, parse_sglang_positions,
+        parse_sglang_topk,
+    };
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -13,7 +13,9 @@ __all__ = [
     "merge_topk",
     "mix",
     "parse_completions_topk",
+    "parse_generate_positions",
     "parse_generate_topk",
+    "parse_sglang_positions",
     "parse_sglang_topk",
     "solve_alpha",
     "step",
@@ -260,4 +262,32 @@ def parse_sglang_topk(
 
     Raises:
         InvalidInputError: the body is not such a reply, or has not ``rows`` items.
+    """
+
+def parse_generate_positions(
+    bodies: list[bytes], width: int, top_k: int | None = None
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float64], NDArray[np.int64], int | None]:
+    """Every generated position of one vLLM ``/inference/v1/generate`` reply per
+    sequence, one row per position: ``(tokens, ids, logp, lengths, cached_tokens)``.
+    ``tokens`` are the sampled (or replayed) tokens, ``ids``/``logp`` each position's
+    entries (width columns, -1/-inf padding), ``lengths`` the rows of each reply. With
+    `top_k`, a position listing more entries drops the first (the sampled token vLLM puts
+    first when it is not among the top k).
+
+    Raises:
+        InvalidInputError: a body is not such a reply, or has no positions.
+    """
+
+def parse_sglang_positions(
+    body: bytes, rows: int, width: int, field: Literal["top", "token_ids"], scored: bool
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float64], NDArray[np.int64], int | None]:
+    """Every position of each item of a batched SGLang ``/generate`` reply, one row per
+    position, as :func:`parse_generate_positions`. A draft (``scored=False``) reads the
+    generated tokens and ``output_*`` lists; the scoring of a continuation given in the
+    input (``scored=True``) reads ``input_*`` after its first entry (None from SGLang)
+    and the first ``output_*`` position, with tokens -1.
+
+    Raises:
+        InvalidInputError: the body is not such a reply, has not ``rows`` items, or
+            lacks the lists asked for.
     """

@@ -4,6 +4,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyBytesMethods, PyTuple};
 
 use crate::errors::KernelError;
+use crate::wire::positions::{self, Positions};
 use crate::wire::{completions, generate, sglang, Parsed};
 
 /// `(ids, logp, cached_tokens or None)`.
@@ -63,4 +64,57 @@ pub fn parse_sglang_topk<'py>(
     };
     let parsed = py.detach(|| sglang::parse_topk(body, rows, width, field))?;
     arrays(py, parsed)
+}
+
+/// `(tokens, ids, logp, lengths, cached_tokens or None)`: one row per position.
+fn position_arrays(py: Python<'_>, p: Positions) -> PyResult<Bound<'_, PyTuple>> {
+    let cached = match p.cached_tokens {
+        Some(c) => c.into_pyobject(py)?.into_any(),
+        None => py.None().into_bound(py),
+    };
+    PyTuple::new(
+        py,
+        [
+            p.tokens.into_pyarray(py).into_any(),
+            p.ids.into_pyarray(py).into_any(),
+            p.logp.into_pyarray(py).into_any(),
+            p.lengths.into_pyarray(py).into_any(),
+            cached,
+        ],
+    )
+}
+
+/// Every generated position of one vLLM generate reply per sequence (see
+/// `wire::positions::parse_generate`).
+#[pyfunction]
+#[pyo3(signature = (bodies, width, top_k=None))]
+pub fn parse_generate_positions<'py>(
+    py: Python<'py>,
+    bodies: Vec<Bound<'py, PyBytes>>,
+    width: usize,
+    top_k: Option<usize>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let slices: Vec<&[u8]> = bodies.iter().map(PyBytesMethods::as_bytes).collect();
+    let parsed = positions::parse_generate(&slices, width, top_k)?;
+    position_arrays(py, parsed)
+}
+
+/// Every position of each item of a batched SGLang reply: a draft, or (`scored`) the
+/// scoring of given continuations (see `wire::positions::parse_sglang`).
+#[pyfunction]
+pub fn parse_sglang_positions<'py>(
+    py: Python<'py>,
+    body: &[u8],
+    rows: usize,
+    width: usize,
+    field: &str,
+    scored: bool,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let top = match field {
+        "top" => true,
+        "token_ids" => false,
+        _ => return Err(KernelError::arg("field", format!("expected \"top\" or \"token_ids\", got {field:?}")).into()),
+    };
+    let parsed = py.detach(|| positions::parse_sglang(body, rows, width, top, scored))?;
+    position_arrays(py, parsed)
 }

@@ -6,6 +6,7 @@
 //! without building values) into preallocated arrays takes a fraction of that.
 pub mod completions;
 pub mod generate;
+pub mod positions;
 pub mod sglang;
 
 use numpy::ndarray::Array2;

@@ -27,7 +27,7 @@ impl Field {
 }
 
 /// One `[logprob, token_id, text]` triple (text skipped).
-struct Triple(i64, f64);
+pub(super) struct Triple(pub i64, pub f64);
 
 impl<'de> Deserialize<'de> for Triple {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {

@@ -39,15 +39,17 @@ class Draft:
     top: TopK
 
 
-def topk_rows(positions: list[list[tuple[int, float]]], width: int) -> TopK:
-    """(positions, width) arrays from each position's ``(id, logprob)`` entries."""
-    ids = np.full((len(positions), width), -1, dtype=np.int64)
-    logp = np.full((len(positions), width), -np.inf)
-    for r, entries in enumerate(positions):
-        for c, (t, lp) in enumerate(entries[:width]):
-            ids[r, c] = t
-            logp[r, c] = lp
-    return TopK(ids, logp)
+def split_positions(
+    tokens: np.ndarray, ids: np.ndarray, logp: np.ndarray, lengths: np.ndarray
+) -> list[tuple[list[int], TopK]]:
+    """Per sequence, its tokens and rows, from a reply parsed as one row per position
+    (``lengths`` rows each, in order)."""
+    out = []
+    start = 0
+    for n in lengths.tolist():
+        out.append((tokens[start : start + n].tolist(), TopK(ids[start : start + n], logp[start : start + n])))
+        start += n
+    return out
 
 
 class Backend(Protocol):

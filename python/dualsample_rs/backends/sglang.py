@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import _core
 from ..exceptions import ConfigurationError, InvalidInputError, InvalidResponseError
-from .base import Draft, TopK, gather_scores, topk_rows
+from .base import Draft, TopK, gather_scores, split_positions
 from .context import Context, body_with_lists
 from .http import HttpBackend
 
@@ -73,25 +73,30 @@ class SGLangBackend(HttpBackend):
     async def speculation_problem(self, verify: bool) -> str | None:
         return None
 
-    async def _meta(
-        self, head: dict[str, Any], inputs: Sequence[Context], tails: Sequence[list[int]] | None = None
-    ) -> list[dict[str, Any]]:
-        """Each item's ``meta_info`` of a batched ``/generate`` of the contexts (each
-        followed by its tail ids)."""
-        data = await self._request("POST", "/generate", content=body_with_lists(head, "input_ids", inputs, tails))
-        rows = len(inputs)
-        items = data if isinstance(data, list) else [data]
-        try:
-            metas = [item["meta_info"] for item in items]
-        except (KeyError, TypeError) as err:
-            raise InvalidResponseError(f"{self.base_url}: /generate reply without meta_info ({err})") from err
-        if len(metas) != rows:
-            raise InvalidResponseError(f"{self.base_url}: {len(metas)} items in the reply for {rows} prompts")
-        for r, meta in enumerate(metas):
-            cached = meta.get("cached_tokens")
-            length = len(inputs[r]) + (len(tails[r]) if tails is not None else 0)
-            self.stats.count_cache(int(cached) if cached is not None else None, length)
-        return metas
+    async def _positions(
+        self,
+        head: dict[str, Any],
+        contexts: Sequence[Context],
+        width: int,
+        field: Literal["top", "token_ids"],
+        tails: Sequence[list[int]] | None = None,
+    ) -> list[tuple[list[int], TopK]]:
+        """Each item's tokens and rows (one per position) of a batched ``/generate`` of
+        the contexts, each followed by its tail ids: a draft, or with `tails` the
+        scoring of the continuations."""
+        rows, scored = len(contexts), tails is not None
+
+        def decode(raw: bytes) -> Any:
+            try:
+                return _core.parse_sglang_positions(raw, rows, width, field, scored)
+            except InvalidInputError as exc:
+                raise InvalidResponseError(f"unexpected SGLang reply: {exc}") from exc
+
+        content = body_with_lists(head, "input_ids", contexts, tails)
+        tokens, ids, logp, lengths, cached = await self._request("POST", "/generate", content=content, decode=decode)
+        sent = sum(len(c) for c in contexts) + (sum(len(t) for t in tails) if tails is not None else 0)
+        self.stats.count_cache(cached, sent)
+        return split_positions(tokens, ids, logp, lengths)
 
     async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:
         # One generation length per request: contexts are grouped by length.
@@ -106,19 +111,23 @@ class SGLangBackend(HttpBackend):
                 "return_logprob": True,
                 "top_logprobs_num": top_k,
             }
-            for r, meta in zip(rows, await self._meta(head, [contexts[r] for r in rows]), strict=True):
-                tokens = [int(e[1]) for e in _positions(meta, "output_token_logprobs", self.base_url)]
-                tops = _positions(meta, "output_top_logprobs", self.base_url)
-                out[r] = Draft(tokens, topk_rows([_entries(p) for p in tops], top_k))
+            got = await self._positions(head, [contexts[r] for r in rows], top_k, "top")
+            for r, (tokens, top) in zip(rows, got, strict=True):
+                out[r] = Draft(tokens, top)
 
         await asyncio.gather(*(group(n, rows) for n, rows in groups.items()))
         return [d for d in out if d is not None]
 
     async def _continuation(
-        self, contexts: Sequence[Context], continuations: Sequence[list[int]], fields: dict[str, Any], kind: str
-    ) -> list[list[list[tuple[int, float]]]]:
-        """Each continuation's entries at its positions: the input positions of all but
-        its last token (scored from just before the continuation, which keeps the radix
+        self,
+        contexts: Sequence[Context],
+        continuations: Sequence[list[int]],
+        fields: dict[str, Any],
+        width: int,
+        field: Literal["top", "token_ids"],
+    ) -> list[TopK]:
+        """The rows at each continuation's positions: the input positions of all but its
+        last token (scored from just before the continuation, which keeps the radix
         cache of the context; SGLang answers None at that first position) and the one
         generated position after them."""
         head = {
@@ -127,33 +136,25 @@ class SGLangBackend(HttpBackend):
             "logprob_start_len": [len(c) - 1 for c in contexts],
             **fields,
         }
-        metas = await self._meta(head, contexts, [t[:-1] for t in continuations])
-        out = []
-        for meta, cont in zip(metas, continuations, strict=True):
-            scored = _positions(meta, f"input_{kind}", self.base_url)[1:] if len(cont) > 1 else []
-            positions = [*scored, *_positions(meta, f"output_{kind}", self.base_url)[:1]]
-            if len(positions) != len(cont):
-                raise InvalidResponseError(f"{self.base_url}: {len(positions)} scored positions for {len(cont)}")
-            out.append([_entries(p) for p in positions])
-        return out
+        got = await self._positions(head, contexts, width, field, [t[:-1] for t in continuations])
+        for (_, top), cont in zip(got, continuations, strict=True):
+            if top.ids.shape[0] != len(cont):
+                raise InvalidResponseError(f"{self.base_url}: {top.ids.shape[0]} scored positions for {len(cont)}")
+        return [top for _, top in got]
 
     async def continuation_topk(
         self, contexts: Sequence[Context], continuations: Sequence[list[int]], top_k: int
     ) -> list[TopK]:
-        got = await self._continuation(contexts, continuations, {"top_logprobs_num": top_k}, "top_logprobs")
-        return [topk_rows(p, top_k) for p in got]
+        return await self._continuation(contexts, continuations, {"top_logprobs_num": top_k}, top_k, "top")
 
     async def continuation_scores(
         self, contexts: Sequence[Context], continuations: Sequence[list[int]], ids: Sequence[np.ndarray]
     ) -> list[np.ndarray]:
         # `token_ids_logprob` is one list per prompt for all its positions: the union.
         unions = [sorted({int(t) for t in w.ravel() if t >= 0}) for w in ids]
-        fields = {"token_ids_logprob": unions}
-        got = await self._continuation(contexts, continuations, fields, "token_ids_logprobs")
-        return [
-            gather_scores(w, topk_rows(p, len(u)), f"{self.base_url} token_ids_logprob")
-            for w, p, u in zip(ids, got, unions, strict=True)
-        ]
+        width = max(len(u) for u in unions)
+        got = await self._continuation(contexts, continuations, {"token_ids_logprob": unions}, width, "token_ids")
+        return [gather_scores(w, top, f"{self.base_url} token_ids_logprob") for w, top in zip(ids, got, strict=True)]
 
     async def sequence_logprobs(self, ids: list[int], start: int) -> list[float]:
         if start >= len(ids):
@@ -176,23 +177,6 @@ class SGLangBackend(HttpBackend):
         if not ok:
             raise InvalidResponseError(f"{self.base_url}: input_token_logprobs do not match the scored ids")
         return values
-
-
-def _positions(meta: dict[str, Any], key: str, where: str) -> list[Any]:
-    value = meta.get(key)
-    if not isinstance(value, list):
-        raise InvalidResponseError(f"{where}: /generate reply without {key}")
-    return value
-
-
-def _entries(position: Any) -> list[tuple[int, float]]:
-    """``[logprob, id, text]`` triples as ``(id, logprob)`` (null: -inf)."""
-    if position is None:
-        return []
-    try:
-        return [(int(e[1]), float(e[0]) if e[0] is not None else -np.inf) for e in position]
-    except (IndexError, TypeError, ValueError) as err:
-        raise InvalidResponseError(f"unexpected SGLang logprob entry ({err})") from err
 
 
 def _parse(raw: bytes, rows: int, width: int, field: Literal["top", "token_ids"]) -> TopK:

@@ -117,12 +117,12 @@ class VLLMCompletionsBackend(HttpBackend):
         position, keyed by id), from `start` on; `entries_of` finds them in the reply."""
         try:
             entries = entries_of()
-            return [wire_logprob(entries[i][str(ids[i])]["logprob"]) for i in range(start, len(ids))]
+            return [_wire(entries[i][str(ids[i])]["logprob"]) for i in range(start, len(ids))]
         except (KeyError, IndexError, TypeError) as err:
             raise InvalidResponseError(f"{self.base_url}: prompt_logprobs reply without position {err}") from err
 
 
-def wire_logprob(value: Any) -> float:
+def _wire(value: Any) -> float:
     return -np.inf if value is None or value <= -9999.0 else float(value)
 
 

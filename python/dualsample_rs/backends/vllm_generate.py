@@ -15,9 +15,9 @@ import numpy as np
 
 from .. import _core
 from ..exceptions import BadRequestError, InvalidInputError, InvalidResponseError
-from .base import VLLM_MAX_SCORED_IDS, Draft, TopK, gather_scores, topk_rows
+from .base import VLLM_MAX_SCORED_IDS, Draft, TopK, gather_scores, split_positions
 from .context import Context, body_with_list
-from .vllm_completions import VLLMCompletionsBackend, wire_logprob
+from .vllm_completions import VLLMCompletionsBackend
 
 GENERATE_PATH = "/inference/v1/generate"
 
@@ -60,31 +60,33 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
         if not verify:
             return None
         try:  # one replayed token past a one-token context
-            await self._positions(Context([0]), {"max_tokens": 1, "logprobs": 1, "trace_decode_token_ids": [0]})
+            await self._positions(Context([0]), {"max_tokens": 1, "logprobs": 1, "trace_decode_token_ids": [0]}, 2, 1)
         except BadRequestError as err:
             if "trace" not in str(err).lower():
                 raise
             return f"{self.base_url}: vLLM cannot verify drafted tokens without --enable-trace-replay ({err})"
         return None
 
-    async def _positions(self, context: Context, params: dict[str, Any]) -> list[dict[str, Any]]:
-        """Each generated position's ``logprobs.content`` entry of one generate reply."""
-        data = await self._request("POST", GENERATE_PATH, content=self._body(context, params))
-        self.stats.count_cache(_cached(data), len(context))
-        try:
-            content = data["choices"][0]["logprobs"]["content"]
-            if not isinstance(content, list) or not content:
-                raise TypeError("no positions")
-            return content
-        except (KeyError, IndexError, TypeError) as err:
-            raise InvalidResponseError(f"{self.base_url}: generate reply without logprobs content ({err})") from err
+    async def _positions(
+        self, context: Context, params: dict[str, Any], width: int, top_k: int | None
+    ) -> tuple[list[int], TopK]:
+        """The tokens and rows (one per generated position) of one generate reply."""
+
+        def decode(raw: bytes) -> Any:
+            try:
+                return _core.parse_generate_positions([raw], width, top_k)
+            except InvalidInputError as exc:
+                raise InvalidResponseError(f"unexpected generate reply: {exc}") from exc
+
+        content = self._body(context, params)
+        tokens, ids, logp, lengths, cached = await self._request("POST", GENERATE_PATH, content=content, decode=decode)
+        self.stats.count_cache(cached, len(context))
+        return split_positions(tokens, ids, logp, lengths)[0]
 
     async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:
         async def one(context: Context, length: int) -> Draft:
             params = {"max_tokens": length, "logprobs": top_k, "ignore_eos": True}
-            content = await self._positions(context, params)
-            tokens = [int(p["token_id"]) for p in content]
-            return Draft(tokens, topk_rows([_top_entries(p, top_k) for p in content], top_k + 1))
+            return Draft(*await self._positions(context, params, top_k + 1, top_k))
 
         return list(await asyncio.gather(*(one(c, n) for c, n in zip(contexts, lengths, strict=True))))
 
@@ -93,8 +95,7 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
     ) -> list[TopK]:
         async def one(context: Context, cont: list[int]) -> TopK:
             params = {"max_tokens": len(cont), "logprobs": top_k, "trace_decode_token_ids": cont}
-            content = await self._replayed(context, cont, params)
-            return topk_rows([_top_entries(p, top_k) for p in content], top_k + 1)
+            return self._replayed(cont, await self._positions(context, params, top_k + 1, top_k))
 
         return list(await asyncio.gather(*(one(c, t) for c, t in zip(contexts, continuations, strict=True))))
 
@@ -107,18 +108,16 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
             if len(union) > VLLM_MAX_SCORED_IDS:
                 raise InvalidInputError(f"{len(union)} ids to score over a round, over vLLM's cap of 128")
             params = {"max_tokens": len(cont), "logprob_token_ids": union, "trace_decode_token_ids": cont}
-            content = await self._replayed(context, cont, params)
-            got = topk_rows([_top_entries(p, None) for p in content], len(union) + 1)
+            got = self._replayed(cont, await self._positions(context, params, len(union) + 1, None))
             return gather_scores(wanted, got, f"{self.base_url} logprob_token_ids")
 
         calls = (one(c, t, w) for c, t, w in zip(contexts, continuations, ids, strict=True))
         return list(await asyncio.gather(*calls))
 
-    async def _replayed(self, context: Context, cont: list[int], params: dict[str, Any]) -> list[dict[str, Any]]:
-        content = await self._positions(context, params)
-        if [p.get("token_id") for p in content] != cont:
+    def _replayed(self, cont: list[int], got: tuple[list[int], TopK]) -> TopK:
+        if got[0] != cont:
             raise InvalidResponseError(f"{self.base_url}: the replayed tokens differ from the trace sent")
-        return content
+        return got[1]
 
     async def sequence_logprobs(self, ids: list[int], start: int) -> list[float]:
         params = {"max_tokens": 1, "temperature": 0, "detokenize": False, "prompt_logprobs": 0}
@@ -127,21 +126,6 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
             body["model"] = self.model
         data = await self._request("POST", GENERATE_PATH, body)
         return self._prompt_logprobs(lambda: data["prompt_logprobs"], ids, start)
-
-
-def _top_entries(position: dict[str, Any], top_k: int | None) -> list[tuple[int, float]]:
-    """A position's ``(id, logprob)`` entries without the sampled token vLLM puts first
-    when it is not among the top k (as the one-token path sees the same position)."""
-    entries = position.get("top_logprobs") or []
-    if top_k is not None and len(entries) > top_k:
-        entries = entries[1:]
-    return [(int(e["token_id"]), wire_logprob(e.get("logprob"))) for e in entries]
-
-
-def _cached(data: Any) -> int | None:
-    details = ((data.get("usage") or {}).get("prompt_tokens_details") or {}) if isinstance(data, dict) else {}
-    cached = details.get("cached_tokens")
-    return int(cached) if cached is not None else None
 
 
 def _parse(raw: bytes, width: int) -> TopK:

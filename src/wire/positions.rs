@@ -1,0 +1,232 @@
+//! Replies with several positions per sequence, for speculative rounds: a draft (the
+//! generated tokens and the top-k at each) or the scoring of a given continuation.
+//! Every position becomes one row; `lengths` says how many rows each sequence has.
+use numpy::ndarray::Array2;
+use serde::Deserialize;
+
+use super::sglang::Triple;
+use super::{reply_error, wire_logprob, Usage};
+use crate::errors::KernelResult;
+
+/// Rows for every position of every sequence of a reply.
+pub struct Positions {
+    /// The token at each row's position (the sampled or replayed one).
+    pub tokens: Vec<i64>,
+    pub ids: Array2<i64>,
+    pub logp: Array2<f64>,
+    /// Rows per sequence, in order.
+    pub lengths: Vec<i64>,
+    pub cached_tokens: Option<u64>,
+}
+
+/// Collects `(token, entries)` rows into padded arrays.
+struct Builder {
+    width: usize,
+    tokens: Vec<i64>,
+    ids: Vec<i64>,
+    logp: Vec<f64>,
+    lengths: Vec<i64>,
+    cached: Option<u64>,
+}
+
+impl Builder {
+    fn new(width: usize) -> Self {
+        Builder {
+            width,
+            tokens: Vec::new(),
+            ids: Vec::new(),
+            logp: Vec::new(),
+            lengths: Vec::new(),
+            cached: None,
+        }
+    }
+
+    fn row(&mut self, token: i64, entries: impl IntoIterator<Item = (i64, f64)>) {
+        self.tokens.push(token);
+        let start = self.ids.len();
+        for (id, lp) in entries.into_iter().take(self.width) {
+            self.ids.push(id);
+            self.logp.push(lp);
+        }
+        let pad = self.width - (self.ids.len() - start);
+        self.ids.extend(std::iter::repeat_n(-1, pad));
+        self.logp.extend(std::iter::repeat_n(f64::NEG_INFINITY, pad));
+    }
+
+    fn cached(&mut self, c: Option<u64>) {
+        if let Some(c) = c {
+            self.cached = Some(self.cached.unwrap_or(0) + c);
+        }
+    }
+
+    fn finish(self) -> KernelResult<Positions> {
+        let rows = self.tokens.len();
+        let shape_err = |e: numpy::ndarray::ShapeError| reply_error(format!("positions: {e}"));
+        Ok(Positions {
+            ids: Array2::from_shape_vec((rows, self.width), self.ids).map_err(shape_err)?,
+            logp: Array2::from_shape_vec((rows, self.width), self.logp).map_err(shape_err)?,
+            tokens: self.tokens,
+            lengths: self.lengths,
+            cached_tokens: self.cached,
+        })
+    }
+}
+
+// ---------------------------------------------------------------- vLLM generate
+#[derive(Deserialize)]
+struct Reply {
+    choices: Vec<Choice>,
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    logprobs: Option<Logprobs>,
+}
+
+#[derive(Deserialize)]
+struct Logprobs {
+    content: Option<Vec<Position>>,
+}
+
+#[derive(Deserialize)]
+struct Position {
+    token_id: i64,
+    top_logprobs: Vec<Entry>,
+}
+
+#[derive(Deserialize)]
+struct Entry {
+    token_id: i64,
+    logprob: Option<f64>,
+}
+
+/// Every generated position of one vLLM generate reply per sequence. vLLM lists the
+/// sampled (or replayed) token first; with `top_k`, a position with more entries than
+/// that drops it, so a position reads as the one-token path reads it.
+pub fn parse_generate<B: AsRef<[u8]>>(bodies: &[B], width: usize, top_k: Option<usize>) -> KernelResult<Positions> {
+    let mut out = Builder::new(width);
+    for (r, body) in bodies.iter().enumerate() {
+        let reply: Reply = serde_json::from_slice(body.as_ref())
+            .map_err(|e| reply_error(format!("row {r}: not a generate reply: {e}")))?;
+        out.cached(Usage::cached_tokens(reply.usage));
+        let content = reply
+            .choices
+            .into_iter()
+            .next()
+            .and_then(|c| c.logprobs)
+            .and_then(|l| l.content)
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| reply_error(format!("row {r}: the reply has no logprobs content")))?;
+        out.lengths.push(i64::try_from(content.len()).unwrap_or(i64::MAX));
+        for p in content {
+            let skip = usize::from(top_k.is_some_and(|k| p.top_logprobs.len() > k));
+            let entries = p.top_logprobs.into_iter().skip(skip);
+            out.row(p.token_id, entries.map(|e| (e.token_id, wire_logprob(e.logprob))));
+        }
+    }
+    out.finish()
+}
+
+// ---------------------------------------------------------------- SGLang generate
+type Lists = Option<Vec<Option<Vec<Triple>>>>;
+
+#[derive(Deserialize)]
+struct Meta {
+    output_token_logprobs: Option<Vec<Triple>>,
+    input_top_logprobs: Lists,
+    output_top_logprobs: Lists,
+    input_token_ids_logprobs: Lists,
+    output_token_ids_logprobs: Lists,
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Item {
+    meta_info: Meta,
+}
+
+/// Every position of each item of a batched SGLang reply. A draft (`scored` false)
+/// reads the generated tokens and the chosen lists at them; the scoring of a given
+/// continuation (`scored` true) reads the input positions after the first (which
+/// SGLang answers as None) and the first generated position.
+pub fn parse_sglang(body: &[u8], rows: usize, width: usize, top: bool, scored: bool) -> KernelResult<Positions> {
+    let items: Vec<Item> =
+        serde_json::from_slice(body).map_err(|e| reply_error(format!("not an SGLang batch reply: {e}")))?;
+    if items.len() != rows {
+        return Err(reply_error(format!("expected {rows} replies, got {}", items.len())));
+    }
+    let mut out = Builder::new(width);
+    for (r, Item { meta_info: m }) in items.into_iter().enumerate() {
+        out.cached(m.cached_tokens);
+        let (input, output) = if top {
+            (m.input_top_logprobs, m.output_top_logprobs)
+        } else {
+            (m.input_token_ids_logprobs, m.output_token_ids_logprobs)
+        };
+        let missing = |what: &str| reply_error(format!("reply {r} has no {what}"));
+        let output = output.ok_or_else(|| missing("output log probabilities"))?;
+        let (tokens, positions): (Vec<i64>, Vec<Option<Vec<Triple>>>) = if scored {
+            let input = input.ok_or_else(|| missing("input log probabilities"))?;
+            let positions: Vec<_> = input.into_iter().skip(1).chain(output.into_iter().take(1)).collect();
+            (vec![-1; positions.len()], positions)
+        } else {
+            let tokens = m
+                .output_token_logprobs
+                .ok_or_else(|| missing("output_token_logprobs"))?;
+            if tokens.len() != output.len() {
+                return Err(reply_error(format!(
+                    "reply {r}: {} tokens, {} positions",
+                    tokens.len(),
+                    output.len()
+                )));
+            }
+            (tokens.into_iter().map(|t| t.0).collect(), output)
+        };
+        out.lengths.push(i64::try_from(positions.len()).unwrap_or(i64::MAX));
+        for (token, p) in tokens.into_iter().zip(positions) {
+            out.row(token, p.unwrap_or_default().into_iter().map(|t| (t.0, t.1)));
+        }
+    }
+    out.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generate_positions_drop_the_sampled_token_past_top_k() {
+        let body = br#"{"choices":[{"logprobs":{"content":[
+            {"token_id":9,"logprob":-4.0,"top_logprobs":[{"token_id":9,"logprob":-4.0},{"token_id":1,"logprob":-0.1},{"token_id":2,"logprob":-3.0}]},
+            {"token_id":1,"logprob":-0.2,"top_logprobs":[{"token_id":1,"logprob":-0.2},{"token_id":3,"logprob":-9999.0}]}]}}],
+            "usage":{"prompt_tokens_details":{"cached_tokens":4}}}"#;
+        let p = parse_generate(&[&body[..]], 3, Some(2)).unwrap();
+        assert_eq!(p.tokens, vec![9, 1]);
+        assert_eq!(p.lengths, vec![2]);
+        assert_eq!(p.ids.row(0).to_vec(), vec![1, 2, -1]);
+        assert_eq!(p.ids.row(1).to_vec(), vec![1, 3, -1]);
+        assert_eq!(p.logp[[1, 1]], f64::NEG_INFINITY);
+        assert_eq!(p.cached_tokens, Some(4));
+        let all = parse_generate(&[&body[..]], 3, None).unwrap();
+        assert_eq!(all.ids.row(0).to_vec(), vec![9, 1, 2]);
+        assert!(parse_generate(&[&br#"{"choices":[{"logprobs":{"content":[]}}]}"#[..]], 3, None).is_err());
+    }
+
+    #[test]
+    fn sglang_positions_of_drafts_and_scored_continuations() {
+        let body = br#"[{"text":"x","meta_info":{"output_token_logprobs":[[-0.1,5,null],[-0.2,6,null]],
+            "output_top_logprobs":[[[-0.1,5,null],[-2.0,7,null]],[[-0.2,6,null]]],
+            "input_top_logprobs":[null,[[-0.3,8,null]]],"cached_tokens":3}}]"#;
+        let d = parse_sglang(body, 1, 2, true, false).unwrap();
+        assert_eq!((d.tokens.clone(), d.lengths.clone()), (vec![5, 6], vec![2]));
+        assert_eq!(d.ids.row(0).to_vec(), vec![5, 7]);
+        assert_eq!(d.ids.row(1).to_vec(), vec![6, -1]);
+        let s = parse_sglang(body, 1, 2, true, true).unwrap();
+        assert_eq!(s.lengths, vec![2]);
+        assert_eq!(s.ids.row(0).to_vec(), vec![8, -1]);
+        assert_eq!(s.ids.row(1).to_vec(), vec![5, 7]);
+        assert!(parse_sglang(body, 1, 2, false, true).is_err());
+        assert!(parse_sglang(body, 2, 2, true, false).is_err());
+    }
+}
