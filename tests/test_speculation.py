@@ -274,3 +274,39 @@ def test_bad_speculate_values_are_refused() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert p.returncode == 2 and "--speculate" in p.stderr
+
+
+def test_a_replica_lost_mid_round_costs_no_record(flavors: dict[str, tuple[str, str]]) -> None:
+    """Two base replicas, one killed mid-run: its sequences move with their rounds, and
+    the records are those of one server (drafts depend only on the model and context).
+    Rounds run two workers at once, so both may find the replica dead."""
+    base, teacher = flavors["sglang"]
+    prompts = [f"({i}) Question: Why is the sky blue?\nAnswer:" for i in range(24)]
+    options = {"seed": 8, "speculate": 4, "max_concurrency": 12, "max_batch_size": 6}
+    single, _ = generate((base, teacher), "sglang", prompts, 30, **options)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dualsample_rs", "serve", "--model", "base", "--port", "0", "--flavor", "sglang",
+         "--latency", "0.02", "--latency-rate", "1"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        doomed = proc.stdout.readline().split()[-1]
+
+        async def go() -> tuple[list[GenerationOutput], dict[str, Any]]:
+            config = CoordinatorConfig(theta_url=(base, doomed), t_url=teacher, dialect="sglang", max_retries=1,
+                                       retry_delay=0.01, **options)  # type: ignore[arg-type]  # fmt: skip
+            async with DualVLLMCoordinator(config) as coord:
+                loop = asyncio.get_running_loop()
+                loop.call_later(0.3, proc.kill)
+                outs = await coord.generate_batch(prompts, max_tokens=30, show_progress=False)
+                return outs, coord.get_statistics()
+
+        outs, st = asyncio.run(asyncio.wait_for(go(), timeout=120))
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    assert st["replicas"]["theta"][1]["down"] and st["replicas"]["theta"][1]["requests"] > 0
+    assert [o.to_record() for o in outs] == [o.to_record() for o in single]

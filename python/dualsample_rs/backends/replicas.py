@@ -150,7 +150,9 @@ class ReplicaSet:
             todo = []
             for (i, rows), g in zip(groups.items(), got, strict=True):
                 if isinstance(g, BaseException):
-                    if not _replica_failure(g) or len(self._up()) <= 1:
+                    # Another call may have taken this replica down already: what
+                    # matters is whether any other replica is still up.
+                    if not _replica_failure(g) or not any(j != i for j in self._up()):
                         raise g
                     self._take_down(i, g)
                     todo += rows
