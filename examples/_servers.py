@@ -17,7 +17,9 @@ PLAIN = [f"Question: {q}\nAnswer:" for q in QUESTIONS]
 
 
 @contextlib.contextmanager
-def servers(description: str) -> Iterator[tuple[str, str]]:
+def servers(description: str, **options: object) -> Iterator[tuple[str, str]]:
+    """The URLs given on the command line, or two reference servers started with
+    `options` (any ``dualsample serve`` flag, underscores for dashes)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--theta-url")
     parser.add_argument("--t-url")
@@ -25,5 +27,5 @@ def servers(description: str) -> Iterator[tuple[str, str]]:
     if args.theta_url and args.t_url:
         yield args.theta_url, args.t_url
         return
-    with running_server("base") as theta, running_server("teacher") as t:
+    with running_server("base", **options) as theta, running_server("teacher", **options) as t:
         yield theta, t

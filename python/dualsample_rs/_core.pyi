@@ -40,7 +40,8 @@ class SamplerConfig:
         tol: tolerance on α for the iterative rules (> 0).
         max_iter: iteration cap for the iterative rules (>= 1).
         missing: log probability given to a token that one model did not list:
-            ``"bound"`` (log min(smallest listed probability, unlisted mass)),
+            ``"bound"`` (log min(smallest listed probability, unlisted mass); an
+            unlisted mass under 1e-12 is rounding and counts as none, giving -inf),
             ``"drop"`` (keep only tokens both listed) or a float constant.
         temperature: divides the base model's log probabilities (> 0).
         temperature_t: the teacher's temperature; None means ``temperature``.

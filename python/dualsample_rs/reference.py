@@ -314,7 +314,8 @@ def _bound(ids: np.ndarray, lp: F64) -> F64:
     smallest = np.where(valid, lp, np.inf).min(axis=1)
     total = _lse(np.where(valid, lp, NEG_INF))
     with np.errstate(divide="ignore"):
-        unlisted = np.where(total >= 0, NEG_INF, np.log(-np.expm1(np.minimum(total, 0.0))))
+        # Unlisted mass under 1e-12 is rounding: none (as in the Rust merge).
+        unlisted = np.where(total >= -1e-12, NEG_INF, np.log(-np.expm1(np.minimum(total, 0.0))))
     return np.minimum(smallest, unlisted)
 
 

@@ -81,6 +81,9 @@ fn summarise(ids: &[i64], logp: &[f64]) -> ListSummary {
     sum
 }
 
+/// Unlisted mass below this counts as none (see `bound`).
+pub const UNLISTED_MIN: f64 = 1e-12;
+
 /// The value given to a token a list does not hold, under the `bound` rule:
 /// log min(smallest listed probability, unlisted mass). `buf` is scratch.
 #[inline(always)]
@@ -92,8 +95,10 @@ fn bound(logp: &[f64], summary: &ListSummary, buf: &mut Vec<f64>) -> f64 {
         exp_shifted(logp, summary.largest, buf);
         summary.largest + sum(buf).ln()
     };
-    // Unlisted mass 1 − Σp, computed as −expm1(log Σp) to keep precision near 1.
-    let unlisted = if total >= 0.0 {
+    // Unlisted mass 1 − Σp, computed as −expm1(log Σp) to keep precision near 1. A list
+    // within UNLISTED_MIN of all the mass leaves none: what remains is rounding, and its
+    // log (about −37 for one ulp) would differ between two ways of summing the same list.
+    let unlisted = if total >= -UNLISTED_MIN {
         f64::NEG_INFINITY
     } else {
         (-total.exp_m1()).ln()
