@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, GenerationOutput
-from dualsample_rs.backends import Context, SGLangBackend, VLLMGenerateBackend
+from dualsample_rs.backends import Context, SGLangBackend, VLLMCompletionsBackend, VLLMGenerateBackend
 from dualsample_rs.exceptions import ConfigurationError
 from dualsample_rs.server import running_flavors, running_server
 from dualsample_rs.speculation import AUTO_RANGE, auto_drafts
@@ -48,20 +48,29 @@ def generate(urls: tuple[str, str], dialect: str, prompts: list[str], max_tokens
 
 
 # ------------------------------------------------------------ the lists of a round
-@pytest.mark.parametrize("flavor", ["vllm", "sglang"])
-def test_round_lists_are_the_one_token_lists(flavors: dict[str, tuple[str, str]], flavor: str) -> None:
+BACKENDS = {"vllm-generate": VLLMGenerateBackend, "sglang": SGLangBackend, "vllm-completions": VLLMCompletionsBackend}
+
+
+@pytest.mark.parametrize("dialect", list(BACKENDS))
+def test_round_lists_are_the_one_token_lists(flavors: dict[str, tuple[str, str]], dialect: str) -> None:
     """A draft's top-k at each position, and the base's scoring of those positions in one
-    request, equal what the one-token requests return for each prefix."""
-    kind = VLLMGenerateBackend if flavor == "vllm" else SGLangBackend
+    request, equal what the one-token requests return for each prefix (vllm-completions
+    scores through prompt log probabilities, top-k only)."""
+    kind = BACKENDS[dialect]
 
     async def run() -> None:
-        base, teacher = (kind(u) for u in flavors[flavor])
+        base, teacher = (kind(u) for u in flavors["sglang" if dialect == "sglang" else "vllm"])
         async with base, teacher:
             contexts = [Context(await base.tokenize(p)) for p in ("The cat sat", "Question: Why is the sky blue?")]
             drafts = await teacher.draft(contexts, [5, 3], 6)
             assert [len(d.tokens) for d in drafts] == [5, 3]
             tops = await base.continuation_topk(contexts, [d.tokens for d in drafts], 6)
-            scores = await base.continuation_scores(contexts, [d.tokens for d in drafts], [d.top.ids for d in drafts])
+            if dialect == "vllm-completions":
+                scores = [np.zeros(d.top.ids.shape) for d in drafts]  # not offered: only compared below
+            else:
+                scores = await base.continuation_scores(
+                    contexts, [d.tokens for d in drafts], [d.top.ids for d in drafts]
+                )
             for ctx, d, top, sc in zip(contexts, drafts, tops, scores, strict=True):
                 prefixes = [Context([*ctx.ids(), *d.tokens[:j]]) for j in range(len(d.tokens))]
                 one_t, one_a = await teacher.topk(prefixes, 6), await base.topk(prefixes, 6)
@@ -75,7 +84,8 @@ def test_round_lists_are_the_one_token_lists(flavors: dict[str, tuple[str, str]]
                         # the same ids; values to the last bits (batch shapes change the sums)
                         assert sorted(g) == sorted(w)
                         np.testing.assert_allclose([g[t] for t in w], list(w.values()), rtol=0, atol=1e-12)
-                    np.testing.assert_allclose(sc[j], one_sc[j], rtol=0, atol=1e-12)
+                    if dialect != "vllm-completions":
+                        np.testing.assert_allclose(sc[j], one_sc[j], rtol=0, atol=1e-12)
 
     asyncio.run(run())
 
@@ -196,22 +206,41 @@ def test_a_stop_id_ends_the_sequence_inside_a_round(flavors: dict[str, tuple[str
     assert any(o.drafted and o.drafted[-1] for o in stopped)  # stopped by an accepted draft
 
 
-@pytest.mark.parametrize("where", ["vllm-completions", "no trace replay"])
+def test_prompt_logprobs_verification_gives_the_one_token_numbers(flavors: dict[str, tuple[str, str]]) -> None:
+    """On request, a vllm-completions base scores the drafts through prompt log
+    probabilities (its context recomputed): same numbers per context, several tokens a round."""
+    prompts = ["Question: Why is the sky blue?\nAnswer:"] * 200
+    one, _ = generate(flavors["vllm"], "vllm-completions", prompts, 12, seed=1)
+    spec, st = generate(flavors["vllm"], "vllm-completions", prompts, 12, seed=2, speculate=4,
+                        verify_prompt_logprobs=True)  # fmt: skip
+    assert not any(o.error for o in spec) and st["tokens_per_round"] > 1.8
+    ref, got = _numbers_by_context(one), _numbers_by_context(spec)
+    shared = set(ref) & set(got)
+    assert len(shared) > 50
+    for key in shared:
+        np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-12, err_msg=str(key))
+
+
+@pytest.mark.parametrize("where", ["vllm-completions", "no trace replay", "exact via prompt logprobs"])
 def test_servers_that_cannot_verify_fall_back_with_one_line(
     flavors: dict[str, tuple[str, str]], where: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     prompts = ["Question: What is gravity?\nAnswer:"] * 4
     with running_server("base", enable_scale_out=True) as plain_base:
-        urls = flavors["vllm"] if where == "vllm-completions" else (plain_base, flavors["vllm"][1])
-        dialect = "vllm-completions" if where == "vllm-completions" else "vllm-generate"
+        urls = (plain_base, flavors["vllm"][1]) if where == "no trace replay" else flavors["vllm"]
+        dialect = "vllm-generate" if where == "no trace replay" else "vllm-completions"
+        options: dict[str, Any] = {"seed": 4}
+        if where == "exact via prompt logprobs":
+            options.update(scoring="exact", verify_prompt_logprobs=True)
         with caplog.at_level(logging.WARNING, logger="dualsample_rs"):
-            outs, st = generate(urls, dialect, prompts, 10, seed=4, speculate=4)
-        plain, _ = generate(urls, dialect, prompts, 10, seed=4)
+            outs, st = generate(urls, dialect, prompts, 10, speculate=4, **options)
+        plain, _ = generate(urls, dialect, prompts, 10, **options)
     warnings = [r.getMessage() for r in caplog.records if "speculative rounds are off" in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0]
-    assert ("--enable-trace-replay" in warnings[0]) and (
-        where != "vllm-completions" or "vllm-completions" in warnings[0]
-    )
+    expected = {"vllm-completions": "--enable-trace-replay", "no trace replay": "--enable-trace-replay",
+                "exact via prompt logprobs": "not exact scoring"}  # fmt: skip
+    assert expected[where] in warnings[0]
+    assert where != "vllm-completions" or "prompt-logprobs verification" in warnings[0]
     assert st["rounds"] == 0 and [o.to_record() for o in outs] == [o.to_record() for o in plain]
 
 

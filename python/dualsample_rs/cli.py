@@ -53,6 +53,8 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculate", type=_speculate, default=0, metavar="K",
                    help="draft K tokens per round and verify them exactly (0: one token per step; auto: per "
                         "sequence); needs vllm-generate (base with --enable-trace-replay) or sglang")  # fmt: skip
+    g.add_argument("--verify-prompt-logprobs", action="store_true",
+                   help="with --speculate: a vllm-completions base scores drafts, recomputing contexts")  # fmt: skip
     g.add_argument("--diagnostics", action="store_true", help="add per-sequence divergence summaries")
     h = p.add_argument_group("servers")
     h.add_argument("--theta-url", action="append", default=None,
@@ -151,6 +153,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         api_key=api_key,
         seed=args.seed,
         speculate=args.speculate,
+        verify_prompt_logprobs=args.verify_prompt_logprobs,
         enable_logging=args.log_level is not None,
         log_level=args.log_level or "INFO",
     )

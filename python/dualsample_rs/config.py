@@ -105,6 +105,9 @@ class CoordinatorConfig:
             ``"auto"`` picks it per sequence from its acceptance rate so far. Needs
             ``vllm-generate`` (the base's server with ``--enable-trace-replay``) or
             ``sglang``; otherwise a warning says why and the run takes one token a step.
+        verify_prompt_logprobs: let a ``vllm-completions`` base score the drafted
+            tokens through prompt log probabilities, which recompute its whole context
+            each round (vLLM skips the prefix cache for them); ``topk`` scoring only.
         enable_logging, log_level: configure the ``dualsample_rs`` logger.
     """
 
@@ -144,6 +147,7 @@ class CoordinatorConfig:
     api_key: str | tuple[str | None, str | None] | None = field(default=None, repr=False)
     seed: int = 0
     speculate: int | Literal["auto"] = 0
+    verify_prompt_logprobs: bool = False
     enable_logging: bool = False
     log_level: str = "INFO"
 
@@ -216,8 +220,9 @@ class CoordinatorConfig:
             f"expected one of {DIALECT_NAMES} or a (theta, teacher) pair of them, got {self.dialect!r}",
         )
         _check(self.scoring in ("topk", "exact"), "scoring", f'expected "topk" or "exact", got {self.scoring!r}')
-        for name in ("rescore", "force_first_token", "constraint_to_target", "exclude_special_tokens",
-                     "enable_stability_check", "auto_fallback", "enable_logging"):  # fmt: skip
+        for name in ("rescore", "verify_prompt_logprobs", "force_first_token", "constraint_to_target",
+                     "exclude_special_tokens", "enable_stability_check", "auto_fallback",
+                     "enable_logging"):  # fmt: skip
             _check(isinstance(getattr(self, name), bool), name, f"must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.api_key, tuple):
             _check(len(self.api_key) == 2, "api_key", "a pair is (theta key, teacher key)")

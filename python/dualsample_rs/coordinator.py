@@ -126,7 +126,9 @@ class DualVLLMCoordinator:
         if not self.stop_ids:
             log.warning("no end-of-sequence id found on the servers: sequences run to max_tokens (pass stop_token_ids)")
         if cfg.speculate:
-            problem = await speculation_problem(self.theta, self.teacher)
+            problem = await speculation_problem(
+                self.theta, self.teacher, cfg.verify_prompt_logprobs, cfg.scoring == "exact"
+            )
             if problem is not None:
                 log.warning("speculative rounds are off, one token per step: %s", problem)
                 self.speculate = 0

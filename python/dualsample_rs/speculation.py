@@ -44,9 +44,11 @@ def auto_drafts(tested: int, accepted: int) -> int:
     return max(AUTO_RANGE, key=value)
 
 
-async def speculation_problem(theta: Backend, teacher: Backend) -> str | None:
-    """Why speculative rounds cannot run on these servers (None: they can)."""
-    return await teacher.speculation_problem(False) or await theta.speculation_problem(True)
+async def speculation_problem(theta: Backend, teacher: Backend, recompute: bool, exact: bool) -> str | None:
+    """Why speculative rounds cannot run on these servers (None: they can); `recompute`
+    allows the base to score drafts by recomputing each context (prompt log
+    probabilities), `exact` asks it to score the teacher's candidates."""
+    return await teacher.speculation_problem(False) or await theta.speculation_problem(True, recompute, exact)
 
 
 class SpeculativeRound:

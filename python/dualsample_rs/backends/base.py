@@ -39,6 +39,16 @@ class Draft:
     top: TopK
 
 
+def rows_of(positions: list[list[tuple[int, float]]], width: int) -> TopK:
+    """(positions, width) arrays from each position's ``(id, logprob)`` entries."""
+    ids = np.full((len(positions), width), -1, dtype=np.int64)
+    logp = np.full((len(positions), width), -np.inf)
+    for r, entries in enumerate(positions):
+        for c, (t, lp) in enumerate(entries[:width]):
+            ids[r, c], logp[r, c] = t, lp
+    return TopK(ids, logp)
+
+
 def split_positions(
     tokens: np.ndarray, ids: np.ndarray, logp: np.ndarray, lengths: np.ndarray
 ) -> list[tuple[list[int], TopK]]:
@@ -94,9 +104,10 @@ class Backend(Protocol):
         """log π(ids[i] | ids[:i]) for every i from `start` (>= 1) to the end."""
         ...
 
-    async def speculation_problem(self, verify: bool) -> str | None:
-        """Why this server cannot draft (or, with `verify`, verify drafted tokens with
-        its prefix cache kept) in speculative rounds; None when it can."""
+    async def speculation_problem(self, verify: bool, recompute: bool = False, exact: bool = False) -> str | None:
+        """Why this server cannot draft in speculative rounds, or with `verify` score the
+        drafted positions (keeping its prefix cache, unless `recompute` allows scoring
+        the whole context again; with `exact`, the teacher's candidates); None when it can."""
         ...
 
     async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:

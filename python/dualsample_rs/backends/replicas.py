@@ -193,9 +193,9 @@ class ReplicaSet:
                 out[r] = g
         return out
 
-    async def speculation_problem(self, verify: bool) -> str | None:
+    async def speculation_problem(self, verify: bool, recompute: bool = False, exact: bool = False) -> str | None:
         for replica in self.replicas:
-            problem = await replica.speculation_problem(verify)
+            problem = await replica.speculation_problem(verify, recompute, exact)
             if problem is not None:
                 return problem
         return None

@@ -70,7 +70,7 @@ class SGLangBackend(HttpBackend):
         return gather_scores(ids, got, f"{self.base_url} token_ids_logprob")
 
     # ------------------------------------------------------------ speculative rounds
-    async def speculation_problem(self, verify: bool) -> str | None:
+    async def speculation_problem(self, verify: bool, recompute: bool = False, exact: bool = False) -> str | None:
         return None
 
     async def _positions(

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from ..exceptions import APIStatusError, InvalidInputError, InvalidResponseError, NotFoundError
-from .base import VLLM_MAX_SCORED_IDS, TopK, gather_scores, scoring_groups
+from ..exceptions import APIStatusError, ConfigurationError, InvalidInputError, InvalidResponseError, NotFoundError
+from .base import VLLM_MAX_SCORED_IDS, Draft, TopK, gather_scores, rows_of, scoring_groups
 from .context import Context, body_with_lists
 from .http import HttpBackend, log
 
@@ -97,11 +97,80 @@ class VLLMCompletionsBackend(HttpBackend):
         await asyncio.gather(*(one(rows, union) for rows, union in groups))
         return out
 
-    async def speculation_problem(self, verify: bool) -> str | None:
-        return (
-            f"{self.base_url}: the vllm-completions dialect cannot take part in speculative rounds "
-            "(use vllm-generate, with --enable-trace-replay on the base's server, or sglang)"
-        )
+    # ------------------------------------------------------------ speculative rounds
+    async def speculation_problem(self, verify: bool, recompute: bool = False, exact: bool = False) -> str | None:
+        if not verify:
+            return None
+        if not recompute:
+            return (
+                f"{self.base_url}: the vllm-completions dialect cannot verify drafted tokens with the prefix cache "
+                "kept (use vllm-generate with --enable-trace-replay on the base's server, or sglang; or allow "
+                "prompt-logprobs verification, which recomputes each context)"
+            )
+        if exact:
+            return f"{self.base_url}: prompt-logprobs verification gives top-k lists, not exact scoring"
+        return None
+
+    async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:
+        # One generation length per request: contexts are grouped by length.
+        groups: dict[int, list[int]] = {}
+        for r, n in enumerate(lengths):
+            groups.setdefault(n, []).append(r)
+        out: list[Draft | None] = [None] * len(contexts)
+
+        async def group(length: int, rows: list[int]) -> None:
+            fields = {"max_tokens": length, "logprobs": top_k, "ignore_eos": True}
+            for r, choice in zip(rows, await self._choices([contexts[r] for r in rows], fields), strict=True):
+                lp = choice.get("logprobs") or {}
+                tokens = [_token_id(t) for t in lp.get("tokens") or []]
+                tops = [_keyed_entries(d) for d in lp.get("top_logprobs") or []]
+                if not tokens or len(tokens) != len(tops):
+                    raise InvalidResponseError(f"{self.base_url}: a draft without its top-k at every position")
+                out[r] = Draft(tokens, rows_of(tops, top_k + 1))
+
+        await asyncio.gather(*(group(n, rows) for n, rows in groups.items()))
+        return [d for d in out if d is not None]
+
+    async def continuation_topk(
+        self, contexts: Sequence[Context], continuations: Sequence[list[int]], top_k: int
+    ) -> list[TopK]:
+        """Through ``prompt_logprobs`` (opt-in): vLLM recomputes each whole context."""
+        fields = {"logprobs": top_k, "prompt_logprobs": top_k}
+        choices = await self._choices(contexts, fields, [t[:-1] for t in continuations])
+        out = []
+        for ctx, cont, choice in zip(contexts, continuations, choices, strict=True):
+            try:
+                prompt = choice["prompt_logprobs"][len(ctx) : len(ctx) + len(cont) - 1]
+                scored = [_ranked_entries(e, top_k) for e in prompt]
+                last = _keyed_entries(choice["logprobs"]["top_logprobs"][0])
+            except (KeyError, IndexError, TypeError) as err:
+                raise InvalidResponseError(f"{self.base_url}: prompt_logprobs reply without position {err}") from err
+            if len(scored) != len(cont) - 1:
+                raise InvalidResponseError(f"{self.base_url}: {len(scored) + 1} scored positions for {len(cont)}")
+            out.append(rows_of([*scored, last], top_k + 1))
+        return out
+
+    async def continuation_scores(
+        self, contexts: Sequence[Context], continuations: Sequence[list[int]], ids: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
+        raise ConfigurationError(f"{self.base_url}: prompt-logprobs verification gives top-k lists, not exact scoring")
+
+    async def _choices(
+        self, contexts: Sequence[Context], fields: dict[str, Any], tails: Sequence[list[int]] | None = None
+    ) -> list[dict[str, Any]]:
+        """The choices of one completions request for the contexts (each followed by
+        its tail ids), in prompt order."""
+        head = {"max_tokens": 1, "temperature": 0, "return_tokens_as_token_ids": True, **fields}
+        if self.model:
+            head["model"] = self.model
+        data = await self._request("POST", "/v1/completions", content=body_with_lists(head, "prompt", contexts, tails))
+        try:
+            choices = sorted(data["choices"], key=lambda c: c["index"])
+        except (KeyError, TypeError) as err:
+            raise InvalidResponseError(f"{self.base_url}: completions reply without choices ({err})") from err
+        if len(choices) != len(contexts):
+            raise InvalidResponseError(f"{self.base_url}: {len(choices)} choices for {len(contexts)} prompts")
+        return choices
 
     async def sequence_logprobs(self, ids: list[int], start: int) -> list[float]:
         # Prompt log probabilities: exact, but they skip the prefix cache (the whole
@@ -120,6 +189,30 @@ class VLLMCompletionsBackend(HttpBackend):
             return [_wire(entries[i][str(ids[i])]["logprob"]) for i in range(start, len(ids))]
         except (KeyError, IndexError, TypeError) as err:
             raise InvalidResponseError(f"{self.base_url}: prompt_logprobs reply without position {err}") from err
+
+
+def _token_id(key: Any) -> int:
+    """An id from a ``token_id:N`` key (``return_tokens_as_token_ids``)."""
+    try:
+        return int(str(key).rsplit(":", 1)[-1])
+    except ValueError as err:
+        raise InvalidResponseError(f"a token key that is not an id: {key!r}") from err
+
+
+def _keyed_entries(top: Any) -> list[tuple[int, float]]:
+    """A generated position's ``{"token_id:N": logprob}`` entries."""
+    if not isinstance(top, dict):
+        raise InvalidResponseError(f"unexpected top_logprobs entry: {top!r}")
+    return [(_token_id(k), _wire(v)) for k, v in top.items()]
+
+
+def _ranked_entries(entry: Any, top_k: int) -> list[tuple[int, float]]:
+    """A prompt position's entries within the top k (vLLM adds the prompt's own token,
+    which may rank lower: left out, as the one-token path sees the position)."""
+    if not isinstance(entry, dict):
+        raise InvalidResponseError(f"unexpected prompt_logprobs entry: {entry!r}")
+    ranked = sorted(entry.items(), key=lambda kv: kv[1].get("rank") or top_k + 1)
+    return [(int(k), _wire(v["logprob"])) for k, v in ranked if (v.get("rank") or top_k + 1) <= top_k]
 
 
 def _wire(value: Any) -> float:

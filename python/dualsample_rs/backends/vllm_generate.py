@@ -56,7 +56,7 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
         return gather_scores(ids, got, f"{self.base_url} logprob_token_ids")
 
     # ------------------------------------------------------------ speculative rounds
-    async def speculation_problem(self, verify: bool) -> str | None:
+    async def speculation_problem(self, verify: bool, recompute: bool = False, exact: bool = False) -> str | None:
         if not verify:
             return None
         try:  # one replayed token past a one-token context
@@ -64,7 +64,10 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
         except BadRequestError as err:
             if "trace" not in str(err).lower():
                 raise
-            return f"{self.base_url}: vLLM cannot verify drafted tokens without --enable-trace-replay ({err})"
+            return (
+                f"{self.base_url}: vLLM cannot verify drafted tokens without --enable-trace-replay ({err}); "
+                "or use the vllm-completions dialect for the base with prompt-logprobs verification"
+            )
         return None
 
     async def _positions(
