@@ -134,6 +134,7 @@ class SpeculativeRound:
             seq.rounds += 1
             stats.rounds += 1
             offset += n
+        stats.round_tokens += int(emitted.sum())
         step.count(drawn, emitted)
 
 

@@ -23,6 +23,7 @@ class Statistics:
     stability_flagged: int = 0
     alpha_sum: float = 0.0
     rounds: int = 0
+    round_tokens: int = 0  # tokens the rounds made (finished sequences or not)
     drafted: int = 0
     accepted: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -71,7 +72,7 @@ class Statistics:
             "drafted": self.drafted,
             "accepted": self.accepted,
             "acceptance_rate": self.accepted / self.drafted if self.drafted else math.nan,
-            "tokens_per_round": self.tokens / self.rounds if self.rounds else math.nan,
+            "tokens_per_round": self.round_tokens / self.rounds if self.rounds else math.nan,
             "requests_per_token": requests / self.tokens if self.tokens else math.nan,
             "elapsed_s": elapsed,
             "tokens_per_second": self.tokens / elapsed,
