@@ -253,6 +253,7 @@ def test_cli_speculating_killed_and_resumed_loses_and_duplicates_nothing(
     flags = ("--dialect", "sglang", "--speculate", "4")
     code, err = wait_cli(generate_cli(urls, inp, full, *flags, "--max-concurrency", "8"))
     assert code == 0, err
+    assert "tokens per round" in err  # the run's summary says how the rounds went
     reference = {r["id"]: r for r in read_records(full)}
     assert all(len(r["round"]) == len(r["token_ids"]) for r in reference.values())
     p = generate_cli(urls, inp, part, *flags, "--max-concurrency", "2")

@@ -243,7 +243,16 @@ async def _run_generate(args: argparse.Namespace) -> int:
         f"{stats['retries']} retries, {stats['stability_fallbacks']} stability fallbacks",
         file=sys.stderr,
     )
+    if stats["rounds"]:
+        print(f"dualsample generate: {_speculation_line(stats)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _speculation_line(stats: dict[str, Any]) -> str:
+    return (
+        f"speculation: {stats['rounds']} rounds, {stats['tokens_per_round']:.2f} tokens per round, "
+        f"acceptance rate {stats['acceptance_rate']:.2f}, {stats['requests_per_token']:.2f} requests per token"
+    )
 
 
 def _run_ray(args: argparse.Namespace, config: CoordinatorConfig) -> int:
@@ -350,10 +359,7 @@ async def _run_demo(args: argparse.Namespace) -> int:
         f"{stats['errors']} errors, {stats['requests']} requests"
     )
     if stats["rounds"]:
-        print(
-            f"speculation: {stats['rounds']} rounds, {stats['tokens_per_round']:.2f} tokens per round, "
-            f"acceptance rate {stats['acceptance_rate']:.2f}"
-        )
+        print(_speculation_line(stats))
     return 1 if stats["errors"] else 0
 
 

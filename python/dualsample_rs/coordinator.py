@@ -335,7 +335,10 @@ class DualVLLMCoordinator:
 
     def _postfix(self) -> dict[str, str]:
         st = self.get_statistics()
-        return {"tok/s": f"{st['tokens_per_second']:.0f}", "mean α": f"{st['mean_alpha']:.3f}"}
+        shown = {"tok/s": f"{st['tokens_per_second']:.0f}", "mean α": f"{st['mean_alpha']:.3f}"}
+        if st["rounds"]:
+            shown["tok/round"] = f"{st['tokens_per_round']:.2f}"
+        return shown
 
 
 async def _constant(value: Any) -> Any:
