@@ -26,8 +26,9 @@ from .sequence import Sequence
 
 log = logging.getLogger("dualsample_rs")
 
-# `speculate="auto"`: the drafted tokens per round are chosen among these.
-AUTO_RANGE = range(1, 9)
+# `speculate="auto"`: the drafted tokens per round are chosen among these (few values,
+# since SGLang takes one generation length per request).
+AUTO_RANGE = (1, 2, 4, 8)
 # A drafted position's cost relative to a round trip, for choosing K under "auto".
 AUTO_POSITION_COST = 0.1
 
