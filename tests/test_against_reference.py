@@ -42,14 +42,27 @@ def topk_batches(draw: st.DrawFn) -> tuple[np.ndarray, ...]:
     top_p=st.sampled_from([None, 0.5, 0.95, 1.0]),
     temperature=st.sampled_from([1.0, 0.6, 1.7]),
     seed=st.integers(0, 2**63 - 1),
+    draft_seed=st.one_of(st.none(), st.integers(0, 2**32 - 1)),
 )
 def test_step_agrees(
-    data: tuple, method: str, missing: object, top_p: float | None, temperature: float, seed: int
+    data: tuple,
+    method: str,
+    missing: object,
+    top_p: float | None,
+    temperature: float,
+    seed: int,
+    draft_seed: int | None,
 ) -> None:
     cfg = ds.SamplerConfig(method=method, missing=missing, top_p=top_p, temperature=temperature, diagnostics=True)
-    r = ds.step(*data, config=cfg, seed=seed)
-    e = ref.step(*data, config=cfg, seed=seed)
+    drafts = None
+    if draft_seed is not None:  # drafted tokens to test: listed ids, other ids, or none
+        rng = np.random.default_rng(draft_seed)
+        rows = data[0].shape[0]
+        drafts = np.where(rng.random(rows) < 0.6, data[2][:, 0], rng.integers(-1, 24, rows))
+    r = ds.step(*data, config=cfg, seed=seed, drafts=drafts)
+    e = ref.step(*data, config=cfg, seed=seed, drafts=drafts)
     np.testing.assert_array_equal(r.token_id, e.token_id)
+    np.testing.assert_array_equal(r.accepted, e.accepted)
     np.testing.assert_allclose(r.alpha, e.alpha, atol=1e-9, rtol=0)
     np.testing.assert_allclose(r.logq, e.logq, atol=1e-9, rtol=1e-9)
     np.testing.assert_array_equal(r.n_candidates, e.n_candidates)
