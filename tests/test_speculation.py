@@ -35,7 +35,7 @@ def flavors() -> Iterator[dict[str, tuple[str, str]]]:
 
 
 async def _generate(
-    urls: tuple[str, str], dialect: str, prompts: list[str], max_tokens: int, **options: Any
+    urls: tuple[str, str], dialect: str | tuple[str, str], prompts: list[str], max_tokens: int, **options: Any
 ) -> tuple[list[GenerationOutput], dict[str, Any]]:
     config = CoordinatorConfig(theta_url=urls[0], t_url=urls[1], dialect=dialect, **options)  # type: ignore[arg-type]
     async with DualVLLMCoordinator(config) as coord:
@@ -43,7 +43,9 @@ async def _generate(
         return outs, coord.get_statistics()
 
 
-def generate(urls: tuple[str, str], dialect: str, prompts: list[str], max_tokens: int, **options: Any) -> Any:
+def generate(
+    urls: tuple[str, str], dialect: str | tuple[str, str], prompts: list[str], max_tokens: int, **options: Any
+) -> Any:
     return asyncio.run(_generate(urls, dialect, prompts, max_tokens, **options))
 
 
@@ -340,3 +342,18 @@ def test_a_replica_lost_mid_round_costs_no_record(flavors: dict[str, tuple[str, 
             proc.stdout.close()
     assert st["replicas"]["theta"][1]["down"] and st["replicas"]["theta"][1]["requests"] > 0
     assert [o.to_record() for o in outs] == [o.to_record() for o in single]
+
+
+def test_mixed_dialects_speculate(flavors: dict[str, tuple[str, str]]) -> None:
+    """A teacher on vLLM drafting for a base on SGLang: the same numbers per context."""
+    urls = (flavors["sglang"][0], flavors["vllm"][1])
+    prompts = ["Question: What is water made of?\nAnswer:"] * 150
+    dialect = ("sglang", "vllm-generate")
+    one, _ = generate(urls, dialect, prompts, 10, seed=1)
+    spec, st = generate(urls, dialect, prompts, 10, seed=2, speculate=4)
+    assert not any(o.error for o in spec) and st["tokens_per_round"] > 2
+    ref, got = _numbers_by_context(one), _numbers_by_context(spec)
+    shared = set(ref) & set(got)
+    assert len(shared) > 30
+    for key in shared:
+        np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-12, err_msg=str(key))
