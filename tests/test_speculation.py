@@ -357,3 +357,20 @@ def test_mixed_dialects_speculate(flavors: dict[str, tuple[str, str]]) -> None:
     assert len(shared) > 30
     for key in shared:
         np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-12, err_msg=str(key))
+
+
+def test_faulty_servers_give_the_clean_records(flavors: dict[str, tuple[str, str]]) -> None:
+    """503s, 500s, dropped connections, malformed and slow bodies on both servers during
+    rounds: retried, and the records are those of clean servers."""
+    prompts = [f"({i}) Question: What causes wind?\nAnswer:" for i in range(16)]
+    options = {"seed": 6, "speculate": 4, "max_concurrency": 8, "max_batch_size": 4}
+    clean, _ = generate(flavors["sglang"], "sglang", prompts, 20, **options)
+    faults = {"error_503_rate": 0.05, "error_500_rate": 0.05, "drop_rate": 0.03, "malformed_rate": 0.03,
+              "slow_body_rate": 0.03, "slow_body_seconds": 0.05, "retry_after": 0.01}  # fmt: skip
+    with (
+        running_server("base", flavor="sglang", **faults) as a,
+        running_server("teacher", flavor="sglang", fault_seed=3, **faults) as b,
+    ):
+        faulty, st = generate((a, b), "sglang", prompts, 20, max_retries=8, retry_delay=0.01, **options)
+    assert st["retries"] > 0  # the faults happened
+    assert [o.to_record() for o in faulty] == [o.to_record() for o in clean]
