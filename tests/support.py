@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+from dualsample_rs.server.process import READY_PREFIX
 
 QUESTIONS = [
     "Why is the sky blue?",
@@ -43,3 +47,22 @@ def wait_cli(p: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
 
 def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@contextlib.contextmanager
+def doomed_server(*flags: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A base reference server taking 20 ms a request, for a test to kill mid-run:
+    its URL and process (killed on exit if still running)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dualsample_rs", "serve", "--model", "base", "--port", "0", "--latency", "0.02",
+         "--latency-rate", "1", *flags],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        yield proc.stdout.readline()[len(READY_PREFIX) :].strip(), proc
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()

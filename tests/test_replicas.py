@@ -14,7 +14,7 @@ from dualsample_rs import ConfigurationError, CoordinatorConfig, DualVLLMCoordin
 from dualsample_rs.server import running_server
 from dualsample_rs.server.corpus import chat
 from dualsample_rs.server.process import READY_PREFIX
-from support import PLAIN, QUESTIONS
+from support import PLAIN, QUESTIONS, doomed_server
 
 PLAIN_MANY = [f"({i}) {p}" for i in range(3) for p in PLAIN]  # 24 sequences, distinct first ids
 QUESTIONS_MANY = [f"({i}) {q}" for i in range(3) for q in QUESTIONS]
@@ -68,14 +68,7 @@ def test_replicas_give_the_same_records_and_keep_each_sequence_on_one(
 
 def test_a_replica_lost_mid_run_costs_no_record(replicas, urls: tuple[str, str]) -> None:
     (a1, _), (b1, b2) = replicas
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dualsample_rs", "serve", "--model", "base", "--port", "0", "--latency", "0.02",
-         "--latency-rate", "1"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        doomed = proc.stdout.readline()[len(READY_PREFIX) :].strip()
+    with doomed_server() as (doomed, proc):
 
         async def go() -> tuple[list[GenerationOutput], dict]:
             config = CoordinatorConfig(theta_url=(a1, doomed), t_url=(b1, b2), seed=31, max_concurrency=12,
@@ -93,11 +86,6 @@ def test_a_replica_lost_mid_run_costs_no_record(replicas, urls: tuple[str, str])
                 return outs, coord.get_statistics()
 
         outs, stats = asyncio.run(asyncio.wait_for(go(), timeout=120))
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
     assert all(o.error is None for o in outs)
     single, _ = _run(urls[0], urls[1])
     assert [o.to_record() for o in outs] == [o.to_record() for o in single]  # moved sequences keep their tokens

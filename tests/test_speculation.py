@@ -5,6 +5,7 @@ kill and resume, clear fall-back)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import subprocess
@@ -19,11 +20,11 @@ import numpy as np
 import pytest
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, GenerationOutput
 from dualsample_rs.backends import Context, SGLangBackend, VLLMCompletionsBackend, VLLMGenerateBackend
-from dualsample_rs.exceptions import ConfigurationError
+from dualsample_rs.exceptions import ConfigurationError, InvalidInputError, InvalidResponseError
 from dualsample_rs.server import running_flavors, running_server
 from dualsample_rs.speculation import AUTO_RANGE, auto_drafts
 from scipy import stats
-from support import generate_cli, read_records, wait_cli, write_input
+from support import doomed_server, generate_cli, read_records, wait_cli, write_input
 
 DIALECT = {"vllm": "vllm-generate", "sglang": "sglang"}
 
@@ -117,6 +118,16 @@ def _numbers_by_context(outs: list[GenerationOutput]) -> dict[tuple[int, ...], t
     return seen
 
 
+def _assert_same_numbers(one: list[GenerationOutput], spec: list[GenerationOutput], at_least: int) -> None:
+    """Every token both reached from the same prefix has the same α and log
+    probabilities, and more than `at_least` such tokens were compared."""
+    ref, got = _numbers_by_context(one), _numbers_by_context(spec)
+    shared = set(ref) & set(got)
+    assert len(shared) > at_least
+    for key in shared:
+        np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-12, err_msg=str(key))
+
+
 LAW_CASES = {
     "kl_symmetry": {},
     "support constraint": {"constraint_to_target": True, "target_top_p": 0.9},
@@ -140,11 +151,7 @@ def test_joint_law_of_three_tokens_is_the_one_token_law(flavors: dict[str, tuple
     a, b = _outcomes(one), _outcomes(spec)
     assert len(a) > 10  # a law with room to differ
     assert _same_law(a, b) > 1e-3, (a.most_common(8), b.most_common(8))
-    ref, got = _numbers_by_context(one), _numbers_by_context(spec)
-    shared = set(ref) & set(got)
-    assert len(shared) > 30
-    for key in shared:
-        np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-12, err_msg=str(key))
+    _assert_same_numbers(one, spec, at_least=30)
 
 
 def test_the_law_test_notices_a_wrong_law(flavors: dict[str, tuple[str, str]]) -> None:
@@ -162,11 +169,7 @@ def test_vllm_generate_rounds_give_the_one_token_numbers(flavors: dict[str, tupl
     prompts = ["Question: Why is the sky blue?\nAnswer:"] * 300
     one, s1 = generate(flavors["vllm"], "vllm-generate", prompts, 12, seed=1, scoring="exact")
     spec, s4 = generate(flavors["vllm"], "vllm-generate", prompts, 12, seed=2, scoring="exact", speculate=4)
-    ref, got = _numbers_by_context(one), _numbers_by_context(spec)
-    shared = set(ref) & set(got)
-    assert len(shared) > 50
-    for key in shared:
-        np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-12, err_msg=str(key))
+    _assert_same_numbers(one, spec, at_least=50)
     assert s4["tokens_per_round"] > 2 and s4["requests"] < 0.6 * s1["requests"]
     for o in spec:
         assert o.round is not None and o.drafted is not None and len(o.round) == len(o.token_ids)
@@ -216,11 +219,7 @@ def test_prompt_logprobs_verification_gives_the_one_token_numbers(flavors: dict[
     spec, st = generate(flavors["vllm"], "vllm-completions", prompts, 12, seed=2, speculate=4,
                         verify_prompt_logprobs=True)  # fmt: skip
     assert not any(o.error for o in spec) and st["tokens_per_round"] > 1.8
-    ref, got = _numbers_by_context(one), _numbers_by_context(spec)
-    shared = set(ref) & set(got)
-    assert len(shared) > 50
-    for key in shared:
-        np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-12, err_msg=str(key))
+    _assert_same_numbers(one, spec, at_least=50)
 
 
 @pytest.mark.parametrize("where", ["vllm-completions", "no trace replay", "exact via prompt logprobs"])
@@ -285,11 +284,7 @@ def test_exact_scoring_rounds_fit_vllm_cap_of_128_ids() -> None:
         spec, st = generate((a, b), "vllm-generate", prompts, 10, seed=2, speculate=8, **options)
     assert not any(o.error for o in spec)
     assert 1 < st["tokens_per_round"] < 2.5  # two or three positions fit, not nine
-    ref, got = _numbers_by_context(one), _numbers_by_context(spec)
-    shared = set(ref) & set(got)
-    assert len(shared) > 20
-    for key in shared:
-        np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-12, err_msg=str(key))
+    _assert_same_numbers(one, spec, at_least=20)
 
 
 def test_auto_drafts_more_where_more_is_accepted() -> None:
@@ -311,35 +306,22 @@ def test_bad_speculate_values_are_refused() -> None:
 def test_a_replica_lost_mid_round_costs_no_record(flavors: dict[str, tuple[str, str]]) -> None:
     """Two base replicas, one killed mid-run: its sequences move with their rounds, and
     the records are those of one server (drafts depend only on the model and context).
-    Rounds run two workers at once, so both may find the replica dead."""
+    Rounds run several batches at once, so more than one may find the replica dead."""
     base, teacher = flavors["sglang"]
     prompts = [f"({i}) Question: Why is the sky blue?\nAnswer:" for i in range(24)]
     options = {"seed": 8, "speculate": 4, "max_concurrency": 12, "max_batch_size": 6}
     single, _ = generate((base, teacher), "sglang", prompts, 30, **options)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dualsample_rs", "serve", "--model", "base", "--port", "0", "--flavor", "sglang",
-         "--latency", "0.02", "--latency-rate", "1"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        doomed = proc.stdout.readline().split()[-1]
+    with doomed_server("--flavor", "sglang") as (doomed, proc):
 
         async def go() -> tuple[list[GenerationOutput], dict[str, Any]]:
             config = CoordinatorConfig(theta_url=(base, doomed), t_url=teacher, dialect="sglang", max_retries=1,
                                        retry_delay=0.01, **options)  # type: ignore[arg-type]  # fmt: skip
             async with DualVLLMCoordinator(config) as coord:
-                loop = asyncio.get_running_loop()
-                loop.call_later(0.3, proc.kill)
+                asyncio.get_running_loop().call_later(0.3, proc.kill)
                 outs = await coord.generate_batch(prompts, max_tokens=30, show_progress=False)
                 return outs, coord.get_statistics()
 
         outs, st = asyncio.run(asyncio.wait_for(go(), timeout=120))
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
     assert st["replicas"]["theta"][1]["down"] and st["replicas"]["theta"][1]["requests"] > 0
     assert [o.to_record() for o in outs] == [o.to_record() for o in single]
 
@@ -352,11 +334,7 @@ def test_mixed_dialects_speculate(flavors: dict[str, tuple[str, str]]) -> None:
     one, _ = generate(urls, dialect, prompts, 10, seed=1)
     spec, st = generate(urls, dialect, prompts, 10, seed=2, speculate=4)
     assert not any(o.error for o in spec) and st["tokens_per_round"] > 2
-    ref, got = _numbers_by_context(one), _numbers_by_context(spec)
-    shared = set(ref) & set(got)
-    assert len(shared) > 30
-    for key in shared:
-        np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-12, err_msg=str(key))
+    _assert_same_numbers(one, spec, at_least=30)
 
 
 def test_faulty_servers_give_the_clean_records(flavors: dict[str, tuple[str, str]]) -> None:
@@ -374,3 +352,48 @@ def test_faulty_servers_give_the_clean_records(flavors: dict[str, tuple[str, str
         faulty, st = generate((a, b), "sglang", prompts, 20, max_retries=8, retry_delay=0.01, **options)
     assert st["retries"] > 0  # the faults happened
     assert [o.to_record() for o in faulty] == [o.to_record() for o in clean]
+
+
+def _replying(backend: Any, *bodies: bytes) -> Any:
+    """`backend` with each request answered by the next of `bodies` (decoded as the
+    request asks), so a test can hand it replies a server should never send."""
+    queue = list(bodies)
+
+    async def request(method: str, path: str, body: Any = None, content: Any = None, probe: bool = False,
+                      decode: Any = None) -> Any:  # fmt: skip
+        raw = queue.pop(0)
+        return decode(raw) if decode is not None else json.loads(raw)
+
+    backend._request = request
+    return backend
+
+
+def test_replies_that_do_not_fit_the_round_are_refused() -> None:
+    """A replay that is not the trace sent, a draft missing positions, too few scored
+    positions, and ids past vLLM's cap are errors, never tokens."""
+    ctx = [Context([1, 2, 3])]
+
+    def generate_reply(*tokens: int) -> bytes:
+        content = [{"token_id": t, "top_logprobs": [{"token_id": t, "logprob": -0.1}]} for t in tokens]
+        return json.dumps({"choices": [{"logprobs": {"content": content}}]}).encode()
+
+    async def run() -> None:
+        vllm = _replying(VLLMGenerateBackend("http://x"), generate_reply(5, 9))
+        with pytest.raises(InvalidResponseError, match="replayed tokens differ"):
+            await vllm.continuation_topk(ctx, [[5, 6]], 1)
+        too_many = np.arange(130, dtype=np.int64).reshape(1, 130)
+        with pytest.raises(InvalidInputError, match="cap of 128"):
+            await VLLMGenerateBackend("http://x").continuation_scores(ctx, [[5]], [too_many])
+        draft = {"choices": [{"index": 0, "logprobs": {"tokens": ["token_id:5", "token_id:6"],
+                                                       "top_logprobs": [{"token_id:5": -0.1}]}}]}  # fmt: skip
+        completions = _replying(VLLMCompletionsBackend("http://x"), json.dumps(draft).encode())
+        with pytest.raises(InvalidResponseError, match="top-k at every position"):
+            await completions.draft(ctx, [2], 1)
+        with pytest.raises(ConfigurationError, match="not exact scoring"):
+            await completions.continuation_scores(ctx, [[5]], [np.array([[5]])])
+        item = {"meta_info": {"input_top_logprobs": [None], "output_top_logprobs": [[[-0.1, 5, None]]]}}
+        sglang = _replying(SGLangBackend("http://x"), json.dumps([item]).encode())
+        with pytest.raises(InvalidResponseError, match="1 scored positions for 3"):
+            await sglang.continuation_topk(ctx, [[5, 6, 7]], 1)
+
+    asyncio.run(run())

@@ -43,8 +43,7 @@ class Sequence:
     prompt_len_t: int = 0
     diag: dict[str, list[float]] = field(default_factory=dict)
     done: bool = False
-    # speculative rounds so far, drafted tokens tested and accepted
-    rounds: int = 0
+    # drafted tokens tested and accepted in speculative rounds (for speculate="auto")
     tested: int = 0
     accepted: int = 0
 

@@ -120,10 +120,11 @@ class SpeculativeRound:
             if out.round is None:
                 out.round, out.drafted = [], []
             assert out.drafted is not None
+            this_round = out.round[-1] + 1 if out.round else 0
             for i in range(offset, offset + n):
                 step.emit(seq, drawn, i)
                 emitted[i] = True
-                out.round.append(seq.rounds)
+                out.round.append(this_round)
                 out.drafted.append(accepted[i])
                 if tested[i] >= 0:
                     seq.tested += 1
@@ -132,7 +133,6 @@ class SpeculativeRound:
                     stats.accepted += accepted[i]
                 if seq.done or not accepted[i]:
                     break
-            seq.rounds += 1
             stats.rounds += 1
             offset += n
         stats.round_tokens += int(emitted.sum())

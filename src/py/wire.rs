@@ -85,7 +85,7 @@ fn position_arrays(py: Python<'_>, p: Positions) -> PyResult<Bound<'_, PyTuple>>
 }
 
 /// Every generated position of one vLLM generate reply per sequence (see
-/// `wire::positions::parse_generate`).
+/// `wire::generate::parse_positions`).
 #[pyfunction]
 #[pyo3(signature = (bodies, width, top_k=None))]
 pub fn parse_generate_positions<'py>(
@@ -95,7 +95,7 @@ pub fn parse_generate_positions<'py>(
     top_k: Option<usize>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let slices: Vec<&[u8]> = bodies.iter().map(PyBytesMethods::as_bytes).collect();
-    let parsed = positions::parse_generate(&slices, width, top_k)?;
+    let parsed = generate::parse_positions(&slices, width, top_k)?;
     position_arrays(py, parsed)
 }
 

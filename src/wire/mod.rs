@@ -44,6 +44,13 @@ impl Usage {
     }
 }
 
+/// Adds a reply's cached prompt tokens to a running total (None until one reports).
+pub fn add_cached(total: &mut Option<u64>, cached: Option<u64>) {
+    if let Some(c) = cached {
+        *total = Some(total.unwrap_or(0) + c);
+    }
+}
+
 /// A parsed reply: each row's entries, and the prompt tokens the server's prefix cache
 /// served, where it says.
 pub struct Parsed {

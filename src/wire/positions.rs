@@ -1,11 +1,12 @@
 //! Replies with several positions per sequence, for speculative rounds: a draft (the
 //! generated tokens and the top-k at each) or the scoring of a given continuation.
 //! Every position becomes one row; `lengths` says how many rows each sequence has.
+//! vLLM's are read in `generate`, with that module's reply types; SGLang's here.
 use numpy::ndarray::Array2;
 use serde::Deserialize;
 
 use super::sglang::Triple;
-use super::{reply_error, wire_logprob, Usage};
+use super::{add_cached, reply_error};
 use crate::errors::KernelResult;
 
 /// Rows for every position of every sequence of a reply.
@@ -20,17 +21,17 @@ pub struct Positions {
 }
 
 /// Collects `(token, entries)` rows into padded arrays.
-struct Builder {
+pub(super) struct Builder {
     width: usize,
     tokens: Vec<i64>,
     ids: Vec<i64>,
     logp: Vec<f64>,
-    lengths: Vec<i64>,
+    pub(super) lengths: Vec<i64>,
     cached: Option<u64>,
 }
 
 impl Builder {
-    fn new(width: usize) -> Self {
+    pub(super) fn new(width: usize) -> Self {
         Builder {
             width,
             tokens: Vec::new(),
@@ -41,7 +42,7 @@ impl Builder {
         }
     }
 
-    fn row(&mut self, token: i64, entries: impl IntoIterator<Item = (i64, f64)>) {
+    pub(super) fn row(&mut self, token: i64, entries: impl IntoIterator<Item = (i64, f64)>) {
         self.tokens.push(token);
         let start = self.ids.len();
         for (id, lp) in entries.into_iter().take(self.width) {
@@ -53,13 +54,11 @@ impl Builder {
         self.logp.extend(std::iter::repeat_n(f64::NEG_INFINITY, pad));
     }
 
-    fn cached(&mut self, c: Option<u64>) {
-        if let Some(c) = c {
-            self.cached = Some(self.cached.unwrap_or(0) + c);
-        }
+    pub(super) fn cached(&mut self, c: Option<u64>) {
+        add_cached(&mut self.cached, c);
     }
 
-    fn finish(self) -> KernelResult<Positions> {
+    pub(super) fn finish(self) -> KernelResult<Positions> {
         let rows = self.tokens.len();
         let shape_err = |e: numpy::ndarray::ShapeError| reply_error(format!("positions: {e}"));
         Ok(Positions {
@@ -70,62 +69,6 @@ impl Builder {
             cached_tokens: self.cached,
         })
     }
-}
-
-// ---------------------------------------------------------------- vLLM generate
-#[derive(Deserialize)]
-struct Reply {
-    choices: Vec<Choice>,
-    usage: Option<Usage>,
-}
-
-#[derive(Deserialize)]
-struct Choice {
-    logprobs: Option<Logprobs>,
-}
-
-#[derive(Deserialize)]
-struct Logprobs {
-    content: Option<Vec<Position>>,
-}
-
-#[derive(Deserialize)]
-struct Position {
-    token_id: i64,
-    top_logprobs: Vec<Entry>,
-}
-
-#[derive(Deserialize)]
-struct Entry {
-    token_id: i64,
-    logprob: Option<f64>,
-}
-
-/// Every generated position of one vLLM generate reply per sequence. vLLM lists the
-/// sampled (or replayed) token first; with `top_k`, a position with more entries than
-/// that drops it, so a position reads as the one-token path reads it.
-pub fn parse_generate<B: AsRef<[u8]>>(bodies: &[B], width: usize, top_k: Option<usize>) -> KernelResult<Positions> {
-    let mut out = Builder::new(width);
-    for (r, body) in bodies.iter().enumerate() {
-        let reply: Reply = serde_json::from_slice(body.as_ref())
-            .map_err(|e| reply_error(format!("row {r}: not a generate reply: {e}")))?;
-        out.cached(Usage::cached_tokens(reply.usage));
-        let content = reply
-            .choices
-            .into_iter()
-            .next()
-            .and_then(|c| c.logprobs)
-            .and_then(|l| l.content)
-            .filter(|c| !c.is_empty())
-            .ok_or_else(|| reply_error(format!("row {r}: the reply has no logprobs content")))?;
-        out.lengths.push(i64::try_from(content.len()).unwrap_or(i64::MAX));
-        for p in content {
-            let skip = usize::from(top_k.is_some_and(|k| p.top_logprobs.len() > k));
-            let entries = p.top_logprobs.into_iter().skip(skip);
-            out.row(p.token_id, entries.map(|e| (e.token_id, wire_logprob(e.logprob))));
-        }
-    }
-    out.finish()
 }
 
 // ---------------------------------------------------------------- SGLang generate
@@ -194,24 +137,6 @@ pub fn parse_sglang(body: &[u8], rows: usize, width: usize, top: bool, scored: b
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn generate_positions_drop_the_sampled_token_past_top_k() {
-        let body = br#"{"choices":[{"logprobs":{"content":[
-            {"token_id":9,"logprob":-4.0,"top_logprobs":[{"token_id":9,"logprob":-4.0},{"token_id":1,"logprob":-0.1},{"token_id":2,"logprob":-3.0}]},
-            {"token_id":1,"logprob":-0.2,"top_logprobs":[{"token_id":1,"logprob":-0.2},{"token_id":3,"logprob":-9999.0}]}]}}],
-            "usage":{"prompt_tokens_details":{"cached_tokens":4}}}"#;
-        let p = parse_generate(&[&body[..]], 3, Some(2)).unwrap();
-        assert_eq!(p.tokens, vec![9, 1]);
-        assert_eq!(p.lengths, vec![2]);
-        assert_eq!(p.ids.row(0).to_vec(), vec![1, 2, -1]);
-        assert_eq!(p.ids.row(1).to_vec(), vec![1, 3, -1]);
-        assert_eq!(p.logp[[1, 1]], f64::NEG_INFINITY);
-        assert_eq!(p.cached_tokens, Some(4));
-        let all = parse_generate(&[&body[..]], 3, None).unwrap();
-        assert_eq!(all.ids.row(0).to_vec(), vec![9, 1, 2]);
-        assert!(parse_generate(&[&br#"{"choices":[{"logprobs":{"content":[]}}]}"#[..]], 3, None).is_err());
-    }
 
     #[test]
     fn sglang_positions_of_drafts_and_scored_continuations() {

@@ -5,7 +5,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::{reply_error, wire_logprob, Parsed, TopkRows};
+use super::{add_cached, reply_error, wire_logprob, Parsed, TopkRows};
 use crate::errors::KernelResult;
 
 /// Which per-position list to read.
@@ -168,9 +168,7 @@ pub fn parse_topk(body: &[u8], rows: usize, width: usize, field: Field) -> Kerne
     let mut out = TopkRows::new(rows, width);
     let mut cached: Option<u64> = None;
     for (r, Item(FirstPosition(first, item_cached))) in items.into_iter().enumerate() {
-        if let Some(c) = item_cached {
-            cached = Some(cached.unwrap_or(0) + c);
-        }
+        add_cached(&mut cached, item_cached);
         let triples =
             first.ok_or_else(|| reply_error(format!("reply {r} has no {} at the first position", field.key())))?;
         out.fill(r, triples.into_iter().map(|Triple(id, lp)| (id, lp)));

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,6 +38,26 @@ class Draft:
 
     tokens: list[int]
     top: TopK
+
+
+async def drafts_by_length(
+    contexts: Sequence[Context],
+    lengths: Sequence[int],
+    group: Callable[[int, list[Context]], Awaitable[list[Draft]]],
+) -> list[Draft]:
+    """Drafts from batched requests that take one generation length each: `group`
+    drafts that many tokens past each of its contexts; groups run at once."""
+    rows_of_length: dict[int, list[int]] = {}
+    for r, n in enumerate(lengths):
+        rows_of_length.setdefault(n, []).append(r)
+    out: list[Draft | None] = [None] * len(contexts)
+
+    async def one(length: int, rows: list[int]) -> None:
+        for r, draft in zip(rows, await group(length, [contexts[r] for r in rows]), strict=True):
+            out[r] = draft
+
+    await asyncio.gather(*(one(n, rows) for n, rows in rows_of_length.items()))
+    return [d for d in out if d is not None]
 
 
 def rows_of(positions: list[list[tuple[int, float]]], width: int) -> TopK:

@@ -8,7 +8,6 @@ for the prefix before it. ``temperature: 0`` makes SGLang report raw log probabi
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from .. import _core
 from ..exceptions import ConfigurationError, InvalidInputError, InvalidResponseError
-from .base import Draft, TopK, gather_scores, split_positions
+from .base import Draft, TopK, drafts_by_length, gather_scores, split_positions
 from .context import Context, body_with_lists
 from .http import HttpBackend
 
@@ -99,24 +98,15 @@ class SGLangBackend(HttpBackend):
         return split_positions(tokens, ids, logp, lengths)
 
     async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:
-        # One generation length per request: contexts are grouped by length.
-        groups: dict[int, list[int]] = {}
-        for r, n in enumerate(lengths):
-            groups.setdefault(n, []).append(r)
-        out: list[Draft | None] = [None] * len(contexts)
-
-        async def group(length: int, rows: list[int]) -> None:
+        async def group(length: int, batch: list[Context]) -> list[Draft]:
             head = {
                 "sampling_params": {"max_new_tokens": length, "temperature": 0, "ignore_eos": True},
                 "return_logprob": True,
                 "top_logprobs_num": top_k,
             }
-            got = await self._positions(head, [contexts[r] for r in rows], top_k, "top")
-            for r, (tokens, top) in zip(rows, got, strict=True):
-                out[r] = Draft(tokens, top)
+            return [Draft(tokens, top) for tokens, top in await self._positions(head, batch, top_k, "top")]
 
-        await asyncio.gather(*(group(n, rows) for n, rows in groups.items()))
-        return [d for d in out if d is not None]
+        return await drafts_by_length(contexts, lengths, group)
 
     async def _continuation(
         self,

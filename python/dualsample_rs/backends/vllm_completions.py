@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import _core
 from ..exceptions import APIStatusError, ConfigurationError, InvalidInputError, InvalidResponseError, NotFoundError
-from .base import VLLM_MAX_SCORED_IDS, Draft, TopK, gather_scores, rows_of, scoring_groups
+from .base import VLLM_MAX_SCORED_IDS, Draft, TopK, drafts_by_length, gather_scores, rows_of, scoring_groups
 from .context import Context, body_with_lists
 from .http import HttpBackend, log
 
@@ -112,24 +112,19 @@ class VLLMCompletionsBackend(HttpBackend):
         return None
 
     async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:
-        # One generation length per request: contexts are grouped by length.
-        groups: dict[int, list[int]] = {}
-        for r, n in enumerate(lengths):
-            groups.setdefault(n, []).append(r)
-        out: list[Draft | None] = [None] * len(contexts)
-
-        async def group(length: int, rows: list[int]) -> None:
+        async def group(length: int, batch: list[Context]) -> list[Draft]:
             fields = {"max_tokens": length, "logprobs": top_k, "ignore_eos": True}
-            for r, choice in zip(rows, await self._choices([contexts[r] for r in rows], fields), strict=True):
+            drafts = []
+            for choice in await self._choices(batch, fields):
                 lp = choice.get("logprobs") or {}
                 tokens = [_token_id(t) for t in lp.get("tokens") or []]
                 tops = [_keyed_entries(d) for d in lp.get("top_logprobs") or []]
                 if not tokens or len(tokens) != len(tops):
                     raise InvalidResponseError(f"{self.base_url}: a draft without its top-k at every position")
-                out[r] = Draft(tokens, rows_of(tops, top_k + 1))
+                drafts.append(Draft(tokens, rows_of(tops, top_k + 1)))
+            return drafts
 
-        await asyncio.gather(*(group(n, rows) for n, rows in groups.items()))
-        return [d for d in out if d is not None]
+        return await drafts_by_length(contexts, lengths, group)
 
     async def continuation_topk(
         self, contexts: Sequence[Context], continuations: Sequence[list[int]], top_k: int
