@@ -9,10 +9,7 @@ use crate::wire::{completions, generate, sglang, Parsed};
 
 /// `(ids, logp, cached_tokens or None)`.
 fn arrays(py: Python<'_>, parsed: Parsed) -> PyResult<Bound<'_, PyTuple>> {
-    let cached = match parsed.cached_tokens {
-        Some(c) => c.into_pyobject(py)?.into_any(),
-        None => py.None().into_bound(py),
-    };
+    let cached = parsed.cached_tokens.into_pyobject(py)?.into_any();
     PyTuple::new(
         py,
         [
@@ -47,6 +44,15 @@ pub fn parse_generate_topk<'py>(
     arrays(py, parsed)
 }
 
+/// `"top"` (the top-k lists) or `"token_ids"` (the given ids' lists).
+fn sglang_field(field: &str) -> PyResult<sglang::Field> {
+    match field {
+        "top" => Ok(sglang::Field::Top),
+        "token_ids" => Ok(sglang::Field::TokenIds),
+        _ => Err(KernelError::arg("field", format!("expected \"top\" or \"token_ids\", got {field:?}")).into()),
+    }
+}
+
 /// `(ids, logp)` of shape (rows, width) from a batched SGLang `/generate` reply;
 /// `field` is `"top"` (`output_top_logprobs`) or `"token_ids"` (`output_token_ids_logprobs`).
 #[pyfunction]
@@ -57,21 +63,14 @@ pub fn parse_sglang_topk<'py>(
     width: usize,
     field: &str,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let field = match field {
-        "top" => sglang::Field::Top,
-        "token_ids" => sglang::Field::TokenIds,
-        _ => return Err(KernelError::arg("field", format!("expected \"top\" or \"token_ids\", got {field:?}")).into()),
-    };
+    let field = sglang_field(field)?;
     let parsed = py.detach(|| sglang::parse_topk(body, rows, width, field))?;
     arrays(py, parsed)
 }
 
 /// `(tokens, ids, logp, lengths, cached_tokens or None)`: one row per position.
 fn position_arrays(py: Python<'_>, p: Positions) -> PyResult<Bound<'_, PyTuple>> {
-    let cached = match p.cached_tokens {
-        Some(c) => c.into_pyobject(py)?.into_any(),
-        None => py.None().into_bound(py),
-    };
+    let cached = p.cached_tokens.into_pyobject(py)?.into_any();
     PyTuple::new(
         py,
         [
@@ -110,11 +109,7 @@ pub fn parse_sglang_positions<'py>(
     field: &str,
     scored: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let top = match field {
-        "top" => true,
-        "token_ids" => false,
-        _ => return Err(KernelError::arg("field", format!("expected \"top\" or \"token_ids\", got {field:?}")).into()),
-    };
-    let parsed = py.detach(|| positions::parse_sglang(body, rows, width, top, scored))?;
+    let field = sglang_field(field)?;
+    let parsed = py.detach(|| positions::parse_sglang(body, rows, width, field, scored))?;
     position_arrays(py, parsed)
 }
