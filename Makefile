@@ -23,13 +23,18 @@ $(VENV)/.installed: requirements-dev.txt
 .PHONY: install ## create .venv with the development tools
 install: $(VENV)/.installed
 
+# Ray (240 MB) only for the tests that use it.
+$(VENV)/.ray: $(VENV)/.installed requirements-ray.txt
+	$(PY) -m pip install -q -r requirements-ray.txt
+	touch $@
+
 .PHONY: build-dev ## build the extension in debug mode into .venv
 build-dev: install
-	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --extras server,ray
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop
 
 .PHONY: build-prod ## build the extension in release mode into .venv
 build-prod: install
-	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release --extras server,ray
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release
 
 .PHONY: format ## format Rust and Python
 format: install
@@ -51,12 +56,29 @@ test-rust: install
 	cargo test
 
 .PHONY: test ## build once (release), then every check: lint, cargo test, pytest (benches run once)
-test: build-prod lint test-rust
+test: build-prod $(VENV)/.ray lint test-rust
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q
+
+# The commit whose package the benches put beside the current one (the last with the
+# hand-written HTTP client); `make previous` checks it out into .bench-previous.
+PREVIOUS ?= de326a7
+PREVIOUS_PKG := $(abspath .bench-previous/python/dualsample_rs)
+
+.PHONY: previous ## check out $(PREVIOUS) beside this tree for the benches' "previous" cases
+previous: build-prod
+	test -d .bench-previous || git worktree add --detach .bench-previous $(PREVIOUS)
+	cp python/dualsample_rs/_core*.so $(PREVIOUS_PKG)/
+
+.PHONY: test-engines ## the package against real vLLM (CPU build) and SGLang; installs them once under ~/.cache/dualsample_rs
+test-engines: build-prod
+	bash tests/engines/install_vllm.sh
+	bash tests/engines/install_sglang.sh
+	DUALSAMPLE_ENGINES=1 $(PY) -m pytest -q -p no:randomly -o timeout=1800 tests/engines
 
 .PHONY: bench ## benchmark tables: Rust against the numpy reference on one core, then on all cores (release build)
 bench: build-prod
-	RAYON_NUM_THREADS=1 $(PY) -m pytest benches -q -p no:randomly --benchmark-enable --benchmark-sort=name
+	RAYON_NUM_THREADS=1 DUALSAMPLE_PREVIOUS=$(if $(wildcard $(PREVIOUS_PKG)/_core*.so),$(PREVIOUS_PKG),) \
+		$(PY) -m pytest benches -q -p no:randomly --benchmark-enable --benchmark-sort=name
 	$(PY) -m pytest benches/bench_kernels.py -q --benchmark-enable --benchmark-sort=name -k "rust and 1024"
 
 .PHONY: demo ## build, start the reference servers, run the demo job
@@ -66,3 +88,4 @@ demo: build-prod
 .PHONY: clean ## remove build products and the venv
 clean:
 	rm -rf target $(VENV) .pytest_cache .benchmarks
+	git worktree remove --force .bench-previous 2>/dev/null || true

@@ -18,7 +18,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import dualsample_rs
 import numpy as np
+import previous
 import pytest
 from aiohttp import web
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator
@@ -144,12 +146,17 @@ OVERHEAD_CASES = [(20, d, s) for d in DIALECTS for s in ("topk", "exact")] + [(1
 
 
 @pytest.mark.parametrize("top_k,dialect,scoring", OVERHEAD_CASES)
+@pytest.mark.parametrize("package", ["now", "previous"])
 def test_coordinator_overhead(
-    benchmark, fake_servers: dict[int, tuple[str, str]], top_k: int, dialect: str, scoring: str
+    benchmark, fake_servers: dict[int, tuple[str, str]], top_k: int, dialect: str, scoring: str, package: str
 ) -> None:
+    """`package`: this one, or the one before the HTTP client moved to aiohttp (see
+    `previous`), side by side."""
     benchmark.group = "coordinator overhead (zero-latency fake servers in another process), 256 in flight"
     in_flight, tokens = 256, 64
     urls = fake_servers[top_k]
+    ds = previous.require() if package == "previous" else dualsample_rs
+    CoordinatorConfig, DualVLLMCoordinator = ds.CoordinatorConfig, ds.DualVLLMCoordinator
     config = CoordinatorConfig(theta_url=urls[0], t_url=urls[1], top_k=top_k, max_concurrency=in_flight,
                                max_batch_size=in_flight, stop_token_ids=(), dialect=dialect,
                                scoring=scoring)  # fmt: skip

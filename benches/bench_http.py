@@ -1,10 +1,12 @@
 """The HTTP client's own CPU cost per request, side by side with the alternatives.
 
 The same small POST (a ``/tokenize`` of one sentence) to one reference server on
-loopback, 64 requests in flight, from: this package's client (`HttpBackend`), aiohttp,
-httpx with its own connection pool, and httpx over an aiohttp transport (the route
-openai-python offers). ``extra_info`` has the client process's CPU µs per request; the
-server runs in another process, so its time is not counted.
+loopback, 1 and 64 requests in flight, from: this package's client (`HttpBackend`, on
+aiohttp), the package's earlier hand-written HTTP/1.1 client (with ``make previous``, see
+`previous`), aiohttp itself, httpx with its own connection pool, and httpx over an
+aiohttp transport (the route openai-python offers). ``extra_info`` has the client
+process's CPU µs per request; the server runs in another process, so its time is not
+counted.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import aiohttp
 import httpx
+import previous
 import pytest
 from dualsample_rs import VLLMCompletionsBackend
 from dualsample_rs.server import running_server
 from httpx_aiohttp import AiohttpTransport
 
-REQUESTS, IN_FLIGHT = 1000, 64
+REQUESTS = 1000
 BODY = json.dumps({"prompt": "Hello world, this is a test"}).encode()
 HEADERS = {"Content-Type": "application/json"}
 
@@ -32,11 +35,14 @@ def url() -> Iterator[str]:
         yield u
 
 
-def _timed(make: Callable[[str], Awaitable[tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]]]):
+def _timed(
+    make: Callable[[str], Awaitable[tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]]],
+    in_flight: int,
+):
     def run(url: str) -> float:
         async def go() -> float:
             one, close = await make(url)
-            sem = asyncio.Semaphore(IN_FLIGHT)
+            sem = asyncio.Semaphore(in_flight)
 
             async def limited() -> None:
                 async with sem:
@@ -56,6 +62,15 @@ def _timed(make: Callable[[str], Awaitable[tuple[Callable[[], Awaitable[None]], 
 
 async def _make_ours(url: str):
     backend = VLLMCompletionsBackend(url, max_retries=0)
+
+    async def one() -> None:
+        await backend.tokenize("Hello world, this is a test")
+
+    return one, backend.aclose
+
+
+async def _make_previous(url: str):
+    backend = previous.require().VLLMCompletionsBackend(url, max_retries=0)
 
     async def one() -> None:
         await backend.tokenize("Hello world, this is a test")
@@ -89,6 +104,7 @@ def _make_httpx(transport: Callable[[], httpx.AsyncBaseTransport] | None):
 
 CLIENTS = {
     "dualsample_rs": _make_ours,
+    "dualsample_rs previous (own HTTP/1.1)": _make_previous,
     "aiohttp": _make_aiohttp,
     "httpx": _make_httpx(None),
     "httpx over aiohttp": _make_httpx(AiohttpTransport),
@@ -96,9 +112,12 @@ CLIENTS = {
 
 
 @pytest.mark.parametrize("client", list(CLIENTS))
-def test_client_cpu_per_request(benchmark, url: str, client: str) -> None:
-    benchmark.group = f"HTTP client CPU per request, {IN_FLIGHT} in flight, loopback"
-    run = _timed(CLIENTS[client])
+@pytest.mark.parametrize("in_flight", [1, 64])
+def test_client_cpu_per_request(benchmark, url: str, client: str, in_flight: int) -> None:
+    benchmark.group = f"HTTP client CPU per request, {in_flight} in flight, loopback"
+    if "previous" in client:
+        previous.require()
+    run = _timed(CLIENTS[client], in_flight)
     cpu: list[float] = []
     benchmark.pedantic(lambda: cpu.append(run(url)), rounds=2, iterations=1)
     benchmark.extra_info["cpu_us_per_request"] = 1e6 * min(cpu) / REQUESTS

@@ -27,7 +27,12 @@ LATENCY = 0.02  # seconds added to every request
 TOKENS = 48
 ROUNDS = 3  # runs per case under `make bench` (pytest runs each once)
 FLAVOR = {
-    "vllm-generate": {"enable_scale_out": True, "enable_trace_replay": True, "enable_prompt_tokens_details": True},
+    "vllm-generate": {
+        "enable_scale_out": True,
+        "enable_trace_replay": True,
+        "enable_prompt_tokens_details": True,
+        "max_logprobs": 64,
+    },
     "sglang": {"flavor": "sglang"},
 }
 

@@ -27,5 +27,5 @@ async def main(theta_url: str, t_url: str) -> None:
 
 
 if __name__ == "__main__":
-    with servers(__doc__, enable_scale_out=True, enable_trace_replay=True) as urls:
+    with servers(__doc__, enable_scale_out=True, enable_trace_replay=True, max_logprobs=64) as urls:
         asyncio.run(main(*urls))

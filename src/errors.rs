@@ -6,6 +6,9 @@ use pyo3::PyErr;
 
 import_exception!(dualsample_rs.exceptions, InvalidInputError);
 import_exception!(dualsample_rs.exceptions, InvalidDtypeError);
+import_exception!(dualsample_rs.exceptions, InvalidResponseError);
+import_exception!(dualsample_rs.exceptions, MismatchedReplyError);
+import_exception!(dualsample_rs.exceptions, IncompleteReplyError);
 
 /// What went wrong, with the argument and (when it concerns one) the row.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,6 +21,12 @@ pub enum KernelError {
     },
     /// An array has a dtype or layout that cannot be converted safely.
     Dtype { arg: &'static str, msg: String },
+    /// A server's reply does not read as JSON (torn, or not JSON at all).
+    Reply { msg: String },
+    /// A server's reply is well formed but lacks what its request asked for.
+    Incomplete { msg: String },
+    /// A server's reply answers another request (a stray or duplicated reply).
+    Mismatch { msg: String },
 }
 
 impl KernelError {
@@ -47,6 +56,9 @@ impl fmt::Display for KernelError {
                 msg,
             } => write!(f, "{arg}, row {row}: {msg}"),
             KernelError::Input { arg, row: None, msg } | KernelError::Dtype { arg, msg } => write!(f, "{arg}: {msg}"),
+            KernelError::Reply { msg } | KernelError::Incomplete { msg } | KernelError::Mismatch { msg } => {
+                f.write_str(msg)
+            }
         }
     }
 }
@@ -58,6 +70,9 @@ impl From<KernelError> for PyErr {
         match err {
             KernelError::Input { .. } => InvalidInputError::new_err(err.to_string()),
             KernelError::Dtype { .. } => InvalidDtypeError::new_err(err.to_string()),
+            KernelError::Reply { .. } => InvalidResponseError::new_err(err.to_string()),
+            KernelError::Mismatch { .. } => MismatchedReplyError::new_err(err.to_string()),
+            KernelError::Incomplete { .. } => IncompleteReplyError::new_err(err.to_string()),
         }
     }
 }

@@ -15,6 +15,10 @@ settings.register_profile("ci", max_examples=400, **_common)
 settings.register_profile("stress", max_examples=3000, **{**_common, "derandomize": False})
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
+# The real engines' tests need the engines installed and minutes to start them: they run
+# with `make test-engines` (which sets DUALSAMPLE_ENGINES), not with `make test`.
+collect_ignore = [] if os.environ.get("DUALSAMPLE_ENGINES") else ["engines"]
+
 
 @pytest.fixture(scope="session")
 def urls() -> Iterator[tuple[str, str]]:

@@ -76,6 +76,10 @@ def test_bad_paths_and_flags_are_refused_before_any_server(tmp_path: Path) -> No
     assert "seed" in _refused(DEAD, inp, out, "--seed", str(2**64))
     assert "--max-tokens" in _refused(DEAD, inp, out, "--max-tokens", "0")
     assert "--stop-token-ids" in _refused(DEAD, inp, out, "--stop-token-ids", "1,x")
+    assert "only with --speculate" in _refused(DEAD, inp, out, "--verify-prompt-logprobs")
+    assert "--max-reply-mb" in _refused(DEAD, inp, out, "--max-reply-mb", "x")
+    # a file beside which no lock can be made
+    assert "cannot create the lock file" in _refused(DEAD, inp, Path("/proc/version"), "--overwrite")
     assert not out.exists()
 
 

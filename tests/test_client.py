@@ -288,20 +288,30 @@ def test_chunked_bodies_are_read_whole() -> None:
     assert got == [1, 2] and server.calls == 1
 
 
-@pytest.mark.parametrize("model_info,dialect", [(200, "sglang"), (404, "vllm-completions")])
-def test_dialect_detection_falls_back_to_sglang_discovery(model_info: int, dialect: str) -> None:
+@pytest.mark.parametrize(
+    "route,model_info,dialect",
+    [
+        ("/model_info", 200, "sglang"),
+        ("/get_model_info", 200, "sglang"),  # SGLang before /model_info
+        ("/model_info", 404, "vllm-completions"),
+    ],
+)
+def test_dialect_detection_falls_back_to_sglang_discovery(route: str, model_info: int, dialect: str) -> None:
     from dualsample_rs.backends import HttpBackend, detect_dialect
+
+    asked: list[str] = []
 
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"data": [{"id": "m"}]})  # no owned_by
 
     async def info(request: web.Request) -> web.Response:
+        asked.append(request.path)
         return web.json_response({}, status=model_info)
 
     async def go() -> str:
         app = web.Application()
         app.router.add_get("/v1/models", models)
-        app.router.add_get("/get_model_info", info)
+        app.router.add_get(route, info)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -312,3 +322,5 @@ def test_dialect_detection_falls_back_to_sglang_discovery(model_info: int, diale
             await runner.cleanup()
 
     assert asyncio.run(go()) == dialect
+    # the deprecated route is asked only where the current one is missing
+    assert asked[0] == route and (route == "/model_info" or "/model_info" not in asked)

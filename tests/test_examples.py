@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +36,25 @@ def test_example_runs(urls: tuple[str, str], script: str) -> None:
 
 def test_every_example_is_tested() -> None:
     assert {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")} == set(EXPECTED)
+
+
+README = EXAMPLES.parent / "README.md"
+README_BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(README_BLOCKS)))
+def test_readme_python_blocks_run_as_written(urls: tuple[str, str], tmp_path: Path, index: int) -> None:
+    """Each Python block of the README, run as it is written, with only the servers'
+    addresses pointed at the reference servers (in a folder with a prompts file)."""
+    code = README_BLOCKS[index].replace("http://localhost:8000", urls[0]).replace("http://localhost:8001", urls[1])
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"id": i, "prompt": f"Question: {q}\nAnswer:", "teacher_prompt": q}) + "\n"
+                for i, q in enumerate(["Why is the sky blue?", "What causes wind?"]))
+    )  # fmt: skip
+    (tmp_path / "block.py").write_text(code)
+    p = subprocess.run([sys.executable, "block.py"], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    if "write_parquet" in code:
+        assert list((tmp_path / "samples").glob("*.parquet"))
+    else:
+        assert p.stdout.strip(), p.stderr[-3000:]

@@ -4,8 +4,11 @@ local cluster give the same records as a single process."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import ray
 from dualsample_rs import CoordinatorConfig
 from dualsample_rs.ray import DualSample, record_from_row
 from dualsample_rs.server import running_server
-from support import generate_cli, read_records, wait_cli, write_input
+from support import doomed_server, generate_cli, read_records, wait_cli, write_input
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +87,92 @@ def test_replicas_are_spread_over_actors() -> None:
     assert shares == [("http://a", "http://c"), ("http://b", "http://d")]
     assert _share(urls[:1], 5, 2) == ("http://a",) and _share("http://a", 3, 4) == "http://a"
     assert _share(urls, 1, 8) == urls  # fewer replicas than actors: each actor gets them all
+
+
+# ------------------------------------------------------------ the gate before Ray starts
+def _ray_cli(urls: tuple[str, str], inp: Path, out: Path, *extra: str, env: dict | None = None, ray: str = "--ray"):
+    return subprocess.run(
+        [sys.executable, "-m", "dualsample_rs", "generate", "--theta-url", urls[0], "--t-url", urls[1],
+         "--input", str(inp), "--output", str(out), "--max-tokens", "25", "--seed", "11", "--quiet", ray, *extra],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+
+
+def _one_line_refusal(p: subprocess.CompletedProcess, words: str) -> None:
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert words in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_ray_runs_pass_the_same_gate(tmp_path: Path) -> None:
+    urls = ("http://127.0.0.1:9", "http://127.0.0.1:9")  # never reached: every case is refused first
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, 20)
+    kept = inp.read_text()
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier\n" * 20)
+    _one_line_refusal(_ray_cli(urls, inp, out), "exists")
+    assert out.read_text() == "earlier\n" * 20
+    _one_line_refusal(_ray_cli(urls, inp, inp, "--overwrite"), "is the input file")
+    (tmp_path / "link.jsonl").symlink_to(inp)
+    _one_line_refusal(_ray_cli(urls, inp, tmp_path / "link.jsonl", "--overwrite"), "is the input file")
+    assert inp.read_text() == kept
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(kept + kept.splitlines()[3] + "\n")
+    _one_line_refusal(_ray_cli(urls, dup, tmp_path / "o1.jsonl"), "duplicate ids")
+    _one_line_refusal(_ray_cli(urls, tmp_path / "missing.jsonl", tmp_path / "o2.jsonl"), "does not exist")
+    _one_line_refusal(_ray_cli(urls, inp, tmp_path / "no" / "o3.jsonl"), "does not exist")
+    _one_line_refusal(_ray_cli(urls, inp, tmp_path / "o4.jsonl", ray="--ray=not an address"), "expected")
+    parquet = tmp_path / "o5.parquet"
+    parquet.mkdir()
+    (parquet / "notes.txt").write_text("mine")
+    _one_line_refusal(_ray_cli(urls, inp, parquet), "not empty")
+    _one_line_refusal(_ray_cli(urls, inp, parquet, "--overwrite"), "not Parquet")
+    assert (parquet / "notes.txt").read_text() == "mine"
+    noid = tmp_path / "noid.jsonl"
+    noid.write_text('{"prompt": "a"}\n')
+    _one_line_refusal(_ray_cli(urls, noid, tmp_path / "o6.jsonl"), "no 'id' field")
+
+
+def test_an_unreachable_cluster_and_a_missing_extra_are_one_line(tmp_path: Path) -> None:
+    urls = ("http://127.0.0.1:9", "http://127.0.0.1:9")
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, 3)
+    t0 = time.monotonic()
+    _one_line_refusal(_ray_cli(urls, inp, tmp_path / "a.jsonl", ray="--ray=127.0.0.1:1"), "no Ray cluster answers")
+    assert time.monotonic() - t0 < 30
+    fake = tmp_path / "fake"
+    (fake / "ray").mkdir(parents=True)
+    (fake / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    env = {**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    _one_line_refusal(_ray_cli(urls, inp, tmp_path / "b.jsonl", env=env), "the ray extra is not installed")
+
+
+def test_sigterm_ends_a_ray_run_and_resume_without_ray_completes_it(urls: tuple[str, str], tmp_path: Path) -> None:
+    inp, reference = _reference(urls, tmp_path, 40)
+    out = tmp_path / "ray.jsonl"
+    with doomed_server() as (slow_base, _):
+        p = subprocess.Popen(
+            [sys.executable, "-m", "dualsample_rs", "generate", "--theta-url", slow_base, "--t-url", urls[1],
+             "--input", str(inp), "--output", str(out), "--max-tokens", "25", "--seed", "11", "--quiet",
+             "--ray", "--ray-actors", "1", "--ray-batch-size", "2", "--max-concurrency", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and (not out.exists() or len(out.read_bytes().splitlines()) < 2):
+            time.sleep(0.2)
+        assert out.exists(), "no record came back from Ray"
+        p.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        _, err = p.communicate(timeout=60)
+        stopped_in = time.monotonic() - t0
+    assert p.returncode == 143, err[-2000:]
+    assert stopped_in < 30
+    assert "stopped by SIGTERM" in err
+    partial = out.read_bytes()
+    assert partial.endswith(b"\n") and len(partial.splitlines()) < 40
+    code, err = wait_cli(generate_cli(urls, inp, out, "--resume"))
+    assert code == 0, err
+    records = read_records(out)
+    assert sorted(r["id"] for r in records) == sorted(reference)
+    assert all(r == reference[r["id"]] for r in records)

@@ -153,9 +153,17 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.stdout.close()
 
 
-@pytest.mark.parametrize("comes_back_as,back", [("base", True), ("base-reversed", False)])
+@pytest.mark.parametrize(
+    "comes_back_as,flags,back,says",
+    [
+        ("base", (), True, ""),
+        ("base-reversed", (), False, "serves another model, vocabulary or context length"),
+        ("base", ("--max-logprobs", "2"), False, "fails a start-up check"),
+    ],
+    ids=["as it was", "another vocabulary", "a lower logprob cap"],
+)
 def test_a_replica_is_taken_back_only_as_it_was(
-    replicas, comes_back_as: str, back: bool, caplog: pytest.LogCaptureFixture
+    replicas, comes_back_as: str, flags: tuple[str, ...], back: bool, says: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     import socket
 
@@ -177,7 +185,7 @@ def test_a_replica_is_taken_back_only_as_it_was(
             _stop(proc)
             await coord.theta.topk(contexts, 5)  # the dead one leaves, its sequences move
             states = [coord.theta.info[1].down]
-            again = _serve_on(port, comes_back_as, "--served-model-name", "dualsample-base")
+            again = _serve_on(port, comes_back_as, "--served-model-name", "dualsample-base", *flags)
             try:
                 await asyncio.sleep(3 * PROBE_INTERVAL)
                 states.append(coord.theta.info[1].down)
@@ -190,5 +198,31 @@ def test_a_replica_is_taken_back_only_as_it_was(
     finally:
         _stop(proc)
     assert states == [True, not back]
-    if not back:
-        assert "came back serving another model or vocabulary" in caplog.text
+    assert says in caplog.text
+
+
+def test_replies_that_keep_failing_to_parse_take_a_replica_out(replicas, urls: tuple[str, str]) -> None:
+    (a1, _), (b1, _) = replicas
+    with doomed_server("--malformed-rate", "0.3", "--fault-seed", "3") as (bad, _):
+        outs, stats = _run((a1, bad), b1, max_retries=1, retry_delay=0.0)
+    single, _ = _run(urls[0], urls[1])
+    assert [o.to_record() for o in outs] == [o.to_record() for o in single]
+    assert stats["replicas"]["theta"][1]["down"]
+
+
+def test_a_dead_replica_at_start_is_a_warning(
+    replicas, urls: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    (a1, _), (b1, _) = replicas
+    outs, stats = _run((a1, "http://127.0.0.1:9"), b1, retry_delay=0.0)
+    single, _ = _run(urls[0], urls[1])
+    assert [o.to_record() for o in outs] == [o.to_record() for o in single]
+    assert [r["down"] for r in stats["replicas"]["theta"]] == [False, True]
+    assert "does not answer" in caplog.text and "starting without it" in caplog.text
+    with pytest.raises(Exception, match="connection"):
+        _run(("http://127.0.0.1:9", "http://127.0.0.1:7"), b1, retry_delay=0.0)
+
+
+def test_one_replica_counts_its_sequences(urls: tuple[str, str]) -> None:
+    _, stats = _run(urls[0], urls[1])
+    assert stats["replicas"]["theta"][0]["sequences"] == len(PLAIN_MANY)

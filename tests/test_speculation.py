@@ -222,14 +222,19 @@ def test_prompt_logprobs_verification_gives_the_one_token_numbers(flavors: dict[
     _assert_same_numbers(one, spec, at_least=50)
 
 
-@pytest.mark.parametrize("where", ["vllm-completions", "no trace replay", "exact via prompt logprobs"])
+@pytest.mark.parametrize(
+    "where", ["vllm-completions", "no trace replay", "a logprob cap of top_k", "exact via prompt logprobs"]
+)
 def test_servers_that_cannot_verify_fall_back_with_one_line(
     flavors: dict[str, tuple[str, str]], where: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     prompts = ["Question: What is gravity?\nAnswer:"] * 4
-    with running_server("base", enable_scale_out=True) as plain_base:
-        urls = (plain_base, flavors["vllm"][1]) if where == "no trace replay" else flavors["vllm"]
-        dialect = "vllm-generate" if where == "no trace replay" else "vllm-completions"
+    # replay needs top_k + 1 log probabilities: a base with trace replay and a cap of 20
+    trace = {"enable_trace_replay": True} if where == "a logprob cap of top_k" else {}
+    with running_server("base", enable_scale_out=True, **trace) as plain_base:
+        own_base = where in ("no trace replay", "a logprob cap of top_k")
+        urls = (plain_base, flavors["vllm"][1]) if own_base else flavors["vllm"]
+        dialect = "vllm-generate" if own_base else "vllm-completions"
         options: dict[str, Any] = {"seed": 4}
         if where == "exact via prompt logprobs":
             options.update(scoring="exact", verify_prompt_logprobs=True)
@@ -239,6 +244,7 @@ def test_servers_that_cannot_verify_fall_back_with_one_line(
     warnings = [r.getMessage() for r in caplog.records if "speculative rounds are off" in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0]
     expected = {"vllm-completions": "--enable-trace-replay", "no trace replay": "--enable-trace-replay",
+                "a logprob cap of top_k": "--max-logprobs 21",
                 "exact via prompt logprobs": "not exact scoring"}  # fmt: skip
     assert expected[where] in warnings[0]
     assert where != "vllm-completions" or "prompt-logprobs verification" in warnings[0]
@@ -362,7 +368,7 @@ def _replying(backend: Any, *bodies: bytes) -> Any:
     async def request(method: str, path: str, body: Any = None, content: Any = None, probe: bool = False,
                       decode: Any = None) -> Any:  # fmt: skip
         raw = queue.pop(0)
-        return decode(raw) if decode is not None else json.loads(raw)
+        return decode(raw, "r1") if decode is not None else json.loads(raw)
 
     backend._request = request
     return backend

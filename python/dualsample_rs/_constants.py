@@ -8,6 +8,10 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_MAX_RETRIES = 3
 DEFAULT_CONNECTIONS = 100
+# The largest reply accepted. The largest legitimate one: 1,024 rows (vLLM's batch
+# limit) of a 64-token speculative round with 128 entries per position at ~60 bytes of
+# JSON each is ~500 MB; prompt log probabilities of a 128k-token context are smaller.
+DEFAULT_MAX_REPLY_BYTES = 1 << 30
 INITIAL_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 8.0
 # A Retry-After longer than this is not honoured (the back-off is used instead).

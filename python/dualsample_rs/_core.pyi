@@ -228,7 +228,7 @@ def step(
     """
 
 def parse_completions_topk(
-    body: bytes, rows: int, width: int
+    body: bytes, rows: int, width: int, request_id: str | None = None, prompt_tokens: list[int] | None = None
 ) -> tuple[NDArray[np.int64], NDArray[np.float64], int | None]:
     """The first position's entries of each choice of a vLLM completions reply
     (``return_tokens_as_token_ids`` keys), read straight from the body's bytes.
@@ -238,55 +238,86 @@ def parse_completions_topk(
     and the prompt tokens served from the prefix cache as the reply's
     ``usage.prompt_tokens_details`` says (vLLM: the batch's last prompt), or None.
 
+    With `request_id` and `prompt_tokens` (one count per row), the reply must echo them
+    where it reports them (``id`` is ``cmpl-`` and the ``X-Request-Id`` sent;
+    ``usage.prompt_tokens`` their sum): a reply to another request is an error.
+
     Raises:
-        InvalidInputError: the body is not such a reply, or has not ``rows`` choices.
+        InvalidInputError: the body is not such a reply, has not ``rows`` choices, or
+            answers another request.
     """
 
-def parse_generate_topk(bodies: list[bytes], width: int) -> tuple[NDArray[np.int64], NDArray[np.float64], int | None]:
+def parse_generate_topk(
+    bodies: list[bytes], width: int, request_id: str | None = None, prompt_tokens: list[int] | None = None
+) -> tuple[NDArray[np.int64], NDArray[np.float64], int | None]:
     """The first generated position's ``top_logprobs`` of each of a list of vLLM
     ``/inference/v1/generate`` replies (one per row), as ``(ids, logp)`` of shape
     (len(bodies), width), padded with id -1 and -inf, and the cached prompt tokens summed
-    over the replies that report them (None if none do).
+    over the replies that report them (None if none do). Each reply must echo
+    `request_id` in its ``request_id`` (vLLM: ``generate-tokens-`` and the
+    ``X-Request-Id`` sent) and reply ``r`` ``prompt_tokens[r]`` as its
+    ``usage.prompt_tokens``, where given and reported.
 
     Raises:
-        InvalidInputError: a body is not such a reply (the message names its row).
+        InvalidInputError: a body is not such a reply, or answers another request (the
+            message names its row).
     """
 
 def parse_sglang_topk(
-    body: bytes, rows: int, width: int, field: Literal["top", "token_ids"]
+    body: bytes,
+    rows: int,
+    width: int,
+    field: Literal["top", "token_ids"],
+    request_id: str | None = None,
+    prompt_tokens: list[int] | None = None,
 ) -> tuple[NDArray[np.int64], NDArray[np.float64], int | None]:
     """The first generated position's entries of each item of a batched SGLang
     ``/generate`` reply: ``meta_info.output_top_logprobs`` (``field="top"``) or
     ``meta_info.output_token_ids_logprobs`` (``"token_ids"``), as ``(ids, logp)`` of
     shape (rows, width), padded with id -1 and -inf (a null log probability is -inf), and
-    ``meta_info.cached_tokens`` summed over the items (None if none report it).
+    ``meta_info.cached_tokens`` summed over the items (None if none report it). Item
+    ``r`` must echo ``f"{request_id}-{r}"`` (the ``rid`` sent) as ``meta_info.id`` and
+    ``prompt_tokens[r]`` as ``meta_info.prompt_tokens``, where given and reported.
 
     Raises:
-        InvalidInputError: the body is not such a reply, or has not ``rows`` items.
+        InvalidInputError: the body is not such a reply, has not ``rows`` items, or
+            answers another request.
     """
 
 def parse_generate_positions(
-    bodies: list[bytes], width: int, top_k: int | None = None
+    bodies: list[bytes],
+    width: int,
+    top_k: int | None = None,
+    request_id: str | None = None,
+    prompt_tokens: list[int] | None = None,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float64], NDArray[np.int64], int | None]:
     """Every generated position of one vLLM ``/inference/v1/generate`` reply per
     sequence, one row per position: ``(tokens, ids, logp, lengths, cached_tokens)``.
     ``tokens`` are the sampled (or replayed) tokens, ``ids``/``logp`` each position's
     entries (width columns, -1/-inf padding), ``lengths`` the rows of each reply. With
     `top_k`, a position listing more entries drops the first (the sampled token vLLM puts
-    first when it is not among the top k).
+    first when it is not among the top k). Echoes are checked as in
+    :func:`parse_generate_topk`.
 
     Raises:
         InvalidInputError: a body is not such a reply, or has no positions.
     """
 
 def parse_sglang_positions(
-    body: bytes, rows: int, width: int, field: Literal["top", "token_ids"], scored: bool
+    body: bytes,
+    rows: int,
+    width: int,
+    field: Literal["top", "token_ids"],
+    scored: bool,
+    request_id: str | None = None,
+    prompt_tokens: list[int] | None = None,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float64], NDArray[np.int64], int | None]:
     """Every position of each item of a batched SGLang ``/generate`` reply, one row per
     position, as :func:`parse_generate_positions`. A draft (``scored=False``) reads the
     generated tokens and ``output_*`` lists; the scoring of a continuation given in the
     input (``scored=True``) reads ``input_*`` after its first entry (None from SGLang)
-    and the first ``output_*`` position, with tokens -1.
+    and the first ``output_*`` position, with tokens -1. Echoes are checked as in
+    :func:`parse_sglang_topk`.
 
     Raises:
         InvalidInputError: the body is not such a reply, has not ``rows`` items, or

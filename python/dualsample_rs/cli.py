@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
+import socket
 import sys
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
@@ -73,6 +75,12 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     h.add_argument("--max-retries", type=int, default=3)
     h.add_argument("--retry-delay", type=float, default=0.5, help="first back-off in seconds (doubles, up to 8)")
     h.add_argument("--request-timeout", type=float, default=60.0, help="deadline of each request, in seconds")
+    h.add_argument("--no-proxy-env", action="store_true",
+                   help="ignore HTTP_PROXY / HTTPS_PROXY / NO_PROXY (by default requests follow them)")  # fmt: skip
+    h.add_argument("--ca-bundle", default=None, metavar="PATH",
+                   help="PEM certificate authorities for https (default: SSL_CERT_FILE or the system's)")  # fmt: skip
+    h.add_argument("--insecure", action="store_true", help="do not verify https certificates")
+    h.add_argument("--max-reply-mb", type=float, default=1024.0, help="the largest reply accepted from a server")
     h.add_argument("--log-level", default=None, help="e.g. INFO or DEBUG")
 
 
@@ -151,6 +159,10 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         retry_delay=args.retry_delay,
         request_timeout=args.request_timeout,
         api_key=api_key,
+        proxy_from_env=not args.no_proxy_env,
+        ca_bundle=args.ca_bundle,
+        insecure=args.insecure,
+        max_reply_bytes=max(1, int(args.max_reply_mb * (1 << 20))),
         seed=args.seed,
         speculate=args.speculate,
         verify_prompt_logprobs=args.verify_prompt_logprobs,
@@ -178,16 +190,19 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     _sampling_flags(p)
 
 
-def _check_paths(inp: str, out: str) -> None:
-    """Refuse paths that cannot work, before any file is touched or server contacted."""
+def _check_paths(inp: str, out: str, directory: bool = False) -> None:
+    """Refuse paths that cannot work, before any file is touched or server contacted.
+    `directory`: the output is a directory (Parquet written by Ray)."""
     if not os.path.exists(inp):
         raise InvalidInputError(f"--input: {inp} does not exist")
     if os.path.isdir(inp):
         raise InvalidInputError(f"--input: {inp} is a directory")
     if not os.access(inp, os.R_OK):
         raise InvalidInputError(f"--input: {inp} is not readable")
-    if os.path.isdir(out):
+    if os.path.isdir(out) and not directory:
         raise InvalidInputError(f"--output: {out} is a directory")
+    if os.path.exists(out) and not os.path.isdir(out) and directory:
+        raise InvalidInputError(f"--output: {out} is a file; Parquet output with --ray is a directory")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise InvalidInputError(f"--output: the directory {parent} does not exist")
@@ -200,21 +215,37 @@ def _check_paths(inp: str, out: str) -> None:
         raise InvalidInputError(f"--output: cannot create files in {parent}")
 
 
-async def _run_generate(args: argparse.Namespace) -> int:
-    from .coordinator import DualVLLMCoordinator, WorkItem, stable_key
-    from .input_file import check_input, read_input
-    from .output_file import OutputLock, RecordWriter, prepare_resume, scan_output
-
+def _check_generate(args: argparse.Namespace) -> CoordinatorConfig:
+    """Every check of a generate run that needs no server, the same with or without
+    Ray: flags, paths, and the rules for an existing output."""
     config = config_from_args(args)
     if args.max_tokens < 1:
         raise InvalidInputError(f"--max-tokens: must be at least 1, got {args.max_tokens}")
     if args.retry_errors and not args.resume:
         raise InvalidInputError("--retry-errors: only with --resume")
-    if args.ray is not None:
-        return _run_ray(args, config)
-    _check_paths(args.input, args.output)
-    if os.path.exists(args.output) and os.path.getsize(args.output) > 0 and not (args.resume or args.overwrite):
+    if args.verify_prompt_logprobs and not args.speculate:
+        raise InvalidInputError("--verify-prompt-logprobs: only with --speculate")
+    parquet_dir = args.ray is not None and args.output.endswith(".parquet")
+    _check_paths(args.input, args.output, directory=parquet_dir)
+    if parquet_dir and os.path.isdir(args.output) and os.listdir(args.output):
+        if not args.overwrite:
+            raise InvalidInputError(f"--output: {args.output} exists and is not empty; pass --overwrite to replace it")
+        others = [f for f in os.listdir(args.output) if not f.endswith(".parquet")]
+        if others:
+            raise InvalidInputError(
+                f"--output: {args.output} holds files that are not Parquet ({others[:3]}); not replacing it"
+            )
+    elif os.path.isfile(args.output) and os.path.getsize(args.output) > 0 and not (args.resume or args.overwrite):
         raise InvalidInputError(f"--output: {args.output} exists; pass --resume to continue it or --overwrite")
+    return config
+
+
+async def _run_generate(args: argparse.Namespace) -> int:
+    from .coordinator import DualVLLMCoordinator, WorkItem, stable_key
+    from .input_file import check_input, read_input
+    from .output_file import OutputLock, RecordWriter, prepare_resume, scan_output
+
+    config = _check_generate(args)
     with OutputLock(args.output):
         existing = scan_output(args.output, args.retry_errors) if args.resume else None
         _, remaining = check_input(
@@ -255,43 +286,118 @@ def _speculation_line(stats: dict[str, Any]) -> str:
     )
 
 
-def _run_ray(args: argparse.Namespace, config: CoordinatorConfig) -> int:
+# Seconds allowed to reach a Ray cluster's address before giving up (Ray itself retries
+# for minutes, deaf to signals).
+RAY_CONNECT_TIMEOUT = 10.0
+_RAY_ADDRESS = re.compile(r"^(ray://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+def _ray_address(address: str) -> str | None:
+    """What ``ray.init(address=...)`` takes (None: start a local cluster), after checking
+    that an address is well formed and that something listens there."""
+    if address == "local":
+        return None
+    if address == "auto":
+        return address
+    m = _RAY_ADDRESS.match(address)
+    if m is None:
+        raise InvalidInputError(f"--ray: expected nothing, auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
+    host, port = m.group(2).strip("[]"), int(m.group(3))
+    try:
+        socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT).close()
+    except OSError as err:
+        raise InvalidInputError(
+            f"--ray: no Ray cluster answers at {address} (waited up to {RAY_CONNECT_TIMEOUT:.0f} s): "
+            f"{err.strerror or err}"
+        ) from None
+    return address
+
+
+class _Stopped(BaseException):
+    """SIGINT or SIGTERM arrived during a Ray run."""
+
+    def __init__(self, sig: int) -> None:
+        super().__init__(sig)
+        self.sig = sig
+
+
+def _run_ray(args: argparse.Namespace) -> int:
     """The same job over Ray Data: input read by Ray, batches mapped by `DualSample`
     actors; JSONL written here as the records stream back (the same lines a single
-    process writes), Parquet written by Ray."""
-    if args.resume or args.retry_errors:
-        raise InvalidInputError("--ray: --resume is not supported; write to a new output")
+    process writes), Parquet written by Ray. It runs outside any event loop, so that
+    SIGINT and SIGTERM reach it while Ray blocks; a stopped JSONL run ends on a whole
+    line, and ``--resume`` without Ray completes it."""
+    config = _check_generate(args)
+    if args.resume:
+        raise InvalidInputError("--ray: --resume is not supported; resume without --ray (same records)")
     if args.ray_actors < 1 or args.ray_batch_size < 1:
         raise InvalidInputError("--ray-actors and --ray-batch-size: must be at least 1")
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise InvalidInputError("--ray: the ray extra is not installed (pip install 'dualsample_rs[ray]')") from None
+    from .input_file import check_input
+    from .output_file import OutputLock
 
-    from .output_file import OutputLock, RecordWriter
+    address = _ray_address(args.ray)
+
+    def stop(sig: int, _frame: object) -> None:
+        raise _Stopped(sig)
+
+    def take_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, stop)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    take_signals()
+    try:
+        with OutputLock(args.output):
+            check_input(args.input, args.prompt_field, args.teacher_prompt_field, require_id=True)
+            if address is None:
+                ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+            take_signals()  # Ray's driver installs handlers of its own
+            try:
+                return _ray_job(args, config, ray)
+            finally:
+                ray.shutdown()
+    except _Stopped as stopped:
+        name = signal.Signals(stopped.sig).name
+        done = "what was written is complete (--resume without --ray continues)"
+        if args.output.endswith(".parquet"):
+            done = "the Parquet directory is incomplete"
+        print(f"dualsample generate: stopped by {name}; {done}", file=sys.stderr)
+        return 128 + stopped.sig
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _ray_job(args: argparse.Namespace, config: CoordinatorConfig, ray: Any) -> int:
+    from .output_file import RecordWriter
     from .ray import DualSample, record_from_row
 
-    if args.ray == "local":
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
-    else:
-        ray.init(address=args.ray, log_to_driver=False)
-    try:
-        kwargs = {"config": config, "max_tokens": args.max_tokens, "teacher_chat": args.teacher_chat,
-                  "diagnostics": args.diagnostics, "prompt_field": args.prompt_field,
-                  "teacher_field": args.teacher_prompt_field, "actors": args.ray_actors}  # fmt: skip
-        mapped = ray.data.read_json(args.input).map_batches(
-            DualSample, fn_constructor_kwargs=kwargs, concurrency=args.ray_actors, batch_size=args.ray_batch_size,
-            num_cpus=0.25,  # the actors wait on servers; do not reserve a core each
-        )  # fmt: skip
-        if args.output.endswith(".parquet"):
-            mapped.write_parquet(args.output)
-            return 0
-        failed = 0
-        with OutputLock(args.output), RecordWriter(args.output, append=False) as writer:
-            for row in mapped.iter_rows():
-                record = record_from_row(row)
-                writer.write(record)
-                failed += record["finish_reason"] == "error"
-        return 1 if failed else 0
-    finally:
-        ray.shutdown()
+    kwargs = {"config": config, "max_tokens": args.max_tokens, "teacher_chat": args.teacher_chat,
+              "diagnostics": args.diagnostics, "prompt_field": args.prompt_field,
+              "teacher_field": args.teacher_prompt_field, "actors": args.ray_actors}  # fmt: skip
+    mapped = ray.data.read_json(args.input).map_batches(
+        DualSample, fn_constructor_kwargs=kwargs, concurrency=args.ray_actors, batch_size=args.ray_batch_size,
+        num_cpus=0.25,  # the actors wait on servers; do not reserve a core each
+    )  # fmt: skip
+    if args.output.endswith(".parquet"):
+        if os.path.isdir(args.output):  # checked: only Parquet files, and --overwrite given
+            for name in os.listdir(args.output):
+                os.remove(os.path.join(args.output, name))
+        mapped.write_parquet(args.output)
+        return 0
+    failed = 0
+    with RecordWriter(args.output, append=False) as writer:
+        for row in mapped.iter_rows():
+            record = record_from_row(row)
+            writer.write(record)
+            failed += record["finish_reason"] == "error"
+    return 1 if failed else 0
 
 
 DEMO_QUESTIONS = [
@@ -322,10 +428,11 @@ async def _run_demo(args: argparse.Namespace) -> int:
     from .config import CoordinatorConfig
     from .coordinator import DualVLLMCoordinator
     from .server import running_server
-    from .server.corpus import chat
 
     flavor: dict[str, Any] = (
-        {"flavor": "sglang"} if args.dialect == "sglang" else {"enable_scale_out": True, "enable_trace_replay": True}
+        {"flavor": "sglang"}
+        if args.dialect == "sglang"
+        else {"enable_scale_out": True, "enable_trace_replay": True, "max_logprobs": 64}
     )
     print(f"starting the reference servers as {args.dialect} (base: plain prose, teacher: chat) ...", flush=True)
     with running_server("base", **flavor) as theta_url, running_server("teacher", **flavor) as t_url:
@@ -333,13 +440,9 @@ async def _run_demo(args: argparse.Namespace) -> int:
                                    dialect=args.dialect, scoring=args.scoring, speculate=args.speculate)  # fmt: skip
         async with DualVLLMCoordinator(config) as coord:
             plain = [f"Question: {q}\nAnswer:" for q in DEMO_QUESTIONS]
-            # SGLang's /tokenize renders no chat template: render the teacher's (ChatML) here.
-            sglang = args.dialect == "sglang"
-            teacher = (
-                [chat([{"role": "user", "content": q}], True) for q in DEMO_QUESTIONS] if sglang else DEMO_QUESTIONS
-            )
+            # the teacher's server renders each question in its chat template
             outs = await coord.generate_batch_dual_prompts(
-                plain, teacher, max_tokens=args.max_tokens, return_diagnostics=True, teacher_chat=not sglang
+                plain, DEMO_QUESTIONS, max_tokens=args.max_tokens, return_diagnostics=True, teacher_chat=True
             )
             stats = coord.get_statistics()
     for out in outs[: args.samples]:
@@ -443,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve_cli.main(args)
+        if args.command == "generate" and args.ray is not None:
+            return _run_ray(args)
         return asyncio.run(_stoppable(args.command, runners[args.command](args)))
     except DualSampleError as err:
         print(f"dualsample {args.command}: error: {err}", file=sys.stderr)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._constants import DEFAULT_MAX_RETRIES, INITIAL_RETRY_DELAY
+from ._constants import DEFAULT_MAX_REPLY_BYTES, DEFAULT_MAX_RETRIES, INITIAL_RETRY_DELAY
 from ._core import SamplerConfig
 from .exceptions import ConfigurationError, InvalidInputError
 
@@ -43,6 +44,10 @@ class RunSettings:
     retry_delay: float
     request_timeout: float
     connection_pool_size: int
+    proxy_from_env: bool
+    ca_bundle: str | None
+    insecure: bool
+    max_reply_bytes: int
 
 
 def _urls(value: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -95,7 +100,15 @@ class CoordinatorConfig:
             (the timeout is a deadline for each whole request).
         retry_delay: the first back-off before a retry, in seconds; it doubles with each
             retry up to 8 s (a server's Retry-After takes precedence).
-        api_key: one key for both servers, or a (theta, t) pair.
+        api_key: one key for both servers, or a (theta, t) pair. Credentials may
+            instead be given in a URL (``http://user:password@host``): they are sent as
+            Basic auth and shown as ``user:***@`` everywhere.
+        proxy_from_env: send requests through the proxies that ``HTTP_PROXY``,
+            ``HTTPS_PROXY`` and ``NO_PROXY`` name (as requests and httpx do).
+        ca_bundle: a PEM file of certificate authorities to verify TLS servers with
+            (default: ``SSL_CERT_FILE`` if set, else the system store).
+        insecure: do not verify TLS certificates (a warning says so).
+        max_reply_bytes: the largest reply accepted from a server (default 1 GiB).
         seed: keys every draw together with the sequence and position.
         speculate: drafted tokens per speculative round (0: one token per step).
             Each round the teacher drafts up to this many tokens greedily in one
@@ -145,6 +158,10 @@ class CoordinatorConfig:
     request_timeout: float = 60.0
     retry_delay: float = INITIAL_RETRY_DELAY
     api_key: str | tuple[str | None, str | None] | None = field(default=None, repr=False)
+    proxy_from_env: bool = True
+    ca_bundle: str | None = None
+    insecure: bool = False
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
     seed: int = 0
     speculate: int | Literal["auto"] = 0
     verify_prompt_logprobs: bool = False
@@ -169,7 +186,7 @@ class CoordinatorConfig:
             "top_k",
             f"must be a positive integer, got {self.top_k!r}",
         )
-        for name in ("max_concurrency", "max_batch_size", "connection_pool_size"):
+        for name in ("max_concurrency", "max_batch_size", "connection_pool_size", "max_reply_bytes"):
             value = getattr(self, name)
             _check(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -222,8 +239,15 @@ class CoordinatorConfig:
         _check(self.scoring in ("topk", "exact"), "scoring", f'expected "topk" or "exact", got {self.scoring!r}')
         for name in ("rescore", "verify_prompt_logprobs", "force_first_token", "constraint_to_target",
                      "exclude_special_tokens", "enable_stability_check", "auto_fallback",
-                     "enable_logging"):  # fmt: skip
+                     "enable_logging", "proxy_from_env", "insecure"):  # fmt: skip
             _check(isinstance(getattr(self, name), bool), name, f"must be True or False, got {getattr(self, name)!r}")
+        if self.ca_bundle is not None:
+            _check(
+                isinstance(self.ca_bundle, str) and os.path.isfile(self.ca_bundle),
+                "ca_bundle",
+                f"not a readable file: {self.ca_bundle!r}",
+            )
+            _check(not self.insecure, "ca_bundle", "give a CA bundle or insecure=True, not both")
         if isinstance(self.api_key, tuple):
             _check(len(self.api_key) == 2, "api_key", "a pair is (theta key, teacher key)")
         for name in ("special_token_ids", "stop_token_ids"):

@@ -21,12 +21,11 @@ from collections.abc import AsyncIterator, Iterable
 from collections.abc import Sequence as Seq
 from typing import Any, cast
 
-from ._constants import VOCAB_PROBE_TEXT
-from .backends import Backend, Context, HttpBackend
+from .backends import Backend, Context, HttpBackend, backend_for
 from .backends.replicas import ReplicaSet
 from .config import CoordinatorConfig, ServerSettings
 from .dual_step import DualStep
-from .exceptions import APIError, ConfigurationError, InvalidInputError
+from .exceptions import APIConnectionError, APIError, ConfigurationError, InternalServerError, InvalidInputError
 from .handshake import ServerInfo, agree, handshake, stop_and_excluded_ids
 from .output import GenerationOutput, summarise
 from .prompts import Prompt, check_prompt
@@ -79,6 +78,10 @@ class DualVLLMCoordinator:
                         max_retries=self.config.max_retries,
                         retry_delay=self.config.retry_delay,
                         connection_pool_size=self.config.connection_pool_size,
+                        trust_env=self.config.proxy_from_env,
+                        ca_bundle=self.config.ca_bundle,
+                        insecure=self.config.insecure,
+                        max_reply_bytes=self.config.max_reply_bytes,
                     )
                     for url in server.urls
                 ]
@@ -129,7 +132,7 @@ class DualVLLMCoordinator:
             log.warning("no end-of-sequence id found on the servers: sequences run to max_tokens (pass stop_token_ids)")
         if cfg.speculate:
             problem = await speculation_problem(
-                self.theta, self.teacher, cfg.verify_prompt_logprobs, cfg.scoring == "exact"
+                self.theta, self.teacher, cfg.verify_prompt_logprobs, cfg.scoring == "exact", cfg.top_k
             )
             if problem is not None:
                 log.warning("speculative rounds are off, one token per step: %s", problem)
@@ -146,30 +149,53 @@ class DualVLLMCoordinator:
     async def _start_model(
         self, replicas: ReplicaSet, server: ServerSettings, retries: int, exact: bool
     ) -> tuple[ReplicaSet, ServerInfo]:
-        """Handshake with every replica of one model; they must serve the same model,
-        dialect and vocabulary. Returns the replicas in their dialect, and what they serve."""
+        """Handshake with every replica of one model; those that answer must serve the
+        same model, dialect and vocabulary. A replica that cannot be reached is left out
+        of rotation with a warning, and probed until it passes the same checks; only
+        when none answers does start-up fail. Returns the replicas in their dialect, and
+        what they serve."""
         patient = [cast(HttpBackend, http).with_options(max_retries=retries) for http in replicas.replicas]
+        top_k = self.config.top_k
         found = await asyncio.gather(
-            *(handshake(http, server.dialect, server.model_name, self.config.top_k, exact) for http in patient)
+            *(handshake(http, server.dialect, server.model_name, top_k, exact) for http in patient),
+            return_exceptions=True,
         )
-        first = found[0][1]
-        for _, info in found[1:]:
+        for got in found:
+            if isinstance(got, BaseException) and not _unreachable(got):
+                raise got
+        answered = [(i, got) for i, got in enumerate(found) if not isinstance(got, BaseException)]
+        if not answered:
+            raise cast(BaseException, found[0])
+        first = answered[0][1][1]
+        for _, (_, info) in answered[1:]:
             if (info.model, info.dialect) != (first.model, first.dialect):
                 raise ConfigurationError(
                     f"replicas of one model must serve the same model in the same dialect: {first.url} serves "
                     f"{first.model!r} ({first.dialect}), {info.url} serves {info.model!r} ({info.dialect})"
                 )
             agree(first, info)
-        backends = []
-        for backend, _ in found:
+        backends: list[Backend] = []
+        for i, http in enumerate(replicas.replicas):
+            got = found[i]
             # The run's own retry budget from now on; these close the connections.
+            backend = (
+                got[0] if not isinstance(got, BaseException) else backend_for(first.dialect, cast(HttpBackend, http))
+            )
             run = backend.with_options(max_retries=self.config.max_retries)  # type: ignore[attr-defined]
             run._closes = True
             backends.append(run)
-        ready = ReplicaSet(backends, probe=_fingerprint)
-        for i, (_, info) in enumerate(found):
-            ready.expect(i, (info.model, info.probe_ids))
-        shortest = min(info.max_model_len for _, info in found)
+
+        async def probe(backend: Backend) -> tuple[Any, ...]:
+            _, info = await handshake(cast(HttpBackend, backend), first.dialect, server.model_name, top_k, exact)
+            return _fingerprint(info)
+
+        ready = ReplicaSet(backends, probe=probe)
+        for i, got in enumerate(found):
+            ready.expect(i, _fingerprint(got[1] if not isinstance(got, BaseException) else first))
+            if isinstance(got, BaseException):
+                log.warning("replica %s does not answer (%s); starting without it", replicas.replicas[i].base_url, got)
+                ready.start_down(i, got)
+        shortest = min(info.max_model_len for _, (_, info) in answered)
         return ready, dataclasses.replace(first, max_model_len=shortest)
 
     @property
@@ -289,6 +315,8 @@ class DualVLLMCoordinator:
             name: [
                 {
                     **dataclasses.asdict(info),
+                    # one replica takes every sequence without being placed
+                    **({"sequences": summary["sequences"]} if len(rs.replicas) == 1 else {}),
                     "requests": r.stats.requests,
                     "in_flight": load,
                     "cache_hit_rate": r.stats.cache_hit_rate,
@@ -300,19 +328,39 @@ class DualVLLMCoordinator:
         return summary
 
     # ------------------------------------------------------------ one sequence
-    async def _tokens(self, backend: Backend, prompt: Any, chat: bool, name: str) -> list[int]:
+    async def _tokens(self, backend: Backend, prompt: Any, chat: bool, name: str, server: int) -> list[int]:
+        """The prompt's ids on one server, checked against what that server's model
+        takes: an id it does not know, no id at all, or no room left to generate fail
+        this record (with the line and field in `name`), never the server."""
         prompt = check_prompt(prompt, name)
         if isinstance(prompt, str):
             if chat:
-                return await backend.tokenize(messages=[{"role": "user", "content": prompt}])
-            return await backend.tokenize(prompt)
-        return prompt
+                ids = await backend.tokenize(messages=[{"role": "user", "content": prompt}])
+            else:
+                ids = await backend.tokenize(prompt)
+        else:
+            ids = prompt
+        assert self.info is not None
+        info = self.info[server]
+        if not ids:
+            raise InvalidInputError(f"{name}: the prompt is no tokens on {info.url}")
+        if info.vocab_size is not None and max(ids) >= info.vocab_size:
+            bad = next(t for t in ids if t >= info.vocab_size)
+            raise InvalidInputError(
+                f"{name}: token id {bad} is outside the vocabulary of {info.url}'s model ({info.vocab_size} ids)"
+            )
+        if len(ids) >= info.max_model_len:
+            raise InvalidInputError(
+                f"{name}: the prompt is {len(ids)} tokens and {info.url}'s model takes {info.max_model_len} in all "
+                "(prompt and generated tokens): no room to generate"
+            )
+        return ids
 
     async def _prepare(self, index: int, item: WorkItem, max_tokens: int) -> Sequence:
         where = f"{item.where}, " if item.where else ""
         ids_a, ids_b = await asyncio.gather(
-            self._tokens(self.theta, item.prompt, False, where + "prompt"),
-            self._tokens(self.teacher, item.prompt_t, item.teacher_chat, where + "teacher_prompt"),
+            self._tokens(self.theta, item.prompt, False, where + "prompt", 0),
+            self._tokens(self.teacher, item.prompt_t, item.teacher_chat, where + "teacher_prompt", 1),
         )
         out = GenerationOutput(item.prompt, item.prompt_t, item.id)
         return Sequence(item, index, Context(ids_a), Context(ids_b), max_tokens, out, len(ids_a), len(ids_b))
@@ -352,12 +400,22 @@ async def _constant(value: Any) -> Any:
     return value
 
 
-async def _fingerprint(backend: Backend) -> tuple[str | None, tuple[int, ...]]:
-    """What a replica serves (model, and how it tokenises the probe text): it must not
-    have changed when a replica out of rotation comes back."""
-    cards = await backend.models()
-    model = backend.model if any(c.get("id") == backend.model for c in cards) else None
-    return model, tuple(await backend.tokenize(VOCAB_PROBE_TEXT, add_special_tokens=False))
+def _fingerprint(info: ServerInfo) -> tuple[Any, ...]:
+    """What must not change when a replica out of rotation comes back: everything the
+    handshake found but its URL."""
+    return (
+        info.model,
+        info.dialect,
+        info.max_model_len,
+        info.probe_ids,
+        sorted(info.special_ids.items()),
+        info.eos_ids,
+    )
+
+
+def _unreachable(err: BaseException) -> bool:
+    """A start-up failure that says the replica is down, not that it is misconfigured."""
+    return isinstance(err, (APIConnectionError, InternalServerError))
 
 
 def _progress(total: int, show: bool) -> Any:

@@ -121,10 +121,13 @@ class DualStep:
             drafts=drafts,
         )  # fmt: skip
         cols: list[list[Any]] = [getattr(res, name).tolist() for name in _COLUMNS]
-        if self.exact:
-            # Every candidate was scored by both models: report their true log probabilities
-            # of the token (the kernel's are renormalised over the candidates).
-            cols[2], cols[3] = (_lookup(top, res.token_id).tolist() for top in (top_a, top_b))
+        # The record holds each model's own log probability of the token where its server
+        # listed it (the kernel's are renormalised over the candidates and tempered), and
+        # the missing rule's estimate where it did not (`observed_*` false). With exact
+        # scoring every candidate was scored by both models, so every value is the model's.
+        missing = self.config.missing
+        for c, top, observed in ((2, top_a, res.observed_theta), (3, top_b, res.observed_t)):
+            cols[c] = _raw_log_probabilities(top, res.token_id, observed, missing, res_value=getattr(res, _COLUMNS[c]))
         diag_cols = [getattr(res, name).tolist() for name in DIAGNOSTIC_NAMES] if self.diagnostics else []
         return Drawn(res, force, cols, diag_cols)
 
@@ -178,3 +181,30 @@ def _lookup(top: TopK, tokens: np.ndarray) -> np.ndarray:
     """Each row's log probability of its token, from the lists the servers sent."""
     hit = top.ids == tokens[:, None]
     return np.where(hit.any(axis=1), top.logp[np.arange(len(tokens)), hit.argmax(axis=1)], -np.inf)
+
+
+def _raw_log_probabilities(
+    top: TopK, tokens: np.ndarray, observed: np.ndarray, missing: Any, res_value: np.ndarray
+) -> list[float]:
+    """Each row's log probability of its token as the server gave it where listed, else
+    the missing rule's estimate on the same (raw) scale: log min(smallest listed
+    probability, unlisted mass) for ``"bound"`` (unlisted mass at least 1e-12, as in
+    the kernel), the given value for a float; ``"drop"`` keeps the kernel's value."""
+    out = _lookup(top, tokens)
+    rows = np.flatnonzero(~observed)
+    if len(rows):
+        if missing == "bound":
+            lp = top.logp[rows]
+            valid = top.ids[rows] >= 0
+            smallest = np.where(valid, lp, np.inf).min(axis=1)
+            largest = np.where(valid, lp, -np.inf).max(axis=1, keepdims=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                total = np.log(np.where(valid, np.exp(lp - largest), 0.0).sum(axis=1)) + largest[:, 0]
+                total = np.where(np.isfinite(largest[:, 0]), total, -np.inf)
+                unlisted = np.log(np.maximum(-np.expm1(np.minimum(total, 0.0)), 1e-12))
+            out[rows] = np.minimum(smallest, unlisted)
+        elif isinstance(missing, float):
+            out[rows] = missing
+        else:
+            out[rows] = res_value[rows]
+    return out.tolist()

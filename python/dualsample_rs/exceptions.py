@@ -19,14 +19,18 @@ __all__ = [
     "APITimeoutError",
     "AuthenticationError",
     "BadRequestError",
+    "CertificateError",
     "ConfigurationError",
     "DualSampleError",
+    "IncompleteReplyError",
     "InternalServerError",
     "InvalidDtypeError",
     "InvalidInputError",
     "InvalidResponseError",
+    "MismatchedReplyError",
     "NotFoundError",
     "RateLimitError",
+    "ReplyTooLargeError",
     "Response",
     "ServiceUnavailableError",
 ]
@@ -85,8 +89,27 @@ class APITimeoutError(APIConnectionError):
     """The request timed out."""
 
 
+class CertificateError(APIConnectionError):
+    """The server's TLS certificate did not verify (not retried: it will not change)."""
+
+
 class InvalidResponseError(APIError):
     """The server answered 2xx with a body that is not the expected JSON."""
+
+
+class IncompleteReplyError(InvalidResponseError):
+    """A well-formed reply that lacks what the request asked for (a field, a position,
+    a scored id): failed at once with the reason, since asking again gets the same."""
+
+
+class MismatchedReplyError(InvalidResponseError):
+    """A reply that answers another request (its id or prompt token count is not the
+    request's): a stray or duplicated reply on a kept-alive connection. It is never
+    used as data; the connections are dropped and the request is sent again."""
+
+
+class ReplyTooLargeError(APIError):
+    """A reply larger than the configured cap (``max_reply_bytes``, ``--max-reply-mb``)."""
 
 
 class APIStatusError(APIError):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+import numpy as np
+
 from ._constants import KNOWN_EOS_STRINGS, KNOWN_SPECIAL_STRINGS, VOCAB_PROBE_TEXT
 from .backends import Backend, Context, HttpBackend, backend_for, detect_dialect
 from .backends.base import VLLM_MAX_SCORED_IDS
@@ -31,6 +33,9 @@ class ServerInfo:
     special_ids: dict[str, int]
     #: ids of the tokenizer's own end-of-sequence strings, where the server tells them
     eos_ids: tuple[int, ...]
+    #: how many ids the model knows (an id at or past it is refused before it is sent:
+    #: SGLang's whole server falls over on one); None where it could not be found
+    vocab_size: int | None = None
 
 
 async def handshake(
@@ -53,6 +58,9 @@ async def handshake(
     tokenised = await asyncio.gather(*(backend.tokenize(s, add_special_tokens=False) for s in names))
     specials = {s: t[0] for s, t in zip(names, tokenised, strict=True) if len(t) == 1}
     eos_ids = await _eos_ids(backend, specials)
+    vocab_size = await _vocab_size(backend, probe)
+    if vocab_size is not None and top_k > vocab_size:
+        raise ConfigurationError(f"top_k={top_k} is more than the {vocab_size} ids {backend.base_url}'s model knows")
     await _check_logprobs(backend, top_k, probe, exact)
     info = ServerInfo(
         url=backend.base_url,
@@ -62,8 +70,54 @@ async def handshake(
         probe_ids=tuple(probe),
         special_ids=specials,
         eos_ids=eos_ids,
+        vocab_size=vocab_size,
     )
     return backend, info
+
+
+# How far a top-k value may be from the prompt log probability of the same token: float32
+# engines compute the two in different kernels.
+RAW_TOLERANCE = 1e-3
+# The largest vocabulary searched for (a model knowing more ids is taken as unbounded).
+MAX_VOCAB = 1 << 24
+
+
+async def _vocab_size(backend: Backend, probe: list[int]) -> int | None:
+    """The number of ids the server's model knows: the first id it refuses to score,
+    found by doubling then bisection (about 2·log2 of the size in one-token requests,
+    each a 400 or a tiny answer). None when even the probe's own ids cannot be scored
+    (a server without scoring), so that nothing is refused on a guess."""
+    context = [Context(probe[:1] or [0])]
+    failures = backend.stats.failures  # a refusal here is an answer, not a failure
+    try:
+        return await _first_unknown_id(backend, context, max(probe, default=0))
+    finally:
+        backend.stats.failures = failures
+
+
+async def _first_unknown_id(backend: Backend, context: list[Context], good: int) -> int | None:
+    async def known(token: int) -> bool:
+        try:
+            await backend.score(context, np.array([[token]], dtype=np.int64))
+        except BadRequestError:
+            return False
+        return True
+
+    if not await known(good):
+        return None
+    bad = max(2 * good, 1024)
+    while await known(bad):
+        good = bad
+        if bad >= MAX_VOCAB:
+            return None
+        bad *= 2
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if await known(mid):
+            good = mid
+        else:
+            bad = mid
+    return bad
 
 
 async def _eos_ids(backend: Backend, specials: dict[str, int]) -> tuple[int, ...]:
@@ -83,8 +137,9 @@ async def _check_logprobs(backend: Backend, top_k: int, probe: list[int], exact:
             f"top_k={top_k} with scoring='exact': {backend.base_url} ({backend.dialect}) scores at most "
             f"{backend.max_scored_ids} ids per position (the teacher's top-k); use top_k <= {VLLM_MAX_SCORED_IDS}"
         )
+    context = probe[:4] or [0]
     try:
-        await backend.topk([Context(probe[:4] or [0])], top_k)
+        top = await backend.topk([Context(context)], top_k)
     except BadRequestError as err:
         if "logprobs" in str(err):
             raise ConfigurationError(
@@ -92,6 +147,18 @@ async def _check_logprobs(backend: Backend, top_k: int, probe: list[int], exact:
                 f"({err.message}). Start vLLM with --max-logprobs {top_k} (or more), or lower top_k."
             ) from err
         raise
+    # The values must be the model's raw log-softmax. A server can be set to return
+    # processed ones (vLLM --logprobs-mode processed_logprobs, with a model's
+    # generation_config.json supplying top_k / top_p / temperature): ask, do not trust a
+    # flag. Prompt log probabilities are raw in every mode, so they are the yardstick.
+    token, value = int(top.ids[0, 0]), float(top.logp[0, 0])
+    raw = (await backend.sequence_logprobs([*context, token], len(context)))[0]
+    if abs(raw - value) > RAW_TOLERANCE:
+        raise ConfigurationError(
+            f"{backend.base_url} returns processed log probabilities, not the model's raw log-softmax (token "
+            f"{token}: {value:.6f} in its top-k, {raw:.6f} as a prompt log probability): restart vLLM without "
+            "--logprobs-mode processed_logprobs (raw_logprobs is the default)"
+        )
 
 
 def agree(a: ServerInfo, b: ServerInfo) -> None:

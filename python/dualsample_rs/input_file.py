@@ -67,8 +67,11 @@ def _lines(path: str) -> Iterator[tuple[int, int, bytes]]:
             offset += len(raw)
 
 
-def _parse(lineno: int, offset: int, raw: bytes, prompt_field: str, teacher_field: str) -> InputRecord | None:
-    """The record on one line, None for a blank line; InvalidInputError for a broken one."""
+def _parse(
+    lineno: int, offset: int, raw: bytes, prompt_field: str, teacher_field: str, require_id: bool = False
+) -> InputRecord | None:
+    """The record on one line, None for a blank line; InvalidInputError for a broken one
+    (with `require_id`, also for one without an id)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -83,6 +86,8 @@ def _parse(lineno: int, offset: int, raw: bytes, prompt_field: str, teacher_fiel
         raise InvalidInputError(f"input, line {lineno}: not JSON ({err.msg}, column {err.colno})") from None
     if not isinstance(obj, dict) or prompt_field not in obj:
         raise InvalidInputError(f"input, line {lineno}: expected an object with a {prompt_field!r} field")
+    if require_id and "id" not in obj:
+        raise InvalidInputError(f"input, line {lineno}: no 'id' field (each line needs one with --ray)")
     record_id = obj.get("id", lineno)
     if record_id is None or not _finite(record_id):
         raise InvalidInputError(f"input, line {lineno}: id {record_id!r} is not a finite JSON value")
@@ -91,15 +96,19 @@ def _parse(lineno: int, offset: int, raw: bytes, prompt_field: str, teacher_fiel
 
 
 def check_input(
-    path: str, prompt_field: str = "prompt", teacher_field: str = "teacher_prompt", done: np.ndarray | None = None
+    path: str,
+    prompt_field: str = "prompt",
+    teacher_field: str = "teacher_prompt",
+    done: np.ndarray | None = None,
+    require_id: bool = False,
 ) -> tuple[int, int]:
     """Read the whole file once; return how many records it holds and how many of them
     are not among the sorted id hashes `done`. Raise `InvalidInputError` (with line
     numbers) for anything that would make the run's output ambiguous or unreadable,
-    before anything else happens."""
+    before anything else happens (with `require_id`, a line without an id too)."""
     hashes = array.array("Q")  # 8 bytes per line, not a Python int each
     for lineno, offset, raw in _lines(path):
-        rec = _parse(lineno, offset, raw, prompt_field, teacher_field)
+        rec = _parse(lineno, offset, raw, prompt_field, teacher_field, require_id)
         if rec is not None:
             hashes.append(id_hash(rec.id))
     arr = np.frombuffer(hashes, dtype=np.uint64).copy()

@@ -27,10 +27,13 @@ class GenerationOutput:
     """One sequence sampled from q*.
 
     Per-token lists are aligned: ``token_ids[i]`` was drawn with weight ``alpha_history[i]``
-    on the teacher and has log probability ``logp_theta[i]``, ``logp_t[i]`` and
-    ``logq[i]`` under π_θ, π_t and q* (after exclusion, temperature and the support
-    constraint), and ``observed_theta[i]`` / ``observed_t[i]`` say whether each model
-    actually listed it in its top-k. With rescoring, ``logp_theta_exact[i]`` and
+    on the teacher. ``logq[i]`` is its log probability under q*, the law it was drawn
+    from (after exclusion, temperature and the support constraint): the behaviour log
+    probability for importance weights. ``logp_theta[i]`` and ``logp_t[i]`` are each
+    model's own raw log probability of it (the log-softmax the server returned) where
+    that server listed it, ``observed_theta[i]`` / ``observed_t[i]`` true; where it did
+    not, they are the ``missing`` rule's estimate (an upper bound under ``"bound"``) and
+    ``observed_*`` is false. With exact scoring every value is the model's. With rescoring, ``logp_theta_exact[i]`` and
     ``logp_t_exact[i]`` are the models' true raw log probabilities of the token, from
     scoring the finished sequence whole. With speculative rounds, ``round[i]`` is the
     round (0, 1, ...) that produced token i and ``drafted[i]`` whether it was a drafted

@@ -314,8 +314,9 @@ def _bound(ids: np.ndarray, lp: F64) -> F64:
     smallest = np.where(valid, lp, np.inf).min(axis=1)
     total = _lse(np.where(valid, lp, NEG_INF))
     with np.errstate(divide="ignore"):
-        # Unlisted mass under 1e-12 is rounding: none (as in the Rust merge).
-        unlisted = np.where(total >= -1e-12, NEG_INF, np.log(-np.expm1(np.minimum(total, 0.0))))
+        # Unlisted mass under 1e-12 is rounding (as in the Rust merge): the bound then
+        # uses 1e-12, never -inf (a model with finite logits gives every token some mass).
+        unlisted = np.log(np.maximum(-np.expm1(np.minimum(total, 0.0)), 1e-12))
     return np.minimum(smallest, unlisted)
 
 

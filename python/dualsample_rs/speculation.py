@@ -45,11 +45,14 @@ def auto_drafts(tested: int, accepted: int) -> int:
     return max(AUTO_RANGE, key=value)
 
 
-async def speculation_problem(theta: Backend, teacher: Backend, recompute: bool, exact: bool) -> str | None:
+async def speculation_problem(theta: Backend, teacher: Backend, recompute: bool, exact: bool, top_k: int) -> str | None:
     """Why speculative rounds cannot run on these servers (None: they can); `recompute`
     allows the base to score drafts by recomputing each context (prompt log
-    probabilities), `exact` asks it to score the teacher's candidates."""
-    return await teacher.speculation_problem(False) or await theta.speculation_problem(True, recompute, exact)
+    probabilities), `exact` asks it to score the teacher's candidates, `top_k` is the
+    entries per position."""
+    return await teacher.speculation_problem(False, top_k=top_k) or await theta.speculation_problem(
+        True, recompute, exact, top_k
+    )
 
 
 class SpeculativeRound:

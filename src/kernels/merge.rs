@@ -81,7 +81,7 @@ fn summarise(ids: &[i64], logp: &[f64]) -> ListSummary {
     sum
 }
 
-/// Unlisted mass below this counts as none (see `bound`).
+/// Unlisted mass is taken as at least this (see `bound`).
 pub const UNLISTED_MIN: f64 = 1e-12;
 
 /// The value given to a token a list does not hold, under the `bound` rule:
@@ -95,14 +95,12 @@ fn bound(logp: &[f64], summary: &ListSummary, buf: &mut Vec<f64>) -> f64 {
         exp_shifted(logp, summary.largest, buf);
         summary.largest + sum(buf).ln()
     };
-    // Unlisted mass 1 − Σp, computed as −expm1(log Σp) to keep precision near 1. A list
-    // within UNLISTED_MIN of all the mass leaves none: what remains is rounding, and its
-    // log (about −37 for one ulp) would differ between two ways of summing the same list.
-    let unlisted = if total >= -UNLISTED_MIN {
-        f64::NEG_INFINITY
-    } else {
-        (-total.exp_m1()).ln()
-    };
+    // Unlisted mass 1 − Σp, computed as −expm1(log Σp) to keep precision near 1, and
+    // never taken below UNLISTED_MIN: below it (or at or past 1, as float32 lists from a
+    // server can sum to) what remains is rounding, whose log would differ between two ways
+    // of summing the same list; and a model with finite logits leaves every token some
+    // mass, so the bound is never −inf.
+    let unlisted = (-total.exp_m1()).max(UNLISTED_MIN).ln();
     summary.smallest.min(unlisted)
 }
 

@@ -5,7 +5,15 @@ use pyo3::types::{PyBytes, PyBytesMethods, PyTuple};
 
 use crate::errors::KernelError;
 use crate::wire::positions::{self, Positions};
-use crate::wire::{completions, generate, sglang, Parsed};
+use crate::wire::{completions, generate, sglang, Echo, Parsed};
+
+/// What the reply must echo (see `wire::Echo`), from the optional keyword arguments.
+fn echo(request_id: Option<String>, prompt_tokens: Option<Vec<u64>>) -> Echo {
+    Echo {
+        request_id,
+        prompt_tokens,
+    }
+}
 
 /// `(ids, logp, cached_tokens or None)`.
 fn arrays(py: Python<'_>, parsed: Parsed) -> PyResult<Bound<'_, PyTuple>> {
@@ -22,25 +30,32 @@ fn arrays(py: Python<'_>, parsed: Parsed) -> PyResult<Bound<'_, PyTuple>> {
 
 /// `(ids, logp)` of shape (rows, width) from a batched vLLM completions reply.
 #[pyfunction]
+#[pyo3(signature = (body, rows, width, request_id=None, prompt_tokens=None))]
 pub fn parse_completions_topk<'py>(
     py: Python<'py>,
     body: &[u8],
     rows: usize,
     width: usize,
+    request_id: Option<String>,
+    prompt_tokens: Option<Vec<u64>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let parsed = py.detach(|| completions::parse_topk(body, rows, width))?;
+    let echo = echo(request_id, prompt_tokens);
+    let parsed = py.detach(|| completions::parse_topk(body, rows, width, &echo))?;
     arrays(py, parsed)
 }
 
 /// `(ids, logp)` of shape (len(bodies), width) from one vLLM generate reply per row.
 #[pyfunction]
+#[pyo3(signature = (bodies, width, request_id=None, prompt_tokens=None))]
 pub fn parse_generate_topk<'py>(
     py: Python<'py>,
     bodies: Vec<Bound<'py, PyBytes>>,
     width: usize,
+    request_id: Option<String>,
+    prompt_tokens: Option<Vec<u64>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let slices: Vec<&[u8]> = bodies.iter().map(PyBytesMethods::as_bytes).collect();
-    let parsed = generate::parse_topk(&slices, width)?;
+    let parsed = generate::parse_topk(&slices, width, &echo(request_id, prompt_tokens))?;
     arrays(py, parsed)
 }
 
@@ -56,15 +71,19 @@ fn sglang_field(field: &str) -> PyResult<sglang::Field> {
 /// `(ids, logp)` of shape (rows, width) from a batched SGLang `/generate` reply;
 /// `field` is `"top"` (`output_top_logprobs`) or `"token_ids"` (`output_token_ids_logprobs`).
 #[pyfunction]
+#[pyo3(signature = (body, rows, width, field, request_id=None, prompt_tokens=None))]
 pub fn parse_sglang_topk<'py>(
     py: Python<'py>,
     body: &[u8],
     rows: usize,
     width: usize,
     field: &str,
+    request_id: Option<String>,
+    prompt_tokens: Option<Vec<u64>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let field = sglang_field(field)?;
-    let parsed = py.detach(|| sglang::parse_topk(body, rows, width, field))?;
+    let echo = echo(request_id, prompt_tokens);
+    let parsed = py.detach(|| sglang::parse_topk(body, rows, width, field, &echo))?;
     arrays(py, parsed)
 }
 
@@ -86,21 +105,25 @@ fn position_arrays(py: Python<'_>, p: Positions) -> PyResult<Bound<'_, PyTuple>>
 /// Every generated position of one vLLM generate reply per sequence (see
 /// `wire::generate::parse_positions`).
 #[pyfunction]
-#[pyo3(signature = (bodies, width, top_k=None))]
+#[pyo3(signature = (bodies, width, top_k=None, request_id=None, prompt_tokens=None))]
 pub fn parse_generate_positions<'py>(
     py: Python<'py>,
     bodies: Vec<Bound<'py, PyBytes>>,
     width: usize,
     top_k: Option<usize>,
+    request_id: Option<String>,
+    prompt_tokens: Option<Vec<u64>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let slices: Vec<&[u8]> = bodies.iter().map(PyBytesMethods::as_bytes).collect();
-    let parsed = generate::parse_positions(&slices, width, top_k)?;
+    let parsed = generate::parse_positions(&slices, width, top_k, &echo(request_id, prompt_tokens))?;
     position_arrays(py, parsed)
 }
 
 /// Every position of each item of a batched SGLang reply: a draft, or (`scored`) the
 /// scoring of given continuations (see `wire::positions::parse_sglang`).
 #[pyfunction]
+#[pyo3(signature = (body, rows, width, field, scored, request_id=None, prompt_tokens=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn parse_sglang_positions<'py>(
     py: Python<'py>,
     body: &[u8],
@@ -108,8 +131,11 @@ pub fn parse_sglang_positions<'py>(
     width: usize,
     field: &str,
     scored: bool,
+    request_id: Option<String>,
+    prompt_tokens: Option<Vec<u64>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let field = sglang_field(field)?;
-    let parsed = py.detach(|| positions::parse_sglang(body, rows, width, field, scored))?;
+    let echo = echo(request_id, prompt_tokens);
+    let parsed = py.detach(|| positions::parse_sglang(body, rows, width, field, scored, &echo))?;
     position_arrays(py, parsed)
 }

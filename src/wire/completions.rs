@@ -5,13 +5,14 @@ use std::fmt;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-use super::{reply_error, wire_logprob, Parsed, TopkRows, Usage};
+use super::{json_error, reply_error, wire_logprob, Echo, Parsed, TopkRows, Usage};
 use crate::errors::KernelResult;
 
 const ID_PREFIX: &str = "token_id:";
 
 #[derive(Deserialize)]
 struct Reply {
+    id: Option<String>,
     choices: Vec<Choice>,
     usage: Option<Usage>,
 }
@@ -65,9 +66,13 @@ impl<'de> Deserialize<'de> for Entries {
 
 /// The first position's entries of each choice, each (rows, width), padded with id −1
 /// and −inf; rows in `index` order. vLLM reports cached tokens for the batch's last prompt.
-pub fn parse_topk(body: &[u8], rows: usize, width: usize) -> KernelResult<Parsed> {
-    let reply: Reply =
-        serde_json::from_slice(body).map_err(|e| reply_error(format!("not a completions reply: {e}")))?;
+/// The reply must echo `echo` (vLLM's `id` is `cmpl-` and the `X-Request-Id` sent; its
+/// `usage.prompt_tokens` counts every prompt).
+pub fn parse_topk(body: &[u8], rows: usize, width: usize, echo: &Echo) -> KernelResult<Parsed> {
+    let reply: Reply = serde_json::from_slice(body).map_err(|e| json_error("not a completions reply", &e))?;
+    echo.check_id(None, reply.id.as_deref())?;
+    let (prompt_tokens, cached) = Usage::counts(reply.usage);
+    echo.check_prompt(0..rows, prompt_tokens)?;
     if reply.choices.len() != rows {
         return Err(reply_error(format!(
             "expected {rows} choices, got {}",
@@ -88,7 +93,7 @@ pub fn parse_topk(body: &[u8], rows: usize, width: usize) -> KernelResult<Parsed
             .ok_or_else(|| reply_error(format!("choice {r} has no top_logprobs")))?;
         out.fill(r, entries.0);
     }
-    Ok(out.finish(Usage::cached_tokens(reply.usage)))
+    Ok(out.finish(cached))
 }
 
 #[cfg(test)]
@@ -105,20 +110,37 @@ mod tests {
             ids,
             logp: lp,
             cached_tokens,
-        } = parse_topk(body, 2, 3).unwrap();
+        } = parse_topk(body, 2, 3, &Echo::default()).unwrap();
         assert_eq!(cached_tokens, None);
         assert_eq!(ids.row(0).to_vec(), vec![3, 4, 9]);
         assert_eq!(ids.row(1).to_vec(), vec![5, 7, -1]);
         assert_eq!(lp[[1, 1]], f64::NEG_INFINITY);
-        assert!(parse_topk(body, 3, 3).is_err());
+        assert!(parse_topk(body, 3, 3, &Echo::default()).is_err());
         let cached = br#"{"choices":[{"index":0,"logprobs":{"top_logprobs":[{"token_id:3":-0.5}]}}],
             "usage":{"prompt_tokens":40,"prompt_tokens_details":{"cached_tokens":32}}}"#;
-        assert_eq!(parse_topk(cached, 1, 2).unwrap().cached_tokens, Some(32));
-        assert!(parse_topk(b"{\"choices\": [", 1, 2).is_err());
+        assert_eq!(
+            parse_topk(cached, 1, 2, &Echo::default()).unwrap().cached_tokens,
+            Some(32)
+        );
+        let sent = |n: u64| Echo {
+            request_id: None,
+            prompt_tokens: Some(vec![n]),
+        };
+        assert!(parse_topk(cached, 1, 2, &sent(40)).is_ok());
+        assert!(parse_topk(cached, 1, 2, &sent(39)).is_err());
+        let echoed = br#"{"id":"cmpl-r7","choices":[{"index":0,"logprobs":{"top_logprobs":[{"token_id:3":-0.5}]}}]}"#;
+        let id = |s: &str| Echo {
+            request_id: Some(s.into()),
+            prompt_tokens: None,
+        };
+        assert!(parse_topk(echoed, 1, 2, &id("r7")).is_ok());
+        assert!(parse_topk(echoed, 1, 2, &id("r6")).is_err());
+        assert!(parse_topk(b"{\"choices\": [", 1, 2, &Echo::default()).is_err());
         assert!(parse_topk(
             br#"{"choices":[{"index":0,"logprobs":{"top_logprobs":[{"a":-1.0}]}}]}"#,
             1,
-            2
+            2,
+            &Echo::default()
         )
         .is_err());
     }

@@ -6,7 +6,7 @@ use numpy::ndarray::Array2;
 use serde::Deserialize;
 
 use super::sglang::{Field, Triple};
-use super::{add_cached, reply_error};
+use super::{add_cached, json_error, reply_error, Echo};
 use crate::errors::KernelResult;
 
 /// Rows for every position of every sequence of a reply.
@@ -76,6 +76,8 @@ type Lists = Option<Vec<Option<Vec<Triple>>>>;
 
 #[derive(Deserialize)]
 struct Meta {
+    id: Option<String>,
+    prompt_tokens: Option<u64>,
     output_token_logprobs: Option<Vec<Triple>>,
     input_top_logprobs: Lists,
     output_top_logprobs: Lists,
@@ -93,14 +95,23 @@ struct Item {
 /// reads the generated tokens and the chosen lists at them; the scoring of a given
 /// continuation (`scored` true) reads the input positions after the first (which
 /// SGLang answers as None) and the first generated position.
-pub fn parse_sglang(body: &[u8], rows: usize, width: usize, field: Field, scored: bool) -> KernelResult<Positions> {
-    let items: Vec<Item> =
-        serde_json::from_slice(body).map_err(|e| reply_error(format!("not an SGLang batch reply: {e}")))?;
+/// Item `r` must echo row `r`'s `rid` (`{id}-{r}`) and prompt tokens.
+pub fn parse_sglang(
+    body: &[u8],
+    rows: usize,
+    width: usize,
+    field: Field,
+    scored: bool,
+    echo: &Echo,
+) -> KernelResult<Positions> {
+    let items: Vec<Item> = serde_json::from_slice(body).map_err(|e| json_error("not an SGLang batch reply", &e))?;
     if items.len() != rows {
         return Err(reply_error(format!("expected {rows} replies, got {}", items.len())));
     }
     let mut out = Builder::new(width);
     for (r, Item { meta_info: m }) in items.into_iter().enumerate() {
+        echo.check_id(Some(r), m.id.as_deref())?;
+        echo.check_prompt(r..r + 1, m.prompt_tokens)?;
         out.cached(m.cached_tokens);
         let (input, output) = if field == Field::Top {
             (m.input_top_logprobs, m.output_top_logprobs)
@@ -143,15 +154,15 @@ mod tests {
         let body = br#"[{"text":"x","meta_info":{"output_token_logprobs":[[-0.1,5,null],[-0.2,6,null]],
             "output_top_logprobs":[[[-0.1,5,null],[-2.0,7,null]],[[-0.2,6,null]]],
             "input_top_logprobs":[null,[[-0.3,8,null]]],"cached_tokens":3}}]"#;
-        let d = parse_sglang(body, 1, 2, Field::Top, false).unwrap();
+        let d = parse_sglang(body, 1, 2, Field::Top, false, &Echo::default()).unwrap();
         assert_eq!((d.tokens.clone(), d.lengths.clone()), (vec![5, 6], vec![2]));
         assert_eq!(d.ids.row(0).to_vec(), vec![5, 7]);
         assert_eq!(d.ids.row(1).to_vec(), vec![6, -1]);
-        let s = parse_sglang(body, 1, 2, Field::Top, true).unwrap();
+        let s = parse_sglang(body, 1, 2, Field::Top, true, &Echo::default()).unwrap();
         assert_eq!(s.lengths, vec![2]);
         assert_eq!(s.ids.row(0).to_vec(), vec![8, -1]);
         assert_eq!(s.ids.row(1).to_vec(), vec![5, 7]);
-        assert!(parse_sglang(body, 1, 2, Field::TokenIds, true).is_err());
-        assert!(parse_sglang(body, 2, 2, Field::Top, false).is_err());
+        assert!(parse_sglang(body, 1, 2, Field::TokenIds, true, &Echo::default()).is_err());
+        assert!(parse_sglang(body, 2, 2, Field::Top, false, &Echo::default()).is_err());
     }
 }

@@ -5,7 +5,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::{add_cached, reply_error, wire_logprob, Parsed, TopkRows};
+use super::{add_cached, json_error, reply_error, wire_logprob, Echo, Parsed, TopkRows};
 use crate::errors::KernelResult;
 
 /// Which per-position list to read.
@@ -52,9 +52,16 @@ impl<'de> Deserialize<'de> for Triple {
     }
 }
 
-/// The first position's triples from the chosen field of `meta_info`, and its
-/// `cached_tokens` (prompt tokens the radix cache served).
-struct FirstPosition(Option<Vec<Triple>>, Option<u64>);
+/// The first position's triples from the chosen field of `meta_info`, its
+/// `cached_tokens` (prompt tokens the radix cache served), and what it echoes of the
+/// request: `id` (the `rid` sent) and `prompt_tokens`.
+#[derive(Default)]
+struct FirstPosition {
+    triples: Option<Vec<Triple>>,
+    cached: Option<u64>,
+    id: Option<String>,
+    prompt_tokens: Option<u64>,
+}
 
 struct MetaSeed(Field);
 
@@ -72,19 +79,22 @@ impl<'de> de::DeserializeSeed<'de> for MetaSeed {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FirstPosition, A::Error> {
-                let mut found = None;
-                let mut cached = None;
+                let mut out = FirstPosition::default();
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     if key == self.0.key() {
                         let positions: Option<Vec<Option<Vec<Triple>>>> = map.next_value()?;
-                        found = positions.and_then(|p| p.into_iter().next().flatten());
+                        out.triples = positions.and_then(|p| p.into_iter().next().flatten());
                     } else if key == "cached_tokens" {
-                        cached = map.next_value::<Option<u64>>()?;
+                        out.cached = map.next_value::<Option<u64>>()?;
+                    } else if key == "id" {
+                        out.id = map.next_value::<Option<String>>()?;
+                    } else if key == "prompt_tokens" {
+                        out.prompt_tokens = map.next_value::<Option<u64>>()?;
                     } else {
                         map.next_value::<IgnoredAny>()?;
                     }
                 }
-                Ok(FirstPosition(found, cached))
+                Ok(out)
             }
         }
 
@@ -111,7 +121,7 @@ impl<'de> de::DeserializeSeed<'de> for ItemSeed {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
-                let mut first = FirstPosition(None, None);
+                let mut first = FirstPosition::default();
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     if key == "meta_info" {
                         first = map.next_value_seed(MetaSeed(self.0))?;
@@ -156,21 +166,25 @@ impl<'de> de::DeserializeSeed<'de> for ListSeed {
 }
 
 /// The first generated position's entries of each prompt of a batched reply.
-/// Cached prompt tokens are summed over the items that report them.
-pub fn parse_topk(body: &[u8], rows: usize, width: usize, field: Field) -> KernelResult<Parsed> {
+/// Cached prompt tokens are summed over the items that report them. Item `r` must echo
+/// row `r`'s `rid` (`{id}-{r}`) and prompt tokens.
+pub fn parse_topk(body: &[u8], rows: usize, width: usize, field: Field, echo: &Echo) -> KernelResult<Parsed> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let items = de::DeserializeSeed::deserialize(ListSeed(field), &mut de)
         .and_then(|items| de.end().map(|()| items))
-        .map_err(|e| reply_error(format!("not an SGLang batch reply: {e}")))?;
+        .map_err(|e| json_error("not an SGLang batch reply", &e))?;
     if items.len() != rows {
         return Err(reply_error(format!("expected {rows} replies, got {}", items.len())));
     }
     let mut out = TopkRows::new(rows, width);
     let mut cached: Option<u64> = None;
-    for (r, Item(FirstPosition(first, item_cached))) in items.into_iter().enumerate() {
-        add_cached(&mut cached, item_cached);
-        let triples =
-            first.ok_or_else(|| reply_error(format!("reply {r} has no {} at the first position", field.key())))?;
+    for (r, Item(first)) in items.into_iter().enumerate() {
+        echo.check_id(Some(r), first.id.as_deref())?;
+        echo.check_prompt(r..r + 1, first.prompt_tokens)?;
+        add_cached(&mut cached, first.cached);
+        let triples = first
+            .triples
+            .ok_or_else(|| reply_error(format!("reply {r} has no {} at the first position", field.key())))?;
         out.fill(r, triples.into_iter().map(|Triple(id, lp)| (id, lp)));
     }
     Ok(out.finish(cached))
@@ -188,13 +202,27 @@ mod tests {
              "finish_reason":{"type":"length","length":1}}},
             {"meta_info":{"output_top_logprobs":[[[-0.5,3,null],[-1.5,4,null],[-2.0,9,null]]]}}
         ]"#;
-        let Parsed { ids, logp: lp, .. } = parse_topk(body, 2, 3, Field::Top).unwrap();
+        let none = Echo::default();
+        let Parsed { ids, logp: lp, .. } = parse_topk(body, 2, 3, Field::Top, &none).unwrap();
         assert_eq!(ids.row(0).to_vec(), vec![5, 7, -1]);
         assert_eq!(ids.row(1).to_vec(), vec![3, 4, 9]);
         assert_eq!(lp[[0, 1]], f64::NEG_INFINITY);
-        assert!(parse_topk(&body[..], 2, 1, Field::TokenIds).is_err()); // the second item has none
-        assert!(parse_topk(body, 3, 3, Field::Top).is_err());
-        assert!(parse_topk(b"[", 1, 3, Field::Top).is_err());
-        assert!(parse_topk(br#"{"meta_info":{}}"#, 1, 3, Field::Top).is_err());
+        assert!(parse_topk(&body[..], 2, 1, Field::TokenIds, &none).is_err()); // the second item has none
+        assert!(parse_topk(body, 3, 3, Field::Top, &none).is_err());
+        assert!(parse_topk(b"[", 1, 3, Field::Top, &none).is_err());
+        assert!(parse_topk(br#"{"meta_info":{}}"#, 1, 3, Field::Top, &none).is_err());
+        let rid = |s: &str| Echo {
+            request_id: Some(s.into()),
+            prompt_tokens: Some(vec![2, 9]),
+        };
+        // the first item says id "x": row 0 of request "x" would be "x-0"
+        assert!(parse_topk(body, 2, 3, Field::Top, &rid("x")).is_err());
+        let echoed = br#"[{"meta_info":{"id":"q-0","prompt_tokens":2,"output_top_logprobs":[[[-0.1,5,null]]]}},
+            {"meta_info":{"id":"q-1","prompt_tokens":9,"output_top_logprobs":[[[-0.1,5,null]]]}}]"#;
+        assert!(parse_topk(echoed, 2, 3, Field::Top, &rid("q")).is_ok());
+        assert!(parse_topk(echoed, 2, 3, Field::Top, &rid("p")).is_err());
+        let mut short = rid("q");
+        short.prompt_tokens = Some(vec![2, 8]);
+        assert!(parse_topk(echoed, 2, 3, Field::Top, &short).is_err());
     }
 }

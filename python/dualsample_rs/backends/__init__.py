@@ -27,19 +27,22 @@ DIALECTS: dict[str, type[HttpBackend]] = {
 
 async def detect_dialect(http: HttpBackend) -> str:
     """The dialect a server speaks: SGLang lists its models as ``owned_by: "sglang"``
-    and answers ``/get_model_info``; anything else is taken for vLLM, whose batched
-    completions route is the default there."""
+    and answers ``/model_info`` (``/get_model_info`` before 0.5, deprecated since);
+    anything else is taken for vLLM, whose batched completions route is the default
+    there."""
     cards = await http.models()
     owners = {str(c.get("owned_by", "")).lower() for c in cards}
     if "sglang" in owners:
         return "sglang"
     if "vllm" in owners:
         return "vllm-completions"
-    try:
-        await http._request("GET", "/get_model_info", probe=True)
-    except APIError:
-        return "vllm-completions"
-    return "sglang"
+    for path in ("/model_info", "/get_model_info"):
+        try:
+            await http.get_json(path, probe=True)
+        except APIError:
+            continue
+        return "sglang"
+    return "vllm-completions"
 
 
 def backend_for(dialect: str, http: HttpBackend) -> Backend:

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..exceptions import InvalidResponseError
+from ..exceptions import IncompleteReplyError, InvalidResponseError, MismatchedReplyError
 from .context import Context
 from .http import RequestStats
 
@@ -125,10 +125,13 @@ class Backend(Protocol):
         """log π(ids[i] | ids[:i]) for every i from `start` (>= 1) to the end."""
         ...
 
-    async def speculation_problem(self, verify: bool, recompute: bool = False, exact: bool = False) -> str | None:
+    async def speculation_problem(
+        self, verify: bool, recompute: bool = False, exact: bool = False, top_k: int = 1
+    ) -> str | None:
         """Why this server cannot draft in speculative rounds, or with `verify` score the
         drafted positions (keeping its prefix cache, unless `recompute` allows scoring
-        the whole context again; with `exact`, the teacher's candidates); None when it can."""
+        the whole context again; with `exact`, the teacher's candidates; `top_k` entries
+        per position); None when it can."""
         ...
 
     async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:
@@ -153,6 +156,18 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
+def check_echo(where: str, got_id: Any, request_id: str, got_tokens: Any, sent_tokens: int) -> None:
+    """A reply read in Python against its request, as the Rust readers check theirs: the
+    id it echoes (``request_id`` as a whole ``-``-separated part) and its prompt tokens,
+    each where the reply has them."""
+    if isinstance(got_id, str) and request_id not in got_id.split("-"):
+        raise MismatchedReplyError(f"{where}: a reply to another request (id {got_id!r}, sent {request_id!r})")
+    if isinstance(got_tokens, int) and got_tokens != sent_tokens:
+        raise MismatchedReplyError(
+            f"{where}: a reply to another request ({got_tokens} prompt tokens, the request sent {sent_tokens})"
+        )
+
+
 def gather_scores(wanted: np.ndarray, got: TopK, where: str) -> np.ndarray:
     """Each row's log probabilities of the ids in `wanted` (-1 padding), looked up among
     the ids the server returned for that row; a wanted id the reply lacks is an error."""
@@ -161,8 +176,10 @@ def gather_scores(wanted: np.ndarray, got: TopK, where: str) -> np.ndarray:
     pad = wanted < 0
     if not (found | pad).all():
         r, c = np.argwhere(~(found | pad))[0]
-        raise InvalidResponseError(f"{where}: the reply has no log probability for id {wanted[r, c]} (row {r})")
-    out = np.where(match, got.logp[:, None, :], 0.0).sum(axis=2)
+        raise IncompleteReplyError(f"{where}: the reply has no log probability for id {wanted[r, c]} (row {r})")
+    # An id listed twice is read once (its first entry).
+    first = match.argmax(axis=2)
+    out = got.logp[np.arange(len(wanted))[:, None], first]
     out[pad] = -np.inf
     return out
 

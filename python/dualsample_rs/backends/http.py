@@ -1,27 +1,35 @@
 """The HTTP side every backend shares: one server, retries, typed errors.
 
-Transient failures (connection errors, timeouts, malformed bodies, 408/409/429/5xx) are
-retried with exponential back-off and jitter, honouring Retry-After; other errors are
-raised at once as typed exceptions. The timeout is a deadline for each whole request.
-Requests go through `connection.ConnectionPool` (see there why not a general client).
+Transient failures (connection errors, timeouts, torn or malformed bodies, replies to
+another request, 408/409/429/5xx) are retried with exponential back-off and jitter,
+honouring Retry-After; other errors are raised at once as typed exceptions. The timeout
+is a deadline for each whole request. Requests go through `transport.Transport`
+(aiohttp); every request carries an id of its own, which the dialects ask the server to
+echo so that a reply is checked against its request before it is used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import itertools
 import json
 import logging
 import math
+import os
 import random
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import aiohttp
+
 from .._constants import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_CONNECTIONS,
+    DEFAULT_MAX_REPLY_BYTES,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     INITIAL_RETRY_DELAY,
@@ -34,16 +42,27 @@ from ..exceptions import (
     APIError,
     APIStatusError,
     APITimeoutError,
+    CertificateError,
+    IncompleteReplyError,
     InvalidInputError,
     InvalidResponseError,
+    MismatchedReplyError,
     Response,
     status_error,
 )
-from .connection import ConnectionPool
+from .transport import Transport
 
 log = logging.getLogger("dualsample_rs.client")
 _timeout_scope = getattr(asyncio, "timeout", None)  # Python 3.11+
 _B = TypeVar("_B", bound="HttpBackend")
+# Request ids: unique across processes (a random prefix) and within one (a counter).
+_ID_PREFIX = f"ds{os.getpid():x}x{secrets.token_hex(4)}x"
+_ids = itertools.count()
+
+
+def new_request_id() -> str:
+    """A fresh id for one request (no ``-``: rows of a request are ``{id}-{row}``)."""
+    return f"{_ID_PREFIX}{next(_ids):x}"
 
 
 @dataclass
@@ -80,6 +99,14 @@ class HttpBackend:
         max_retries: retries after the first attempt for transient failures.
         retry_delay: the first back-off in seconds; it doubles with each retry, up to 8 s.
         connection_pool_size: connections kept to the server.
+        trust_env: take proxies from ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``NO_PROXY``.
+        ca_bundle: a PEM file of certificate authorities for TLS (default: ``SSL_CERT_FILE``
+            or the system store).
+        insecure: do not verify TLS certificates (a warning says so).
+        max_reply_bytes: the largest reply accepted (`ReplyTooLargeError` past it).
+
+    Credentials in the URL (``http://user:password@host``) are sent as Basic auth;
+    `base_url` shows them as ``user:***@``, and only that form reaches messages.
 
     Attributes:
         model: the model name sent with requests (set by the handshake).
@@ -98,20 +125,35 @@ class HttpBackend:
         max_retries: int = DEFAULT_MAX_RETRIES,
         retry_delay: float = INITIAL_RETRY_DELAY,
         connection_pool_size: int | None = None,
+        trust_env: bool = True,
+        ca_bundle: str | None = None,
+        insecure: bool = False,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> None:
         if not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
             raise InvalidInputError(f"timeout: must be a positive number of seconds, got {timeout!r}")
-        self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
         self.initial_retry_delay = retry_delay
         self.timeout = float(timeout)
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         try:
-            self._pool = ConnectionPool(
-                self.base_url, connection_pool_size or DEFAULT_CONNECTIONS, min(connect_timeout, timeout)
+            self._transport = Transport(
+                base_url.rstrip("/"),
+                limit=connection_pool_size or DEFAULT_CONNECTIONS,
+                connect_timeout=min(connect_timeout, timeout),
+                trust_env=trust_env,
+                ca_bundle=ca_bundle,
+                insecure=insecure,
+                max_reply_bytes=max_reply_bytes,
             )
         except ValueError as err:
             raise InvalidInputError(f"base_url: {err}") from None
+        except OSError as err:  # an unreadable CA bundle
+            raise InvalidInputError(f"ca_bundle: {ca_bundle}: {err}") from None
+        if api_key and self._transport.auth is not None:
+            raise InvalidInputError("api_key: the URL already carries credentials; give one or the other")
+        self.base_url = self._transport.shown
+        auth = f"Bearer {api_key}" if api_key else self._transport.auth
+        self._headers = {"Authorization": auth} if auth else {}
         self.stats = RequestStats()
         self.model: str | None = None
         self._closes = True  # False for clones, which share another client's connections
@@ -125,7 +167,7 @@ class HttpBackend:
     async def aclose(self) -> None:
         """Close the connections (unless they were given, or belong to another client)."""
         if self._closes:
-            self._pool.close()
+            await self._transport.close()
 
     def with_options(self: _B, *, timeout: float | None = None, max_retries: int | None = None) -> _B:
         """A client sharing this one's connections and counters, with other limits; closing
@@ -141,6 +183,8 @@ class HttpBackend:
 
     # ------------------------------------------------------------ retry policy
     def should_retry(self, err: APIError) -> bool:
+        if isinstance(err, (CertificateError, IncompleteReplyError)):
+            return False
         if isinstance(err, (APIConnectionError, InvalidResponseError)):
             return True
         if isinstance(err, APIStatusError):
@@ -155,15 +199,17 @@ class HttpBackend:
             return after
         return min(self.initial_retry_delay * 2**attempt, MAX_RETRY_DELAY) * (1 - 0.25 * random.random())
 
-    async def _send(self, method: str, path: str, data: bytes | None) -> Response:
+    async def _send(self, method: str, path: str, data: bytes | None, request_id: str | None) -> Response:
         headers = dict(self._headers)
         if data is not None:
             headers["Content-Type"] = "application/json"
+        if request_id is not None:
+            headers["X-Request-Id"] = request_id
         if _timeout_scope is not None:  # no extra task per request, unlike wait_for
             async with _timeout_scope(self.timeout):
-                reply = await self._pool.request(method, path, headers, data)
+                reply = await self._transport.request(method, path, headers, data)
         else:
-            reply = await asyncio.wait_for(self._pool.request(method, path, headers, data), self.timeout)
+            reply = await asyncio.wait_for(self._transport.request(method, path, headers, data), self.timeout)
         return Response(reply.status, reply.headers, reply.body, method, self.base_url + path)
 
     async def _request(
@@ -171,33 +217,43 @@ class HttpBackend:
         method: str,
         path: str,
         body: Any = None,
-        content: bytes | None = None,
+        content: bytes | Callable[[str], bytes] | None = None,
         probe: bool = False,
-        decode: Callable[[bytes], Any] | None = None,
+        decode: Callable[[bytes, str], Any] | None = None,
     ) -> Any:
-        """Send with retries. `decode` turns a 2xx body into the result (default: JSON)
-        and raises `InvalidResponseError` for a malformed one, which is retried like a
-        transient fault. `probe`: a non-transient error answer is an expected outcome
-        (raised at once, not counted as a failure)."""
+        """Send with retries. Each attempt has a request id of its own (in the
+        ``X-Request-Id`` header); `content` may be a function of it, for bodies that
+        carry it, and `decode(body, request_id)` turns a 2xx body into the result
+        (default: JSON), raising `InvalidResponseError` for a malformed one, which is
+        retried like a transient fault (`MismatchedReplyError`, a reply to another
+        request, also drops the connections). `probe`: a non-transient error answer is an
+        expected outcome (raised at once, not counted as a failure)."""
         url = self.base_url + path
-        data = content if content is not None else (json.dumps(body).encode() if body is not None else None)
+        fixed = json.dumps(body).encode() if body is not None else None
         for attempt in range(self.max_retries + 1):
             response: Response | None = None
             self.stats.requests += 1
+            rid = new_request_id()
+            data = content(rid) if callable(content) else content if content is not None else fixed
             try:
-                response = await self._send(method, path, data)
+                response = await self._send(method, path, data, rid)
             except asyncio.TimeoutError as exc:
                 err: APIError = APITimeoutError(f"timed out: {method} {url}", (method, url))
                 cause: BaseException = exc
-            except OSError as exc:  # refused, reset, closed mid-body, not HTTP, TLS
+            except APIError as exc:  # a certificate that did not verify, a reply over the cap
+                err, cause = exc, exc
+            except (aiohttp.ClientError, OSError) as exc:  # refused, reset, torn body, not HTTP
                 err = APIConnectionError(f"connection error: {method} {url}: {exc!r}", (method, url))
                 cause = exc
             else:
                 if 200 <= response.status_code < 300:
                     try:
-                        return decode(response.content) if decode else json_body(response.content)
+                        return decode(response.content, rid) if decode else json_body(response.content)
                     except InvalidResponseError as exc:
-                        err, cause = exc, exc
+                        err = type(exc)(f"{method} {url}: {exc}", (method, url))
+                        cause = exc
+                        if isinstance(exc, MismatchedReplyError):
+                            await self._transport.reset()
                 else:
                     try:
                         data_ = json_body(response.content)
@@ -225,6 +281,9 @@ class HttpBackend:
 
     async def post_json(self, path: str, body: Any, probe: bool = False) -> Any:
         return await self._request("POST", path, body, probe=probe)
+
+    async def get_json(self, path: str, probe: bool = False) -> Any:
+        return await self._request("GET", path, probe=probe)
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:

@@ -3,10 +3,12 @@
 Each sequence stays on the replica it started on (its context grows by one token a step
 and only that replica holds it in its prefix cache); a new sequence goes to the replica
 with the fewest sequences. A batch is split into one request per replica. A replica that
-still fails after its retries (unreachable, 5xx) is taken out of rotation and its
-sequences move to the others, losing only their cache; it is probed in the background
-and taken back once it answers with the same model and vocabulary. Only when every
-replica of the model is down do requests fail.
+still fails after its retries (unreachable, 5xx, replies that do not parse or answer
+another request) is taken out of rotation and its sequences move to the others, losing
+only their cache; it is probed in the background and taken back only once it passes the
+same checks as at start (model, dialect, vocabulary, special tokens, context length,
+log probabilities as many as asked). Only when every replica of the model is down do
+requests fail.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..exceptions import APIConnectionError, APIError, InternalServerError
+from ..exceptions import APIConnectionError, DualSampleError, InternalServerError, InvalidResponseError
 from .base import Backend, Draft, TopK
 from .context import Context
 from .http import RequestStats
@@ -42,12 +44,12 @@ class ReplicaStats:
 
 def _replica_failure(err: BaseException) -> bool:
     """Failures that say the replica is unwell, not that the request was wrong."""
-    return isinstance(err, (APIConnectionError, InternalServerError))
+    return isinstance(err, (APIConnectionError, InternalServerError, InvalidResponseError))
 
 
 class ReplicaSet:
-    """The replicas of one model; `probe(backend)` returns what must not change when a
-    replica comes back (its model and vocabulary)."""
+    """The replicas of one model; `probe(backend)` checks a replica as at start-up and
+    returns what must not change when it comes back (raising when it fails a check)."""
 
     def __init__(self, replicas: list[Backend], probe: Callable[[Backend], Awaitable[Any]] | None = None) -> None:
         self.replicas = replicas
@@ -113,21 +115,31 @@ class ReplicaSet:
         if self._probe is not None and len(self.replicas) > 1:
             self._probes[index] = asyncio.create_task(self._watch(index))
 
+    def start_down(self, index: int, err: BaseException) -> None:
+        """Replica `index` did not answer at start-up: out of rotation, probed."""
+        self._take_down(index, err)
+
     async def _watch(self, index: int) -> None:
         replica = self.replicas[index]
+        said = ""
         while True:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
                 assert self._probe is not None
                 seen = await self._probe(replica)
-            except APIError:
+            except DualSampleError as err:
+                if not isinstance(err, APIConnectionError) and str(err) != said:
+                    log.error("replica %s answers but fails a start-up check: %s", replica.base_url, err)
+                    said = str(err)
                 continue
             if seen != self._expected[index]:
-                log.error(
-                    "replica %s came back serving another model or vocabulary; it stays out of rotation",
-                    replica.base_url,
-                )
-                return
+                if said != "changed":
+                    log.error(
+                        "replica %s serves another model, vocabulary or context length; it stays out of rotation",
+                        replica.base_url,
+                    )
+                    said = "changed"
+                continue
             self.info[index].down = False
             log.warning("replica %s back in rotation", replica.base_url)
             return
@@ -193,9 +205,11 @@ class ReplicaSet:
                 out[r] = g
         return out
 
-    async def speculation_problem(self, verify: bool, recompute: bool = False, exact: bool = False) -> str | None:
+    async def speculation_problem(
+        self, verify: bool, recompute: bool = False, exact: bool = False, top_k: int = 1
+    ) -> str | None:
         for replica in self.replicas:
-            problem = await replica.speculation_problem(verify, recompute, exact)
+            problem = await replica.speculation_problem(verify, recompute, exact, top_k)
             if problem is not None:
                 return problem
         return None
@@ -232,7 +246,7 @@ class ReplicaSet:
             index = min(up, key=lambda i: self.load[i])
             try:
                 return await call(self.replicas[index])
-            except APIError as err:
+            except DualSampleError as err:
                 if not _replica_failure(err) or len(up) <= 1:
                     raise
                 self._take_down(index, err)

@@ -8,16 +8,18 @@ for the prefix before it. ``temperature: 0`` makes SGLang report raw log probabi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 
 from .. import _core
-from ..exceptions import ConfigurationError, InvalidInputError, InvalidResponseError
-from .base import Draft, TopK, drafts_by_length, gather_scores, split_positions
+from ..exceptions import APIStatusError, ConfigurationError, InvalidResponseError
+from .base import Draft, TopK, check_echo, drafts_by_length, gather_scores, split_positions
 from .context import Context, body_with_lists
-from .http import HttpBackend
+from .http import HttpBackend, json_body
+from .vllm_completions import chat_or_text, token_list
 
 
 class SGLangBackend(HttpBackend):
@@ -33,13 +35,18 @@ class SGLangBackend(HttpBackend):
         messages: list[dict[str, str]] | None = None,
         add_special_tokens: bool = True,
     ) -> list[int]:
-        if messages is not None:
+        """Ids of a text, or of chat messages rendered by the server's chat template
+        (SGLang 0.5.23's ``/tokenize`` takes ``messages``)."""
+        try:
+            data = await self._request("POST", "/tokenize", chat_or_text(prompt, messages, add_special_tokens))
+        except APIStatusError as err:
+            if messages is None or err.status_code not in (400, 422):
+                raise
             raise ConfigurationError(
-                f"{self.base_url}: SGLang's /tokenize does not render chat templates, so teacher_chat cannot be "
-                "used with an SGLang teacher; render the template into the teacher prompt instead"
-            )
-        data = await self._request("POST", "/tokenize", {"prompt": prompt, "add_special_tokens": add_special_tokens})
-        return [int(t) for t in data["tokens"]]
+                f"{self.base_url}: this SGLang's /tokenize does not render chat templates ({err.message}), so "
+                "teacher_chat cannot be used with it; render the template into the teacher prompt instead"
+            ) from err
+        return token_list(data, self.base_url)
 
     async def detokenize(self, ids: list[int]) -> str:
         data = await self._request("POST", "/detokenize", {"tokens": ids})
@@ -51,11 +58,13 @@ class SGLangBackend(HttpBackend):
     async def _generate(
         self, contexts: Sequence[Context], fields: dict[str, Any], width: int, field: Literal["top", "token_ids"]
     ) -> TopK:
+        rows, sent = len(contexts), [len(c) for c in contexts]
         head = {"sampling_params": {"max_new_tokens": 1, "temperature": 0}, "return_logprob": True, **fields}
-        content = body_with_lists(head, "input_ids", contexts)
-        rows = len(contexts)
         top: TopK = await self._request(
-            "POST", "/generate", content=content, decode=lambda raw: _parse(raw, rows, width, field)
+            "POST",
+            "/generate",
+            content=lambda rid: body_with_lists({**head, "rid": _rids(rid, rows)}, "input_ids", contexts),
+            decode=lambda raw, rid: TopK(*_core.parse_sglang_topk(raw, rows, width, field, rid, sent)),
         )
         self.stats.count_cache(top.cached_tokens, sum(len(c) for c in contexts))
         return top
@@ -69,7 +78,9 @@ class SGLangBackend(HttpBackend):
         return gather_scores(ids, got, f"{self.base_url} token_ids_logprob")
 
     # ------------------------------------------------------------ speculative rounds
-    async def speculation_problem(self, verify: bool, recompute: bool = False, exact: bool = False) -> str | None:
+    async def speculation_problem(
+        self, verify: bool, recompute: bool = False, exact: bool = False, top_k: int = 1
+    ) -> str | None:
         return None
 
     async def _positions(
@@ -84,17 +95,16 @@ class SGLangBackend(HttpBackend):
         the contexts, each followed by its tail ids: a draft, or with `tails` the
         scoring of the continuations."""
         rows, scored = len(contexts), tails is not None
+        sent = [len(c) + (len(tails[i]) if tails is not None else 0) for i, c in enumerate(contexts)]
 
-        def decode(raw: bytes) -> Any:
-            try:
-                return _core.parse_sglang_positions(raw, rows, width, field, scored)
-            except InvalidInputError as exc:
-                raise InvalidResponseError(f"unexpected SGLang reply: {exc}") from exc
+        def content(rid: str) -> bytes:
+            return body_with_lists({**head, "rid": _rids(rid, rows)}, "input_ids", contexts, tails)
 
-        content = body_with_lists(head, "input_ids", contexts, tails)
+        def decode(raw: bytes, rid: str) -> Any:
+            return _core.parse_sglang_positions(raw, rows, width, field, scored, rid, sent)
+
         tokens, ids, logp, lengths, cached = await self._request("POST", "/generate", content=content, decode=decode)
-        sent = sum(len(c) for c in contexts) + (sum(len(t) for t in tails) if tails is not None else 0)
-        self.stats.count_cache(cached, sent)
+        self.stats.count_cache(cached, sum(sent))
         return split_positions(tokens, ids, logp, lengths)
 
     async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:
@@ -157,11 +167,25 @@ class SGLangBackend(HttpBackend):
             "return_logprob": True,
             "logprob_start_len": start - 1,
         }
-        data = await self._request("POST", "/generate", body)
+
+        def decode(raw: bytes, rid: str) -> Any:
+            data = json_body(raw)
+            meta = data.get("meta_info") if isinstance(data, dict) else None
+            if isinstance(meta, dict):
+                check_echo("the reply", meta.get("id"), rid, meta.get("prompt_tokens"), len(ids))
+            return data
+
+        data = await self._request(
+            "POST", "/generate", content=lambda rid: json.dumps({**body, "rid": rid}).encode(), decode=decode
+        )
         try:
             entries = data["meta_info"]["input_token_logprobs"][-(len(ids) - start) :]
             values = [float(e[0]) if e[0] is not None else -np.inf for e in entries]
-            ok = len(values) == len(ids) - start and all(e[1] == t for e, t in zip(entries, ids[start:], strict=True))
+            # SGLang reports every id >= vocab_size - 1 as 0 in input_token_logprobs (the
+            # value is the right one), so 0 stands for any id there.
+            ok = len(values) == len(ids) - start and all(
+                e[1] == t or e[1] == 0 for e, t in zip(entries, ids[start:], strict=True)
+            )
         except (KeyError, IndexError, TypeError) as err:
             raise InvalidResponseError(f"{self.base_url}: unexpected input_token_logprobs ({err})") from err
         if not ok:
@@ -169,9 +193,6 @@ class SGLangBackend(HttpBackend):
         return values
 
 
-def _parse(raw: bytes, rows: int, width: int, field: Literal["top", "token_ids"]) -> TopK:
-    try:
-        ids, logp, cached = _core.parse_sglang_topk(raw, rows, width, field)
-    except InvalidInputError as exc:
-        raise InvalidResponseError(f"unexpected SGLang reply: {exc}") from exc
-    return TopK(ids, logp, cached)
+def _rids(request_id: str, rows: int) -> list[str]:
+    """SGLang's ``rid`` for each item of a batch, which its reply echoes as ``meta_info.id``."""
+    return [f"{request_id}-{r}" for r in range(rows)]

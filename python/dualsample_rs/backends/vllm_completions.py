@@ -16,10 +16,16 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from ..exceptions import APIStatusError, ConfigurationError, InvalidInputError, InvalidResponseError, NotFoundError
-from .base import VLLM_MAX_SCORED_IDS, Draft, TopK, drafts_by_length, gather_scores, rows_of, scoring_groups
+from ..exceptions import (
+    APIStatusError,
+    ConfigurationError,
+    IncompleteReplyError,
+    InvalidResponseError,
+    NotFoundError,
+)
+from .base import VLLM_MAX_SCORED_IDS, Draft, TopK, check_echo, drafts_by_length, gather_scores, rows_of, scoring_groups
 from .context import Context, body_with_lists
-from .http import HttpBackend, log
+from .http import HttpBackend, json_body, log
 
 
 class VLLMCompletionsBackend(HttpBackend):
@@ -35,15 +41,12 @@ class VLLMCompletionsBackend(HttpBackend):
         messages: list[dict[str, str]] | None = None,
         add_special_tokens: bool = True,
     ) -> list[int]:
-        """Ids of a text, or of chat messages rendered by the server's chat template."""
-        body: dict[str, Any] = {"add_special_tokens": add_special_tokens}
-        if messages is not None:
-            body["messages"] = messages
-            body["add_generation_prompt"] = True
-        else:
-            body["prompt"] = prompt
+        """Ids of a text, or of chat messages rendered by the server's chat template
+        (without added special tokens: the template holds them, and a tokenizer that adds
+        a BOS would otherwise start the prompt with two; vLLM's own default for chat)."""
+        body = chat_or_text(prompt, messages, add_special_tokens)
         data = await self._request("POST", "/tokenize", body)
-        return [int(t) for t in data["tokens"]]
+        return token_list(data, self.base_url)
 
     async def detokenize(self, ids: list[int]) -> str:
         data = await self._request("POST", "/detokenize", {"tokens": ids})
@@ -68,13 +71,13 @@ class VLLMCompletionsBackend(HttpBackend):
         return body_with_lists(head, "prompt", contexts)
 
     async def _completions(self, contexts: Sequence[Context], fields: dict[str, Any], width: int) -> TopK:
-        rows = len(contexts)
+        rows, sent = len(contexts), [len(c) for c in contexts]
         t0 = time.perf_counter()
         top = await self._request(
             "POST",
             "/v1/completions",
             content=self._body(contexts, fields),
-            decode=lambda raw: parse_topk(raw, rows, width),
+            decode=lambda raw, rid: parse_topk(raw, rows, width, rid, sent),
         )
         log.debug("completions of %d rows in %.1f ms", rows, 1e3 * (time.perf_counter() - t0))
         # vLLM reports the cache use of the batch's last prompt only
@@ -98,7 +101,9 @@ class VLLMCompletionsBackend(HttpBackend):
         return out
 
     # ------------------------------------------------------------ speculative rounds
-    async def speculation_problem(self, verify: bool, recompute: bool = False, exact: bool = False) -> str | None:
+    async def speculation_problem(
+        self, verify: bool, recompute: bool = False, exact: bool = False, top_k: int = 1
+    ) -> str | None:
         if not verify:
             return None
         if not recompute:
@@ -158,7 +163,9 @@ class VLLMCompletionsBackend(HttpBackend):
         head = {"max_tokens": 1, "temperature": 0, "return_tokens_as_token_ids": True, **fields}
         if self.model:
             head["model"] = self.model
-        data = await self._request("POST", "/v1/completions", content=body_with_lists(head, "prompt", contexts, tails))
+        sent = sum(len(c) for c in contexts) + sum(len(t) for t in tails or ())
+        content = body_with_lists(head, "prompt", contexts, tails)
+        data = await self._request("POST", "/v1/completions", content=content, decode=_checked("id", sent))
         try:
             choices = sorted(data["choices"], key=lambda c: c["index"])
         except (KeyError, TypeError) as err:
@@ -173,7 +180,7 @@ class VLLMCompletionsBackend(HttpBackend):
         body: dict[str, Any] = {"prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
         if self.model:
             body["model"] = self.model
-        data = await self._request("POST", "/v1/completions", body)
+        data = await self._request("POST", "/v1/completions", body, decode=_checked("id", len(ids)))
         return self._prompt_logprobs(lambda: data["choices"][0]["prompt_logprobs"], ids, start)
 
     def _prompt_logprobs(self, entries_of: Callable[[], Any], ids: list[int], start: int) -> list[float]:
@@ -214,10 +221,39 @@ def _wire(value: Any) -> float:
     return -np.inf if value is None or value <= -9999.0 else float(value)
 
 
-def parse_topk(raw: bytes, rows: int, width: int) -> TopK:
-    """Arrays from a completions reply (parsed in Rust, without building Python objects)."""
-    try:
-        ids, logp, cached = _core.parse_completions_topk(raw, rows, width)
-    except InvalidInputError as exc:
-        raise InvalidResponseError(f"unexpected completions reply: {exc}") from exc
+def token_list(data: Any, where: str) -> list[int]:
+    """The ids of a ``/tokenize`` reply (``{"tokens": [...], ...}``)."""
+    tokens = data.get("tokens") if isinstance(data, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise IncompleteReplyError(f"{where}: a /tokenize reply without a list of token ids: {str(data)[:200]}")
+    return tokens
+
+
+def chat_or_text(prompt: str | None, messages: list[dict[str, str]] | None, add_special_tokens: bool) -> dict[str, Any]:
+    """A ``/tokenize`` body, the same for vLLM and SGLang: chat messages rendered by the
+    server's template with the generation prompt and no added special tokens, or a text."""
+    if messages is not None:
+        return {"messages": messages, "add_generation_prompt": True, "add_special_tokens": False}
+    return {"prompt": prompt, "add_special_tokens": add_special_tokens}
+
+
+def _checked(id_key: str, sent: int) -> Callable[[bytes, str], Any]:
+    """A decoder of a JSON reply that checks it against its request: its id (at
+    `id_key`) and ``usage.prompt_tokens`` (`sent`), where it has them."""
+
+    def decode(raw: bytes, request_id: str) -> Any:
+        data = json_body(raw)
+        if isinstance(data, dict):
+            usage = data.get("usage")
+            tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+            check_echo("the reply", data.get(id_key), request_id, tokens, sent)
+        return data
+
+    return decode
+
+
+def parse_topk(raw: bytes, rows: int, width: int, request_id: str | None = None, sent: list[int] | None = None) -> TopK:
+    """Arrays from a completions reply (parsed in Rust, without building Python objects),
+    checked against the request's id and prompt token counts."""
+    ids, logp, cached = _core.parse_completions_topk(raw, rows, width, request_id, sent)
     return TopK(ids, logp, cached)

@@ -17,7 +17,7 @@ from .. import _core
 from ..exceptions import BadRequestError, InvalidInputError, InvalidResponseError
 from .base import VLLM_MAX_SCORED_IDS, Draft, TopK, gather_scores, split_positions
 from .context import Context, body_with_list
-from .vllm_completions import VLLMCompletionsBackend
+from .vllm_completions import VLLMCompletionsBackend, _checked
 
 GENERATE_PATH = "/inference/v1/generate"
 
@@ -26,8 +26,12 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
     """One vLLM server through ``/inference/v1/generate`` (tokenising through ``/tokenize``)."""
 
     dialect = "vllm-generate"
+    # One id is sent twice when scoring (see `_scored`).
+    max_scored_ids: int | None = VLLM_MAX_SCORED_IDS - 1
 
     def _body(self, context: Context, params: dict[str, Any]) -> bytes:  # type: ignore[override]
+        """One request for one context (its id goes in the ``X-Request-Id`` header, which
+        vLLM echoes as ``generate-tokens-<id>``)."""
         head: dict[str, Any] = {
             "sampling_params": {"max_tokens": 1, "temperature": 0, "detokenize": False, **params},
             "output_mode": "tokens",
@@ -37,8 +41,12 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
         return body_with_list(head, "token_ids", context)
 
     async def _one(self, context: Context, params: dict[str, Any], width: int) -> TopK:
+        sent = [len(context)]
         top: TopK = await self._request(
-            "POST", GENERATE_PATH, content=self._body(context, params), decode=lambda raw: _parse(raw, width)
+            "POST",
+            GENERATE_PATH,
+            content=self._body(context, params),
+            decode=lambda raw, rid: TopK(*_core.parse_generate_topk([raw], width, rid, sent)),
         )
         self.stats.count_cache(top.cached_tokens, len(context))
         return top
@@ -51,14 +59,36 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
         return await self._each(contexts, [{"logprobs": top_k}] * len(contexts), top_k + 1)
 
     async def score(self, contexts: Sequence[Context], ids: np.ndarray) -> np.ndarray:
-        params = [{"logprob_token_ids": [int(t) for t in row if t >= 0]} for row in ids]
-        got = await self._each(contexts, params, ids.shape[1] + 1)
+        params = [_scored([int(t) for t in row if t >= 0]) for row in ids]
+        got = await self._each(contexts, params, ids.shape[1] + 2)
         return gather_scores(ids, got, f"{self.base_url} logprob_token_ids")
 
     # ------------------------------------------------------------ speculative rounds
-    async def speculation_problem(self, verify: bool, recompute: bool = False, exact: bool = False) -> str | None:
+    async def speculation_problem(
+        self, verify: bool, recompute: bool = False, exact: bool = False, top_k: int = 1
+    ) -> str | None:
         if not verify:
             return None
+        # One replayed token past a one-token context: can it replay at all, and list
+        # top_k + 1 entries as the rounds do (see `continuation_topk`)?
+        for logprobs in (1, top_k + 1):
+            params = {"max_tokens": 1, "logprobs": logprobs, "trace_decode_token_ids": [0]}
+            try:
+                await self._positions(Context([0]), params, logprobs + 1, logprobs)
+            except BadRequestError as err:
+                if logprobs == 1 and "trace" in str(err).lower():
+                    return (
+                        f"{self.base_url}: vLLM cannot verify drafted tokens without --enable-trace-replay ({err}); "
+                        "or use the vllm-completions dialect for the base with prompt-logprobs verification"
+                    )
+                if logprobs > 1 and "logprobs" in str(err).lower():
+                    return (
+                        f"{self.base_url}: verifying drafts lists top_k + 1 = {logprobs} log probabilities per "
+                        f"position (the replayed token comes first); start vLLM with --max-logprobs {logprobs} or "
+                        f"more ({err})"
+                    )
+                raise
+        return None
         try:  # one replayed token past a one-token context
             await self._positions(Context([0]), {"max_tokens": 1, "logprobs": 1, "trace_decode_token_ids": [0]}, 2, 1)
         except BadRequestError as err:
@@ -75,11 +105,10 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
     ) -> tuple[list[int], TopK]:
         """The tokens and rows (one per generated position) of one generate reply."""
 
-        def decode(raw: bytes) -> Any:
-            try:
-                return _core.parse_generate_positions([raw], width, top_k)
-            except InvalidInputError as exc:
-                raise InvalidResponseError(f"unexpected generate reply: {exc}") from exc
+        sent = [len(context)]
+
+        def decode(raw: bytes, rid: str) -> Any:
+            return _core.parse_generate_positions([raw], width, top_k, rid, sent)
 
         content = self._body(context, params)
         tokens, ids, logp, lengths, cached = await self._request("POST", GENERATE_PATH, content=content, decode=decode)
@@ -97,7 +126,10 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
         self, contexts: Sequence[Context], continuations: Sequence[list[int]], top_k: int
     ) -> list[TopK]:
         async def one(context: Context, cont: list[int]) -> TopK:
-            params = {"max_tokens": len(cont), "logprobs": top_k, "trace_decode_token_ids": cont}
+            # This route lists `logprobs` entries, the replayed token first: one more than
+            # top_k keeps the whole top k when the replayed token is outside it, and the
+            # reader keeps the entries ranked within top_k.
+            params = {"max_tokens": len(cont), "logprobs": top_k + 1, "trace_decode_token_ids": cont}
             return self._replayed(cont, await self._positions(context, params, top_k + 1, top_k))
 
         return list(await asyncio.gather(*(one(c, t) for c, t in zip(contexts, continuations, strict=True))))
@@ -108,10 +140,10 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
         async def one(context: Context, cont: list[int], wanted: np.ndarray) -> np.ndarray:
             # `logprob_token_ids` is one list for every position: the union of the rows.
             union = sorted({int(t) for t in wanted.ravel() if t >= 0})
-            if len(union) > VLLM_MAX_SCORED_IDS:
-                raise InvalidInputError(f"{len(union)} ids to score over a round, over vLLM's cap of 128")
-            params = {"max_tokens": len(cont), "logprob_token_ids": union, "trace_decode_token_ids": cont}
-            got = self._replayed(cont, await self._positions(context, params, len(union) + 1, None))
+            if len(union) > VLLM_MAX_SCORED_IDS - 1:
+                raise InvalidInputError(f"{len(union)} ids to score over a round, over vLLM's cap of 128 (127 here)")
+            params = {"max_tokens": len(cont), **_scored(union), "trace_decode_token_ids": cont}
+            got = self._replayed(cont, await self._positions(context, params, len(union) + 2, None))
             return gather_scores(wanted, got, f"{self.base_url} logprob_token_ids")
 
         calls = (one(c, t, w) for c, t, w in zip(contexts, continuations, ids, strict=True))
@@ -124,16 +156,21 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
 
     async def sequence_logprobs(self, ids: list[int], start: int) -> list[float]:
         params = {"max_tokens": 1, "temperature": 0, "detokenize": False, "prompt_logprobs": 0}
-        body: dict[str, Any] = {"token_ids": ids, "sampling_params": params}
+        head: dict[str, Any] = {"sampling_params": params}
         if self.model:
-            body["model"] = self.model
-        data = await self._request("POST", GENERATE_PATH, body)
+            head["model"] = self.model
+        data = await self._request(
+            "POST", GENERATE_PATH, {**head, "token_ids": ids}, decode=_checked("request_id", len(ids))
+        )
         return self._prompt_logprobs(lambda: data["prompt_logprobs"], ids, start)
 
 
-def _parse(raw: bytes, width: int) -> TopK:
-    try:
-        ids, logp, cached = _core.parse_generate_topk([raw], width)
-    except InvalidInputError as exc:
-        raise InvalidResponseError(f"unexpected generate reply: {exc}") from exc
-    return TopK(ids, logp, cached)
+def _scored(ids: list[int]) -> dict[str, Any]:
+    """Sampling parameters that score `ids` at each generated position. This route
+    scores ``logprob_token_ids`` only with ``logprobs`` set, which must then equal their
+    number, and lists that many entries with the sampled token first: when the sampled
+    token is not among the ids, the last one would be left out. So the first id is sent
+    twice, and all of them come back whether the sampled token is among them or not
+    (repeated ids are read once)."""
+    padded = [*ids, ids[0]] if ids else ids
+    return {"logprob_token_ids": padded, "logprobs": len(padded)}

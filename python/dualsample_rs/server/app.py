@@ -180,6 +180,7 @@ class Server:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = completion_api.parse(await _read_json(request), self.model, self.options.max_logprobs)
+        req.request_id = request.headers.get("X-Request-Id")
         self._admit(req)
         if req.stream:
 
@@ -204,6 +205,8 @@ class Server:
     async def vllm_generate(self, request: web.Request) -> web.Response:
         body = await _read_json(request)
         req = generate_api.parse(body, self.model, self.options.max_logprobs, self.options.enable_trace_replay)
+        if "X-Request-Id" in request.headers:  # as vLLM: the header's id wins over the body's
+            req.request_id = f"generate-tokens-{request.headers['X-Request-Id']}"
         self._admit(req)
         want_ids = bool(isinstance(body, dict) and body.get("return_token_ids"))
 
@@ -226,19 +229,10 @@ class Server:
         body = await _read_json(request)
         if not isinstance(body, dict):
             raise bad_request("request body must be an object")
-        if self.options.flavor == "sglang":
-            prompt = body.get("prompt")
-            if not isinstance(prompt, (str, list)):
-                raise bad_request(f"Invalid prompt type: {type(prompt)}. Expected str or List[str].")
-            add = bool(body.get("add_special_tokens", True))
-            if isinstance(prompt, str):
-                ids: Any = self.model.tokenize(valid_text(prompt, "prompt"), add)
-                count: Any = len(ids)
-            else:
-                ids = [self.model.tokenize(valid_text(str(p), "prompt"), add) for p in prompt]
-                count = [len(i) for i in ids]
-            return _json({"tokens": ids, "count": count, "max_model_len": self.model.max_model_len})
+        sglang = self.options.flavor == "sglang"
         if "messages" in body:
+            # Both engines render the chat template; neither adds special tokens to it by
+            # default (the template holds them), as vLLM's chat default and SGLang's say.
             messages = body["messages"]
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
                 raise bad_request("messages must be a list of objects", "messages")
@@ -248,13 +242,28 @@ class Server:
                         raise bad_request(f"messages[{i}].{key}: Field required (a string)", "messages")
                     valid_text(m[key], "messages")
             text = self.model.apply_chat_template(messages, bool(body.get("add_generation_prompt", True)))
+            ids: Any = self.model.tokenize(text, bool(body.get("add_special_tokens", False)))
+            count: Any = len(ids)
+        elif sglang:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, (str, list)):
+                raise bad_request(f"Invalid prompt type: {type(prompt)}. Expected str or List[str].")
+            add = bool(body.get("add_special_tokens", True))
+            if isinstance(prompt, str):
+                ids = self.model.tokenize(valid_text(prompt, "prompt"), add)
+                count = len(ids)
+            else:
+                ids = [self.model.tokenize(valid_text(str(p), "prompt"), add) for p in prompt]
+                count = [len(i) for i in ids]
         elif isinstance(body.get("prompt"), str):
-            text = valid_text(body["prompt"], "prompt")
+            ids = self.model.tokenize(valid_text(body["prompt"], "prompt"), bool(body.get("add_special_tokens", True)))
+            count = len(ids)
         else:
             raise bad_request("prompt (a string) or messages is required", "prompt")
-        ids = self.model.tokenize(text, bool(body.get("add_special_tokens", True)))
+        if sglang:
+            return _json({"tokens": ids, "count": count, "max_model_len": self.model.max_model_len})
         strs = [self.model.token_text(t) for t in ids] if body.get("return_token_strs") else None
-        return _json({"count": len(ids), "max_model_len": self.model.max_model_len, "tokens": ids, "token_strs": strs})
+        return _json({"count": count, "max_model_len": self.model.max_model_len, "tokens": ids, "token_strs": strs})
 
     async def detokenize(self, request: web.Request) -> web.Response:
         body = await _read_json(request)

@@ -1,13 +1,10 @@
-"""`dualsample serve`: run a reference server. Needs the ``server`` extra (aiohttp)."""
+"""`dualsample serve`: run a reference server (on aiohttp, which the client uses too)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import signal
-import sys
-
-INSTALL_HINT = "dualsample serve needs the reference server's extra: pip install 'dualsample_rs[server]'"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,11 +38,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        import aiohttp  # noqa: F401
-    except ImportError:
-        print(INSTALL_HINT, file=sys.stderr)
-        return 2
     return asyncio.run(_serve(args))
 
 

@@ -78,6 +78,9 @@ class Request:
     report_cached: bool = False
     # vLLM trace replay: the tokens to decode, in place of sampling
     trace: list[int] | None = None
+    # the caller's request id (vLLM: the X-Request-Id header, or the generate route's
+    # request_id), echoed in the reply's id
+    request_id: str | None = None
 
 
 def _prompts(body: dict[str, Any], model: Model) -> list[list[int]]:
@@ -431,7 +434,7 @@ def respond(req: Request, model: Model, seqs: list[Sequence]) -> dict[str, Any]:
     prompt_tokens = sum(len(p) for p in req.prompts)
     completion_tokens = sum(len(s.tokens) for s in seqs)
     return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
+        "id": f"cmpl-{req.request_id or uuid.uuid4().hex}",
         "object": "text_completion",
         "created": int(time.time()),
         "model": req.model,

@@ -83,11 +83,13 @@ def parse(body: Any, model: Model, max_logprobs: int, trace_replay: bool = False
     if body.get("output_mode", "tokens") != "tokens" and not detokenize:
         raise bad_request("output_mode='text' requires sampling_params.detokenize to be true", "output_mode")
     score_ids = logprob_token_ids(params.get("logprob_token_ids"), model)
-    logprobs = _logprob_count(params, "logprobs", max_logprobs, "sample") if score_ids is None else None
     if score_ids is not None and params.get("logprobs") is not None and params["logprobs"] != len(score_ids):
         raise bad_request(
-            f"logprobs ({params['logprobs']}) must equal the length of logprob_token_ids ({len(score_ids)})", "logprobs"
+            "When both logprobs and logprob_token_ids are set, logprobs must equal len(logprob_token_ids)", "logprobs"
         )
+    if params.get("logprobs") is None:
+        score_ids = None  # as vLLM 0.32: the ids are not scored unless logprobs is set
+    logprobs = _logprob_count(params, "logprobs", max_logprobs, "sample") if score_ids is None else None
     temperature = params.get("temperature", 1.0)
     if not isinstance(temperature, (int, float)) or not 0.0 <= temperature <= 2.0:
         raise bad_request(f"temperature must be in [0, 2], got {temperature}.", "temperature")
@@ -111,7 +113,17 @@ def parse(body: Any, model: Model, max_logprobs: int, trace_replay: bool = False
         model=model.name,
         logprob_token_ids=score_ids,
         trace=_trace(params, model, trace_replay),
+        # as vLLM answers it: generate-tokens-<id> (app.py puts the X-Request-Id header's first)
+        request_id=f"generate-tokens-{body['request_id']}" if body.get("request_id") is not None else None,
     )
+
+
+def _generate_entry_ids(lp: np.ndarray, sampled: int, k: int, score_ids: list[int] | None) -> list[int]:
+    """The ids this route lists at a generated position, as vLLM 0.32 does: `k` of them
+    (`k` = ``logprobs``), the sampled token first, then the top k (so the sampled token
+    and the top k - 1 when it is outside the top k), or the given ids (so the last is
+    left out when the sampled token is not among them)."""
+    return _entry_ids(lp, sampled, k, score_ids)[:k]
 
 
 def respond(req: Request, model: Model, seq: Sequence, return_token_ids: bool) -> dict[str, Any]:
@@ -122,7 +134,7 @@ def respond(req: Request, model: Model, seq: Sequence, return_token_ids: bool) -
             ranks = _ranks(lp)
             entries = [
                 {"token_id": t, "logprob": wire(lp[t]), "rank": int(ranks[t])}
-                for t in _entry_ids(lp, tok, req.logprobs, req.logprob_token_ids)
+                for t in _generate_entry_ids(lp, tok, req.logprobs, req.logprob_token_ids)
             ]
             content.append(
                 {"token_id": tok, "logprob": wire(lp[tok]), "rank": int(ranks[tok]), "top_logprobs": entries}
@@ -134,7 +146,7 @@ def respond(req: Request, model: Model, seq: Sequence, return_token_ids: bool) -
             for e in prompt_logprob_entries(model, seq.prompt, req.prompt_logprobs)
         ]
     return {
-        "request_id": uuid.uuid4().hex,
+        "request_id": req.request_id or uuid.uuid4().hex,
         "model": model.name,
         "created": int(time.time()),
         "usage": usage(req, len(seq.prompt), len(seq.tokens)),

@@ -87,7 +87,7 @@ def running_flavors(base: str = "base", teacher: str = "teacher") -> Iterator[di
     """A (base, teacher) pair of servers in each flavor: ``{"vllm": ..., "sglang": ...}``;
     the vLLM pair also serves ``/inference/v1/generate`` (the base with trace replay)."""
     with (
-        running_server(base, enable_scale_out=True, enable_trace_replay=True) as va,
+        running_server(base, enable_scale_out=True, enable_trace_replay=True, max_logprobs=64) as va,
         running_server(teacher, enable_scale_out=True) as vb,
         running_server(base, flavor="sglang") as sa,
         running_server(teacher, flavor="sglang") as sb,

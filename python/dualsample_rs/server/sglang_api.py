@@ -67,6 +67,12 @@ class GenerateCall:
                 raise bad_request("input_ids must be a list of integers or a list of such lists")
             validate_prompt(p, model, "input_ids")
         n = len(prompts)
+        rid = body.get("rid")
+        self.rids: list[str] | None = (
+            None if rid is None else [str(r) for r in (rid if isinstance(rid, list) else [rid])]
+        )
+        if self.rids is not None and len(self.rids) != n:
+            raise bad_request(f"rid: {len(self.rids)} ids for {n} prompts")
         params = body.get("sampling_params") or {}
         if isinstance(params, list):
             if len(params) != n:
@@ -126,7 +132,7 @@ class GenerateCall:
             else {"type": "length", "length": len(s.tokens)}
         )
         meta: dict[str, Any] = {
-            "id": uuid.uuid4().hex,
+            "id": self.rids[i] if self.rids else uuid.uuid4().hex,
             "finish_reason": finish,
             "prompt_tokens": len(s.prompt),
             "completion_tokens": len(s.tokens),
@@ -153,7 +159,9 @@ class GenerateCall:
             return [], None, None
         contexts = [prompt[:p] for p in range(start + 1, len(prompt))]
         lps = [_scaled(lp, self.temperature) for lp in model.next_logprobs(contexts)] if contexts else []
-        scored = (_triple(lp[prompt[p]], prompt[p]) for p, lp in enumerate(lps, start + 1))
+        # As SGLang does: an id >= vocab_size - 1 is reported as 0 here (its value is right).
+        last = model.vocab_size - 1
+        scored = (_triple(lp[prompt[p]], prompt[p] if prompt[p] < last else 0) for p, lp in enumerate(lps, start + 1))
         tokens = [[None, prompt[start], None], *scored]
         top = [None, *([_triple(lp[t], t) for t in top_ids(lp, k)] for lp in lps)] if k else None
         given = [None, *([_triple(lp[t], t) for t in ids] for lp in lps)] if ids else None

@@ -1,0 +1,138 @@
+"""Runs of the package against real engines, and the checks every engine test makes of
+their records against the engines' own answers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, GenerationOutput
+
+from . import rebuild
+
+QUESTIONS = ["Why is the sky blue?", "What is water made of?", "Why does ice float?", "What makes thunder?"]
+PLAIN = [f"Question: {q}\nAnswer:" for q in QUESTIONS]
+
+
+@dataclass
+class Engine:
+    """One engine's pair of servers, as the checks need them."""
+
+    kind: str  # "vllm" or "sglang"
+    theta: str
+    teacher: str
+    theta_model: str
+    teacher_model: str
+    #: the servers' log files, where known
+    logs: tuple[str, ...] = ()
+
+    def topk(self, which: str, k: int) -> Callable[[list[int]], rebuild.TopK]:
+        url, model = (self.theta, self.theta_model) if which == "theta" else (self.teacher, self.teacher_model)
+        get = rebuild.vllm_topk if self.kind == "vllm" else rebuild.sglang_topk
+        return lambda ids: get(url, model, ids, k)
+
+    def prompt_logprobs(self, which: str, ids: list[int], start: int) -> list[float]:
+        url, model = (self.theta, self.theta_model) if which == "theta" else (self.teacher, self.teacher_model)
+        get = rebuild.vllm_prompt_logprobs if self.kind == "vllm" else rebuild.sglang_prompt_logprobs
+        return get(url, model, ids, start)
+
+    def detokenize(self, ids: list[int]) -> str:
+        r = httpx.post(self.theta + "/detokenize", json={"tokens": ids, "model": self.theta_model}, timeout=30)
+        r.raise_for_status()
+        data = r.json()
+        return str(data["prompt"] if "prompt" in data else data["text"])
+
+
+def run(
+    theta: str | tuple[str, ...],
+    teacher: str | tuple[str, ...],
+    prompts: list[Any] = PLAIN,
+    teacher_prompts: list[Any] | None = None,
+    max_tokens: int = 16,
+    **config: Any,
+) -> tuple[list[GenerationOutput], dict[str, Any], DualVLLMCoordinator]:
+    """Generate with the package; teacher prompts default to the questions in the
+    teacher's chat template."""
+
+    async def go() -> tuple[list[GenerationOutput], dict[str, Any], DualVLLMCoordinator]:
+        cfg = CoordinatorConfig(theta_url=theta, t_url=teacher, seed=7, **config)
+        async with DualVLLMCoordinator(cfg) as coord:
+            chat = teacher_prompts is None
+            outs = await coord.generate_batch_dual_prompts(
+                prompts, QUESTIONS[: len(prompts)] if chat else teacher_prompts, max_tokens,
+                show_progress=False, teacher_chat=chat,
+            )  # fmt: skip
+            return outs, coord.get_statistics(), coord
+
+    return asyncio.run(go())
+
+
+def tokenize(url: str, model: str, text: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
+    body: dict[str, Any] = {"model": model}
+    if messages is not None:
+        body |= {"messages": messages, "add_generation_prompt": True, "add_special_tokens": False}
+    else:
+        body |= {"prompt": text, "add_special_tokens": True}
+    r = httpx.post(url + "/tokenize", json=body, timeout=30)
+    r.raise_for_status()
+    return [int(t) for t in r.json()["tokens"]]
+
+
+def check_records(
+    engine: Engine,
+    outs: list[GenerationOutput],
+    stats: dict[str, Any],
+    stop_ids: tuple[int, ...],
+    *,
+    exact: bool = False,
+    rescored: bool = False,
+    rebuilt: bool = False,
+    top_k: int = 20,
+    tol_exact: float = 1e-6,
+) -> None:
+    """What every record must be, against the engine's own answers."""
+    assert stats["errors"] == 0, [o.error for o in outs if o.error]
+    for i, out in enumerate(outs):
+        ids = out.token_ids
+        assert ids and out.finish_reason in ("stop", "length")
+        if out.finish_reason == "stop":
+            assert ids[-1] in stop_ids
+        text_ids = ids[:-1] if out.finish_reason == "stop" else ids
+        assert out.generated_text == engine.detokenize(text_ids)
+        p_theta = tokenize(engine.theta, engine.theta_model, text=PLAIN[i])
+        p_t = tokenize(engine.teacher, engine.teacher_model, messages=[{"role": "user", "content": QUESTIONS[i]}])
+        if exact or rescored:
+            want_theta = engine.prompt_logprobs("theta", p_theta + ids, len(p_theta))
+            want_t = engine.prompt_logprobs("t", p_t + ids, len(p_t))
+            got = (out.logp_theta, out.logp_t) if exact else (out.logp_theta_exact, out.logp_t_exact)
+            assert got[0] is not None and got[1] is not None
+            for g, w in ((got[0], want_theta), (got[1], want_t)):
+                assert max(abs(a - b) for a, b in zip(g, w, strict=True)) < tol_exact, (g, w)
+        if exact:
+            assert all(out.observed_theta) and all(out.observed_t)
+        if rebuilt:
+            rebuild.check_record(
+                ids, p_theta, p_t, out.alpha_history, out.logq, out.logp_theta, out.logp_t,
+                engine.topk("theta", top_k), engine.topk("t", top_k), tol=1e-4,
+            )  # fmt: skip
+
+
+def run_mode(
+    engine: Engine, dialect: str, mode: str, stop_ids: tuple[int, ...], tol_exact: float = 1e-6
+) -> DualVLLMCoordinator:
+    """A run in `mode` (``topk``, ``exact`` or ``rescore``) checked against the engine;
+    ``topk`` runs are rebuilt position by position unless the dialect is ``auto``."""
+    options: dict[str, Any] = {"dialect": dialect}
+    if mode == "exact":
+        options["scoring"] = "exact"
+    if mode == "rescore":
+        options["rescore"] = True
+    outs, stats, coord = run(engine.theta, engine.teacher, **options)
+    check_records(
+        engine, outs, stats, stop_ids, exact=mode == "exact", rescored=mode == "rescore",
+        rebuilt=mode == "topk" and dialect != "auto", tol_exact=tol_exact,
+    )  # fmt: skip
+    return coord

@@ -1,0 +1,404 @@
+"""The HTTP transport against odd servers and proxies over real sockets: no hang, no
+unbounded memory, no reply used for another request, credentials never shown, proxies
+and TLS as users of HTTP clients expect."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import resource
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, VLLMClient
+from dualsample_rs.backends.transport import redact
+from dualsample_rs.exceptions import (
+    APIConnectionError,
+    CertificateError,
+    IncompleteReplyError,
+    InvalidInputError,
+    ReplyTooLargeError,
+)
+from dualsample_rs.server import running_server
+from support import QUESTIONS, generate_cli, wait_cli, write_input
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_server(handler: Handler) -> AsyncIterator[str]:
+    """A TCP server on loopback whose every connection is `handler`'s: its base URL."""
+
+    open_writers: set[asyncio.StreamWriter] = set()
+
+    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        open_writers.add(writer)
+        try:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                await handler(reader, writer)
+        finally:
+            writer.close()
+            open_writers.discard(writer)
+
+    server = await asyncio.start_server(guarded, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for writer in list(open_writers):
+            writer.close()
+        await asyncio.sleep(0)
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request's head and body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)
+
+
+def answering(reply: bytes) -> Handler:
+    """Answer every request on the connection with `reply` (raw bytes)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(reply)
+            await writer.drain()
+
+    return handle
+
+
+async def tokenize_once(url: str, **client: object) -> tuple[object, float, VLLMClient]:
+    """One /tokenize call: (result or error, seconds taken, the client)."""
+    c = VLLMClient(url, **client)  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    try:
+        result: object = await c.tokenize("x")
+    except Exception as err:
+        result = err
+    finally:
+        await c.aclose()
+    return result, time.monotonic() - t0, c
+
+
+def tokenize_against(handler: Handler, timeout: float = 3.0, **client: object) -> tuple[object, float]:
+    """A /tokenize call against a raw server: (result or error, seconds taken)."""
+
+    async def go() -> tuple[object, float]:
+        async with raw_server(handler) as url:
+            result, took, _ = await tokenize_once(url, max_retries=1, timeout=timeout, retry_delay=0.01, **client)
+            return result, took
+
+    return asyncio.run(go())
+
+
+OK_BODY = b'{"tokens": [1, 2], "count": 2}'
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(OK_BODY), OK_BODY)
+
+
+def test_a_negative_chunk_size_is_an_error_not_a_hang() -> None:
+    reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-6\r\nabcdef\r\n0\r\n\r\n"
+    result, took = tokenize_against(answering(reply))
+    assert isinstance(result, APIConnectionError), result
+    assert took < 2.5  # both attempts failed at once, well before the 3 s deadline
+
+
+def test_an_endless_body_stops_at_the_cap() -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (1 << 16, b"x" * (1 << 16))
+        while True:
+            writer.write(chunk)
+            await writer.drain()
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result, took = tokenize_against(endless, timeout=20.0, max_reply_bytes=8 << 20)
+    assert isinstance(result, ReplyTooLargeError), result
+    assert "8388608 bytes" in str(result) and "--max-reply-mb" in str(result)
+    assert took < 10
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 200
+
+
+def test_a_declared_length_over_the_cap_is_refused_before_reading() -> None:
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 999999999999\r\n\r\n"
+    result, _ = tokenize_against(answering(reply), max_reply_bytes=1 << 20)
+    assert isinstance(result, ReplyTooLargeError)
+    assert "999999999999 bytes declared" in str(result)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 100 Continue\r\n\r\n" * 2000 + OK,
+        "HTTP/1.1 ²00 OK\r\nContent-Length: 2\r\n\r\n{}".encode(),
+        OK.replace(b"\r\n", b"\n"),
+        OK.replace(b"Content-Type: application/json\r\n", b"X-Folded: a\r\n b\r\nContent-Type: application/json\r\n"),
+    ],
+    ids=["2000 interim answers", "a status that is not ASCII digits", "bare LF", "folded header"],
+)
+def test_odd_replies_end_cleanly_and_quickly(reply: bytes) -> None:
+    result, took = tokenize_against(answering(reply))
+    # aiohttp's parser either reads them (lenient) or refuses them at once: never a
+    # traceback of our own, never a wait for the deadline
+    assert result == [1, 2] or isinstance(result, APIConnectionError), result
+    assert took < 2.5
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth_and_never_shown() -> None:
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        seen.append(head)
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    async def go() -> Exception:
+        async with raw_server(handle) as url:
+            c = VLLMClient(url.replace("http://", "http://alice:s3cr%40t@"), max_retries=0)
+            try:
+                await c.tokenize("x")
+            except Exception as err:
+                return err
+            finally:
+                await c.aclose()
+        raise AssertionError("no error")
+
+    err = asyncio.run(go())
+    assert "s3cr" not in str(err) and "alice:***@" in str(err)
+    expected = base64.b64encode(b"alice:s3cr@t")
+    assert b"Authorization: Basic " + expected in seen[0]
+    assert redact("https://u:p@h:1/x") == "https://u:***@h:1/x" and redact("http://h/x") == "http://h/x"
+
+
+def test_a_bad_url_is_named_in_its_error() -> None:
+    with pytest.raises(InvalidInputError, match=r"http://\[::1:8000.*Invalid IPv6"):
+        VLLMClient("http://[::1:8000")
+    with pytest.raises(InvalidInputError, match="carries credentials"):
+        VLLMClient("http://a:b@localhost:1", api_key="k")
+
+
+def test_credentials_never_reach_records(tmp_path: Path) -> None:
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, 3)
+    # nothing listens on these ports: every record fails, and says why
+    urls = ("http://bob:hunter2@127.0.0.1:9", "http://bob:hunter2@127.0.0.1:9")
+    code, err = wait_cli(generate_cli(urls, inp, out, "--max-retries", "0", "--retry-delay", "0"))
+    assert code == 2
+    assert "hunter2" not in err and "bob:***@" in err
+
+
+# ------------------------------------------------------------ a duplicated reply
+def duplicating_proxy(target_port: int, every: int) -> Handler:
+    """Forward each request to `target_port`; every `every`-th reply is sent twice, so
+    the client's next request on this connection would read a stale reply."""
+    count = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        try:
+            while True:
+                head, body = await read_request(reader)
+                up_writer.write(head + body)
+                await up_writer.drain()
+                reply_head = await up_reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in reply_head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                reply = reply_head + await up_reader.readexactly(length)
+                count[0] += 1
+                writer.write(reply * (2 if count[0] % every == 0 else 1))
+                await writer.drain()
+        finally:
+            up_writer.close()
+
+    return handle
+
+
+@pytest.mark.parametrize("flavor", ["vllm-completions", "vllm-generate", "sglang"])
+def test_a_duplicated_reply_is_never_read_as_the_next_one(flavor: str) -> None:
+    server_flags = {"flavor": "sglang"} if flavor == "sglang" else {"enable_scale_out": True}
+    config = dict(dialect=flavor, seed=5, max_retries=6, retry_delay=0.01, max_concurrency=4, max_batch_size=2)
+
+    async def run(theta: str, teacher: str) -> list[tuple]:
+        cfg = CoordinatorConfig(theta_url=theta, t_url=teacher, **config)  # type: ignore[arg-type]
+        async with DualVLLMCoordinator(cfg) as coord:
+            outs = await coord.generate_batch(QUESTIONS[:6], max_tokens=12, show_progress=False)
+            stats = coord.get_statistics()
+        assert stats["errors"] == 0
+        return [(o.token_ids, o.logq, o.logp_theta, o.logp_t) for o in outs]
+
+    async def both(theta: str, teacher: str) -> tuple[list[tuple], list[tuple]]:
+        clean = await run(theta, teacher)
+        port = int(theta.rsplit(":", 1)[1])
+        async with raw_server(duplicating_proxy(port, every=3)) as proxied:
+            dirty = await run(proxied, teacher)
+        return clean, dirty
+
+    with running_server("base", **server_flags) as theta, running_server("teacher", **server_flags) as teacher:
+        clean, dirty = asyncio.run(both(theta, teacher))
+    assert dirty == clean
+
+
+# ------------------------------------------------------------ proxies
+def counting_proxy(seen: list[bytes]) -> Handler:
+    """A forward proxy for plain http: absolute-form requests, forwarded as they are."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, body = await read_request(reader)
+            seen.append(head.split(b"\r\n", 1)[0])
+            target = head.split(b" ", 2)[1].decode()  # http://host:port/path
+            hostport = target.split("/", 3)[2]
+            host, port = hostport.rsplit(":", 1)
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+            up_writer.write(head.replace(target.encode(), b"/" + target.split("/", 3)[3].encode(), 1) + body)
+            await up_writer.drain()
+            reply_head = await up_reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in reply_head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            writer.write(reply_head + await up_reader.readexactly(length))
+            await writer.drain()
+            up_writer.close()
+
+    return handle
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "through_proxy"),
+    [
+        ({"HTTP_PROXY": "{proxy}"}, {}, True),
+        ({"http_proxy": "{proxy}"}, {}, True),
+        ({"HTTP_PROXY": "{proxy}"}, {"trust_env": False}, False),
+        ({"HTTP_PROXY": "{proxy}", "NO_PROXY": "127.0.0.1"}, {}, False),
+    ],
+    ids=["HTTP_PROXY", "http_proxy", "ignored when asked", "NO_PROXY"],
+)
+def test_proxies_come_from_the_environment(
+    env: dict[str, str], flags: dict, through_proxy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[bytes] = []
+    for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+    async def go(server: str) -> list[int]:
+        async with raw_server(counting_proxy(seen)) as proxy:
+            for name, value in env.items():
+                monkeypatch.setenv(name, value.format(proxy=proxy))
+            c = VLLMClient(server, max_retries=0, **flags)
+            try:
+                return await c.tokenize("Hello")
+            finally:
+                await c.aclose()
+
+    with running_server("base") as server:
+        ids = asyncio.run(go(server))
+    assert ids
+    assert bool(seen) == through_proxy
+    if through_proxy:
+        assert seen[0].startswith(b"POST http://127.0.0.1:")
+
+
+# ------------------------------------------------------------ TLS
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@contextlib.contextmanager
+def tls_server(cert: Path, key: Path) -> Iterator[str]:
+    import ssl
+    import threading
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    ready: list[str] = []
+    loop = asyncio.new_event_loop()
+
+    async def start() -> asyncio.Server:
+        server = await asyncio.start_server(answering(OK), "127.0.0.1", 0, ssl=ctx)
+        ready.append(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        return server
+
+    server = loop.run_until_complete(start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield ready[0]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+
+def tls_call(url: str, **client: object) -> tuple[object, float, VLLMClient]:
+    return asyncio.run(tokenize_once(url, max_retries=3, retry_delay=0.5, timeout=5, **client))
+
+
+def test_a_self_signed_certificate_fails_at_once_with_the_way_out(certificate: tuple[Path, Path]) -> None:
+    with tls_server(*certificate) as url:
+        result, took, c = tls_call(url)
+    assert isinstance(result, CertificateError), result
+    assert "--ca-bundle" in str(result) and "--insecure" in str(result)
+    assert c.stats.retries == 0 and took < 2
+
+
+def test_a_ca_bundle_or_ssl_cert_file_verifies_it(
+    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, _ = certificate
+    with tls_server(*certificate) as url:
+        assert tls_call(url, ca_bundle=str(cert))[0] == [1, 2]
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert tls_call(url)[0] == [1, 2]
+
+
+def test_insecure_skips_verification_with_a_warning(certificate: tuple[Path, Path]) -> None:
+    with tls_server(*certificate) as url, pytest.warns(UserWarning, match="not verified"):
+        assert tls_call(url, insecure=True)[0] == [1, 2]
+
+
+def test_cli_flags_reach_the_client(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, 1)
+    cert, _ = certificate
+    with tls_server(*certificate) as url:
+        code, err = wait_cli(generate_cli((url, url), inp, out, "--max-retries", "0"))
+        assert code == 2 and "--ca-bundle" in err, err
+        # verified now: the next failure is the fake server's, not TLS
+        code, err = wait_cli(generate_cli((url, url), inp, out, "--max-retries", "0", "--ca-bundle", str(cert)))
+        assert "certificate" not in err, err
+    code, err = wait_cli(generate_cli((url, url), inp, out, "--ca-bundle", str(tmp_path / "nope.pem")))
+    assert code == 2 and "ca_bundle" in err
+
+
+def test_a_tokenize_reply_of_the_wrong_shape_is_a_clear_error() -> None:
+    body = b'{"foo": 1}'
+    reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    result, _ = tokenize_against(answering(reply))
+    assert isinstance(result, IncompleteReplyError) and "without a list of token ids" in str(result)
