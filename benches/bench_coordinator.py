@@ -81,9 +81,25 @@ class _FakeServer:
             self.cache[key] = json.dumps(items).encode()
         return self.cache[key]
 
+    def prompt_scores(self, path: str, body: bytes) -> Any:
+        """The start-up check's prompt log probabilities (raw values of the same table)."""
+        data = json.loads(body)
+        table = dict(zip(self.ids, self.logp, strict=True))
+        if path == "/generate":
+            ids, start = data["input_ids"], data["logprob_start_len"]
+            entries = [[table.get(t, -12.0), t, None] for t in ids[start:]]
+            return {"text": "", "meta_info": {"input_token_logprobs": entries}}
+        ids = data.get("prompt") or data.get("token_ids")
+        entries = [None] + [{str(t): {"logprob": table.get(t, -12.0), "rank": 1}} for t in ids[1:]]
+        if path == "/v1/completions":
+            return {"choices": [{"index": 0, "text": "", "prompt_logprobs": entries}]}
+        return {"choices": [{"index": 0, "token_ids": [1]}], "prompt_logprobs": entries}
+
     async def handle(self, request: web.Request) -> web.Response:
         path = request.path
         body = await request.read()
+        if b"prompt_logprobs" in body or b"logprob_start_len" in body:
+            return web.json_response(self.prompt_scores(path, body))
         if path == "/v1/completions":
             return web.Response(body=self.completions(body), content_type="application/json")
         if path == "/inference/v1/generate":
