@@ -55,13 +55,19 @@ async def raw_server(handler: Handler) -> AsyncIterator[str]:
 
 
 async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    """One request's head and body."""
+    """One request's (or reply's) head and body (its Content-Length, else none)."""
     head = await reader.readuntil(b"\r\n\r\n")
     length = 0
     for line in head.split(b"\r\n"):
         if line.lower().startswith(b"content-length:"):
             length = int(line.split(b":", 1)[1])
     return head, await reader.readexactly(length)
+
+
+async def read_reply(reader: asyncio.StreamReader) -> bytes:
+    """One whole reply with a Content-Length (as the reference server sends them)."""
+    head, body = await read_request(reader)
+    return head + body
 
 
 def answering(reply: bytes) -> Handler:
@@ -211,13 +217,7 @@ def duplicating_proxy(target_port: int, every: int) -> Handler:
                 head, body = await read_request(reader)
                 up_writer.write(head + body)
                 await up_writer.drain()
-                reply_head = await up_reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    int(line.split(b":", 1)[1])
-                    for line in reply_head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                )
-                reply = reply_head + await up_reader.readexactly(length)
+                reply = await read_reply(up_reader)
                 count[0] += 1
                 writer.write(reply * (2 if count[0] % every == 0 else 1))
                 await writer.drain()
@@ -266,13 +266,7 @@ def counting_proxy(seen: list[bytes]) -> Handler:
             up_reader, up_writer = await asyncio.open_connection(host, int(port))
             up_writer.write(head.replace(target.encode(), b"/" + target.split("/", 3)[3].encode(), 1) + body)
             await up_writer.drain()
-            reply_head = await up_reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in reply_head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            writer.write(reply_head + await up_reader.readexactly(length))
+            writer.write(await read_reply(up_reader))
             await writer.drain()
             up_writer.close()
 
