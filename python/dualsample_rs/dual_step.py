@@ -20,6 +20,7 @@ from .backends import Backend, TopK
 from .config import CoordinatorConfig
 from .exceptions import APIError, BadRequestError, DualSampleError, InvalidInputError
 from .output import DIAGNOSTIC_NAMES
+from .reference import unlisted_bound
 from .sequence import Sequence
 from .statistics import Statistics
 
@@ -194,15 +195,7 @@ def _raw_log_probabilities(
     rows = np.flatnonzero(~observed)
     if len(rows):
         if missing == "bound":
-            lp = top.logp[rows]
-            valid = top.ids[rows] >= 0
-            smallest = np.where(valid, lp, np.inf).min(axis=1)
-            largest = np.where(valid, lp, -np.inf).max(axis=1, keepdims=True)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                total = np.log(np.where(valid, np.exp(lp - largest), 0.0).sum(axis=1)) + largest[:, 0]
-                total = np.where(np.isfinite(largest[:, 0]), total, -np.inf)
-                unlisted = np.log(np.maximum(-np.expm1(np.minimum(total, 0.0)), 1e-12))
-            out[rows] = np.minimum(smallest, unlisted)
+            out[rows] = unlisted_bound(top.ids[rows], top.logp[rows])
         elif isinstance(missing, float):
             out[rows] = missing
         else:

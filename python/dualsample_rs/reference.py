@@ -309,7 +309,8 @@ def _compact(keep: np.ndarray, *arrays: np.ndarray, fills: tuple[Any, ...]) -> t
     return tuple(out)
 
 
-def _bound(ids: np.ndarray, lp: F64) -> F64:
+def unlisted_bound(ids: np.ndarray, lp: F64) -> F64:
+    """Per row, the `bound` rule's value for an id the list lacks (as the Rust merge)."""
     valid = ids >= 0
     smallest = np.where(valid, lp, np.inf).min(axis=1)
     total = _lse(np.where(valid, lp, NEG_INF))
@@ -343,7 +344,7 @@ def _merge(ids_a: np.ndarray, lp_a: F64, ids_b: np.ndarray, lp_b: F64, missing: 
     b_of_a, a_in_b = _lookup(ids_a, ids_b, lp_b, stride)
     _, b_in_a = _lookup(ids_b, ids_a, lp_a, stride)
     if isinstance(missing, str):
-        fill_a, fill_b = _bound(ids_a, lp_a), _bound(ids_b, lp_b)
+        fill_a, fill_b = unlisted_bound(ids_a, lp_a), unlisted_bound(ids_b, lp_b)
     else:
         fill_a = fill_b = np.full(n, float(missing))
     ids = np.concatenate([ids_a, ids_b], axis=1)

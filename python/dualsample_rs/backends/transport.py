@@ -128,7 +128,7 @@ class Transport:
         max_reply_bytes: int,
     ) -> None:
         self.url, self.auth, self.shown = split_credentials(url)
-        self.limit, self.connect_timeout, self.trust_env = limit, connect_timeout, trust_env
+        self.limit, self.connect_timeout = limit, connect_timeout
         self.max_reply_bytes = max_reply_bytes
         self.insecure = insecure
         self.ssl = ssl_context(ca_bundle, insecure) if self.url.startswith("https:") else None
