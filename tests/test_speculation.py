@@ -19,10 +19,17 @@ from typing import Any
 import numpy as np
 import pytest
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, GenerationOutput
-from dualsample_rs.backends import Context, SGLangBackend, VLLMCompletionsBackend, VLLMGenerateBackend
+from dualsample_rs.backends import (
+    Context,
+    Positions,
+    SGLangBackend,
+    TopK,
+    VLLMCompletionsBackend,
+    VLLMGenerateBackend,
+)
 from dualsample_rs.exceptions import ConfigurationError, InvalidInputError, InvalidResponseError
+from dualsample_rs.round import AUTO_RANGE, auto_drafts
 from dualsample_rs.server import running_flavors, running_server
-from dualsample_rs.speculation import AUTO_RANGE, auto_drafts
 from scipy import stats
 from support import doomed_server, generate_cli, read_records, wait_cli, write_input
 
@@ -65,22 +72,24 @@ def test_round_lists_are_the_one_token_lists(flavors: dict[str, tuple[str, str]]
         base, teacher = (kind(u) for u in flavors["sglang" if dialect == "sglang" else "vllm"])
         async with base, teacher:
             contexts = [Context(await base.tokenize(p)) for p in ("The cat sat", "Question: Why is the sky blue?")]
-            drafts = await teacher.draft(contexts, [5, 3], 6)
-            assert [len(d.tokens) for d in drafts] == [5, 3]
-            tops = await base.continuation_topk(contexts, [d.tokens for d in drafts], 6)
+            drafted = await teacher.draft(contexts, [5, 3], 6)
+            assert drafted.lengths.tolist() == [5, 3]
+            top = await base.continuation_topk(contexts, drafted, 6)
             if dialect == "vllm-completions":
-                scores = [np.zeros(d.top.ids.shape) for d in drafts]  # not offered: only compared below
+                score = np.zeros(drafted.top.ids.shape)  # not offered: only compared below
             else:
-                scores = await base.continuation_scores(
-                    contexts, [d.tokens for d in drafts], [d.top.ids for d in drafts]
-                )
-            for ctx, d, top, sc in zip(contexts, drafts, tops, scores, strict=True):
-                prefixes = [Context([*ctx.ids(), *d.tokens[:j]]) for j in range(len(d.tokens))]
+                score = await base.continuation_scores(contexts, drafted, drafted.top.ids)
+            for s, ctx in enumerate(contexts):
+                rows = drafted.rows_of([s])
+                tokens = drafted.tokens[rows].tolist()
+                d_top = TopK(drafted.top.ids[rows], drafted.top.logp[rows])
+                a_top, sc = TopK(top.ids[rows], top.logp[rows]), score[rows]
+                prefixes = [Context([*ctx.ids(), *tokens[:j]]) for j in range(len(tokens))]
                 one_t, one_a = await teacher.topk(prefixes, 6), await base.topk(prefixes, 6)
-                one_sc = await base.score(prefixes, d.top.ids)
-                for j in range(len(d.tokens)):
-                    assert d.tokens[j] == one_t.ids[j, np.argmax(one_t.logp[j])]  # greedy
-                    for got, want in ((d.top, one_t), (top, one_a)):
+                one_sc = await base.score(prefixes, d_top.ids)
+                for j in range(len(tokens)):
+                    assert tokens[j] == one_t.ids[j, np.argmax(one_t.logp[j])]  # greedy
+                    for got, want in ((d_top, one_t), (a_top, one_a)):
                         g = dict(zip(got.ids[j].tolist(), got.logp[j].tolist(), strict=True))
                         w = dict(zip(want.ids[j].tolist(), want.logp[j].tolist(), strict=True))
                         g.pop(-1, None), w.pop(-1, None)
@@ -374,6 +383,12 @@ def _replying(backend: Any, *bodies: bytes) -> Any:
     return backend
 
 
+def _tail(*tokens: int) -> Positions:
+    """One sequence's continuation, as a round hands it to the base."""
+    n = len(tokens)
+    return Positions(np.array(tokens), TopK(np.full((n, 1), -1), np.full((n, 1), -np.inf)), np.array([n]))
+
+
 def test_replies_that_do_not_fit_the_round_are_refused() -> None:
     """A replay that is not the trace sent, a draft missing positions, too few scored
     positions, and ids past vLLM's cap are errors, never tokens."""
@@ -386,20 +401,20 @@ def test_replies_that_do_not_fit_the_round_are_refused() -> None:
     async def run() -> None:
         vllm = _replying(VLLMGenerateBackend("http://x"), generate_reply(5, 9))
         with pytest.raises(InvalidResponseError, match="replayed tokens differ"):
-            await vllm.continuation_topk(ctx, [[5, 6]], 1)
+            await vllm.continuation_topk(ctx, _tail(5, 6), 1)
         too_many = np.arange(130, dtype=np.int64).reshape(1, 130)
         with pytest.raises(InvalidInputError, match="cap of 128"):
-            await VLLMGenerateBackend("http://x").continuation_scores(ctx, [[5]], [too_many])
+            await VLLMGenerateBackend("http://x").continuation_scores(ctx, _tail(5), too_many)
         draft = {"choices": [{"index": 0, "logprobs": {"tokens": ["token_id:5", "token_id:6"],
                                                        "top_logprobs": [{"token_id:5": -0.1}]}}]}  # fmt: skip
         completions = _replying(VLLMCompletionsBackend("http://x"), json.dumps(draft).encode())
         with pytest.raises(InvalidResponseError, match="top-k at every position"):
             await completions.draft(ctx, [2], 1)
         with pytest.raises(ConfigurationError, match="not exact scoring"):
-            await completions.continuation_scores(ctx, [[5]], [np.array([[5]])])
+            await completions.continuation_scores(ctx, _tail(5), np.array([[5]]))
         item = {"meta_info": {"input_top_logprobs": [None], "output_top_logprobs": [[[-0.1, 5, None]]]}}
         sglang = _replying(SGLangBackend("http://x"), json.dumps([item]).encode())
         with pytest.raises(InvalidResponseError, match="1 scored positions for 3"):
-            await sglang.continuation_topk(ctx, [[5, 6, 7]], 1)
+            await sglang.continuation_topk(ctx, _tail(5, 6, 7), 1)
 
     asyncio.run(run())

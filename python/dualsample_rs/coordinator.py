@@ -3,7 +3,8 @@
 - :mod:`.handshake` probes both servers at start-up;
 - :mod:`.backends` speak each server's wire dialect;
 - :mod:`.scheduler` keeps sequences in flight and batches them;
-- :mod:`.dual_step` advances a batch by one token (both servers, one Rust `step`);
+- :mod:`.strategies` asks the servers for a round's rows, the way the run chose at start;
+- :mod:`.round` advances a batch by a round (one Rust `step`, then the tokens applied);
 - :mod:`.statistics` counts.
 
 The draw for a token is keyed by (seed, the sequence's key, position), so records do not
@@ -24,15 +25,15 @@ from typing import Any, cast
 from .backends import Backend, Context, HttpBackend, backend_for
 from .backends.replicas import ReplicaSet
 from .config import CoordinatorConfig, ServerSettings
-from .dual_step import DualStep
 from .exceptions import APIConnectionError, APIError, ConfigurationError, InternalServerError, InvalidInputError
 from .handshake import ServerInfo, agree, handshake, stop_and_excluded_ids
 from .output import GenerationOutput, summarise
 from .prompts import Prompt, check_prompt
+from .round import Round
 from .scheduler import Scheduler
 from .sequence import Sequence, WorkItem, stable_key
-from .speculation import SpeculativeRound, speculation_problem
 from .statistics import Statistics
+from .strategies import base_scores_candidates, choose, speculation_problem
 
 log = logging.getLogger("dualsample_rs")
 
@@ -117,7 +118,7 @@ class DualVLLMCoordinator:
         # A server that is still loading answers 503 for a while, and start-up is a few
         # cheap requests: give it at least STARTUP_RETRIES retries whatever the run's own.
         retries = max(cfg.max_retries, STARTUP_RETRIES)
-        exact = cfg.scoring == "exact"
+        exact = base_scores_candidates(cfg)
         (self.theta, info_a), (self.teacher, info_b) = await asyncio.gather(
             *(
                 self._start_model(replicas, server, retries, exact and i == 0)
@@ -131,9 +132,7 @@ class DualVLLMCoordinator:
         if not self.stop_ids:
             log.warning("no end-of-sequence id found on the servers: sequences run to max_tokens (pass stop_token_ids)")
         if cfg.speculate:
-            problem = await speculation_problem(
-                self.theta, self.teacher, cfg.verify_prompt_logprobs, cfg.scoring == "exact", cfg.top_k
-            )
+            problem = await speculation_problem(cfg, self.theta, self.teacher)
             if problem is not None:
                 log.warning("speculative rounds are off, one token per step: %s", problem)
                 self.speculate = 0
@@ -265,11 +264,12 @@ class DualVLLMCoordinator:
             )
         want_diag = return_diagnostics or (cfg.enable_stability_check and not cfg.auto_fallback)
         assert self.info is not None
-        step = DualStep(
-            self.theta,
-            self.teacher,
+        ask = choose(cfg, self.theta, self.teacher, self.speculate)
+        advance = Round(
+            ask,
             cfg,
             cfg.sampler_config(self.exclude_ids, diagnostics=want_diag),
+            self.speculate,
             self.stop_ids,
             (self.info[0].max_model_len, self.info[1].max_model_len),
             self.stats,
@@ -286,17 +286,15 @@ class DualVLLMCoordinator:
             if progress.n % 8 == 0 or progress.n == total:
                 progress.set_postfix(self._postfix(), refresh=False)
 
-        # Exact scoring and speculative rounds ask the teacher, then the base: two workers
-        # or more keep both servers busy, each with its own half of the sequences in flight.
-        serial = cfg.scoring == "exact" or bool(self.speculate)
-        least = 2 if serial else 1
+        # A strategy that asks the teacher, then the base, needs two workers or more to
+        # keep both servers busy, each with its own half of the sequences in flight.
+        least = 2 if ask.serial else 1
         if self.speculate:
             # Rounds vary in length and each waits for its slowest sequence: more, smaller
             # batches keep both servers busier (bench_speculation: +1-11% tokens/s over two).
             least = min(cfg.max_concurrency, SPECULATION_WORKERS)
         workers = max(math.ceil(cfg.max_concurrency / cfg.max_batch_size), least)
         batch = max(1, min(cfg.max_batch_size, math.ceil(cfg.max_concurrency / workers)))
-        advance = SpeculativeRound(step, self.speculate) if self.speculate else step
         scheduler = Scheduler(
             lambda index, item: self._prepare(index, item, max_tokens), advance, self._finish, workers, batch, on_output
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from ..exceptions import APIError, ConfigurationError
-from .base import Backend, Draft, TopK
+from .base import Backend, Positions, TopK
 from .context import Context
 from .http import HttpBackend, RequestStats
 from .sglang import SGLangBackend
@@ -60,8 +60,8 @@ __all__ = [
     "Backend",
     "Context",
     "Dialect",
-    "Draft",
     "HttpBackend",
+    "Positions",
     "RequestStats",
     "SGLangBackend",
     "TopK",

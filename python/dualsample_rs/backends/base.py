@@ -32,32 +32,78 @@ class TopK:
 
 
 @dataclass
-class Draft:
-    """Tokens a model generated greedily past a context, and its top-k at each of their
-    positions (one row per token, the row before the token)."""
+class Positions:
+    """Rows at consecutive positions of several sequences, flat: sequence s owns
+    ``lengths[s]`` rows, in order after those of the sequences before it. ``tokens[i]``
+    is the token at row i's position (drafted, or replayed) and ``top`` its entries
+    (the row before the token)."""
 
-    tokens: list[int]
+    tokens: np.ndarray
     top: TopK
+    lengths: np.ndarray
+
+    def rows_of(self, sequences: Sequence[int]) -> np.ndarray:
+        """The row indices of the given sequences, in that order."""
+        return rows_of_sequences(self.lengths, sequences)
+
+    def of(self, sequences: Sequence[int]) -> Positions:
+        """The bundle of the given sequences only, in that order."""
+        rows = self.rows_of(sequences)
+        top = TopK(self.top.ids[rows], self.top.logp[rows])
+        return Positions(self.tokens[rows], top, self.lengths[list(sequences)])
+
+    def split_tokens(self) -> list[list[int]]:
+        """Each sequence's tokens (to build one request per sequence)."""
+        return [t.tolist() for t in np.split(self.tokens, np.cumsum(self.lengths)[:-1])]
+
+
+def rows_of_sequences(lengths: np.ndarray, sequences: Sequence[int]) -> np.ndarray:
+    """The flat row indices of `sequences` when sequence s has ``lengths[s]`` rows."""
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    parts = [np.arange(starts[s], starts[s] + lengths[s], dtype=np.int64) for s in sequences]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def stack(parts: Sequence[TopK]) -> TopK:
+    """The rows of several `TopK` one after another (narrower ones padded)."""
+    width = max((p.ids.shape[1] for p in parts), default=1)
+    rows = sum(p.ids.shape[0] for p in parts)
+    ids = np.full((rows, width), -1, dtype=np.int64)
+    logp = np.full((rows, width), -np.inf)
+    r = 0
+    for p in parts:
+        n, w = p.ids.shape
+        ids[r : r + n, :w], logp[r : r + n, :w] = p.ids, p.logp
+        r += n
+    return TopK(ids, logp)
+
+
+def join(parts: Sequence[Positions]) -> Positions:
+    """Several bundles, sequences of each after those of the one before."""
+    return Positions(
+        np.concatenate([p.tokens for p in parts]).astype(np.int64),
+        stack([p.top for p in parts]),
+        np.concatenate([p.lengths for p in parts]).astype(np.int64),
+    )
 
 
 async def drafts_by_length(
     contexts: Sequence[Context],
     lengths: Sequence[int],
-    group: Callable[[int, list[Context]], Awaitable[list[Draft]]],
-) -> list[Draft]:
+    group: Callable[[int, list[Context]], Awaitable[Positions]],
+) -> Positions:
     """Drafts from batched requests that take one generation length each: `group`
     drafts that many tokens past each of its contexts; groups run at once."""
     rows_of_length: dict[int, list[int]] = {}
     for r, n in enumerate(lengths):
         rows_of_length.setdefault(n, []).append(r)
-    out: list[Draft | None] = [None] * len(contexts)
-
-    async def one(length: int, rows: list[int]) -> None:
-        for r, draft in zip(rows, await group(length, [contexts[r] for r in rows]), strict=True):
-            out[r] = draft
-
-    await asyncio.gather(*(one(n, rows) for n, rows in rows_of_length.items()))
-    return [d for d in out if d is not None]
+    groups = list(rows_of_length.items())
+    got = await asyncio.gather(*(group(n, [contexts[r] for r in rows]) for n, rows in groups))
+    joined = join(got)
+    # Back in the callers' order: sequence r is the i-th of the joined groups.
+    order = [r for _, rows in groups for r in rows]
+    where = {r: i for i, r in enumerate(order)}
+    return joined.of([where[r] for r in range(len(contexts))])
 
 
 def rows_of(positions: list[list[tuple[int, float]]], width: int) -> TopK:
@@ -68,19 +114,6 @@ def rows_of(positions: list[list[tuple[int, float]]], width: int) -> TopK:
         for c, (t, lp) in enumerate(entries[:width]):
             ids[r, c], logp[r, c] = t, lp
     return TopK(ids, logp)
-
-
-def split_positions(
-    tokens: np.ndarray, ids: np.ndarray, logp: np.ndarray, lengths: np.ndarray
-) -> list[tuple[list[int], TopK]]:
-    """Per sequence, its tokens and rows, from a reply parsed as one row per position
-    (``lengths`` rows each, in order)."""
-    out = []
-    start = 0
-    for n in lengths.tolist():
-        out.append((tokens[start : start + n].tolist(), TopK(ids[start : start + n], logp[start : start + n])))
-        start += n
-    return out
 
 
 class Backend(Protocol):
@@ -134,23 +167,22 @@ class Backend(Protocol):
         per position); None when it can."""
         ...
 
-    async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:
+    async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> Positions:
         """``lengths[r]`` tokens generated greedily past each context (no stop), with the
         top-k at each of their positions."""
         ...
 
-    async def continuation_topk(
-        self, contexts: Sequence[Context], continuations: Sequence[list[int]], top_k: int
-    ) -> list[TopK]:
-        """The top-k at each position of each given continuation (the row before each of
-        its tokens), in one request that keeps the context's prefix cache."""
+    async def continuation_topk(self, contexts: Sequence[Context], continuations: Positions, top_k: int) -> TopK:
+        """The top-k at each row of `continuations` (its sequence r continues
+        ``contexts[r]``), in one request per context that keeps its prefix cache; the
+        rows come back in the same order."""
         ...
 
     async def continuation_scores(
-        self, contexts: Sequence[Context], continuations: Sequence[list[int]], ids: Sequence[np.ndarray]
-    ) -> list[np.ndarray]:
-        """Like `continuation_topk`, the log probabilities of given ids instead: ``ids[r]``
-        has one row of ids (-1 padding) per position of ``continuations[r]``."""
+        self, contexts: Sequence[Context], continuations: Positions, ids: np.ndarray
+    ) -> np.ndarray:
+        """Like `continuation_topk`, the log probabilities of given ids instead: row i
+        of `ids` (-1 padding) at row i of `continuations`."""
         ...
 
     async def aclose(self) -> None: ...

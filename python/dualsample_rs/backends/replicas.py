@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..exceptions import APIConnectionError, DualSampleError, InternalServerError, InvalidResponseError
-from .base import Backend, Draft, TopK
+from .base import Backend, Positions, TopK, join, rows_of_sequences, stack
 from .context import Context
 from .http import RequestStats
 
@@ -193,18 +193,6 @@ class ReplicaSet:
             out[rows] = p
         return out
 
-    async def _per_row(
-        self, contexts: Sequence[Context], call: Callable[[Backend, list[int]], Awaitable[list[T]]]
-    ) -> list[T]:
-        """A call answering one item per row, on the replicas the rows live on."""
-        if len(self.replicas) == 1:
-            return await call(self.replicas[0], list(range(len(contexts))))
-        out: list[Any] = [None] * len(contexts)
-        for rows, got in await self._per_replica(contexts, call):
-            for r, g in zip(rows, got, strict=True):
-                out[r] = g
-        return out
-
     async def speculation_problem(
         self, verify: bool, recompute: bool = False, exact: bool = False, top_k: int = 1
     ) -> str | None:
@@ -214,28 +202,49 @@ class ReplicaSet:
                 return problem
         return None
 
-    async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:
-        return await self._per_row(
+    async def _per_sequence(
+        self, contexts: Sequence[Context], lengths: np.ndarray, call: Callable[[Backend, list[int]], Awaitable[T]]
+    ) -> tuple[list[T], np.ndarray]:
+        """`call` for the sequences each replica serves; the answers (flat rows of those
+        sequences, one after another) and where their rows go in the callers' order."""
+        parts = await self._per_replica(contexts, call)
+        order = np.concatenate([rows_of_sequences(lengths, rows) for rows, _ in parts])
+        return [p for _, p in parts], np.argsort(order, kind="stable")
+
+    async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> Positions:
+        if len(self.replicas) == 1:
+            return await self.replicas[0].draft(contexts, lengths, top_k)
+        parts = await self._per_replica(
             contexts, lambda b, rows: b.draft([contexts[r] for r in rows], [lengths[r] for r in rows], top_k)
         )
+        joined = join([p for _, p in parts])
+        where = {r: i for i, r in enumerate(r for rows, _ in parts for r in rows)}
+        return joined.of([where[r] for r in range(len(contexts))])
 
-    async def continuation_topk(
-        self, contexts: Sequence[Context], continuations: Sequence[list[int]], top_k: int
-    ) -> list[TopK]:
-        return await self._per_row(
+    async def continuation_topk(self, contexts: Sequence[Context], continuations: Positions, top_k: int) -> TopK:
+        if len(self.replicas) == 1:
+            return await self.replicas[0].continuation_topk(contexts, continuations, top_k)
+        parts, back = await self._per_sequence(
             contexts,
-            lambda b, rows: b.continuation_topk([contexts[r] for r in rows], [continuations[r] for r in rows], top_k),
+            continuations.lengths,
+            lambda b, rows: b.continuation_topk([contexts[r] for r in rows], continuations.of(rows), top_k),
         )
+        top = stack(parts)
+        return TopK(top.ids[back], top.logp[back])
 
     async def continuation_scores(
-        self, contexts: Sequence[Context], continuations: Sequence[list[int]], ids: Sequence[np.ndarray]
-    ) -> list[np.ndarray]:
-        return await self._per_row(
+        self, contexts: Sequence[Context], continuations: Positions, ids: np.ndarray
+    ) -> np.ndarray:
+        if len(self.replicas) == 1:
+            return await self.replicas[0].continuation_scores(contexts, continuations, ids)
+        parts, back = await self._per_sequence(
             contexts,
+            continuations.lengths,
             lambda b, rows: b.continuation_scores(
-                [contexts[r] for r in rows], [continuations[r] for r in rows], [ids[r] for r in rows]
+                [contexts[r] for r in rows], continuations.of(rows), ids[continuations.rows_of(rows)]
             ),
         )
+        return np.concatenate(parts)[back]
 
     async def _any(self, call: Callable[[Backend], Awaitable[T]]) -> T:
         """`call` on a replica in rotation, failing over to the others."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import _core
 from ..exceptions import APIStatusError, ConfigurationError, InvalidResponseError
-from .base import Draft, TopK, check_echo, drafts_by_length, gather_scores, split_positions
+from .base import Positions, TopK, check_echo, drafts_by_length, gather_scores
 from .context import Context, body_with_lists
 from .http import HttpBackend, json_body
 from .vllm_completions import chat_or_text, token_list
@@ -90,8 +90,8 @@ class SGLangBackend(HttpBackend):
         width: int,
         field: Literal["top", "token_ids"],
         tails: Sequence[list[int]] | None = None,
-    ) -> list[tuple[list[int], TopK]]:
-        """Each item's tokens and rows (one per position) of a batched ``/generate`` of
+    ) -> Positions:
+        """The tokens and rows (one per position, flat) of a batched ``/generate`` of
         the contexts, each followed by its tail ids: a draft, or with `tails` the
         scoring of the continuations."""
         rows, scored = len(contexts), tails is not None
@@ -105,27 +105,27 @@ class SGLangBackend(HttpBackend):
 
         tokens, ids, logp, lengths, cached = await self._request("POST", "/generate", content=content, decode=decode)
         self.stats.count_cache(cached, sum(sent))
-        return split_positions(tokens, ids, logp, lengths)
+        return Positions(tokens, TopK(ids, logp), lengths)
 
-    async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:
-        async def group(length: int, batch: list[Context]) -> list[Draft]:
+    async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> Positions:
+        async def group(length: int, batch: list[Context]) -> Positions:
             head = {
                 "sampling_params": {"max_new_tokens": length, "temperature": 0, "ignore_eos": True},
                 "return_logprob": True,
                 "top_logprobs_num": top_k,
             }
-            return [Draft(tokens, top) for tokens, top in await self._positions(head, batch, top_k, "top")]
+            return await self._positions(head, batch, top_k, "top")
 
         return await drafts_by_length(contexts, lengths, group)
 
     async def _continuation(
         self,
         contexts: Sequence[Context],
-        continuations: Sequence[list[int]],
+        continuations: Positions,
         fields: dict[str, Any],
         width: int,
         field: Literal["top", "token_ids"],
-    ) -> list[TopK]:
+    ) -> TopK:
         """The rows at each continuation's positions: the input positions of all but its
         last token (scored from just before the continuation, which keeps the radix
         cache of the context; SGLang answers None at that first position) and the one
@@ -136,25 +136,26 @@ class SGLangBackend(HttpBackend):
             "logprob_start_len": [len(c) - 1 for c in contexts],
             **fields,
         }
-        got = await self._positions(head, contexts, width, field, [t[:-1] for t in continuations])
-        for (_, top), cont in zip(got, continuations, strict=True):
-            if top.ids.shape[0] != len(cont):
-                raise InvalidResponseError(f"{self.base_url}: {top.ids.shape[0]} scored positions for {len(cont)}")
-        return [top for _, top in got]
+        tails = [t[:-1] for t in continuations.split_tokens()]
+        got = await self._positions(head, contexts, width, field, tails)
+        for n, want in zip(got.lengths.tolist(), continuations.lengths.tolist(), strict=True):
+            if n != want:
+                raise InvalidResponseError(f"{self.base_url}: {n} scored positions for {want}")
+        return got.top
 
-    async def continuation_topk(
-        self, contexts: Sequence[Context], continuations: Sequence[list[int]], top_k: int
-    ) -> list[TopK]:
+    async def continuation_topk(self, contexts: Sequence[Context], continuations: Positions, top_k: int) -> TopK:
         return await self._continuation(contexts, continuations, {"top_logprobs_num": top_k}, top_k, "top")
 
     async def continuation_scores(
-        self, contexts: Sequence[Context], continuations: Sequence[list[int]], ids: Sequence[np.ndarray]
-    ) -> list[np.ndarray]:
+        self, contexts: Sequence[Context], continuations: Positions, ids: np.ndarray
+    ) -> np.ndarray:
         # `token_ids_logprob` is one list per prompt for all its positions: the union.
-        unions = [sorted({int(t) for t in w.ravel() if t >= 0}) for w in ids]
+        unions = [
+            sorted({int(t) for t in ids[continuations.rows_of([s])].ravel() if t >= 0}) for s in range(len(contexts))
+        ]
         width = max(len(u) for u in unions)
         got = await self._continuation(contexts, continuations, {"token_ids_logprob": unions}, width, "token_ids")
-        return [gather_scores(w, top, f"{self.base_url} token_ids_logprob") for w, top in zip(ids, got, strict=True)]
+        return gather_scores(ids, got, f"{self.base_url} token_ids_logprob")
 
     async def sequence_logprobs(self, ids: list[int], start: int) -> list[float]:
         if start >= len(ids):

@@ -23,7 +23,17 @@ from ..exceptions import (
     InvalidResponseError,
     NotFoundError,
 )
-from .base import VLLM_MAX_SCORED_IDS, Draft, TopK, check_echo, drafts_by_length, gather_scores, rows_of, scoring_groups
+from .base import (
+    VLLM_MAX_SCORED_IDS,
+    Positions,
+    TopK,
+    check_echo,
+    drafts_by_length,
+    gather_scores,
+    rows_of,
+    scoring_groups,
+    stack,
+)
 from .context import Context, body_with_lists
 from .http import HttpBackend, json_body, log
 
@@ -116,29 +126,33 @@ class VLLMCompletionsBackend(HttpBackend):
             return f"{self.base_url}: prompt-logprobs verification gives top-k lists, not exact scoring"
         return None
 
-    async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:
-        async def group(length: int, batch: list[Context]) -> list[Draft]:
+    async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> Positions:
+        async def group(length: int, batch: list[Context]) -> Positions:
             fields = {"max_tokens": length, "logprobs": top_k, "ignore_eos": True}
-            drafts = []
+            tokens: list[int] = []
+            tops: list[list[tuple[int, float]]] = []
+            counts = []
             for choice in await self._choices(batch, fields):
                 lp = choice.get("logprobs") or {}
-                tokens = [_token_id(t) for t in lp.get("tokens") or []]
-                tops = [_keyed_entries(d) for d in lp.get("top_logprobs") or []]
-                if not tokens or len(tokens) != len(tops):
+                drafted = [_token_id(t) for t in lp.get("tokens") or []]
+                listed = [_keyed_entries(d) for d in lp.get("top_logprobs") or []]
+                if not drafted or len(drafted) != len(listed):
                     raise InvalidResponseError(f"{self.base_url}: a draft without its top-k at every position")
-                drafts.append(Draft(tokens, rows_of(tops, top_k + 1)))
-            return drafts
+                tokens += drafted
+                tops += listed
+                counts.append(len(drafted))
+            top = rows_of(tops, top_k + 1)
+            return Positions(np.array(tokens, dtype=np.int64), top, np.array(counts, dtype=np.int64))
 
         return await drafts_by_length(contexts, lengths, group)
 
-    async def continuation_topk(
-        self, contexts: Sequence[Context], continuations: Sequence[list[int]], top_k: int
-    ) -> list[TopK]:
+    async def continuation_topk(self, contexts: Sequence[Context], continuations: Positions, top_k: int) -> TopK:
         """Through ``prompt_logprobs`` (opt-in): vLLM recomputes each whole context."""
         fields = {"logprobs": top_k, "prompt_logprobs": top_k}
-        choices = await self._choices(contexts, fields, [t[:-1] for t in continuations])
+        conts = continuations.split_tokens()
+        choices = await self._choices(contexts, fields, [t[:-1] for t in conts])
         out = []
-        for ctx, cont, choice in zip(contexts, continuations, choices, strict=True):
+        for ctx, cont, choice in zip(contexts, conts, choices, strict=True):
             try:
                 prompt = choice["prompt_logprobs"][len(ctx) : len(ctx) + len(cont) - 1]
                 scored = [_ranked_entries(e, top_k) for e in prompt]
@@ -148,11 +162,11 @@ class VLLMCompletionsBackend(HttpBackend):
             if len(scored) != len(cont) - 1:
                 raise InvalidResponseError(f"{self.base_url}: {len(scored) + 1} scored positions for {len(cont)}")
             out.append(rows_of([*scored, last], top_k + 1))
-        return out
+        return stack(out)
 
     async def continuation_scores(
-        self, contexts: Sequence[Context], continuations: Sequence[list[int]], ids: Sequence[np.ndarray]
-    ) -> list[np.ndarray]:
+        self, contexts: Sequence[Context], continuations: Positions, ids: np.ndarray
+    ) -> np.ndarray:
         raise ConfigurationError(f"{self.base_url}: prompt-logprobs verification gives top-k lists, not exact scoring")
 
     async def _choices(

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import _core
 from ..exceptions import BadRequestError, InvalidInputError, InvalidResponseError
-from .base import VLLM_MAX_SCORED_IDS, Draft, TopK, gather_scores, split_positions
+from .base import VLLM_MAX_SCORED_IDS, Positions, TopK, gather_scores, join
 from .context import Context, body_with_list
 from .vllm_completions import VLLMCompletionsBackend, _checked
 
@@ -100,9 +100,7 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
             )
         return None
 
-    async def _positions(
-        self, context: Context, params: dict[str, Any], width: int, top_k: int | None
-    ) -> tuple[list[int], TopK]:
+    async def _positions(self, context: Context, params: dict[str, Any], width: int, top_k: int | None) -> Positions:
         """The tokens and rows (one per generated position) of one generate reply."""
 
         sent = [len(context)]
@@ -113,30 +111,29 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
         content = self._body(context, params)
         tokens, ids, logp, lengths, cached = await self._request("POST", GENERATE_PATH, content=content, decode=decode)
         self.stats.count_cache(cached, len(context))
-        return split_positions(tokens, ids, logp, lengths)[0]
+        return Positions(tokens, TopK(ids, logp), lengths)
 
-    async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> list[Draft]:
-        async def one(context: Context, length: int) -> Draft:
+    async def draft(self, contexts: Sequence[Context], lengths: Sequence[int], top_k: int) -> Positions:
+        async def one(context: Context, length: int) -> Positions:
             params = {"max_tokens": length, "logprobs": top_k, "ignore_eos": True}
-            return Draft(*await self._positions(context, params, top_k + 1, top_k))
+            return await self._positions(context, params, top_k + 1, top_k)
 
-        return list(await asyncio.gather(*(one(c, n) for c, n in zip(contexts, lengths, strict=True))))
+        return join(await asyncio.gather(*(one(c, n) for c, n in zip(contexts, lengths, strict=True))))
 
-    async def continuation_topk(
-        self, contexts: Sequence[Context], continuations: Sequence[list[int]], top_k: int
-    ) -> list[TopK]:
-        async def one(context: Context, cont: list[int]) -> TopK:
+    async def continuation_topk(self, contexts: Sequence[Context], continuations: Positions, top_k: int) -> TopK:
+        async def one(context: Context, cont: list[int]) -> Positions:
             # This route lists `logprobs` entries, the replayed token first: one more than
             # top_k keeps the whole top k when the replayed token is outside it, and the
             # reader keeps the entries ranked within top_k.
             params = {"max_tokens": len(cont), "logprobs": top_k + 1, "trace_decode_token_ids": cont}
             return self._replayed(cont, await self._positions(context, params, top_k + 1, top_k))
 
-        return list(await asyncio.gather(*(one(c, t) for c, t in zip(contexts, continuations, strict=True))))
+        conts = continuations.split_tokens()
+        return join(await asyncio.gather(*(one(c, t) for c, t in zip(contexts, conts, strict=True)))).top
 
     async def continuation_scores(
-        self, contexts: Sequence[Context], continuations: Sequence[list[int]], ids: Sequence[np.ndarray]
-    ) -> list[np.ndarray]:
+        self, contexts: Sequence[Context], continuations: Positions, ids: np.ndarray
+    ) -> np.ndarray:
         async def one(context: Context, cont: list[int], wanted: np.ndarray) -> np.ndarray:
             # `logprob_token_ids` is one list for every position: the union of the rows.
             union = sorted({int(t) for t in wanted.ravel() if t >= 0})
@@ -144,15 +141,17 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
                 raise InvalidInputError(f"{len(union)} ids to score over a round, over vLLM's cap of 128 (127 here)")
             params = {"max_tokens": len(cont), **_scored(union), "trace_decode_token_ids": cont}
             got = self._replayed(cont, await self._positions(context, params, len(union) + 2, None))
-            return gather_scores(wanted, got, f"{self.base_url} logprob_token_ids")
+            return gather_scores(wanted, got.top, f"{self.base_url} logprob_token_ids")
 
-        calls = (one(c, t, w) for c, t, w in zip(contexts, continuations, ids, strict=True))
-        return list(await asyncio.gather(*calls))
+        conts = continuations.split_tokens()
+        wanted = [ids[continuations.rows_of([s])] for s in range(len(contexts))]
+        calls = (one(c, t, w) for c, t, w in zip(contexts, conts, wanted, strict=True))
+        return np.concatenate(await asyncio.gather(*calls))
 
-    def _replayed(self, cont: list[int], got: tuple[list[int], TopK]) -> TopK:
-        if got[0] != cont:
+    def _replayed(self, cont: list[int], got: Positions) -> Positions:
+        if got.tokens.tolist() != cont:
             raise InvalidResponseError(f"{self.base_url}: the replayed tokens differ from the trace sent")
-        return got[1]
+        return got
 
     async def sequence_logprobs(self, ids: list[int], start: int) -> list[float]:
         params = {"max_tokens": 1, "temperature": 0, "detokenize": False, "prompt_logprobs": 0}

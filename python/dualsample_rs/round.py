@@ -1,0 +1,262 @@
+"""One round for a batch of sequences: ask the servers (the run's strategy), one Rust
+`step` over the flat rows, apply the results.
+
+One token per step is the round with no drafts (K = 0): one row per sequence. With
+speculative rounds a sequence has K + 1 rows: the first K test the teacher's drafted
+tokens in order, each accepted with probability q*(token) (a greedy draft is a point
+mass, so min(1, q*/p_draft) = q*); the first rejected one is replaced by a draw from the
+residual, q* without it, and ends the round; when all are accepted the last row's token
+is drawn from q*. Each position's draws are keyed by (seed, sequence, position), so the
+records do not depend on batching, concurrency or K: speculative rounds have exactly
+the law of one token per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .backends import TopK
+from .config import CoordinatorConfig
+from .exceptions import APIError, BadRequestError, DualSampleError, InvalidInputError
+from .output import DIAGNOSTIC_NAMES
+from .reference import unlisted_bound
+from .sequence import Sequence
+from .statistics import Statistics
+from .strategies import Bundle, Strategy
+
+_COLUMNS = ("token_id", "alpha", "logp_theta", "logp_t", "logq", "observed_theta", "observed_t", "fallback")
+
+# `speculate="auto"`: the drafted tokens per round are chosen among these (few values,
+# since SGLang takes one generation length per request).
+AUTO_RANGE = (1, 2, 4, 8)
+# A drafted position's cost relative to a round trip, for choosing K under "auto".
+AUTO_POSITION_COST = 0.1
+
+
+def auto_drafts(tested: int, accepted: int) -> int:
+    """The K that maximises expected tokens per unit of cost at the sequence's
+    acceptance rate so far (Laplace-smoothed): a round with K drafts gives
+    (1 − a^(K+1)) / (1 − a) tokens and costs 1 + c·(K + 1)."""
+    a = min((accepted + 1) / (tested + 2), 0.999)
+
+    def value(k: int) -> float:
+        return (1 - a ** (k + 1)) / (1 - a) / (1 + AUTO_POSITION_COST * (k + 1))
+
+    return max(AUTO_RANGE, key=value)
+
+
+async def narrow(
+    rows: list[Sequence],
+    attempt: Callable[[int, int], Awaitable[None]],
+    splittable: type[BaseException],
+    start: int = 0,
+    stop: int | None = None,
+) -> None:
+    """Run ``attempt(start, stop)`` over a range of `rows`. When it fails with
+    `splittable` for more than one row, halve the range and try each half, so that one
+    bad row fails alone; any other error the package raises fails every row in range."""
+    stop = len(rows) if stop is None else stop
+    try:
+        await attempt(start, stop)
+    except (APIError, DualSampleError) as err:
+        if isinstance(err, splittable) and stop - start > 1:
+            mid = (start + stop) // 2
+            await narrow(rows, attempt, splittable, start, mid)
+            await narrow(rows, attempt, splittable, mid, stop)
+            return
+        for seq in rows[start:stop]:
+            seq.fail(err)
+
+
+@dataclass
+class Drawn:
+    """One kernel call's result: the Rust columns, and the reported ones as lists."""
+
+    res: _core.StepResult
+    force: np.ndarray
+    cols: list[list[Any]]
+    diag_cols: list[list[Any]]
+
+
+class Round:
+    """Advances a batch of sequences by one round each (one token, or with
+    `speculate` up to K + 1).
+
+    Args:
+        ask: the run's strategy.
+        config: the run's settings; `sampler` the kernel's.
+        speculate: drafted tokens per round, ``"auto"``, or 0 for one token per step.
+        stop_ids: ids that end a sequence; `max_model_len` each server's context length.
+        diagnostics: keep the kernel's per-position divergences in the records.
+    """
+
+    def __init__(
+        self,
+        ask: Strategy,
+        config: CoordinatorConfig,
+        sampler: _core.SamplerConfig,
+        speculate: int | str,
+        stop_ids: tuple[int, ...],
+        max_model_len: tuple[int, int],
+        stats: Statistics,
+        diagnostics: bool,
+    ) -> None:
+        self.ask, self.config, self.sampler, self.speculate = ask, config, sampler, speculate
+        self.stop = frozenset(stop_ids)
+        self.max_model_len = max_model_len
+        self.stats, self.diagnostics = stats, diagnostics
+
+    async def __call__(self, batch: list[Sequence]) -> None:
+        """One round for every sequence in `batch`; failures become per-sequence errors
+        (a rejected request is split to find the sequences it was rejected for, and rows
+        the kernel refuses, for bad data from a server, are isolated the same way)."""
+
+        async def attempt(start: int, stop: int) -> None:
+            rows = batch[start:stop]
+            bundle = await self.ask(rows, [self._length(s) for s in rows])
+
+            async def apply(a: int, b: int) -> None:
+                self.apply(rows[a:b], bundle.rows(a, b))
+
+            await narrow(rows, apply, InvalidInputError)
+
+        await narrow(batch, attempt, BadRequestError)
+
+    def _length(self, seq: Sequence) -> int:
+        """Positions in this round: K drafts to test plus one, within the sequence's
+        token budget and both servers' context lengths (so every draft fits)."""
+        if not self.speculate:
+            return 1
+        k = auto_drafts(seq.tested, seq.accepted) if self.speculate == "auto" else int(self.speculate)
+        max_a, max_b = self.max_model_len
+        room = min(seq.max_tokens - len(seq.out.token_ids), max_a - len(seq.ctx_theta), max_b - len(seq.ctx_t))
+        return max(1, min(k + 1, room))
+
+    def apply(self, rows: list[Sequence], bundle: Bundle) -> None:
+        """One kernel call over the bundle's rows, then each sequence takes its tokens
+        in order up to its first rejected draft, a stop id, or a length limit."""
+        lengths = bundle.lengths.tolist()
+        positions = np.concatenate(
+            [len(s.out.token_ids) + np.arange(n, dtype=np.int64) for s, n in zip(rows, lengths, strict=True)]
+        )
+        keys = np.repeat(np.fromiter((s.item.key for s in rows), dtype=np.int64, count=len(rows)), lengths)
+        drawn = self._kernel(bundle, positions, keys)
+        spec, stats = bool(self.speculate), self.stats
+        accepted = drawn.res.accepted.tolist()
+        emitted = np.zeros(len(positions), dtype=bool)
+        stats.steps += 1
+        offset = 0
+        for seq, n in zip(rows, lengths, strict=True):
+            # Speculative runs record each token's round and whether it was a draft kept.
+            rounds: list[int] | None = None
+            kept: list[bool] | None = None
+            if spec:
+                out = seq.out
+                if out.round is None or out.drafted is None:
+                    out.round, out.drafted = [], []
+                rounds, kept = out.round, out.drafted
+            this_round = rounds[-1] + 1 if rounds else 0
+            for i in range(offset, offset + n):
+                self._emit(seq, drawn, i)
+                emitted[i] = True
+                if rounds is not None and kept is not None:
+                    rounds.append(this_round)
+                    kept.append(accepted[i])
+                    if bundle.drafts is not None and bundle.drafts[i] >= 0:
+                        seq.tested += 1
+                        seq.accepted += accepted[i]
+                        stats.drafted += 1
+                        stats.accepted += accepted[i]
+                if seq.done or not accepted[i]:
+                    break
+            if spec:
+                stats.rounds += 1
+            offset += n
+        if spec:
+            stats.round_tokens += int(emitted.sum())
+        self._count(drawn, emitted)
+
+    def _kernel(self, bundle: Bundle, positions: np.ndarray, keys: np.ndarray) -> Drawn:
+        """The Rust step over the rows, as Python columns."""
+        base, teacher = bundle.base, bundle.teacher
+        force = positions == 0 if self.config.force_first_token else np.zeros(len(positions), dtype=bool)
+        res = _core.step(
+            base.ids, base.logp, teacher.ids, teacher.logp,
+            config=self.sampler, seed=self.config.seed, positions=positions, row_keys=keys, force_teacher=force,
+            drafts=bundle.drafts,
+        )  # fmt: skip
+        cols: list[list[Any]] = [getattr(res, name).tolist() for name in _COLUMNS]
+        # The record holds each model's own log probability of the token where its server
+        # listed it (the kernel's are renormalised over the candidates and tempered), and
+        # the missing rule's estimate where it did not (`observed_*` false). When the base
+        # scored the teacher's candidates, every value is a model's own.
+        missing = self.config.missing
+        for c, top, observed in ((2, base, res.observed_theta), (3, teacher, res.observed_t)):
+            cols[c] = _raw_log_probabilities(top, res.token_id, observed, missing, res_value=getattr(res, _COLUMNS[c]))
+        diag_cols = [getattr(res, name).tolist() for name in DIAGNOSTIC_NAMES] if self.diagnostics else []
+        return Drawn(res, force, cols, diag_cols)
+
+    def _emit(self, seq: Sequence, drawn: Drawn, i: int) -> None:
+        """Append row `i`'s token to `seq` and end it on a stop id or a length limit."""
+        cols = drawn.cols
+        tok = cols[0][i]
+        out = seq.out
+        out.token_ids.append(tok)
+        out.alpha_history.append(cols[1][i])
+        out.logp_theta.append(cols[2][i])
+        out.logp_t.append(cols[3][i])
+        out.logq.append(cols[4][i])
+        out.observed_theta.append(cols[5][i])
+        out.observed_t.append(cols[6][i])
+        out.fallback.append(cols[7][i])
+        for name, col in zip(DIAGNOSTIC_NAMES, drawn.diag_cols, strict=False):
+            seq.diag.setdefault(name, []).append(col[i])
+        seq.ctx_theta.append(tok)
+        seq.ctx_t.append(tok)
+        max_a, max_b = self.max_model_len
+        if tok in self.stop:
+            out.finish_reason, seq.done = "stop", True
+        elif len(out.token_ids) >= seq.max_tokens or len(seq.ctx_theta) >= max_a or len(seq.ctx_t) >= max_b:
+            out.finish_reason, seq.done = "length", True
+
+    def _count(self, drawn: Drawn, emitted: np.ndarray) -> None:
+        """Count the statistics of the rows whose tokens were emitted."""
+        cfg, s, res = self.config, self.stats, drawn.res
+        s.first_tokens_forced += int((drawn.force & emitted).sum())
+        if cfg.constraint_to_target:
+            # Rows where the support constraint actually removed a candidate.
+            s.constraint_applied += int(((res.n_merged > res.n_candidates) & emitted).sum())
+        if self.sampler.stability_js_max is not None:
+            s.stability_fallbacks += int((res.fallback & emitted).sum())
+        if cfg.enable_stability_check and not cfg.auto_fallback and res.js is not None:
+            s.stability_flagged += int(((res.js > cfg.stability_threshold_js) & emitted).sum())
+
+
+def _lookup(top: TopK, tokens: np.ndarray) -> np.ndarray:
+    """Each row's log probability of its token, from the lists the servers sent."""
+    hit = top.ids == tokens[:, None]
+    return np.where(hit.any(axis=1), top.logp[np.arange(len(tokens)), hit.argmax(axis=1)], -np.inf)
+
+
+def _raw_log_probabilities(
+    top: TopK, tokens: np.ndarray, observed: np.ndarray, missing: Any, res_value: np.ndarray
+) -> list[float]:
+    """Each row's log probability of its token as the server gave it where listed, else
+    the missing rule's estimate on the same (raw) scale: log min(smallest listed
+    probability, unlisted mass) for ``"bound"`` (unlisted mass at least 1e-12, as in
+    the kernel), the given value for a float; ``"drop"`` keeps the kernel's value."""
+    out = _lookup(top, tokens)
+    rows = np.flatnonzero(~observed)
+    if len(rows):
+        if missing == "bound":
+            out[rows] = unlisted_bound(top.ids[rows], top.logp[rows])
+        elif isinstance(missing, float):
+            out[rows] = missing
+        else:
+            out[rows] = res_value[rows]
+    return out.tolist()

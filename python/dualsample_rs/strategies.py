@@ -1,0 +1,180 @@
+"""How a round asks the servers: one strategy per run, chosen once at start-up.
+
+Every strategy answers with one `Bundle` of flat rows, one per (sequence, position),
+which is what the Rust `step` takes:
+
+- `BothTopK`: one position per sequence; both models' top-k, asked at once.
+- `TeacherThenBase` (``scoring="exact"``): one position; the teacher's top-k, then the
+  base scores exactly those candidates, so q* lives on the teacher's candidates and
+  every reported number is a model's own.
+- `DraftThenVerify` (``speculate``): the teacher drafts L tokens greedily with its top-k
+  at each of their positions; the base then lists its own top-k at those positions, or
+  with exact scoring scores the teacher's candidates there, in one request that keeps
+  its prefix cache.
+
+This is the one module that knows what exact scoring changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .backends import Backend, Positions, TopK
+from .config import CoordinatorConfig
+from .exceptions import InvalidResponseError
+from .sequence import Sequence
+
+
+@dataclass
+class Bundle:
+    """A round's rows: sequence s owns ``lengths[s]`` consecutive rows; ``base`` and
+    ``teacher`` are each model's entries at those rows; ``drafts`` is the drafted token
+    each row tests (-1: drawn afresh), None when nothing is drafted."""
+
+    lengths: np.ndarray
+    base: TopK
+    teacher: TopK
+    drafts: np.ndarray | None = None
+
+    def rows(self, start: int, stop: int) -> Bundle:
+        """The rows of sequences ``start`` to ``stop``."""
+        ends = np.cumsum(self.lengths)
+        a = int(ends[start - 1]) if start else 0
+        b = int(ends[stop - 1]) if stop else 0
+        return Bundle(
+            self.lengths[start:stop],
+            TopK(self.base.ids[a:b], self.base.logp[a:b]),
+            TopK(self.teacher.ids[a:b], self.teacher.logp[a:b]),
+            None if self.drafts is None else self.drafts[a:b],
+        )
+
+
+class Strategy(Protocol):
+    """Asks both servers for a round's rows."""
+
+    #: it asks the teacher, then the base (two workers or more keep both busy)
+    serial: bool
+
+    async def __call__(self, rows: list[Sequence], lengths: list[int]) -> Bundle:
+        """The rows for ``lengths[s]`` positions of each sequence ``rows[s]``."""
+        ...
+
+
+def base_scores_candidates(config: CoordinatorConfig) -> bool:
+    """Whether the base will be asked to score the teacher's top_k candidates (start-up
+    checks its server can score that many ids)."""
+    return config.scoring == "exact"
+
+
+def choose(config: CoordinatorConfig, base: Backend, teacher: Backend, speculate: int | str) -> Strategy:
+    """The run's strategy (`speculate`: what start-up found the servers allow)."""
+    exact, k = base_scores_candidates(config), config.top_k
+    if speculate:
+        return DraftThenVerify(base, teacher, k, exact)
+    return TeacherThenBase(base, teacher, k) if exact else BothTopK(base, teacher, k)
+
+
+async def speculation_problem(config: CoordinatorConfig, base: Backend, teacher: Backend) -> str | None:
+    """Why speculative rounds cannot run on these servers (None: they can)."""
+    return await teacher.speculation_problem(False, top_k=config.top_k) or await base.speculation_problem(
+        True, config.verify_prompt_logprobs, base_scores_candidates(config), config.top_k
+    )
+
+
+class BothTopK:
+    """Both models' top-k at the next position, asked at once."""
+
+    serial = False
+
+    def __init__(self, base: Backend, teacher: Backend, top_k: int) -> None:
+        self.base, self.teacher, self.top_k = base, teacher, top_k
+
+    async def __call__(self, rows: list[Sequence], lengths: list[int]) -> Bundle:
+        got = await asyncio.gather(
+            self.base.topk([s.ctx_theta for s in rows], self.top_k),
+            self.teacher.topk([s.ctx_t for s in rows], self.top_k),
+            return_exceptions=True,
+        )
+        base, teacher = got
+        # The base's error first, as when asked one after the other.
+        for g in got:
+            if isinstance(g, BaseException):
+                raise g
+        assert isinstance(base, TopK) and isinstance(teacher, TopK)
+        return Bundle(np.ones(len(rows), dtype=np.int64), base, teacher)
+
+
+class TeacherThenBase:
+    """The teacher's top-k, then the base's log probabilities of exactly those ids."""
+
+    serial = True
+
+    def __init__(self, base: Backend, teacher: Backend, top_k: int) -> None:
+        self.base, self.teacher, self.top_k = base, teacher, top_k
+
+    async def __call__(self, rows: list[Sequence], lengths: list[int]) -> Bundle:
+        teacher = await self.teacher.topk([s.ctx_t for s in rows], self.top_k)
+        scores = await self.base.score([s.ctx_theta for s in rows], teacher.ids)
+        return Bundle(np.ones(len(rows), dtype=np.int64), TopK(teacher.ids, scores), teacher)
+
+
+class DraftThenVerify:
+    """The teacher drafts, then the base verifies the drafted positions in one request
+    per context. Every position but each sequence's last tests its drafted token; the
+    last is drawn afresh (its draft only carries the base's scoring there)."""
+
+    serial = True
+
+    def __init__(self, base: Backend, teacher: Backend, top_k: int, score_candidates: bool) -> None:
+        self.base, self.teacher, self.top_k = base, teacher, top_k
+        self.score_candidates = score_candidates
+
+    async def __call__(self, rows: list[Sequence], lengths: list[int]) -> Bundle:
+        drafted = await self.teacher.draft([s.ctx_t for s in rows], lengths, self.top_k)
+        n = drafted.tokens.shape[0]
+        if (
+            len(drafted.lengths) != len(rows)
+            or (drafted.lengths < 1).any()
+            or int(drafted.lengths.sum()) != n
+            or drafted.top.ids.shape[0] != n
+        ):
+            raise InvalidResponseError(f"{self.teacher.base_url}: a draft without its top-k at every position")
+        contexts = [s.ctx_theta for s in rows]
+        if self.score_candidates:
+            cap = self.base.max_scored_ids
+            drafted = within_cap(drafted, cap) if cap is not None else drafted
+            scores = await self.base.continuation_scores(contexts, drafted, drafted.top.ids)
+            base = TopK(drafted.top.ids, scores)
+        else:
+            base = await self.base.continuation_topk(contexts, drafted, self.top_k)
+            if base.ids.shape[0] != drafted.tokens.shape[0]:
+                raise InvalidResponseError(f"{self.base.base_url}: scored positions do not match the draft")
+        tested = drafted.tokens.astype(np.int64, copy=True)
+        tested[np.cumsum(drafted.lengths) - 1] = -1
+        return Bundle(drafted.lengths, base, drafted.top, tested)
+
+
+def within_cap(drafted: Positions, cap: int) -> Positions:
+    """Each draft cut to its longest head whose positions' candidates together fit one
+    scoring request (vLLM scores one list of ids for every position)."""
+    heads = []
+    start = 0
+    for n in drafted.lengths.tolist():
+        union: set[int] = set()
+        keep = n
+        for j in range(n):
+            union |= {int(t) for t in drafted.top.ids[start + j] if t >= 0}
+            if len(union) > cap:
+                keep = j or n  # one position over the cap: the request says so
+                break
+        heads.append(np.arange(start, start + keep))
+        start += n
+    rows = np.concatenate(heads)
+    if len(rows) == drafted.tokens.shape[0]:
+        return drafted
+    lengths = np.array([len(h) for h in heads], dtype=np.int64)
+    return Positions(drafted.tokens[rows], TopK(drafted.top.ids[rows], drafted.top.logp[rows]), lengths)
