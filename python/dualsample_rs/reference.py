@@ -1,7 +1,7 @@
 """The sampling step in plain numpy, vectorised over rows.
 
 This is the test oracle for the Rust kernels and the baseline the benchmarks compare
-them with. It follows design.md step by step and makes the same choices as the Rust
+them with. It follows docs/design.md (section 2) step by step and makes the same choices as the Rust
 code wherever a choice changes the result: candidates in the merge's order (the base
 model's list as given, then the teacher-only tokens as given), ties in the support
 constraint going to the earlier candidate, and the same counter-based uniform draw, so

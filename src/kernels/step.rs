@@ -1,5 +1,5 @@
 //! The fused step for one row: merge, exclude, temperature, normalise, stability check,
-//! support constraint, α, q*, draw (design.md, steps 1–9).
+//! support constraint, α, q*, draw (docs/design.md, steps 1–9).
 use std::cmp::Ordering;
 
 use numpy::ndarray::ArrayView2;
@@ -342,7 +342,7 @@ fn diagnostics(s: &Scratch) -> Diagnostics {
     }
 }
 
-/// One row, stage by stage as in design.md.
+/// One row, stage by stage as in docs/design.md (section 2).
 #[inline(always)]
 pub fn step_row(batch: &Batch<'_>, cfg: &StepConfig, row: usize, s: &mut Scratch) -> KernelResult<RowOutput> {
     // 1. merge
