@@ -1,14 +1,6 @@
-//! Kernel errors and their single conversion into Python exceptions.
+//! The kernels' and wire readers' errors, in plain Rust (std only): the bindings map each
+//! kind to its Python exception class in `crate::py::errors`.
 use std::fmt;
-
-use pyo3::import_exception;
-use pyo3::PyErr;
-
-import_exception!(dualsample_rs.exceptions, InvalidInputError);
-import_exception!(dualsample_rs.exceptions, InvalidDtypeError);
-import_exception!(dualsample_rs.exceptions, InvalidResponseError);
-import_exception!(dualsample_rs.exceptions, MismatchedReplyError);
-import_exception!(dualsample_rs.exceptions, IncompleteReplyError);
 
 /// What went wrong, with the argument and (when it concerns one) the row.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,17 +56,5 @@ impl fmt::Display for KernelError {
 }
 
 impl std::error::Error for KernelError {}
-
-impl From<KernelError> for PyErr {
-    fn from(err: KernelError) -> PyErr {
-        match err {
-            KernelError::Input { .. } => InvalidInputError::new_err(err.to_string()),
-            KernelError::Dtype { .. } => InvalidDtypeError::new_err(err.to_string()),
-            KernelError::Reply { .. } => InvalidResponseError::new_err(err.to_string()),
-            KernelError::Mismatch { .. } => MismatchedReplyError::new_err(err.to_string()),
-            KernelError::Incomplete { .. } => IncompleteReplyError::new_err(err.to_string()),
-        }
-    }
-}
 
 pub type KernelResult<T> = Result<T, KernelError>;

@@ -1,32 +1,10 @@
 //! dualsample_rs: sampling from the geometric mixture of a base and a teacher model.
+//!
+//! The kernels (`kernels`), the wire readers (`wire`) and their errors (`errors`) are plain
+//! Rust; the Python extension (`py`, with the `_core` module) is built only with the
+//! default `python` feature, so `cargo test --no-default-features` needs no libpython.
 pub mod errors;
 pub mod kernels;
+#[cfg(feature = "python")]
 mod py;
 pub mod wire;
-
-#[pyo3::pymodule(gil_used = false)]
-mod _core {
-    use pyo3::prelude::*;
-
-    #[pymodule_export]
-    use crate::py::config::SamplerConfig;
-    #[pymodule_export]
-    use crate::py::functions::{merge_topk_py, mix_py, solve_alpha_py};
-    #[pymodule_export]
-    use crate::py::step::{step_py, StepResult};
-    #[pymodule_export]
-    use crate::py::wire::{
-        parse_completions_topk, parse_generate_positions, parse_generate_topk, parse_sglang_positions,
-        parse_sglang_topk,
-    };
-
-    #[pymodule_init]
-    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
-        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-        m.add(
-            "build_profile",
-            if cfg!(debug_assertions) { "debug" } else { "release" },
-        )?;
-        Ok(())
-    }
-}

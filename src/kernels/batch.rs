@@ -1,5 +1,5 @@
 //! The building blocks on their own, batched over rows: α, q*, and the merge.
-use numpy::ndarray::{Array2, ArrayView1, ArrayView2};
+use ndarray::{Array2, ArrayView1, ArrayView2};
 
 use crate::errors::{KernelError, KernelResult};
 use crate::kernels::alpha::{self, AlphaParams, Support};

@@ -6,7 +6,7 @@
 //! Candidates come out in a fixed order — the base model's list as given, then the
 //! teacher-only tokens as given — which the inverse-CDF draw walks and the numpy
 //! reference mirrors.
-use numpy::ndarray::{ArrayView1, ArrayView2, Axis};
+use ndarray::{ArrayView1, ArrayView2, Axis};
 
 use crate::errors::{KernelError, KernelResult};
 use crate::kernels::logspace::{exp_shifted, sum};

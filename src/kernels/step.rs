@@ -2,7 +2,7 @@
 //! support constraint, α, q*, draw (docs/design.md, steps 1–9).
 use std::cmp::Ordering;
 
-use numpy::ndarray::ArrayView2;
+use ndarray::ArrayView2;
 
 use crate::errors::{KernelError, KernelResult};
 use crate::kernels::alpha::{self, AlphaParams, Support};
@@ -429,7 +429,7 @@ pub fn step_batch(batch: &Batch<'_>, cfg: &StepConfig) -> KernelResult<Vec<RowOu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use numpy::ndarray::{arr2, Array2};
+    use ndarray::{arr2, Array2};
 
     fn run(
         ids_a: &Array2<i64>,

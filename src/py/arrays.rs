@@ -3,7 +3,7 @@
 //! float64/int64 arrays of any layout are read in place; float32/int32 are widened once;
 //! lists and other safe numeric dtypes go through `numpy.asarray` first. Everything else
 //! is refused with the dtype that was expected.
-use numpy::ndarray::{Axis, CowArray, Ix2};
+use ndarray::{Axis, CowArray, Ix2};
 use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
@@ -90,7 +90,7 @@ pub fn id_input<'py>(obj: &Bound<'py, PyAny>, arg: &'static str) -> PyResult<IdI
     Ok(IdInput::I64(a.try_readonly().map_err(|e| borrow_err(arg, e))?))
 }
 
-fn to_rows<'a, T: Clone>(data: CowArray<'a, T, numpy::ndarray::IxDyn>, arg: &'static str) -> KernelResult<Rows<'a, T>> {
+fn to_rows<'a, T: Clone>(data: CowArray<'a, T, ndarray::IxDyn>, arg: &'static str) -> KernelResult<Rows<'a, T>> {
     let one_row = match data.ndim() {
         1 => true,
         2 => false,

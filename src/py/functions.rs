@@ -1,5 +1,5 @@
 //! `solve_alpha`, `mix` and `merge_topk`: the step's building blocks on their own.
-use numpy::ndarray::Axis;
+use ndarray::Axis;
 use numpy::{IntoPyArray, PyArray1};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;

@@ -9,7 +9,7 @@ pub mod generate;
 pub mod positions;
 pub mod sglang;
 
-use numpy::ndarray::Array2;
+use ndarray::Array2;
 use serde::Deserialize;
 
 use crate::errors::{KernelError, KernelResult};

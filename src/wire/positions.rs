@@ -2,7 +2,7 @@
 //! generated tokens and the top-k at each) or the scoring of a given continuation.
 //! Every position becomes one row; `lengths` says how many rows each sequence has.
 //! vLLM's are read in `generate`, with that module's reply types; SGLang's here.
-use numpy::ndarray::Array2;
+use ndarray::Array2;
 use serde::Deserialize;
 
 use super::sglang::{Field, Triple};
@@ -60,7 +60,7 @@ impl Builder {
 
     pub(super) fn finish(self) -> KernelResult<Positions> {
         let rows = self.tokens.len();
-        let shape_err = |e: numpy::ndarray::ShapeError| reply_error(format!("positions: {e}"));
+        let shape_err = |e: ndarray::ShapeError| reply_error(format!("positions: {e}"));
         Ok(Positions {
             ids: Array2::from_shape_vec((rows, self.width), self.ids).map_err(shape_err)?,
             logp: Array2::from_shape_vec((rows, self.width), self.logp).map_err(shape_err)?,
