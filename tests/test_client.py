@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 from dualsample_rs import VLLMClient
+from dualsample_rs.backends import TokenizerFacts
 from dualsample_rs.backends.http import parse_retry_after
 from dualsample_rs.backends.vllm_completions import parse_topk
 from dualsample_rs.exceptions import (
@@ -262,7 +263,7 @@ def test_with_options_shares_connections_and_counters() -> None:
 def test_probes_retry_transient_failures_but_not_missing_endpoints() -> None:
     info = (200, {"eos_token": "</s>"}, {})
     got, server, _ = run_client([(503, b"", {}), (502, b"", {})], lambda c: c.tokenizer_info(), final=info)
-    assert got == {"eos_token": "</s>"} and server.calls == 3
+    assert got == TokenizerFacts(eos_token="</s>") and server.calls == 3
     got, server, _ = run_client([(404, b"", {})] * 3, lambda c: c.tokenizer_info(), final=info)
     assert got is None and server.calls == 1 and run_client.last.stats.failures == 0  # type: ignore[attr-defined]
 
