@@ -61,7 +61,7 @@ class DualVLLMCoordinator:
         config: the run's settings.
 
     Attributes:
-        theta, teacher: the two servers' backends (their dialect is known after start).
+        theta, teacher: the two models' replicas, in their dialect (from `start` on).
         info: what the handshake found, per server.
 
     Example:

@@ -228,10 +228,13 @@ class HttpBackend:
     def on(cls: type[_B], connection: Connection, *, max_retries: int | None = None) -> _B:
         """A client of this dialect on `connection` (its connections, counters and
         limits, `max_retries` apart when given); closing it leaves them open."""
+        limits = connection.limits if max_retries is None else replace(connection.limits, max_retries=max_retries)
+        return cls._borrowing(connection, limits)
+
+    @classmethod
+    def _borrowing(cls: type[_B], connection: Connection, limits: Limits) -> _B:
+        # Not through __init__, which opens connections of its own.
         client = cls.__new__(cls)
-        limits = connection.limits
-        if max_retries is not None:
-            limits = replace(limits, max_retries=max_retries)
         client._attach(connection, limits, owner=False)
         return client
 
@@ -266,8 +269,7 @@ class HttpBackend:
             self.max_retries if max_retries is None else max_retries,
             self.initial_retry_delay,
         )
-        clone = type(self).__new__(type(self))
-        clone._attach(self._connection, limits, owner=False)
+        clone = type(self)._borrowing(self._connection, limits)
         clone.model = self.model
         return clone
 
