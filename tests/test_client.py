@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 from dualsample_rs import VLLMClient
+from dualsample_rs.backends import TokenizerFacts
 from dualsample_rs.backends.http import parse_retry_after
 from dualsample_rs.backends.vllm_completions import parse_topk
 from dualsample_rs.exceptions import (
@@ -21,6 +22,7 @@ from dualsample_rs.exceptions import (
     BadRequestError,
     InternalServerError,
     InvalidResponseError,
+    LogprobsLimitError,
     NotFoundError,
     RateLimitError,
     Response,
@@ -262,7 +264,7 @@ def test_with_options_shares_connections_and_counters() -> None:
 def test_probes_retry_transient_failures_but_not_missing_endpoints() -> None:
     info = (200, {"eos_token": "</s>"}, {})
     got, server, _ = run_client([(503, b"", {}), (502, b"", {})], lambda c: c.tokenizer_info(), final=info)
-    assert got == {"eos_token": "</s>"} and server.calls == 3
+    assert got == TokenizerFacts(eos_token="</s>") and server.calls == 3
     got, server, _ = run_client([(404, b"", {})] * 3, lambda c: c.tokenizer_info(), final=info)
     assert got is None and server.calls == 1 and run_client.last.stats.failures == 0  # type: ignore[attr-defined]
 
@@ -324,3 +326,85 @@ def test_dialect_detection_falls_back_to_sglang_discovery(route: str, model_info
     assert asyncio.run(go()) == dialect
     # the deprecated route is asked only where the current one is missing
     assert asked[0] == route and (route == "/model_info" or "/model_info" not in asked)
+
+
+@pytest.mark.parametrize(
+    "cls,body,status,exc,shown",
+    [
+        # vLLM since 0.10.1, its logprobs cap named by `param` or by the message
+        (
+            "vllm",
+            {
+                "error": {
+                    "message": "Requested sample logprobs of 25, which is greater than max allowed: 20",
+                    "param": "logprobs",
+                    "code": 400,
+                }
+            },
+            400,
+            LogprobsLimitError,
+            "Requested sample logprobs of 25, which is greater than max allowed: 20",
+        ),
+        (
+            "vllm",
+            {"object": "error", "message": "Requested prompt logprobs of 9, which is greater than max allowed: 5"},
+            400,
+            LogprobsLimitError,
+            "Requested prompt logprobs of 9, which is greater than max allowed: 5",
+        ),
+        (
+            "vllm",
+            {"error": {"message": "logprob_token_ids requires logprobs to be set.", "param": "logprob_token_ids"}},
+            400,
+            BadRequestError,
+            "logprob_token_ids requires logprobs to be set.",
+        ),
+        ("vllm", {"error": "Unauthorized"}, 401, AuthenticationError, "Unauthorized"),
+        (
+            "sglang",
+            {"object": "error", "message": "input_ids must be a non-empty list", "code": 400},
+            400,
+            BadRequestError,
+            "input_ids must be a non-empty list",
+        ),
+        (
+            "sglang",
+            {"error": {"message": "Requested logprobs of 30"}},
+            400,
+            BadRequestError,
+            "Requested logprobs of 30",
+        ),
+        ("http", {"error": {"message": "not read"}}, 400, BadRequestError, ""),
+    ],
+)
+def test_each_dialect_reads_its_engines_error_bodies(cls: str, body: dict, status: int, exc: type, shown: str) -> None:
+    from dualsample_rs.backends import HttpBackend, SGLangBackend
+
+    client_class = {"vllm": VLLMClient, "sglang": SGLangBackend, "http": HttpBackend}[cls]
+
+    async def go() -> Exception:
+        async with Scripted([(status, body, {})]) as url, client_class(url, max_retries=0) as c:
+            with pytest.raises(APIStatusError) as caught:
+                await c.get_json("/anything")
+            return caught.value
+
+    got = asyncio.run(go())
+    assert type(got) is exc and got.status_code == status  # type: ignore[attr-defined]
+    assert str(got).endswith(f"/anything: {shown}" if shown else "/anything")
+
+
+def test_tokenizer_facts_and_model_cards_are_read_from_their_wire_shapes() -> None:
+    from dualsample_rs.backends import ModelCard, TokenizerFacts
+    from dualsample_rs.backends.http import model_card
+    from dualsample_rs.backends.vllm_completions import tokenizer_facts
+
+    info = {
+        "tokenizer_class": "X",
+        "eos_token": "</s>",
+        "bos_token": {"content": "<s>"},  # not a string: not read
+        "model_max_length": 4096,
+        "added_tokens_decoder": {"2": {"content": "</s>", "special": True}, "7": {"content": "x", "special": False}},
+    }
+    assert tokenizer_facts(info) == TokenizerFacts("</s>", None, 4096, {"</s>": 2})
+    assert model_card({"id": "m", "owned_by": "vllm", "max_model_len": 2048}) == ModelCard("m", 2048, "vllm")
+    assert model_card({"id": "m"}) == ModelCard("m") and model_card({"object": "model"}) is None

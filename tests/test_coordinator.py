@@ -396,3 +396,12 @@ def test_prompts_are_read_ahead_a_bounded_number_at_a_time(urls: tuple[str, str]
 
     # Memory must not grow with the input: only a few dozen prompts are ever ahead.
     assert asyncio.run(asyncio.wait_for(go(), timeout=60)) < 200
+
+
+def test_the_replicas_exist_once_started() -> None:
+    """The backends are built in their dialect at start-up: before it there are none."""
+    coord = DualVLLMCoordinator(CoordinatorConfig(theta_url="http://127.0.0.1:9", t_url="http://127.0.0.1:9"))
+    assert coord.model_names == (None, None)
+    with pytest.raises(ds.DualSampleError, match="has not started"):
+        coord.theta  # noqa: B018
+    asyncio.run(coord.aclose())

@@ -20,12 +20,19 @@ import math
 import time
 from collections.abc import AsyncIterator, Iterable
 from collections.abc import Sequence as Seq
-from typing import Any, cast
+from typing import Any
 
-from .backends import Backend, Context, HttpBackend, backend_for
+from .backends import Backend, Connection, Context, DialectBackend, backend_for, open_backend
 from .backends.replicas import ReplicaSet
 from .config import CoordinatorConfig, ServerSettings
-from .exceptions import APIConnectionError, APIError, ConfigurationError, InternalServerError, InvalidInputError
+from .exceptions import (
+    APIConnectionError,
+    APIError,
+    ConfigurationError,
+    DualSampleError,
+    InternalServerError,
+    InvalidInputError,
+)
 from .handshake import ServerInfo, agree, handshake, stop_and_excluded_ids
 from .output import GenerationOutput, summarise
 from .prompts import Prompt, check_prompt
@@ -55,7 +62,7 @@ class DualVLLMCoordinator:
         config: the run's settings.
 
     Attributes:
-        theta, teacher: the two servers' backends (their dialect is known after start).
+        theta, teacher: the two models' replicas, in their dialect (from `start` on).
         info: what the handshake found, per server.
 
     Example:
@@ -68,27 +75,27 @@ class DualVLLMCoordinator:
         if self.config.enable_logging:
             logging.basicConfig()
             log.setLevel(self.config.log_level.upper())
-        # Until the handshake knows their dialects, the replicas are plain HTTP clients.
-        self.theta, self.teacher = (
-            ReplicaSet(
-                [
-                    HttpBackend(  # type: ignore[misc]
-                        url,
-                        api_key=server.api_key,
-                        timeout=self.config.request_timeout,
-                        max_retries=self.config.max_retries,
-                        retry_delay=self.config.retry_delay,
-                        connection_pool_size=self.config.connection_pool_size,
-                        trust_env=self.config.proxy_from_env,
-                        ca_bundle=self.config.ca_bundle,
-                        insecure=self.config.insecure,
-                        max_reply_bytes=self.config.max_reply_bytes,
-                    )
-                    for url in server.urls
-                ]
-            )
+        # One connection per replica, opened now (a bad URL fails here); the backends of
+        # their dialects are built on them at start-up, which closes nothing: aclose does.
+        self._connections = tuple(
+            [
+                Connection.open(
+                    url,
+                    api_key=server.api_key,
+                    timeout=self.config.request_timeout,
+                    max_retries=self.config.max_retries,
+                    retry_delay=self.config.retry_delay,
+                    connection_pool_size=self.config.connection_pool_size,
+                    trust_env=self.config.proxy_from_env,
+                    ca_bundle=self.config.ca_bundle,
+                    insecure=self.config.insecure,
+                    max_reply_bytes=self.config.max_reply_bytes,
+                )
+                for url in server.urls
+            ]
             for server in self.config.servers
         )
+        self._replicas: tuple[ReplicaSet, ReplicaSet] | None = None
         self.stats = Statistics()
         self.info: tuple[ServerInfo, ServerInfo] | None = None
         self.stop_ids: tuple[int, ...] = ()
@@ -108,7 +115,24 @@ class DualVLLMCoordinator:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await asyncio.gather(self.theta.aclose(), self.teacher.aclose())
+        if self._replicas is not None:
+            await asyncio.gather(*(replicas.aclose() for replicas in self._replicas))
+        await asyncio.gather(*(conn.close() for conns in self._connections for conn in conns))
+
+    @property
+    def theta(self) -> ReplicaSet:
+        """The base model's replicas, in their dialect (after `start`)."""
+        return self._started()[0]
+
+    @property
+    def teacher(self) -> ReplicaSet:
+        """The teacher's replicas, in their dialect (after `start`)."""
+        return self._started()[1]
+
+    def _started(self) -> tuple[ReplicaSet, ReplicaSet]:
+        if self._replicas is None:
+            raise DualSampleError("the coordinator has not started: use it with `async with`, or await start()")
+        return self._replicas
 
     async def start(self) -> None:
         """Probe both servers, check that they agree, and settle the stop and excluded ids."""
@@ -119,12 +143,13 @@ class DualVLLMCoordinator:
         # cheap requests: give it at least STARTUP_RETRIES retries whatever the run's own.
         retries = max(cfg.max_retries, STARTUP_RETRIES)
         exact = base_scores_candidates(cfg)
-        (self.theta, info_a), (self.teacher, info_b) = await asyncio.gather(
+        (theta, info_a), (teacher, info_b) = await asyncio.gather(
             *(
-                self._start_model(replicas, server, retries, exact and i == 0)
-                for i, (replicas, server) in enumerate(zip((self.theta, self.teacher), cfg.servers, strict=True))
+                self._start_model(conns, server, retries, exact and i == 0)
+                for i, (conns, server) in enumerate(zip(self._connections, cfg.servers, strict=True))
             )
         )
+        self._replicas = theta, teacher
         agree(info_a, info_b)
         self.stop_ids, self.exclude_ids = stop_and_excluded_ids(
             info_a, info_b, cfg.stop_token_ids, cfg.exclude_special_tokens, cfg.special_token_ids
@@ -146,60 +171,65 @@ class DualVLLMCoordinator:
         )
 
     async def _start_model(
-        self, replicas: ReplicaSet, server: ServerSettings, retries: int, exact: bool
+        self, connections: list[Connection], server: ServerSettings, retries: int, exact: bool
     ) -> tuple[ReplicaSet, ServerInfo]:
         """Handshake with every replica of one model; those that answer must serve the
         same model, dialect and vocabulary. A replica that cannot be reached is left out
         of rotation with a warning, and probed until it passes the same checks; only
         when none answers does start-up fail. Returns the replicas in their dialect, and
-        what they serve."""
-        patient = [cast(HttpBackend, http).with_options(max_retries=retries) for http in replicas.replicas]
+        what they serve. `retries`: per start-up request, whatever the run's."""
         top_k = self.config.top_k
-        found = await asyncio.gather(
-            *(handshake(http, server.dialect, server.model_name, top_k, exact) for http in patient),
-            return_exceptions=True,
-        )
-        for got in found:
-            if isinstance(got, BaseException) and not _unreachable(got):
+
+        async def first(conn: Connection) -> tuple[DialectBackend, ServerInfo]:
+            backend = await open_backend(conn, server.dialect, detect_retries=retries)
+            return backend, await handshake(backend.with_options(max_retries=retries), server.model_name, top_k, exact)
+
+        found = await asyncio.gather(*(first(conn) for conn in connections), return_exceptions=True)
+        answered: list[tuple[DialectBackend, ServerInfo]] = []
+        failed: list[tuple[int, BaseException]] = []
+        for i, got in enumerate(found):
+            if not isinstance(got, BaseException):
+                answered.append(got)
+            elif _unreachable(got):
+                failed.append((i, got))
+            else:
                 raise got
-        answered = [(i, got) for i, got in enumerate(found) if not isinstance(got, BaseException)]
         if not answered:
-            raise cast(BaseException, found[0])
-        first = answered[0][1][1]
-        for _, (_, info) in answered[1:]:
-            if (info.model, info.dialect) != (first.model, first.dialect):
+            raise failed[0][1]
+        info = answered[0][1]
+        for _, other in answered[1:]:
+            if (other.model, other.dialect) != (info.model, info.dialect):
                 raise ConfigurationError(
-                    f"replicas of one model must serve the same model in the same dialect: {first.url} serves "
-                    f"{first.model!r} ({first.dialect}), {info.url} serves {info.model!r} ({info.dialect})"
+                    f"replicas of one model must serve the same model in the same dialect: {info.url} serves "
+                    f"{info.model!r} ({info.dialect}), {other.url} serves {other.model!r} ({other.dialect})"
                 )
-            agree(first, info)
-        backends: list[Backend] = []
-        for i, http in enumerate(replicas.replicas):
-            got = found[i]
-            # The run's own retry budget from now on; these close the connections.
-            backend = (
-                got[0] if not isinstance(got, BaseException) else backend_for(first.dialect, cast(HttpBackend, http))
-            )
-            run = backend.with_options(max_retries=self.config.max_retries)  # type: ignore[attr-defined]
-            run._closes = True
-            backends.append(run)
+            agree(info, other)
+        # A replica that did not answer speaks the dialect of those that did.
+        backends: list[DialectBackend] = [
+            got[0] if not isinstance(got, BaseException) else backend_for(info.dialect, conn)
+            for got, conn in zip(found, connections, strict=True)
+        ]
+        for backend in backends:
+            backend.model = info.model
 
         async def probe(backend: Backend) -> tuple[Any, ...]:
-            _, info = await handshake(cast(HttpBackend, backend), first.dialect, server.model_name, top_k, exact)
-            return _fingerprint(info)
+            return _fingerprint(await handshake(backend, server.model_name, top_k, exact))
 
         ready = ReplicaSet(backends, probe=probe)
         for i, got in enumerate(found):
-            ready.expect(i, _fingerprint(got[1] if not isinstance(got, BaseException) else first))
-            if isinstance(got, BaseException):
-                log.warning("replica %s does not answer (%s); starting without it", replicas.replicas[i].base_url, got)
-                ready.start_down(i, got)
-        shortest = min(info.max_model_len for _, (_, info) in answered)
-        return ready, dataclasses.replace(first, max_model_len=shortest)
+            ready.expect(i, _fingerprint(got[1] if not isinstance(got, BaseException) else info))
+        for i, err in failed:
+            log.warning("replica %s does not answer (%s); starting without it", backends[i].base_url, err)
+            ready.start_down(i, err)
+        shortest = min(other.max_model_len for _, other in answered)
+        return ready, dataclasses.replace(info, max_model_len=shortest)
 
     @property
     def model_names(self) -> tuple[str | None, str | None]:
-        return self.theta.model, self.teacher.model
+        """The models the two servers serve (None for each before `start`)."""
+        if self._replicas is None:
+            return None, None
+        return self._replicas[0].model, self._replicas[1].model
 
     # ------------------------------------------------------------ public API
     async def generate_batch(

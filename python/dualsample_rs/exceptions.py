@@ -27,6 +27,7 @@ __all__ = [
     "InvalidDtypeError",
     "InvalidInputError",
     "InvalidResponseError",
+    "LogprobsLimitError",
     "MismatchedReplyError",
     "NotFoundError",
     "RateLimitError",
@@ -130,6 +131,11 @@ class BadRequestError(APIStatusError):
     """400."""
 
 
+class LogprobsLimitError(BadRequestError):
+    """400 for asking more log probabilities per position than the server returns
+    (vLLM's ``--max-logprobs``), as the dialect's backend read the error body."""
+
+
 class AuthenticationError(APIStatusError):
     """401."""
 
@@ -150,21 +156,26 @@ class ServiceUnavailableError(InternalServerError):
     """503."""
 
 
-def status_error(response: Response, body: Any) -> APIStatusError:
-    """The exception for an error response, with the server's message when it sent one."""
+# The class of an error status without one of its own is chosen by `status_error`.
+STATUS_CLASSES: dict[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    404: NotFoundError,
+    429: RateLimitError,
+    503: ServiceUnavailableError,
+}
+
+
+def status_error(
+    response: Response, detail: str | None, body: Any = None, cls: type[APIStatusError] | None = None
+) -> APIStatusError:
+    """The exception for an error response: `detail` is the server's own message, as the
+    backend of its dialect read it from `body` (None when it sent none); `cls` a class
+    the dialect chose, else the status's."""
     message = f"HTTP {response.status_code} from {response.url}"
-    err = body.get("error") if isinstance(body, dict) else None
-    if isinstance(err, dict) and err.get("message"):
-        message += f": {err['message']}"
-    elif isinstance(body, dict) and isinstance(body.get("message"), str):  # vLLM <= 0.10 flat shape
-        message += f": {body['message']}"
-    elif isinstance(err, str):
-        message += f": {err}"
-    cls: type[APIStatusError] = {
-        400: BadRequestError,
-        401: AuthenticationError,
-        404: NotFoundError,
-        429: RateLimitError,
-        503: ServiceUnavailableError,
-    }.get(response.status_code, InternalServerError if response.status_code >= 500 else APIStatusError)
+    if detail:
+        message += f": {detail}"
+    if cls is None:
+        fallback = InternalServerError if response.status_code >= 500 else APIStatusError
+        cls = STATUS_CLASSES.get(response.status_code, fallback)
     return cls(message, response, body)

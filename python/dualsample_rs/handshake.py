@@ -1,8 +1,9 @@
 """Start-up: probe each server once into a `ServerInfo`, then check that the two agree.
 
-A probe finds the dialect (when asked to), the model and its context length, how a fixed
-text and the known special tokens tokenise, the tokenizer's end-of-sequence string where
-the server tells it, and whether the server returns as many log probabilities as asked.
+A probe goes through the backend of the server's dialect (detected and built by
+`backends.open_backend`) and finds the model and its context length, how a fixed text
+and the known special tokens tokenise, the tokenizer's end-of-sequence string where the
+server tells it, and whether the server returns as many log probabilities as asked.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._constants import KNOWN_EOS_STRINGS, KNOWN_SPECIAL_STRINGS, VOCAB_PROBE_TEXT
-from .backends import Backend, Context, HttpBackend, backend_for, detect_dialect
+from .backends import Backend, Context
 from .backends.base import VLLM_MAX_SCORED_IDS
-from .exceptions import BadRequestError, ConfigurationError
+from .exceptions import BadRequestError, ConfigurationError, LogprobsLimitError
 
 UNLIMITED_LEN = 1 << 62
 
@@ -38,21 +39,17 @@ class ServerInfo:
     vocab_size: int | None = None
 
 
-async def handshake(
-    http: HttpBackend, dialect: str, model_name: str | None, top_k: int, exact: bool
-) -> tuple[Backend, ServerInfo]:
-    """Probe one server; return the backend for its dialect and what was found.
-    `exact`: this server will be asked to score the other's top_k candidates."""
-    if dialect == "auto":
-        dialect = await detect_dialect(http)
-    backend = backend_for(dialect, http)
+async def handshake(backend: Backend, model_name: str | None, top_k: int, exact: bool) -> ServerInfo:
+    """Probe one server through the backend of its dialect, and say what was found;
+    the backend is left set to send the model found (`model_name`, else the first
+    served). `exact`: this server will be asked to score the other's top_k candidates."""
     cards = await backend.models()
-    card = next((c for c in cards if model_name is None or c.get("id") == model_name), None)
+    card = next((c for c in cards if model_name is None or c.id == model_name), None)
     if card is None:
         raise ConfigurationError(
-            f"model {model_name!r} is not served at {backend.base_url} (it serves {[c.get('id') for c in cards]})"
+            f"model {model_name!r} is not served at {backend.base_url} (it serves {[c.id for c in cards]})"
         )
-    backend.model = card.get("id")
+    backend.model = card.id
     probe = await backend.tokenize(VOCAB_PROBE_TEXT, add_special_tokens=False)
     names = sorted(set(KNOWN_EOS_STRINGS) | set(KNOWN_SPECIAL_STRINGS))
     tokenised = await asyncio.gather(*(backend.tokenize(s, add_special_tokens=False) for s in names))
@@ -62,17 +59,16 @@ async def handshake(
     if vocab_size is not None and top_k > vocab_size:
         raise ConfigurationError(f"top_k={top_k} is more than the {vocab_size} ids {backend.base_url}'s model knows")
     await _check_logprobs(backend, top_k, probe, exact)
-    info = ServerInfo(
+    return ServerInfo(
         url=backend.base_url,
-        dialect=dialect,
-        model=backend.model,
-        max_model_len=int(card.get("max_model_len") or UNLIMITED_LEN),
+        dialect=backend.dialect,
+        model=card.id,
+        max_model_len=card.max_model_len or UNLIMITED_LEN,
         probe_ids=tuple(probe),
         special_ids=specials,
         eos_ids=eos_ids,
         vocab_size=vocab_size,
     )
-    return backend, info
 
 
 # How far a top-k value may be from the prompt log probability of the same token: float32
@@ -121,9 +117,9 @@ async def _first_unknown_id(backend: Backend, context: list[Context], good: int)
 
 
 async def _eos_ids(backend: Backend, specials: dict[str, int]) -> tuple[int, ...]:
-    info = await backend.tokenizer_info()
-    eos = info.get("eos_token") if info else None
-    if not isinstance(eos, str):
+    facts = await backend.tokenizer_info()
+    eos = facts.eos_token if facts is not None else None
+    if eos is None:
         return ()
     if eos in specials:  # already tokenised
         return (specials[eos],)
@@ -140,13 +136,11 @@ async def _check_logprobs(backend: Backend, top_k: int, probe: list[int], exact:
     context = probe[:4] or [0]
     try:
         top = await backend.topk([Context(context)], top_k)
-    except BadRequestError as err:
-        if "logprobs" in str(err):
-            raise ConfigurationError(
-                f"top_k={top_k} is above the number of log probabilities {backend.base_url} returns "
-                f"({err.message}). Start vLLM with --max-logprobs {top_k} (or more), or lower top_k."
-            ) from err
-        raise
+    except LogprobsLimitError as err:
+        raise ConfigurationError(
+            f"top_k={top_k} is above the number of log probabilities {backend.base_url} returns "
+            f"({err.message}). Start vLLM with --max-logprobs {top_k} (or more), or lower top_k."
+        ) from err
     # The values must be the model's raw log-softmax. A server can be set to return
     # processed ones (vLLM --logprobs-mode processed_logprobs, with a model's
     # generation_config.json supplying top_k / top_p / temperature): ask, do not trust a

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..exceptions import IncompleteReplyError, InvalidResponseError, MismatchedReplyError
 from .context import Context
+from .facts import ModelCard, TokenizerFacts
 from .http import RequestStats
 
 # vLLM's cap on ids scored in one request (`MAX_LOGPROB_TOKEN_IDS`).
@@ -131,7 +132,7 @@ class Backend(Protocol):
         """Requests, retries and failures so far."""
         ...
 
-    async def models(self) -> list[dict[str, Any]]: ...
+    async def models(self) -> list[ModelCard]: ...
 
     async def tokenize(
         self,
@@ -143,7 +144,7 @@ class Backend(Protocol):
 
     async def detokenize(self, ids: list[int]) -> str: ...
 
-    async def tokenizer_info(self) -> dict[str, Any] | None: ...
+    async def tokenizer_info(self) -> TokenizerFacts | None: ...
 
     async def topk(self, contexts: Sequence[Context], top_k: int) -> TopK:
         """The top-k at the next position of each context: (rows, top_k + 1) arrays."""

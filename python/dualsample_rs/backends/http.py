@@ -21,7 +21,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import aiohttp
@@ -50,6 +50,7 @@ from ..exceptions import (
     Response,
     status_error,
 )
+from .facts import ModelCard
 from .transport import Transport
 
 log = logging.getLogger("dualsample_rs.client")
@@ -88,6 +89,81 @@ class RequestStats:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
 
 
+@dataclass
+class Limits:
+    """How long a request may take and how often it is tried again."""
+
+    #: seconds allowed for each whole request (connecting, sending, reading)
+    timeout: float
+    #: retries after the first attempt for transient failures
+    max_retries: int
+    #: the first back-off in seconds (it doubles with each retry, up to 8 s)
+    retry_delay: float
+
+
+@dataclass
+class Connection:
+    """One server's connections and what every client of it shares: the transport, the
+    headers, the URL as shown (credentials redacted), the counters, and the limits a
+    client takes unless told otherwise. Clients of any dialect are made on it (see
+    `HttpBackend.on`); whoever opened it closes it."""
+
+    transport: Transport
+    headers: dict[str, str]
+    base_url: str
+    stats: RequestStats
+    limits: Limits
+
+    @classmethod
+    def open(
+        cls,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        retry_delay: float = INITIAL_RETRY_DELAY,
+        connection_pool_size: int | None = None,
+        trust_env: bool = True,
+        ca_bundle: str | None = None,
+        insecure: bool = False,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+    ) -> Connection:
+        """The connection to `base_url` with these settings (see `HttpBackend`); no
+        request is sent until a client asks.
+
+        Raises:
+            InvalidInputError: a setting is out of range, the URL is not http(s), or
+                the CA bundle cannot be read.
+        """
+        if not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise InvalidInputError(f"timeout: must be a positive number of seconds, got {timeout!r}")
+        try:
+            transport = Transport(
+                base_url.rstrip("/"),
+                limit=connection_pool_size or DEFAULT_CONNECTIONS,
+                connect_timeout=min(connect_timeout, timeout),
+                trust_env=trust_env,
+                ca_bundle=ca_bundle,
+                insecure=insecure,
+                max_reply_bytes=max_reply_bytes,
+            )
+        except ValueError as err:
+            raise InvalidInputError(f"base_url: {err}") from None
+        except OSError as err:  # an unreadable CA bundle
+            raise InvalidInputError(f"ca_bundle: {ca_bundle}: {err}") from None
+        if api_key and transport.auth is not None:
+            raise InvalidInputError("api_key: the URL already carries credentials; give one or the other")
+        auth = f"Bearer {api_key}" if api_key else transport.auth
+        headers = {"Authorization": auth} if auth else {}
+        limits = Limits(float(timeout), max_retries, retry_delay)
+        return cls(transport, headers, transport.shown, RequestStats(), limits)
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+
 class HttpBackend:
     """The HTTP connection to one server, which each wire dialect builds on.
 
@@ -107,6 +183,9 @@ class HttpBackend:
 
     Credentials in the URL (``http://user:password@host``) are sent as Basic auth;
     `base_url` shows them as ``user:***@``, and only that form reaches messages.
+
+    A client made this way opens its connections and closes them in `aclose`; one made
+    with `on` or `with_options` uses another's and leaves them open.
 
     Attributes:
         model: the model name sent with requests (set by the handshake).
@@ -130,33 +209,46 @@ class HttpBackend:
         insecure: bool = False,
         max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> None:
-        if not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-            raise InvalidInputError(f"timeout: must be a positive number of seconds, got {timeout!r}")
-        self.max_retries = max_retries
-        self.initial_retry_delay = retry_delay
-        self.timeout = float(timeout)
-        try:
-            self._transport = Transport(
-                base_url.rstrip("/"),
-                limit=connection_pool_size or DEFAULT_CONNECTIONS,
-                connect_timeout=min(connect_timeout, timeout),
-                trust_env=trust_env,
-                ca_bundle=ca_bundle,
-                insecure=insecure,
-                max_reply_bytes=max_reply_bytes,
-            )
-        except ValueError as err:
-            raise InvalidInputError(f"base_url: {err}") from None
-        except OSError as err:  # an unreadable CA bundle
-            raise InvalidInputError(f"ca_bundle: {ca_bundle}: {err}") from None
-        if api_key and self._transport.auth is not None:
-            raise InvalidInputError("api_key: the URL already carries credentials; give one or the other")
-        self.base_url = self._transport.shown
-        auth = f"Bearer {api_key}" if api_key else self._transport.auth
-        self._headers = {"Authorization": auth} if auth else {}
-        self.stats = RequestStats()
+        connection = Connection.open(
+            base_url,
+            api_key=api_key,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_retries=max_retries,
+            retry_delay=retry_delay,
+            connection_pool_size=connection_pool_size,
+            trust_env=trust_env,
+            ca_bundle=ca_bundle,
+            insecure=insecure,
+            max_reply_bytes=max_reply_bytes,
+        )
+        self._attach(connection, connection.limits, owner=True)
+
+    @classmethod
+    def on(cls: type[_B], connection: Connection, *, max_retries: int | None = None) -> _B:
+        """A client of this dialect on `connection` (its connections, counters and
+        limits, `max_retries` apart when given); closing it leaves them open."""
+        limits = connection.limits if max_retries is None else replace(connection.limits, max_retries=max_retries)
+        return cls._borrowing(connection, limits)
+
+    @classmethod
+    def _borrowing(cls: type[_B], connection: Connection, limits: Limits) -> _B:
+        # Not through __init__, which opens connections of its own.
+        client = cls.__new__(cls)
+        client._attach(connection, limits, owner=False)
+        return client
+
+    def _attach(self, connection: Connection, limits: Limits, owner: bool) -> None:
+        self._connection = connection
+        self._transport = connection.transport
+        self._headers = connection.headers
+        self.base_url = connection.base_url
+        self.stats = connection.stats
+        self.timeout = limits.timeout
+        self.max_retries = limits.max_retries
+        self.initial_retry_delay = limits.retry_delay
         self.model: str | None = None
-        self._closes = True  # False for clones, which share another client's connections
+        self._owner = owner
 
     async def __aenter__(self: _B) -> _B:
         return self
@@ -165,20 +257,20 @@ class HttpBackend:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connections (unless they were given, or belong to another client)."""
-        if self._closes:
-            await self._transport.close()
+        """Close the connections, if this client opened them."""
+        if self._owner:
+            await self._connection.close()
 
     def with_options(self: _B, *, timeout: float | None = None, max_retries: int | None = None) -> _B:
         """A client sharing this one's connections and counters, with other limits; closing
         it leaves the connections open."""
-        clone = object.__new__(type(self))
-        clone.__dict__.update(self.__dict__)
-        clone._closes = False
-        if timeout is not None:
-            clone.timeout = float(timeout)
-        if max_retries is not None:
-            clone.max_retries = max_retries
+        limits = Limits(
+            self.timeout if timeout is None else float(timeout),
+            self.max_retries if max_retries is None else max_retries,
+            self.initial_retry_delay,
+        )
+        clone = type(self)._borrowing(self._connection, limits)
+        clone.model = self.model
         return clone
 
     # ------------------------------------------------------------ retry policy
@@ -259,7 +351,7 @@ class HttpBackend:
                         data_ = json_body(response.content)
                     except InvalidResponseError:
                         data_ = None
-                    err = status_error(response, data_)
+                    err = self.read_error(response, data_)
                     cause = err
             if probe and isinstance(err, APIStatusError) and not self.should_retry(err):
                 raise err
@@ -273,17 +365,48 @@ class HttpBackend:
             raise err from cause
         raise AssertionError("unreachable")
 
+    def read_error(self, response: Response, body: Any) -> APIStatusError:
+        """The exception for an error answer, `body` its decoded JSON (None when it is
+        not JSON). Each dialect reads its engine's error bodies; this client, which
+        knows no engine, gives the status alone."""
+        return status_error(response, None, body)
+
     # ------------------------------------------------------------ shared endpoints
-    async def models(self) -> list[dict[str, Any]]:
+    async def models(self) -> list[ModelCard]:
         """The served models' cards (``/v1/models``, which vLLM and SGLang both answer)."""
         data = await self._request("GET", "/v1/models")
-        return list(data.get("data", [])) if isinstance(data, dict) else []
+        cards = data.get("data") if isinstance(data, dict) else None
+        return [card for card in map(model_card, cards if isinstance(cards, list) else []) if card is not None]
+
+    async def answers(self, path: str) -> bool:
+        """Whether the server answers ``GET path`` (2xx): an error status is a no (not
+        counted as a failure when it is not transient); a server that cannot be reached
+        raises."""
+        try:
+            await self._request("GET", path, probe=True)
+        except APIStatusError:
+            return False
+        return True
 
     async def post_json(self, path: str, body: Any, probe: bool = False) -> Any:
         return await self._request("POST", path, body, probe=probe)
 
     async def get_json(self, path: str, probe: bool = False) -> Any:
         return await self._request("GET", path, probe=probe)
+
+
+def model_card(data: Any) -> ModelCard | None:
+    """A card of ``/v1/models`` (OpenAI's shape, with vLLM's ``max_model_len``); None for
+    an entry without an id."""
+    if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+        return None
+    length = data.get("max_model_len")
+    owner = data.get("owned_by")
+    return ModelCard(
+        id=data["id"],
+        max_model_len=length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None,
+        owned_by=str(owner) if owner is not None else None,
+    )
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:

@@ -24,6 +24,7 @@ import numpy as np
 from ..exceptions import APIConnectionError, DualSampleError, InternalServerError, InvalidResponseError
 from .base import Backend, Positions, TopK, join, rows_of_sequences, stack
 from .context import Context
+from .facts import ModelCard, TokenizerFacts
 from .http import RequestStats
 
 log = logging.getLogger("dualsample_rs.replicas")
@@ -51,12 +52,12 @@ class ReplicaSet:
     """The replicas of one model; `probe(backend)` checks a replica as at start-up and
     returns what must not change when it comes back (raising when it fails a check)."""
 
-    def __init__(self, replicas: list[Backend], probe: Callable[[Backend], Awaitable[Any]] | None = None) -> None:
-        self.replicas = replicas
+    def __init__(self, replicas: Sequence[Backend], probe: Callable[[Backend], Awaitable[Any]] | None = None) -> None:
+        self.replicas: list[Backend] = list(replicas)
         self.load = [0] * len(replicas)
         self.info = [ReplicaStats(r.base_url) for r in replicas]
         self.dialect = replicas[0].dialect
-        self.max_scored_ids = getattr(replicas[0], "max_scored_ids", None)
+        self.max_scored_ids = replicas[0].max_scored_ids
         self.base_url = replicas[0].base_url if len(replicas) == 1 else ",".join(r.base_url for r in replicas)
         self._probe = probe
         self._expected: list[Any] = [None] * len(replicas)
@@ -260,7 +261,7 @@ class ReplicaSet:
                     raise
                 self._take_down(index, err)
 
-    async def models(self) -> list[dict[str, Any]]:
+    async def models(self) -> list[ModelCard]:
         return await self._any(lambda b: b.models())
 
     async def tokenize(
@@ -275,7 +276,7 @@ class ReplicaSet:
     async def detokenize(self, ids: list[int]) -> str:
         return await self._any(lambda b: b.detokenize(ids))
 
-    async def tokenizer_info(self) -> dict[str, Any] | None:
+    async def tokenizer_info(self) -> TokenizerFacts | None:
         return await self._any(lambda b: b.tokenizer_info())
 
     async def sequence_logprobs(self, ids: list[int], start: int) -> list[float]:

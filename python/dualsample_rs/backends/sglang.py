@@ -15,9 +15,10 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import _core
-from ..exceptions import APIStatusError, ConfigurationError, InvalidResponseError
+from ..exceptions import APIStatusError, ConfigurationError, InvalidResponseError, Response, status_error
 from .base import Positions, TopK, check_echo, drafts_by_length, gather_scores
 from .context import Context, body_with_lists
+from .facts import TokenizerFacts
 from .http import HttpBackend, json_body
 from .vllm_completions import chat_or_text, token_list
 
@@ -52,8 +53,11 @@ class SGLangBackend(HttpBackend):
         data = await self._request("POST", "/detokenize", {"tokens": ids})
         return str(data["text"])
 
-    async def tokenizer_info(self) -> dict[str, Any] | None:
+    async def tokenizer_info(self) -> TokenizerFacts | None:
         return None  # SGLang has no such endpoint; stop ids come from known strings
+
+    def read_error(self, response: Response, body: Any) -> APIStatusError:
+        return status_error(response, sglang_error_message(body), body)
 
     async def _generate(
         self, contexts: Sequence[Context], fields: dict[str, Any], width: int, field: Literal["top", "token_ids"]
@@ -192,6 +196,20 @@ class SGLangBackend(HttpBackend):
         if not ok:
             raise InvalidResponseError(f"{self.base_url}: input_token_logprobs do not match the scored ids")
         return values
+
+
+def sglang_error_message(body: Any) -> str | None:
+    """The message of an SGLang error body: the flat ``{"object": "error", "message",
+    ...}`` of its OpenAI-compatible routes, ``{"error": {"message": ...}}`` of its native
+    ones, and ``{"error": "Unauthorized"}`` from its API-key check."""
+    if not isinstance(body, dict):
+        return None
+    if isinstance(body.get("message"), str):
+        return str(body["message"])
+    err = body.get("error")
+    if isinstance(err, dict) and err.get("message"):
+        return str(err["message"])
+    return err if isinstance(err, str) else None
 
 
 def _rids(request_id: str, rows: int) -> list[str]:

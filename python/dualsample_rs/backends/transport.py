@@ -104,7 +104,7 @@ def ssl_context(ca_bundle: str | None, insecure: bool) -> ssl.SSLContext | bool:
 
 
 class Transport:
-    """Requests to one server. Shared by the clients made with ``with_options``.
+    """Requests to one server, shared by every client on its `http.Connection`.
 
     Args:
         url: the server's base URL (credentials allowed: they become Basic auth).

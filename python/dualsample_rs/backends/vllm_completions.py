@@ -21,7 +21,10 @@ from ..exceptions import (
     ConfigurationError,
     IncompleteReplyError,
     InvalidResponseError,
+    LogprobsLimitError,
     NotFoundError,
+    Response,
+    status_error,
 )
 from .base import (
     VLLM_MAX_SCORED_IDS,
@@ -35,6 +38,7 @@ from .base import (
     stack,
 )
 from .context import Context, body_with_lists
+from .facts import TokenizerFacts
 from .http import HttpBackend, json_body, log
 
 
@@ -62,8 +66,9 @@ class VLLMCompletionsBackend(HttpBackend):
         data = await self._request("POST", "/detokenize", {"tokens": ids})
         return str(data["prompt"])
 
-    async def tokenizer_info(self) -> dict[str, Any] | None:
-        """The tokenizer's settings, or None where the endpoint is not enabled."""
+    async def tokenizer_info(self) -> TokenizerFacts | None:
+        """What the tokenizer declares, or None where the endpoint is not enabled
+        (``--enable-tokenizer-info-endpoint``)."""
         try:
             data = await self._request("GET", "/tokenizer_info", probe=True)
         except NotFoundError:
@@ -72,7 +77,14 @@ class VLLMCompletionsBackend(HttpBackend):
             if err.status_code in (404, 405, 501):
                 return None
             raise
-        return data if isinstance(data, dict) else None
+        return tokenizer_facts(data) if isinstance(data, dict) else None
+
+    def read_error(self, response: Response, body: Any) -> APIStatusError:
+        """vLLM's error bodies; a refusal of more log probabilities than its cap is a
+        `LogprobsLimitError`."""
+        detail = vllm_error_message(body)
+        over = response.status_code == 400 and _over_logprobs_cap(body, detail)
+        return status_error(response, detail, body, LogprobsLimitError if over else None)
 
     def _body(self, contexts: Sequence[Context], fields: dict[str, Any]) -> bytes:
         head = {"max_tokens": 1, "temperature": 0, "return_tokens_as_token_ids": True, **fields}
@@ -205,6 +217,55 @@ class VLLMCompletionsBackend(HttpBackend):
             return [_wire(entries[i][str(ids[i])]["logprob"]) for i in range(start, len(ids))]
         except (KeyError, IndexError, TypeError) as err:
             raise InvalidResponseError(f"{self.base_url}: prompt_logprobs reply without position {err}") from err
+
+
+def vllm_error_message(body: Any) -> str | None:
+    """The message of a vLLM error body: ``{"error": {"message", "type", "param",
+    "code"}}`` since 0.10.1, the flat ``{"object": "error", "message", ...}`` up to
+    0.10.0, and ``{"error": "Unauthorized"}`` from its API-key check."""
+    if not isinstance(body, dict):
+        return None
+    err = body.get("error")
+    if isinstance(err, dict) and err.get("message"):
+        return str(err["message"])
+    if isinstance(body.get("message"), str):
+        return str(body["message"])
+    return err if isinstance(err, str) else None
+
+
+def _over_logprobs_cap(body: Any, message: str | None) -> bool:
+    """vLLM's refusal of a request for more log probabilities than ``--max-logprobs``:
+    ``param`` names ``logprobs`` or ``prompt_logprobs`` (0.10.1 on), or the message says
+    so ("Requested sample logprobs of 25, which is greater than max allowed: 20")."""
+    fields = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else body
+    param = fields.get("param") if isinstance(fields, dict) else None
+    if param in ("logprobs", "prompt_logprobs"):
+        return True
+    return message is not None and "logprobs" in message and "max" in message.lower()
+
+
+def tokenizer_facts(data: dict[str, Any]) -> TokenizerFacts:
+    """What vLLM's ``/tokenizer_info`` declares (the tokenizer's configuration: its
+    special strings, ``model_max_length``, ``added_tokens_decoder`` by id)."""
+    specials: dict[str, int] = {}
+    added = data.get("added_tokens_decoder")
+    for key, token in (added if isinstance(added, dict) else {}).items():
+        if isinstance(token, dict) and token.get("special") and isinstance(token.get("content"), str):
+            try:
+                specials[token["content"]] = int(key)
+            except ValueError:
+                continue
+    length = data.get("model_max_length")
+    return TokenizerFacts(
+        eos_token=_token_text(data.get("eos_token")),
+        bos_token=_token_text(data.get("bos_token")),
+        model_max_length=length if isinstance(length, int) and not isinstance(length, bool) else None,
+        special_tokens=specials,
+    )
+
+
+def _token_text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _token_id(key: Any) -> int:

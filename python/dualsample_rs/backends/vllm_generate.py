@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from ..exceptions import BadRequestError, InvalidInputError, InvalidResponseError
+from ..exceptions import BadRequestError, InvalidInputError, InvalidResponseError, LogprobsLimitError
 from .base import VLLM_MAX_SCORED_IDS, Positions, TopK, gather_scores, join
 from .context import Context, body_with_list
 from .vllm_completions import VLLMCompletionsBackend, _checked
@@ -29,7 +29,7 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
     # One id is sent twice when scoring (see `_scored`).
     max_scored_ids: int | None = VLLM_MAX_SCORED_IDS - 1
 
-    def _body(self, context: Context, params: dict[str, Any]) -> bytes:  # type: ignore[override]
+    def _generate_body(self, context: Context, params: dict[str, Any]) -> bytes:
         """One request for one context (its id goes in the ``X-Request-Id`` header, which
         vLLM echoes as ``generate-tokens-<id>``)."""
         head: dict[str, Any] = {
@@ -45,7 +45,7 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
         top: TopK = await self._request(
             "POST",
             GENERATE_PATH,
-            content=self._body(context, params),
+            content=self._generate_body(context, params),
             decode=lambda raw, rid: TopK(*_core.parse_generate_topk([raw], width, rid, sent)),
         )
         self.stats.count_cache(top.cached_tokens, len(context))
@@ -81,23 +81,13 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
                         f"{self.base_url}: vLLM cannot verify drafted tokens without --enable-trace-replay ({err}); "
                         "or use the vllm-completions dialect for the base with prompt-logprobs verification"
                     )
-                if logprobs > 1 and "logprobs" in str(err).lower():
+                if logprobs > 1 and isinstance(err, LogprobsLimitError):
                     return (
                         f"{self.base_url}: verifying drafts lists top_k + 1 = {logprobs} log probabilities per "
                         f"position (the replayed token comes first); start vLLM with --max-logprobs {logprobs} or "
                         f"more ({err})"
                     )
                 raise
-        return None
-        try:  # one replayed token past a one-token context
-            await self._positions(Context([0]), {"max_tokens": 1, "logprobs": 1, "trace_decode_token_ids": [0]}, 2, 1)
-        except BadRequestError as err:
-            if "trace" not in str(err).lower():
-                raise
-            return (
-                f"{self.base_url}: vLLM cannot verify drafted tokens without --enable-trace-replay ({err}); "
-                "or use the vllm-completions dialect for the base with prompt-logprobs verification"
-            )
         return None
 
     async def _positions(self, context: Context, params: dict[str, Any], width: int, top_k: int | None) -> Positions:
@@ -108,7 +98,7 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
         def decode(raw: bytes, rid: str) -> Any:
             return _core.parse_generate_positions([raw], width, top_k, rid, sent)
 
-        content = self._body(context, params)
+        content = self._generate_body(context, params)
         tokens, ids, logp, lengths, cached = await self._request("POST", GENERATE_PATH, content=content, decode=decode)
         self.stats.count_cache(cached, len(context))
         return Positions(tokens, TopK(ids, logp), lengths)
