@@ -29,11 +29,11 @@ from ._constants import (
     MIB,
 )
 from ._core import SamplerConfig
+from .backends import Dialect
 from .exceptions import ConfigurationError, InvalidInputError
 from .settings import Flag, Range, Setting, check, declared, document, setting
 
 AlphaMethod = Literal["kl_symmetry", "fixed", "entropy", "ess_balance"]
-Dialect = Literal["auto", "vllm-completions", "vllm-generate", "sglang"]
 Scoring = Literal["topk", "exact"]
 DIALECT_NAMES: tuple[str, ...] = get_args(Dialect)
 # `target_top_p` of earlier releases when `constraint_to_target` was off (now: top_p=None).
