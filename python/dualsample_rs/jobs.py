@@ -45,9 +45,9 @@ def _check_paths(inp: str, out: str, directory: bool = False) -> None:
 
 
 def _check_generate(args: argparse.Namespace) -> None:
-    """Every check of a generate run that needs no server beyond its settings, the same
-    with or without Ray: flags, paths, and the rules for an existing output (the
-    settings were checked when the config was built from the flags)."""
+    """Every check of a generate run that needs no server, the same with or without
+    Ray: flags, paths, and the rules for an existing output. (The settings were checked
+    when the config was built from the flags.)"""
     if args.max_tokens < 1:
         raise InvalidInputError(f"--max-tokens: must be at least 1, got {args.max_tokens}")
     if args.retry_errors and not args.resume:
