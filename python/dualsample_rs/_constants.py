@@ -22,3 +22,11 @@ KNOWN_EOS_STRINGS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text
 # Special-token strings that are excluded from sampling when asked to and found.
 KNOWN_SPECIAL_STRINGS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|begin_of_text|>", "<s>", "<pad>", "<|pad|>")
 VOCAB_PROBE_TEXT = "Hello, world! The quick brown fox: 12345 ünïcödé 日本"
+# vLLM refuses a request of more prompts than this.
+MAX_PROMPTS_PER_REQUEST = 1024
+# The largest log probability the kernel takes (a little above 0: rounding in a
+# server's log-softmax); the Rust crate's `MAX_LOGP`, which tests/test_config.py checks.
+MAX_LOGP = 1e-4
+# The most tokens drafted per speculative round.
+MAX_SPECULATE = 64
+MIB = 1 << 20

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
-import signal
-import socket
 import sys
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import Any, NoReturn, get_args
 
-from .exceptions import DualSampleError, InvalidInputError
+from . import jobs
+from .config import DIALECT_NAMES, SETTINGS, CoordinatorConfig, Scoring, speculate_text
+from .exceptions import DualSampleError
 from .server import cli as serve_cli
-
-if TYPE_CHECKING:
-    from .config import CoordinatorConfig
+from .settings import Setting, help_text, scalar_type
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,149 +21,47 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--top-k", type=int, default=20, help="log probabilities per position from each server")
-    g.add_argument("--alpha-method", choices=["kl_symmetry", "fixed", "entropy", "ess_balance"], default="kl_symmetry")
-    g.add_argument("--alpha", type=float, default=0.5, help="alpha for --alpha-method fixed")
-    g.add_argument("--alpha-min", type=float, default=0.0)
-    g.add_argument("--alpha-max", type=float, default=1.0)
-    g.add_argument("--alpha-tol", type=float, default=1e-10)
-    g.add_argument("--missing", type=_missing, default="bound", help='"bound", "drop" or a float log probability')
-    g.add_argument("--max-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument(
-        "--temperature-t", type=float, default=None, help="the teacher's temperature (default: --temperature)"
-    )
-    g.add_argument("--target-top-p", type=float, default=None, help="restrict q* to the teacher's top-p support")
-    g.add_argument("--no-force-first-token", action="store_true", help="do not take the first token from the teacher")
-    g.add_argument("--exclude-special-tokens", action="store_true")
-    g.add_argument("--special-token-ids", type=_ids, default=None, help="comma-separated ids to exclude")
-    g.add_argument("--stop-token-ids", type=_ids, default=None, help="comma-separated; default: ask the servers")
-    g.add_argument("--stability-check", action="store_true", help="fall back to the teacher where the models disagree")
-    g.add_argument("--stability-js", type=float, default=0.5)
-    g.add_argument("--stability-overlap", type=float, default=0.1)
-    g.add_argument("--scoring", choices=["topk", "exact"], default="topk",
-                   help="exact: the base scores the teacher's candidates, so every number is exact")  # fmt: skip
-    g.add_argument("--rescore", action="store_true", help="add each token's exact log probabilities (extra requests)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--speculate", type=_speculate, default=0, metavar="K",
-                   help="draft K tokens per round and verify them exactly (0: one token per step; auto: per "
-                        "sequence); needs vllm-generate (base with --enable-trace-replay) or sglang")  # fmt: skip
-    g.add_argument("--verify-prompt-logprobs", action="store_true",
-                   help="with --speculate: a vllm-completions base scores drafts, recomputing contexts")  # fmt: skip
-    g.add_argument("--diagnostics", action="store_true", help="add per-sequence divergence summaries")
-    h = p.add_argument_group("servers")
-    h.add_argument("--theta-url", action="append", default=None,
-                   help="the base model's server; repeat it (or give a comma-separated list) for replicas")  # fmt: skip
-    h.add_argument("--t-url", action="append", default=None, help="the teacher's server; repeat it for replicas")
-    h.add_argument(
-        "--dialect",
-        default="auto",
-        help="auto, vllm-completions, vllm-generate or sglang; one for both servers, or THETA,T",
-    )
-    h.add_argument("--theta-model", default=None)
-    h.add_argument("--t-model", default=None)
-    h.add_argument("--api-key", default=None, help="one key for both servers, or THETA_KEY,T_KEY")
-    h.add_argument("--max-concurrency", type=int, default=256)
-    h.add_argument("--max-batch-size", type=int, default=256)
-    h.add_argument("--max-retries", type=int, default=3)
-    h.add_argument("--retry-delay", type=float, default=0.5, help="first back-off in seconds (doubles, up to 8)")
-    h.add_argument("--request-timeout", type=float, default=60.0, help="deadline of each request, in seconds")
-    h.add_argument("--no-proxy-env", action="store_true",
-                   help="ignore HTTP_PROXY / HTTPS_PROXY / NO_PROXY (by default requests follow them)")  # fmt: skip
-    h.add_argument("--ca-bundle", default=None, metavar="PATH",
-                   help="PEM certificate authorities for https (default: SSL_CERT_FILE or the system's)")  # fmt: skip
-    h.add_argument("--insecure", action="store_true", help="do not verify https certificates")
-    h.add_argument("--max-reply-mb", type=float, default=1024.0, help="the largest reply accepted from a server")
-    h.add_argument("--log-level", default=None, help="e.g. INFO or DEBUG")
+def _flagged() -> list[Setting]:
+    return [s for s in SETTINGS if s.flag is not None]
 
 
-def _url_list(given: list[str] | None, default: str) -> str | tuple[str, ...]:
-    """Repeated flags and comma-separated lists, flattened; one URL stays a string."""
-    urls = tuple(u.strip() for arg in (given or [default]) for u in arg.split(",") if u.strip())
-    return urls[0] if len(urls) == 1 else urls
+def _add_flag(group: Any, s: Setting) -> None:
+    """A setting's flag, all of it from the setting's declaration."""
+    assert s.flag is not None
+    kwargs: dict[str, Any] = {"help": help_text(s)}
+    if s.hint is bool:
+        kwargs["action"] = "store_true"
+    else:
+        parse, choices = scalar_type(s.hint) if s.flag.text is None else (s.flag.text, None)
+        kwargs.update(type=parse, default=s.flag_default())
+        if choices is not None:
+            kwargs["choices"] = list(choices)
+        if s.flag.metavar is not None:
+            kwargs["metavar"] = s.flag.metavar
+        if s.flag.repeat:
+            kwargs["action"] = "append"
+    group.add_argument(s.flag.name, **kwargs)
 
 
-def _ids(text: str) -> tuple[int, ...]:
-    try:
-        ids = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
-    if any(i < 0 for i in ids):
-        raise argparse.ArgumentTypeError(f"token ids are non-negative, got {text!r}")
-    return ids
-
-
-def _missing(text: str) -> Literal["bound", "drop"] | float:
-    if text in ("bound", "drop"):
-        return text  # type: ignore[return-value]
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected "bound", "drop" or a float log probability, got {text!r}') from None
-
-
-def _speculate(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        k = int(text)
-    except ValueError:
-        k = -1
-    if not 0 <= k <= 64:
-        raise argparse.ArgumentTypeError(f'expected an integer in [0, 64] or "auto", got {text!r}')
-    return k
+def _setting_flags(p: argparse.ArgumentParser) -> None:
+    groups = {"sampling": p.add_argument_group("sampling"), "servers": p.add_argument_group("servers")}
+    added: set[str] = set()
+    for s in _flagged():
+        assert s.flag is not None
+        if s.flag.name not in added:  # a flag that sets several settings is declared by the first
+            added.add(s.flag.name)
+            _add_flag(groups[s.flag.group], s)
+    sampling = groups["sampling"]
+    sampling.add_argument("--max-tokens", type=int, default=100)
+    sampling.add_argument("--diagnostics", action="store_true", help="add per-sequence divergence summaries")
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
-    from .config import CoordinatorConfig
-
-    key = args.api_key
-    api_key = tuple(key.split(",", 1)) if key and "," in key else key
-    dialect = tuple(args.dialect.split(",", 1)) if "," in args.dialect else args.dialect
-    return CoordinatorConfig(
-        theta_url=_url_list(args.theta_url, "http://localhost:8000"),
-        dialect=dialect,
-        scoring=args.scoring,
-        rescore=args.rescore,
-        t_url=_url_list(args.t_url, "http://localhost:8001"),
-        theta_model_name=args.theta_model,
-        t_model_name=args.t_model,
-        top_k=args.top_k,
-        alpha_method=args.alpha_method,
-        alpha=args.alpha,
-        alpha_min=args.alpha_min,
-        alpha_max=args.alpha_max,
-        alpha_tol=args.alpha_tol,
-        missing=args.missing,
-        temperature=args.temperature,
-        temperature_t=args.temperature_t,
-        force_first_token=not args.no_force_first_token,
-        constraint_to_target=args.target_top_p is not None,
-        target_top_p=args.target_top_p if args.target_top_p is not None else 0.95,
-        exclude_special_tokens=args.exclude_special_tokens,
-        special_token_ids=args.special_token_ids,
-        stop_token_ids=args.stop_token_ids,
-        enable_stability_check=args.stability_check,
-        stability_threshold_js=args.stability_js,
-        stability_threshold_overlap=args.stability_overlap,
-        max_concurrency=args.max_concurrency,
-        max_batch_size=min(args.max_batch_size, args.max_concurrency),
-        max_retries=args.max_retries,
-        retry_delay=args.retry_delay,
-        request_timeout=args.request_timeout,
-        api_key=api_key,
-        proxy_from_env=not args.no_proxy_env,
-        ca_bundle=args.ca_bundle,
-        insecure=args.insecure,
-        max_reply_bytes=max(1, int(args.max_reply_mb * (1 << 20))),
-        seed=args.seed,
-        speculate=args.speculate,
-        verify_prompt_logprobs=args.verify_prompt_logprobs,
-        enable_logging=args.log_level is not None,
-        log_level=args.log_level or "INFO",
-    )
+    """The settings ``dualsample generate``'s flags give."""
+    values = {s.name: s.from_flag(getattr(args, s.flag.dest)) for s in _flagged() if s.flag is not None}
+    # a batch is never larger than what may be in flight
+    values["max_batch_size"] = min(values["max_batch_size"], values["max_concurrency"])
+    return CoordinatorConfig(**values)
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -187,283 +80,20 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="run over a Ray cluster (alone: a local one); output *.parquet is a directory")  # fmt: skip
     r.add_argument("--ray-actors", type=int, default=2, help="actors, each running a coordinator")
     r.add_argument("--ray-batch-size", type=int, default=256, help="prompts per batch an actor takes")
-    _sampling_flags(p)
-
-
-def _check_paths(inp: str, out: str, directory: bool = False) -> None:
-    """Refuse paths that cannot work, before any file is touched or server contacted.
-    `directory`: the output is a directory (Parquet written by Ray)."""
-    if not os.path.exists(inp):
-        raise InvalidInputError(f"--input: {inp} does not exist")
-    if os.path.isdir(inp):
-        raise InvalidInputError(f"--input: {inp} is a directory")
-    if not os.access(inp, os.R_OK):
-        raise InvalidInputError(f"--input: {inp} is not readable")
-    if os.path.isdir(out) and not directory:
-        raise InvalidInputError(f"--output: {out} is a directory")
-    if os.path.exists(out) and not os.path.isdir(out) and directory:
-        raise InvalidInputError(f"--output: {out} is a file; Parquet output with --ray is a directory")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise InvalidInputError(f"--output: the directory {parent} does not exist")
-    if os.path.exists(out):
-        if os.path.samefile(inp, out):
-            raise InvalidInputError(f"--output: {out} is the input file; writing it would destroy the prompts")
-        if not os.access(out, os.W_OK):
-            raise InvalidInputError(f"--output: {out} is not writable")
-    elif not os.access(parent, os.W_OK):
-        raise InvalidInputError(f"--output: cannot create files in {parent}")
-
-
-def _check_generate(args: argparse.Namespace) -> CoordinatorConfig:
-    """Every check of a generate run that needs no server, the same with or without
-    Ray: flags, paths, and the rules for an existing output."""
-    config = config_from_args(args)
-    if args.max_tokens < 1:
-        raise InvalidInputError(f"--max-tokens: must be at least 1, got {args.max_tokens}")
-    if args.retry_errors and not args.resume:
-        raise InvalidInputError("--retry-errors: only with --resume")
-    if args.verify_prompt_logprobs and not args.speculate:
-        raise InvalidInputError("--verify-prompt-logprobs: only with --speculate")
-    parquet_dir = args.ray is not None and args.output.endswith(".parquet")
-    _check_paths(args.input, args.output, directory=parquet_dir)
-    if parquet_dir and os.path.isdir(args.output) and os.listdir(args.output):
-        if not args.overwrite:
-            raise InvalidInputError(f"--output: {args.output} exists and is not empty; pass --overwrite to replace it")
-        others = [f for f in os.listdir(args.output) if not f.endswith(".parquet")]
-        if others:
-            raise InvalidInputError(
-                f"--output: {args.output} holds files that are not Parquet ({others[:3]}); not replacing it"
-            )
-    elif os.path.isfile(args.output) and os.path.getsize(args.output) > 0 and not (args.resume or args.overwrite):
-        raise InvalidInputError(f"--output: {args.output} exists; pass --resume to continue it or --overwrite")
-    return config
-
-
-async def _run_generate(args: argparse.Namespace) -> int:
-    from .coordinator import DualVLLMCoordinator, WorkItem, stable_key
-    from .input_file import check_input, read_input
-    from .output_file import OutputLock, RecordWriter, prepare_resume, scan_output
-
-    config = _check_generate(args)
-    with OutputLock(args.output):
-        existing = scan_output(args.output, args.retry_errors) if args.resume else None
-        _, remaining = check_input(
-            args.input, args.prompt_field, args.teacher_prompt_field, existing.done if existing else None
-        )
-        items = (
-            WorkItem(stable_key(r.id), r.prompt, r.teacher_prompt, r.id, args.teacher_chat, where=f"line {r.line}")
-            for r in read_input(args.input, args.prompt_field, args.teacher_prompt_field)
-            if existing is None or not existing.is_done(r.id)
-        )
-        failed = 0
-        async with DualVLLMCoordinator(config) as coord:
-            # The servers are up: only now is the existing output changed.
-            if existing is not None:
-                prepare_resume(args.output, existing, args.retry_errors)
-            with RecordWriter(args.output, append=args.resume) as writer:
-                async for _, out in coord.iter_generate(
-                    items, args.max_tokens, 1.0, args.diagnostics, not args.quiet, total=remaining
-                ):
-                    writer.write(out.to_record())
-                    failed += out.failed
-            stats = coord.get_statistics()
-    print(
-        f"dualsample generate: {stats['sequences']} sequences ({failed} failed), {stats['tokens']} tokens, "
-        f"{stats['tokens_per_second']:.0f} tokens/s, mean alpha {stats['mean_alpha']:.3f}, "
-        f"{stats['retries']} retries, {stats['stability_fallbacks']} stability fallbacks",
-        file=sys.stderr,
-    )
-    if stats["rounds"]:
-        print(f"dualsample generate: {_speculation_line(stats)}", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def _speculation_line(stats: dict[str, Any]) -> str:
-    return (
-        f"speculation: {stats['rounds']} rounds, {stats['tokens_per_round']:.2f} tokens per round, "
-        f"acceptance rate {stats['acceptance_rate']:.2f}, {stats['requests_per_token']:.2f} requests per token"
-    )
-
-
-# Seconds allowed to reach a Ray cluster's address before giving up (Ray itself retries
-# for minutes, deaf to signals).
-RAY_CONNECT_TIMEOUT = 10.0
-_RAY_ADDRESS = re.compile(r"^(ray://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
-
-
-def _ray_address(address: str) -> str | None:
-    """What ``ray.init(address=...)`` takes (None: start a local cluster), after checking
-    that an address is well formed and that something listens there."""
-    if address == "local":
-        return None
-    if address == "auto":
-        return address
-    m = _RAY_ADDRESS.match(address)
-    if m is None:
-        raise InvalidInputError(f"--ray: expected nothing, auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
-    host, port = m.group(2).strip("[]"), int(m.group(3))
-    try:
-        socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT).close()
-    except OSError as err:
-        raise InvalidInputError(
-            f"--ray: no Ray cluster answers at {address} (waited up to {RAY_CONNECT_TIMEOUT:.0f} s): "
-            f"{err.strerror or err}"
-        ) from None
-    return address
-
-
-class _Stopped(BaseException):
-    """SIGINT or SIGTERM arrived during a Ray run."""
-
-    def __init__(self, sig: int) -> None:
-        super().__init__(sig)
-        self.sig = sig
-
-
-def _run_ray(args: argparse.Namespace) -> int:
-    """The same job over Ray Data: input read by Ray, batches mapped by `DualSample`
-    actors; JSONL written here as the records stream back (the same lines a single
-    process writes), Parquet written by Ray. It runs outside any event loop, so that
-    SIGINT and SIGTERM reach it while Ray blocks; a stopped JSONL run ends on a whole
-    line, and ``--resume`` without Ray completes it."""
-    config = _check_generate(args)
-    if args.resume:
-        raise InvalidInputError("--ray: --resume is not supported; resume without --ray (same records)")
-    if args.ray_actors < 1 or args.ray_batch_size < 1:
-        raise InvalidInputError("--ray-actors and --ray-batch-size: must be at least 1")
-    try:
-        import ray
-    except ImportError:
-        raise InvalidInputError("--ray: the ray extra is not installed (pip install 'dualsample_rs[ray]')") from None
-    from .input_file import check_input
-    from .output_file import OutputLock
-
-    address = _ray_address(args.ray)
-
-    def stop(sig: int, _frame: object) -> None:
-        raise _Stopped(sig)
-
-    def take_signals() -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, stop)
-
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    take_signals()
-    try:
-        with OutputLock(args.output):
-            check_input(args.input, args.prompt_field, args.teacher_prompt_field, require_id=True)
-            if address is None:
-                ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
-            else:
-                ray.init(address=address, log_to_driver=False)
-            take_signals()  # Ray's driver installs handlers of its own
-            try:
-                return _ray_job(args, config, ray)
-            finally:
-                ray.shutdown()
-    except _Stopped as stopped:
-        name = signal.Signals(stopped.sig).name
-        done = "what was written is complete (--resume without --ray continues)"
-        if args.output.endswith(".parquet"):
-            done = "the Parquet directory is incomplete"
-        print(f"dualsample generate: stopped by {name}; {done}", file=sys.stderr)
-        return 128 + stopped.sig
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _ray_job(args: argparse.Namespace, config: CoordinatorConfig, ray: Any) -> int:
-    from .output_file import RecordWriter
-    from .ray import DualSample, record_from_row
-
-    kwargs = {"config": config, "max_tokens": args.max_tokens, "teacher_chat": args.teacher_chat,
-              "diagnostics": args.diagnostics, "prompt_field": args.prompt_field,
-              "teacher_field": args.teacher_prompt_field, "actors": args.ray_actors}  # fmt: skip
-    mapped = ray.data.read_json(args.input).map_batches(
-        DualSample, fn_constructor_kwargs=kwargs, concurrency=args.ray_actors, batch_size=args.ray_batch_size,
-        num_cpus=0.25,  # the actors wait on servers; do not reserve a core each
-    )  # fmt: skip
-    if args.output.endswith(".parquet"):
-        if os.path.isdir(args.output):  # checked: only Parquet files, and --overwrite given
-            for name in os.listdir(args.output):
-                os.remove(os.path.join(args.output, name))
-        mapped.write_parquet(args.output)
-        return 0
-    failed = 0
-    with RecordWriter(args.output, append=False) as writer:
-        for row in mapped.iter_rows():
-            record = record_from_row(row)
-            writer.write(record)
-            failed += record["finish_reason"] == "error"
-    return 1 if failed else 0
-
-
-DEMO_QUESTIONS = [
-    "Why is the sky blue?",
-    "What is water made of?",
-    "How do plants make food?",
-    "What does the heart do?",
-    "Why is the ocean salty?",
-    "What causes wind?",
-    "Why does ice float?",
-    "What makes thunder?",
-]
+    _setting_flags(p)
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    by_name = {s.name: s for s in SETTINGS}
     p = sub.add_parser("demo", help="start two reference servers and generate from q* for a few questions")
     p.add_argument("--max-tokens", type=int, default=80)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=by_name["seed"].default)
     p.add_argument("--samples", type=int, default=3, help="how many samples to print")
-    p.add_argument("--dialect", choices=["vllm-completions", "vllm-generate", "sglang"], default="vllm-completions",
+    p.add_argument("--dialect", choices=[d for d in DIALECT_NAMES if d != "auto"], default="vllm-completions",
                    help="which engine the reference servers imitate, and how to talk to them")  # fmt: skip
-    p.add_argument("--scoring", choices=["topk", "exact"], default="topk")
-    p.add_argument("--speculate", type=_speculate, default=0, metavar="K",
+    p.add_argument("--scoring", choices=list(get_args(Scoring)), default=by_name["scoring"].default)
+    p.add_argument("--speculate", type=speculate_text, default=by_name["speculate"].default, metavar="K",
                    help="drafted tokens per speculative round (vllm-generate or sglang)")  # fmt: skip
-
-
-async def _run_demo(args: argparse.Namespace) -> int:
-    from .config import CoordinatorConfig
-    from .coordinator import DualVLLMCoordinator
-    from .server import running_server
-
-    flavor: dict[str, Any] = (
-        {"flavor": "sglang"}
-        if args.dialect == "sglang"
-        else {"enable_scale_out": True, "enable_trace_replay": True, "max_logprobs": 64}
-    )
-    print(f"starting the reference servers as {args.dialect} (base: plain prose, teacher: chat) ...", flush=True)
-    with running_server("base", **flavor) as theta_url, running_server("teacher", **flavor) as t_url:
-        config = CoordinatorConfig(theta_url=theta_url, t_url=t_url, seed=args.seed, exclude_special_tokens=True,
-                                   dialect=args.dialect, scoring=args.scoring, speculate=args.speculate)  # fmt: skip
-        async with DualVLLMCoordinator(config) as coord:
-            plain = [f"Question: {q}\nAnswer:" for q in DEMO_QUESTIONS]
-            # the teacher's server renders each question in its chat template
-            outs = await coord.generate_batch_dual_prompts(
-                plain, DEMO_QUESTIONS, max_tokens=args.max_tokens, return_diagnostics=True, teacher_chat=True
-            )
-            stats = coord.get_statistics()
-    for out in outs[: args.samples]:
-        alphas = out.alpha_history
-        print(f"\n--- {out.prompt_t!r}")
-        print(f"base prompt {out.prompt!r}, teacher prompt: the question in the teacher's chat template")
-        print(f"sample: {out.generated_text!r}")
-        print(
-            f"{len(out.token_ids)} tokens, finish {out.finish_reason}, alpha first {alphas[0]:.2f} then mean "
-            f"{sum(alphas[1:]) / max(1, len(alphas) - 1):.3f}; sum log q* {sum(out.logq):.2f}, "
-            f"sum log pi_theta {sum(out.logp_theta):.2f}, sum log pi_t {sum(out.logp_t):.2f}"
-        )
-    print(
-        f"\nsummary: {stats['sequences']} sequences, {stats['tokens']} tokens, "
-        f"{stats['tokens_per_second']:.0f} tokens/s, "
-        f"mean alpha {stats['mean_alpha']:.3f}, {stats['stability_fallbacks']} stability fallbacks, "
-        f"{stats['errors']} errors, {stats['requests']} requests"
-    )
-    if stats["rounds"]:
-        print(_speculation_line(stats))
-    return 1 if stats["errors"] else 0
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -471,67 +101,6 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rows", type=int, default=1024)
     p.add_argument("--k", type=int, default=100, help="entries per model's top-k list")
     p.add_argument("--repeat", type=int, default=20)
-
-
-async def _run_bench(args: argparse.Namespace) -> int:
-    import time
-
-    from . import _core, reference
-    from .synthetic import topk_pair
-
-    data = topk_pair(args.rows, args.k, vocab=8192, seed=0)
-    config = _core.SamplerConfig()
-    _, a, b = _core.merge_topk(*data)
-
-    def timed(fn: Any) -> float:
-        fn()
-        best = float("inf")
-        for _ in range(max(1, args.repeat)):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        return best
-
-    rows = [
-        ("step", timed(lambda: _core.step(*data, config=config)), timed(lambda: reference.step(*data, config=config))),
-        ("solve_alpha", timed(lambda: _core.solve_alpha(a, b)), timed(lambda: reference.solve_alpha(a, b))),
-    ]
-    threads = os.environ.get("RAYON_NUM_THREADS", "all")
-    print(f"{args.rows} rows x k={args.k}, best of {args.repeat}, Rust threads: {threads}")
-    print(f"build: {_core.build_profile}")
-    print(f"{'call':<12} {'Rust µs/row':>12} {'numpy µs/row':>13} {'ratio':>7}")
-    for name, fast, slow in rows:
-        per = 1e6 / args.rows
-        print(f"{name:<12} {fast * per:>12.2f} {slow * per:>13.2f} {slow / fast:>6.1f}x")
-    return 0
-
-
-async def _stoppable(command: str, work: Coroutine[Any, Any, int]) -> int:
-    """Run `work`; on SIGINT or SIGTERM cancel it, so that the record being written is
-    finished, files are closed and locks released, then exit 128 + the signal number."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    received: list[int] = []
-
-    def stop(sig: int) -> None:
-        received.append(sig)
-        task.cancel()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop, sig)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if not received:
-            raise
-        name = signal.Signals(received[0]).name
-        print(f"dualsample {command}: stopped by {name}; what was written is complete (--resume continues)",
-              file=sys.stderr)  # fmt: skip
-        return 128 + received[0]
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -542,13 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     _demo_parser(sub)
     _bench_parser(sub)
     args = parser.parse_args(argv)
-    runners = {"generate": _run_generate, "demo": _run_demo, "bench": _run_bench}
     try:
         if args.command == "serve":
             return serve_cli.main(args)
-        if args.command == "generate" and args.ray is not None:
-            return _run_ray(args)
-        return asyncio.run(_stoppable(args.command, runners[args.command](args)))
+        if args.command == "generate":
+            config = config_from_args(args)
+            if args.ray is not None:
+                return jobs.run_ray(args, config)
+            return asyncio.run(jobs.stoppable(args.command, jobs.run_generate(args, config)))
+        runner = jobs.run_demo if args.command == "demo" else jobs.run_bench
+        return asyncio.run(jobs.stoppable(args.command, runner(args)))
     except DualSampleError as err:
         print(f"dualsample {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,264 +1,288 @@
-"""`CoordinatorConfig`: everything the coordinator needs, validated when built."""
+"""`CoordinatorConfig`: every setting of a run, declared once and validated when built.
+
+The settings are the fields of three parts: `SamplerSettings` (the Rust step's
+``SamplerConfig`` and the sampling around it), `TransportSettings` (how the servers are
+reached) and `RunSettings` (how a run proceeds). Each field's declaration (see
+`settings.setting`) gives its type, default, range, help and flag; the checks here, the
+docstrings and the flags of ``dualsample generate`` are all made from it.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
-import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
-from ._constants import DEFAULT_MAX_REPLY_BYTES, DEFAULT_MAX_RETRIES, INITIAL_RETRY_DELAY
+from ._constants import (
+    DEFAULT_CONNECTIONS,
+    DEFAULT_MAX_REPLY_BYTES,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    INITIAL_RETRY_DELAY,
+    MAX_LOGP,
+    MAX_PROMPTS_PER_REQUEST,
+    MAX_RETRY_DELAY,
+    MAX_SPECULATE,
+    MIB,
+)
 from ._core import SamplerConfig
+from .backends import Dialect
 from .exceptions import ConfigurationError, InvalidInputError
+from .settings import Flag, Range, Setting, check, declared, document, setting
 
 AlphaMethod = Literal["kl_symmetry", "fixed", "entropy", "ess_balance"]
-Dialect = Literal["auto", "vllm-completions", "vllm-generate", "sglang"]
 Scoring = Literal["topk", "exact"]
-DIALECT_NAMES = ("auto", "vllm-completions", "vllm-generate", "sglang")
+DIALECT_NAMES: tuple[str, ...] = get_args(Dialect)
+# `target_top_p` of earlier releases when `constraint_to_target` was off (now: top_p=None).
+LEGACY_TARGET_TOP_P = 0.95
+SPECULATE_RANGE = Range(0, MAX_SPECULATE)
+POSITIVE = Range(0, lo_open=True, hi_open=True)
+AT_LEAST_ONE = Range(1, hi_open=True)
+UNIT = Range(0, 1)
+
+
+def _ids_text(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"token ids are non-negative, got {text!r}")
+    return ids
+
+
+def _missing_text(text: str) -> Literal["bound", "drop"] | float:
+    if text in ("bound", "drop"):
+        return text  # type: ignore[return-value]
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected "bound", "drop" or a float log probability, got {text!r}') from None
+
+
+def speculate_text(text: str) -> int | str:
+    """``--speculate``'s value: an integer in `SPECULATE_RANGE` or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = -1
+    if k not in SPECULATE_RANGE:
+        raise argparse.ArgumentTypeError(f'expected an integer in {SPECULATE_RANGE} or "auto", got {text!r}')
+    return k
+
+
+def _pair(value: str, _default: Any) -> str | tuple[str, ...]:
+    """One value for both servers, or THETA,T."""
+    return tuple(value.split(",", 1)) if value and "," in value else value
+
+
+def _url_list(given: list[str] | None, default: str) -> str | tuple[str, ...]:
+    """Repeated flags and comma-separated lists, flattened; one URL stays a string."""
+    urls = tuple(u.strip() for arg in (given or [default]) for u in arg.split(",") if u.strip())
+    return urls[0] if len(urls) == 1 else urls
+
+
+def _one_url(value: Any) -> Any:
+    return value[0] if isinstance(value, tuple) and len(value) == 1 else value
+
+
+def _urls_problem(value: str | tuple[str, ...]) -> str | None:
+    urls = (value,) if isinstance(value, str) else value
+    if not urls:
+        return "expected an http(s) URL or a list of them, got none"
+    bad = [u for u in urls if not u.startswith(("http://", "https://"))]
+    if bad:
+        return f"expected an http(s) URL, got {bad[0]!r}"
+    return f"a replica is listed twice: {urls}" if len(set(urls)) != len(urls) else None
+
+
+def _file_problem(path: str | None) -> str | None:
+    return None if path is None or os.path.isfile(path) else f"not a readable file: {path!r}"
+
+
+def _level_problem(level: str) -> str | None:
+    return None if isinstance(logging.getLevelName(level.upper()), int) else f"unknown level {level!r}"
+
+
+def _validate(part: Any, settings: tuple[Setting, ...]) -> None:
+    for s in settings:
+        value = getattr(part, s.name)
+        stored = check(s, value)
+        if stored is not value:
+            object.__setattr__(part, s.name, stored)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    top_k: int = setting(
+        20, "log probabilities requested per position from each server", range=Range(1, 100_000),
+        doc="vLLM must be started with ``--max-logprobs`` at least this (its default cap is 20)",
+        flag=Flag("--top-k", "sampling"),
+    )  # fmt: skip
+    method: AlphaMethod = setting(  # noqa: RUF009 (setting() is a dataclass field)
+        "kl_symmetry", "how alpha, the weight on the teacher, is chosen at each position", old="alpha_method",
+        doc='``"kl_symmetry"`` (KL(q||pi_theta) = KL(q||pi_t)), ``"fixed"`` (``alpha``), ``"entropy"`` '
+            '(H(pi_theta) / (H(pi_theta) + H(pi_t))) or ``"ess_balance"`` (equal effective sample sizes)',
+        kernel=True, flag=Flag("--alpha-method", "sampling"),
+    )  # fmt: skip
+    alpha: float = setting(0.5, "alpha for method fixed", range=UNIT, kernel=True, flag=Flag("--alpha", "sampling"))
+    alpha_min: float = setting(
+        0.0, "the least alpha any rule gives", range=UNIT, kernel=True, flag=Flag("--alpha-min", "sampling")
+    )
+    alpha_max: float = setting(
+        1.0, "the greatest alpha any rule gives", range=UNIT, kernel=True, flag=Flag("--alpha-max", "sampling")
+    )
+    tol: float = setting(
+        1e-10, "tolerance on alpha of the iterative rules", range=POSITIVE, old="alpha_tol", kernel=True,
+        flag=Flag("--alpha-tol", "sampling"),
+    )  # fmt: skip
+    max_iter: int = setting(
+        100, "iteration cap of the iterative rules", range=Range(1, (1 << 32) - 1), old="alpha_max_iter", kernel=True
+    )
+    missing: Literal["bound", "drop"] | float = setting(
+        "bound", 'log probability of a token one model did not list: "bound", "drop" or a float log probability',
+        range=Range(hi=MAX_LOGP), kernel=True, flag=Flag("--missing", "sampling", text=_missing_text),
+        doc='``"bound"`` is log min(smallest listed probability, unlisted mass); ``"drop"`` keeps only tokens '
+            "both listed",
+    )  # fmt: skip
+    temperature: float = setting(
+        1.0, "divides the base model's log probabilities", range=POSITIVE, kernel=True,
+        flag=Flag("--temperature", "sampling"),
+    )  # fmt: skip
+    temperature_t: float | None = setting(
+        None, "the teacher's temperature (none: the base's)", range=POSITIVE, kernel=True,
+        flag=Flag("--temperature-t", "sampling"),
+    )  # fmt: skip
+    top_p: float | None = setting(
+        None, "restrict q* to the teacher's top-p support (none: no restriction)", range=Range(0, 1, lo_open=True),
+        doc="earlier releases: ``constraint_to_target`` and ``target_top_p``", kernel=True,
+        flag=Flag("--target-top-p", "sampling"),
+    )  # fmt: skip
+    force_first_token: bool = setting(
+        True, "take the first generated token from the teacher (alpha = 1)",
+        flag=Flag("--no-force-first-token", "sampling"),
+    )  # fmt: skip
+    exclude_special_tokens: bool = setting(
+        False, "never sample special tokens", doc="stop ids are never excluded",
+        flag=Flag("--exclude-special-tokens", "sampling"),
+    )  # fmt: skip
+    special_token_ids: tuple[int, ...] | None = setting(
+        None, "the ids exclude_special_tokens excludes (none: the servers' special tokens)", range=Range(0),
+        flag=Flag("--special-token-ids", "sampling", text=_ids_text, syntax="comma-separated"),
+    )  # fmt: skip
+    enable_stability_check: bool = setting(
+        False, "fall back to the teacher where the two models disagree too much",
+        doc="without ``auto_fallback`` such positions are only counted",
+        flag=Flag("--stability-check", "sampling"),
+    )  # fmt: skip
+    stability_js_max: float = setting(
+        0.5, "the stability check acts where the models' Jensen-Shannon divergence exceeds this", range=Range(0),
+        old="stability_threshold_js", kernel=True, flag=Flag("--stability-js", "sampling"),
+    )  # fmt: skip
+    stability_overlap_min: float = setting(
+        0.1, "the stability check acts where either model puts less than this mass on tokens both listed",
+        range=UNIT, old="stability_threshold_overlap", kernel=True, flag=Flag("--stability-overlap", "sampling"),
+    )  # fmt: skip
+    auto_fallback: bool = setting(True, "the stability check falls back to the teacher (False: it only counts)")
+
+    def __post_init__(self) -> None:
+        _validate(self, SAMPLER)
+        if self.alpha_min > self.alpha_max:
+            raise ConfigurationError(
+                f"alpha_min: alpha_min ({self.alpha_min}) is greater than alpha_max ({self.alpha_max})"
+            )
+        try:  # the kernel's own checks, as a guard
+            self.kernel_config()
+        except InvalidInputError as err:
+            raise ConfigurationError(str(err)) from err
+
+    def kernel_config(self, exclude_ids: tuple[int, ...] = (), diagnostics: bool = False) -> SamplerConfig:
+        """The Rust step's settings, with the ids never sampled and whether to report
+        divergences. The stability thresholds reach it only with ``auto_fallback`` (else
+        the run counts the positions itself)."""
+        args = {s.name: getattr(self, s.name) for s in SAMPLER if s.kernel}
+        if not (self.enable_stability_check and self.auto_fallback):
+            args["stability_js_max"] = args["stability_overlap_min"] = None
+        return SamplerConfig(**args, exclude_ids=exclude_ids, diagnostics=diagnostics)
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """How to reach one model's server, or its replicas (the per-server part of a
-    `CoordinatorConfig`)."""
+    """How to reach one model's server, or its replicas (see `TransportSettings.servers`)."""
 
     urls: tuple[str, ...]
     model_name: str | None
     dialect: str
-    api_key: str | None = field(default=None, repr=False)
+    api_key: str | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
-class RunSettings:
-    """How a run proceeds (the run part of a `CoordinatorConfig`)."""
-
-    max_concurrency: int
-    max_batch_size: int
-    scoring: str
-    rescore: bool
-    seed: int
-    speculate: int | str
-    max_retries: int
-    retry_delay: float
-    request_timeout: float
-    connection_pool_size: int
-    proxy_from_env: bool
-    ca_bundle: str | None
-    insecure: bool
-    max_reply_bytes: int
-
-
-def _urls(value: str | tuple[str, ...]) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)
-
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigurationError(f"{name}: {message}")
-
-
-@dataclass(frozen=True)
-class CoordinatorConfig:
-    """Settings of a dual-model generation run, validated when built.
-
-    It is built flat, as earlier tools' configs were, and read in parts: ``servers``
-    (per server: URL, model, dialect, key), ``run`` (concurrency, scoring, seed,
-    retries, timeouts) and ``sampler_config()`` (the Rust step's settings). Every
-    mistake is a `ConfigurationError` here, never a failure later in a run.
-
-    Args:
-        theta_url, t_url: base URL of the base model's and of the teacher's server, or a
-            list of URLs of replicas of it (each sequence stays on one replica).
-        theta_model_name, t_model_name: model names to request; None asks ``/v1/models``.
-        dialect: how to talk to the servers: ``"vllm-completions"`` (batched
-            ``/v1/completions``), ``"vllm-generate"`` (``/inference/v1/generate``),
-            ``"sglang"`` (native ``/generate``), or ``"auto"`` (found at start-up); one
-            for both servers or a (theta, teacher) pair.
-        scoring: ``"topk"`` merges both models' top-k lists (a token one did not list
-            gets the ``missing`` estimate); ``"exact"`` takes the teacher's candidates
-            and has the base score exactly those, so every reported number is exact.
-        rescore: after a sequence ends, score it whole on both servers and report the
-            true log probability of every token (``logp_theta_exact``, ``logp_t_exact``).
-        top_k: log probabilities requested per position from each server; vLLM must be
-            started with ``--max-logprobs`` at least this (its default cap is 20).
-        alpha_method, alpha, alpha_min, alpha_max, alpha_tol, alpha_max_iter, missing,
-            temperature, temperature_t: the sampler's knobs (see ``SamplerConfig``).
-        force_first_token: take the first generated token from the teacher (α = 1).
-        constraint_to_target, target_top_p: restrict q* to the teacher's top-p support.
-        exclude_special_tokens, special_token_ids: never sample these ids (None finds
-            the server's special tokens); stop ids are never excluded.
-        stop_token_ids: ids that end a sequence; None asks the servers.
-        enable_stability_check, stability_threshold_js, stability_threshold_overlap,
-            auto_fallback: where the two models disagree too much (JS above the
-            threshold, or either puts less than the overlap threshold on tokens both
-            listed), fall back to the teacher (auto_fallback) or only count it.
-        max_concurrency: sequences in flight.
-        max_batch_size: sequences per request (a step of up to this many rows).
-        connection_pool_size, max_retries, request_timeout: HTTP settings per server
-            (the timeout is a deadline for each whole request).
-        retry_delay: the first back-off before a retry, in seconds; it doubles with each
-            retry up to 8 s (a server's Retry-After takes precedence).
-        api_key: one key for both servers, or a (theta, t) pair. Credentials may
-            instead be given in a URL (``http://user:password@host``): they are sent as
-            Basic auth and shown as ``user:***@`` everywhere.
-        proxy_from_env: send requests through the proxies that ``HTTP_PROXY``,
-            ``HTTPS_PROXY`` and ``NO_PROXY`` name (as requests and httpx do).
-        ca_bundle: a PEM file of certificate authorities to verify TLS servers with
-            (default: ``SSL_CERT_FILE`` if set, else the system store).
-        insecure: do not verify TLS certificates (a warning says so).
-        max_reply_bytes: the largest reply accepted from a server (default 1 GiB).
-        seed: keys every draw together with the sequence and position.
-        speculate: drafted tokens per speculative round (0: one token per step).
-            Each round the teacher drafts up to this many tokens greedily in one
-            request, the base scores them in one more, and each is accepted with
-            probability q*(token), the first rejected one replaced by a draw from the
-            residual: the sequences have exactly the law of the one-token path.
-            ``"auto"`` picks it per sequence from its acceptance rate so far. Needs
-            ``vllm-generate`` (the base's server with ``--enable-trace-replay``) or
-            ``sglang``; otherwise a warning says why and the run takes one token a step.
-        verify_prompt_logprobs: let a ``vllm-completions`` base score the drafted
-            tokens through prompt log probabilities, which recompute its whole context
-            each round (vLLM skips the prefix cache for them); ``topk`` scoring only.
-        enable_logging, log_level: configure the ``dualsample_rs`` logger.
-    """
-
-    theta_url: str | tuple[str, ...] = "http://localhost:8000"
-    t_url: str | tuple[str, ...] = "http://localhost:8001"
-    theta_model_name: str | None = None
-    t_model_name: str | None = None
-    dialect: Dialect | tuple[Dialect, Dialect] = "auto"
-    scoring: Scoring = "topk"
-    rescore: bool = False
-    top_k: int = 20
-    alpha_method: AlphaMethod = "kl_symmetry"
-    alpha: float = 0.5
-    alpha_min: float = 0.0
-    alpha_max: float = 1.0
-    alpha_tol: float = 1e-10
-    alpha_max_iter: int = 100
-    missing: Literal["bound", "drop"] | float = "bound"
-    temperature: float = 1.0
-    temperature_t: float | None = None
-    force_first_token: bool = True
-    constraint_to_target: bool = False
-    target_top_p: float = 0.95
-    exclude_special_tokens: bool = False
-    special_token_ids: tuple[int, ...] | None = None
-    stop_token_ids: tuple[int, ...] | None = None
-    enable_stability_check: bool = False
-    stability_threshold_js: float = 0.5
-    stability_threshold_overlap: float = 0.1
-    auto_fallback: bool = True
-    max_concurrency: int = 256
-    max_batch_size: int = 256
-    connection_pool_size: int = 100
-    max_retries: int = DEFAULT_MAX_RETRIES
-    request_timeout: float = 60.0
-    retry_delay: float = INITIAL_RETRY_DELAY
-    api_key: str | tuple[str | None, str | None] | None = field(default=None, repr=False)
-    proxy_from_env: bool = True
-    ca_bundle: str | None = None
-    insecure: bool = False
-    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
-    seed: int = 0
-    speculate: int | Literal["auto"] = 0
-    verify_prompt_logprobs: bool = False
-    enable_logging: bool = False
-    log_level: str = "INFO"
+class TransportSettings:
+    theta_url: str | tuple[str, ...] = setting(
+        "http://localhost:8000", "the base model's server, or a list of its replicas (each sequence stays on one)",
+        normalize=_one_url, check=_urls_problem, doc="credentials may be given in it (``http://user:password@host``): "
+        "they are sent as Basic auth and shown as ``user:***@``",
+        flag=Flag("--theta-url", "servers", text=str, default=None, convert=_url_list, repeat=True,
+                  syntax="repeat it, or give a comma-separated list, for replicas"),
+    )  # fmt: skip
+    t_url: str | tuple[str, ...] = setting(
+        "http://localhost:8001", "the teacher's server, or a list of its replicas", normalize=_one_url,
+        check=_urls_problem, flag=Flag("--t-url", "servers", text=str, default=None, convert=_url_list, repeat=True,
+                                       syntax="repeat it, or give a comma-separated list, for replicas"),
+    )  # fmt: skip
+    theta_model_name: str | None = setting(
+        None, "the base model's name to request (none: ask /v1/models)", flag=Flag("--theta-model", "servers")
+    )
+    t_model_name: str | None = setting(
+        None, "the teacher's name to request (none: ask /v1/models)", flag=Flag("--t-model", "servers")
+    )
+    dialect: Dialect | tuple[Dialect, Dialect] = setting(  # noqa: RUF009 (setting() is a dataclass field)
+        "auto", f"how to talk to the servers: {', '.join(DIALECT_NAMES)}; one for both, or a (theta, teacher) pair",
+        doc='``"vllm-completions"`` (batched ``/v1/completions``), ``"vllm-generate"`` '
+            '(``/inference/v1/generate``), ``"sglang"`` (native ``/generate``), ``"auto"`` (found at start-up)',
+        flag=Flag("--dialect", "servers", text=str, convert=_pair, syntax="THETA,T for a pair"),
+    )  # fmt: skip
+    api_key: str | tuple[str | None, str | None] | None = setting(
+        None, "one key for both servers, or a (theta, teacher) pair", secret=True,
+        flag=Flag("--api-key", "servers", text=str, convert=_pair, syntax="THETA_KEY,T_KEY for a pair"),
+    )  # fmt: skip
+    max_retries: int = setting(
+        DEFAULT_MAX_RETRIES, "retries of a failed request", range=Range(0), flag=Flag("--max-retries", "servers")
+    )
+    retry_delay: float = setting(
+        INITIAL_RETRY_DELAY, f"the first back-off in seconds (doubles, up to {MAX_RETRY_DELAY:g})", range=Range(0, 60),
+        doc="a server's Retry-After takes precedence", flag=Flag("--retry-delay", "servers"),
+    )  # fmt: skip
+    request_timeout: float = setting(
+        DEFAULT_TIMEOUT, "the deadline of each whole request, in seconds", range=POSITIVE,
+        flag=Flag("--request-timeout", "servers"),
+    )  # fmt: skip
+    connection_pool_size: int = setting(DEFAULT_CONNECTIONS, "connections kept to each server", range=AT_LEAST_ONE)
+    proxy_from_env: bool = setting(
+        True, "send requests through the proxies HTTP_PROXY, HTTPS_PROXY and NO_PROXY name",
+        flag=Flag("--no-proxy-env", "servers"),
+    )  # fmt: skip
+    ca_bundle: str | None = setting(
+        None, "PEM certificate authorities to verify https servers with (none: SSL_CERT_FILE or the system's)",
+        check=_file_problem, flag=Flag("--ca-bundle", "servers", metavar="PATH"),
+    )  # fmt: skip
+    insecure: bool = setting(
+        False, "do not verify https certificates", doc="a warning says so", flag=Flag("--insecure", "servers")
+    )
+    max_reply_bytes: int = setting(
+        DEFAULT_MAX_REPLY_BYTES, "the largest reply accepted from a server", range=AT_LEAST_ONE,
+        flag=Flag("--max-reply-mb", "servers", text=float, scale=MIB, syntax="in MiB"),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
-        for name in ("theta_url", "t_url"):
-            value = getattr(self, name)
-            urls = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else ()
-            _check(bool(urls), name, f"expected an http(s) URL or a list of them, got {value!r}")
-            for url in urls:
-                _check(
-                    isinstance(url, str) and url.startswith(("http://", "https://")),
-                    name,
-                    f"expected an http(s) URL, got {url!r}",
-                )
-            _check(len(set(urls)) == len(urls), name, f"a replica is listed twice: {urls}")
-            object.__setattr__(self, name, urls[0] if len(urls) == 1 else urls)
-        _check(
-            isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and 1 <= self.top_k <= 100_000,
-            "top_k",
-            f"must be a positive integer, got {self.top_k!r}",
-        )
-        for name in ("max_concurrency", "max_batch_size", "connection_pool_size", "max_reply_bytes"):
-            value = getattr(self, name)
-            _check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                name,
-                f"must be a positive integer, got {value!r}",
-            )
-        _check(self.max_batch_size <= 1024, "max_batch_size", "vLLM accepts at most 1024 prompts per request")
-        _check(
-            isinstance(self.max_retries, int) and self.max_retries >= 0,
-            "max_retries",
-            f"must be >= 0, got {self.max_retries!r}",
-        )
-        for name in (
-            "retry_delay",
-            "request_timeout",
-            "target_top_p",
-            "stability_threshold_js",
-            "stability_threshold_overlap",
-        ):
-            value = getattr(self, name)
-            _check(
-                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-                name,
-                f"must be a finite number, got {value!r}",
-            )
-        _check(0 <= self.retry_delay <= 60, "retry_delay", f"must lie in [0, 60] seconds, got {self.retry_delay!r}")
-        _check(self.request_timeout > 0, "request_timeout", f"must be positive, got {self.request_timeout!r}")
-        _check(0.0 < self.target_top_p <= 1.0, "target_top_p", f"must lie in (0, 1], got {self.target_top_p}")
-        _check(self.stability_threshold_js >= 0, "stability_threshold_js", "must be >= 0")
-        _check(0.0 <= self.stability_threshold_overlap <= 1.0, "stability_threshold_overlap", "must lie in [0, 1]")
-        _check(
-            isinstance(self.seed, int) and not isinstance(self.seed, bool) and -(2**63) <= self.seed < 2**64,
-            "seed",
-            f"must be an integer in [-2**63, 2**64), got {self.seed!r}",
-        )
-        _check(
-            self.speculate == "auto"
-            or (isinstance(self.speculate, int) and not isinstance(self.speculate, bool) and 0 <= self.speculate <= 64),
-            "speculate",
-            f'expected an integer in [0, 64] or "auto", got {self.speculate!r}',
-        )
-        level = logging.getLevelName(str(self.log_level).upper())
-        _check(isinstance(level, int), "log_level", f"unknown level {self.log_level!r}")
-        dialects = self.dialect if isinstance(self.dialect, tuple) else (self.dialect,)
-        _check(
-            len(dialects) in (1, 2) and all(d in DIALECT_NAMES for d in dialects),
-            "dialect",
-            f"expected one of {DIALECT_NAMES} or a (theta, teacher) pair of them, got {self.dialect!r}",
-        )
-        _check(self.scoring in ("topk", "exact"), "scoring", f'expected "topk" or "exact", got {self.scoring!r}')
-        for name in ("rescore", "verify_prompt_logprobs", "force_first_token", "constraint_to_target",
-                     "exclude_special_tokens", "enable_stability_check", "auto_fallback",
-                     "enable_logging", "proxy_from_env", "insecure"):  # fmt: skip
-            _check(isinstance(getattr(self, name), bool), name, f"must be True or False, got {getattr(self, name)!r}")
-        if self.ca_bundle is not None:
-            _check(
-                isinstance(self.ca_bundle, str) and os.path.isfile(self.ca_bundle),
-                "ca_bundle",
-                f"not a readable file: {self.ca_bundle!r}",
-            )
-            _check(not self.insecure, "ca_bundle", "give a CA bundle or insecure=True, not both")
-        if isinstance(self.api_key, tuple):
-            _check(len(self.api_key) == 2, "api_key", "a pair is (theta key, teacher key)")
-        for name in ("special_token_ids", "stop_token_ids"):
-            value = getattr(self, name)
-            if value is not None:
-                _check(all(isinstance(t, int) and t >= 0 for t in value), name, "token ids are non-negative integers")
-                object.__setattr__(self, name, tuple(value))
-        try:
-            self.sampler_config(exclude_ids=())
-        except InvalidInputError as err:
-            raise ConfigurationError(str(err)) from err
+        _validate(self, TRANSPORT)
+        if self.ca_bundle is not None and self.insecure:
+            raise ConfigurationError("ca_bundle: give a CA bundle or insecure=True, not both")
 
     @property
     def api_keys(self) -> tuple[str | None, str | None]:
@@ -270,42 +294,197 @@ class CoordinatorConfig:
         return self.dialect if isinstance(self.dialect, tuple) else (self.dialect, self.dialect)
 
     @property
-    def run(self) -> RunSettings:
-        """The run part: concurrency, scoring, seed, retries and timeouts."""
-        return RunSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunSettings)})
+    def servers(self) -> tuple[ServerSettings, ServerSettings]:
+        """(base, teacher)."""
+        keys, dialects = self.api_keys, self.dialects
+        urls = [(u,) if isinstance(u, str) else u for u in (self.theta_url, self.t_url)]
+        return (
+            ServerSettings(urls[0], self.theta_model_name, dialects[0], keys[0]),
+            ServerSettings(urls[1], self.t_model_name, dialects[1], keys[1]),
+        )
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    scoring: Scoring = setting(  # noqa: RUF009 (setting() is a dataclass field)
+        "topk", "topk: merge both models' top-k lists; exact: the base scores the teacher's candidates, so every "
+        "number is exact", flag=Flag("--scoring", "sampling"),
+    )  # fmt: skip
+    rescore: bool = setting(
+        False, "score each finished sequence whole and add each token's exact log probabilities (extra requests)",
+        flag=Flag("--rescore", "sampling"),
+    )  # fmt: skip
+    seed: int = setting(
+        0, "keys every draw together with the sequence and position", range=Range(-(1 << 63), 1 << 64, hi_open=True),
+        flag=Flag("--seed", "sampling"),
+    )  # fmt: skip
+    speculate: int | Literal["auto"] = setting(
+        0, "tokens the teacher drafts per round, each verified exactly (0: one token per step; auto: chosen per "
+        "sequence); needs vllm-generate (base with --enable-trace-replay) or sglang", range=SPECULATE_RANGE,
+        doc="The base scores the drafts in one more request and each is accepted with probability q*(token), the "
+            "first rejected one replaced by a draw from the residual: the sequences have exactly the law of the "
+            "one-token path. With another dialect a warning says why and the run takes one token a step",
+        flag=Flag("--speculate", "sampling", text=speculate_text, metavar="K"),
+    )  # fmt: skip
+    verify_prompt_logprobs: bool = setting(
+        False, "with speculate: a vllm-completions base scores the drafts, recomputing contexts",
+        doc="through prompt log probabilities, which skip vLLM's prefix cache; topk scoring only",
+        flag=Flag("--verify-prompt-logprobs", "sampling"),
+    )  # fmt: skip
+    stop_token_ids: tuple[int, ...] | None = setting(
+        None, "ids that end a sequence (none: ask the servers)", range=Range(0),
+        flag=Flag("--stop-token-ids", "sampling", text=_ids_text, syntax="comma-separated"),
+    )  # fmt: skip
+    max_concurrency: int = setting(
+        256, "sequences in flight", range=AT_LEAST_ONE, flag=Flag("--max-concurrency", "servers")
+    )
+    max_batch_size: int = setting(
+        256, f"sequences per request (vLLM takes at most {MAX_PROMPTS_PER_REQUEST})",
+        range=Range(1, MAX_PROMPTS_PER_REQUEST), flag=Flag("--max-batch-size", "servers"),
+    )  # fmt: skip
+    log_level: str = setting(
+        "INFO", "the level of the dualsample_rs logger, e.g. INFO or DEBUG", check=_level_problem,
+        flag=Flag("--log-level", "servers", default=None, convert=lambda given, default: given or default,
+                  syntax="given: the logger is configured"),
+    )  # fmt: skip
+    enable_logging: bool = setting(
+        False, "configure the dualsample_rs logger",
+        flag=Flag("--log-level", "servers", default=None, convert=lambda given, _: given is not None),
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        _validate(self, RUN)
+
+
+SAMPLER = declared(SamplerSettings, "sampler")
+TRANSPORT = declared(TransportSettings, "transport")
+RUN = declared(RunSettings, "run")
+SETTINGS: tuple[Setting, ...] = SAMPLER + TRANSPORT + RUN
+# Every setting under its name and under its earlier keyword.
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS} | {s.old: s for s in SETTINGS if s.old}
+_PARTS = {"sampler": SamplerSettings, "transport": TransportSettings, "run": RunSettings}
+_LEGACY_TOP_P = ("constraint_to_target", "target_top_p")
+
+SamplerSettings.__doc__ = document(
+    "The sampler part of a `CoordinatorConfig`: the Rust step's settings (``kernel_config()``) and the\n"
+    "sampling around it. Names are the kernel's where it has one.",
+    SAMPLER,
+)
+TransportSettings.__doc__ = document(
+    "The transport part of a `CoordinatorConfig`: how the servers are reached.", TRANSPORT
+)
+RunSettings.__doc__ = document("The run part of a `CoordinatorConfig`: how a run proceeds.", RUN)
+
+
+def _changes(given: dict[str, Any], sampler: SamplerSettings) -> dict[str, dict[str, Any]]:
+    """Flat keywords (today's names or earlier ones), checked and sorted by part."""
+    changes: dict[str, dict[str, Any]] = {part: {} for part in _PARTS}
+    seen: dict[str, str] = {}
+    for key, value in given.items():
+        if key in _LEGACY_TOP_P:
+            continue
+        s = BY_NAME.get(key)
+        if s is None:
+            raise TypeError(f"CoordinatorConfig got an unexpected keyword argument {key!r}")
+        if s.name in seen:
+            raise TypeError(f"CoordinatorConfig: {seen[s.name]} and {key} are one setting; give it once")
+        seen[s.name] = key
+        changes[s.part][s.name] = check(s, value, key)
+    legacy = {k: given[k] for k in _LEGACY_TOP_P if k in given}
+    if legacy:
+        if "top_p" in seen:
+            raise TypeError("CoordinatorConfig: give top_p, or constraint_to_target and target_top_p, not both")
+        on = legacy.get("constraint_to_target", sampler.top_p is not None)
+        if not isinstance(on, bool):
+            raise ConfigurationError(f"constraint_to_target: expected True or False, got {on!r}")
+        p = legacy.get("target_top_p", sampler.top_p if sampler.top_p is not None else LEGACY_TARGET_TOP_P)
+        p = check(BY_NAME["top_p"], p, "target_top_p")
+        changes["sampler"]["top_p"] = p if on else None
+    return changes
+
+
+@dataclass(frozen=True, init=False)
+class CoordinatorConfig:
+    sampler: SamplerSettings
+    transport: TransportSettings
+    run: RunSettings
+
+    def __init__(
+        self,
+        *,
+        sampler: SamplerSettings | None = None,
+        transport: TransportSettings | None = None,
+        run: RunSettings | None = None,
+        **settings: Any,
+    ) -> None:
+        parts: dict[str, Any] = {"sampler": sampler, "transport": transport, "run": run}
+        for name, cls in _PARTS.items():
+            part = parts[name]
+            if part is None:
+                part = cls()
+            elif not isinstance(part, cls):
+                raise ConfigurationError(f"{name}: expected a {cls.__name__}, got {type(part).__name__}")
+            parts[name] = part
+        for name, changed in _changes(settings, parts["sampler"]).items():
+            value = dataclasses.replace(parts[name], **changed) if changed else parts[name]
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        """A setting read flat, under its name or its earlier keyword."""
+        if name.startswith("_") or name in _PARTS:  # not set yet (unpickling): no setting to find
+            raise AttributeError(name)
+        if name in _LEGACY_TOP_P:
+            top_p = self.sampler.top_p
+            return top_p is not None if name == "constraint_to_target" else top_p or LEGACY_TARGET_TOP_P
+        s = BY_NAME.get(name)
+        if s is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(getattr(self, s.part), s.name)
+
+    @property
+    def api_keys(self) -> tuple[str | None, str | None]:
+        return self.transport.api_keys
+
+    @property
+    def dialects(self) -> tuple[str, str]:
+        """(theta, teacher) dialects, either of which may still be ``"auto"``."""
+        return self.transport.dialects
 
     @property
     def servers(self) -> tuple[ServerSettings, ServerSettings]:
-        """The per-server part: (base, teacher)."""
-        keys, dialects = self.api_keys, self.dialects
-        return (
-            ServerSettings(_urls(self.theta_url), self.theta_model_name, dialects[0], keys[0]),
-            ServerSettings(_urls(self.t_url), self.t_model_name, dialects[1], keys[1]),
-        )
+        """The per-server part of the transport: (base, teacher)."""
+        return self.transport.servers
 
     def sampler_config(self, exclude_ids: tuple[int, ...], diagnostics: bool = False) -> SamplerConfig:
-        """The sampler part: the Rust step's settings for this run."""
-        stability = self.enable_stability_check and self.auto_fallback
-        return SamplerConfig(
-            method=self.alpha_method,
-            alpha=self.alpha,
-            alpha_min=self.alpha_min,
-            alpha_max=self.alpha_max,
-            tol=self.alpha_tol,
-            max_iter=self.alpha_max_iter,
-            missing=self.missing,
-            temperature=self.temperature,
-            temperature_t=self.temperature_t,
-            top_p=self.target_top_p if self.constraint_to_target else None,
-            exclude_ids=exclude_ids,
-            stability_js_max=self.stability_threshold_js if stability else None,
-            stability_overlap_min=self.stability_threshold_overlap if stability else None,
-            diagnostics=diagnostics,
-        )
+        """The Rust step's settings for this run (see `SamplerSettings.kernel_config`)."""
+        return self.sampler.kernel_config(exclude_ids, diagnostics)
 
     def replace(self, **changes: Any) -> CoordinatorConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some settings (flat keywords) or parts changed, validated again."""
+        parts: dict[str, Any] = {"sampler": self.sampler, "transport": self.transport, "run": self.run}
+        return CoordinatorConfig(**(parts | changes))
+
+
+CoordinatorConfig.__doc__ = document(
+    """Settings of a dual-model generation run, validated when built: a `sampler` part, a
+`transport` part and a `run` part.
+
+Built from its parts (``CoordinatorConfig(sampler=SamplerSettings(top_p=0.9))``), from flat
+keywords (``CoordinatorConfig(top_p=0.9, seed=1)``, each setting under its name or its
+earlier keyword, e.g. ``alpha_tol`` for ``tol``), or both (the keywords change the given
+parts). Every setting can also be read flat (``config.top_k``, ``config.alpha_tol``).
+Every mistake is a `ConfigurationError` here, never a failure later in a run. Earlier
+releases' ``constraint_to_target`` and ``target_top_p`` are still taken and read; they
+are ``top_p`` now (none: no restriction).
+
+Example:
+    >>> CoordinatorConfig(alpha_tol=1e-8, top_k=5).sampler.tol
+    1e-08
+""",
+    SETTINGS,
+    flat=True,
+    lead="sampler, transport, run: the parts (their defaults where not given).",
+)
 
 
 EnhancedCoordinatorConfig = CoordinatorConfig
