@@ -69,7 +69,7 @@ def _measure(benchmark, dialect: str, in_flight: int, speculate: int | str) -> N
 
         async def go() -> None:
             async with DualVLLMCoordinator(config) as coord:
-                before = coord.get_statistics()["requests"]
+                before = coord.get_statistics()["total_requests"]
                 t0, cpu0 = time.perf_counter(), time.process_time()
                 outs = await coord.generate_batch_dual_prompts(plain, teacher, max_tokens=TOKENS, show_progress=False)
                 wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -77,7 +77,7 @@ def _measure(benchmark, dialect: str, in_flight: int, speculate: int | str) -> N
             tokens = sum(len(o.token_ids) for o in outs)
             assert tokens == in_flight * TOKENS and not any(o.error for o in outs)
             # Each sequence is tokenised on both servers and detokenised once.
-            generation_requests = st["requests"] - before - 3 * in_flight
+            generation_requests = st["total_requests"] - before - 3 * in_flight
             sent = coord.theta.stats.prompt_tokens + coord.teacher.stats.prompt_tokens
             found.update(
                 # The best of the rounds: this VM's neighbours add noise, never speed.

@@ -17,7 +17,7 @@ async def main(theta_url: str, t_url: str) -> None:
             outs = await coord.generate_batch_dual_prompts(PLAIN * 8, QUESTIONS * 8, max_tokens=40, teacher_chat=True,
                                                            show_progress=False)  # fmt: skip
             s = coord.get_statistics()
-        line = f"speculate {speculate}: {s['tokens']} tokens, {s['requests']} requests"
+        line = f"speculate {speculate}: {s['total_tokens']} tokens, {s['total_requests']} requests"
         if s["rounds"]:
             line += (f", {s['rounds']} rounds, {s['tokens_per_round']:.2f} tokens per round, "
                      f"acceptance rate {s['acceptance_rate']:.2f}")  # fmt: skip

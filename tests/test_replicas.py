@@ -184,11 +184,11 @@ def test_a_replica_is_taken_back_only_as_it_was(
             await coord.theta.topk(contexts, 5)  # two on each replica
             _stop(proc)
             await coord.theta.topk(contexts, 5)  # the dead one leaves, its sequences move
-            states = [coord.theta.info[1].down]
+            states = [coord.base.replica_stats[1].down]
             again = _serve_on(port, comes_back_as, "--served-model-name", "dualsample-base", *flags)
             try:
                 await asyncio.sleep(3 * PROBE_INTERVAL)
-                states.append(coord.theta.info[1].down)
+                states.append(coord.base.replica_stats[1].down)
             finally:
                 _stop(again)
             return states

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from .backends import Backend, Connection, Context, DialectBackend, backend_for, open_backend
+from .backends import Backend, Connection, Context, DialectBackend, RequestStats, backend_for, open_backend
 from .backends.replicas import ReplicaSet
 from .config import CoordinatorConfig, ServerSettings
 from .exceptions import (
@@ -40,7 +40,7 @@ from .round import Round
 from .scheduler import Scheduler
 from .sequence import Sequence, WorkItem, stable_key
 from .statistics import Statistics
-from .strategies import base_scores_candidates, choose, speculation_problem
+from .strategies import choose, scored_ids, speculation_problem
 
 log = logging.getLogger("dualsample_rs")
 
@@ -62,7 +62,8 @@ class DualVLLMCoordinator:
         config: the run's settings.
 
     Attributes:
-        theta, teacher: the two models' replicas, in their dialect (from `start` on).
+        base, teacher: the two models' replicas, in their dialect (from `start` on; ``theta`` is
+            ``base`` under its earlier name).
         info: what the handshake found, per server.
 
     Example:
@@ -120,9 +121,14 @@ class DualVLLMCoordinator:
         await asyncio.gather(*(conn.close() for conns in self._connections for conn in conns))
 
     @property
-    def theta(self) -> ReplicaSet:
+    def base(self) -> ReplicaSet:
         """The base model's replicas, in their dialect (after `start`)."""
         return self._started()[0]
+
+    @property
+    def theta(self) -> ReplicaSet:
+        """The base model's replicas (the name earlier versions used)."""
+        return self.base
 
     @property
     def teacher(self) -> ReplicaSet:
@@ -142,10 +148,10 @@ class DualVLLMCoordinator:
         # A server that is still loading answers 503 for a while, and start-up is a few
         # cheap requests: give it at least STARTUP_RETRIES retries whatever the run's own.
         retries = max(cfg.max_retries, STARTUP_RETRIES)
-        exact = base_scores_candidates(cfg)
+        scored = scored_ids(cfg)
         (theta, info_a), (teacher, info_b) = await asyncio.gather(
             *(
-                self._start_model(conns, server, retries, exact and i == 0)
+                self._start_model(conns, server, retries, scored[i])
                 for i, (conns, server) in enumerate(zip(self._connections, cfg.servers, strict=True))
             )
         )
@@ -157,7 +163,7 @@ class DualVLLMCoordinator:
         if not self.stop_ids:
             log.warning("no end-of-sequence id found on the servers: sequences run to max_tokens (pass stop_token_ids)")
         if cfg.speculate:
-            problem = await speculation_problem(cfg, self.theta, self.teacher)
+            problem = await speculation_problem(cfg, self.base, self.teacher)
             if problem is not None:
                 log.warning("speculative rounds are off, one token per step: %s", problem)
                 self.speculate = 0
@@ -171,7 +177,7 @@ class DualVLLMCoordinator:
         )
 
     async def _start_model(
-        self, connections: list[Connection], server: ServerSettings, retries: int, exact: bool
+        self, connections: list[Connection], server: ServerSettings, retries: int, scored: int
     ) -> tuple[ReplicaSet, ServerInfo]:
         """Handshake with every replica of one model; those that answer must serve the
         same model, dialect and vocabulary. A replica that cannot be reached is left out
@@ -182,7 +188,7 @@ class DualVLLMCoordinator:
 
         async def first(conn: Connection) -> tuple[DialectBackend, ServerInfo]:
             backend = await open_backend(conn, server.dialect, detect_retries=retries)
-            return backend, await handshake(backend.with_options(max_retries=retries), server.model_name, top_k, exact)
+            return backend, await handshake(backend.with_options(max_retries=retries), server.model_name, top_k, scored)
 
         found = await asyncio.gather(*(first(conn) for conn in connections), return_exceptions=True)
         answered: list[tuple[DialectBackend, ServerInfo]] = []
@@ -213,7 +219,7 @@ class DualVLLMCoordinator:
             backend.model = info.model
 
         async def probe(backend: Backend) -> tuple[Any, ...]:
-            return _fingerprint(await handshake(backend, server.model_name, top_k, exact))
+            return _fingerprint(await handshake(backend, server.model_name, top_k, scored))
 
         ready = ReplicaSet(backends, probe=probe)
         for i, got in enumerate(found):
@@ -294,7 +300,7 @@ class DualVLLMCoordinator:
             )
         want_diag = return_diagnostics or (cfg.enable_stability_check and not cfg.auto_fallback)
         assert self.info is not None
-        ask = choose(cfg, self.theta, self.teacher, self.speculate)
+        ask = choose(cfg, self.base, self.teacher, self.speculate)
         advance = Round(
             ask,
             cfg,
@@ -335,10 +341,13 @@ class DualVLLMCoordinator:
             progress.close()
 
     def get_statistics(self) -> dict[str, Any]:
-        """Counts so far: requests, retries and failures per server and in total, tokens,
-        sequences, errors, first tokens forced, constraint applied, stability fallbacks,
-        tokens per second and mean α."""
-        summary = self.stats.summary(self.theta.stats, self.teacher.stats)
+        """Counts so far (see `Statistics.summary` for the keys), and per replica of each
+        model its share of the work under ``"replicas"`` (empty before start)."""
+        if self._replicas is None:
+            summary = self.stats.summary(RequestStats(), RequestStats())
+            summary["replicas"] = {}
+            return summary
+        summary = self.stats.summary(self.base.stats, self.teacher.stats)
         summary["replicas"] = {
             name: [
                 {
@@ -349,9 +358,9 @@ class DualVLLMCoordinator:
                     "in_flight": load,
                     "cache_hit_rate": r.stats.cache_hit_rate,
                 }
-                for info, r, load in zip(rs.info, rs.replicas, rs.load, strict=True)
+                for info, r, load in zip(rs.replica_stats, rs.replicas, rs.load, strict=True)
             ]
-            for name, rs in (("theta", self.theta), ("t", self.teacher))
+            for name, rs in (("theta", self.base), ("t", self.teacher))
         }
         return summary
 
@@ -387,7 +396,7 @@ class DualVLLMCoordinator:
     async def _prepare(self, index: int, item: WorkItem, max_tokens: int) -> Sequence:
         where = f"{item.where}, " if item.where else ""
         ids_a, ids_b = await asyncio.gather(
-            self._tokens(self.theta, item.prompt, False, where + "prompt", 0),
+            self._tokens(self.base, item.prompt, False, where + "prompt", 0),
             self._tokens(self.teacher, item.prompt_t, item.teacher_chat, where + "teacher_prompt", 1),
         )
         out = GenerationOutput(item.prompt, item.prompt_t, item.id)
@@ -398,15 +407,15 @@ class DualVLLMCoordinator:
         out = seq.out
         if seq.diag:
             out.diagnostics = {name: summarise(values) for name, values in seq.diag.items()}
-        self.theta.release([seq.ctx_theta])
-        self.teacher.release([seq.ctx_t])
+        self.base.release([seq.ctx_base])
+        self.teacher.release([seq.ctx_teacher])
         if out.finish_reason == "error":
             return
         text_ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
-        jobs: list[Any] = [self.theta.detokenize(text_ids) if text_ids else _constant("")]
+        jobs: list[Any] = [self.base.detokenize(text_ids) if text_ids else _constant("")]
         if self.config.rescore:
-            jobs.append(self.theta.sequence_logprobs(seq.ctx_theta.ids(), seq.prompt_len_theta))
-            jobs.append(self.teacher.sequence_logprobs(seq.ctx_t.ids(), seq.prompt_len_t))
+            jobs.append(self.base.sequence_logprobs(seq.ctx_base.ids(), seq.prompt_len_base))
+            jobs.append(self.teacher.sequence_logprobs(seq.ctx_teacher.ids(), seq.prompt_len_teacher))
         try:
             got = await asyncio.gather(*jobs)
         except APIError as err:

@@ -39,10 +39,10 @@ class ServerInfo:
     vocab_size: int | None = None
 
 
-async def handshake(backend: Backend, model_name: str | None, top_k: int, exact: bool) -> ServerInfo:
+async def handshake(backend: Backend, model_name: str | None, top_k: int, scored_ids: int = 0) -> ServerInfo:
     """Probe one server through the backend of its dialect, and say what was found;
     the backend is left set to send the model found (`model_name`, else the first
-    served). `exact`: this server will be asked to score the other's top_k candidates."""
+    served). `scored_ids`: the most ids this server will be asked to score at one position."""
     cards = await backend.models()
     card = next((c for c in cards if model_name is None or c.id == model_name), None)
     if card is None:
@@ -58,7 +58,7 @@ async def handshake(backend: Backend, model_name: str | None, top_k: int, exact:
     vocab_size = await _vocab_size(backend, probe)
     if vocab_size is not None and top_k > vocab_size:
         raise ConfigurationError(f"top_k={top_k} is more than the {vocab_size} ids {backend.base_url}'s model knows")
-    await _check_logprobs(backend, top_k, probe, exact)
+    await _check_logprobs(backend, top_k, probe, scored_ids)
     return ServerInfo(
         url=backend.base_url,
         dialect=backend.dialect,
@@ -127,8 +127,8 @@ async def _eos_ids(backend: Backend, specials: dict[str, int]) -> tuple[int, ...
     return (ids[0],) if len(ids) == 1 else ()
 
 
-async def _check_logprobs(backend: Backend, top_k: int, probe: list[int], exact: bool) -> None:
-    if exact and backend.max_scored_ids is not None and top_k > backend.max_scored_ids:
+async def _check_logprobs(backend: Backend, top_k: int, probe: list[int], scored_ids: int) -> None:
+    if backend.max_scored_ids is not None and scored_ids > backend.max_scored_ids:
         raise ConfigurationError(
             f"top_k={top_k} with scoring='exact': {backend.base_url} ({backend.dialect}) scores at most "
             f"{backend.max_scored_ids} ids per position (the teacher's top-k); use top_k <= {VLLM_MAX_SCORED_IDS}"

@@ -98,7 +98,7 @@ async def run_generate(args: argparse.Namespace, config: CoordinatorConfig) -> i
                     failed += out.failed
             stats = coord.get_statistics()
     print(
-        f"dualsample generate: {stats['sequences']} sequences ({failed} failed), {stats['tokens']} tokens, "
+        f"dualsample generate: {stats['sequences']} sequences ({failed} failed), {stats['total_tokens']} tokens, "
         f"{stats['tokens_per_second']:.0f} tokens/s, mean alpha {stats['mean_alpha']:.3f}, "
         f"{stats['retries']} retries, {stats['stability_fallbacks']} stability fallbacks",
         file=sys.stderr,
@@ -274,10 +274,10 @@ async def run_demo(args: argparse.Namespace) -> int:
             f"sum log pi_theta {sum(out.logp_theta):.2f}, sum log pi_t {sum(out.logp_t):.2f}"
         )
     print(
-        f"\nsummary: {stats['sequences']} sequences, {stats['tokens']} tokens, "
+        f"\nsummary: {stats['sequences']} sequences, {stats['total_tokens']} tokens, "
         f"{stats['tokens_per_second']:.0f} tokens/s, "
         f"mean alpha {stats['mean_alpha']:.3f}, {stats['stability_fallbacks']} stability fallbacks, "
-        f"{stats['errors']} errors, {stats['requests']} requests"
+        f"{stats['errors']} errors, {stats['total_requests']} requests"
     )
     if stats["rounds"]:
         print(_speculation_line(stats))

@@ -133,8 +133,12 @@ class Round:
         if not self.speculate:
             return 1
         k = auto_drafts(seq.tested, seq.accepted) if self.speculate == "auto" else int(self.speculate)
-        max_a, max_b = self.max_model_len
-        room = min(seq.max_tokens - len(seq.out.token_ids), max_a - len(seq.ctx_theta), max_b - len(seq.ctx_t))
+        max_base, max_teacher = self.max_model_len
+        room = min(
+            seq.max_tokens - len(seq.out.token_ids),
+            max_base - len(seq.ctx_base),
+            max_teacher - len(seq.ctx_teacher),
+        )
         return max(1, min(k + 1, room))
 
     def apply(self, rows: list[Sequence], bundle: Bundle) -> None:
@@ -216,18 +220,20 @@ class Round:
         out.fallback.append(cols[7][i])
         for name, col in zip(DIAGNOSTIC_NAMES, drawn.diag_cols, strict=False):
             seq.diag.setdefault(name, []).append(col[i])
-        seq.ctx_theta.append(tok)
-        seq.ctx_t.append(tok)
-        max_a, max_b = self.max_model_len
+        seq.ctx_base.append(tok)
+        seq.ctx_teacher.append(tok)
+        max_base, max_teacher = self.max_model_len
         if tok in self.stop:
             out.finish_reason, seq.done = "stop", True
-        elif len(out.token_ids) >= seq.max_tokens or len(seq.ctx_theta) >= max_a or len(seq.ctx_t) >= max_b:
+        elif (
+            len(out.token_ids) >= seq.max_tokens or len(seq.ctx_base) >= max_base or len(seq.ctx_teacher) >= max_teacher
+        ):
             out.finish_reason, seq.done = "length", True
 
     def _count(self, drawn: Drawn, emitted: np.ndarray) -> None:
         """Count the statistics of the rows whose tokens were emitted."""
         cfg, s, res = self.config, self.stats, drawn.res
-        s.first_tokens_forced += int((drawn.force & emitted).sum())
+        s.first_token_forced += int((drawn.force & emitted).sum())
         if cfg.constraint_to_target:
             # Rows where the support constraint actually removed a candidate.
             s.constraint_applied += int(((res.n_merged > res.n_candidates) & emitted).sum())

@@ -35,12 +35,12 @@ class Sequence:
 
     item: WorkItem
     index: int  # position in the caller's items
-    ctx_theta: Context
-    ctx_t: Context
+    ctx_base: Context
+    ctx_teacher: Context
     max_tokens: int
     out: GenerationOutput
-    prompt_len_theta: int = 0
-    prompt_len_t: int = 0
+    prompt_len_base: int = 0
+    prompt_len_teacher: int = 0
     diag: dict[str, list[float]] = field(default_factory=dict)
     done: bool = False
     # drafted tokens tested and accepted in speculative rounds (for speculate="auto")

@@ -17,7 +17,7 @@ class Statistics:
     errors: int = 0
     tokens: int = 0
     steps: int = 0
-    first_tokens_forced: int = 0
+    first_token_forced: int = 0
     constraint_applied: int = 0
     stability_fallbacks: int = 0
     stability_flagged: int = 0
@@ -35,12 +35,13 @@ class Statistics:
         self.alpha_sum += sum(out.alpha_history)
 
     def summary(self, theta: RequestStats, t: RequestStats) -> dict[str, Any]:
-        """Counts so far: requests, retries and failures per server and in total, tokens,
-        sequences, errors, first tokens forced, constraint applied (tokens where the
-        support constraint removed a candidate), stability fallbacks, tokens per second
-        and mean α; and the same under the names earlier tools used: ``total_requests``,
-        ``failed_requests`` (requests that failed after their retries), ``total_tokens``,
-        ``first_token_forced`` and ``success_rate`` (sequences without error / sequences).
+        """Counts so far, each under one name: ``total_requests``, ``failed_requests``
+        (requests that failed after their retries), ``retries``, and the requests and
+        retries per server; ``total_tokens``, ``sequences``, ``errors``, ``success_rate``
+        (sequences without error / sequences), ``steps``, ``first_token_forced``,
+        ``constraint_applied`` (tokens where the support constraint removed a candidate),
+        ``stability_fallbacks``, ``stability_flagged``, ``mean_alpha``, ``elapsed_s`` and
+        ``tokens_per_second``.
         With speculative rounds: ``rounds``, ``drafted`` (drafted tokens tested),
         ``accepted``, ``acceptance_rate``, ``tokens_per_round``; and always
         ``requests_per_token``."""
@@ -50,20 +51,16 @@ class Statistics:
             "total_requests": requests,
             "failed_requests": failures,
             "total_tokens": self.tokens,
-            "first_token_forced": self.first_tokens_forced,
+            "first_token_forced": self.first_token_forced,
             "success_rate": (self.sequences - self.errors) / self.sequences if self.sequences else math.nan,
-            "requests": requests,
             "retries": theta.retries + t.retries,
-            "failures": failures,
             "requests_theta": theta.requests,
             "requests_t": t.requests,
             "retries_theta": theta.retries,
             "retries_t": t.retries,
             "sequences": self.sequences,
             "errors": self.errors,
-            "tokens": self.tokens,
             "steps": self.steps,
-            "first_tokens_forced": self.first_tokens_forced,
             "constraint_applied": self.constraint_applied,
             "stability_fallbacks": self.stability_fallbacks,
             "stability_flagged": self.stability_flagged,

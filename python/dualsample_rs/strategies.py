@@ -65,9 +65,14 @@ class Strategy(Protocol):
 
 
 def base_scores_candidates(config: CoordinatorConfig) -> bool:
-    """Whether the base will be asked to score the teacher's top_k candidates (start-up
-    checks its server can score that many ids)."""
+    """Whether the base will be asked to score the teacher's candidates."""
     return config.scoring == "exact"
+
+
+def scored_ids(config: CoordinatorConfig) -> tuple[int, int]:
+    """The most ids each server, (base, teacher), will be asked to score at one
+    position (0: none), which start-up checks against the server's cap."""
+    return (config.top_k if base_scores_candidates(config) else 0), 0
 
 
 def choose(config: CoordinatorConfig, base: Backend, teacher: Backend, speculate: int | str) -> Strategy:
@@ -95,8 +100,8 @@ class BothTopK:
 
     async def __call__(self, rows: list[Sequence], lengths: list[int]) -> Bundle:
         got = await asyncio.gather(
-            self.base.topk([s.ctx_theta for s in rows], self.top_k),
-            self.teacher.topk([s.ctx_t for s in rows], self.top_k),
+            self.base.topk([s.ctx_base for s in rows], self.top_k),
+            self.teacher.topk([s.ctx_teacher for s in rows], self.top_k),
             return_exceptions=True,
         )
         base, teacher = got
@@ -117,8 +122,8 @@ class TeacherThenBase:
         self.base, self.teacher, self.top_k = base, teacher, top_k
 
     async def __call__(self, rows: list[Sequence], lengths: list[int]) -> Bundle:
-        teacher = await self.teacher.topk([s.ctx_t for s in rows], self.top_k)
-        scores = await self.base.score([s.ctx_theta for s in rows], teacher.ids)
+        teacher = await self.teacher.topk([s.ctx_teacher for s in rows], self.top_k)
+        scores = await self.base.score([s.ctx_base for s in rows], teacher.ids)
         return Bundle(np.ones(len(rows), dtype=np.int64), TopK(teacher.ids, scores), teacher)
 
 
@@ -134,7 +139,7 @@ class DraftThenVerify:
         self.score_candidates = score_candidates
 
     async def __call__(self, rows: list[Sequence], lengths: list[int]) -> Bundle:
-        drafted = await self.teacher.draft([s.ctx_t for s in rows], lengths, self.top_k)
+        drafted = await self.teacher.draft([s.ctx_teacher for s in rows], lengths, self.top_k)
         n = drafted.tokens.shape[0]
         if (
             len(drafted.lengths) != len(rows)
@@ -143,7 +148,7 @@ class DraftThenVerify:
             or drafted.top.ids.shape[0] != n
         ):
             raise InvalidResponseError(f"{self.teacher.base_url}: a draft without its top-k at every position")
-        contexts = [s.ctx_theta for s in rows]
+        contexts = [s.ctx_base for s in rows]
         if self.score_candidates:
             cap = self.base.max_scored_ids
             drafted = within_cap(drafted, cap) if cap is not None else drafted

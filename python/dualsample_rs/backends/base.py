@@ -160,11 +160,11 @@ class Backend(Protocol):
         ...
 
     async def speculation_problem(
-        self, verify: bool, recompute: bool = False, exact: bool = False, top_k: int = 1
+        self, verify: bool, recompute: bool = False, score_ids: bool = False, top_k: int = 1
     ) -> str | None:
         """Why this server cannot draft in speculative rounds, or with `verify` score the
         drafted positions (keeping its prefix cache, unless `recompute` allows scoring
-        the whole context again; with `exact`, the teacher's candidates; `top_k` entries
+        the whole context again; with `score_ids`, given ids (the teacher's candidates); `top_k` entries
         per position); None when it can."""
         ...
 

@@ -55,7 +55,7 @@ class ReplicaSet:
     def __init__(self, replicas: Sequence[Backend], probe: Callable[[Backend], Awaitable[Any]] | None = None) -> None:
         self.replicas: list[Backend] = list(replicas)
         self.load = [0] * len(replicas)
-        self.info = [ReplicaStats(r.base_url) for r in replicas]
+        self.replica_stats = [ReplicaStats(r.base_url) for r in replicas]
         self.dialect = replicas[0].dialect
         self.max_scored_ids = replicas[0].max_scored_ids
         self.base_url = replicas[0].base_url if len(replicas) == 1 else ",".join(r.base_url for r in replicas)
@@ -86,10 +86,10 @@ class ReplicaSet:
         self._expected[index] = fingerprint
 
     def _up(self) -> list[int]:
-        return [i for i, s in enumerate(self.info) if not s.down]
+        return [i for i, s in enumerate(self.replica_stats) if not s.down]
 
     def _place(self, ctx: Context) -> int:
-        if ctx.replica is None or self.info[ctx.replica].down:
+        if ctx.replica is None or self.replica_stats[ctx.replica].down:
             up = self._up()
             if not up:
                 raise APIConnectionError(f"every replica is out of rotation: {self.base_url}")
@@ -97,7 +97,7 @@ class ReplicaSet:
                 self.load[ctx.replica] -= 1
             ctx.replica = min(up, key=lambda i: self.load[i])
             self.load[ctx.replica] += 1
-            self.info[ctx.replica].sequences += 1
+            self.replica_stats[ctx.replica].sequences += 1
         return ctx.replica
 
     def release(self, contexts: Sequence[Context]) -> None:
@@ -108,10 +108,10 @@ class ReplicaSet:
                 ctx.replica = None
 
     def _take_down(self, index: int, err: BaseException) -> None:
-        if self.info[index].down:
+        if self.replica_stats[index].down:
             return
-        self.info[index].down = True
-        self.info[index].failures += 1
+        self.replica_stats[index].down = True
+        self.replica_stats[index].failures += 1
         log.warning("replica %s out of rotation after: %s", self.replicas[index].base_url, err)
         if self._probe is not None and len(self.replicas) > 1:
             self._probes[index] = asyncio.create_task(self._watch(index))
@@ -141,7 +141,7 @@ class ReplicaSet:
                     )
                     said = "changed"
                 continue
-            self.info[index].down = False
+            self.replica_stats[index].down = False
             log.warning("replica %s back in rotation", replica.base_url)
             return
 
@@ -195,10 +195,10 @@ class ReplicaSet:
         return out
 
     async def speculation_problem(
-        self, verify: bool, recompute: bool = False, exact: bool = False, top_k: int = 1
+        self, verify: bool, recompute: bool = False, score_ids: bool = False, top_k: int = 1
     ) -> str | None:
         for replica in self.replicas:
-            problem = await replica.speculation_problem(verify, recompute, exact, top_k)
+            problem = await replica.speculation_problem(verify, recompute, score_ids, top_k)
             if problem is not None:
                 return problem
         return None

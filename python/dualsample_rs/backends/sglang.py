@@ -83,7 +83,7 @@ class SGLangBackend(HttpBackend):
 
     # ------------------------------------------------------------ speculative rounds
     async def speculation_problem(
-        self, verify: bool, recompute: bool = False, exact: bool = False, top_k: int = 1
+        self, verify: bool, recompute: bool = False, score_ids: bool = False, top_k: int = 1
     ) -> str | None:
         return None
 

@@ -124,7 +124,7 @@ class VLLMCompletionsBackend(HttpBackend):
 
     # ------------------------------------------------------------ speculative rounds
     async def speculation_problem(
-        self, verify: bool, recompute: bool = False, exact: bool = False, top_k: int = 1
+        self, verify: bool, recompute: bool = False, score_ids: bool = False, top_k: int = 1
     ) -> str | None:
         if not verify:
             return None
@@ -134,7 +134,7 @@ class VLLMCompletionsBackend(HttpBackend):
                 "kept (use vllm-generate with --enable-trace-replay on the base's server, or sglang; or allow "
                 "prompt-logprobs verification, which recomputes each context)"
             )
-        if exact:
+        if score_ids:
             return f"{self.base_url}: prompt-logprobs verification gives top-k lists, not exact scoring"
         return None
 
