@@ -23,7 +23,8 @@ async def run(theta_url: str, t_url: str, constrained: bool) -> dict:
 async def main(theta_url: str, t_url: str) -> None:
     for constrained in (False, True):
         s = await run(theta_url, t_url, constrained)
-        print(f"constraint {'on ' if constrained else 'off'}: {s['total_tokens']} tokens, mean alpha {s['mean_alpha']:.3f}, "
+        state = "on " if constrained else "off"
+        print(f"constraint {state}: {s['total_tokens']} tokens, mean alpha {s['mean_alpha']:.3f}, "
               f"mean log q* {s['mean_logq']:.3f}, constraint applied at {s['constraint_applied']} tokens")  # fmt: skip
 
 

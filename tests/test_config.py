@@ -144,7 +144,8 @@ def test_a_config_survives_pickling() -> None:  # Ray sends it to its actors
 
 def _edges(s: Setting) -> tuple[list[Any], list[Any]]:
     """Values just inside and just outside a setting's declared range."""
-    rng = s.range or Range()
+    # No declared range means any finite number (see settings._matches): both infinities are out.
+    rng = s.range or Range(lo_open=True, hi_open=True)
     integer = int in (get_args(s.hint) or (s.hint,))
     inside: list[Any] = []
     outside: list[Any] = [] if integer else [math.nan]

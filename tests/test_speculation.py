@@ -414,7 +414,7 @@ def test_replies_that_do_not_fit_the_round_are_refused() -> None:
             await completions.continuation_scores(ctx, _tail(5), np.array([[5]]))
         item = {"meta_info": {"input_top_logprobs": [None], "output_top_logprobs": [[[-0.1, 5, None]]]}}
         sglang = _replying(SGLangBackend("http://x"), json.dumps([item]).encode())
-        with pytest.raises(InvalidResponseError, match="1 scored positions for 3"):
+        with pytest.raises(InvalidResponseError, match="1 positions for 3"):
             await sglang.continuation_topk(ctx, _tail(5, 6, 7), 1)
 
     asyncio.run(run())

@@ -290,6 +290,8 @@ def parse_generate_positions(
     top_k: int | None = None,
     request_id: str | None = None,
     prompt_tokens: list[int] | None = None,
+    lengths: list[int] | None = None,
+    tokens: list[int] | None = None,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float64], NDArray[np.int64], int | None]:
     """Every generated position of one vLLM ``/inference/v1/generate`` reply per
     sequence, one row per position: ``(tokens, ids, logp, lengths, cached_tokens)``.
@@ -297,10 +299,12 @@ def parse_generate_positions(
     entries (width columns, -1/-inf padding), ``lengths`` the rows of each reply. With
     `top_k`, a position listing more entries drops the first (the sampled token vLLM puts
     first when it is not among the top k). Echoes are checked as in
-    :func:`parse_generate_topk`.
+    :func:`parse_generate_topk`; with `lengths`, each reply must have that many
+    positions, and with `tokens` (a replayed trace) those tokens.
 
     Raises:
-        InvalidInputError: a body is not such a reply, or has no positions.
+        InvalidResponseError: a body is not such a reply, or not the one asked for.
+        IncompleteReplyError, MismatchedReplyError: as :func:`parse_generate_topk`.
     """
 
 def parse_sglang_positions(
@@ -311,15 +315,17 @@ def parse_sglang_positions(
     scored: bool,
     request_id: str | None = None,
     prompt_tokens: list[int] | None = None,
+    lengths: list[int] | None = None,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float64], NDArray[np.int64], int | None]:
     """Every position of each item of a batched SGLang ``/generate`` reply, one row per
     position, as :func:`parse_generate_positions`. A draft (``scored=False``) reads the
     generated tokens and ``output_*`` lists; the scoring of a continuation given in the
     input (``scored=True``) reads ``input_*`` after its first entry (None from SGLang)
     and the first ``output_*`` position, with tokens -1. Echoes are checked as in
-    :func:`parse_sglang_topk`.
+    :func:`parse_sglang_topk`; with `lengths`, item r must have ``lengths[r]`` positions.
 
     Raises:
-        InvalidInputError: the body is not such a reply, has not ``rows`` items, or
-            lacks the lists asked for.
+        InvalidResponseError: the body is not such a reply, has not ``rows`` items, or
+            not the positions asked for.
+        IncompleteReplyError, MismatchedReplyError: as :func:`parse_sglang_topk`.
     """

@@ -11,7 +11,7 @@
 //! so ESS_θ = ESS_t where A(−α) = A(2−α), a monotone equation in α.
 use crate::errors::{KernelError, KernelResult};
 use crate::kernels::fastexp::exp;
-use crate::kernels::logspace::{entropy, max};
+use crate::kernels::logspace::{entropy, max, non_negative};
 
 /// The rule that picks α at each position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,7 +221,7 @@ impl Support {
         Moments {
             lse: m + s[0].ln(),
             mean: shift + e1,
-            var: (e2 - e1 * e1).max(0.0),
+            var: non_negative(e2 - e1 * e1),
             skew: e3 - 3.0 * e1 * e2 + 2.0 * e1 * e1 * e1,
         }
     }

@@ -83,6 +83,17 @@ pub fn geometric(a: f64, b: f64, alpha: f64) -> f64 {
     }
 }
 
+/// `x` clamped at zero, always +0.0 there (and for NaN): `f64::max` may return either
+/// zero for −0.0, and which one depends on the build, which records would show.
+#[inline]
+pub fn non_negative(x: f64) -> f64 {
+    if x > 0.0 {
+        x
+    } else {
+        0.0
+    }
+}
+
 /// Σ p·(log p − log r) over entries with p > 0 (given as logs and probabilities);
 /// +inf when r = 0 where p > 0.
 pub fn kl(logp: &[f64], p: &[f64], logr: &[f64]) -> f64 {
@@ -96,7 +107,7 @@ pub fn kl(logp: &[f64], p: &[f64], logr: &[f64]) -> f64 {
         }
         total += p[i] * (logp[i] - logr[i]);
     }
-    total.max(0.0)
+    non_negative(total)
 }
 
 /// Shannon entropy in nats of a normalised distribution, as logs and probabilities.
@@ -107,7 +118,7 @@ pub fn entropy(logp: &[f64], p: &[f64]) -> f64 {
         .filter(|(&lp, _)| lp > f64::NEG_INFINITY)
         .map(|(&lp, &pi)| -pi * lp)
         .sum();
-    h.max(0.0)
+    non_negative(h)
 }
 
 /// Jensen–Shannon divergence in nats between two normalised distributions, given both
@@ -127,7 +138,7 @@ pub fn js(a: &[f64], b: &[f64], pa: &[f64], pb: &[f64]) -> f64 {
             total += 0.5 * pb[i] * (b[i] - lm);
         }
     }
-    total.max(0.0)
+    non_negative(total)
 }
 
 /// 1 / Σ π²/q: the effective sample size (as a fraction) of q-samples weighted to π.
@@ -152,6 +163,17 @@ pub fn ess(logpi: &[f64], logq: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_negative_is_positive_zero_at_and_below_zero() {
+        for x in [-0.0, 0.0, -1e-300, f64::NAN, -f64::INFINITY] {
+            assert_eq!(non_negative(x).to_bits(), 0.0f64.to_bits(), "{x}");
+        }
+        assert_eq!(non_negative(2.5), 2.5);
+        assert_eq!(non_negative(f64::INFINITY), f64::INFINITY);
+        // entropy of a point mass: every term is -1·0 = -0.0
+        assert_eq!(entropy(&[0.0], &[1.0]).to_bits(), 0.0f64.to_bits());
+    }
 
     #[test]
     fn normaliser_handles_extremes() {

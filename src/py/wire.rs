@@ -105,7 +105,8 @@ fn position_arrays(py: Python<'_>, p: Positions) -> PyResult<Bound<'_, PyTuple>>
 /// Every generated position of one vLLM generate reply per sequence (see
 /// `wire::generate::parse_positions`).
 #[pyfunction]
-#[pyo3(signature = (bodies, width, top_k=None, request_id=None, prompt_tokens=None))]
+#[pyo3(signature = (bodies, width, top_k=None, request_id=None, prompt_tokens=None, lengths=None, tokens=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn parse_generate_positions<'py>(
     py: Python<'py>,
     bodies: Vec<Bound<'py, PyBytes>>,
@@ -113,16 +114,19 @@ pub fn parse_generate_positions<'py>(
     top_k: Option<usize>,
     request_id: Option<String>,
     prompt_tokens: Option<Vec<u64>>,
+    lengths: Option<Vec<i64>>,
+    tokens: Option<Vec<i64>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let slices: Vec<&[u8]> = bodies.iter().map(PyBytesMethods::as_bytes).collect();
     let parsed = generate::parse_positions(&slices, width, top_k, &echo(request_id, prompt_tokens))?;
+    parsed.expect(lengths.as_deref(), tokens.as_deref())?;
     position_arrays(py, parsed)
 }
 
 /// Every position of each item of a batched SGLang reply: a draft, or (`scored`) the
 /// scoring of given continuations (see `wire::positions::parse_sglang`).
 #[pyfunction]
-#[pyo3(signature = (body, rows, width, field, scored, request_id=None, prompt_tokens=None))]
+#[pyo3(signature = (body, rows, width, field, scored, request_id=None, prompt_tokens=None, lengths=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn parse_sglang_positions<'py>(
     py: Python<'py>,
@@ -133,9 +137,11 @@ pub fn parse_sglang_positions<'py>(
     scored: bool,
     request_id: Option<String>,
     prompt_tokens: Option<Vec<u64>>,
+    lengths: Option<Vec<i64>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let field = sglang_field(field)?;
     let echo = echo(request_id, prompt_tokens);
     let parsed = py.detach(|| positions::parse_sglang(body, rows, width, field, scored, &echo))?;
+    parsed.expect(lengths.as_deref(), None)?;
     position_arrays(py, parsed)
 }

@@ -20,6 +20,30 @@ pub struct Positions {
     pub cached_tokens: Option<u64>,
 }
 
+impl Positions {
+    /// The rows against what the request asked for: `lengths` rows per sequence, and
+    /// (replaying a trace) those very `tokens`. A reply that differs is torn or answers
+    /// another request.
+    pub fn expect(&self, lengths: Option<&[i64]>, tokens: Option<&[i64]>) -> KernelResult<()> {
+        if let Some(want) = lengths {
+            if want.len() != self.lengths.len() {
+                return Err(reply_error(format!(
+                    "{} sequences in the reply, {} in the request",
+                    self.lengths.len(),
+                    want.len()
+                )));
+            }
+            if let Some((s, (got, want))) = self.lengths.iter().zip(want).enumerate().find(|(_, (g, w))| g != w) {
+                return Err(reply_error(format!("sequence {s}: {got} positions for {want}")));
+            }
+        }
+        if tokens.is_some_and(|want| want != self.tokens.as_slice()) {
+            return Err(reply_error("the replayed tokens differ from the trace sent".to_owned()));
+        }
+        Ok(())
+    }
+}
+
 /// Collects `(token, entries)` rows into padded arrays.
 pub(super) struct Builder {
     width: usize,
@@ -164,5 +188,10 @@ mod tests {
         assert_eq!(s.ids.row(1).to_vec(), vec![5, 7]);
         assert!(parse_sglang(body, 1, 2, Field::TokenIds, true, &Echo::default()).is_err());
         assert!(parse_sglang(body, 2, 2, Field::Top, false, &Echo::default()).is_err());
+        // what the request asked for
+        assert!(d.expect(Some(&[2]), Some(&[5, 6])).is_ok());
+        assert!(d.expect(Some(&[3]), None).is_err());
+        assert!(d.expect(Some(&[2, 1]), None).is_err());
+        assert!(d.expect(None, Some(&[5, 7])).is_err());
     }
 }

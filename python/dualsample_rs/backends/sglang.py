@@ -93,11 +93,12 @@ class SGLangBackend(HttpBackend):
         contexts: Sequence[Context],
         width: int,
         field: Literal["top", "token_ids"],
+        expected: Sequence[int],
         tails: Sequence[list[int]] | None = None,
     ) -> Positions:
-        """The tokens and rows (one per position, flat) of a batched ``/generate`` of
-        the contexts, each followed by its tail ids: a draft, or with `tails` the
-        scoring of the continuations."""
+        """The tokens and rows (one per position, flat: ``expected[r]`` for context r) of
+        a batched ``/generate`` of the contexts, each followed by its tail ids: a draft,
+        or with `tails` the scoring of the continuations."""
         rows, scored = len(contexts), tails is not None
         sent = [len(c) + (len(tails[i]) if tails is not None else 0) for i, c in enumerate(contexts)]
 
@@ -105,7 +106,7 @@ class SGLangBackend(HttpBackend):
             return body_with_lists({**head, "rid": _rids(rid, rows)}, "input_ids", contexts, tails)
 
         def decode(raw: bytes, rid: str) -> Any:
-            return _core.parse_sglang_positions(raw, rows, width, field, scored, rid, sent)
+            return _core.parse_sglang_positions(raw, rows, width, field, scored, rid, sent, lengths=list(expected))
 
         tokens, ids, logp, lengths, cached = await self._request("POST", "/generate", content=content, decode=decode)
         self.stats.count_cache(cached, sum(sent))
@@ -118,7 +119,7 @@ class SGLangBackend(HttpBackend):
                 "return_logprob": True,
                 "top_logprobs_num": top_k,
             }
-            return await self._positions(head, batch, top_k, "top")
+            return await self._positions(head, batch, top_k, "top", [length] * len(batch))
 
         return await drafts_by_length(contexts, lengths, group)
 
@@ -141,10 +142,7 @@ class SGLangBackend(HttpBackend):
             **fields,
         }
         tails = [t[:-1] for t in continuations.split_tokens()]
-        got = await self._positions(head, contexts, width, field, tails)
-        for n, want in zip(got.lengths.tolist(), continuations.lengths.tolist(), strict=True):
-            if n != want:
-                raise InvalidResponseError(f"{self.base_url}: {n} scored positions for {want}")
+        got = await self._positions(head, contexts, width, field, continuations.lengths.tolist(), tails)
         return got.top
 
     async def continuation_topk(self, contexts: Sequence[Context], continuations: Positions, top_k: int) -> TopK:

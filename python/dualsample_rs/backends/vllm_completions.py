@@ -148,7 +148,7 @@ class VLLMCompletionsBackend(HttpBackend):
                 lp = choice.get("logprobs") or {}
                 drafted = [_token_id(t) for t in lp.get("tokens") or []]
                 listed = [_keyed_entries(d) for d in lp.get("top_logprobs") or []]
-                if not drafted or len(drafted) != len(listed):
+                if len(drafted) != length or len(listed) != length:
                     raise InvalidResponseError(f"{self.base_url}: a draft without its top-k at every position")
                 tokens += drafted
                 tops += listed

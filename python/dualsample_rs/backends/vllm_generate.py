@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from ..exceptions import BadRequestError, InvalidInputError, InvalidResponseError, LogprobsLimitError
+from ..exceptions import BadRequestError, InvalidInputError, LogprobsLimitError
 from .base import VLLM_MAX_SCORED_IDS, Positions, TopK, gather_scores, join
 from .context import Context, body_with_list
 from .vllm_completions import VLLMCompletionsBackend, _checked
@@ -90,13 +90,16 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
                 raise
         return None
 
-    async def _positions(self, context: Context, params: dict[str, Any], width: int, top_k: int | None) -> Positions:
-        """The tokens and rows (one per generated position) of one generate reply."""
+    async def _positions(
+        self, context: Context, params: dict[str, Any], width: int, top_k: int | None, replay: list[int] | None = None
+    ) -> Positions:
+        """The tokens and rows (one per generated position) of one generate reply: as
+        many positions as ``max_tokens`` asks, and with `replay` those tokens."""
 
-        sent = [len(context)]
+        sent, length = [len(context)], [int(params["max_tokens"])]
 
         def decode(raw: bytes, rid: str) -> Any:
-            return _core.parse_generate_positions([raw], width, top_k, rid, sent)
+            return _core.parse_generate_positions([raw], width, top_k, rid, sent, lengths=length, tokens=replay)
 
         content = self._generate_body(context, params)
         tokens, ids, logp, lengths, cached = await self._request("POST", GENERATE_PATH, content=content, decode=decode)
@@ -116,7 +119,7 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
             # top_k keeps the whole top k when the replayed token is outside it, and the
             # reader keeps the entries ranked within top_k.
             params = {"max_tokens": len(cont), "logprobs": top_k + 1, "trace_decode_token_ids": cont}
-            return self._replayed(cont, await self._positions(context, params, top_k + 1, top_k))
+            return await self._positions(context, params, top_k + 1, top_k, replay=cont)
 
         conts = continuations.split_tokens()
         return join(await asyncio.gather(*(one(c, t) for c, t in zip(contexts, conts, strict=True)))).top
@@ -130,18 +133,13 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
             if len(union) > VLLM_MAX_SCORED_IDS - 1:
                 raise InvalidInputError(f"{len(union)} ids to score over a round, over vLLM's cap of 128 (127 here)")
             params = {"max_tokens": len(cont), **_scored(union), "trace_decode_token_ids": cont}
-            got = self._replayed(cont, await self._positions(context, params, len(union) + 2, None))
+            got = await self._positions(context, params, len(union) + 2, None, replay=cont)
             return gather_scores(wanted, got.top, f"{self.base_url} logprob_token_ids")
 
         conts = continuations.split_tokens()
         wanted = [ids[continuations.rows_of([s])] for s in range(len(contexts))]
         calls = (one(c, t, w) for c, t, w in zip(contexts, conts, wanted, strict=True))
         return np.concatenate(await asyncio.gather(*calls))
-
-    def _replayed(self, cont: list[int], got: Positions) -> Positions:
-        if got.tokens.tolist() != cont:
-            raise InvalidResponseError(f"{self.base_url}: the replayed tokens differ from the trace sent")
-        return got
 
     async def sequence_logprobs(self, ids: list[int], start: int) -> list[float]:
         params = {"max_tokens": 1, "temperature": 0, "detokenize": False, "prompt_logprobs": 0}
