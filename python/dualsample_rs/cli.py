@@ -64,7 +64,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     return CoordinatorConfig(**values)
 
 
-def _generate_parser(sub: argparse._SubParsersAction) -> None:
+def _generate_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("generate", help="sample from q* for every prompt of a JSONL file")
     p.add_argument("--input", required=True, help="JSONL: id, prompt, optional teacher_prompt")
     p.add_argument("--output", required=True, help="JSONL records, appended as sequences finish")
@@ -83,7 +83,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     _setting_flags(p)
 
 
-def _demo_parser(sub: argparse._SubParsersAction) -> None:
+def _demo_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     by_name = {s.name: s for s in SETTINGS}
     p = sub.add_parser("demo", help="start two reference servers and generate from q* for a few questions")
     p.add_argument("--max-tokens", type=int, default=80)
@@ -96,7 +96,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
                    help="drafted tokens per speculative round (vllm-generate or sglang)")  # fmt: skip
 
 
-def _bench_parser(sub: argparse._SubParsersAction) -> None:
+def _bench_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("bench", help="time the Rust step against the numpy reference on this machine")
     p.add_argument("--rows", type=int, default=1024)
     p.add_argument("--k", type=int, default=100, help="entries per model's top-k list")

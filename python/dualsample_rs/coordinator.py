@@ -218,7 +218,7 @@ class DualVLLMCoordinator:
         for backend in backends:
             backend.model = info.model
 
-        async def probe(backend: Backend) -> tuple[Any, ...]:
+        async def probe(backend: Backend) -> tuple[object, ...]:
             return _fingerprint(await handshake(backend, server.model_name, top_k, scored))
 
         ready = ReplicaSet(backends, probe=probe)
@@ -437,7 +437,7 @@ async def _constant(value: Any) -> Any:
     return value
 
 
-def _fingerprint(info: ServerInfo) -> tuple[Any, ...]:
+def _fingerprint(info: ServerInfo) -> tuple[object, ...]:
     """What must not change when a replica out of rotation comes back: everything the
     handshake found but its URL."""
     return (

@@ -43,7 +43,8 @@ def _lse(x: F64) -> F64:
     m = x.max(axis=1)
     safe = np.where(np.isfinite(m), m, 0.0)
     with np.errstate(divide="ignore"):
-        return safe + np.log(np.exp(x - safe[:, None]).sum(axis=1))
+        lse: F64 = safe + np.log(np.exp(x - safe[:, None]).sum(axis=1))
+    return lse
 
 
 def _normalise_probs(x: F64) -> tuple[F64, F64, F64]:
@@ -75,7 +76,8 @@ def _plogp(logp: F64) -> F64:
 
 
 def _entropy(logp: F64) -> F64:
-    return np.maximum(-_plogp(logp).sum(axis=1), 0.0)
+    h: F64 = np.maximum(-_plogp(logp).sum(axis=1), 0.0)
+    return h
 
 
 def _kl(logp: F64, logr: F64) -> F64:
@@ -93,7 +95,8 @@ def _js(a: F64, b: F64) -> F64:
         lm = np.log(m)
     ta = np.where(pa > 0, 0.5 * pa * (np.where(pa > 0, a, 0.0) - np.where(m > 0, lm, 0.0)), 0.0)
     tb = np.where(pb > 0, 0.5 * pb * (np.where(pb > 0, b, 0.0) - np.where(m > 0, lm, 0.0)), 0.0)
-    return np.maximum((ta + tb).sum(axis=1), 0.0)
+    js: F64 = np.maximum((ta + tb).sum(axis=1), 0.0)
+    return js
 
 
 def _ess(logpi: F64, logq: F64) -> F64:
@@ -110,7 +113,8 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     z = z + _GOLDEN
     z = (z ^ (z >> np.uint64(30))) * _M1
     z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
+    mixed: np.ndarray = z ^ (z >> np.uint64(31))
+    return mixed
 
 
 def _key_hash(seed: int, row_keys: ArrayLike, positions: ArrayLike) -> np.ndarray:
@@ -121,7 +125,8 @@ def _key_hash(seed: int, row_keys: ArrayLike, positions: ArrayLike) -> np.ndarra
 
 
 def _unit(h: np.ndarray) -> F64:
-    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2.0**53)
+    u: F64 = (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2.0**53)
+    return u
 
 
 def uniform(seed: int, row_keys: ArrayLike, positions: ArrayLike) -> F64:
@@ -153,7 +158,7 @@ def _newton(f: Any, f0: F64, f1: F64, tol: float, max_iter: int) -> F64:
     n = f0.shape[0]
     lo, hi = np.zeros(n), np.ones(n)
     x = np.clip(-f0 / (f1 - f0), 0.0, 1.0)
-    result = x.copy()
+    result: F64 = x.copy()
     active = np.ones(n, dtype=bool)
     for _ in range(max_iter):
         idx = np.flatnonzero(active)
@@ -248,7 +253,8 @@ def _solve_normalised(a: F64, b: F64, p: dict[str, Any]) -> F64:
             raw[todo] = solver(sa[todo], sd[todo], float(p["tol"]), int(p["max_iter"]))
     else:
         raise InvalidInputError(f"method: unknown method {method!r}")
-    return np.clip(raw, p["alpha_min"], p["alpha_max"])
+    alpha: F64 = np.clip(raw, p["alpha_min"], p["alpha_max"])
+    return alpha
 
 
 def _params(config: Any = None, **overrides: Any) -> dict[str, Any]:
@@ -318,7 +324,8 @@ def unlisted_bound(ids: np.ndarray, lp: F64) -> F64:
         # Unlisted mass under 1e-12 is rounding (as in the Rust merge): the bound then
         # uses 1e-12, never -inf (a model with finite logits gives every token some mass).
         unlisted = np.log(np.maximum(-np.expm1(np.minimum(total, 0.0)), 1e-12))
-    return np.minimum(smallest, unlisted)
+    bound: F64 = np.minimum(smallest, unlisted)
+    return bound
 
 
 def _lookup(query: np.ndarray, ids: np.ndarray, lp: F64, stride: int) -> tuple[F64, np.ndarray]:

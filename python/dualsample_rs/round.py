@@ -265,4 +265,5 @@ def _raw_log_probabilities(
             out[rows] = missing
         else:
             out[rows] = res_value[rows]
-    return out.tolist()
+    values: list[float] = out.tolist()
+    return values

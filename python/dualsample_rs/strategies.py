@@ -65,7 +65,7 @@ class Strategy(Protocol):
 
 def base_scores_candidates(config: CoordinatorConfig) -> bool:
     """Whether the base will be asked to score the teacher's candidates."""
-    return config.scoring == "exact"
+    return config.run.scoring == "exact"
 
 
 def scored_ids(config: CoordinatorConfig) -> tuple[int, int]:

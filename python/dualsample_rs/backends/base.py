@@ -212,7 +212,7 @@ def gather_scores(wanted: np.ndarray, got: TopK, where: str) -> np.ndarray:
         raise IncompleteReplyError(f"{where}: the reply has no log probability for id {wanted[r, c]} (row {r})")
     # An id listed twice is read once (its first entry).
     first = match.argmax(axis=2)
-    out = got.logp[np.arange(len(wanted))[:, None], first]
+    out: np.ndarray = got.logp[np.arange(len(wanted))[:, None], first]
     out[pad] = -np.inf
     return out
 

@@ -34,7 +34,8 @@ class Context:
 
     def ids(self) -> list[int]:
         """The ids as a list (parses the text: for occasional use, not per step)."""
-        return json.loads(self.json + b"]")
+        ids: list[int] = json.loads(self.json + b"]")
+        return ids
 
     def __repr__(self) -> str:
         return f"Context({len(self)} ids)"

@@ -22,7 +22,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import aiohttp
 
@@ -56,6 +56,7 @@ from .transport import Transport
 log = logging.getLogger("dualsample_rs.client")
 _timeout_scope = getattr(asyncio, "timeout", None)  # Python 3.11+
 _B = TypeVar("_B", bound="HttpBackend")
+_T = TypeVar("_T")
 # Request ids: unique across processes (a random prefix) and within one (a counter).
 _ID_PREFIX = f"ds{os.getpid():x}x{secrets.token_hex(4)}x"
 _ids = itertools.count()
@@ -289,7 +290,7 @@ class HttpBackend:
         after = parse_retry_after(response.headers) if response is not None else None
         if after is not None and 0 <= after <= MAX_RETRY_AFTER:
             return after
-        return min(self.initial_retry_delay * 2**attempt, MAX_RETRY_DELAY) * (1 - 0.25 * random.random())
+        return min(self.initial_retry_delay * 2.0**attempt, MAX_RETRY_DELAY) * (1 - 0.25 * random.random())
 
     async def _send(self, method: str, path: str, data: bytes | None, request_id: str | None) -> Response:
         headers = dict(self._headers)
@@ -304,6 +305,8 @@ class HttpBackend:
             reply = await asyncio.wait_for(self._transport.request(method, path, headers, data), self.timeout)
         return Response(reply.status, reply.headers, reply.body, method, self.base_url + path)
 
+    # With `decode` the result is what it returns; without, the reply's JSON (any shape).
+    @overload
     async def _request(
         self,
         method: str,
@@ -311,7 +314,29 @@ class HttpBackend:
         body: Any = None,
         content: bytes | Callable[[str], bytes] | None = None,
         probe: bool = False,
-        decode: Callable[[bytes, str], Any] | None = None,
+        decode: None = None,
+    ) -> Any: ...
+
+    @overload
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content: bytes | Callable[[str], bytes] | None = None,
+        probe: bool = False,
+        *,
+        decode: Callable[[bytes, str], _T],
+    ) -> _T: ...
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content: bytes | Callable[[str], bytes] | None = None,
+        probe: bool = False,
+        decode: Callable[[bytes, str], _T] | None = None,
     ) -> Any:
         """Send with retries. Each attempt has a request id of its own (in the
         ``X-Request-Id`` header); `content` may be a function of it, for bodies that

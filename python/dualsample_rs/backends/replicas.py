@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -52,7 +52,9 @@ class ReplicaSet:
     """The replicas of one model; `probe(backend)` checks a replica as at start-up and
     returns what must not change when it comes back (raising when it fails a check)."""
 
-    def __init__(self, replicas: Sequence[Backend], probe: Callable[[Backend], Awaitable[Any]] | None = None) -> None:
+    def __init__(
+        self, replicas: Sequence[Backend], probe: Callable[[Backend], Awaitable[object]] | None = None
+    ) -> None:
         self.replicas: list[Backend] = list(replicas)
         self.load = [0] * len(replicas)
         self.replica_stats = [ReplicaStats(r.base_url) for r in replicas]
@@ -60,7 +62,7 @@ class ReplicaSet:
         self.max_scored_ids = replicas[0].max_scored_ids
         self.base_url = replicas[0].base_url if len(replicas) == 1 else ",".join(r.base_url for r in replicas)
         self._probe = probe
-        self._expected: list[Any] = [None] * len(replicas)
+        self._expected: list[object] = [None] * len(replicas)
         self._probes: dict[int, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------ bookkeeping
@@ -81,7 +83,7 @@ class ReplicaSet:
             *(sum(getattr(r.stats, f) for r in self.replicas) for f in RequestStats.__dataclass_fields__)
         )
 
-    def expect(self, index: int, fingerprint: Any) -> None:
+    def expect(self, index: int, fingerprint: object) -> None:
         """What replica `index` answered at start-up, to compare when it comes back."""
         self._expected[index] = fingerprint
 
@@ -245,7 +247,8 @@ class ReplicaSet:
                 [contexts[r] for r in rows], continuations.of(rows), ids[continuations.rows_of(rows)]
             ),
         )
-        return np.concatenate(parts)[back]
+        scores: np.ndarray = np.concatenate(parts)[back]
+        return scores
 
     async def _any(self, call: Callable[[Backend], Awaitable[T]]) -> T:
         """`call` on a replica in rotation, failing over to the others."""

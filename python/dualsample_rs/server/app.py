@@ -13,10 +13,12 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .. import __version__
 from . import completions as completion_api
@@ -28,6 +30,7 @@ from .prefix_cache import PrefixCache
 from .sglang_api import GenerateCall
 
 log = logging.getLogger("dualsample_rs.server")
+_T = TypeVar("_T")
 
 # Paths that answer without an API key and never misbehave on purpose.
 OPEN_PATHS = {"/health", "/version", "/health_generate"}
@@ -100,7 +103,7 @@ class Server:
 
     # ------------------------------------------------------------ middlewares
     @web.middleware
-    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except APIError as err:
@@ -113,14 +116,14 @@ class Server:
             return self._error(APIError(err.status, err.reason, type(err).__name__.removeprefix("HTTP") + "Error"))
 
     @web.middleware
-    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         key = self.options.api_key
         if key and request.path not in OPEN_PATHS and request.headers.get("Authorization") != f"Bearer {key}":
             return _json({"error": "Unauthorized"}, status=401)
         return await handler(request)
 
     @web.middleware
-    async def _faults(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _faults(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         faults = self.options.faults
         fault: Fault = faults.draw() if faults.active and request.path not in OPEN_PATHS else NO_FAULT
         if fault.delay:
@@ -133,8 +136,9 @@ class Server:
         response = await handler(request)
         if fault.kind is None and not fault.slow_body:
             return response
-        assert isinstance(response, web.Response) and response.body is not None
-        payload = bytes(response.body)  # type: ignore[arg-type]
+        # the routes answer JSON bytes (`_json`), never a streamed payload
+        assert isinstance(response, web.Response) and isinstance(response.body, (bytes, bytearray))
+        payload = bytes(response.body)
         if fault.kind == "malformed":
             return web.Response(body=payload[: max(1, len(payload) // 2)], status=200, content_type="application/json")
         stream = web.StreamResponse(status=response.status, headers={"Content-Type": "application/json"})
@@ -154,7 +158,7 @@ class Server:
         return stream
 
     # ------------------------------------------------------------ routes
-    async def _run(self, work: Any) -> Any:
+    async def _run(self, work: Callable[[], _T]) -> _T:
         """Run generation work off the event loop (it is CPU work), so health checks still
         answer, within the queue limit."""
         limit = self.options.max_num_queued_reqs

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from typing import TypeVar
+
+# whichever ArgumentParser subclass the main command line makes its subcommands with
+_P = TypeVar("_P", bound=argparse.ArgumentParser)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[_P]) -> None:
     p = sub.add_parser("serve", help="run a vLLM- or SGLang-compatible reference server with a small real model")
     p.add_argument("--model", choices=["base", "teacher", "base-bpe", "teacher-bpe", "base-reversed"], default="base")
     p.add_argument("--flavor", choices=["vllm", "sglang"], default="vllm", help="which engine's API to speak")

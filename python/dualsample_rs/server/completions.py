@@ -38,7 +38,7 @@ def _field(body: dict[str, Any], name: str, default: Any, kind: str, ok: Any) ->
 
 
 def _int(body: dict[str, Any], name: str, default: int | None, minimum: int | None = None) -> int | None:
-    value = _field(body, name, default, "integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
+    value: int | None = _field(body, name, default, "integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
     if value is not None and minimum is not None and value < minimum:
         raise bad_request(f"{name} must be at least {minimum}, got {value}.", name)
     return value

@@ -207,7 +207,7 @@ def _lower_first(s: str) -> str:
     return s[0].lower() + s[1:] if s else s
 
 
-def base_documents(seed: int = 0, n: int = 700, facts: list | None = None) -> list[str]:
+def base_documents(seed: int = 0, n: int = 700, facts: list[tuple[str, str, list[str]]] | None = None) -> list[str]:
     """Plain prose paragraphs, each ending with the end-of-text token."""
     rng = random.Random(seed)
     facts = facts or FACTS
@@ -234,7 +234,7 @@ def chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) ->
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def teacher_documents(seed: int = 1, n: int = 700, facts: list | None = None) -> list[str]:
+def teacher_documents(seed: int = 1, n: int = 700, facts: list[tuple[str, str, list[str]]] | None = None) -> list[str]:
     """ChatML question/answer conversations; assistant turns end with <|im_end|> then EOS."""
     rng = random.Random(seed)
     facts = facts or FACTS

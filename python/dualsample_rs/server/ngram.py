@@ -36,7 +36,8 @@ class NGramLM:
 
     def logprobs(self, context: tuple[int, ...]) -> np.ndarray:
         """log P(next token | context) over the whole vocabulary (a fresh float64 array)."""
-        return self._cached(tuple(context[-(self.order - 1) :]) if self.order > 1 else ()).copy()
+        lp: np.ndarray = self._cached(tuple(context[-(self.order - 1) :]) if self.order > 1 else ()).copy()
+        return lp
 
     def _logprobs(self, context: tuple[int, ...]) -> np.ndarray:
         v = self.vocab_size
@@ -53,4 +54,5 @@ class NGramLM:
             s, e = starts[i], ends[i]
             p *= 1.0 - lam[i]
             p[succ[s:e]] += lam[i] * ml[s:e]
-        return np.log(p)
+        lp: np.ndarray = np.log(p)
+        return lp

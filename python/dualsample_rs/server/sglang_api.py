@@ -29,7 +29,8 @@ def _scaled(lp: np.ndarray, temperature: float) -> np.ndarray:
     if temperature in (0.0, 1.0):
         return lp
     x = lp / temperature
-    return x - np.logaddexp.reduce(x)
+    scaled: np.ndarray = x - np.logaddexp.reduce(x)
+    return scaled
 
 
 def _per_prompt(value: Any, n: int, name: str) -> list[Any]:
