@@ -73,9 +73,9 @@ class DualVLLMCoordinator:
 
     def __init__(self, config: CoordinatorConfig | None = None) -> None:
         self.config = config or CoordinatorConfig()
-        if self.config.enable_logging:
+        if self.config.run.enable_logging:
             logging.basicConfig()
-            log.setLevel(self.config.log_level.upper())
+            log.setLevel(self.config.run.log_level.upper())
         # One connection per replica, opened now (a bad URL fails here); the backends of
         # their dialects are built on them at start-up, which closes nothing: aclose does.
         self._connections = tuple(
@@ -83,14 +83,14 @@ class DualVLLMCoordinator:
                 Connection.open(
                     url,
                     api_key=server.api_key,
-                    timeout=self.config.request_timeout,
-                    max_retries=self.config.max_retries,
-                    retry_delay=self.config.retry_delay,
-                    connection_pool_size=self.config.connection_pool_size,
-                    trust_env=self.config.proxy_from_env,
-                    ca_bundle=self.config.ca_bundle,
-                    insecure=self.config.insecure,
-                    max_reply_bytes=self.config.max_reply_bytes,
+                    timeout=self.config.transport.request_timeout,
+                    max_retries=self.config.transport.max_retries,
+                    retry_delay=self.config.transport.retry_delay,
+                    connection_pool_size=self.config.transport.connection_pool_size,
+                    trust_env=self.config.transport.proxy_from_env,
+                    ca_bundle=self.config.transport.ca_bundle,
+                    insecure=self.config.transport.insecure,
+                    max_reply_bytes=self.config.transport.max_reply_bytes,
                 )
                 for url in server.urls
             ]
@@ -102,7 +102,7 @@ class DualVLLMCoordinator:
         self.stop_ids: tuple[int, ...] = ()
         self.exclude_ids: tuple[int, ...] = ()
         #: drafted tokens per speculative round in effect (0 when the servers cannot)
-        self.speculate: int | str = self.config.speculate
+        self.speculate: int | str = self.config.run.speculate
 
     async def __aenter__(self) -> DualVLLMCoordinator:
         try:
@@ -147,7 +147,7 @@ class DualVLLMCoordinator:
         cfg = self.config
         # A server that is still loading answers 503 for a while, and start-up is a few
         # cheap requests: give it at least STARTUP_RETRIES retries whatever the run's own.
-        retries = max(cfg.max_retries, STARTUP_RETRIES)
+        retries = max(cfg.transport.max_retries, STARTUP_RETRIES)
         scored = scored_ids(cfg)
         (theta, info_a), (teacher, info_b) = await asyncio.gather(
             *(
@@ -158,11 +158,11 @@ class DualVLLMCoordinator:
         self._replicas = theta, teacher
         agree(info_a, info_b)
         self.stop_ids, self.exclude_ids = stop_and_excluded_ids(
-            info_a, info_b, cfg.stop_token_ids, cfg.exclude_special_tokens, cfg.special_token_ids
+            info_a, info_b, cfg.run.stop_token_ids, cfg.sampler.exclude_special_tokens, cfg.sampler.special_token_ids
         )
         if not self.stop_ids:
             log.warning("no end-of-sequence id found on the servers: sequences run to max_tokens (pass stop_token_ids)")
-        if cfg.speculate:
+        if cfg.run.speculate:
             problem = await speculation_problem(cfg, self.base, self.teacher)
             if problem is not None:
                 log.warning("speculative rounds are off, one token per step: %s", problem)
@@ -184,7 +184,7 @@ class DualVLLMCoordinator:
         of rotation with a warning, and probed until it passes the same checks; only
         when none answers does start-up fail. Returns the replicas in their dialect, and
         what they serve. `retries`: per start-up request, whatever the run's."""
-        top_k = self.config.top_k
+        top_k = self.config.sampler.top_k
 
         async def first(conn: Connection) -> tuple[DialectBackend, ServerInfo]:
             backend = await open_backend(conn, server.dialect, detect_retries=retries)
@@ -295,10 +295,13 @@ class DualVLLMCoordinator:
         if temperature != 1.0:
             # The call's temperature scales both models, on top of the config's own.
             cfg = cfg.replace(
-                temperature=cfg.temperature * temperature,
-                temperature_t=(cfg.temperature_t if cfg.temperature_t is not None else cfg.temperature) * temperature,
+                temperature=cfg.sampler.temperature * temperature,
+                temperature_t=(
+                    cfg.sampler.temperature_t if cfg.sampler.temperature_t is not None else cfg.sampler.temperature
+                )
+                * temperature,
             )
-        want_diag = return_diagnostics or (cfg.enable_stability_check and not cfg.auto_fallback)
+        want_diag = return_diagnostics or (cfg.sampler.enable_stability_check and not cfg.sampler.auto_fallback)
         assert self.info is not None
         ask = choose(cfg, self.base, self.teacher, self.speculate)
         advance = Round(
@@ -328,9 +331,9 @@ class DualVLLMCoordinator:
         if self.speculate:
             # Rounds vary in length and each waits for its slowest sequence: more, smaller
             # batches keep both servers busier (bench_speculation: +1-11% tokens/s over two).
-            least = min(cfg.max_concurrency, SPECULATION_WORKERS)
-        workers = max(math.ceil(cfg.max_concurrency / cfg.max_batch_size), least)
-        batch = max(1, min(cfg.max_batch_size, math.ceil(cfg.max_concurrency / workers)))
+            least = min(cfg.run.max_concurrency, SPECULATION_WORKERS)
+        workers = max(math.ceil(cfg.run.max_concurrency / cfg.run.max_batch_size), least)
+        batch = max(1, min(cfg.run.max_batch_size, math.ceil(cfg.run.max_concurrency / workers)))
         scheduler = Scheduler(
             lambda index, item: self._prepare(index, item, max_tokens), advance, self._finish, workers, batch, on_output
         )
@@ -413,7 +416,7 @@ class DualVLLMCoordinator:
             return
         text_ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
         jobs: list[Any] = [self.base.detokenize(text_ids) if text_ids else _constant("")]
-        if self.config.rescore:
+        if self.config.run.rescore:
             jobs.append(self.base.sequence_logprobs(seq.ctx_base.ids(), seq.prompt_len_base))
             jobs.append(self.teacher.sequence_logprobs(seq.ctx_teacher.ids(), seq.prompt_len_teacher))
         try:
@@ -422,7 +425,7 @@ class DualVLLMCoordinator:
             seq.fail(err)
             return
         out.generated_text = got[0]
-        if self.config.rescore:
+        if self.config.run.rescore:
             out.logp_theta_exact, out.logp_t_exact = got[1], got[2]
 
     def _postfix(self) -> dict[str, str]:

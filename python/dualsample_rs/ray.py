@@ -80,14 +80,17 @@ class DualSample:
         cfg = config if isinstance(config, CoordinatorConfig) else CoordinatorConfig(**config)
         if actors > 1:
             index = _actor_index()
-            cfg = cfg.replace(theta_url=_share(cfg.theta_url, index, actors), t_url=_share(cfg.t_url, index, actors))
+            cfg = cfg.replace(
+                theta_url=_share(cfg.transport.theta_url, index, actors),
+                t_url=_share(cfg.transport.t_url, index, actors),
+            )
         self.max_tokens, self.temperature = max_tokens, temperature
         self.teacher_chat, self.diagnostics = teacher_chat, diagnostics
         self.prompt_field, self.teacher_field = prompt_field, teacher_field
         self.loop = asyncio.new_event_loop()
         self.coord = DualVLLMCoordinator(cfg)
         self.loop.run_until_complete(self.coord.start())
-        self.columns = COLUMNS + (RESCORED if cfg.rescore else ()) + (SPECULATED if self.coord.speculate else ())
+        self.columns = COLUMNS + (RESCORED if cfg.run.rescore else ()) + (SPECULATED if self.coord.speculate else ())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         if "id" not in batch:

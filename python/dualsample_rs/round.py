@@ -188,10 +188,10 @@ class Round:
     def _kernel(self, bundle: Bundle, positions: np.ndarray, keys: np.ndarray) -> Drawn:
         """The Rust step over the rows, as Python columns."""
         base, teacher = bundle.base, bundle.teacher
-        force = positions == 0 if self.config.force_first_token else np.zeros(len(positions), dtype=bool)
+        force = positions == 0 if self.config.sampler.force_first_token else np.zeros(len(positions), dtype=bool)
         res = _core.step(
             base.ids, base.logp, teacher.ids, teacher.logp,
-            config=self.sampler, seed=self.config.seed, positions=positions, row_keys=keys, force_teacher=force,
+            config=self.sampler, seed=self.config.run.seed, positions=positions, row_keys=keys, force_teacher=force,
             drafts=bundle.drafts,
         )  # fmt: skip
         cols: list[list[Any]] = [getattr(res, name).tolist() for name in _COLUMNS]
@@ -199,7 +199,7 @@ class Round:
         # listed it (the kernel's are renormalised over the candidates and tempered), and
         # the missing rule's estimate where it did not (`observed_*` false). When the base
         # scored the teacher's candidates, every value is a model's own.
-        missing = self.config.missing
+        missing = self.config.sampler.missing
         for c, top, observed in ((2, base, res.observed_theta), (3, teacher, res.observed_t)):
             cols[c] = _raw_log_probabilities(top, res.token_id, observed, missing, res_value=getattr(res, _COLUMNS[c]))
         diag_cols = [getattr(res, name).tolist() for name in DIAGNOSTIC_NAMES] if self.diagnostics else []
@@ -234,13 +234,13 @@ class Round:
         """Count the statistics of the rows whose tokens were emitted."""
         cfg, s, res = self.config, self.stats, drawn.res
         s.first_token_forced += int((drawn.force & emitted).sum())
-        if cfg.constraint_to_target:
+        if self.sampler.top_p is not None:
             # Rows where the support constraint actually removed a candidate.
             s.constraint_applied += int(((res.n_merged > res.n_candidates) & emitted).sum())
         if self.sampler.stability_js_max is not None:
             s.stability_fallbacks += int((res.fallback & emitted).sum())
-        if cfg.enable_stability_check and not cfg.auto_fallback and res.js is not None:
-            s.stability_flagged += int(((res.js > cfg.stability_threshold_js) & emitted).sum())
+        if cfg.sampler.enable_stability_check and not cfg.sampler.auto_fallback and res.js is not None:
+            s.stability_flagged += int(((res.js > cfg.sampler.stability_js_max) & emitted).sum())
 
 
 def _lookup(top: TopK, tokens: np.ndarray) -> np.ndarray:

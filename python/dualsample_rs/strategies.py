@@ -71,12 +71,12 @@ def base_scores_candidates(config: CoordinatorConfig) -> bool:
 def scored_ids(config: CoordinatorConfig) -> tuple[int, int]:
     """The most ids each server, (base, teacher), will be asked to score at one
     position (0: none), which start-up checks against the server's cap."""
-    return (config.top_k if base_scores_candidates(config) else 0), 0
+    return (config.sampler.top_k if base_scores_candidates(config) else 0), 0
 
 
 def choose(config: CoordinatorConfig, base: Backend, teacher: Backend, speculate: int | str) -> Strategy:
     """The run's strategy (`speculate`: what start-up found the servers allow)."""
-    exact, k = base_scores_candidates(config), config.top_k
+    exact, k = base_scores_candidates(config), config.sampler.top_k
     if speculate:
         return DraftThenVerify(base, teacher, k, exact)
     return TeacherThenBase(base, teacher, k) if exact else BothTopK(base, teacher, k)
@@ -84,8 +84,8 @@ def choose(config: CoordinatorConfig, base: Backend, teacher: Backend, speculate
 
 async def speculation_problem(config: CoordinatorConfig, base: Backend, teacher: Backend) -> str | None:
     """Why speculative rounds cannot run on these servers (None: they can)."""
-    return await teacher.speculation_problem(False, top_k=config.top_k) or await base.speculation_problem(
-        True, config.verify_prompt_logprobs, base_scores_candidates(config), config.top_k
+    return await teacher.speculation_problem(False, top_k=config.sampler.top_k) or await base.speculation_problem(
+        True, config.run.verify_prompt_logprobs, base_scores_candidates(config), config.sampler.top_k
     )
 
 
