@@ -332,6 +332,16 @@ class RunSettings:
         doc="through prompt log probabilities, which skip vLLM's prefix cache; topk scoring only",
         flag=Flag("--verify-prompt-logprobs", "sampling"),
     )  # fmt: skip
+    save_topk: int = setting(
+        0, "keep the teacher's N most likely ids and their raw log probabilities at every generated position "
+        "(0: none; at most top_k)", range=Range(0, 100_000), flag=Flag("--save-topk", "sampling", metavar="N"),
+        doc="records gain topk_ids_t and topk_logp_t; with scoring exact the base's exact values of the same ids "
+            "too (topk_ids_theta, topk_logp_theta)",
+    )  # fmt: skip
+    save_topk_of: Literal["teacher", "both"] = setting(
+        "teacher", "whose top ids save_topk keeps: the teacher's, or both models' (topk_ids_theta, topk_logp_theta)",
+        flag=Flag("--save-topk-of", "sampling"),
+    )  # fmt: skip
     stop_token_ids: tuple[int, ...] | None = setting(
         None, "ids that end a sequence (none: ask the servers)", range=Range(0),
         flag=Flag("--stop-token-ids", "sampling", text=_ids_text, syntax="comma-separated"),
@@ -429,6 +439,11 @@ class CoordinatorConfig:
         for name, changed in _changes(settings, parts["sampler"]).items():
             value = dataclasses.replace(parts[name], **changed) if changed else parts[name]
             object.__setattr__(self, name, value)
+        if self.run.save_topk > self.sampler.top_k:
+            raise ConfigurationError(
+                f"save_topk: {self.run.save_topk} ids per position, but the servers are asked for top_k="
+                f"{self.sampler.top_k}; give save_topk <= top_k"
+            )
 
     def __getattr__(self, name: str) -> Any:
         """A setting read flat, under its name or its earlier keyword."""

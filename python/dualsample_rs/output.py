@@ -37,7 +37,12 @@ class GenerationOutput:
     ``logp_t_exact[i]`` are the models' true raw log probabilities of the token, from
     scoring the finished sequence whole. With speculative rounds, ``round[i]`` is the
     round (0, 1, ...) that produced token i and ``drafted[i]`` whether it was a drafted
-    token accepted (else a fresh or residual draw). A stop token, when one ended the sequence, is the
+    token accepted (else a fresh or residual draw). With ``save_topk`` N,
+    ``topk_ids_t[i]`` / ``topk_logp_t[i]`` are the teacher's N most likely ids at token i's
+    position and their raw log probabilities, most likely first (fewer where the server
+    listed fewer); ``topk_ids_theta`` / ``topk_logp_theta`` the base's, with
+    ``save_topk_of="both"``, or with exact scoring the base's exact values of the
+    teacher's ids. A stop token, when one ended the sequence, is the
     last entry of ``token_ids`` and is not part of ``generated_text``.
     """
 
@@ -58,6 +63,10 @@ class GenerationOutput:
     error: str | None = None
     logp_theta_exact: list[float] | None = None
     logp_t_exact: list[float] | None = None
+    topk_ids_t: list[list[int]] | None = None
+    topk_logp_t: list[list[float]] | None = None
+    topk_ids_theta: list[list[int]] | None = None
+    topk_logp_theta: list[list[float]] | None = None
     round: list[int] | None = None
     drafted: list[bool] | None = None
 
@@ -96,4 +105,10 @@ class GenerationOutput:
         if self.round is not None:
             record["round"] = self.round
             record["drafted"] = self.drafted
+        if self.topk_ids_t is not None:
+            record["topk_ids_t"] = self.topk_ids_t
+            record["topk_logp_t"] = self.topk_logp_t
+        if self.topk_ids_theta is not None:
+            record["topk_ids_theta"] = self.topk_ids_theta
+            record["topk_logp_theta"] = self.topk_logp_theta
         return record

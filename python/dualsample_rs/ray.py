@@ -27,13 +27,17 @@ from .coordinator import DualVLLMCoordinator
 from .exceptions import InvalidInputError
 from .output import GenerationOutput
 from .sequence import WorkItem, stable_key
+from .strategies import base_scores_candidates
 
 # The record's fields as columns; `diagnostics` (a nested mapping) goes as JSON text.
 COLUMNS = ("id", "prompt", "teacher_prompt", "text", "token_ids", "alpha", "logp_theta", "logp_t", "logq",
            "observed_theta", "observed_t", "fallback", "finish_reason", "error", "diagnostics")  # fmt: skip
-# Fields a record has only with rescoring, or with speculative rounds.
+# Fields a record has only with rescoring, with speculative rounds, or with save_topk
+# (the base's too with save_topk_of="both" or exact scoring).
 RESCORED = ("logp_theta_exact", "logp_t_exact")
 SPECULATED = ("round", "drafted")
+TOPK_T = ("topk_ids_t", "topk_logp_t")
+TOPK_THETA = ("topk_ids_theta", "topk_logp_theta")
 
 
 def _plain(value: Any) -> Any:
@@ -90,7 +94,15 @@ class DualSample:
         self.loop = asyncio.new_event_loop()
         self.coord = DualVLLMCoordinator(cfg)
         self.loop.run_until_complete(self.coord.start())
-        self.columns = COLUMNS + (RESCORED if cfg.run.rescore else ()) + (SPECULATED if self.coord.speculate else ())
+        run = cfg.run
+        both = run.save_topk_of == "both" or base_scores_candidates(cfg)
+        self.columns = (
+            COLUMNS
+            + (RESCORED if run.rescore else ())
+            + (SPECULATED if self.coord.speculate else ())
+            + (TOPK_T if run.save_topk else ())
+            + (TOPK_THETA if run.save_topk and both else ())
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         if "id" not in batch:
@@ -132,7 +144,7 @@ def record_from_row(row: dict[str, Any]) -> dict[str, Any]:
     record = {name: _plain(row[name]) for name in COLUMNS}
     record["diagnostics"] = json.loads(record["diagnostics"])
     # A failed sequence of a rescored run has no exact values: its record has no such keys.
-    for name in (*RESCORED, *SPECULATED):
+    for name in (*RESCORED, *SPECULATED, *TOPK_T, *TOPK_THETA):
         if row.get(name) is not None:
             record[name] = _plain(row[name])
     return record

@@ -23,7 +23,7 @@ from . import _core
 from .backends import TopK
 from .config import CoordinatorConfig
 from .exceptions import APIError, BadRequestError, DualSampleError, InvalidInputError
-from .output import DIAGNOSTIC_NAMES
+from .output import DIAGNOSTIC_NAMES, GenerationOutput
 from .reference import unlisted_bound
 from .sequence import Sequence
 from .statistics import Statistics
@@ -75,12 +75,14 @@ async def narrow(
 
 @dataclass
 class Drawn:
-    """One kernel call's result: the Rust columns, and the reported ones as lists."""
+    """One kernel call's result: the Rust columns, and the reported ones as lists
+    (``top_cols``: the kept top ids and values, see `_top_columns`)."""
 
     res: _core.StepResult
     force: np.ndarray
     cols: list[list[Any]]
     diag_cols: list[list[Any]]
+    top_cols: list[list[Any]]
 
 
 class Round:
@@ -93,6 +95,10 @@ class Round:
         speculate: drafted tokens per round, ``"auto"``, or 0 for one token per step.
         stop_ids: ids that end a sequence; `max_model_len` each server's context length.
         diagnostics: keep the kernel's per-position divergences in the records.
+
+    With ``save_topk`` N in the config, each token's record also keeps the teacher's N
+    most likely ids at its position with their raw log probabilities, and the base's
+    (its own N, or its values of the teacher's ids where it scored those).
     """
 
     def __init__(
@@ -203,7 +209,21 @@ class Round:
         for c, top, observed in ((2, base, res.observed_theta), (3, teacher, res.observed_t)):
             cols[c] = _raw_log_probabilities(top, res.token_id, observed, missing, res_value=getattr(res, _COLUMNS[c]))
         diag_cols = [getattr(res, name).tolist() for name in DIAGNOSTIC_NAMES] if self.diagnostics else []
-        return Drawn(res, force, cols, diag_cols)
+        return Drawn(res, force, cols, diag_cols, self._top_columns(bundle))
+
+    def _top_columns(self, bundle: Bundle) -> list[list[Any]]:
+        """Per row, the kept top ids and values: the teacher's, then (when kept) the
+        base's; empty without ``save_topk``."""
+        n = self.config.run.save_topk
+        if not n:
+            return []
+        teacher = _most_likely(bundle.teacher, bundle.teacher, n)
+        if bundle.base_scores_teacher_ids:
+            # The base scored the teacher's ids: its values of the same ids, in the same order.
+            return [*teacher, *_most_likely(bundle.base, bundle.teacher, n)]
+        if self.config.run.save_topk_of == "both":
+            return [*teacher, *_most_likely(bundle.base, bundle.base, n)]
+        return teacher
 
     def _emit(self, seq: Sequence, drawn: Drawn, i: int) -> None:
         """Append row `i`'s token to `seq` and end it on a stop id or a length limit."""
@@ -220,6 +240,8 @@ class Round:
         out.fallback.append(cols[7][i])
         for name, col in zip(DIAGNOSTIC_NAMES, drawn.diag_cols, strict=False):
             seq.diag.setdefault(name, []).append(col[i])
+        if drawn.top_cols:
+            _keep_top(out, drawn.top_cols, i)
         seq.ctx_base.append(tok)
         seq.ctx_teacher.append(tok)
         max_base, max_teacher = self.max_model_len
@@ -241,6 +263,33 @@ class Round:
             s.stability_fallbacks += int((res.fallback & emitted).sum())
         if cfg.sampler.enable_stability_check and not cfg.sampler.auto_fallback and res.js is not None:
             s.stability_flagged += int(((res.js > cfg.sampler.stability_js_max) & emitted).sum())
+
+
+def _most_likely(values: TopK, order_by: TopK, n: int) -> list[list[Any]]:
+    """Per row, the ids of `order_by` ranked by its log probabilities (the `n` most
+    likely, padding left out) and their values in `values` (rows aligned with
+    `order_by`'s, e.g. the same ids scored by another model): ``[ids, logp]``."""
+    order = np.argsort(-order_by.logp, axis=1, kind="stable")[:, :n]
+    ids = np.take_along_axis(order_by.ids, order, axis=1)
+    logp = np.take_along_axis(values.logp, order, axis=1)
+    counts = (ids >= 0).sum(axis=1).tolist()
+    return [
+        [row[:c] for row, c in zip(ids.tolist(), counts, strict=True)],
+        [row[:c] for row, c in zip(logp.tolist(), counts, strict=True)],
+    ]
+
+
+def _keep_top(out: GenerationOutput, cols: list[list[Any]], i: int) -> None:
+    """Append row `i`'s kept top ids and values to the output's lists."""
+    if out.topk_ids_t is None or out.topk_logp_t is None:
+        out.topk_ids_t, out.topk_logp_t = [], []
+    out.topk_ids_t.append(cols[0][i])
+    out.topk_logp_t.append(cols[1][i])
+    if len(cols) > 2:
+        if out.topk_ids_theta is None or out.topk_logp_theta is None:
+            out.topk_ids_theta, out.topk_logp_theta = [], []
+        out.topk_ids_theta.append(cols[2][i])
+        out.topk_logp_theta.append(cols[3][i])
 
 
 def _lookup(top: TopK, tokens: np.ndarray) -> np.ndarray:

@@ -32,12 +32,14 @@ from .sequence import Sequence
 class Bundle:
     """A round's rows: sequence s owns ``lengths[s]`` consecutive rows; ``base`` and
     ``teacher`` are each model's entries at those rows; ``drafts`` is the drafted token
-    each row tests (-1: drawn afresh), None when nothing is drafted."""
+    each row tests (-1: drawn afresh), None when nothing is drafted. When
+    ``base_scores_teacher_ids``, the base's row holds its values of the teacher's ids."""
 
     lengths: np.ndarray
     base: TopK
     teacher: TopK
     drafts: np.ndarray | None = None
+    base_scores_teacher_ids: bool = False
 
     def rows(self, start: int, stop: int) -> Bundle:
         """The rows of sequences ``start`` to ``stop``."""
@@ -49,6 +51,7 @@ class Bundle:
             TopK(self.base.ids[a:b], self.base.logp[a:b]),
             TopK(self.teacher.ids[a:b], self.teacher.logp[a:b]),
             None if self.drafts is None else self.drafts[a:b],
+            self.base_scores_teacher_ids,
         )
 
 
@@ -123,7 +126,7 @@ class TeacherThenBase:
     async def __call__(self, rows: list[Sequence], lengths: list[int]) -> Bundle:
         teacher = await self.teacher.topk([s.ctx_teacher for s in rows], self.top_k)
         scores = await self.base.score([s.ctx_base for s in rows], teacher.ids)
-        return Bundle(np.ones(len(rows), dtype=np.int64), TopK(teacher.ids, scores), teacher)
+        return Bundle(np.ones(len(rows), dtype=np.int64), TopK(teacher.ids, scores), teacher, None, True)
 
 
 class DraftThenVerify:
@@ -150,7 +153,7 @@ class DraftThenVerify:
             base = await self.base.continuation_topk(contexts, drafted, self.top_k)
         tested = drafted.tokens.astype(np.int64, copy=True)
         tested[np.cumsum(drafted.lengths) - 1] = -1
-        return Bundle(drafted.lengths, base, drafted.top, tested)
+        return Bundle(drafted.lengths, base, drafted.top, tested, self.score_candidates)
 
 
 def within_cap(drafted: Positions, cap: int) -> Positions:
