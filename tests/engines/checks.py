@@ -136,3 +136,29 @@ def run_mode(
         rebuilt=mode == "topk" and dialect != "auto", tol_exact=tol_exact,
     )  # fmt: skip
     return coord
+
+
+def check_saved_topk(engine: Engine, outs: list[GenerationOutput], n: int, top_k: int, tol: float = 1e-4) -> None:
+    """The records' saved top ids (``save_topk`` n, both models) against what the engine
+    lists itself at every generated position, asked one position at a time."""
+    for i, out in enumerate(outs):
+        p_theta = tokenize(engine.theta, engine.theta_model, text=PLAIN[i])
+        p_t = tokenize(engine.teacher, engine.teacher_model, messages=[{"role": "user", "content": QUESTIONS[i]}])
+        saved = (
+            ("t", p_t, out.topk_ids_t, out.topk_logp_t),
+            ("theta", p_theta, out.topk_ids_theta, out.topk_logp_theta),
+        )
+        for which, prompt, ids_saved, logp_saved in saved:
+            assert ids_saved is not None and logp_saved is not None
+            assert len(ids_saved) == len(out.token_ids) == len(logp_saved)
+            listed = engine.topk(which, top_k)
+            for pos in range(len(out.token_ids)):
+                ids, logp = listed(prompt + out.token_ids[:pos])
+                ranked = sorted(zip(logp, ids, strict=True), key=lambda e: -e[0])[:n]
+                want_logp = [lp for lp, _ in ranked]
+                assert len(logp_saved[pos]) == len(want_logp)
+                assert max(abs(a - b) for a, b in zip(logp_saved[pos], want_logp, strict=True)) < tol
+                # The same ids, but where two values tie at the last kept place.
+                edge = want_logp[-1]
+                firm = {t for lp, t in ranked if lp > edge + tol}
+                assert firm <= set(ids_saved[pos]), (which, pos, ids_saved[pos], ranked)

@@ -53,6 +53,16 @@ def test_speculative_rounds_with_exact_scoring(engine: Engine) -> None:
     checks.check_records(engine, outs, stats, _stop_ids(engine), exact=True, tol_exact=1e-4)
 
 
+def test_saved_top_ids_are_the_engines_own(engine: Engine) -> None:
+    """save_topk against SGLang's own top-k at every position, in speculative rounds
+    (drafted and verified lists, both models)."""
+    outs, stats, coord = checks.run(
+        engine.theta, engine.teacher, dialect="sglang", speculate=3, top_k=8, save_topk=5, save_topk_of="both"
+    )
+    assert coord.speculate == 3 and stats["errors"] == 0
+    checks.check_saved_topk(engine, outs, 5, 8)
+
+
 def test_replicas_give_the_single_server_records(engine: Engine, models: Path) -> None:
     with start_sglang(models / "base") as second:
         outs, stats, _ = checks.run((engine.theta, second.url), engine.teacher, dialect="sglang")

@@ -59,6 +59,15 @@ def test_speculative_rounds_through_prompt_logprobs(engine: Engine) -> None:
     checks.check_records(engine, outs, stats, _stop_ids(engine), rebuilt=True)
 
 
+def test_saved_top_ids_are_the_engines_own(engine: Engine) -> None:
+    """save_topk against vLLM's own top-k at every position (generate route, both models)."""
+    outs, stats, _ = checks.run(
+        engine.theta, engine.teacher, dialect="vllm-generate", top_k=8, save_topk=5, save_topk_of="both"
+    )
+    assert stats["errors"] == 0
+    checks.check_saved_topk(engine, outs, 5, 8)
+
+
 def test_replicas_give_the_single_server_records(engine: Engine, models: Path) -> None:
     with start_vllm(models / "base", 0) as second:
         outs, stats, _ = checks.run((engine.theta, second.url), engine.teacher, dialect="vllm-completions")
