@@ -21,8 +21,9 @@ CHAT = [{"role": "user", "content": "Why is the sky blue?"}]
 
 
 @pytest.fixture(scope="module")
-def base() -> Iterator[httpx.Client]:
-    with running_server("base") as url, httpx.Client(base_url=url, timeout=30) as client:
+def base(urls: tuple[str, str]) -> Iterator[httpx.Client]:
+    """A client of the shared base server (default flags)."""
+    with httpx.Client(base_url=urls[0], timeout=30) as client:
         yield client
 
 
@@ -336,8 +337,8 @@ def test_json_error_bodies_for_unknown_routes_and_methods(base: httpx.Client) ->
     assert base.post("/inference/v1/generate", json={"token_ids": [1]}).status_code == 404
 
 
-def test_vllm_generate_route_shapes() -> None:
-    with running_server("base", enable_scale_out=True) as url, httpx.Client(base_url=url, timeout=30) as c:
+def test_vllm_generate_route_shapes(generate_pair: tuple[str, str]) -> None:
+    with httpx.Client(base_url=generate_pair[0], timeout=30) as c:
         body = {"token_ids": [72, 105], "sampling_params": {"max_tokens": 2, "temperature": 0, "logprobs": 3,
                                                              "detokenize": False}}  # fmt: skip
         got = c.post("/inference/v1/generate", json=body).json()
@@ -354,8 +355,8 @@ def test_vllm_generate_route_shapes() -> None:
         assert r.status_code == 400
 
 
-def test_sglang_flavor_shapes_and_errors() -> None:
-    with running_server("teacher", flavor="sglang") as url, httpx.Client(base_url=url, timeout=30) as c:
+def test_sglang_flavor_shapes_and_errors(sglang_pair: tuple[str, str]) -> None:
+    with httpx.Client(base_url=sglang_pair[1], timeout=30) as c:
         assert c.get("/v1/models").json()["data"][0]["owned_by"] == "sglang"
         assert c.get("/get_model_info").json()["model_path"] == "dualsample-teacher"
         assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 404
@@ -445,7 +446,7 @@ def test_served_model_name_and_413_bodies() -> None:
         assert r.status_code == 413 and r.json()["error"]["code"] == 413
 
 
-def test_trace_replay_reports_the_model_at_each_given_token() -> None:
+def test_trace_replay_reports_the_model_at_each_given_token(generate_pair: tuple[str, str]) -> None:
     with running_server("teacher", enable_scale_out=True, enable_trace_replay=True) as url:
         with httpx.Client(base_url=url, timeout=30) as c:
             prompt = c.post("/tokenize", json={"messages": CHAT}).json()["tokens"]
@@ -461,6 +462,6 @@ def test_trace_replay_reports_the_model_at_each_given_token() -> None:
             r = c.post("/inference/v1/generate", json={**body, "sampling_params": {
                 "trace_decode_token_ids": trace, "prompt_logprobs": 1}})  # fmt: skip
             assert r.status_code == 400
-    with running_server("teacher", enable_scale_out=True) as url:
-        r = httpx.post(url + "/inference/v1/generate", json=body, timeout=30)
-        assert r.status_code == 400 and "trace replay is not enabled" in r.json()["error"]["message"]
+    # a teacher serving the generate route without trace replay
+    r = httpx.post(generate_pair[1] + "/inference/v1/generate", json=body, timeout=30)
+    assert r.status_code == 400 and "trace replay is not enabled" in r.json()["error"]["message"]
