@@ -55,7 +55,19 @@ lint: build-prod
 test-rust: install
 	cargo test
 
-.PHONY: test ## build once (release), then every check: lint, cargo test, pytest (benches run once)
+# The inner loop: what a change most often breaks, on a debug build, in under two minutes
+# warm. The statistical and Ray tests (marked slow), the benches and stubtest wait for
+# `make test`.
+.PHONY: check ## the fast loop: debug build, lint, cargo test, pytest without slow tests, Ray or benches
+check: build-dev test-rust
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests benches examples
+	$(VENV)/bin/ruff format --check python tests benches examples
+	$(PY) -m mypy python/dualsample_rs
+	$(PY) -m pytest -q -m "not slow" tests
+
+.PHONY: test ## build once (release), then every check: lint, cargo test, pytest with the slow tests (benches run once)
 test: build-prod $(VENV)/.ray lint test-rust
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +20,20 @@ import pytest
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, GenerationOutput
 from dualsample_rs.backends import Context, SGLangBackend, VLLMCompletionsBackend, VLLMGenerateBackend
 from dualsample_rs.exceptions import ConfigurationError, InvalidInputError, InvalidResponseError
-from dualsample_rs.server import running_flavors, running_server
+from dualsample_rs.server import running_server
 from dualsample_rs.speculation import AUTO_RANGE, auto_drafts
 from scipy import stats
-from support import doomed_server, generate_cli, read_records, wait_cli, write_input
+from support import doomed_server, generate_cli, pair_config, read_records, run_coordinator, wait_cli, write_input
 
 DIALECT = {"vllm": "vllm-generate", "sglang": "sglang"}
 
 
-@pytest.fixture(scope="module")
-def flavors() -> Iterator[dict[str, tuple[str, str]]]:
-    with running_flavors() as f:
-        yield f
-
-
-async def _generate(
-    urls: tuple[str, str], dialect: str | tuple[str, str], prompts: list[str], max_tokens: int, **options: Any
-) -> tuple[list[GenerationOutput], dict[str, Any]]:
-    config = CoordinatorConfig(theta_url=urls[0], t_url=urls[1], dialect=dialect, **options)  # type: ignore[arg-type]
-    async with DualVLLMCoordinator(config) as coord:
-        outs = await coord.generate_batch(prompts, max_tokens=max_tokens, show_progress=False)
-        return outs, coord.get_statistics()
-
-
 def generate(
     urls: tuple[str, str], dialect: str | tuple[str, str], prompts: list[str], max_tokens: int, **options: Any
-) -> Any:
-    return asyncio.run(_generate(urls, dialect, prompts, max_tokens, **options))
+) -> tuple[list[GenerationOutput], dict[str, Any]]:
+    """The outputs and statistics of a run in `dialect`, both models given the same prompts."""
+    outs, stats, _ = run_coordinator(pair_config(urls, dialect=dialect, **options), prompts, max_tokens=max_tokens)
+    return outs, stats
 
 
 # ------------------------------------------------------------ the lists of a round
@@ -136,6 +122,7 @@ LAW_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", LAW_CASES)
 def test_joint_law_of_three_tokens_is_the_one_token_law(flavors: dict[str, tuple[str, str]], case: str) -> None:
     """12,000 sequences of 3 tokens each way (independent seeds): the joint law of the 3
@@ -154,6 +141,7 @@ def test_joint_law_of_three_tokens_is_the_one_token_law(flavors: dict[str, tuple
     _assert_same_numbers(one, spec, at_least=30)
 
 
+@pytest.mark.slow
 def test_the_law_test_notices_a_wrong_law(flavors: dict[str, tuple[str, str]]) -> None:
     """The test above can fail: a small change of temperature is found at this size."""
     options = {"max_concurrency": 1024, "max_batch_size": 1024}
