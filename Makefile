@@ -55,9 +55,9 @@ lint: build-prod
 test-rust: install
 	cargo test
 
-# The inner loop: what a change most often breaks, on a debug build, in under two minutes
-# warm. The statistical and Ray tests (marked slow), the benches and stubtest wait for
-# `make test`.
+# The inner loop, on a debug build. The tests marked slow (the statistical ones over
+# thousands of samples, those that need Ray, end-to-end runs of 5 s or more), the benches
+# and stubtest wait for `make test`.
 .PHONY: check ## the fast loop: debug build, lint, cargo test, pytest without slow tests, Ray or benches
 check: build-dev test-rust
 	cargo fmt --check

@@ -84,6 +84,7 @@ def test_exact_scoring_reports_true_log_probabilities(flavors: dict[str, tuple[s
         assert all(q <= 0 for q in o.logq)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_rescoring_in_topk_mode_gives_true_log_probabilities(flavors: dict[str, tuple[str, str]], dialect: str) -> None:
     outs, _ = _run(_urls(flavors, dialect), seed=24, dialect=dialect, rescore=True)
@@ -101,6 +102,7 @@ def test_rescoring_in_topk_mode_gives_true_log_probabilities(flavors: dict[str, 
     assert all(o.logp_theta_exact is None and "logp_theta_exact" not in o.to_record() for o in plain_run)
 
 
+@pytest.mark.slow
 def test_exact_scoring_refuses_more_ids_than_vllm_scores(flavors: dict[str, tuple[str, str]]) -> None:
     with running_server("base", max_logprobs=200) as a, running_server("teacher", max_logprobs=200) as b:
         with pytest.raises(ConfigurationError, match="at most 128 ids"):
@@ -167,6 +169,7 @@ def test_sequence_logprobs_agree_across_dialects(flavors: dict[str, tuple[str, s
         np.testing.assert_allclose(asyncio.run(go(cls, flavors[flavor][1])), want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_demo_runs_in_every_dialect(dialect: str) -> None:
     import subprocess

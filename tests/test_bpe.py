@@ -104,6 +104,7 @@ def test_exact_scoring_is_exact_on_bpe(bpe: dict[str, tuple[str, str]]) -> None:
         np.testing.assert_allclose(o.logp_t, o.logp_t_exact, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_cli_kill_and_resume_on_bpe(bpe: dict[str, tuple[str, str]], tmp_path: Path) -> None:
     inp, full, part = tmp_path / "in.jsonl", tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     with inp.open("w") as f:

@@ -103,6 +103,7 @@ def _records(outs: list[ds.GenerationOutput]) -> list[tuple]:
     return [(o.token_ids, o.alpha_history, o.logq, o.logp_theta, o.logp_t, o.finish_reason) for o in outs]
 
 
+@pytest.mark.slow
 def test_same_seed_same_records_whatever_concurrency(urls: tuple[str, str]) -> None:
     runs = [
         _records(run(cfg(urls, seed=6, max_concurrency=c, max_batch_size=b), max_tokens=30))
@@ -144,6 +145,7 @@ def test_mismatched_vocabularies_are_refused(urls: tuple[str, str]) -> None:
             run(CoordinatorConfig(theta_url=other, t_url=urls[1]), max_tokens=2)
 
 
+@pytest.mark.slow
 def test_faults_are_retried_and_counted(urls: tuple[str, str]) -> None:
     clean = run(cfg(urls, seed=9), max_tokens=20)
     faults = {"fault_seed": 3, "error_503_rate": 0.15, "retry_after": 0.05, "drop_rate": 0.05, "error_500_rate": 0.05,
@@ -183,6 +185,7 @@ def test_a_dead_server_becomes_per_sequence_errors(urls: tuple[str, str]) -> Non
     assert stats["errors"] == len(failed) and stats["failures"] >= 1
 
 
+@pytest.mark.slow
 def test_cli_killed_and_resumed_loses_and_duplicates_nothing(urls: tuple[str, str], tmp_path: Path) -> None:
     inp, full, part = tmp_path / "in.jsonl", tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     write_input(inp, 300)
@@ -210,6 +213,7 @@ def test_cli_killed_and_resumed_loses_and_duplicates_nothing(urls: tuple[str, st
         assert r == reference[r["id"]]  # same seed, same record, whatever the interruption
 
 
+@pytest.mark.slow
 def test_cli_refuses_to_clobber_and_reports_failures(urls: tuple[str, str], tmp_path: Path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(inp, 3)
@@ -259,6 +263,7 @@ def test_config_validation() -> None:
     assert parts.run.seed == 5 and parts.run.scoring == "exact" and parts.run.max_concurrency == 256
 
 
+@pytest.mark.slow
 def test_cli_resume_can_retry_failed_records(urls: tuple[str, str], tmp_path: Path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(inp, 4)
@@ -321,6 +326,7 @@ def test_stability_check_without_fallback_only_counts(urls: tuple[str, str]) -> 
     assert with_fallback["stability_fallbacks"] > 0 and with_fallback["stability_flagged"] == 0
 
 
+@pytest.mark.slow
 def test_stop_ids_come_from_tokenizer_info_when_enabled(urls: tuple[str, str]) -> None:
     async def stop_ids(theta: str, t: str) -> tuple[int, ...]:
         async with DualVLLMCoordinator(CoordinatorConfig(theta_url=theta, t_url=t)) as coord:
@@ -333,6 +339,7 @@ def test_stop_ids_come_from_tokenizer_info_when_enabled(urls: tuple[str, str]) -
             assert asyncio.run(stop_ids(a, b)) == (EOS,)  # only the tokenizer's own EOS
 
 
+@pytest.mark.slow
 def test_start_up_survives_a_flaky_server() -> None:
     # 30% of requests answer 503: every start-up request is retried, so every start succeeds.
     flaky = {"error_503_rate": 0.3, "retry_after": 0.01}

@@ -19,11 +19,14 @@ EXPECTED = {
     "one_call.py": "->",
     "speculation.py": "tokens per round",
 }
-# Examples that need servers started their own way (they start them when given no URLs).
+# Examples that need servers started their own way (they start them when given no URLs):
+# slow, for the servers they start and the rounds they run.
 OWN_SERVERS = {"speculation.py"}
 
 
-@pytest.mark.parametrize("script", sorted(EXPECTED))
+@pytest.mark.parametrize(
+    "script", [pytest.param(s, marks=pytest.mark.slow) if s in OWN_SERVERS else s for s in sorted(EXPECTED)]
+)
 def test_example_runs(urls: tuple[str, str], script: str) -> None:
     given = [] if script in OWN_SERVERS else ["--theta-url", urls[0], "--t-url", urls[1]]
     p = subprocess.run(

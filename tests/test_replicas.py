@@ -112,6 +112,7 @@ def test_cli_takes_repeated_and_comma_separated_urls(replicas) -> None:
     assert config.theta_url == (a1, a2) and config.t_url == (b1, b2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavor", ["vllm", "sglang"])
 def test_prefix_cache_hit_rate_per_replica(flavor: str) -> None:
     opts: dict = {"flavor": "sglang"} if flavor == "sglang" else {"enable_prompt_tokens_details": True}
@@ -148,6 +149,7 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.stdout.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "comes_back_as,flags,back,says",
     [

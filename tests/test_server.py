@@ -243,6 +243,7 @@ def test_queue_limit_answers_503() -> None:
         assert httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
 
 
+@pytest.mark.slow
 def test_reported_distribution_is_the_sampled_one(teacher: httpx.Client) -> None:
     """Chi-square: first-token frequencies over many seeded samples against exp(logprobs)."""
     n = 4000
@@ -290,6 +291,7 @@ def test_fault_flags(flags: dict, expected: object) -> None:
         assert httpx.get(url + "/health").status_code == 200  # health never misbehaves
 
 
+@pytest.mark.slow
 def test_503_carries_retry_after_and_faults_are_seeded() -> None:
     with running_server("base", error_503_rate=1.0, retry_after=2.5) as url:
         assert httpx.post(url + "/v1/completions", json={"prompt": "hi"}).headers["Retry-After"] == "2.5"

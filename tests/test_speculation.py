@@ -151,6 +151,7 @@ def test_the_law_test_notices_a_wrong_law(flavors: dict[str, tuple[str, str]]) -
     assert _same_law(_outcomes(one), _outcomes(warmer)) < 1e-6
 
 
+@pytest.mark.slow
 def test_vllm_generate_rounds_give_the_one_token_numbers(flavors: dict[str, tuple[str, str]]) -> None:
     """Over trace replay, every token reached by both paths with the same prefix has the
     same numbers, and a round makes several tokens with two requests."""
@@ -170,6 +171,7 @@ def test_vllm_generate_rounds_give_the_one_token_numbers(flavors: dict[str, tupl
 
 
 # ------------------------------------------------------------ records and guarantees
+@pytest.mark.slow
 @pytest.mark.parametrize("speculate", [3, "auto"])
 def test_same_records_whatever_the_concurrency(flavors: dict[str, tuple[str, str]], speculate: int | str) -> None:
     prompts = [f"Question: {q}\nAnswer:" for q in ("Why is the sky blue?", "What is gravity?", "How is bread made?")]
@@ -185,6 +187,7 @@ def test_same_records_whatever_the_concurrency(flavors: dict[str, tuple[str, str
     assert any(any(o.drafted or []) for o in runs[0][0])
 
 
+@pytest.mark.slow
 def test_a_stop_id_ends_the_sequence_inside_a_round(flavors: dict[str, tuple[str, str]]) -> None:
     """A drafted token that is a stop id ends the sequence where it stands, as step by step."""
     prompts = ["Question: Why is the sky blue?\nAnswer:"] * 200
@@ -199,6 +202,7 @@ def test_a_stop_id_ends_the_sequence_inside_a_round(flavors: dict[str, tuple[str
     assert any(o.drafted and o.drafted[-1] for o in stopped)  # stopped by an accepted draft
 
 
+@pytest.mark.slow
 def test_prompt_logprobs_verification_gives_the_one_token_numbers(flavors: dict[str, tuple[str, str]]) -> None:
     """On request, a vllm-completions base scores the drafts through prompt log
     probabilities (its context recomputed): same numbers per context, several tokens a round."""
@@ -239,6 +243,7 @@ def test_servers_that_cannot_verify_fall_back_with_one_line(
     assert st["rounds"] == 0 and [o.to_record() for o in outs] == [o.to_record() for o in plain]
 
 
+@pytest.mark.slow
 def test_cli_speculating_killed_and_resumed_loses_and_duplicates_nothing(
     flavors: dict[str, tuple[str, str]], tmp_path: Path
 ) -> None:
@@ -265,6 +270,7 @@ def test_cli_speculating_killed_and_resumed_loses_and_duplicates_nothing(
     assert all(r == reference[r["id"]] for r in records)
 
 
+@pytest.mark.slow
 def test_exact_scoring_rounds_fit_vllm_cap_of_128_ids() -> None:
     """Top-60 candidates at up to nine positions pass vLLM's 128 scored ids: each round is
     cut to the positions that fit, and the numbers stay the one-token path's."""
@@ -320,6 +326,7 @@ def test_a_replica_lost_mid_round_costs_no_record(flavors: dict[str, tuple[str, 
     assert [o.to_record() for o in outs] == [o.to_record() for o in single]
 
 
+@pytest.mark.slow
 def test_mixed_dialects_speculate(flavors: dict[str, tuple[str, str]]) -> None:
     """A teacher on vLLM drafting for a base on SGLang: the same numbers per context."""
     urls = (flavors["sglang"][0], flavors["vllm"][1])
