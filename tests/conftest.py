@@ -21,10 +21,11 @@ collect_ignore = [] if os.environ.get("DUALSAMPLE_ENGINES") else ["engines"]
 
 
 # The reference servers the end-to-end tests share, each pair started once a session
-# (the first test that asks for it) and stopped at the end. A server's answers depend
-# only on the request (seeds travel with it), so tests cannot disturb one another
-# through them. A test that needs a server set up otherwise (faults, caps, another
-# model), or one it kills, starts its own.
+# (the first test that asks for it) and stopped at the end. The coordinator's requests
+# carry everything their answers depend on (log probabilities, or seeded samples), so
+# tests cannot disturb one another through them. A test that needs a server set up
+# otherwise (faults, caps, another model), one it kills, or one whose unseeded samples
+# it counts on from a fresh start, starts its own.
 
 
 @pytest.fixture(scope="session")

@@ -357,8 +357,10 @@ def test_vllm_generate_route_shapes(generate_pair: tuple[str, str]) -> None:
         assert r.status_code == 400
 
 
-def test_sglang_flavor_shapes_and_errors(sglang_pair: tuple[str, str]) -> None:
-    with httpx.Client(base_url=sglang_pair[1], timeout=30) as c:
+def test_sglang_flavor_shapes_and_errors() -> None:
+    # A server of its own: the unseeded /generate below counts on a fresh server's first
+    # draws (on a shared one, earlier requests may have it sample EOS first).
+    with running_server("teacher", flavor="sglang") as url, httpx.Client(base_url=url, timeout=30) as c:
         assert c.get("/v1/models").json()["data"][0]["owned_by"] == "sglang"
         assert c.get("/get_model_info").json()["model_path"] == "dualsample-teacher"
         assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 404
