@@ -57,7 +57,23 @@ lint: build-prod
 test-rust:
 	cargo test --no-default-features
 
-.PHONY: test ## build once (release), then every check: lint, cargo test, pytest (benches run once)
+# The inner loop, on a debug build. The tests marked slow (the statistical ones over
+# thousands of samples, those that need Ray, end-to-end runs of 5 s or more), the benches
+# and stubtest wait for `make test`. The extension is built in its own target directory:
+# maturin builds pyo3 for an extension module and cargo test for a linked libpython, and
+# in one directory each would rebuild pyo3 and the crate after the other (~25 s a run).
+.PHONY: check ## the fast loop: debug build, lint, cargo test, pytest without slow tests, Ray or benches
+check: install test-rust
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --target-dir target/extension
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --no-default-features -- -D warnings
+	$(VENV)/bin/ruff check python tests benches examples
+	$(VENV)/bin/ruff format --check python tests benches examples
+	$(PY) -m mypy python/dualsample_rs
+	$(PY) -m pytest -q -m "not slow" tests
+
+.PHONY: test ## build once (release), then every check: lint, cargo test, pytest with the slow tests (benches run once)
 test: build-prod $(VENV)/.ray lint test-rust
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q
 

@@ -20,10 +20,44 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 collect_ignore = [] if os.environ.get("DUALSAMPLE_ENGINES") else ["engines"]
 
 
+# The reference servers the end-to-end tests share, each pair started once a session
+# (the first test that asks for it) and stopped at the end. The coordinator's requests
+# carry everything their answers depend on (log probabilities, or seeded samples), so
+# tests cannot disturb one another through them. A test that needs a server set up
+# otherwise (faults, caps, another model), one it kills, or one whose unseeded samples
+# it counts on from a fresh start, starts its own.
+
+
 @pytest.fixture(scope="session")
 def urls() -> Iterator[tuple[str, str]]:
-    """A base and a teacher reference server, shared by the end-to-end tests."""
+    """A base and a teacher reference server with the default flags: (base, teacher)."""
     from dualsample_rs.server import running_server
 
     with running_server("base") as a, running_server("teacher") as b:
+        yield a, b
+
+
+@pytest.fixture(scope="session")
+def flavors() -> Iterator[dict[str, tuple[str, str]]]:
+    """(base, teacher) URLs per flavor: ``"vllm"`` with the generate route on (the base
+    with trace replay and a logprob cap of 64), and ``"sglang"``."""
+    from dualsample_rs.server import running_flavors
+
+    with running_flavors() as pairs:
+        yield pairs
+
+
+@pytest.fixture(scope="session")
+def sglang_pair(flavors: dict[str, tuple[str, str]]) -> tuple[str, str]:
+    """A base and a teacher answering as SGLang, with the default flags."""
+    return flavors["sglang"]
+
+
+@pytest.fixture(scope="session")
+def generate_pair() -> Iterator[tuple[str, str]]:
+    """A vLLM base and teacher that also serve the generate route (--enable-scale-out),
+    otherwise with the default flags (no trace replay, a logprob cap of 20)."""
+    from dualsample_rs.server import running_server
+
+    with running_server("base", enable_scale_out=True) as a, running_server("teacher", enable_scale_out=True) as b:
         yield a, b

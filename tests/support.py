@@ -1,14 +1,19 @@
-"""Shared by the end-to-end tests: prompts, and running the CLI in a subprocess."""
+"""Shared by the end-to-end tests: prompts, running a coordinator to the end, and running
+the CLI or a server to kill in a subprocess. (The servers the tests share are fixtures in
+conftest.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
+from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, GenerationOutput
 from dualsample_rs.server.process import READY_PREFIX
 
 QUESTIONS = [
@@ -22,6 +27,39 @@ QUESTIONS = [
     "Why do trees lose their leaves?",
 ]
 PLAIN = [f"Question: {q}\nAnswer:" for q in QUESTIONS]
+
+
+def pair_config(urls: tuple[Any, Any], **options: Any) -> CoordinatorConfig:
+    """A configuration for the base at ``urls[0]`` and the teacher at ``urls[1]`` (each a
+    URL or a tuple of replicas' URLs)."""
+    return CoordinatorConfig(theta_url=urls[0], t_url=urls[1], **options)
+
+
+class Generated(NamedTuple):
+    """One run to the end: the outputs in prompt order, the statistics when it ended, and
+    the coordinator (closed) for what it learnt at start-up."""
+
+    outputs: list[GenerationOutput]
+    statistics: dict[str, Any]
+    coordinator: DualVLLMCoordinator
+
+
+def run_coordinator(
+    config: CoordinatorConfig, prompts: Sequence[Any], teacher_prompts: Sequence[Any] | None = None, **generate: Any
+) -> Generated:
+    """Start a coordinator with `config`, generate one output per prompt (the teacher
+    given `teacher_prompts`, else the same prompts), and close it. `generate` goes to
+    ``generate_batch_dual_prompts`` (max_tokens, teacher_chat, ...); no progress bar."""
+    teacher = prompts if teacher_prompts is None else teacher_prompts
+
+    async def go() -> Generated:
+        async with DualVLLMCoordinator(config) as coord:
+            outs = await coord.generate_batch_dual_prompts(
+                list(prompts), list(teacher), **{"show_progress": False, **generate}
+            )
+            return Generated(outs, coord.get_statistics(), coord)
+
+    return asyncio.run(go())
 
 
 def write_input(path: Path, n: int) -> None:
@@ -50,11 +88,11 @@ def read_records(path: Path) -> list[dict]:
 
 
 @contextlib.contextmanager
-def doomed_server(*flags: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A base reference server taking 20 ms a request, for a test to kill mid-run:
-    its URL and process (killed on exit if still running)."""
+def doomed_server(*flags: str, model: str = "base", latency: float = 0.02) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A reference server (the base unless told) taking `latency` seconds a request, for a
+    test to kill mid-run: its URL and process (killed on exit if still running)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dualsample_rs", "serve", "--model", "base", "--port", "0", "--latency", "0.02",
+        [sys.executable, "-m", "dualsample_rs", "serve", "--model", model, "--port", "0", "--latency", str(latency),
          "--latency-rate", "1", *flags],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

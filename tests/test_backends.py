@@ -4,14 +4,12 @@ records through every dialect, exact scoring, rescoring, and each dialect's erro
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
 from dualsample_rs import (
     ConfigurationError,
-    CoordinatorConfig,
     DualVLLMCoordinator,
     GenerationOutput,
     SGLangBackend,
@@ -20,9 +18,9 @@ from dualsample_rs import (
 )
 from dualsample_rs.backends import Context
 from dualsample_rs.exceptions import BadRequestError, NotFoundError
-from dualsample_rs.server import running_flavors, running_server
+from dualsample_rs.server import running_server
 from dualsample_rs.server.corpus import chat
-from support import PLAIN, QUESTIONS
+from support import PLAIN, QUESTIONS, pair_config, run_coordinator
 
 # The teacher's chat template rendered here, so every dialect (SGLang's /tokenize has
 # no chat templates) sees the same teacher prompts.
@@ -30,24 +28,13 @@ CHAT = [chat([{"role": "user", "content": q}], True) for q in QUESTIONS]
 DIALECTS = ("vllm-completions", "vllm-generate", "sglang")
 
 
-@pytest.fixture(scope="module")
-def flavors() -> Iterator[dict[str, tuple[str, str]]]:
-    """(base, teacher) URLs per flavor: vLLM with the generate route on, and SGLang."""
-    with running_flavors() as urls:
-        yield urls
-
-
 def _urls(flavors: dict[str, tuple[str, str]], dialect: str) -> tuple[str, str]:
     return flavors["sglang" if dialect == "sglang" else "vllm"]
 
 
 def _run(urls: tuple[str, str], max_tokens: int = 24, **kw) -> tuple[list[GenerationOutput], DualVLLMCoordinator]:
-    async def go() -> tuple[list[GenerationOutput], DualVLLMCoordinator]:
-        async with DualVLLMCoordinator(CoordinatorConfig(theta_url=urls[0], t_url=urls[1], **kw)) as coord:
-            outs = await coord.generate_batch_dual_prompts(PLAIN, CHAT, max_tokens, show_progress=False)
-            return outs, coord
-
-    return asyncio.run(go())
+    outs, _, coord = run_coordinator(pair_config(urls, **kw), PLAIN, CHAT, max_tokens=max_tokens)
+    return outs, coord
 
 
 def _records(outs: list[GenerationOutput]) -> list[dict]:
@@ -97,6 +84,7 @@ def test_exact_scoring_reports_true_log_probabilities(flavors: dict[str, tuple[s
         assert all(q <= 0 for q in o.logq)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_rescoring_in_topk_mode_gives_true_log_probabilities(flavors: dict[str, tuple[str, str]], dialect: str) -> None:
     outs, _ = _run(_urls(flavors, dialect), seed=24, dialect=dialect, rescore=True)
@@ -114,6 +102,7 @@ def test_rescoring_in_topk_mode_gives_true_log_probabilities(flavors: dict[str, 
     assert all(o.logp_theta_exact is None and "logp_theta_exact" not in o.to_record() for o in plain_run)
 
 
+@pytest.mark.slow
 def test_exact_scoring_refuses_more_ids_than_vllm_scores(flavors: dict[str, tuple[str, str]]) -> None:
     with running_server("base", max_logprobs=200) as a, running_server("teacher", max_logprobs=200) as b:
         with pytest.raises(ConfigurationError, match="at most 128 ids"):
@@ -141,7 +130,7 @@ def test_each_dialect_maps_server_errors(flavors: dict[str, tuple[str, str]], cl
     asyncio.run(go())
 
 
-def test_dialect_specific_errors(flavors: dict[str, tuple[str, str]]) -> None:
+def test_dialect_specific_errors(flavors: dict[str, tuple[str, str]], urls: tuple[str, str]) -> None:
     async def go() -> None:
         async with _backend(VLLMCompletionsBackend, flavors["vllm"][0]) as backend:
             with pytest.raises(BadRequestError, match="max allowed: 64"):  # the base verifies drafts: 64
@@ -152,10 +141,10 @@ def test_dialect_specific_errors(flavors: dict[str, tuple[str, str]]) -> None:
         async with _backend(VLLMGenerateBackend, flavors["vllm"][0]) as backend:
             with pytest.raises(BadRequestError, match="greater than max allowed: 128"):
                 await backend.score([Context([1, 2])], np.arange(129)[None, :])
-        with running_server("base") as plain:  # the generate route needs --enable-scale-out
-            async with _backend(VLLMGenerateBackend, plain) as backend:
-                with pytest.raises(NotFoundError):
-                    await backend.topk([Context([1, 2])], 5)
+        # the generate route needs --enable-scale-out, which the plain base has not
+        async with _backend(VLLMGenerateBackend, urls[0]) as backend:
+            with pytest.raises(NotFoundError):
+                await backend.topk([Context([1, 2])], 5)
         messages = [{"role": "user", "content": "hi"}]
         async with _backend(VLLMCompletionsBackend, flavors["vllm"][1]) as backend:
             vllm_chat = await backend.tokenize(messages=messages)
@@ -180,6 +169,7 @@ def test_sequence_logprobs_agree_across_dialects(flavors: dict[str, tuple[str, s
         np.testing.assert_allclose(asyncio.run(go(cls, flavors[flavor][1])), want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_demo_runs_in_every_dialect(dialect: str) -> None:
     import subprocess

@@ -4,7 +4,6 @@ with the same text."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import subprocess
@@ -16,11 +15,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, GenerationOutput
+from dualsample_rs import GenerationOutput
 from dualsample_rs.server import running_server
 from dualsample_rs.server.corpus import chat
 from dualsample_rs.server.model import bpe_tokenizer
-from support import read_records, wait_cli
+from support import pair_config, read_records, run_coordinator, wait_cli
 
 QUESTIONS = [
     "What is Tokyo called in Japanese?", "Where is Zürich?", "What do Greeks call Greece?", "What is π?",
@@ -67,11 +66,7 @@ def test_the_tokenizer_behaves_like_a_real_one(bpe: dict[str, tuple[str, str]]) 
 
 
 def _run(urls: tuple[str, str], max_tokens: int = 30, **kw) -> list[GenerationOutput]:
-    async def go() -> list[GenerationOutput]:
-        async with DualVLLMCoordinator(CoordinatorConfig(theta_url=urls[0], t_url=urls[1], **kw)) as coord:
-            return await coord.generate_batch_dual_prompts(PLAIN, CHAT, max_tokens, show_progress=False)
-
-    return asyncio.run(go())
+    return run_coordinator(pair_config(urls, **kw), PLAIN, CHAT, max_tokens=max_tokens).outputs
 
 
 def test_same_records_whatever_concurrency_and_dialect(bpe: dict[str, tuple[str, str]]) -> None:
@@ -109,6 +104,7 @@ def test_exact_scoring_is_exact_on_bpe(bpe: dict[str, tuple[str, str]]) -> None:
         np.testing.assert_allclose(o.logp_t, o.logp_t_exact, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_cli_kill_and_resume_on_bpe(bpe: dict[str, tuple[str, str]], tmp_path: Path) -> None:
     inp, full, part = tmp_path / "in.jsonl", tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     with inp.open("w") as f:

@@ -36,6 +36,7 @@ def test_the_input_is_never_the_output(tmp_path: Path, monkeypatch: pytest.Monke
     assert inp.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_duplicate_ids_are_refused_with_both_lines(tmp_path: Path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = [{"prompt": "a"}, {"prompt": "b"}, {"id": 1, "prompt": "c"}, {"id": "x", "prompt": "d"}]
@@ -57,6 +58,7 @@ def test_non_finite_ids_and_non_utf8_input_are_refused(tmp_path: Path) -> None:
     assert "line 2 (byte 50): not UTF-8 (byte 0xff)" in _refused(DEAD, inp, out)
 
 
+@pytest.mark.slow
 def test_bad_paths_and_flags_are_refused_before_any_server(tmp_path: Path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(inp, 2)
@@ -107,6 +109,7 @@ def test_resume_refuses_a_corrupt_line_in_the_middle(urls: tuple[str, str], tmp_
     assert out.read_text() == broken  # nothing was changed
 
 
+@pytest.mark.slow
 def test_retry_errors_keeps_failed_records_while_a_server_is_down(urls: tuple[str, str], tmp_path: Path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(inp, 3)
@@ -167,14 +170,17 @@ def _kill_and_resume(urls: tuple[str, str], tmp_path: Path, sig: signal.Signals)
     assert all(r == reference[r["id"]] for r in read_records(part))
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_line_and_exits_143(urls: tuple[str, str], tmp_path: Path) -> None:
     _kill_and_resume(urls, tmp_path, signal.SIGTERM)
 
 
+@pytest.mark.slow
 def test_sigint_finishes_the_line_and_exits_130(urls: tuple[str, str], tmp_path: Path) -> None:
     _kill_and_resume(urls, tmp_path, signal.SIGINT)
 
 
+@pytest.mark.slow
 def test_repeated_resume_under_heavy_faults_converges_to_the_clean_records(
     urls: tuple[str, str], tmp_path: Path
 ) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,24 +14,27 @@ import pytest
 from dualsample_rs import ConfigurationError, CoordinatorConfig, DualVLLMCoordinator
 from dualsample_rs.coordinator import WorkItem
 from dualsample_rs.server import running_server
-from dualsample_rs.server.process import READY_PREFIX
-from support import PLAIN, QUESTIONS, generate_cli, read_records, wait_cli, write_input
+from support import (
+    PLAIN,
+    QUESTIONS,
+    doomed_server,
+    generate_cli,
+    pair_config,
+    read_records,
+    run_coordinator,
+    wait_cli,
+    write_input,
+)
 
 IM_START, IM_END, EOS = 257, 258, 256
 
 
 def run(config: CoordinatorConfig, prompts_theta=PLAIN, prompts_t=QUESTIONS, **kwargs) -> list[ds.GenerationOutput]:
-    async def go() -> list[ds.GenerationOutput]:
-        async with DualVLLMCoordinator(config) as coord:
-            kwargs.setdefault("show_progress", False)
-            kwargs.setdefault("teacher_chat", True)
-            return await coord.generate_batch_dual_prompts(list(prompts_theta), list(prompts_t), **kwargs)
-
-    return asyncio.run(go())
+    """The outputs of a run, the teacher's prompts through its chat template unless told."""
+    return run_coordinator(config, prompts_theta, prompts_t, **{"teacher_chat": True, **kwargs}).outputs
 
 
-def cfg(urls: tuple[str, str], **kw) -> CoordinatorConfig:
-    return CoordinatorConfig(theta_url=urls[0], t_url=urls[1], **kw)
+cfg = pair_config
 
 
 def test_dual_prompts_give_aligned_outputs(urls: tuple[str, str]) -> None:
@@ -102,6 +103,7 @@ def _records(outs: list[ds.GenerationOutput]) -> list[tuple]:
     return [(o.token_ids, o.alpha_history, o.logq, o.logp_theta, o.logp_t, o.finish_reason) for o in outs]
 
 
+@pytest.mark.slow
 def test_same_seed_same_records_whatever_concurrency(urls: tuple[str, str]) -> None:
     runs = [
         _records(run(cfg(urls, seed=6, max_concurrency=c, max_batch_size=b), max_tokens=30))
@@ -113,30 +115,17 @@ def test_same_seed_same_records_whatever_concurrency(urls: tuple[str, str]) -> N
 
 
 def test_statistics(urls: tuple[str, str]) -> None:
-    async def go() -> dict:
-        config = cfg(urls, seed=8, constraint_to_target=True, target_top_p=0.9, enable_stability_check=True,
-                     stability_threshold_js=0.05)  # fmt: skip
-        async with DualVLLMCoordinator(config) as coord:
-            outs = await coord.generate_batch_dual_prompts(
-                PLAIN, QUESTIONS, max_tokens=10, show_progress=False, teacher_chat=True
-            )
-            stats = coord.get_statistics()
-            assert stats["total_tokens"] == sum(len(o.token_ids) for o in outs)
-            return stats
-
-    stats = asyncio.run(go())
+    config = cfg(urls, seed=8, constraint_to_target=True, target_top_p=0.9, enable_stability_check=True,
+                 stability_threshold_js=0.05)  # fmt: skip
+    outs, stats, _ = run_coordinator(config, PLAIN, QUESTIONS, max_tokens=10, teacher_chat=True)
+    assert stats["total_tokens"] == sum(len(o.token_ids) for o in outs)
     assert stats["sequences"] == len(QUESTIONS) and stats["errors"] == 0
     assert stats["first_token_forced"] == len(QUESTIONS)
     # counted where the constraint removed a candidate: with top-p 1 it never does
     assert 0 < stats["constraint_applied"] <= stats["total_tokens"]
-    config = cfg(urls, seed=8, constraint_to_target=True, target_top_p=1.0)
-
-    async def keep_all() -> dict:
-        async with DualVLLMCoordinator(config) as coord:
-            await coord.generate_batch_dual_prompts(PLAIN, QUESTIONS, 10, show_progress=False, teacher_chat=True)
-            return coord.get_statistics()
-
-    assert asyncio.run(keep_all())["constraint_applied"] == 0
+    keep_all = cfg(urls, seed=8, constraint_to_target=True, target_top_p=1.0)
+    _, kept, _ = run_coordinator(keep_all, PLAIN, QUESTIONS, max_tokens=10, teacher_chat=True)
+    assert kept["constraint_applied"] == 0
     # each statistic under one name
     for gone in ("tokens", "requests", "failures", "first_tokens_forced"):
         assert gone not in stats
@@ -158,37 +147,22 @@ def test_mismatched_vocabularies_are_refused(urls: tuple[str, str]) -> None:
             run(CoordinatorConfig(theta_url=other, t_url=urls[1]), max_tokens=2)
 
 
+@pytest.mark.slow
 def test_faults_are_retried_and_counted(urls: tuple[str, str]) -> None:
     clean = run(cfg(urls, seed=9), max_tokens=20)
     faults = {"fault_seed": 3, "error_503_rate": 0.15, "retry_after": 0.05, "drop_rate": 0.05, "error_500_rate": 0.05,
               "malformed_rate": 0.05, "slow_body_rate": 0.05, "slow_body_seconds": 0.2}  # fmt: skip
 
-    async def go(a: str, b: str) -> tuple[list[ds.GenerationOutput], dict]:
-        config = CoordinatorConfig(theta_url=a, t_url=b, seed=9, max_retries=8, retry_delay=0.01)
-        async with DualVLLMCoordinator(config) as coord:
-            outs = await coord.generate_batch_dual_prompts(PLAIN, QUESTIONS, 20, show_progress=False, teacher_chat=True)
-            return outs, coord.get_statistics()
-
     with running_server("base", **faults) as a, running_server("teacher", **{**faults, "fault_seed": 4}) as b:
-        outs, stats = asyncio.run(go(a, b))
+        config = CoordinatorConfig(theta_url=a, t_url=b, seed=9, max_retries=8, retry_delay=0.01)
+        outs, stats, _ = run_coordinator(config, PLAIN, QUESTIONS, max_tokens=20, teacher_chat=True)
     assert all(o.error is None for o in outs)
     assert stats["retries"] > 5 and stats["failed_requests"] == 0
     assert _records(outs) == _records(clean)  # faults change nothing but the time taken
 
 
-def _start(model: str, *flags: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dualsample_rs", "serve", "--model", model, "--port", "0", *flags],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline()[len(READY_PREFIX) :].strip()
-
-
 def test_a_dead_server_becomes_per_sequence_errors(urls: tuple[str, str]) -> None:
-    proc, url = _start("teacher", "--latency", "0.05", "--latency-rate", "1")
-    try:
+    with doomed_server(model="teacher", latency=0.05) as (url, proc):
 
         async def go() -> tuple[list[ds.GenerationOutput], dict]:
             config = CoordinatorConfig(
@@ -208,16 +182,12 @@ def test_a_dead_server_becomes_per_sequence_errors(urls: tuple[str, str]) -> Non
         t0 = time.monotonic()
         outs, stats = asyncio.run(asyncio.wait_for(go(), timeout=60))
         assert time.monotonic() - t0 < 60
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
     failed = [o for o in outs if o.finish_reason == "error"]
     assert failed and all("APIConnectionError" in (o.error or "") for o in failed)
     assert stats["errors"] == len(failed) and stats["failed_requests"] >= 1
 
 
+@pytest.mark.slow
 def test_cli_killed_and_resumed_loses_and_duplicates_nothing(urls: tuple[str, str], tmp_path: Path) -> None:
     inp, full, part = tmp_path / "in.jsonl", tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     write_input(inp, 300)
@@ -245,6 +215,7 @@ def test_cli_killed_and_resumed_loses_and_duplicates_nothing(urls: tuple[str, st
         assert r == reference[r["id"]]  # same seed, same record, whatever the interruption
 
 
+@pytest.mark.slow
 def test_cli_refuses_to_clobber_and_reports_failures(urls: tuple[str, str], tmp_path: Path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(inp, 3)
@@ -294,6 +265,7 @@ def test_config_validation() -> None:
     assert parts.run.seed == 5 and parts.run.scoring == "exact" and parts.run.max_concurrency == 256
 
 
+@pytest.mark.slow
 def test_cli_resume_can_retry_failed_records(urls: tuple[str, str], tmp_path: Path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(inp, 4)
@@ -344,19 +316,19 @@ def test_one_call_convenience(urls: tuple[str, str]) -> None:
 
 
 def test_stability_check_without_fallback_only_counts(urls: tuple[str, str]) -> None:
-    async def go(auto: bool) -> tuple[list[ds.GenerationOutput], dict]:
+    def go(auto: bool) -> tuple[list[ds.GenerationOutput], dict]:
         config = cfg(urls, seed=13, enable_stability_check=True, stability_threshold_js=0.05, auto_fallback=auto)
-        async with DualVLLMCoordinator(config) as coord:
-            outs = await coord.generate_batch(QUESTIONS, max_tokens=10, show_progress=False)
-            return outs, coord.get_statistics()
+        outs, stats, _ = run_coordinator(config, QUESTIONS, max_tokens=10)
+        return outs, stats
 
-    outs, stats = asyncio.run(go(False))
+    outs, stats = go(False)
     assert stats["stability_flagged"] > 0 and stats["stability_fallbacks"] == 0
     assert not any(f for o in outs for f in o.fallback)
-    _, with_fallback = asyncio.run(go(True))
+    _, with_fallback = go(True)
     assert with_fallback["stability_fallbacks"] > 0 and with_fallback["stability_flagged"] == 0
 
 
+@pytest.mark.slow
 def test_stop_ids_come_from_tokenizer_info_when_enabled(urls: tuple[str, str]) -> None:
     async def stop_ids(theta: str, t: str) -> tuple[int, ...]:
         async with DualVLLMCoordinator(CoordinatorConfig(theta_url=theta, t_url=t)) as coord:
@@ -369,6 +341,7 @@ def test_stop_ids_come_from_tokenizer_info_when_enabled(urls: tuple[str, str]) -
             assert asyncio.run(stop_ids(a, b)) == (EOS,)  # only the tokenizer's own EOS
 
 
+@pytest.mark.slow
 def test_start_up_survives_a_flaky_server() -> None:
     # 30% of requests answer 503: every start-up request is retried, so every start succeeds.
     flaky = {"error_503_rate": 0.3, "retry_after": 0.01}

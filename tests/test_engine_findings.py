@@ -15,31 +15,13 @@ from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, GenerationOutp
 from dualsample_rs.backends import Context
 from dualsample_rs.exceptions import ConfigurationError, IncompleteReplyError
 from dualsample_rs.server import running_server
-from support import PLAIN
+from support import PLAIN, pair_config, run_coordinator
 
 
 def _run(urls: tuple[str, str], prompts: list[Any], teacher: list[Any] | None = None, **kw: Any) -> tuple[list, dict]:
-    async def go() -> tuple[list[GenerationOutput], dict]:
-        config = CoordinatorConfig(theta_url=urls[0], t_url=urls[1], seed=3, **kw)
-        async with DualVLLMCoordinator(config) as coord:
-            outs = await coord.generate_batch_dual_prompts(
-                prompts, teacher or prompts, 20, show_progress=False, teacher_chat=teacher is None
-            )
-            return outs, coord.get_statistics()
-
-    return asyncio.run(go())
-
-
-@pytest.fixture(scope="module")
-def generate_pair() -> Any:
-    with running_server("base", enable_scale_out=True) as a, running_server("teacher", enable_scale_out=True) as b:
-        yield a, b
-
-
-@pytest.fixture(scope="module")
-def sglang_pair() -> Any:
-    with running_server("base", flavor="sglang") as a, running_server("teacher", flavor="sglang") as b:
-        yield a, b
+    config = pair_config(urls, seed=3, **kw)
+    outs, stats, _ = run_coordinator(config, prompts, teacher or prompts, max_tokens=20, teacher_chat=teacher is None)
+    return outs, stats
 
 
 def test_a_generate_exact_scoring_gets_every_id(generate_pair: tuple[str, str], urls: tuple[str, str]) -> None:
@@ -203,12 +185,13 @@ def test_j_a_prompt_that_fills_the_context_says_so() -> None:
 
 
 @pytest.mark.parametrize("dialect", ["vllm-completions", "sglang"])
-def test_k_records_hold_the_models_own_log_probabilities(dialect: str) -> None:
+def test_k_records_hold_the_models_own_log_probabilities(
+    dialect: str, urls: tuple[str, str], sglang_pair: tuple[str, str]
+) -> None:
     """(k) Where a server listed the token, ``logp_*`` is that model's raw log-softmax
     (the exact rescored value), not the kernel's renormalised one; elsewhere the bound."""
-    flavor = {"flavor": "sglang"} if dialect == "sglang" else {}
-    with running_server("base", **flavor) as a, running_server("teacher", **flavor) as b:
-        outs, stats = _run((a, b), PLAIN[:6], dialect=dialect, rescore=True, top_k=5)
+    pair = sglang_pair if dialect == "sglang" else urls
+    outs, stats = _run(pair, PLAIN[:6], dialect=dialect, rescore=True, top_k=5)
     assert stats["errors"] == 0
     listed = unlisted = 0
     for o in outs:

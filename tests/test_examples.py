@@ -19,11 +19,14 @@ EXPECTED = {
     "one_call.py": "->",
     "speculation.py": "tokens per round",
 }
-# Examples that need servers started their own way (they start them when given no URLs).
+# Examples that need servers started their own way (they start them when given no URLs):
+# slow, for the servers they start and the rounds they run.
 OWN_SERVERS = {"speculation.py"}
 
 
-@pytest.mark.parametrize("script", sorted(EXPECTED))
+@pytest.mark.parametrize(
+    "script", [pytest.param(s, marks=pytest.mark.slow) if s in OWN_SERVERS else s for s in sorted(EXPECTED)]
+)
 def test_example_runs(urls: tuple[str, str], script: str) -> None:
     given = [] if script in OWN_SERVERS else ["--theta-url", urls[0], "--t-url", urls[1]]
     p = subprocess.run(
@@ -42,7 +45,13 @@ README = EXAMPLES.parent / "README.md"
 README_BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-@pytest.mark.parametrize("index", range(len(README_BLOCKS)))
+# A block that uses Ray starts a cluster: slow, like tests/test_ray.py.
+_README_CASES = [
+    pytest.param(i, marks=pytest.mark.slow) if "import ray" in block else i for i, block in enumerate(README_BLOCKS)
+]
+
+
+@pytest.mark.parametrize("index", _README_CASES)
 def test_readme_python_blocks_run_as_written(urls: tuple[str, str], tmp_path: Path, index: int) -> None:
     """Each Python block of the README, run as it is written, with only the servers'
     addresses pointed at the reference servers (in a folder with a prompts file)."""

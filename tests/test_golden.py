@@ -4,18 +4,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 from golden.cases import CASES, HERE, run_case
-
-
-@pytest.fixture(scope="module")
-def flavors() -> Iterator[dict[str, tuple[str, str]]]:
-    from dualsample_rs.server import running_flavors
-
-    with running_flavors() as urls:
-        yield urls
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -1,5 +1,8 @@
 """Ray: `DualSample` through Ray Data's map_batches and `dualsample generate --ray` on a
-local cluster give the same records as a single process."""
+local cluster give the same records as a single process.
+
+Every test that imports Ray or starts a cluster is marked slow: `make test` runs them
+(and installs the ray extra first); `make check` leaves them out."""
 
 from __future__ import annotations
 
@@ -13,15 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 from dualsample_rs import CoordinatorConfig
 from dualsample_rs.ray import DualSample, record_from_row
-from dualsample_rs.server import running_server
 from support import doomed_server, generate_cli, read_records, wait_cli, write_input
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
+    import ray  # here, not at the top: the module's quick tests run without the ray extra
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -36,6 +39,8 @@ def _reference(urls: tuple[str, str], tmp_path: Path, n: int, *flags: str) -> tu
 
 
 def _map_batches(urls: tuple[str, str], tmp_path: Path, flags: tuple[str, ...], **options: object) -> None:
+    import ray
+
     inp, reference = _reference(urls, tmp_path, 24, *flags)
     config = CoordinatorConfig(theta_url=urls[0], t_url=urls[1], seed=11, **options)  # type: ignore[arg-type]
     kwargs = {"config": config, "max_tokens": 25, "actors": 2}
@@ -48,16 +53,20 @@ def _map_batches(urls: tuple[str, str], tmp_path: Path, flags: tuple[str, ...], 
     assert all(r == reference[r["id"]] for r in records)
 
 
+@pytest.mark.slow
 def test_map_batches_gives_the_single_process_records(cluster: None, urls: tuple[str, str], tmp_path: Path) -> None:
     _map_batches(urls, tmp_path, ())
 
 
-def test_map_batches_keeps_rescored_and_speculative_fields(cluster: None, tmp_path: Path) -> None:
-    with running_server("base", flavor="sglang") as a, running_server("teacher", flavor="sglang") as b:
-        flags = ("--dialect", "sglang", "--speculate", "3", "--rescore")
-        _map_batches((a, b), tmp_path, flags, dialect="sglang", speculate=3, rescore=True)
+@pytest.mark.slow
+def test_map_batches_keeps_rescored_and_speculative_fields(
+    cluster: None, sglang_pair: tuple[str, str], tmp_path: Path
+) -> None:
+    flags = ("--dialect", "sglang", "--speculate", "3", "--rescore")
+    _map_batches(sglang_pair, tmp_path, flags, dialect="sglang", speculate=3, rescore=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_cli_ray_gives_the_single_process_records(urls: tuple[str, str], tmp_path: Path, suffix: str) -> None:
     inp, reference = _reference(urls, tmp_path, 16)
@@ -104,6 +113,7 @@ def _one_line_refusal(p: subprocess.CompletedProcess, words: str) -> None:
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+@pytest.mark.slow  # the gate comes after `import ray`
 def test_ray_runs_pass_the_same_gate(tmp_path: Path) -> None:
     urls = ("http://127.0.0.1:9", "http://127.0.0.1:9")  # never reached: every case is refused first
     inp = tmp_path / "in.jsonl"
@@ -134,6 +144,7 @@ def test_ray_runs_pass_the_same_gate(tmp_path: Path) -> None:
     _one_line_refusal(_ray_cli(urls, noid, tmp_path / "o6.jsonl"), "no 'id' field")
 
 
+@pytest.mark.slow
 def test_an_unreachable_cluster_and_a_missing_extra_are_one_line(tmp_path: Path) -> None:
     urls = ("http://127.0.0.1:9", "http://127.0.0.1:9")
     inp = tmp_path / "in.jsonl"
@@ -148,6 +159,7 @@ def test_an_unreachable_cluster_and_a_missing_extra_are_one_line(tmp_path: Path)
     _one_line_refusal(_ray_cli(urls, inp, tmp_path / "b.jsonl", env=env), "the ray extra is not installed")
 
 
+@pytest.mark.slow
 def test_sigterm_ends_a_ray_run_and_resume_without_ray_completes_it(urls: tuple[str, str], tmp_path: Path) -> None:
     inp, reference = _reference(urls, tmp_path, 40)
     out = tmp_path / "ray.jsonl"

@@ -14,7 +14,7 @@ from dualsample_rs import ConfigurationError, CoordinatorConfig, DualVLLMCoordin
 from dualsample_rs.server import running_server
 from dualsample_rs.server.corpus import chat
 from dualsample_rs.server.process import READY_PREFIX
-from support import PLAIN, QUESTIONS, doomed_server
+from support import PLAIN, QUESTIONS, doomed_server, pair_config, run_coordinator
 
 PLAIN_MANY = [f"({i}) {p}" for i in range(3) for p in PLAIN]  # 24 sequences, distinct first ids
 QUESTIONS_MANY = [f"({i}) {q}" for i in range(3) for q in QUESTIONS]
@@ -31,15 +31,10 @@ def replicas() -> Iterator[tuple[tuple[str, str], tuple[str, str]]]:
 def _run(
     theta: str | tuple[str, ...], t: str | tuple[str, ...], teacher_chat: bool = True, **kw
 ) -> tuple[list[GenerationOutput], dict]:
-    async def go() -> tuple[list[GenerationOutput], dict]:
-        config = CoordinatorConfig(theta_url=theta, t_url=t, seed=31, max_concurrency=12, max_batch_size=12, **kw)
-        async with DualVLLMCoordinator(config) as coord:
-            teacher = QUESTIONS_MANY if teacher_chat else CHAT_MANY
-            outs = await coord.generate_batch_dual_prompts(PLAIN_MANY, teacher, 30, show_progress=False,
-                                                           teacher_chat=teacher_chat)  # fmt: skip
-            return outs, coord.get_statistics()
-
-    return asyncio.run(go())
+    config = pair_config((theta, t), seed=31, max_concurrency=12, max_batch_size=12, **kw)
+    teacher = QUESTIONS_MANY if teacher_chat else CHAT_MANY
+    outs, stats, _ = run_coordinator(config, PLAIN_MANY, teacher, max_tokens=30, teacher_chat=teacher_chat)
+    return outs, stats
 
 
 def _prompt_counts(url: str) -> dict[str, int]:
@@ -117,6 +112,7 @@ def test_cli_takes_repeated_and_comma_separated_urls(replicas) -> None:
     assert config.theta_url == (a1, a2) and config.t_url == (b1, b2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavor", ["vllm", "sglang"])
 def test_prefix_cache_hit_rate_per_replica(flavor: str) -> None:
     opts: dict = {"flavor": "sglang"} if flavor == "sglang" else {"enable_prompt_tokens_details": True}
@@ -153,6 +149,7 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.stdout.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "comes_back_as,flags,back,says",
     [

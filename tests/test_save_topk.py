@@ -6,35 +6,22 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, GenerationOutput
+from dualsample_rs import CoordinatorConfig, GenerationOutput
 from dualsample_rs.backends import DIALECTS, Context
 from dualsample_rs.exceptions import ConfigurationError
-from support import PLAIN, read_records, write_input
+from support import PLAIN, pair_config, read_records, run_coordinator, write_input
 
 TOPK_KEYS = ("topk_ids_t", "topk_logp_t", "topk_ids_theta", "topk_logp_theta")
 
 
-@pytest.fixture(scope="module")
-def flavors() -> Iterator[dict[str, tuple[str, str]]]:
-    from dualsample_rs.server import running_flavors
-
-    with running_flavors() as urls:
-        yield urls
-
-
 def _run(urls: tuple[str, str], **kw: Any) -> list[GenerationOutput]:
-    async def go() -> list[GenerationOutput]:
-        cfg = CoordinatorConfig(theta_url=urls[0], t_url=urls[1], seed=4, top_k=6, max_batch_size=3, **kw)
-        async with DualVLLMCoordinator(cfg) as coord:
-            return await coord.generate_batch(PLAIN[:4], max_tokens=12, show_progress=False)
-
-    return asyncio.run(go())
+    config = pair_config(urls, seed=4, top_k=6, max_batch_size=3, **kw)
+    return run_coordinator(config, PLAIN[:4], max_tokens=12).outputs
 
 
 async def _server_lists(dialect: str, urls: tuple[str, str], out: GenerationOutput, top_k: int) -> list[Any]:

@@ -21,8 +21,9 @@ CHAT = [{"role": "user", "content": "Why is the sky blue?"}]
 
 
 @pytest.fixture(scope="module")
-def base() -> Iterator[httpx.Client]:
-    with running_server("base") as url, httpx.Client(base_url=url, timeout=30) as client:
+def base(urls: tuple[str, str]) -> Iterator[httpx.Client]:
+    """A client of the shared base server (default flags)."""
+    with httpx.Client(base_url=urls[0], timeout=30) as client:
         yield client
 
 
@@ -242,6 +243,7 @@ def test_queue_limit_answers_503() -> None:
         assert httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
 
 
+@pytest.mark.slow
 def test_reported_distribution_is_the_sampled_one(teacher: httpx.Client) -> None:
     """Chi-square: first-token frequencies over many seeded samples against exp(logprobs)."""
     n = 4000
@@ -289,6 +291,7 @@ def test_fault_flags(flags: dict, expected: object) -> None:
         assert httpx.get(url + "/health").status_code == 200  # health never misbehaves
 
 
+@pytest.mark.slow
 def test_503_carries_retry_after_and_faults_are_seeded() -> None:
     with running_server("base", error_503_rate=1.0, retry_after=2.5) as url:
         assert httpx.post(url + "/v1/completions", json={"prompt": "hi"}).headers["Retry-After"] == "2.5"
@@ -336,8 +339,8 @@ def test_json_error_bodies_for_unknown_routes_and_methods(base: httpx.Client) ->
     assert base.post("/inference/v1/generate", json={"token_ids": [1]}).status_code == 404
 
 
-def test_vllm_generate_route_shapes() -> None:
-    with running_server("base", enable_scale_out=True) as url, httpx.Client(base_url=url, timeout=30) as c:
+def test_vllm_generate_route_shapes(generate_pair: tuple[str, str]) -> None:
+    with httpx.Client(base_url=generate_pair[0], timeout=30) as c:
         body = {"token_ids": [72, 105], "sampling_params": {"max_tokens": 2, "temperature": 0, "logprobs": 3,
                                                              "detokenize": False}}  # fmt: skip
         got = c.post("/inference/v1/generate", json=body).json()
@@ -355,6 +358,8 @@ def test_vllm_generate_route_shapes() -> None:
 
 
 def test_sglang_flavor_shapes_and_errors() -> None:
+    # A server of its own: the unseeded /generate below counts on a fresh server's first
+    # draws (on a shared one, earlier requests may have it sample EOS first).
     with running_server("teacher", flavor="sglang") as url, httpx.Client(base_url=url, timeout=30) as c:
         assert c.get("/v1/models").json()["data"][0]["owned_by"] == "sglang"
         assert c.get("/get_model_info").json()["model_path"] == "dualsample-teacher"
@@ -445,7 +450,7 @@ def test_served_model_name_and_413_bodies() -> None:
         assert r.status_code == 413 and r.json()["error"]["code"] == 413
 
 
-def test_trace_replay_reports_the_model_at_each_given_token() -> None:
+def test_trace_replay_reports_the_model_at_each_given_token(generate_pair: tuple[str, str]) -> None:
     with running_server("teacher", enable_scale_out=True, enable_trace_replay=True) as url:
         with httpx.Client(base_url=url, timeout=30) as c:
             prompt = c.post("/tokenize", json={"messages": CHAT}).json()["tokens"]
@@ -461,6 +466,6 @@ def test_trace_replay_reports_the_model_at_each_given_token() -> None:
             r = c.post("/inference/v1/generate", json={**body, "sampling_params": {
                 "trace_decode_token_ids": trace, "prompt_logprobs": 1}})  # fmt: skip
             assert r.status_code == 400
-    with running_server("teacher", enable_scale_out=True) as url:
-        r = httpx.post(url + "/inference/v1/generate", json=body, timeout=30)
-        assert r.status_code == 400 and "trace replay is not enabled" in r.json()["error"]["message"]
+    # a teacher serving the generate route without trace replay
+    r = httpx.post(generate_pair[1] + "/inference/v1/generate", json=body, timeout=30)
+    assert r.status_code == 400 and "trace replay is not enabled" in r.json()["error"]["message"]

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,32 +28,19 @@ from dualsample_rs.backends import (
 )
 from dualsample_rs.exceptions import ConfigurationError, InvalidInputError, InvalidResponseError
 from dualsample_rs.round import AUTO_RANGE, auto_drafts
-from dualsample_rs.server import running_flavors, running_server
+from dualsample_rs.server import running_server
 from scipy import stats
-from support import doomed_server, generate_cli, read_records, wait_cli, write_input
+from support import doomed_server, generate_cli, pair_config, read_records, run_coordinator, wait_cli, write_input
 
 DIALECT = {"vllm": "vllm-generate", "sglang": "sglang"}
 
 
-@pytest.fixture(scope="module")
-def flavors() -> Iterator[dict[str, tuple[str, str]]]:
-    with running_flavors() as f:
-        yield f
-
-
-async def _generate(
-    urls: tuple[str, str], dialect: str | tuple[str, str], prompts: list[str], max_tokens: int, **options: Any
-) -> tuple[list[GenerationOutput], dict[str, Any]]:
-    config = CoordinatorConfig(theta_url=urls[0], t_url=urls[1], dialect=dialect, **options)  # type: ignore[arg-type]
-    async with DualVLLMCoordinator(config) as coord:
-        outs = await coord.generate_batch(prompts, max_tokens=max_tokens, show_progress=False)
-        return outs, coord.get_statistics()
-
-
 def generate(
     urls: tuple[str, str], dialect: str | tuple[str, str], prompts: list[str], max_tokens: int, **options: Any
-) -> Any:
-    return asyncio.run(_generate(urls, dialect, prompts, max_tokens, **options))
+) -> tuple[list[GenerationOutput], dict[str, Any]]:
+    """The outputs and statistics of a run in `dialect`, both models given the same prompts."""
+    outs, stats, _ = run_coordinator(pair_config(urls, dialect=dialect, **options), prompts, max_tokens=max_tokens)
+    return outs, stats
 
 
 # ------------------------------------------------------------ the lists of a round
@@ -145,6 +131,7 @@ LAW_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", LAW_CASES)
 def test_joint_law_of_three_tokens_is_the_one_token_law(flavors: dict[str, tuple[str, str]], case: str) -> None:
     """12,000 sequences of 3 tokens each way (independent seeds): the joint law of the 3
@@ -163,6 +150,7 @@ def test_joint_law_of_three_tokens_is_the_one_token_law(flavors: dict[str, tuple
     _assert_same_numbers(one, spec, at_least=30)
 
 
+@pytest.mark.slow
 def test_the_law_test_notices_a_wrong_law(flavors: dict[str, tuple[str, str]]) -> None:
     """The test above can fail: a small change of temperature is found at this size."""
     options = {"max_concurrency": 1024, "max_batch_size": 1024}
@@ -172,6 +160,7 @@ def test_the_law_test_notices_a_wrong_law(flavors: dict[str, tuple[str, str]]) -
     assert _same_law(_outcomes(one), _outcomes(warmer)) < 1e-6
 
 
+@pytest.mark.slow
 def test_vllm_generate_rounds_give_the_one_token_numbers(flavors: dict[str, tuple[str, str]]) -> None:
     """Over trace replay, every token reached by both paths with the same prefix has the
     same numbers, and a round makes several tokens with two requests."""
@@ -191,6 +180,7 @@ def test_vllm_generate_rounds_give_the_one_token_numbers(flavors: dict[str, tupl
 
 
 # ------------------------------------------------------------ records and guarantees
+@pytest.mark.slow
 @pytest.mark.parametrize("speculate", [3, "auto"])
 def test_same_records_whatever_the_concurrency(flavors: dict[str, tuple[str, str]], speculate: int | str) -> None:
     prompts = [f"Question: {q}\nAnswer:" for q in ("Why is the sky blue?", "What is gravity?", "How is bread made?")]
@@ -206,6 +196,7 @@ def test_same_records_whatever_the_concurrency(flavors: dict[str, tuple[str, str
     assert any(any(o.drafted or []) for o in runs[0][0])
 
 
+@pytest.mark.slow
 def test_a_stop_id_ends_the_sequence_inside_a_round(flavors: dict[str, tuple[str, str]]) -> None:
     """A drafted token that is a stop id ends the sequence where it stands, as step by step."""
     prompts = ["Question: Why is the sky blue?\nAnswer:"] * 200
@@ -220,6 +211,7 @@ def test_a_stop_id_ends_the_sequence_inside_a_round(flavors: dict[str, tuple[str
     assert any(o.drafted and o.drafted[-1] for o in stopped)  # stopped by an accepted draft
 
 
+@pytest.mark.slow
 def test_prompt_logprobs_verification_gives_the_one_token_numbers(flavors: dict[str, tuple[str, str]]) -> None:
     """On request, a vllm-completions base scores the drafts through prompt log
     probabilities (its context recomputed): same numbers per context, several tokens a round."""
@@ -260,6 +252,7 @@ def test_servers_that_cannot_verify_fall_back_with_one_line(
     assert st["rounds"] == 0 and [o.to_record() for o in outs] == [o.to_record() for o in plain]
 
 
+@pytest.mark.slow
 def test_cli_speculating_killed_and_resumed_loses_and_duplicates_nothing(
     flavors: dict[str, tuple[str, str]], tmp_path: Path
 ) -> None:
@@ -286,6 +279,7 @@ def test_cli_speculating_killed_and_resumed_loses_and_duplicates_nothing(
     assert all(r == reference[r["id"]] for r in records)
 
 
+@pytest.mark.slow
 def test_exact_scoring_rounds_fit_vllm_cap_of_128_ids() -> None:
     """Top-60 candidates at up to nine positions pass vLLM's 128 scored ids: each round is
     cut to the positions that fit, and the numbers stay the one-token path's."""
@@ -341,6 +335,7 @@ def test_a_replica_lost_mid_round_costs_no_record(flavors: dict[str, tuple[str, 
     assert [o.to_record() for o in outs] == [o.to_record() for o in single]
 
 
+@pytest.mark.slow
 def test_mixed_dialects_speculate(flavors: dict[str, tuple[str, str]]) -> None:
     """A teacher on vLLM drafting for a base on SGLang: the same numbers per context."""
     urls = (flavors["sglang"][0], flavors["vllm"][1])

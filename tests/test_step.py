@@ -204,6 +204,7 @@ sys.stdout.write(r.token_id.tobytes().hex() + " " + r.alpha.tobytes().hex())
 """
 
 
+@pytest.mark.slow
 def test_same_draw_whatever_thread_count() -> None:
     outs = []
     for threads in ("1", "2", "4"):
@@ -216,6 +217,7 @@ def test_same_draw_whatever_thread_count() -> None:
     assert outs[0] == outs[1] == outs[2]
 
 
+@pytest.mark.slow
 def test_gil_is_released() -> None:
     ids_a, lp_a, ids_b, lp_b = topk_pair(20_000, 100, vocab=256, seed=7)
     started, finished = threading.Event(), threading.Event()
@@ -357,6 +359,7 @@ def test_drafts_match_reference(options: dict) -> None:
     np.testing.assert_array_equal(r.token_id[none], plain.token_id[none])
 
 
+@pytest.mark.slow
 def test_drafted_tokens_keep_the_law_of_q_star() -> None:
     """Whatever is drafted, the token's frequencies are q*'s (chi-square, fixed seed)."""
     from scipy import stats

@@ -23,7 +23,6 @@ from dualsample_rs.exceptions import (
     InvalidInputError,
     ReplyTooLargeError,
 )
-from dualsample_rs.server import running_server
 from support import QUESTIONS, generate_cli, wait_cli, write_input
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -228,8 +227,9 @@ def duplicating_proxy(target_port: int, every: int) -> Handler:
 
 
 @pytest.mark.parametrize("flavor", ["vllm-completions", "vllm-generate", "sglang"])
-def test_a_duplicated_reply_is_never_read_as_the_next_one(flavor: str) -> None:
-    server_flags = {"flavor": "sglang"} if flavor == "sglang" else {"enable_scale_out": True}
+def test_a_duplicated_reply_is_never_read_as_the_next_one(
+    flavor: str, generate_pair: tuple[str, str], sglang_pair: tuple[str, str]
+) -> None:
     config = dict(dialect=flavor, seed=5, max_retries=6, retry_delay=0.01, max_concurrency=4, max_batch_size=2)
 
     async def run(theta: str, teacher: str) -> list[tuple]:
@@ -247,8 +247,7 @@ def test_a_duplicated_reply_is_never_read_as_the_next_one(flavor: str) -> None:
             dirty = await run(proxied, teacher)
         return clean, dirty
 
-    with running_server("base", **server_flags) as theta, running_server("teacher", **server_flags) as teacher:
-        clean, dirty = asyncio.run(both(theta, teacher))
+    clean, dirty = asyncio.run(both(*(sglang_pair if flavor == "sglang" else generate_pair)))
     assert dirty == clean
 
 
@@ -284,7 +283,7 @@ def counting_proxy(seen: list[bytes]) -> Handler:
     ids=["HTTP_PROXY", "http_proxy", "ignored when asked", "NO_PROXY"],
 )
 def test_proxies_come_from_the_environment(
-    env: dict[str, str], flags: dict, through_proxy: bool, monkeypatch: pytest.MonkeyPatch
+    env: dict[str, str], flags: dict, through_proxy: bool, monkeypatch: pytest.MonkeyPatch, urls: tuple[str, str]
 ) -> None:
     seen: list[bytes] = []
     for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"):
@@ -300,8 +299,7 @@ def test_proxies_come_from_the_environment(
             finally:
                 await c.aclose()
 
-    with running_server("base") as server:
-        ids = asyncio.run(go(server))
+    ids = asyncio.run(go(urls[0]))
     assert ids
     assert bool(seen) == through_proxy
     if through_proxy:
