@@ -29,6 +29,11 @@ $(VENV)/.ray: $(VENV)/.installed requirements-ray.txt
 	$(PY) -m pip install -q -r requirements-ray.txt
 	touch $@
 
+# pyarrow (the parquet extra), polars and datasets: only for tests/test_parquet_output.py.
+$(VENV)/.parquet: $(VENV)/.installed requirements-parquet.txt
+	$(PY) -m pip install -q -r requirements-parquet.txt
+	touch $@
+
 .PHONY: build-dev ## build the extension in debug mode into .venv
 build-dev: install
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop
@@ -58,7 +63,7 @@ test-rust:
 	cargo test --no-default-features
 
 .PHONY: test ## build once (release), then every check: lint, cargo test, pytest (benches run once)
-test: build-prod $(VENV)/.ray lint test-rust
+test: build-prod $(VENV)/.ray $(VENV)/.parquet lint test-rust
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q
 
 # The commit whose package the benches put beside the current one (the last with the
