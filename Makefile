@@ -29,6 +29,11 @@ $(VENV)/.ray: $(VENV)/.installed requirements-ray.txt
 	$(PY) -m pip install -q -r requirements-ray.txt
 	touch $@
 
+# pyarrow (the parquet extra), polars and datasets: only for tests/test_parquet_output.py.
+$(VENV)/.parquet: $(VENV)/.installed requirements-parquet.txt
+	$(PY) -m pip install -q -r requirements-parquet.txt
+	touch $@
+
 .PHONY: build-dev ## build the extension in debug mode into .venv
 build-dev: install
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop
@@ -63,7 +68,7 @@ test-rust:
 # maturin builds pyo3 for an extension module and cargo test for a linked libpython, and
 # in one directory each would rebuild pyo3 and the crate after the other (~25 s a run).
 .PHONY: check ## the fast loop: debug build, lint, cargo test, pytest without slow tests, Ray or benches
-check: install test-rust
+check: install $(VENV)/.parquet test-rust
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --target-dir target/extension
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
@@ -74,7 +79,7 @@ check: install test-rust
 	$(PY) -m pytest -q -m "not slow" -n 4 tests
 
 .PHONY: test ## build once (release), then every check: lint, cargo test, pytest with the slow tests (benches run once)
-test: build-prod $(VENV)/.ray lint test-rust
+test: build-prod $(VENV)/.ray $(VENV)/.parquet lint test-rust
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q
 
 # The commit whose package the benches put beside the current one (the last with the

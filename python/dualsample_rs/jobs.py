@@ -69,17 +69,26 @@ def _check_generate(args: argparse.Namespace) -> None:
 
 
 async def run_generate(args: argparse.Namespace, config: CoordinatorConfig) -> int:
-    """``dualsample generate`` in this process: records appended as sequences finish."""
+    """``dualsample generate`` in this process: records appended as sequences finish
+    (one JSON line each, or Parquet row groups when the output ends in ``.parquet``)."""
     from .coordinator import DualVLLMCoordinator, WorkItem, stable_key
     from .input_file import check_input, read_input
-    from .output_file import OutputLock, RecordWriter, prepare_resume, scan_output
+    from .output_file import OutputLock, prepare_resume, scan_output
 
     _check_generate(args)
+    parquet = args.output.endswith(".parquet")
+    if parquet:
+        from . import parquet_file
+
+        parquet_file.require_pyarrow()
     with OutputLock(args.output):
-        existing = scan_output(args.output, args.retry_errors) if args.resume else None
+        scan = parquet_file.scan_parquet if parquet else scan_output
+        existing = scan(args.output, args.retry_errors) if args.resume else None
         _, remaining = check_input(
             args.input, args.prompt_field, args.teacher_prompt_field, existing.done if existing else None
         )
+        # The id column's type needs every id before the first row group (one schema per file).
+        kind = parquet_file.id_kind(r.id for r in read_input(args.input, args.prompt_field)) if parquet else ""
         items = (
             WorkItem(stable_key(r.id), r.prompt, r.teacher_prompt, r.id, args.teacher_chat, where=f"line {r.line}")
             for r in read_input(args.input, args.prompt_field, args.teacher_prompt_field)
@@ -87,15 +96,30 @@ async def run_generate(args: argparse.Namespace, config: CoordinatorConfig) -> i
         )
         failed = 0
         async with DualVLLMCoordinator(config) as coord:
+            writer: Any
+            if parquet:
+                # The schema follows the settings, known once the servers have answered
+                # (whether speculation runs at all).
+                schema = parquet_file.run_schema(config, bool(coord.speculate), kind)
+                if args.resume:
+                    parquet_file.check_resumable(args.output, schema)
             # The servers are up: only now is the existing output changed.
             if existing is not None:
-                prepare_resume(args.output, existing, args.retry_errors)
-            with RecordWriter(args.output, append=args.resume) as writer:
-                async for _, out in coord.iter_generate(
-                    items, args.max_tokens, 1.0, args.diagnostics, not args.quiet, total=remaining
-                ):
-                    writer.write(out.to_record())
-                    failed += out.failed
+                prepare = parquet_file.prepare_parquet_resume if parquet else prepare_resume
+                prepare(args.output, existing, args.retry_errors)
+            writer = _open_writer(args, schema if parquet else None)
+            # A Parquet row group is also written when it is old enough, between records.
+            ticker = asyncio.create_task(_flush_when_due(writer)) if parquet else None
+            try:
+                with writer:
+                    async for _, out in coord.iter_generate(
+                        items, args.max_tokens, 1.0, args.diagnostics, not args.quiet, total=remaining
+                    ):
+                        writer.write(out.to_record())
+                        failed += out.failed
+            finally:
+                if ticker is not None:
+                    ticker.cancel()
             stats = coord.get_statistics()
     print(
         f"dualsample generate: {stats['sequences']} sequences ({failed} failed), {stats['total_tokens']} tokens, "
@@ -106,6 +130,23 @@ async def run_generate(args: argparse.Namespace, config: CoordinatorConfig) -> i
     if stats["rounds"]:
         print(f"dualsample generate: {_speculation_line(stats)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _open_writer(args: argparse.Namespace, schema: Any) -> Any:
+    """The output's writer: Parquet row groups for a ``.parquet`` output, else JSON lines."""
+    if schema is not None:
+        from .parquet_file import ParquetRecordWriter
+
+        return ParquetRecordWriter(args.output, schema, append=args.resume)
+    from .output_file import RecordWriter
+
+    return RecordWriter(args.output, append=args.resume)
+
+
+async def _flush_when_due(writer: Any) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        writer.flush_if_due()
 
 
 def _speculation_line(stats: dict[str, Any]) -> str:
