@@ -29,6 +29,13 @@ $(VENV)/.ray: $(VENV)/.installed requirements-ray.txt
 	$(PY) -m pip install -q -r requirements-ray.txt
 	touch $@
 
+# pyarrow (40 MB) for `dualsample export` and its tests. Not torch (the slime extra): PyPI's
+# x86_64 build is the CUDA one, over 1 GB with its libraries; the test that loads a slime
+# .pt with torch runs where torch is installed.
+$(VENV)/.export: $(VENV)/.installed requirements-export.txt
+	$(PY) -m pip install -q -r requirements-export.txt
+	touch $@
+
 .PHONY: build-dev ## build the extension in debug mode into .venv
 build-dev: install
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop
@@ -58,7 +65,7 @@ test-rust:
 	cargo test --no-default-features
 
 .PHONY: test ## build once (release), then every check: lint, cargo test, pytest (benches run once)
-test: build-prod $(VENV)/.ray lint test-rust
+test: build-prod $(VENV)/.ray $(VENV)/.export lint test-rust
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q
 
 # The commit whose package the benches put beside the current one (the last with the
