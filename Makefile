@@ -29,7 +29,10 @@ $(VENV)/.ray: $(VENV)/.installed requirements-ray.txt
 	$(PY) -m pip install -q -r requirements-ray.txt
 	touch $@
 
-# pyarrow (the parquet extra), polars and datasets: only for tests/test_parquet_output.py.
+# pyarrow (the parquet and export extras), and polars and datasets, which
+# tests/test_parquet_output.py loads the files with. Not torch (the slime extra): PyPI's
+# x86_64 build is the CUDA one, over 1 GB with its libraries; the test that loads a slime
+# .pt with torch runs where torch is installed.
 $(VENV)/.parquet: $(VENV)/.installed requirements-parquet.txt
 	$(PY) -m pip install -q -r requirements-parquet.txt
 	touch $@

@@ -18,6 +18,7 @@ EXPECTED = {
     "everything.py": "success_rate",
     "one_call.py": "->",
     "speculation.py": "tokens per round",
+    "export_trainers.py": "axolotl-kd refused",
 }
 # Examples that need servers started their own way (they start them when given no URLs):
 # slow, for the servers they start and the rounds they run.

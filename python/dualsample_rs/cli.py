@@ -7,6 +7,7 @@ import asyncio
 import sys
 from typing import Any, NoReturn, get_args
 
+from . import export as export_command
 from . import jobs
 from .config import DIALECT_NAMES, SETTINGS, CoordinatorConfig, Scoring, speculate_text
 from .exceptions import DualSampleError
@@ -110,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     serve_cli.add_parser(sub)
     _demo_parser(sub)
     _bench_parser(sub)
+    export_command.add_parser(sub)
     args = parser.parse_args(argv)
     try:
+        if args.command == "export":
+            return export_command.run(args)
         if args.command == "serve":
             return serve_cli.main(args)
         if args.command == "generate":

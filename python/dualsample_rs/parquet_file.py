@@ -45,10 +45,13 @@ from .input_file import id_hash, id_text
 from .output import DIAGNOSTIC_NAMES
 from .output_file import ExistingOutput, _fsync_dir
 from .parquet_footer import FooterError, shift_offsets
+from .strategies import base_scores_candidates
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from .config import CoordinatorConfig
 
 # When a row group is written: whichever comes first. Large enough that a file's footer
 # (one entry per row group and column) stays small; short enough that a crash loses
@@ -129,19 +132,18 @@ def record_schema(
     return pa.schema(fields, metadata={_ID_KEY: kind.encode()})
 
 
-def run_schema(config: Any, speculate: bool, kind: str) -> pa.Schema:
+def run_schema(config: CoordinatorConfig, speculate: bool, kind: str) -> pa.Schema:
     """The schema of a run from its settings (`speculate`: whether the coordinator runs
-    speculative rounds). Top-k columns follow ``save_topk``/``save_topk_of`` when the
-    settings have them."""
+    speculative rounds). Top-k columns follow ``save_topk``/``save_topk_of``."""
     run = config.run
-    topk = int(getattr(run, "save_topk", 0) or 0) > 0
-    of = getattr(run, "save_topk_of", "teacher")
+    topk = run.save_topk > 0
+    of = run.save_topk_of
     return record_schema(
         kind,
         rescore=bool(run.rescore),
         speculate=speculate,
         topk_t=topk,
-        topk_theta=topk and (of == "both" or run.scoring == "exact"),
+        topk_theta=topk and (of == "both" or base_scores_candidates(config)),
     )
 
 
@@ -293,6 +295,19 @@ def _open(path: str, meta: pq.FileMetaData) -> pq.ParquetFile:
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(path, metadata=meta)
+
+
+def is_output_file(path: str) -> bool:
+    """Whether `path` is a Parquet output of `dualsample generate` (its footer, or its
+    journal, names the id rule); False for any other Parquet file."""
+    import pyarrow.parquet as pq
+
+    if os.path.exists(_journal(path)):
+        return True
+    try:
+        return _ID_KEY in (pq.read_schema(path).metadata or {})
+    except (OSError, ValueError):
+        return False
 
 
 def iter_records(path: str, batch_rows: int = 1024) -> Iterator[dict[str, Any]]:
