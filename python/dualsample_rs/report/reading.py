@@ -29,9 +29,12 @@ TOKEN_FIELDS = (
     "alpha", "logp_theta", "logp_t", "logq", "observed_theta", "observed_t", "fallback",
     "logp_theta_exact", "logp_t_exact", "round", "drafted",
 )  # fmt: skip
-# Records per chunk: large enough that numpy's per-call cost vanishes, small enough that a
-# chunk of long sequences stays a few tens of MB.
+# A chunk ends at this many records or tokens, whichever comes first: enough tokens that
+# numpy's per-call cost vanishes, few enough that the parsed JSON of a chunk (~30 bytes per
+# value as Python floats in lists, eleven values per token) stays near 20 MB however long
+# the sequences.
 CHUNK_RECORDS = 2048
+CHUNK_TOKENS = 1 << 16
 
 
 @dataclass
@@ -73,8 +76,9 @@ def _is_parquet(path: str) -> bool:
         return f.read(4) == b"PAR1"
 
 
-def iter_chunks(path: str, chunk_records: int = CHUNK_RECORDS) -> Iterator[Chunk]:
-    """Every record of the file(s) at `path`, `chunk_records` at a time.
+def iter_chunks(path: str, chunk_records: int = CHUNK_RECORDS, chunk_tokens: int = CHUNK_TOKENS) -> Iterator[Chunk]:
+    """Every record of the file(s) at `path`, in chunks of at most `chunk_records` records
+    (and, from JSONL, at most `chunk_tokens` tokens unless one record has more).
 
     Raises:
         InvalidInputError: a line that is not a JSON object, a per-token list whose length
@@ -85,14 +89,15 @@ def iter_chunks(path: str, chunk_records: int = CHUNK_RECORDS) -> Iterator[Chunk
         if _is_parquet(name):
             yield from _parquet_chunks(name, chunk_records)
         else:
-            yield from _jsonl_chunks(name, chunk_records)
+            yield from _jsonl_chunks(name, chunk_records, chunk_tokens)
 
 
 # ---------------------------------------------------------------- JSONL
 
 
-def _jsonl_chunks(path: str, chunk_records: int) -> Iterator[Chunk]:
+def _jsonl_chunks(path: str, chunk_records: int, chunk_tokens: int) -> Iterator[Chunk]:
     batch: list[tuple[str, dict[str, Any]]] = []
+    tokens = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -105,9 +110,11 @@ def _jsonl_chunks(path: str, chunk_records: int) -> Iterator[Chunk]:
             if not isinstance(record, dict):
                 raise InvalidInputError(f"RECORDS: {where}: not a JSON object")
             batch.append((where, record))
-            if len(batch) == chunk_records:
+            ids = record.get("token_ids")
+            tokens += len(ids) if isinstance(ids, list) else 0
+            if len(batch) == chunk_records or tokens >= chunk_tokens:
                 yield _chunk_of(batch)
-                batch = []
+                batch, tokens = [], 0
     if batch:
         yield _chunk_of(batch)
 
