@@ -18,7 +18,7 @@ import numpy as np
 
 from ..exceptions import InvalidInputError
 from .summary import MODELS, RATIO_BINS, Summary
-from .text import MODEL_NAMES
+from .text import DIAGNOSTIC_LABELS, MODEL_NAMES
 
 COLOURS = {"theta": "#1f77b4", "t": "#d62728"}
 FIGSIZE = (9.0, 3.2)
@@ -138,7 +138,7 @@ def _diagnostics(s: Summary, names: list[str]) -> Callable[[Any], None]:
         for ax, name in zip(flat[: len(names)], names, strict=True):
             values = s.diagnostics[name].values()
             ax.hist(values, bins=30, color="#c44e52")
-            ax.set_title(f"{name} (per-record mean)", fontsize=8)
+            ax.set_title(f"{name}: {DIAGNOSTIC_LABELS.get(name, '')}".rstrip(": "), fontsize=8)
         for ax in flat[len(names) :]:
             ax.set_visible(False)
 

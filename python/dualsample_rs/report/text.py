@@ -9,6 +9,15 @@ from .accumulate import Histogram
 from .summary import MODELS, RATIO_RANGE, RatioStats, Summary
 
 MODEL_NAMES = {"theta": "base θ", "t": "teacher t"}
+# what each diagnostic of a step is (src/kernels/logspace.rs), in the order output.py lists them
+DIAGNOSTIC_LABELS = {
+    "kl_theta": "KL(q*‖π_θ)",
+    "kl_t": "KL(q*‖π_t)",
+    "ess_theta": "ESS/n, q* draws weighted to π_θ",
+    "ess_t": "ESS/n, q* draws weighted to π_t",
+    "entropy": "H(q*), nats",
+    "js": "JS(π_θ, π_t), nats",
+}
 # positions shown for the mean α by position: early ones closely, then doubling
 SHOWN_POSITIONS = (0, 1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -134,15 +143,16 @@ def render(summary: Summary, source: str = "") -> str:
     names = s.diagnostic_names()
     if names:
         n = max(s.diagnostics[k].moments.n for k in names)
-        out += ["", f"diagnostics: per-record means over {_num(n)} records"]
-        rows = [["", "mean", "std", "min", "p50", "max"]]
+        out += ["", f"diagnostics at each step (--diagnostics): each record's mean, over {_num(n)} records"]
+        rows = [["", "", "mean", "std", "min", "p50", "max"]]
         for k in names:
             r = s.diagnostics[k]
             vals = r.values()
             p50 = float(sorted(vals)[len(vals) // 2]) if vals.size else math.nan
             mo = r.moments
-            rows.append([k, _num(mo.mean), _num(mo.std), _num(mo.min), _num(p50), _num(mo.max)])
-        out += table(rows)
+            label = DIAGNOSTIC_LABELS.get(k, "")
+            rows.append([k, label, _num(mo.mean), _num(mo.std), _num(mo.min), _num(p50), _num(mo.max)])
+        out += table(rows, left=2)
 
     if s.speculation is not None:
         sp = s.speculation
@@ -155,5 +165,5 @@ def render(summary: Summary, source: str = "") -> str:
             ["accepted", "   ".join(f"{k}: {_pct(int(v), sp.rounds)}"
                                     for k, v in enumerate(sp.accepted_per_round.tolist()) if v)],
         ]  # fmt: skip
-        out += table(rows)
+        out += table(rows, left=2)
     return "\n".join(out) + "\n"
