@@ -37,6 +37,17 @@ $(VENV)/.parquet: $(VENV)/.installed requirements-parquet.txt
 	$(PY) -m pip install -q -r requirements-parquet.txt
 	touch $@
 
+# matplotlib for the HTML page of `dualsample report` (the report extra).
+$(VENV)/.report: $(VENV)/.installed requirements-report.txt
+	$(PY) -m pip install -q -r requirements-report.txt
+	touch $@
+
+# A real browser to render that page in tests/test_report.py: Debian's chromium, installed
+# once (as root, as on CI) when it is not on PATH.
+$(VENV)/.chromium: $(VENV)/.installed
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	touch $@
+
 .PHONY: build-dev ## build the extension in debug mode into .venv
 build-dev: install
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop
@@ -82,7 +93,7 @@ check: install $(VENV)/.parquet test-rust
 	$(PY) -m pytest -q -m "not slow" -n 4 tests
 
 .PHONY: test ## build once (release), then every check: lint, cargo test, pytest with the slow tests (benches run once)
-test: build-prod $(VENV)/.ray $(VENV)/.parquet lint test-rust
+test: build-prod $(VENV)/.ray $(VENV)/.parquet $(VENV)/.report $(VENV)/.chromium lint test-rust
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q
 
 # The commit whose package the benches put beside the current one (the last with the

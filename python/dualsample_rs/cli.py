@@ -7,8 +7,7 @@ import asyncio
 import sys
 from typing import Any, NoReturn, get_args
 
-from . import export as export_command
-from . import jobs
+from . import export, jobs, report
 from .config import DIALECT_NAMES, SETTINGS, CoordinatorConfig, Scoring, speculate_text
 from .exceptions import DualSampleError
 from .server import cli as serve_cli
@@ -111,11 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     serve_cli.add_parser(sub)
     _demo_parser(sub)
     _bench_parser(sub)
-    export_command.add_parser(sub)
+    export.add_parser(sub)
+    report.add_parser(sub)
     args = parser.parse_args(argv)
     try:
-        if args.command == "export":
-            return export_command.run(args)
+        if getattr(args, "run", None) is not None:  # a subcommand that runs itself (export, report)
+            return int(args.run(args))
         if args.command == "serve":
             return serve_cli.main(args)
         if args.command == "generate":

@@ -445,6 +445,7 @@ def add_parser(sub: Any) -> None:
                    help="verl: entries per position (default: the first record's fewest)")  # fmt: skip
     p.add_argument("--samples-per-file", type=int, default=256, help="slime with {rollout_id}: samples per file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
