@@ -118,6 +118,19 @@ def test_messages_jsonl_and_parquet(tmp_path: Path) -> None:
     assert table.schema.field("messages").type == pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
+def test_the_user_turn_may_be_the_teachers_prompt(tmp_path: Path) -> None:
+    records = [{**record(i), "teacher_prompt": f"Why {i}?"} for i in range(2)]
+    src = write_jsonl(tmp_path / "r.jsonl", records)
+    code, err = run_export("messages", str(src), str(tmp_path / "m.jsonl"), "--user-prompt", "teacher_prompt")
+    assert code == 0, err
+    rows = read_jsonl(tmp_path / "m.jsonl")
+    assert [r["messages"][0] for r in rows] == [{"role": "user", "content": f"Why {i}?"} for i in range(2)]
+    # a record without a teacher prompt of text is refused, in one line
+    src = write_jsonl(tmp_path / "s.jsonl", [record(0)])
+    code, err = run_export("messages", str(src), str(tmp_path / "n.jsonl"), "--user-prompt", "teacher_prompt")
+    assert code == 2 and "teacher_prompt is missing" in err and len(err.strip().splitlines()) == 1
+
+
 def test_parquet_input_file_and_directory(tmp_path: Path) -> None:
     """Records kept as Parquet (the `--output x.parquet` of a run) export the same."""
     records = [record(i) for i in range(600)]  # more than one batch

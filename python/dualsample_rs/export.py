@@ -50,6 +50,8 @@ from .input_file import id_text
 from .records import read_records
 
 FORMATS = ("axolotl-kd", "slime", "verl", "messages")
+#: Which of a record's prompts a conversation's user turn is.
+USER_PROMPTS = ("prompt", "teacher_prompt")
 ROLLOUT_ID = "{rollout_id}"
 #: Records read from Parquet per batch, and rows per row group written.
 BATCH = 256
@@ -116,11 +118,15 @@ def teacher_topk(where: str, record: dict[str, Any]) -> tuple[list[list[int]], l
     return ids, logp
 
 
-def messages(where: str, record: dict[str, Any]) -> list[dict[str, str]]:
-    """The prompt as the user's turn, the sampled text as the assistant's."""
-    prompt = record.get("prompt")
+def messages(where: str, record: dict[str, Any], user: str = "prompt") -> list[dict[str, str]]:
+    """The record's `user` prompt (``prompt``, the base's, or ``teacher_prompt``) as the
+    user's turn, the sampled text as the assistant's."""
+    prompt = record.get(user)
     if not isinstance(prompt, str):
-        raise ExportRefused(f"input: {where}: the prompt is token ids, not text: a conversation needs text prompts")
+        raise ExportRefused(
+            f"input: {where}: the {user} is {'missing' if prompt is None else 'token ids'}, not text: "
+            "a conversation needs text prompts"
+        )
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(record.get("text", ""))}]
 
 
@@ -128,7 +134,7 @@ def messages(where: str, record: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def messages_row(where: str, record: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    return {"id": ctx.id_value(record), "messages": messages(where, record)}
+    return {"id": ctx.id_value(record), "messages": messages(where, record, ctx.user)}
 
 
 def axolotl_row(where: str, record: dict[str, Any], ctx: Context) -> dict[str, Any]:
@@ -138,7 +144,7 @@ def axolotl_row(where: str, record: dict[str, Any], ctx: Context) -> dict[str, A
         raise ExportRefused(f"input: {where}: a position has no teacher top-k entry (the server listed none)")
     return {
         "id": ctx.id_value(record),
-        "messages": messages(where, record),
+        "messages": messages(where, record, ctx.user),
         "target_token_ids": [[int(t) for t in r[:k]] for r in ids],
         "logprobs": [[float(v) for v in r[:k]] for r in logp],
     }
@@ -307,6 +313,8 @@ class Context:
     teacher: str = "topk"
     topk: int | None = None
     json_ids: bool = True
+    #: the record's prompt that is the user's turn of a conversation
+    user: str = "prompt"
     written: int = 0
     pending: dict[int, list[int]] = field(default_factory=dict)
 
@@ -348,6 +356,7 @@ async def export(
     teacher: str = "topk",
     topk: int | None = None,
     per_file: int = 256,
+    user_prompt: str = "prompt",
     progress: bool = False,
 ) -> dict[str, int]:
     """Write `input_path`'s records to `output` in format `fmt` (see the module's doc).
@@ -365,10 +374,12 @@ async def export(
         raise InvalidInputError(f"topk: must be at least 1, got {topk}")
     if per_file < 1:
         raise InvalidInputError(f"samples_per_file: must be at least 1, got {per_file}")
+    if user_prompt not in USER_PROMPTS:
+        raise InvalidInputError(f"user_prompt: expected one of {', '.join(USER_PROMPTS)}, got {user_prompt!r}")
     if fmt == "verl" and not output.endswith(".parquet"):
         raise InvalidInputError(f"output: verl reads Parquet: name the output *.parquet, got {output}")
     convert = CONVERT[fmt]
-    ctx = Context(teacher=teacher, topk=topk, json_ids=not output.endswith(".parquet"))
+    ctx = Context(teacher=teacher, topk=topk, json_ids=not output.endswith(".parquet"), user=user_prompt)
     connection = None
     if theta_url is not None and fmt in NEEDS_PROMPT_IDS:
         from .backends.detect import open_backend
@@ -444,6 +455,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--topk", type=int, default=None,
                    help="verl: entries per position (default: the first record's fewest)")  # fmt: skip
     p.add_argument("--samples-per-file", type=int, default=256, help="slime with {rollout_id}: samples per file")
+    p.add_argument("--user-prompt", choices=USER_PROMPTS, default="prompt",
+                   help="messages, axolotl-kd: the record's prompt that is the user's turn (teacher_prompt: the "
+                        "question the teacher was asked, e.g. with --teacher-chat)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -459,6 +473,7 @@ def run(args: argparse.Namespace) -> int:
             teacher=args.teacher,
             topk=args.topk,
             per_file=args.samples_per_file,
+            user_prompt=args.user_prompt,
             progress=not args.quiet,
         )
     )
