@@ -9,11 +9,13 @@ from typing import TypeVar
 
 # whichever ArgumentParser subclass the main command line makes its subcommands with
 _P = TypeVar("_P", bound=argparse.ArgumentParser)
+# model.PRESETS, spelt out here so that the command line starts without importing numpy
+MODELS = ["base", "teacher", "teacher-math", "base-bpe", "teacher-bpe", "base-reversed"]
 
 
 def add_parser(sub: argparse._SubParsersAction[_P]) -> None:
     p = sub.add_parser("serve", help="run a vLLM- or SGLang-compatible reference server with a small real model")
-    p.add_argument("--model", choices=["base", "teacher", "base-bpe", "teacher-bpe", "base-reversed"], default="base")
+    p.add_argument("--model", choices=MODELS, default="base")
     p.add_argument("--flavor", choices=["vllm", "sglang"], default="vllm", help="which engine's API to speak")
     p.add_argument("--enable-scale-out", action="store_true", help="vllm flavor: serve /inference/v1/generate")
     p.add_argument("--enable-trace-replay", action="store_true",

@@ -1,4 +1,4 @@
-"""The model interface the HTTP layer talks to, and the two built-in presets.
+"""The model interface the HTTP layer talks to, and the built-in presets.
 
 A backend implements :class:`Model`; the server needs nothing else, so another backend
 (say, a local Hugging Face model) can be added without touching the HTTP code.
@@ -13,10 +13,11 @@ import numpy as np
 
 from .bpe import BPETokenizer
 from .corpus import FACTS, WORLD_FACTS, base_documents, teacher_documents
+from .math_corpus import math_documents
 from .ngram import NGramLM
 from .tokenizer import ByteTokenizer
 
-PRESETS = ("base", "teacher", "base-reversed", "base-bpe", "teacher-bpe")
+PRESETS = ("base", "teacher", "teacher-math", "base-reversed", "base-bpe", "teacher-bpe")
 # The BPE presets learn from text with the multi-byte facts weighted up, so that merges
 # inside and across multi-byte characters are learnt too.
 BPE_FACTS = FACTS + WORLD_FACTS * 4
@@ -97,14 +98,18 @@ class NGramModel:
 
 
 def load_preset(preset: str, max_model_len: int = 2048) -> NGramModel:
-    """``base`` (plain prose), ``teacher`` (ChatML question/answer text), their BPE
-    twins ``base-bpe`` and ``teacher-bpe`` (a learnt BPE vocabulary and text with
-    multi-byte characters), or ``base-reversed`` (the base model with its byte ids numbered backwards: same text,
-    different vocabulary, for testing that mismatched servers are refused)."""
+    """``base`` (plain prose), ``teacher`` (ChatML question/answer text), ``teacher-math``
+    (a second teacher over the same tokenizer: ChatML arithmetic word problems solved step
+    by step), the BPE twins ``base-bpe`` and ``teacher-bpe`` (a learnt BPE vocabulary and
+    text with multi-byte characters), or ``base-reversed`` (the base model with its byte
+    ids numbered backwards: same text, different vocabulary, for testing that mismatched
+    servers are refused)."""
     if preset == "base":
         return NGramModel("dualsample-base", base_documents(), max_model_len=max_model_len)
     if preset == "teacher":
         return NGramModel("dualsample-teacher", teacher_documents(), max_model_len=max_model_len)
+    if preset == "teacher-math":
+        return NGramModel("dualsample-teacher-math", math_documents(), max_model_len=max_model_len)
     if preset == "base-bpe":
         return NGramModel("dualsample-base-bpe", base_documents(facts=BPE_FACTS), max_model_len=max_model_len,
                           tokenizer=bpe_tokenizer())  # fmt: skip

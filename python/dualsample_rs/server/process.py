@@ -38,7 +38,8 @@ def running_server(
     """Run `dualsample serve` on a free port and yield its base URL.
 
     Args:
-        model: ``"base"`` or ``"teacher"``.
+        model: a preset: ``"base"``, ``"teacher"``, ``"teacher-math"`` (a second teacher
+            with the same tokenizer), ``"base-bpe"``, ``"teacher-bpe"`` or ``"base-reversed"``.
         host: address to bind.
         timeout: seconds to wait for the server to listen.
         **options: any `dualsample serve` flag, e.g. ``max_logprobs=50``, ``api_key="k"``,
