@@ -112,7 +112,13 @@ fn for_teacher(err: KernelError, i: usize) -> KernelError {
 }
 
 /// Check every teacher's list and find each one's `missing` value.
-fn check_lists(teachers: &[TeacherRow<'_>], w: &[f64], missing: Missing, row: usize, s: &mut MixScratch) -> KernelResult<()> {
+fn check_lists(
+    teachers: &[TeacherRow<'_>],
+    w: &[f64],
+    missing: Missing,
+    row: usize,
+    s: &mut MixScratch,
+) -> KernelResult<()> {
     s.fills.clear();
     s.listed.clear();
     for (i, t) in teachers.iter().enumerate() {
@@ -128,7 +134,10 @@ fn check_lists(teachers: &[TeacherRow<'_>], w: &[f64], missing: Missing, row: us
     }
     // A teacher listing nothing would make every token look equally likely to it.
     let active = || (0..teachers.len()).filter(|&i| w[i] > 0.0);
-    if let (Some(empty), Some(full)) = (active().find(|&i| s.listed[i] == 0), active().find(|&i| s.listed[i] > 0)) {
+    if let (Some(empty), Some(full)) = (
+        active().find(|&i| s.listed[i] == 0),
+        active().find(|&i| s.listed[i] > 0),
+    ) {
         return Err(KernelError::row(
             "ids_list",
             row,
@@ -153,13 +162,12 @@ fn gather(teachers: &[TeacherRow<'_>], w: &[f64], row: usize, s: &mut MixScratch
                 if id < 0 {
                     continue;
                 }
-                let u = match s.table.get_or_insert(id, s.entries.len() as u32) {
-                    Some(u) => u as usize,
-                    None => {
-                        s.entries.push((id, offset + c));
-                        s.values.resize(s.values.len() + n, f64::NAN);
-                        s.entries.len() - 1
-                    }
+                let u = if let Some(u) = s.table.get_or_insert(id, s.entries.len() as u32) {
+                    u as usize
+                } else {
+                    s.entries.push((id, offset + c));
+                    s.values.resize(s.values.len() + n, f64::NAN);
+                    s.entries.len() - 1
                 };
                 let v = &mut s.values[u * n + i];
                 if !v.is_nan() {
@@ -239,7 +247,11 @@ pub fn mix_teachers_batch(
         if a.dim() != b.dim() {
             return Err(KernelError::arg(
                 "logp_list",
-                format!("teacher {i}: shape {:?} does not match ids_list's {:?}", b.shape(), a.shape()),
+                format!(
+                    "teacher {i}: shape {:?} does not match ids_list's {:?}",
+                    b.shape(),
+                    a.shape()
+                ),
             ));
         }
         if a.nrows() != rows {
@@ -252,7 +264,7 @@ pub fn mix_teachers_batch(
     // Row-major copies where needed, so that every row is a slice.
     let ids: Vec<_> = ids.iter().map(|a| a.as_standard_layout()).collect();
     let logp: Vec<_> = logp.iter().map(|a| a.as_standard_layout()).collect();
-    let width: usize = ids.iter().map(|a| a.ncols()).sum();
+    let width: usize = ids.iter().map(ndarray::ArrayBase::ncols).sum();
     let mixed = map_rows(rows, width, |s: &mut MixScratch, r| {
         let teachers: Vec<TeacherRow<'_>> = ids
             .iter()
@@ -293,7 +305,15 @@ mod tests {
         let teachers: Vec<TeacherRow<'_>> = lists.iter().map(|&(ids, logp)| TeacherRow { ids, logp }).collect();
         let width = lists.iter().map(|l| l.0.len()).sum();
         let mut out = (vec![-1; width], vec![f64::NEG_INFINITY; width]);
-        mix_row(&teachers, &weights(w), missing, 3, &mut MixScratch::default(), &mut out.0, &mut out.1)?;
+        mix_row(
+            &teachers,
+            &weights(w),
+            missing,
+            3,
+            &mut MixScratch::default(),
+            &mut out.0,
+            &mut out.1,
+        )?;
         Ok(out)
     }
 
@@ -307,7 +327,10 @@ mod tests {
             (vec![], 0),
         ] {
             let err = MixWeights::new(w.clone(), n).unwrap_err().to_string();
-            assert!(err.starts_with("weights: ") || err.starts_with("ids_list: "), "{w:?}: {err}");
+            assert!(
+                err.starts_with("weights: ") || err.starts_with("ids_list: "),
+                "{w:?}: {err}"
+            );
         }
         assert!(MixWeights::new(vec![1.0 / 3.0; 3], 3).is_ok());
         assert!(MixWeights::new(vec![1.0, 0.0], 2).is_ok());
@@ -317,7 +340,10 @@ mod tests {
     fn union_is_the_weighted_sum_with_fills() {
         // Teacher 0 lists 5 and 2, teacher 1 lists 2 and 9; the constant rule fills -10.
         let (ids, lp) = one_row(
-            &[(&[5, 2], &ln(&[0.5, 0.3])), (&[2, 9, -1], &[0.6f64.ln(), 0.1f64.ln(), f64::NEG_INFINITY])],
+            &[
+                (&[5, 2], &ln(&[0.5, 0.3])),
+                (&[2, 9, -1], &[0.6f64.ln(), 0.1f64.ln(), f64::NEG_INFINITY]),
+            ],
             &[0.25, 0.75],
             Missing::Value(-10.0),
         )
@@ -371,7 +397,10 @@ mod tests {
         let err = one_row(&[ok, (&[3, 3], &[-1.0, -2.0])], &[0.5, 0.5], Missing::Bound).unwrap_err();
         assert_eq!(err.to_string(), "ids_list, row 3: teacher 1: token id 3 appears twice");
         let err = one_row(&[ok, (&[3], &[f64::NAN])], &[0.5, 0.5], Missing::Bound).unwrap_err();
-        assert!(err.to_string().starts_with("logp_list, row 3: teacher 1: column 0"), "{err}");
+        assert!(
+            err.to_string().starts_with("logp_list, row 3: teacher 1: column 0"),
+            "{err}"
+        );
         let err = one_row(&[ok, (&[-1], &[f64::NEG_INFINITY])], &[0.5, 0.5], Missing::Bound).unwrap_err();
         assert!(err.to_string().contains("teacher 1's list is empty"), "{err}");
         // An empty list at weight 0 is no one's concern.
@@ -387,7 +416,10 @@ mod tests {
         ]);
         let ids_t = arr2(&[[1i64, 9, -1], [3, 5, 0]]);
         // -0.0 (a certain token, as a server may write it) must come back as -0.0.
-        let lp_t = arr2(&[[-0.0, 0.2f64.ln(), f64::NEG_INFINITY], [0.5f64.ln(), 0.3f64.ln(), 0.1f64.ln()]]);
+        let lp_t = arr2(&[
+            [-0.0, 0.2f64.ln(), f64::NEG_INFINITY],
+            [0.5f64.ln(), 0.3f64.ln(), 0.1f64.ln()],
+        ]);
         let (mi, ml) = mix_teachers_batch(&[ids_t.view()], &[lp_t.view()], &weights(&[1.0]), Missing::Bound).unwrap();
         assert_eq!(mi, ids_t);
         assert!(ml.iter().zip(lp_t.iter()).all(|(x, y)| x.to_bits() == y.to_bits()));
@@ -430,11 +462,18 @@ mod tests {
         let lp = arr2(&[[-1.0, -2.0]]);
         let short = arr2(&[[-1.0]]);
         let w = weights(&[0.5, 0.5]);
-        let err = mix_teachers_batch(&[ids.view(), ids.view()], &[lp.view(), short.view()], &w, Missing::Bound).unwrap_err();
+        let err = mix_teachers_batch(
+            &[ids.view(), ids.view()],
+            &[lp.view(), short.view()],
+            &w,
+            Missing::Bound,
+        )
+        .unwrap_err();
         assert!(err.to_string().starts_with("logp_list: teacher 1"), "{err}");
         let two = arr2(&[[1i64, 2], [1, 2]]);
         let lp2 = arr2(&[[-1.0, -2.0], [-1.0, -2.0]]);
-        let err = mix_teachers_batch(&[ids.view(), two.view()], &[lp.view(), lp2.view()], &w, Missing::Bound).unwrap_err();
+        let err =
+            mix_teachers_batch(&[ids.view(), two.view()], &[lp.view(), lp2.view()], &w, Missing::Bound).unwrap_err();
         assert!(err.to_string().starts_with("ids_list: teacher 1 has 2 rows"), "{err}");
     }
 }

@@ -7,7 +7,7 @@ use pyo3::types::{PyString, PyTuple};
 use crate::errors::KernelError;
 use crate::kernels::merge::Missing;
 use crate::kernels::mixture::{mix_teachers_batch, MixWeights};
-use crate::py::arrays::{float_input, id_input, same_shape, FloatInput, IdInput};
+use crate::py::arrays::{float_input, id_input, FloatInput, IdInput, Rows};
 use crate::py::config::parse_missing;
 
 /// The items of a list argument (a string is not a list of arrays).
@@ -20,6 +20,16 @@ fn items<'py>(obj: &Bound<'py, PyAny>, arg: &'static str) -> PyResult<Vec<Bound<
         return Err(refused().into());
     }
     obj.try_iter().map_err(|_| refused())?.collect()
+}
+
+/// The shape the caller passed (a 1-D row is held as one row of a batch).
+fn shape<T>(rows: &Rows<'_, T>) -> Vec<usize> {
+    let (r, k) = rows.data.dim();
+    if rows.one_row {
+        vec![k]
+    } else {
+        vec![r, k]
+    }
 }
 
 fn weights_arg(obj: &Bound<'_, PyAny>) -> PyResult<Vec<f64>> {
@@ -65,10 +75,26 @@ pub fn mix_teachers_py<'py>(
         .into());
     }
     let weights = MixWeights::new(weights_arg(weights)?, ids_in.len())?;
-    let ids = ids_in.iter().map(|a| a.rows("ids_list")).collect::<Result<Vec<_>, _>>()?;
-    let lps = lp_in.iter().map(|a| a.rows("logp_list")).collect::<Result<Vec<_>, _>>()?;
-    for (a, b) in ids.iter().zip(&lps) {
-        same_shape(a, b, ("ids_list", "logp_list"))?;
+    let ids = ids_in
+        .iter()
+        .map(|a| a.rows("ids_list"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let lps = lp_in
+        .iter()
+        .map(|a| a.rows("logp_list"))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, (a, b)) in ids.iter().zip(&lps).enumerate() {
+        if a.data.dim() != b.data.dim() || a.one_row != b.one_row {
+            return Err(KernelError::arg(
+                "logp_list",
+                format!(
+                    "teacher {i}: shape {:?} does not match ids_list's {:?}",
+                    shape(b),
+                    shape(a)
+                ),
+            )
+            .into());
+        }
     }
     let one_row = ids[0].one_row;
     if ids.iter().any(|a| a.one_row != one_row) {
@@ -86,6 +112,9 @@ pub fn mix_teachers_py<'py>(
             ],
         )
     } else {
-        PyTuple::new(py, [out_ids.into_pyarray(py).into_any(), out_lp.into_pyarray(py).into_any()])
+        PyTuple::new(
+            py,
+            [out_ids.into_pyarray(py).into_any(), out_lp.into_pyarray(py).into_any()],
+        )
     }
 }
