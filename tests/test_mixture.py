@@ -252,7 +252,7 @@ def test_teacher_order_does_not_matter(seed: int, raw: list[float], missing: str
         _core.step(ids_b, lp_b, ids_p, lp_p, config=cfg).alpha,
         atol=1e-9,
     )
-    twice, _ = teachers[0], teachers[0]
+    twice = teachers[0]
     ids_2, lp_2 = _core.mix_teachers([twice[0], twice[0]], [twice[1], twice[1]], [0.5, 0.5], missing=missing)
     k0 = twice[0].shape[1]
     np.testing.assert_array_equal(ids_2[:, :k0], twice[0])
