@@ -1,5 +1,6 @@
 """Type stubs and documentation for the compiled module `dualsample_rs._core`."""
 
+from collections.abc import Sequence
 from typing import Literal, final
 
 import numpy as np
@@ -12,6 +13,7 @@ __all__ = [
     "build_profile",
     "merge_topk",
     "mix",
+    "mix_teachers",
     "parse_completions_topk",
     "parse_generate_positions",
     "parse_generate_topk",
@@ -183,6 +185,50 @@ def merge_topk(
 
     Candidates come in a fixed order: the base list as given, then the teacher-only
     tokens as given. Unlisted tokens are valued by ``missing`` (see SamplerConfig).
+    """
+
+def mix_teachers(
+    ids_list: Sequence[ArrayLike],
+    logp_list: Sequence[ArrayLike],
+    weights: Sequence[float] | ArrayLike,
+    *,
+    missing: Literal["bound", "drop"] | float = "bound",
+) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """Several teachers' top-k lists as one mixed teacher, to pass to :func:`step` as
+    ``(ids_t, logp_t)``: the step then samples q* ∝ π_θ^(1−a) Π π_i^(a·w_i), with the
+    total weight a chosen by the config's α rule between π_θ and the teachers'
+    normalised geometric mean π_w ∝ Π π_i^(w_i) (docs/design.md, section 1.4.1).
+
+    Args:
+        ids_list, logp_list: one array per teacher, each of shape (k_i,) or (rows, k_i)
+            (the same rows for all), token ids and raw log probabilities; id -1 with
+            -inf is padding.
+        weights: one per teacher, finite, >= 0, summing to 1 (within 1e-9). A teacher
+            at weight 0 takes no part.
+        missing: the value, for a teacher, of a token another teacher listed (as in
+            SamplerConfig); ``"drop"`` keeps the tokens every teacher with positive
+            weight listed (all of them, valued as ``"bound"`` does, where they share
+            none).
+
+    Returns ``(ids, logp)`` of shape (rows, Σ k_i): teacher i's columns in the i-th block
+    of k_i columns, an id an earlier teacher listed left as padding there; ``logp`` is
+    Σ w_i log π_i, not renormalised (the step normalises it, and the unlisted mass it
+    leaves is what the ``"bound"`` rule reads). One teacher at weight 1 comes back as
+    given. Nothing is tempered here: the step's ``temperature_t`` applies to the mixed
+    teacher, which is each teacher tempered by it.
+
+    Raises:
+        InvalidInputError: weights that are not one per teacher, negative, or not
+            summing to 1 (naming ``weights``); malformed lists (naming ``ids_list`` or
+            ``logp_list``, the row and the teacher).
+        InvalidDtypeError: an argument of a type that cannot be converted safely.
+
+    Example:
+        >>> import numpy as np
+        >>> teachers_ids = [np.array([5, 2]), np.array([2, 9])]
+        >>> ids, logp = mix_teachers(teachers_ids, [np.log([0.5, 0.3]), np.log([0.6, 0.1])], [0.5, 0.5])
+        >>> ids.tolist()
+        [5, 2, -1, 9]
     """
 
 def step(

@@ -20,7 +20,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from .exceptions import InvalidInputError
 
-__all__ = ["ReferenceStepResult", "merge_topk", "mix", "solve_alpha", "step", "uniform"]
+__all__ = ["ReferenceStepResult", "merge_topk", "mix", "mix_teachers", "solve_alpha", "step", "uniform"]
 
 NEG_INF = -np.inf
 F64 = NDArray[np.float64]
@@ -381,6 +381,77 @@ def merge_topk(
     if one:
         return m["ids"][0], m["a"][0], m["b"][0]
     return m["ids"], m["a"], m["b"]
+
+
+# ---------------------------------------------------------------- several teachers
+_WEIGHT_SUM_TOL = 1e-9
+_MAX_LOGP = 1e-4
+
+
+def _mix_weights(weights: ArrayLike, teachers: int) -> F64:
+    """The weights among the teachers, checked as the Rust kernel checks them."""
+    if teachers == 0:
+        raise InvalidInputError("ids_list: at least one teacher is needed")
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.size != teachers:
+        raise InvalidInputError(f"weights: expected one weight per teacher ({teachers}), got {w.size}")
+    bad = ~(np.isfinite(w) & (w >= 0))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InvalidInputError(f"weights: weight {i} is {w[i]}; weights must be finite and >= 0")
+    if abs(float(w.sum()) - 1.0) > _WEIGHT_SUM_TOL:
+        raise InvalidInputError(f"weights: must sum to 1, got {float(w.sum())}")
+    return w
+
+
+def mix_teachers(
+    ids_list: list[ArrayLike], logp_list: list[ArrayLike], weights: ArrayLike, *, missing: str | float = "bound"
+) -> tuple[np.ndarray, F64]:
+    """numpy twin of :func:`dualsample_rs._core.mix_teachers`: the same column blocks and
+    the same Σ w_i log π_i, summed in teacher order from −0.0 (so one teacher at weight 1
+    comes back bit for bit)."""
+    w = _mix_weights(weights, len(ids_list))
+    pairs = [(_as_rows(i, np.int64), _as_rows(lp, np.float64)[0]) for i, lp in zip(ids_list, logp_list, strict=True)]
+    one = pairs[0][0][1]
+    ids_all = [ids for (ids, _), _ in pairs]
+    lps = [lp for _, lp in pairs]
+    n = ids_all[0].shape[0]
+    offsets = np.concatenate([[0], np.cumsum([ids.shape[1] for ids in ids_all])])
+    out_ids = np.full((n, int(offsets[-1])), -1, dtype=np.int64)
+    out_lp = np.full((n, int(offsets[-1])), NEG_INF)
+    active = [i for i in range(len(ids_all)) if w[i] > 0]
+    stride = int(max(ids.max(initial=0) for ids in ids_all)) + 2
+    fills = {
+        i: unlisted_bound(ids_all[i], lps[i]) if isinstance(missing, str) else np.full(n, float(missing))
+        for i in active
+    }
+    # Every active teacher's columns, each valued by every active teacher.
+    blocks = []
+    for pos, i in enumerate(active):
+        cand = ids_all[i]
+        earlier = np.zeros(cand.shape, dtype=bool)
+        for j in active[:pos]:
+            earlier |= _lookup(cand, ids_all[j], lps[j], stride)[1]
+        acc = np.full(cand.shape, -0.0)
+        listed = np.zeros(cand.shape, dtype=np.int64)
+        for j in active:
+            val, found = _lookup(cand, ids_all[j], lps[j], stride)
+            acc = acc + w[j] * np.where(found, val, fills[j][:, None])
+            listed += found
+        blocks.append((i, (cand >= 0) & ~earlier, listed == len(active), acc))
+    if missing == "drop":
+        # The tokens every active teacher listed; with none in a row, the union.
+        any_common = np.zeros(n, dtype=bool)
+        for _, first, common, _ in blocks:
+            any_common |= (first & common).any(axis=1)
+        blocks = [(i, first & (common | ~any_common[:, None]), common, acc) for i, first, common, acc in blocks]
+    for i, keep, _, acc in blocks:
+        cols = slice(int(offsets[i]), int(offsets[i + 1]))
+        out_ids[:, cols] = np.where(keep, ids_all[i], -1)
+        out_lp[:, cols] = np.where(keep, np.minimum(acc, _MAX_LOGP), NEG_INF)
+    if one:
+        return out_ids[0], out_lp[0]
+    return out_ids, out_lp
 
 
 # ---------------------------------------------------------------- step

@@ -53,17 +53,17 @@ impl Missing {
 
 /// What one pass over a list finds: whether any entry is malformed, the smallest and
 /// largest listed log probability (padding excluded).
-struct ListSummary {
-    bad: bool,
+pub(crate) struct ListSummary {
+    pub(crate) bad: bool,
     smallest: f64,
     largest: f64,
-    listed: usize,
+    pub(crate) listed: usize,
 }
 
 /// One branch-free (so vectorisable) pass over a list; `explain` describes a bad one.
 #[inline(always)]
 #[allow(clippy::needless_bitwise_bool)] // `|` and `&` on purpose: no branches in the loop
-fn summarise(ids: &[i64], logp: &[f64]) -> ListSummary {
+pub(crate) fn summarise(ids: &[i64], logp: &[f64]) -> ListSummary {
     let mut sum = ListSummary {
         bad: false,
         smallest: f64::INFINITY,
@@ -87,7 +87,7 @@ pub const UNLISTED_MIN: f64 = 1e-12;
 /// The value given to a token a list does not hold, under the `bound` rule:
 /// log min(smallest listed probability, unlisted mass). `buf` is scratch.
 #[inline(always)]
-fn bound(logp: &[f64], summary: &ListSummary, buf: &mut Vec<f64>) -> f64 {
+pub(crate) fn bound(logp: &[f64], summary: &ListSummary, buf: &mut Vec<f64>) -> f64 {
     let total = if summary.largest == f64::NEG_INFINITY {
         f64::NEG_INFINITY
     } else {
@@ -129,7 +129,7 @@ pub struct IdTable {
 
 impl IdTable {
     #[inline(always)]
-    fn reset(&mut self, entries: usize) {
+    pub(crate) fn reset(&mut self, entries: usize) {
         // Sparse (load ≤ 1/8) keeps probe chains short: measured 1.9 → 1.5 µs per row of
         // 2 × 100 entries against load ≤ 1/2.
         let cap = (8 * entries).next_power_of_two().max(16);
@@ -143,7 +143,7 @@ impl IdTable {
 
     /// The slot of `id`, or None after reserving `slot` for it.
     #[inline(always)]
-    fn get_or_insert(&mut self, id: i64, slot: u32) -> Option<u32> {
+    pub(crate) fn get_or_insert(&mut self, id: i64, slot: u32) -> Option<u32> {
         let mask = self.entries.len() - 1;
         let mut i = ((id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize;
         loop {
@@ -253,7 +253,7 @@ impl Merged {
 
 /// The error for the first malformed entry of a list that `summarise` found bad.
 #[cold]
-fn explain(ids: &[i64], logp: &[f64], names: (&'static str, &'static str), row: usize) -> KernelResult<()> {
+pub(crate) fn explain(ids: &[i64], logp: &[f64], names: (&'static str, &'static str), row: usize) -> KernelResult<()> {
     for (col, (&id, &lp)) in ids.iter().zip(logp).enumerate() {
         if lp.is_nan() || lp == f64::INFINITY {
             return Err(KernelError::row(

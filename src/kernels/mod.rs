@@ -4,6 +4,7 @@ pub mod batch;
 pub mod fastexp;
 pub mod logspace;
 pub mod merge;
+pub mod mixture;
 pub mod parallel;
 pub mod rng;
 pub mod simd;

@@ -5,6 +5,7 @@ pub mod arrays;
 pub mod config;
 pub mod errors;
 pub mod functions;
+pub mod mixture;
 pub mod step;
 pub mod wire;
 
@@ -17,6 +18,8 @@ mod _core {
     use crate::py::config::SamplerConfig;
     #[pymodule_export]
     use crate::py::functions::{merge_topk_py, mix_py, solve_alpha_py};
+    #[pymodule_export]
+    use crate::py::mixture::mix_teachers_py;
     #[pymodule_export]
     use crate::py::step::{step_py, StepResult};
     #[pymodule_export]
