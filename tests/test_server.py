@@ -224,19 +224,24 @@ def test_api_key() -> None:
 def test_queue_limit_answers_503() -> None:
     with running_server("base", max_num_queued_reqs=1) as url:
         long = {"prompt": [[65, 66]] * 64, "max_tokens": 400, "ignore_eos": True, "temperature": 0}
-        statuses: list[int] = []
-        t = threading.Thread(
-            target=lambda: statuses.append(httpx.post(url + "/v1/completions", json=long, timeout=60).status_code)
-        )
-        t.start()
-        deadline = time.monotonic() + 10
-        second = None
-        while time.monotonic() < deadline and t.is_alive():
-            time.sleep(0.05)
-            second = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
-            if second.status_code == 503:
+        # On busy cores a quick request can reach the server before the long one and take
+        # the only place (the long one then gets the 503): such an attempt is run again.
+        for _ in range(5):
+            statuses: list[int] = []
+            t = threading.Thread(
+                target=lambda: statuses.append(httpx.post(url + "/v1/completions", json=long, timeout=60).status_code)
+            )
+            t.start()
+            deadline = time.monotonic() + 10
+            second = None
+            while time.monotonic() < deadline and t.is_alive():
+                time.sleep(0.05)
+                second = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+                if second.status_code == 503:
+                    break
+            t.join()
+            if statuses == [200]:
                 break
-        t.join()
         assert second is not None and second.status_code == 503
         assert "busy" in second.json()["error"]["message"]
         assert statuses == [200]
