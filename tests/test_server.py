@@ -228,9 +228,11 @@ def test_queue_limit_answers_503() -> None:
         # the only place (the long one then gets the 503): such an attempt is run again.
         for _ in range(5):
             statuses: list[int] = []
-            t = threading.Thread(
-                target=lambda: statuses.append(httpx.post(url + "/v1/completions", json=long, timeout=60).status_code)
-            )
+
+            def post_long(out: list[int] = statuses) -> None:
+                out.append(httpx.post(url + "/v1/completions", json=long, timeout=60).status_code)
+
+            t = threading.Thread(target=post_long)
             t.start()
             deadline = time.monotonic() + 10
             second = None
