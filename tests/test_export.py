@@ -331,6 +331,7 @@ def test_bad_input_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture[
 # ----------------------------------------------------------------------------- from a real run
 
 
+@pytest.mark.slow
 def test_a_run_with_save_topk_exports_the_same_from_jsonl_and_parquet(urls: tuple[str, str], tmp_path: Path) -> None:
     """End to end: `generate --save-topk` on the reference servers, kept as JSONL and as
     Parquet, exports the same Axolotl KD rows, whose targets are the run's saved lists."""

@@ -121,6 +121,7 @@ def test_ids_keep_their_type(urls: tuple[str, str], tmp_path: Path) -> None:
     assert sorted((r["id"] for r in iter_records(str(out))), key=str) == [1, "1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_killed_run_resumes_to_the_records_of_an_uninterrupted_one(
     urls: tuple[str, str], tmp_path: Path, sig: signal.Signals
