@@ -4,7 +4,9 @@
 //! Why that is the mixture asked for. With weights w_i ≥ 0, Σ w_i = 1, and a total
 //! teacher weight a,
 //!
-//!     π_θ^(1−a) · Π_i π_i^(a·w_i) = π_θ^(1−a) · (Π_i π_i^(w_i))^a = π_θ^(1−a) · (Z_w·π_w)^a
+//! ```text
+//! π_θ^(1−a) · Π_i π_i^(a·w_i) = π_θ^(1−a) · (Π_i π_i^(w_i))^a = π_θ^(1−a) · (Z_w·π_w)^a
+//! ```
 //!
 //! where π_w = Π π_i^(w_i) / Z_w is the normalised geometric mean. Z_w^a is a constant, so
 //! it cancels when q* is normalised: q* ∝ π_θ^(1−a) π_w^a is the two-model geometric path
