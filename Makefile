@@ -90,7 +90,7 @@ check: install $(VENV)/.parquet test-rust
 	$(VENV)/bin/ruff check python tests benches examples
 	$(VENV)/bin/ruff format --check python tests benches examples
 	$(PY) -m mypy python/dualsample_rs
-	$(PY) -m pytest -q -m "not slow" -n 4 tests
+	$(PY) -m pytest -q -m "not slow" -n auto tests
 
 .PHONY: test ## build once (release), then every check: lint, cargo test, pytest with the slow tests (benches run once)
 test: build-prod $(VENV)/.ray $(VENV)/.parquet $(VENV)/.report $(VENV)/.chromium lint test-rust

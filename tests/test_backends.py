@@ -68,6 +68,7 @@ def _prompt_ids(url: str, text: str) -> list[int]:
     return httpx.post(url + "/tokenize", json={"prompt": text}, timeout=30).json()["tokens"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_exact_scoring_reports_true_log_probabilities(flavors: dict[str, tuple[str, str]], dialect: str) -> None:
     outs, _ = _run(_urls(flavors, dialect), seed=23, dialect=dialect, scoring="exact", rescore=True)

@@ -103,6 +103,7 @@ def check_trl(rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> None
         assert msgs[:last] == [{"role": "user", "content": rec["prompt"]}]
 
 
+@pytest.mark.slow
 def test_messages_jsonl_and_parquet(tmp_path: Path) -> None:
     records = [record(0), record(1, finish="error"), record(2, finish="length")]
     src = write_jsonl(tmp_path / "r.jsonl", records)
@@ -215,6 +216,7 @@ def check_verl(path: Path, records: list[dict[str, Any]], prompts: list[list[int
                 assert got_logp == pytest.approx([rec["logp_t_exact"][i]])
 
 
+@pytest.mark.slow
 def test_verl_topk_and_token(tmp_path: Path) -> None:
     prompts = [[1, 2, 3], [4, 5]]
     records = [record(0, prompt=prompts[0]), record(1, prompt=prompts[1], finish="error"),

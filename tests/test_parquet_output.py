@@ -56,6 +56,7 @@ def _same(records: list[dict]) -> dict:
     return {json.dumps(r["id"]): json.dumps(r, sort_keys=True) for r in records}
 
 
+@pytest.mark.slow
 def test_the_file_loads_with_natural_types_in_pyarrow_polars_and_datasets(
     urls: tuple[str, str], tmp_path: Path
 ) -> None:
@@ -151,6 +152,7 @@ def test_a_killed_run_resumes_to_the_records_of_an_uninterrupted_one(
     assert _same(list(iter_records(str(part)))) == _same(list(iter_records(str(full))))
 
 
+@pytest.mark.slow
 def test_retry_errors_rewrites_the_file_without_the_failed_records(urls: tuple[str, str], tmp_path: Path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.parquet"
     write_input(inp, 4)
@@ -169,6 +171,7 @@ def test_retry_errors_rewrites_the_file_without_the_failed_records(urls: tuple[s
     assert _same(list(iter_records(str(out)))) == _same(clean)
 
 
+@pytest.mark.slow
 def test_a_file_that_is_not_parquet_is_never_clobbered(urls: tuple[str, str], tmp_path: Path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.parquet"
     write_input(inp, 2)

@@ -296,6 +296,7 @@ def _page(tmp_path: Path, **kwargs: Any) -> tuple[Path, str]:
 PLOTS = ("plot-lengths", "plot-alpha", "plot-log-ratios", "plot-ess", "plot-diagnostics", "plot-speculation")
 
 
+@pytest.mark.slow
 def test_html_page_is_self_contained(tmp_path: Path) -> None:
     _, html = _page(tmp_path)
     for pid in PLOTS:
@@ -386,6 +387,7 @@ def test_peak_memory_does_not_grow_with_the_file(tmp_path: Path) -> None:
     assert b < a + 20_000, (a, b)  # within 20 MB
 
 
+@pytest.mark.slow
 def test_a_runs_jsonl_and_parquet_outputs_give_the_same_report(urls: tuple[str, str], tmp_path: Path) -> None:
     """End to end: one run kept as JSONL and as the Parquet output (typed columns, its
     diagnostics a struct) reports the same text."""

@@ -310,6 +310,7 @@ def test_503_carries_retry_after_and_faults_are_seeded() -> None:
     assert len(set(runs[0])) >= 3  # a mix, not all one kind
 
 
+@pytest.mark.slow
 def test_latency_and_slow_bodies() -> None:
     with running_server("base", latency=0.6, latency_rate=1.0) as url:
         t = time.monotonic()

@@ -312,6 +312,7 @@ def test_bad_speculate_values_are_refused() -> None:
     assert p.returncode == 2 and "--speculate" in p.stderr
 
 
+@pytest.mark.slow
 def test_a_replica_lost_mid_round_costs_no_record(flavors: dict[str, tuple[str, str]]) -> None:
     """Two base replicas, one killed mid-run: its sequences move with their rounds, and
     the records are those of one server (drafts depend only on the model and context).
@@ -347,6 +348,7 @@ def test_mixed_dialects_speculate(flavors: dict[str, tuple[str, str]]) -> None:
     _assert_same_numbers(one, spec, at_least=30)
 
 
+@pytest.mark.slow
 def test_faulty_servers_give_the_clean_records(flavors: dict[str, tuple[str, str]]) -> None:
     """503s, 500s, dropped connections, malformed and slow bodies on both servers during
     rounds: retried, and the records are those of clean servers."""
