@@ -82,7 +82,7 @@ test-rust:
 # maturin builds pyo3 for an extension module and cargo test for a linked libpython, and
 # in one directory each would rebuild pyo3 and the crate after the other (~25 s a run).
 .PHONY: check ## the fast loop: debug build, lint, cargo test, pytest without slow tests, Ray or benches
-check: install $(VENV)/.parquet test-rust
+check: install $(VENV)/.parquet $(VENV)/.report test-rust
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --target-dir target/extension
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
