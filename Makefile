@@ -62,14 +62,17 @@ format: install
 	$(VENV)/bin/ruff format python tests benches examples
 	$(VENV)/bin/ruff check --fix python tests benches examples
 
-.PHONY: lint ## cargo fmt --check, clippy (with and without the python feature), ruff, mypy, and stubtest of the compiled module's stubs
-lint: build-prod
+.PHONY: lint-source ## cargo fmt --check, clippy (with and without the python feature), ruff, mypy: no build needed
+lint-source: install
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --no-default-features -- -D warnings
 	$(VENV)/bin/ruff check python tests benches examples
 	$(VENV)/bin/ruff format --check python tests benches examples
 	$(PY) -m mypy python/dualsample_rs
+
+.PHONY: lint ## lint-source, and stubtest of the compiled module's stubs (release build)
+lint: build-prod lint-source
 	$(PY) -m mypy.stubtest dualsample_rs._core
 
 .PHONY: test-rust ## the crate's unit tests (kernels and wire readers, plain Rust: no Python needed)
@@ -82,14 +85,8 @@ test-rust:
 # maturin builds pyo3 for an extension module and cargo test for a linked libpython, and
 # in one directory each would rebuild pyo3 and the crate after the other (~25 s a run).
 .PHONY: check ## the fast loop: debug build, lint, cargo test, pytest without slow tests, Ray or benches
-check: install $(VENV)/.parquet $(VENV)/.report test-rust
+check: install $(VENV)/.parquet $(VENV)/.report test-rust lint-source
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --target-dir target/extension
-	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
-	cargo clippy --all-targets --no-default-features -- -D warnings
-	$(VENV)/bin/ruff check python tests benches examples
-	$(VENV)/bin/ruff format --check python tests benches examples
-	$(PY) -m mypy python/dualsample_rs
 	$(PY) -m pytest -q -m "not slow" -n auto tests
 
 .PHONY: test ## build once (release), then every check: lint, cargo test, pytest with the slow tests (benches run once)
