@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -223,6 +224,86 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class TeacherSettings:
+    """One named teacher of a run with several (``CoordinatorConfig(teachers=...)``).
+
+    Args:
+        urls: its server, or its replicas.
+        dialect: how to talk to it (``"auto"``: found at start-up).
+        model_name: the name to request (None: ask ``/v1/models``).
+        api_key: its key (None: none).
+        temperature: its temperature (None: the run's ``temperature_t``).
+        chat: wrap its prompt in its chat template (None: as the run or the call says).
+        prompt_field: the input field its prompt is read from (None: the run's teacher
+            prompt field).
+    """
+
+    urls: str | tuple[str, ...]
+    dialect: str = "auto"
+    model_name: str | None = None
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    temperature: float | None = None
+    chat: bool | None = None
+    prompt_field: str | None = None
+
+    def __post_init__(self) -> None:
+        urls = (self.urls,) if isinstance(self.urls, str) else tuple(self.urls)
+        problem = _urls_problem(urls)
+        if problem is not None:
+            raise ConfigurationError(f"urls: {problem}")
+        object.__setattr__(self, "urls", urls)
+        if self.dialect not in DIALECT_NAMES:
+            raise ConfigurationError(f"dialect: expected one of {', '.join(DIALECT_NAMES)}, got {self.dialect!r}")
+        if self.temperature is not None:
+            check(BY_NAME["temperature_t"], self.temperature, "temperature")
+        if self.chat is not None and not isinstance(self.chat, bool):
+            raise ConfigurationError(f"chat: expected True, False or None, got {self.chat!r}")
+
+    def server(self) -> ServerSettings:
+        assert isinstance(self.urls, tuple)
+        return ServerSettings(self.urls, self.model_name, self.dialect, self.api_key)
+
+
+# A teacher's name: what input lines route by and records show.
+_TEACHER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _teacher(name: Any, spec: Any) -> TeacherSettings:
+    if not isinstance(name, str) or not _TEACHER_NAME.match(name):
+        raise ConfigurationError(
+            f"teachers: a teacher's name is 1 to 64 letters, digits, '_', '.' or '-', got {name!r}"
+        )
+    try:
+        if isinstance(spec, TeacherSettings):
+            return spec
+        if isinstance(spec, str | list | tuple):
+            return TeacherSettings(tuple(spec) if not isinstance(spec, str) else spec)
+        if isinstance(spec, dict):
+            return TeacherSettings(**spec)
+    except (ConfigurationError, TypeError) as err:
+        raise ConfigurationError(f"teachers[{name!r}]: {err}") from None
+    raise ConfigurationError(
+        f"teachers[{name!r}]: expected a URL, a list of URLs, a dict or a TeacherSettings, got {type(spec).__name__}"
+    )
+
+
+def mix_weights(value: Any, names: tuple[str, ...], where: str) -> tuple[tuple[str, float], ...]:
+    """A mixture's weights among teachers, checked: named teachers of the run, finite and
+    at least 0, summing to 1 (within 1e-9); in the run's order of teachers."""
+    if not isinstance(value, dict) or not value:
+        raise InvalidInputError(f"{where}: expected an object of teacher names to weights, got {value!r}")
+    for name, w in value.items():
+        if name not in names:
+            raise InvalidInputError(f"{where}: unknown teacher {name!r}; the run's teachers: {', '.join(names)}")
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < float("inf"):
+            raise InvalidInputError(f"{where}: the weight of {name!r} must be a finite number >= 0, got {w!r}")
+    total = sum(float(w) for w in value.values())
+    if abs(total - 1.0) > 1e-9:
+        raise InvalidInputError(f"{where}: the weights must sum to 1, they sum to {total!r}")
+    return tuple((name, float(value[name])) for name in names if name in value)
+
+
+@dataclass(frozen=True)
 class TransportSettings:
     theta_url: str | tuple[str, ...] = setting(
         "http://localhost:8000", "the base model's server, or a list of its replicas (each sequence stays on one)",
@@ -375,6 +456,7 @@ SETTINGS: tuple[Setting, ...] = SAMPLER + TRANSPORT + RUN
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS} | {s.old: s for s in SETTINGS if s.old}
 _PARTS = {"sampler": SamplerSettings, "transport": TransportSettings, "run": RunSettings}
 _LEGACY_TOP_P = ("constraint_to_target", "target_top_p")
+_OWN = frozenset({"teachers", "default_teacher", "mix"})
 
 SamplerSettings.__doc__ = document(
     "The sampler part of a `CoordinatorConfig`: the Rust step's settings (``kernel_config()``) and the\n"
@@ -419,6 +501,12 @@ class CoordinatorConfig:
     sampler: SamplerSettings
     transport: TransportSettings
     run: RunSettings
+    #: the named teachers in order (empty: the one teacher at ``t_url``)
+    teachers: tuple[tuple[str, TeacherSettings], ...]
+    #: where a record that names no teacher goes (None: the first named)
+    default_teacher: str | None
+    #: a run-wide mixture of teachers, ((name, weight), ...) (None: each record its teacher)
+    mix: tuple[tuple[str, float], ...] | None
 
     def __init__(
         self,
@@ -426,8 +514,12 @@ class CoordinatorConfig:
         sampler: SamplerSettings | None = None,
         transport: TransportSettings | None = None,
         run: RunSettings | None = None,
+        teachers: dict[str, Any] | tuple[tuple[str, TeacherSettings], ...] | None = None,
+        default_teacher: str | None = None,
+        mix: dict[str, float] | tuple[tuple[str, float], ...] | None = None,
         **settings: Any,
     ) -> None:
+        self._set_teachers(teachers, default_teacher, mix)
         parts: dict[str, Any] = {"sampler": sampler, "transport": transport, "run": run}
         for name, cls in _PARTS.items():
             part = parts[name]
@@ -445,9 +537,44 @@ class CoordinatorConfig:
                 f"{self.sampler.top_k}; give save_topk <= top_k"
             )
 
+    def _set_teachers(self, teachers: Any, default: str | None, mix: Any) -> None:
+        named = tuple(teachers.items()) if isinstance(teachers, dict) else tuple(teachers or ())
+        checked = tuple((name, _teacher(name, spec)) for name, spec in named)
+        names = tuple(name for name, _ in checked)
+        if len(set(names)) != len(names):
+            raise ConfigurationError(f"teachers: a name is given twice: {names}")
+        if default is not None and default not in names:
+            raise ConfigurationError(
+                f"default_teacher: {default!r} is not a named teacher"
+                + (f" (the run's teachers: {', '.join(names)})" if names else " (give teachers=)")
+            )
+        weights = None
+        if mix is not None:
+            if not names:
+                raise ConfigurationError("mix: a mixture needs named teachers (teachers=)")
+            try:
+                weights = mix_weights(dict(mix), names, "mix")
+            except InvalidInputError as err:
+                raise ConfigurationError(str(err)) from None
+        object.__setattr__(self, "teachers", checked)
+        object.__setattr__(self, "default_teacher", default)
+        object.__setattr__(self, "mix", weights)
+
+    @property
+    def teacher_names(self) -> tuple[str, ...]:
+        """The teachers' names in order; ``("",)`` for the one unnamed teacher at ``t_url``."""
+        return tuple(name for name, _ in self.teachers) or ("",)
+
+    def teacher_settings(self) -> dict[str, TeacherSettings]:
+        """Every teacher by name (the unnamed one under ``""``), in order."""
+        if self.teachers:
+            return dict(self.teachers)
+        server = self.transport.servers[1]
+        return {"": TeacherSettings(server.urls, server.dialect, server.model_name, server.api_key)}
+
     def __getattr__(self, name: str) -> Any:
         """A setting read flat, under its name or its earlier keyword."""
-        if name.startswith("_") or name in _PARTS:  # not set yet (unpickling): no setting to find
+        if name.startswith("_") or name in _PARTS or name in _OWN:  # not set yet (unpickling)
             raise AttributeError(name)
         if name in _LEGACY_TOP_P:
             top_p = self.sampler.top_p
@@ -478,6 +605,7 @@ class CoordinatorConfig:
     def replace(self, **changes: Any) -> CoordinatorConfig:
         """A copy with some settings (flat keywords) or parts changed, validated again."""
         parts: dict[str, Any] = {"sampler": self.sampler, "transport": self.transport, "run": self.run}
+        parts |= {"teachers": self.teachers, "default_teacher": self.default_teacher, "mix": self.mix}
         return CoordinatorConfig(**(parts | changes))
 
 
@@ -499,7 +627,11 @@ Example:
 """,
     SETTINGS,
     flat=True,
-    lead="sampler, transport, run: the parts (their defaults where not given).",
+    lead="sampler, transport, run: the parts (their defaults where not given).\n"
+    "    teachers: named teachers, ``{name: URL, [URLs], {...} or TeacherSettings}``, in order; each\n"
+    "        record goes to the one it names (``t_url`` is then not used).\n"
+    "    default_teacher: where a record that names none goes (default: the first).\n"
+    "    mix: a run-wide mixture of the named teachers, ``{name: weight}`` summing to 1.",
 )
 
 

@@ -20,11 +20,12 @@ import math
 import time
 from collections.abc import AsyncIterator, Iterable
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from typing import Any
 
 from .backends import Backend, Connection, Context, DialectBackend, RequestStats, backend_for, open_backend
 from .backends.replicas import ReplicaSet
-from .config import CoordinatorConfig, ServerSettings
+from .config import CoordinatorConfig, ServerSettings, TeacherSettings
 from .exceptions import (
     APIConnectionError,
     APIError,
@@ -36,7 +37,7 @@ from .exceptions import (
 from .handshake import ServerInfo, agree, handshake, stop_and_excluded_ids
 from .output import GenerationOutput, summarise
 from .prompts import Prompt, check_prompt
-from .round import Round
+from .round import Round, Routed
 from .scheduler import Scheduler
 from .sequence import Sequence, WorkItem, stable_key
 from .statistics import Statistics
@@ -50,6 +51,20 @@ STARTUP_RETRIES = 8
 SPECULATION_WORKERS = 8
 
 __all__ = ["DualVLLMCoordinator", "EnhancedDualVLLMCoordinator", "WorkItem", "generate_with_dual_prompts", "stable_key"]
+
+
+@dataclass
+class Lane:
+    """One teacher of a run: its settings, replicas, what its handshake found, and the
+    stop ids, excluded ids and speculation in effect for its sequences."""
+
+    name: str
+    settings: TeacherSettings
+    replicas: ReplicaSet
+    info: ServerInfo
+    stop_ids: tuple[int, ...] = ()
+    exclude_ids: tuple[int, ...] = ()
+    speculate: int | str = 0
 
 
 class DualVLLMCoordinator:
@@ -78,31 +93,45 @@ class DualVLLMCoordinator:
             log.setLevel(self.config.run.log_level.upper())
         # One connection per replica, opened now (a bad URL fails here); the backends of
         # their dialects are built on them at start-up, which closes nothing: aclose does.
-        self._connections = tuple(
-            [
-                Connection.open(
-                    url,
-                    api_key=server.api_key,
-                    timeout=self.config.transport.request_timeout,
-                    max_retries=self.config.transport.max_retries,
-                    retry_delay=self.config.transport.retry_delay,
-                    connection_pool_size=self.config.transport.connection_pool_size,
-                    trust_env=self.config.transport.proxy_from_env,
-                    ca_bundle=self.config.transport.ca_bundle,
-                    insecure=self.config.transport.insecure,
-                    max_reply_bytes=self.config.transport.max_reply_bytes,
-                )
-                for url in server.urls
-            ]
-            for server in self.config.servers
+        teachers = self.config.teacher_settings()
+        if not self.config.teachers:  # the unnamed teacher keeps the run's key for it
+            server = self.config.servers[1]
+            teachers[""] = dataclasses.replace(teachers[""], api_key=server.api_key)
+        self._teacher_settings = teachers
+        self._base_server = self.config.servers[0]
+        self._connections = (
+            self._open(self._base_server),
+            *(self._open(t.server()) for t in teachers.values()),
         )
-        self._replicas: tuple[ReplicaSet, ReplicaSet] | None = None
+        self._base: ReplicaSet | None = None
+        #: per teacher by name (the unnamed one under ""): its replicas and what start-up found
+        self.lanes: dict[str, Lane] = {}
+        self.default_teacher = self.config.default_teacher or next(iter(teachers))
         self.stats = Statistics()
+        #: what the handshake found: (base, default teacher)
         self.info: tuple[ServerInfo, ServerInfo] | None = None
         self.stop_ids: tuple[int, ...] = ()
         self.exclude_ids: tuple[int, ...] = ()
         #: drafted tokens per speculative round in effect (0 when the servers cannot)
         self.speculate: int | str = self.config.run.speculate
+
+    def _open(self, server: ServerSettings) -> list[Connection]:
+        transport = self.config.transport
+        return [
+            Connection.open(
+                url,
+                api_key=server.api_key,
+                timeout=transport.request_timeout,
+                max_retries=transport.max_retries,
+                retry_delay=transport.retry_delay,
+                connection_pool_size=transport.connection_pool_size,
+                trust_env=transport.proxy_from_env,
+                ca_bundle=transport.ca_bundle,
+                insecure=transport.insecure,
+                max_reply_bytes=transport.max_reply_bytes,
+            )
+            for url in server.urls
+        ]
 
     async def __aenter__(self) -> DualVLLMCoordinator:
         try:
@@ -116,8 +145,8 @@ class DualVLLMCoordinator:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._replicas is not None:
-            await asyncio.gather(*(replicas.aclose() for replicas in self._replicas))
+        if self._base is not None:
+            await asyncio.gather(self._base.aclose(), *(lane.replicas.aclose() for lane in self.lanes.values()))
         await asyncio.gather(*(conn.close() for conns in self._connections for conn in conns))
 
     @property
@@ -132,13 +161,13 @@ class DualVLLMCoordinator:
 
     @property
     def teacher(self) -> ReplicaSet:
-        """The teacher's replicas, in their dialect (after `start`)."""
+        """The (default) teacher's replicas, in their dialect (after `start`)."""
         return self._started()[1]
 
     def _started(self) -> tuple[ReplicaSet, ReplicaSet]:
-        if self._replicas is None:
+        if self._base is None:
             raise DualSampleError("the coordinator has not started: use it with `async with`, or await start()")
-        return self._replicas
+        return self._base, self.lanes[self.default_teacher].replicas
 
     async def start(self) -> None:
         """Probe both servers, check that they agree, and settle the stop and excluded ids."""
@@ -149,32 +178,60 @@ class DualVLLMCoordinator:
         # cheap requests: give it at least STARTUP_RETRIES retries whatever the run's own.
         retries = max(cfg.transport.max_retries, STARTUP_RETRIES)
         scored = scored_ids(cfg)
-        (theta, info_a), (teacher, info_b) = await asyncio.gather(
+        servers = (self._base_server, *(t.server() for t in self._teacher_settings.values()))
+        got = await asyncio.gather(
             *(
-                self._start_model(conns, server, retries, scored[i])
-                for i, (conns, server) in enumerate(zip(self._connections, cfg.servers, strict=True))
-            )
+                self._start_model(conns, server, retries, scored[min(i, 1)])
+                for i, (conns, server) in enumerate(zip(self._connections, servers, strict=True))
+            ),
+            return_exceptions=True,
         )
-        self._replicas = theta, teacher
-        agree(info_a, info_b)
-        self.stop_ids, self.exclude_ids = stop_and_excluded_ids(
-            info_a, info_b, cfg.run.stop_token_ids, cfg.sampler.exclude_special_tokens, cfg.sampler.special_token_ids
-        )
-        if not self.stop_ids:
-            log.warning("no end-of-sequence id found on the servers: sequences run to max_tokens (pass stop_token_ids)")
-        if cfg.run.speculate:
-            problem = await speculation_problem(cfg, self.base, self.teacher)
-            if problem is not None:
-                log.warning("speculative rounds are off, one token per step: %s", problem)
-                self.speculate = 0
-        self.info = (info_a, info_b)
+        started = [g for g in got if not isinstance(g, BaseException)]
+        if len(started) < len(got):  # close what did start before saying what did not
+            await asyncio.gather(*(replicas.aclose() for replicas, _ in started))
+            raise next(g for g in got if isinstance(g, BaseException))
+        theta, info_a = started[0]
+        self._base = theta
+        for name, (replicas, info_b) in zip(self._teacher_settings, started[1:], strict=True):
+            self.lanes[name] = lane = Lane(name, self._teacher_settings[name], replicas, info_b)
+            try:
+                agree(info_a, info_b)
+            except ConfigurationError as err:
+                raise ConfigurationError(f"teacher {name!r}: {err}" if name else str(err)) from None
+            lane.stop_ids, lane.exclude_ids = stop_and_excluded_ids(
+                info_a, info_b, cfg.run.stop_token_ids, cfg.sampler.exclude_special_tokens,
+                cfg.sampler.special_token_ids,
+            )  # fmt: skip
+            if not lane.stop_ids:
+                log.warning(
+                    "no end-of-sequence id found on the servers%s: sequences run to max_tokens (pass stop_token_ids)",
+                    f" of teacher {name!r}" if name else "",
+                )
+            lane.speculate = cfg.run.speculate
+            if cfg.run.speculate:
+                problem = await speculation_problem(self._lane_config(cfg, lane, 1.0), theta, replicas)
+                if problem is not None:
+                    log.warning("speculative rounds are off, one token per step%s: %s",
+                                f" (teacher {name!r})" if name else "", problem)  # fmt: skip
+                    lane.speculate = 0
+        default = self.lanes[self.default_teacher]
+        self.stop_ids, self.exclude_ids, self.speculate = default.stop_ids, default.exclude_ids, default.speculate
+        self.info = (info_a, default.info)
         log.info(
             "servers ready (%s, %s): stop ids %s, excluded ids %s",
             info_a.dialect,
-            info_b.dialect,
+            ", ".join(f"{lane.name or 'teacher'}: {lane.info.dialect}" for lane in self.lanes.values()),
             self.stop_ids,
             self.exclude_ids,
         )
+
+    @staticmethod
+    def _lane_config(cfg: CoordinatorConfig, lane: Lane, temperature: float) -> CoordinatorConfig:
+        """The run's settings for one teacher's sequences: its own temperature, if it has
+        one (times the call's `temperature`)."""
+        if lane.settings.temperature is None:
+            return cfg
+        return cfg.replace(temperature_t=lane.settings.temperature * temperature)
 
     async def _start_model(
         self, connections: list[Connection], server: ServerSettings, retries: int, scored: int
@@ -233,9 +290,9 @@ class DualVLLMCoordinator:
     @property
     def model_names(self) -> tuple[str | None, str | None]:
         """The models the two servers serve (None for each before `start`)."""
-        if self._replicas is None:
+        if self._base is None:
             return None, None
-        return self._replicas[0].model, self._replicas[1].model
+        return self.base.model, self.teacher.model
 
     # ------------------------------------------------------------ public API
     async def generate_batch(
@@ -303,17 +360,21 @@ class DualVLLMCoordinator:
             )
         want_diag = return_diagnostics or (cfg.sampler.enable_stability_check and not cfg.sampler.auto_fallback)
         assert self.info is not None
-        ask = choose(cfg, self.base, self.teacher, self.speculate)
-        advance = Round(
-            ask,
-            cfg,
-            cfg.sampler_config(self.exclude_ids, diagnostics=want_diag),
-            self.speculate,
-            self.stop_ids,
-            (self.info[0].max_model_len, self.info[1].max_model_len),
-            self.stats,
-            return_diagnostics,
-        )
+        base_len = self.info[0].max_model_len
+        rounds: dict[str, Round] = {}
+        for name, lane in self.lanes.items():
+            lane_cfg = self._lane_config(cfg, lane, temperature)
+            rounds[name] = Round(
+                choose(lane_cfg, self.base, lane.replicas, lane.speculate),
+                lane_cfg,
+                lane_cfg.sampler_config(lane.exclude_ids, diagnostics=want_diag),
+                lane.speculate,
+                lane.stop_ids,
+                (base_len, lane.info.max_model_len),
+                self.stats,
+                return_diagnostics,
+            )
+        advance = Routed(rounds)
         if total is None:
             items = list(items)
             total = len(items)
@@ -327,8 +388,8 @@ class DualVLLMCoordinator:
 
         # A strategy that asks the teacher, then the base, needs two workers or more to
         # keep both servers busy, each with its own half of the sequences in flight.
-        least = 2 if ask.serial else 1
-        if self.speculate:
+        least = 2 if any(r.ask.serial for r in rounds.values()) else 1
+        if any(lane.speculate for lane in self.lanes.values()):
             # Rounds vary in length and each waits for its slowest sequence: more, smaller
             # batches keep both servers busier (bench_speculation: +1-11% tokens/s over two).
             least = min(cfg.run.max_concurrency, SPECULATION_WORKERS)
@@ -346,29 +407,37 @@ class DualVLLMCoordinator:
     def get_statistics(self) -> dict[str, Any]:
         """Counts so far (see `Statistics.summary` for the keys), and per replica of each
         model its share of the work under ``"replicas"`` (empty before start)."""
-        if self._replicas is None:
-            summary = self.stats.summary(RequestStats(), RequestStats())
+        if self._base is None:
+            summary = self.stats.summary(RequestStats(), [])
             summary["replicas"] = {}
             return summary
-        summary = self.stats.summary(self.base.stats, self.teacher.stats)
+        teachers = {name: lane.replicas.stats for name, lane in self.lanes.items()}
+        summary = self.stats.summary(self.base.stats, list(teachers.values()))
+        if self.config.teachers:
+            summary["teachers"] = self.stats.by_teacher(teachers)
+        models = [("theta", self.base, summary["sequences"]), ("t", self.teacher, summary["sequences"])]
+        if self.config.teachers:  # each named teacher's too, under "t:NAME"
+            models[1] = ("t", self.teacher, summary["teachers"][self.default_teacher]["sequences"])
+            models += [(f"t:{name}", lane.replicas, summary["teachers"][name]["sequences"])
+                       for name, lane in self.lanes.items()]  # fmt: skip
         summary["replicas"] = {
             name: [
                 {
                     **dataclasses.asdict(info),
                     # one replica takes every sequence without being placed
-                    **({"sequences": summary["sequences"]} if len(rs.replicas) == 1 else {}),
+                    **({"sequences": sequences} if len(rs.replicas) == 1 else {}),
                     "requests": r.stats.requests,
                     "in_flight": load,
                     "cache_hit_rate": r.stats.cache_hit_rate,
                 }
                 for info, r, load in zip(rs.replica_stats, rs.replicas, rs.load, strict=True)
             ]
-            for name, rs in (("theta", self.base), ("t", self.teacher))
+            for name, rs, sequences in models
         }
         return summary
 
     # ------------------------------------------------------------ one sequence
-    async def _tokens(self, backend: Backend, prompt: Any, chat: bool, name: str, server: int) -> list[int]:
+    async def _tokens(self, backend: Backend, prompt: Any, chat: bool, name: str, info: ServerInfo) -> list[int]:
         """The prompt's ids on one server, checked against what that server's model
         takes: an id it does not know, no id at all, or no room left to generate fail
         this record (with the line and field in `name`), never the server."""
@@ -380,8 +449,6 @@ class DualVLLMCoordinator:
                 ids = await backend.tokenize(prompt)
         else:
             ids = prompt
-        assert self.info is not None
-        info = self.info[server]
         if not ids:
             raise InvalidInputError(f"{name}: the prompt is no tokens on {info.url}")
         if info.vocab_size is not None and max(ids) >= info.vocab_size:
@@ -398,27 +465,48 @@ class DualVLLMCoordinator:
 
     async def _prepare(self, index: int, item: WorkItem, max_tokens: int) -> Sequence:
         where = f"{item.where}, " if item.where else ""
+        lane = self._route(item, where)
+        assert self.info is not None
+        chat = item.teacher_chat if lane.settings.chat is None else lane.settings.chat
+        prompt_t = item.teacher_prompt(lane.name)
         ids_a, ids_b = await asyncio.gather(
-            self._tokens(self.base, item.prompt, False, where + "prompt", 0),
-            self._tokens(self.teacher, item.prompt_t, item.teacher_chat, where + "teacher_prompt", 1),
+            self._tokens(self.base, item.prompt, False, where + "prompt", self.info[0]),
+            self._tokens(lane.replicas, prompt_t, chat, where + "teacher_prompt", lane.info),
         )
-        out = GenerationOutput(item.prompt, item.prompt_t, item.id)
-        return Sequence(item, index, Context(ids_a), Context(ids_b), max_tokens, out, len(ids_a), len(ids_b))
+        out = GenerationOutput(item.prompt, prompt_t, item.id, teacher=lane.name or None)
+        return Sequence(
+            item, index, Context(ids_a), Context(ids_b), max_tokens, out, len(ids_a), len(ids_b), teacher=lane.name
+        )
+
+    def _route(self, item: WorkItem, where: str) -> Lane:
+        """The teacher a record names (or the default one); an unknown name fails the record."""
+        name = item.teacher
+        if name is None:
+            return self.lanes[self.default_teacher]
+        if not self.config.teachers:
+            raise InvalidInputError(f"{where}teacher: the record names teacher {name!r}, but the run has one "
+                                    "unnamed teacher (name them with --teacher NAME=URL)")  # fmt: skip
+        if not isinstance(name, str) or name not in self.lanes:
+            raise InvalidInputError(
+                f"{where}teacher: unknown teacher {name!r}; the run's teachers: {', '.join(self.lanes)}"
+            )
+        return self.lanes[name]
 
     async def _finish(self, seq: Sequence) -> None:
         """Summaries, the text, and (with `rescore`) each token's exact log probabilities."""
         out = seq.out
         if seq.diag:
             out.diagnostics = {name: summarise(values) for name, values in seq.diag.items()}
+        teacher = self.lanes[seq.teacher].replicas
         self.base.release([seq.ctx_base])
-        self.teacher.release([seq.ctx_teacher])
+        teacher.release([seq.ctx_teacher])
         if out.finish_reason == "error":
             return
         text_ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
         jobs: list[Any] = [self.base.detokenize(text_ids) if text_ids else _constant("")]
         if self.config.run.rescore:
             jobs.append(self.base.sequence_logprobs(seq.ctx_base.ids(), seq.prompt_len_base))
-            jobs.append(self.teacher.sequence_logprobs(seq.ctx_teacher.ids(), seq.prompt_len_teacher))
+            jobs.append(teacher.sequence_logprobs(seq.ctx_teacher.ids(), seq.prompt_len_teacher))
         try:
             got = await asyncio.gather(*jobs)
         except APIError as err:
@@ -433,6 +521,8 @@ class DualVLLMCoordinator:
         shown = {"tok/s": f"{st['tokens_per_second']:.0f}", "mean α": f"{st['mean_alpha']:.3f}"}
         if st["rounds"]:
             shown["tok/round"] = f"{st['tokens_per_round']:.2f}"
+        for name, counts in st.get("teachers", {}).items():  # sequences done per teacher
+            shown[name] = str(counts["sequences"])
         return shown
 
 

@@ -42,7 +42,8 @@ class GenerationOutput:
     position and their raw log probabilities, most likely first (fewer where the server
     listed fewer); ``topk_ids_theta`` / ``topk_logp_theta`` the base's, with
     ``save_topk_of="both"``, or with exact scoring the base's exact values of the
-    teacher's ids. A stop token, when one ended the sequence, is the
+    teacher's ids. With named teachers, ``teacher`` is the one the record was routed to.
+    A stop token, when one ended the sequence, is the
     last entry of ``token_ids`` and is not part of ``generated_text``.
     """
 
@@ -69,6 +70,7 @@ class GenerationOutput:
     topk_logp_theta: list[list[float]] | None = None
     round: list[int] | None = None
     drafted: list[bool] | None = None
+    teacher: str | None = None
 
     @property
     def generated_tokens(self) -> list[int]:
@@ -99,6 +101,8 @@ class GenerationOutput:
             "error": self.error,
             "diagnostics": self.diagnostics,
         }
+        if self.teacher is not None:
+            record["teacher"] = self.teacher
         if self.logp_theta_exact is not None:
             record["logp_theta_exact"] = self.logp_theta_exact
             record["logp_t_exact"] = self.logp_t_exact

@@ -13,6 +13,7 @@ the law of one token per step.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,24 @@ class Drawn:
     cols: list[list[Any]]
     diag_cols: list[list[Any]]
     top_cols: list[list[Any]]
+
+
+class Routed:
+    """Advances a batch whose sequences go to several teachers: each teacher's share of
+    the batch in its own round, all at once (so each teacher gets one batched request,
+    in parallel with the others, and one that is down fails only its own sequences)."""
+
+    def __init__(self, rounds: dict[str, Round]) -> None:
+        self.rounds = rounds
+
+    async def __call__(self, batch: list[Sequence]) -> None:
+        if len(self.rounds) == 1:
+            await next(iter(self.rounds.values()))(batch)
+            return
+        groups: dict[str, list[Sequence]] = {}
+        for seq in batch:
+            groups.setdefault(seq.teacher, []).append(seq)
+        await asyncio.gather(*(self.rounds[name](rows) for name, rows in groups.items()))
 
 
 class Round:

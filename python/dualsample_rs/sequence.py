@@ -27,6 +27,16 @@ class WorkItem:
     id: Any = None
     teacher_chat: bool = False
     where: str = ""  # how errors about this item name it, e.g. "line 12"
+    #: the teacher it names (None: the run's default teacher)
+    teacher: Any = None
+    #: prompts for teachers that read their own input field, by teacher name
+    teacher_prompts: dict[str, Prompt] | None = None
+
+    def teacher_prompt(self, name: str) -> Prompt:
+        """The prompt teacher `name` is given."""
+        if self.teacher_prompts is not None and name in self.teacher_prompts:
+            return self.teacher_prompts[name]
+        return self.prompt_t
 
 
 @dataclass
@@ -41,6 +51,7 @@ class Sequence:
     out: GenerationOutput
     prompt_len_base: int = 0
     prompt_len_teacher: int = 0
+    teacher: str = ""  # the name of the teacher it was routed to ("": the one unnamed teacher)
     diag: dict[str, list[float]] = field(default_factory=dict)
     done: bool = False
     # drafted tokens tested and accepted in speculative rounds (for speculate="auto")

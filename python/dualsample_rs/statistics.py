@@ -27,14 +27,31 @@ class Statistics:
     drafted: int = 0
     accepted: int = 0
     started: float = field(default_factory=time.monotonic)
+    # per named teacher: [sequences, errors, tokens]
+    teachers: dict[str, list[int]] = field(default_factory=dict)
 
     def count_finished(self, out: GenerationOutput) -> None:
         self.sequences += 1
         self.errors += out.failed
         self.tokens += len(out.token_ids)
         self.alpha_sum += sum(out.alpha_history)
+        if out.teacher is not None:
+            counts = self.teachers.setdefault(out.teacher, [0, 0, 0])
+            counts[0] += 1
+            counts[1] += out.failed
+            counts[2] += len(out.token_ids)
 
-    def summary(self, theta: RequestStats, t: RequestStats) -> dict[str, Any]:
+    def by_teacher(self, requests: dict[str, RequestStats]) -> dict[str, dict[str, int]]:
+        """Per named teacher: the ``sequences``, ``errors`` and ``tokens`` of the records
+        routed to it, and its ``requests``, ``retries`` and ``failed_requests``."""
+        out = {}
+        for name, r in requests.items():
+            sequences, errors, tokens = self.teachers.get(name, (0, 0, 0))
+            out[name] = {"sequences": sequences, "errors": errors, "tokens": tokens, "requests": r.requests,
+                         "retries": r.retries, "failed_requests": r.failures}  # fmt: skip
+        return out
+
+    def summary(self, theta: RequestStats, teachers: list[RequestStats]) -> dict[str, Any]:
         """Counts so far, each under one name: ``total_requests``, ``failed_requests``
         (requests that failed after their retries), ``retries``, and the requests and
         retries per server; ``total_tokens``, ``sequences``, ``errors``, ``success_rate``
@@ -44,8 +61,14 @@ class Statistics:
         ``tokens_per_second``.
         With speculative rounds: ``rounds``, ``drafted`` (drafted tokens tested),
         ``accepted``, ``acceptance_rate``, ``tokens_per_round``; and always
-        ``requests_per_token``."""
+        ``requests_per_token``. The teachers' requests are counted together (``requests_t``);
+        with named teachers the coordinator adds each one's under ``teachers``."""
         elapsed = max(time.monotonic() - self.started, 1e-9)
+        t = RequestStats(
+            requests=sum(r.requests for r in teachers),
+            retries=sum(r.retries for r in teachers),
+            failures=sum(r.failures for r in teachers),
+        )
         requests, failures = theta.requests + t.requests, theta.failures + t.failures
         return {
             "total_requests": requests,
