@@ -61,3 +61,16 @@ def generate_pair() -> Iterator[tuple[str, str]]:
 
     with running_server("base", enable_scale_out=True) as a, running_server("teacher", enable_scale_out=True) as b:
         yield a, b
+
+
+@pytest.fixture(scope="session")
+def math_teachers() -> Iterator[dict[str, str]]:
+    """A second teacher (``teacher-math``: trained on other text, same tokenizer) per
+    flavor: ``{"vllm": ..., "sglang": ...}`` (the vLLM one also serves the generate route)."""
+    from dualsample_rs.server import running_server
+
+    with (
+        running_server("teacher-math", enable_scale_out=True) as v,
+        running_server("teacher-math", flavor="sglang") as s,
+    ):
+        yield {"vllm": v, "sglang": s}

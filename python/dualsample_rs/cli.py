@@ -8,8 +8,8 @@ import sys
 from typing import Any, NoReturn, get_args
 
 from . import export, jobs, report
-from .config import DIALECT_NAMES, SETTINGS, CoordinatorConfig, Scoring, speculate_text
-from .exceptions import DualSampleError
+from .config import DIALECT_NAMES, SETTINGS, CoordinatorConfig, Scoring, mix_text, speculate_text, teacher_text
+from .exceptions import ConfigurationError, DualSampleError
 from .server import cli as serve_cli
 from .settings import Setting, help_text, scalar_type
 
@@ -61,6 +61,14 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     values = {s.name: s.from_flag(getattr(args, s.flag.dest)) for s in _flagged() if s.flag is not None}
     # a batch is never larger than what may be in flight
     values["max_batch_size"] = min(values["max_batch_size"], values["max_concurrency"])
+    teachers = getattr(args, "teacher", None)
+    if teachers:
+        if args.t_url is not None:
+            raise ConfigurationError("--teacher: give named teachers (--teacher NAME=URL) or --t-url, not both")
+        values |= {"teachers": dict(teachers), "default_teacher": args.default_teacher, "mix": args.mix}
+    elif args.default_teacher is not None or args.mix is not None:
+        flag = "--default-teacher" if args.default_teacher is not None else "--mix"
+        raise ConfigurationError(f"{flag}: only with named teachers (--teacher NAME=URL)")
     return CoordinatorConfig(**values)
 
 
@@ -74,6 +82,15 @@ def _generate_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--teacher-prompt-field", default="teacher_prompt")
     p.add_argument("--teacher-chat", action="store_true", help="teacher prompt = prompt in the teacher's chat template")
+    t = p.add_argument_group("several teachers")
+    t.add_argument("--teacher", action="append", type=teacher_text, metavar="NAME=URL[,URL...][;OPTION=VALUE...]",
+                   help="a named teacher (repeat it for more): its URL or replicas, then options among dialect, "
+                   "model, temperature, chat (yes/no) and prompt_field; instead of --t-url")  # fmt: skip
+    t.add_argument("--teacher-field", default="teacher", help="the input field naming a line's teacher")
+    t.add_argument("--default-teacher", metavar="NAME", help="where a line that names none goes (default: the first)")
+    t.add_argument("--mix", type=mix_text, metavar="NAME=W,NAME=W",
+                   help="sample every line from the mixture of these teachers, weights summing to 1 "
+                   "(a line's 'teachers' field gives its own)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     r = p.add_argument_group("Ray (the ray extra)")
     r.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",

@@ -78,6 +78,56 @@ def speculate_text(text: str) -> int | str:
     return k
 
 
+_TEACHER_OPTIONS = {"dialect": str, "model": str, "temperature": float, "chat": bool, "prompt_field": str}
+
+
+def teacher_text(text: str) -> tuple[str, TeacherSettings]:
+    """``--teacher``'s value: ``NAME=URL[,URL...]`` then ``;OPTION=VALUE`` for any of
+    dialect, model, temperature, chat (yes/no) and prompt_field."""
+    head, *options = text.split(";")
+    name, sep, urls = head.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected NAME=URL[,URL...][;OPTION=VALUE...], got {text!r}")
+    kwargs: dict[str, Any] = {"urls": tuple(u.strip() for u in urls.split(",") if u.strip())}
+    for option in options:
+        key, sep, value = option.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in _TEACHER_OPTIONS or (not sep and key != "chat"):
+            raise argparse.ArgumentTypeError(
+                f"{name}: expected OPTION=VALUE with OPTION among {', '.join(_TEACHER_OPTIONS)}, got {option!r}"
+            )
+        kind = _TEACHER_OPTIONS[key]
+        if kind is bool:
+            if value not in ("", "yes", "no", "true", "false"):
+                raise argparse.ArgumentTypeError(f"{name}: chat is yes or no, got {value!r}")
+            kwargs["chat"] = value in ("", "yes", "true")
+        elif kind is float:
+            try:
+                kwargs[key] = float(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{name}: {key} is a number, got {value!r}") from None
+        else:
+            kwargs["model_name" if key == "model" else key] = value
+    try:
+        return name.strip(), _teacher(name.strip(), kwargs)
+    except ConfigurationError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def mix_text(text: str) -> dict[str, float]:
+    """``--mix``'s value: ``NAME=WEIGHT,NAME=WEIGHT...``."""
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT,NAME=WEIGHT..., got {text!r}") from None
+    return weights
+
+
 def _pair(value: str, _default: Any) -> str | tuple[str, ...]:
     """One value for both servers, or THETA,T."""
     return tuple(value.split(",", 1)) if value and "," in value else value

@@ -1,7 +1,9 @@
 """The prompt file: checked whole before any server is contacted, then streamed.
 
 A JSONL line is an object with ``prompt``, optionally ``id`` (default: the line number)
-and ``teacher_prompt`` (default: ``prompt``). Problems that concern the whole run
+and ``teacher_prompt`` (default: ``prompt``); with named teachers, optionally ``teacher``
+(the one it goes to), ``teachers`` (a mixture, ``{name: weight}``) and the prompt fields
+of teachers that read their own (see `Fields`). Problems that concern the whole run
 (bytes that are not UTF-8, a line that is not a JSON object, an id that is not finite
 or that appears twice) are refused at start, with line numbers; a prompt of the wrong
 kind only fails its own record (see :func:`dualsample_rs.prompts.check_prompt`).
@@ -28,12 +30,28 @@ from .exceptions import InvalidInputError
 
 @dataclass(frozen=True)
 class InputRecord:
-    """One line of the prompt file, prompts not yet checked."""
+    """One line of the prompt file, prompts not yet checked. ``teacher`` and ``mix``: the
+    teacher and mixture it names (None: none); ``teacher_prompts``: the prompts of
+    teachers that read a field of their own, where the line has it."""
 
     line: int
     id: Any
     prompt: Any
     teacher_prompt: Any
+    teacher: Any = None
+    mix: Any = None
+    teacher_prompts: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Fields:
+    """The fields of a line that concern named teachers: the teacher's name (`route`), a
+    mixture of teachers (`mix`), and the prompt field of each teacher with one of its
+    own (`own`: ``((teacher, field), ...)``)."""
+
+    route: str = "teacher"
+    mix: str = "teachers"
+    own: tuple[tuple[str, str], ...] = ()
 
 
 def id_text(value: Any) -> str:
@@ -68,10 +86,17 @@ def _lines(path: str) -> Iterator[tuple[int, int, bytes]]:
 
 
 def _parse(
-    lineno: int, offset: int, raw: bytes, prompt_field: str, teacher_field: str, require_id: bool = False
+    lineno: int,
+    offset: int,
+    raw: bytes,
+    prompt_field: str,
+    teacher_field: str,
+    require_id: bool = False,
+    fields: Fields | None = None,
 ) -> InputRecord | None:
     """The record on one line, None for a blank line; InvalidInputError for a broken one
-    (with `require_id`, also for one without an id)."""
+    (with `require_id`, also for one without an id). `fields`: also read the teacher
+    fields it names."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -92,7 +117,12 @@ def _parse(
     if record_id is None or not _finite(record_id):
         raise InvalidInputError(f"input, line {lineno}: id {record_id!r} is not a finite JSON value")
     prompt = obj[prompt_field]
-    return InputRecord(lineno, record_id, prompt, obj.get(teacher_field, prompt))
+    if fields is None:
+        return InputRecord(lineno, record_id, prompt, obj.get(teacher_field, prompt))
+    own = {name: obj[f] for name, f in fields.own if f in obj} or None
+    return InputRecord(
+        lineno, record_id, prompt, obj.get(teacher_field, prompt), obj.get(fields.route), obj.get(fields.mix), own
+    )
 
 
 def check_input(
@@ -142,9 +172,12 @@ def _report_duplicates(path: str, hashes: set[int], prompt_field: str, teacher_f
         )
 
 
-def read_input(path: str, prompt_field: str = "prompt", teacher_field: str = "teacher_prompt") -> Iterator[InputRecord]:
-    """The records of a file that `check_input` accepted, read lazily."""
+def read_input(
+    path: str, prompt_field: str = "prompt", teacher_field: str = "teacher_prompt", fields: Fields | None = None
+) -> Iterator[InputRecord]:
+    """The records of a file that `check_input` accepted, read lazily (`fields`: also the
+    teacher fields it names)."""
     for lineno, offset, raw in _lines(path):
-        rec = _parse(lineno, offset, raw, prompt_field, teacher_field)
+        rec = _parse(lineno, offset, raw, prompt_field, teacher_field, fields=fields)
         if rec is not None:
             yield rec

@@ -17,6 +17,8 @@ from .exceptions import InvalidInputError
 
 if TYPE_CHECKING:
     from .config import CoordinatorConfig
+    from .input_file import InputRecord
+    from .sequence import WorkItem
 
 
 def _check_paths(inp: str, out: str, directory: bool = False) -> None:
@@ -71,8 +73,8 @@ def _check_generate(args: argparse.Namespace) -> None:
 async def run_generate(args: argparse.Namespace, config: CoordinatorConfig) -> int:
     """``dualsample generate`` in this process: records appended as sequences finish
     (one JSON line each, or Parquet row groups when the output ends in ``.parquet``)."""
-    from .coordinator import DualVLLMCoordinator, WorkItem, stable_key
-    from .input_file import check_input, read_input
+    from .coordinator import DualVLLMCoordinator
+    from .input_file import Fields, check_input, read_input
     from .output_file import OutputLock, prepare_resume, scan_output
 
     _check_generate(args)
@@ -89,9 +91,10 @@ async def run_generate(args: argparse.Namespace, config: CoordinatorConfig) -> i
         )
         # The id column's type needs every id before the first row group (one schema per file).
         kind = parquet_file.id_kind(r.id for r in read_input(args.input, args.prompt_field)) if parquet else ""
+        fields = Fields(args.teacher_field, "teachers", own_prompt_fields(config)) if config.teachers else None
         items = (
-            WorkItem(stable_key(r.id), r.prompt, r.teacher_prompt, r.id, args.teacher_chat, where=f"line {r.line}")
-            for r in read_input(args.input, args.prompt_field, args.teacher_prompt_field)
+            work_item(r, args.teacher_chat)
+            for r in read_input(args.input, args.prompt_field, args.teacher_prompt_field, fields)
             if existing is None or not existing.is_done(r.id)
         )
         failed = 0
@@ -130,6 +133,19 @@ async def run_generate(args: argparse.Namespace, config: CoordinatorConfig) -> i
     if stats["rounds"]:
         print(f"dualsample generate: {_speculation_line(stats)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def work_item(r: InputRecord, teacher_chat: bool) -> WorkItem:
+    """What to generate for one line of the input."""
+    from .sequence import WorkItem, stable_key
+
+    return WorkItem(stable_key(r.id), r.prompt, r.teacher_prompt, r.id, teacher_chat, f"line {r.line}", r.teacher,
+                    r.teacher_prompts, r.mix)  # fmt: skip
+
+
+def own_prompt_fields(config: CoordinatorConfig) -> tuple[tuple[str, str], ...]:
+    """The teachers that read their prompt from a field of their own, with the field."""
+    return tuple((name, t.prompt_field) for name, t in config.teachers if t.prompt_field is not None)
 
 
 def _open_writer(args: argparse.Namespace, schema: Any) -> Any:

@@ -98,6 +98,7 @@ def record_schema(
     speculate: bool = False,
     topk_t: bool = False,
     topk_theta: bool = False,
+    teacher: bool = False,
 ) -> pa.Schema:
     """The columns of a run's records: the fixed ones, then the optional ones it produces."""
     import pyarrow as pa
@@ -125,6 +126,8 @@ def record_schema(
         fields += [("logp_theta_exact", floats), ("logp_t_exact", floats)]
     if speculate:
         fields += [("round", pa.list_(pa.int64())), ("drafted", bools)]
+    if teacher:
+        fields += [("teacher", pa.string())]
     for side, wanted in (("t", topk_t), ("theta", topk_theta)):
         if wanted:
             fields += [(f"topk_ids_{side}", pa.list_(pa.list_(pa.int64()))),
@@ -144,6 +147,7 @@ def run_schema(config: CoordinatorConfig, speculate: bool, kind: str) -> pa.Sche
         speculate=speculate,
         topk_t=topk,
         topk_theta=topk and (of == "both" or base_scores_candidates(config)),
+        teacher=bool(config.teachers),
     )
 
 

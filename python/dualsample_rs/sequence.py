@@ -31,6 +31,8 @@ class WorkItem:
     teacher: Any = None
     #: prompts for teachers that read their own input field, by teacher name
     teacher_prompts: dict[str, Prompt] | None = None
+    #: a mixture of teachers it names, {name: weight} (None: none)
+    mix: Any = None
 
     def teacher_prompt(self, name: str) -> Prompt:
         """The prompt teacher `name` is given."""

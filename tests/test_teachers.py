@@ -1,0 +1,204 @@
+"""Several named teachers in one run: each record routed to its teacher gives exactly the
+record a run with that teacher alone gives, on every dialect; a teacher that goes down
+fails only its own records, and ``--resume`` completes them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator
+from dualsample_rs.config import TeacherSettings, mix_text, teacher_text
+from dualsample_rs.exceptions import ConfigurationError
+from dualsample_rs.sequence import WorkItem, stable_key
+from support import PLAIN, QUESTIONS, doomed_server, read_records, wait_cli
+
+# (dialect, flavor of the servers)
+DIALECTS = [("vllm-completions", "vllm"), ("vllm-generate", "vllm"), ("sglang", "sglang")]
+
+
+def items(route: list[str | None]) -> list[WorkItem]:
+    """One item per question, the i-th routed to ``route[i]`` (None: the default teacher)."""
+    return [
+        WorkItem(stable_key(f"q{i}"), PLAIN[i % len(PLAIN)], QUESTIONS[i % len(QUESTIONS)], f"q{i}", teacher=name)
+        for i, name in enumerate(route)
+    ]
+
+
+def generate(config: CoordinatorConfig, work: list[WorkItem], **kwargs: Any) -> tuple[dict[str, dict], dict]:
+    """Records by id, and the statistics at the end."""
+
+    async def go() -> tuple[dict[str, dict], dict]:
+        async with DualVLLMCoordinator(config) as coord:
+            got = {}
+            async for _, out in coord.iter_generate(work, 24, show_progress=False, **kwargs):
+                got[out.id] = out.to_record()
+            return got, coord.get_statistics()
+
+    return asyncio.run(go())
+
+
+ROUTE = ["chat", "math", None, "math", "chat", "math", None, "chat", "math", "math"]
+
+
+@pytest.mark.parametrize("speculate", [0, 2])
+@pytest.mark.parametrize(("dialect", "flavor"), DIALECTS)
+def test_routed_records_equal_one_teacher_runs(
+    dialect: str, flavor: str, speculate: int, flavors: dict, math_teachers: dict
+) -> None:
+    if speculate and dialect == "vllm-completions":
+        pytest.skip("speculative rounds need the generate route or SGLang")
+    base, chat_url = flavors[flavor]
+    math_url = math_teachers[flavor]
+    common = {"theta_url": base, "dialect": dialect, "seed": 5, "speculate": speculate}
+    # The chat teacher is given its prompt in its chat template; the maths one plain, hotter.
+    chat = TeacherSettings(chat_url, chat=True)
+    math = TeacherSettings(math_url, temperature=1.3)
+    both, stats = generate(CoordinatorConfig(teachers={"chat": chat, "math": math}, **common), items(ROUTE))
+    assert stats["errors"] == 0
+    alone = {}
+    for name, teacher in (("chat", chat), ("math", math)):
+        # The same items, each teacher alone (the default teacher's items go to "chat").
+        mine = [i for i in items(ROUTE) if (i.teacher or "chat") == name]
+        got, _ = generate(CoordinatorConfig(teachers={name: teacher}, **common), mine)
+        alone |= got
+    assert set(both) == set(alone) == {f"q{i}" for i in range(len(ROUTE))}
+    for key, record in both.items():
+        assert record == alone[key], key
+        assert record["teacher"] == (ROUTE[int(key[1:])] or "chat")
+    # The teachers differ, so routing is seen in the records: the same question, two teachers.
+    assert both["q0"]["token_ids"] != both["q8"]["token_ids"] or both["q0"]["logp_t"] != both["q8"]["logp_t"]
+    counts = stats["teachers"]
+    assert counts["chat"]["sequences"] == 5 and counts["math"]["sequences"] == 5
+    assert counts["math"]["tokens"] == sum(len(r["token_ids"]) for r in both.values() if r["teacher"] == "math")
+    assert counts["chat"]["requests"] > 0 and counts["math"]["requests"] > 0
+    assert stats["requests_t"] == counts["chat"]["requests"] + counts["math"]["requests"]
+
+
+def test_a_named_teacher_gives_the_unnamed_teachers_records(urls: tuple[str, str]) -> None:
+    """A run with one named teacher is the run with --t-url, plus the record's teacher."""
+    work = items([None] * 4)
+    named, _ = generate(CoordinatorConfig(theta_url=urls[0], teachers={"t": urls[1]}, seed=2), work)
+    plain, _ = generate(CoordinatorConfig(theta_url=urls[0], t_url=urls[1], seed=2), work)
+    for key, record in plain.items():
+        assert "teacher" not in record
+        assert named[key] == {**record, "teacher": "t"}
+
+
+def test_unknown_or_unroutable_teacher_fails_its_own_record(urls: tuple[str, str]) -> None:
+    config = CoordinatorConfig(theta_url=urls[0], teachers={"a": urls[1], "b": urls[1]}, default_teacher="b", seed=1)
+    work = items(["a", "nobody", None])
+    got, stats = generate(config, work)
+    assert got["q1"]["finish_reason"] == "error"
+    assert "unknown teacher 'nobody'" in got["q1"]["error"] and "a, b" in got["q1"]["error"]
+    assert [got[k]["teacher"] for k in ("q0", "q2")] == ["a", "b"]
+    assert stats["errors"] == 1
+    # A record that names a teacher in a run with one unnamed teacher.
+    got, _ = generate(CoordinatorConfig(theta_url=urls[0], t_url=urls[1]), items(["a"]))
+    assert "one unnamed teacher" in got["q0"]["error"]
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_by_name(urls: tuple[str, str]) -> None:
+    from dualsample_rs.server import running_server
+
+    with running_server("teacher-bpe") as other:
+        config = CoordinatorConfig(theta_url=urls[0], teachers={"good": urls[1], "bpe": other})
+        with pytest.raises(ConfigurationError, match=r"teacher 'bpe'.*vocabulary"):
+            generate(config, items([None]))
+
+
+def test_teacher_flags_are_parsed_and_checked() -> None:
+    name, t = teacher_text("math=http://a:1,http://a:2;temperature=0.7;chat;dialect=sglang;prompt_field=q;model=m")
+    assert name == "math"
+    assert t == TeacherSettings(("http://a:1", "http://a:2"), "sglang", "m", None, 0.7, True, "q")
+    assert teacher_text("c=http://b;chat=no")[1].chat is False
+    for bad in ["nourl", "x=ftp://a", "x=http://a;colour=red", "x=http://a;temperature=hot", "x y=http://a",
+                "x=http://a;temperature=0", "x=http://a;dialect=grpc"]:  # fmt: skip
+        with pytest.raises(argparse.ArgumentTypeError):
+            teacher_text(bad)
+    assert mix_text("a=0.25,b=0.75") == {"a": 0.25, "b": 0.75}
+    with pytest.raises(argparse.ArgumentTypeError):
+        mix_text("a=half")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"teachers": {"a": "http://x", "b": "http://y"}, "default_teacher": "c"}, "default_teacher: 'c'"),
+        ({"default_teacher": "c"}, "give teachers="),
+        ({"mix": {"a": 1.0}}, "mix: a mixture needs named teachers"),
+        ({"teachers": {"a": "http://x"}, "mix": {"a": 0.4}}, "sum to 1"),
+        ({"teachers": {"a": "http://x"}, "mix": {"z": 1.0}}, "unknown teacher 'z'"),
+        ({"teachers": {"a": 5}}, r"teachers\['a'\]: expected a URL"),
+        ({"teachers": {"a": {"urls": "http://x", "temperature": -1}}}, r"teachers\['a'\]"),
+    ],
+)
+def test_bad_teacher_settings_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        CoordinatorConfig(**kwargs)
+
+
+def test_the_command_line_refuses_both_teacher_forms(tmp_path: Path) -> None:
+    from dualsample_rs.cli import main
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "x"}\n')
+    common = ["generate", "--input", str(inp), "--output", str(tmp_path / "o.jsonl")]
+    assert main([*common, "--teacher", "a=http://127.0.0.1:9", "--t-url", "http://127.0.0.1:9"]) == 2
+    assert main([*common, "--default-teacher", "a"]) == 2
+
+
+def _write_routed(path: Path, n: int) -> None:
+    with path.open("w") as f:
+        for i in range(n):
+            q = QUESTIONS[i % len(QUESTIONS)]
+            name = "math" if i % 2 else "chat"
+            f.write(json.dumps({"id": f"q{i}", "prompt": f"Question: {q}\nAnswer:", "teacher_prompt": q,
+                                "teacher": name}) + "\n")  # fmt: skip
+
+
+def _cli(base: str, chat: str, math: str, inp: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dualsample_rs", "generate", "--theta-url", base, "--teacher", f"chat={chat};chat",
+         "--teacher", f"math={math}", "--input", str(inp), "--output", str(out), "--max-tokens", "20", "--seed", "7",
+         "--quiet", "--max-retries", "1", "--retry-delay", "0.01", "--max-concurrency", "8", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_teacher_killed_mid_run_fails_only_its_records_and_resume_completes_them(
+    urls: tuple[str, str], tmp_path: Path
+) -> None:
+    inp, out, whole = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "whole.jsonl"
+    _write_routed(inp, 60)
+    base, chat = urls
+    with doomed_server(model="teacher-math", latency=0.05) as (math_url, math_proc):
+        run = _cli(base, chat, math_url, inp, out)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 6):
+            time.sleep(0.05)
+        math_proc.kill()
+        status, err = wait_cli(run)
+    assert status == 1, err  # some records failed
+    records = {r["id"]: r for r in read_records(out)}
+    assert len(records) == 60
+    failed = [r for r in records.values() if r["finish_reason"] == "error"]
+    assert failed and all(r["teacher"] == "math" for r in failed)
+    assert all(r["finish_reason"] != "error" for r in records.values() if r["teacher"] == "chat")
+    assert "teacher 'math'" not in err  # the run went on: no start-up error
+    with doomed_server(model="teacher-math", latency=0.0) as (math_url, _):
+        status, err = wait_cli(_cli(base, chat, math_url, inp, out, "--resume", "--retry-errors"))
+        assert status == 0, err
+        status, err = wait_cli(_cli(base, chat, math_url, inp, whole))
+        assert status == 0, err
+    resumed = {r["id"]: r for r in read_records(out)}
+    uninterrupted = {r["id"]: r for r in read_records(whole)}
+    assert resumed == uninterrupted
