@@ -49,7 +49,7 @@ GENERATE_FLAGS = {
     "--seed", "--speculate", "--verify-prompt-logprobs", "--diagnostics", "--theta-url", "--t-url", "--dialect",
     "--theta-model", "--t-model", "--api-key", "--max-concurrency", "--max-batch-size", "--max-retries",
     "--retry-delay", "--request-timeout", "--no-proxy-env", "--ca-bundle", "--insecure", "--max-reply-mb",
-    "--log-level", "-h", "--help",
+    "--log-level", "-h", "--help", "--teacher", "--teacher-field", "--default-teacher", "--mix",
 }  # fmt: skip
 
 
