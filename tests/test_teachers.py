@@ -202,3 +202,98 @@ def test_a_teacher_killed_mid_run_fails_only_its_records_and_resume_completes_th
     resumed = {r["id"]: r for r in read_records(out)}
     uninterrupted = {r["id"]: r for r in read_records(whole)}
     assert resumed == uninterrupted
+
+
+def mix_items(n: int, mix: dict[str, float] | None) -> list[WorkItem]:
+    return [WorkItem(stable_key(f"q{i}"), PLAIN[i], QUESTIONS[i], f"q{i}", mix=mix) for i in range(n)]
+
+
+@pytest.mark.parametrize(("dialect", "flavor"), DIALECTS)
+def test_a_mixture_with_one_teacher_at_weight_one_is_that_teacher(
+    dialect: str, flavor: str, flavors: dict, math_teachers: dict
+) -> None:
+    base, chat_url = flavors[flavor]
+    config = CoordinatorConfig(theta_url=base, teachers={"chat": chat_url, "math": math_teachers[flavor]},
+                               dialect=dialect, seed=9)  # fmt: skip
+    routed, before = generate(config, items(["chat"] * 4))
+    mixed, stats = generate(config, mix_items(4, {"chat": 1.0, "math": 0.0}))
+    for key, record in routed.items():
+        got = mixed[key]
+        assert got["teachers"] == {"chat": 1.0} and "teacher" not in got
+        for field in ("token_ids", "alpha", "logq", "logp_theta", "logp_t", "observed_theta", "observed_t", "text"):
+            assert got[field] == record[field], (key, field)
+        assert got["logp_teachers"] == {"chat": record["logp_t"]}
+        assert got["observed_teachers"] == {"chat": record["observed_t"]}
+    assert stats["teachers"]["chat=1"]["sequences"] == 4
+    # A teacher at weight 0 is not asked: its requests are start-up's, as when not named.
+    assert stats["teachers"]["math"]["requests"] == before["teachers"]["math"]["requests"]
+
+
+def test_mixture_records_follow_the_numpy_reference(urls: tuple[str, str], math_teachers: dict) -> None:
+    """Every token of a 0.3/0.7 mixture, recomputed from the servers' own lists by the
+    numpy twins of the mixture and the step: the same token, α and log q* to 1e-9."""
+    from dualsample_rs import reference
+    from dualsample_rs.backends import Context
+
+    weights = {"chat": 0.3, "math": 0.7}
+    # No stop ids: every record runs its 12 tokens.
+    teachers = {"chat": TeacherSettings(urls[1], chat=True), "math": TeacherSettings(math_teachers["vllm"])}
+    config = CoordinatorConfig(theta_url=urls[0], teachers=teachers, seed=13, top_k=8, stop_token_ids=())
+    work = mix_items(3, weights)
+
+    async def go() -> int:
+        checked = 0
+        async with DualVLLMCoordinator(config) as coord:
+            outs = [o async for _, o in coord.iter_generate(work, 12, show_progress=False)]
+            sampler = config.sampler_config(coord.exclude_ids)
+            lanes = [coord.lanes["chat"].replicas, coord.lanes["math"].replicas]
+            for out in outs:
+                item = work[int(out.id[1:])]
+                assert out.error is None
+                assert any(0 < a < 1 for a in out.alpha_history[1:])  # the base takes part
+                assert out.logp_teachers["chat"] != out.logp_teachers["math"]
+                prompt_base = await coord.base.tokenize(item.prompt)
+                prompts_t = [
+                    await lanes[0].tokenize(messages=[{"role": "user", "content": item.prompt_t}]),
+                    await lanes[1].tokenize(item.prompt_t),
+                ]
+                for j, token in enumerate(out.token_ids):
+                    done = out.token_ids[:j]
+                    base = await coord.base.topk([Context(prompt_base + done)], 8)
+                    tops = [await lane.topk([Context(p + done)], 8) for lane, p in zip(lanes, prompts_t, strict=True)]
+                    ids, logp = reference.mix_teachers(
+                        [t.ids for t in tops], [t.logp for t in tops], list(weights.values())
+                    )
+                    ref = reference.step(base.ids, base.logp, ids, logp, config=sampler, seed=13,
+                                         positions=[j], row_keys=[item.key], force_teacher=[j == 0])  # fmt: skip
+                    assert int(ref.token_id[0]) == token
+                    assert abs(float(ref.alpha[0]) - out.alpha_history[j]) <= 1e-9
+                    assert abs(float(ref.logq[0]) - out.logq[j]) <= 1e-9
+                    for name, top in zip(weights, tops, strict=True):
+                        row = list(top.ids[0])
+                        if token in row:
+                            assert out.observed_teachers[name][j]
+                            assert out.logp_teachers[name][j] == top.logp[0][row.index(token)]
+                    checked += 1
+        return checked
+
+    assert asyncio.run(go()) == 36
+
+
+def test_mixture_refusals(urls: tuple[str, str]) -> None:
+    teachers = {"a": urls[1], "b": TeacherSettings(urls[1], temperature=0.5)}
+    with pytest.raises(ConfigurationError, match=r"mix: .*speculative"):
+        CoordinatorConfig(teachers={"a": urls[1], "c": urls[1]}, mix={"a": 0.5, "c": 0.5}, speculate=2)
+    with pytest.raises(ConfigurationError, match=r"mix: .*exact"):
+        CoordinatorConfig(teachers={"a": urls[1], "c": urls[1]}, mix={"a": 0.5, "c": 0.5}, scoring="exact")
+    with pytest.raises(ConfigurationError, match="share one temperature"):
+        CoordinatorConfig(teachers=teachers, mix={"a": 0.5, "b": 0.5})
+    # Per record: the record fails, the others go on.
+    config = CoordinatorConfig(theta_url=urls[0], teachers=teachers, seed=1)
+    work = [*mix_items(1, {"a": 0.5, "b": 0.5}), *mix_items(2, {"a": 0.5, "z": 0.5})[1:], *items([None, "b"])[0:1]]
+    work[-1].id, work[-1].key = "q9", stable_key("q9")
+    got, stats = generate(config, work)
+    assert "share one temperature" in got["q0"]["error"]
+    assert "unknown teacher 'z'" in got["q1"]["error"] and "teachers" in got["q1"]["error"]
+    assert got["q9"]["finish_reason"] != "error"
+    assert stats["errors"] == 2

@@ -353,6 +353,20 @@ def mix_weights(value: Any, names: tuple[str, ...], where: str) -> tuple[tuple[s
     return tuple((name, float(value[name])) for name in names if name in value)
 
 
+def mixture_problem(config: CoordinatorConfig, names: list[str]) -> str | None:
+    """Why a run cannot sample from a mixture of these teachers (None: it can)."""
+    if config.run.speculate:
+        return "a mixture of teachers cannot run with speculative rounds (speculate): drafts come from one teacher"
+    if config.run.scoring == "exact":
+        return "a mixture of teachers runs with scoring topk, not exact"
+    teachers = dict(config.teachers)
+    temperatures = {teachers[name].temperature for name in names}
+    if len(temperatures) > 1:
+        have = sorted(map(str, temperatures))
+        return f"the teachers of a mixture share one temperature; {', '.join(names)} have {have}"
+    return None
+
+
 @dataclass(frozen=True)
 class TransportSettings:
     theta_url: str | tuple[str, ...] = setting(
@@ -581,6 +595,10 @@ class CoordinatorConfig:
         for name, changed in _changes(settings, parts["sampler"]).items():
             value = dataclasses.replace(parts[name], **changed) if changed else parts[name]
             object.__setattr__(self, name, value)
+        if self.mix is not None:
+            problem = mixture_problem(self, [name for name, w in self.mix if w > 0])
+            if problem is not None:
+                raise ConfigurationError(f"mix: {problem}")
         if self.run.save_topk > self.sampler.top_k:
             raise ConfigurationError(
                 f"save_topk: {self.run.save_topk} ids per position, but the servers are asked for top_k="

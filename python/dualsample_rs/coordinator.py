@@ -25,7 +25,7 @@ from typing import Any
 
 from .backends import Backend, Connection, Context, DialectBackend, RequestStats, backend_for, open_backend
 from .backends.replicas import ReplicaSet
-from .config import CoordinatorConfig, ServerSettings, TeacherSettings
+from .config import CoordinatorConfig, ServerSettings, TeacherSettings, mix_weights, mixture_problem
 from .exceptions import (
     APIConnectionError,
     APIError,
@@ -41,7 +41,7 @@ from .round import Round, Routed
 from .scheduler import Scheduler
 from .sequence import Sequence, WorkItem, stable_key
 from .statistics import Statistics
-from .strategies import choose, scored_ids, speculation_problem
+from .strategies import Mixed, choose, scored_ids, speculation_problem
 
 log = logging.getLogger("dualsample_rs")
 
@@ -65,6 +65,30 @@ class Lane:
     stop_ids: tuple[int, ...] = ()
     exclude_ids: tuple[int, ...] = ()
     speculate: int | str = 0
+
+    @property
+    def key(self) -> str:
+        """What the rounds know its sequences by."""
+        return self.name
+
+    @property
+    def lanes(self) -> list[Lane]:
+        return [self]
+
+
+@dataclass
+class Mixture:
+    """A mixture of teachers some records are sampled from: its teachers (weight > 0) in
+    the run's order with their weights, and the stop and excluded ids of any of them."""
+
+    key: str
+    lanes: list[Lane]
+    weights: tuple[float, ...]
+    stop_ids: tuple[int, ...]
+    exclude_ids: tuple[int, ...]
+
+    def weights_by_name(self) -> dict[str, float]:
+        return {lane.name: w for lane, w in zip(self.lanes, self.weights, strict=True)}
 
 
 class DualVLLMCoordinator:
@@ -106,6 +130,8 @@ class DualVLLMCoordinator:
         self._base: ReplicaSet | None = None
         #: per teacher by name (the unnamed one under ""): its replicas and what start-up found
         self.lanes: dict[str, Lane] = {}
+        #: the mixtures records have named so far, by key
+        self._mixtures: dict[str, Mixture] = {}
         self.default_teacher = self.config.default_teacher or next(iter(teachers))
         self.stats = Statistics()
         #: what the handshake found: (base, default teacher)
@@ -361,20 +387,34 @@ class DualVLLMCoordinator:
         want_diag = return_diagnostics or (cfg.sampler.enable_stability_check and not cfg.sampler.auto_fallback)
         assert self.info is not None
         base_len = self.info[0].max_model_len
-        rounds: dict[str, Round] = {}
-        for name, lane in self.lanes.items():
-            lane_cfg = self._lane_config(cfg, lane, temperature)
-            rounds[name] = Round(
-                choose(lane_cfg, self.base, lane.replicas, lane.speculate),
+
+        def round_for(key: str) -> Round:
+            """The round of one teacher's sequences, or of one mixture's."""
+            if key in self.lanes:
+                lane = self.lanes[key]
+                lanes, ask = [lane], choose(self._lane_config(cfg, lane, temperature), self.base, lane.replicas,
+                                            lane.speculate)  # fmt: skip
+                stop, exclude, speculate = lane.stop_ids, lane.exclude_ids, lane.speculate
+            else:
+                mix = self._mixtures[key]
+                lanes, stop, exclude, speculate = mix.lanes, mix.stop_ids, mix.exclude_ids, 0
+                members = {lane.name: (lane.replicas, w) for lane, w in zip(mix.lanes, mix.weights, strict=True)}
+                ask = Mixed(self.base, members, cfg.sampler.top_k, cfg.sampler.missing)
+            # A mixture's teachers share one temperature (checked when it is named).
+            lane_cfg = self._lane_config(cfg, lanes[0], temperature)
+            return Round(
+                ask,
                 lane_cfg,
-                lane_cfg.sampler_config(lane.exclude_ids, diagnostics=want_diag),
-                lane.speculate,
-                lane.stop_ids,
-                (base_len, lane.info.max_model_len),
+                lane_cfg.sampler_config(exclude, diagnostics=want_diag),
+                speculate,
+                stop,
+                (base_len, min(lane.info.max_model_len for lane in lanes)),
                 self.stats,
                 return_diagnostics,
             )
-        advance = Routed(rounds)
+
+        rounds = {name: round_for(name) for name in self.lanes}
+        advance = Routed(rounds, round_for)
         if total is None:
             items = list(items)
             total = len(items)
@@ -465,23 +505,65 @@ class DualVLLMCoordinator:
 
     async def _prepare(self, index: int, item: WorkItem, max_tokens: int) -> Sequence:
         where = f"{item.where}, " if item.where else ""
-        lane = self._route(item, where)
+        route = self._route(item, where)
+        lanes = route.lanes if isinstance(route, Mixture) else [route]
         assert self.info is not None
-        chat = item.teacher_chat if lane.settings.chat is None else lane.settings.chat
-        prompt_t = item.teacher_prompt(lane.name)
-        ids_a, ids_b = await asyncio.gather(
+        ids_base, *ids_teachers = await asyncio.gather(
             self._tokens(self.base, item.prompt, False, where + "prompt", self.info[0]),
-            self._tokens(lane.replicas, prompt_t, chat, where + "teacher_prompt", lane.info),
+            *(
+                self._tokens(
+                    lane.replicas,
+                    item.teacher_prompt(lane.name),
+                    item.teacher_chat if lane.settings.chat is None else lane.settings.chat,
+                    where + "teacher_prompt",
+                    lane.info,
+                )
+                for lane in lanes
+            ),
         )
-        out = GenerationOutput(item.prompt, prompt_t, item.id, teacher=lane.name or None)
-        return Sequence(
-            item, index, Context(ids_a), Context(ids_b), max_tokens, out, len(ids_a), len(ids_b), teacher=lane.name
-        )
+        if isinstance(route, Mixture):
+            out = GenerationOutput(item.prompt, item.prompt_t, item.id, teachers=route.weights_by_name(),
+                                   logp_teachers={lane.name: [] for lane in lanes},
+                                   observed_teachers={lane.name: [] for lane in lanes})  # fmt: skip
+        else:
+            out = GenerationOutput(item.prompt, item.teacher_prompt(route.name), item.id, teacher=route.name or None)
+        ctx = [Context(ids) for ids in ids_teachers]
+        return Sequence(item, index, Context(ids_base), ctx[0], max_tokens, out, len(ids_base), len(ids_teachers[0]),
+                        teacher=route.key, more_teachers=ctx[1:])  # fmt: skip
 
-    def _route(self, item: WorkItem, where: str) -> Lane:
-        """The teacher a record names (or the default one); an unknown name fails the record."""
+    def _mixture(self, value: Any, where: str) -> Mixture:
+        """The mixture of teachers `value` names ({name: weight}), checked; teachers at
+        weight 0 take no part."""
+        cfg = self.config
+        if not cfg.teachers:
+            raise InvalidInputError(f"{where}: a mixture needs named teachers (--teacher NAME=URL)")
+        weights = [(name, w) for name, w in mix_weights(value, tuple(self.lanes), where) if w > 0]
+        key = "mix:" + ",".join(f"{name}={w!r}" for name, w in weights)
+        if key in self._mixtures:
+            return self._mixtures[key]
+        problem = mixture_problem(cfg, [name for name, _ in weights])
+        if problem is not None:
+            raise InvalidInputError(f"{where}: {problem}")
+        lanes = [self.lanes[name] for name, _ in weights]
+        mix = Mixture(
+            key,
+            lanes,
+            tuple(w for _, w in weights),
+            tuple(sorted({i for lane in lanes for i in lane.stop_ids})),
+            tuple(sorted({i for lane in lanes for i in lane.exclude_ids})),
+        )
+        self._mixtures[key] = mix
+        return mix
+
+    def _route(self, item: WorkItem, where: str) -> Lane | Mixture:
+        """The teacher or mixture a record names (else the run's mixture, else the default
+        teacher); an unknown name, or a mixture the run cannot sample, fails the record."""
+        if item.mix is not None:
+            return self._mixture(item.mix, f"{where}teachers")
         name = item.teacher
         if name is None:
+            if self.config.mix is not None:
+                return self._mixture(dict(self.config.mix), "mix")
             return self.lanes[self.default_teacher]
         if not self.config.teachers:
             raise InvalidInputError(f"{where}teacher: the record names teacher {name!r}, but the run has one "
@@ -497,16 +579,19 @@ class DualVLLMCoordinator:
         out = seq.out
         if seq.diag:
             out.diagnostics = {name: summarise(values) for name, values in seq.diag.items()}
-        teacher = self.lanes[seq.teacher].replicas
+        lanes = self._mixtures[seq.teacher].lanes if seq.teacher in self._mixtures else [self.lanes[seq.teacher]]
+        contexts = [seq.ctx_teacher, *seq.more_teachers]
         self.base.release([seq.ctx_base])
-        teacher.release([seq.ctx_teacher])
+        for lane, ctx in zip(lanes, contexts, strict=True):
+            lane.replicas.release([ctx])
         if out.finish_reason == "error":
             return
         text_ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
         jobs: list[Any] = [self.base.detokenize(text_ids) if text_ids else _constant("")]
         if self.config.run.rescore:
             jobs.append(self.base.sequence_logprobs(seq.ctx_base.ids(), seq.prompt_len_base))
-            jobs.append(teacher.sequence_logprobs(seq.ctx_teacher.ids(), seq.prompt_len_teacher))
+            for lane, ctx in zip(lanes, contexts, strict=True):
+                jobs.append(lane.replicas.sequence_logprobs(ctx.ids(), len(ctx) - len(out.token_ids)))
         try:
             got = await asyncio.gather(*jobs)
         except APIError as err:
@@ -515,6 +600,12 @@ class DualVLLMCoordinator:
         out.generated_text = got[0]
         if self.config.run.rescore:
             out.logp_theta_exact, out.logp_t_exact = got[1], got[2]
+            if out.teachers is not None:  # a mixture: each teacher's, and Σ w·log π
+                out.logp_teachers_exact = dict(zip(out.teachers, got[2:], strict=True))
+                out.logp_t_exact = [
+                    math.fsum(w * exact[i] for w, exact in zip(out.teachers.values(), got[2:], strict=True))
+                    for i in range(len(got[1]))
+                ]
 
     def _postfix(self) -> dict[str, str]:
         st = self.get_statistics()

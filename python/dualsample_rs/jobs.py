@@ -266,7 +266,8 @@ def _ray_job(args: argparse.Namespace, config: CoordinatorConfig, ray: Any) -> i
 
     kwargs = {"config": config, "max_tokens": args.max_tokens, "teacher_chat": args.teacher_chat,
               "diagnostics": args.diagnostics, "prompt_field": args.prompt_field,
-              "teacher_field": args.teacher_prompt_field, "actors": args.ray_actors}  # fmt: skip
+              "teacher_field": args.teacher_prompt_field, "actors": args.ray_actors,
+              "route_field": args.teacher_field}  # fmt: skip
     mapped = ray.data.read_json(args.input).map_batches(
         DualSample, fn_constructor_kwargs=kwargs, concurrency=args.ray_actors, batch_size=args.ray_batch_size,
         num_cpus=0.25,  # the actors wait on servers; do not reserve a core each

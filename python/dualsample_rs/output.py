@@ -42,7 +42,11 @@ class GenerationOutput:
     position and their raw log probabilities, most likely first (fewer where the server
     listed fewer); ``topk_ids_theta`` / ``topk_logp_theta`` the base's, with
     ``save_topk_of="both"``, or with exact scoring the base's exact values of the
-    teacher's ids. With named teachers, ``teacher`` is the one the record was routed to.
+    teacher's ids. With named teachers, ``teacher`` is the one the record was routed to;
+    from a mixture of teachers, ``teachers`` gives their weights, ``logp_teachers[name][i]``
+    and ``observed_teachers[name][i]`` each one's raw log probability of token i as
+    ``logp_t`` is given for one teacher, and ``logp_t[i]`` is Σ w·log π of the token (the
+    mixed teacher, unnormalised; ``logq`` is normalised).
     A stop token, when one ended the sequence, is the
     last entry of ``token_ids`` and is not part of ``generated_text``.
     """
@@ -71,6 +75,10 @@ class GenerationOutput:
     round: list[int] | None = None
     drafted: list[bool] | None = None
     teacher: str | None = None
+    teachers: dict[str, float] | None = None
+    logp_teachers: dict[str, list[float]] | None = None
+    observed_teachers: dict[str, list[bool]] | None = None
+    logp_teachers_exact: dict[str, list[float]] | None = None
 
     @property
     def generated_tokens(self) -> list[int]:
@@ -103,6 +111,12 @@ class GenerationOutput:
         }
         if self.teacher is not None:
             record["teacher"] = self.teacher
+        if self.teachers is not None:
+            record["teachers"] = self.teachers
+            record["logp_teachers"] = self.logp_teachers
+            record["observed_teachers"] = self.observed_teachers
+            if self.logp_teachers_exact is not None:
+                record["logp_teachers_exact"] = self.logp_teachers_exact
         if self.logp_theta_exact is not None:
             record["logp_theta_exact"] = self.logp_theta_exact
             record["logp_t_exact"] = self.logp_t_exact

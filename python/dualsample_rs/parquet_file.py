@@ -126,8 +126,15 @@ def record_schema(
         fields += [("logp_theta_exact", floats), ("logp_t_exact", floats)]
     if speculate:
         fields += [("round", pa.list_(pa.int64())), ("drafted", bools)]
-    if teacher:
-        fields += [("teacher", pa.string())]
+    if teacher:  # the teacher a record was routed to, or the mixture it was sampled from
+        fields += [
+            ("teacher", pa.string()),
+            ("teachers", pa.map_(pa.string(), pa.float64())),
+            ("logp_teachers", pa.map_(pa.string(), floats)),
+            ("observed_teachers", pa.map_(pa.string(), bools)),
+        ]
+        if rescore:
+            fields += [("logp_teachers_exact", pa.map_(pa.string(), floats))]
     for side, wanted in (("t", topk_t), ("theta", topk_theta)):
         if wanted:
             fields += [(f"topk_ids_{side}", pa.list_(pa.list_(pa.int64()))),
@@ -180,7 +187,13 @@ def record_from_row(row: dict[str, Any], kind: str) -> dict[str, Any]:
     if kind == "json":
         record["id"] = json.loads(record["id"])
     record["diagnostics"] = record["diagnostics"] or {}
+    for name in _MAPS:  # a map column reads as (key, value) pairs
+        if record.get(name) is not None:
+            record[name] = dict(record[name])
     return record
+
+
+_MAPS = ("teachers", "logp_teachers", "observed_teachers", "logp_teachers_exact")
 
 
 # Columns that are in every record even when null.

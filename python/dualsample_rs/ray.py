@@ -16,6 +16,7 @@ Input rows need an ``id`` (there are no line numbers to default to).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import zlib
 from typing import Any
@@ -38,6 +39,9 @@ RESCORED = ("logp_theta_exact", "logp_t_exact")
 SPECULATED = ("round", "drafted")
 TOPK_T = ("topk_ids_t", "topk_logp_t")
 TOPK_THETA = ("topk_ids_theta", "topk_logp_theta")
+# With named teachers: the record's teacher, and a mixture's fields (as JSON text).
+TEACHER = ("teacher",)
+MIXTURE = ("teachers", "logp_teachers", "observed_teachers", "logp_teachers_exact")
 
 
 def _plain(value: Any) -> Any:
@@ -80,6 +84,7 @@ class DualSample:
         prompt_field: str = "prompt",
         teacher_field: str = "teacher_prompt",
         actors: int = 1,
+        route_field: str = "teacher",
     ) -> None:
         cfg = config if isinstance(config, CoordinatorConfig) else CoordinatorConfig(**config)
         if actors > 1:
@@ -87,7 +92,12 @@ class DualSample:
             cfg = cfg.replace(
                 theta_url=_share(cfg.transport.theta_url, index, actors),
                 t_url=_share(cfg.transport.t_url, index, actors),
+                teachers=tuple(
+                    (name, dataclasses.replace(t, urls=_share(t.urls, index, actors))) for name, t in cfg.teachers
+                ),
             )
+        self.route_field = route_field
+        self.own_fields = tuple((name, t.prompt_field) for name, t in cfg.teachers if t.prompt_field is not None)
         self.max_tokens, self.temperature = max_tokens, temperature
         self.teacher_chat, self.diagnostics = teacher_chat, diagnostics
         self.prompt_field, self.teacher_field = prompt_field, teacher_field
@@ -102,6 +112,7 @@ class DualSample:
             + (SPECULATED if self.coord.speculate else ())
             + (TOPK_T if run.save_topk else ())
             + (TOPK_THETA if run.save_topk and both else ())
+            + (TEACHER + MIXTURE if cfg.teachers else ())
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
@@ -110,9 +121,16 @@ class DualSample:
         ids = _plain(batch["id"])
         prompts = _plain(batch[self.prompt_field])
         teacher = _plain(batch[self.teacher_field]) if self.teacher_field in batch else prompts
+        n = len(ids)
+        routes = _plain(batch[self.route_field]) if self.route_field in batch else [None] * n
+        mixes = _plain(batch["teachers"]) if "teachers" in batch else [None] * n
+        own = [
+            {name: v for name, f in self.own_fields if f in batch and (v := _plain(batch[f][j])) is not None} or None
+            for j in range(n)
+        ]
         items = [
-            WorkItem(stable_key(i), p, p if t is None else t, i, self.teacher_chat)
-            for i, p, t in zip(ids, prompts, teacher, strict=True)
+            WorkItem(stable_key(i), p, p if t is None else t, i, self.teacher_chat, teacher=r, teacher_prompts=o, mix=m)
+            for i, p, t, r, o, m in zip(ids, prompts, teacher, routes, own, mixes, strict=True)
         ]
         outs = self.loop.run_until_complete(self._generate(items))
         records = [_row(o) for o in outs]
@@ -135,7 +153,9 @@ class DualSample:
 
 def _row(out: GenerationOutput) -> dict[str, Any]:
     record = out.to_record()
-    record["diagnostics"] = json.dumps(record["diagnostics"])
+    for name in ("diagnostics", *MIXTURE):
+        if name in record:
+            record[name] = json.dumps(record[name])
     return record
 
 
@@ -144,9 +164,12 @@ def record_from_row(row: dict[str, Any]) -> dict[str, Any]:
     record = {name: _plain(row[name]) for name in COLUMNS}
     record["diagnostics"] = json.loads(record["diagnostics"])
     # A failed sequence of a rescored run has no exact values: its record has no such keys.
-    for name in (*RESCORED, *SPECULATED, *TOPK_T, *TOPK_THETA):
+    for name in (*RESCORED, *SPECULATED, *TOPK_T, *TOPK_THETA, *TEACHER):
         if row.get(name) is not None:
             record[name] = _plain(row[name])
+    for name in MIXTURE:
+        if row.get(name) is not None:
+            record[name] = json.loads(row[name])
     return record
 
 

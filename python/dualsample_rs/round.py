@@ -84,6 +84,8 @@ class Drawn:
     cols: list[list[Any]]
     diag_cols: list[list[Any]]
     top_cols: list[list[Any]]
+    #: for a mixture, each teacher's (raw log probability, listed) of the token per row
+    teacher_cols: dict[str, tuple[list[float], list[bool]]] | None = None
 
 
 class Routed:
@@ -91,17 +93,21 @@ class Routed:
     the batch in its own round, all at once (so each teacher gets one batched request,
     in parallel with the others, and one that is down fails only its own sequences)."""
 
-    def __init__(self, rounds: dict[str, Round]) -> None:
-        self.rounds = rounds
+    def __init__(self, rounds: dict[str, Round], make: Callable[[str], Round]) -> None:
+        self.rounds, self.make = rounds, make
 
     async def __call__(self, batch: list[Sequence]) -> None:
-        if len(self.rounds) == 1:
-            await next(iter(self.rounds.values()))(batch)
-            return
         groups: dict[str, list[Sequence]] = {}
         for seq in batch:
             groups.setdefault(seq.teacher, []).append(seq)
-        await asyncio.gather(*(self.rounds[name](rows) for name, rows in groups.items()))
+        for key in groups:
+            if key not in self.rounds:  # a mixture first named by a record
+                self.rounds[key] = self.make(key)
+        if len(groups) == 1:
+            key, rows = next(iter(groups.items()))
+            await self.rounds[key](rows)
+            return
+        await asyncio.gather(*(self.rounds[key](rows) for key, rows in groups.items()))
 
 
 class Round:
@@ -228,7 +234,17 @@ class Round:
         for c, top, observed in ((2, base, res.observed_theta), (3, teacher, res.observed_t)):
             cols[c] = _raw_log_probabilities(top, res.token_id, observed, missing, res_value=getattr(res, _COLUMNS[c]))
         diag_cols = [getattr(res, name).tolist() for name in DIAGNOSTIC_NAMES] if self.diagnostics else []
-        return Drawn(res, force, cols, diag_cols, self._top_columns(bundle))
+        teacher_cols = None
+        if bundle.teachers is not None:
+            teacher_cols = {}
+            # A token a teacher did not list is valued as `missing` says, "drop" as "bound"
+            # (the mixture keeps only tokens every teacher listed, where they share any).
+            rule = "bound" if missing == "drop" else missing
+            for name, top in bundle.teachers.items():
+                listed = (top.ids == res.token_id[:, None]).any(axis=1)
+                values = _raw_log_probabilities(top, res.token_id, listed, rule, res_value=res.logp_t)
+                teacher_cols[name] = (values, listed.tolist())
+        return Drawn(res, force, cols, diag_cols, self._top_columns(bundle), teacher_cols)
 
     def _top_columns(self, bundle: Bundle) -> list[list[Any]]:
         """Per row, the kept top ids and values: the teacher's, then (when kept) the
@@ -261,13 +277,22 @@ class Round:
             seq.diag.setdefault(name, []).append(col[i])
         if drawn.top_cols:
             _keep_top(out, drawn.top_cols, i)
+        if drawn.teacher_cols is not None and out.logp_teachers is not None and out.observed_teachers is not None:
+            for name, (values, listed) in drawn.teacher_cols.items():
+                out.logp_teachers[name].append(values[i])
+                out.observed_teachers[name].append(listed[i])
         seq.ctx_base.append(tok)
         seq.ctx_teacher.append(tok)
-        max_base, max_teacher = self.max_model_len
+        for ctx in seq.more_teachers:
+            ctx.append(tok)
+        max_base, max_teacher = self.max_model_len  # for a mixture, its teachers' least
         if tok in self.stop:
             out.finish_reason, seq.done = "stop", True
         elif (
-            len(out.token_ids) >= seq.max_tokens or len(seq.ctx_base) >= max_base or len(seq.ctx_teacher) >= max_teacher
+            len(out.token_ids) >= seq.max_tokens
+            or len(seq.ctx_base) >= max_base
+            or len(seq.ctx_teacher) >= max_teacher
+            or any(len(c) >= max_teacher for c in seq.more_teachers)
         ):
             out.finish_reason, seq.done = "length", True
 

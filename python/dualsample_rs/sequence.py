@@ -54,6 +54,8 @@ class Sequence:
     prompt_len_base: int = 0
     prompt_len_teacher: int = 0
     teacher: str = ""  # the name of the teacher it was routed to ("": the one unnamed teacher)
+    #: a mixture's contexts for its second teacher on (the first's is ctx_teacher)
+    more_teachers: list[Context] = field(default_factory=list)
     diag: dict[str, list[float]] = field(default_factory=dict)
     done: bool = False
     # drafted tokens tested and accepted in speculative rounds (for speculate="auto")

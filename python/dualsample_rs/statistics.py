@@ -27,7 +27,7 @@ class Statistics:
     drafted: int = 0
     accepted: int = 0
     started: float = field(default_factory=time.monotonic)
-    # per named teacher: [sequences, errors, tokens]
+    # per named teacher, and per mixture ("a=0.5,b=0.5"): [sequences, errors, tokens]
     teachers: dict[str, list[int]] = field(default_factory=dict)
 
     def count_finished(self, out: GenerationOutput) -> None:
@@ -35,20 +35,28 @@ class Statistics:
         self.errors += out.failed
         self.tokens += len(out.token_ids)
         self.alpha_sum += sum(out.alpha_history)
-        if out.teacher is not None:
-            counts = self.teachers.setdefault(out.teacher, [0, 0, 0])
+        key = out.teacher
+        if out.teachers is not None:
+            key = ",".join(f"{name}={w:g}" for name, w in out.teachers.items())
+        if key is not None:
+            counts = self.teachers.setdefault(key, [0, 0, 0])
             counts[0] += 1
             counts[1] += out.failed
             counts[2] += len(out.token_ids)
 
     def by_teacher(self, requests: dict[str, RequestStats]) -> dict[str, dict[str, int]]:
         """Per named teacher: the ``sequences``, ``errors`` and ``tokens`` of the records
-        routed to it, and its ``requests``, ``retries`` and ``failed_requests``."""
+        routed to it, and its ``requests``, ``retries`` and ``failed_requests`` (its
+        requests for mixtures too); then per mixture records were sampled from (named
+        ``"a=0.5,b=0.5"``), its records' counts."""
         out = {}
         for name, r in requests.items():
             sequences, errors, tokens = self.teachers.get(name, (0, 0, 0))
             out[name] = {"sequences": sequences, "errors": errors, "tokens": tokens, "requests": r.requests,
                          "retries": r.retries, "failed_requests": r.failures}  # fmt: skip
+        for key, (sequences, errors, tokens) in self.teachers.items():
+            if key not in out:
+                out[key] = {"sequences": sequences, "errors": errors, "tokens": tokens}
         return out
 
     def summary(self, theta: RequestStats, teachers: list[RequestStats]) -> dict[str, Any]:

@@ -7,6 +7,8 @@ which is what the Rust `step` takes:
 - `TeacherThenBase` (``scoring="exact"``): one position; the teacher's top-k, then the
   base scores exactly those candidates, so q* lives on the teacher's candidates and
   every reported number is a model's own.
+- `Mixed` (a mixture of teachers): one position; the base's and every teacher's top-k,
+  asked at once, the teachers' lists made one mixed teacher by the Rust `mix_teachers`.
 - `DraftThenVerify` (``speculate``): the teacher drafts L tokens greedily with its top-k
   at each of their positions; the base then lists its own top-k at those positions, or
   with exact scoring scores the teacher's candidates there, in one request that keeps
@@ -18,11 +20,13 @@ This is the one module that knows what exact scoring changes.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
+from . import _core
 from .backends import Backend, Positions, TopK
 from .config import CoordinatorConfig
 from .sequence import Sequence
@@ -33,13 +37,15 @@ class Bundle:
     """A round's rows: sequence s owns ``lengths[s]`` consecutive rows; ``base`` and
     ``teacher`` are each model's entries at those rows; ``drafts`` is the drafted token
     each row tests (-1: drawn afresh), None when nothing is drafted. When
-    ``base_scores_teacher_ids``, the base's row holds its values of the teacher's ids."""
+    ``base_scores_teacher_ids``, the base's row holds its values of the teacher's ids.
+    For a mixture, ``teacher`` is the mixed teacher and ``teachers`` each one's lists."""
 
     lengths: np.ndarray
     base: TopK
     teacher: TopK
     drafts: np.ndarray | None = None
     base_scores_teacher_ids: bool = False
+    teachers: dict[str, TopK] | None = None
 
     def rows(self, start: int, stop: int) -> Bundle:
         """The rows of sequences ``start`` to ``stop``."""
@@ -52,6 +58,7 @@ class Bundle:
             TopK(self.teacher.ids[a:b], self.teacher.logp[a:b]),
             None if self.drafts is None else self.drafts[a:b],
             self.base_scores_teacher_ids,
+            None if self.teachers is None else {name: top.rows(a, b) for name, top in self.teachers.items()},
         )
 
 
@@ -113,6 +120,40 @@ class BothTopK:
                 raise g
         assert isinstance(base, TopK) and isinstance(teacher, TopK)
         return Bundle(np.ones(len(rows), dtype=np.int64), base, teacher)
+
+
+class Mixed:
+    """The base's and each teacher's top-k at the next position, asked at once; the
+    teachers' lists become one teacher, Σ w_i log π_i over their union (the step then
+    normalises it: the teachers' normalised geometric mean). Each teacher's context is
+    the sequence's ``ctx_teacher`` for the first, then ``more_teachers`` in order."""
+
+    serial = False
+
+    def __init__(
+        self,
+        base: Backend,
+        teachers: Mapping[str, tuple[Backend, float]],
+        top_k: int,
+        missing: Literal["bound", "drop"] | float,
+    ) -> None:
+        self.base, self.teachers, self.top_k, self.missing = base, teachers, top_k, missing
+
+    async def __call__(self, rows: list[Sequence], lengths: list[int]) -> Bundle:
+        asks = [self.base.topk([s.ctx_base for s in rows], self.top_k)]
+        for i, (backend, _) in enumerate(self.teachers.values()):
+            asks.append(backend.topk([s.ctx_teacher if i == 0 else s.more_teachers[i - 1] for s in rows], self.top_k))
+        got = await asyncio.gather(*asks, return_exceptions=True)
+        for g in got:  # the base's error first, then the teachers' in order
+            if isinstance(g, BaseException):
+                raise g
+        base, *tops = (g for g in got if isinstance(g, TopK))
+        ids, logp = _core.mix_teachers(
+            [t.ids for t in tops], [t.logp for t in tops], [w for _, w in self.teachers.values()],
+            missing=self.missing,
+        )  # fmt: skip
+        teachers = dict(zip(self.teachers, tops, strict=True))
+        return Bundle(np.ones(len(rows), dtype=np.int64), base, TopK(ids, logp), teachers=teachers)
 
 
 class TeacherThenBase:
