@@ -297,3 +297,41 @@ def test_mixture_refusals(urls: tuple[str, str]) -> None:
     assert "unknown teacher 'z'" in got["q1"]["error"] and "teachers" in got["q1"]["error"]
     assert got["q9"]["finish_reason"] != "error"
     assert stats["errors"] == 2
+
+
+@pytest.mark.slow
+def test_command_line_routing_mixtures_rescoring_and_parquet(
+    urls: tuple[str, str], math_teachers: dict, tmp_path: Path
+) -> None:
+    """``--teacher`` twice, ``--mix`` for lines that name none, a line's own ``teachers``;
+    the Parquet output holds exactly the JSONL records; a mixture's exact values are its
+    teachers' own, summed by weight."""
+    from dualsample_rs.cli import main
+    from dualsample_rs.parquet_file import iter_records
+
+    inp = tmp_path / "in.jsonl"
+    lines = [{"teacher": "chat"}, {"teacher": "math"}, {"teachers": {"chat": 0.25, "math": 0.75}}, {}, {}]
+    with inp.open("w") as f:
+        for i, extra in enumerate(lines):
+            f.write(json.dumps({"id": i, "prompt": PLAIN[i], "teacher_prompt": QUESTIONS[i], **extra}) + "\n")
+    outputs = {}
+    for suffix in ("jsonl", "parquet"):
+        out = tmp_path / f"out.{suffix}"
+        status = main(["generate", "--theta-url", urls[0], "--teacher", f"chat={urls[1]};chat=yes", "--teacher",
+                       f"math={math_teachers['vllm']}", "--mix", "chat=0.5,math=0.5", "--rescore", "--input",
+                       str(inp), "--output", str(out), "--max-tokens", "10", "--seed", "3", "--quiet"])  # fmt: skip
+        assert status == 0
+        outputs[suffix] = out
+    records = {r["id"]: r for r in read_records(outputs["jsonl"])}
+    assert {r["id"]: r for r in iter_records(str(outputs["parquet"]))} == records
+    assert [records[i].get("teacher") for i in range(5)] == ["chat", "math", None, None, None]
+    assert records[2]["teachers"] == {"chat": 0.25, "math": 0.75}
+    assert records[3]["teachers"] == records[4]["teachers"] == {"chat": 0.5, "math": 0.5}
+    for record in (records[2], records[3]):
+        weights = record["teachers"]
+        exact = record["logp_teachers_exact"]
+        for j, total in enumerate(record["logp_t_exact"]):
+            assert total == pytest.approx(sum(w * exact[n][j] for n, w in weights.items()), abs=1e-12)
+            for name in weights:  # listed values are the model's own
+                if record["observed_teachers"][name][j]:
+                    assert record["logp_teachers"][name][j] == pytest.approx(exact[name][j], abs=1e-6)
