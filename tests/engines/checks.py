@@ -162,3 +162,73 @@ def check_saved_topk(engine: Engine, outs: list[GenerationOutput], n: int, top_k
                 edge = want_logp[-1]
                 firm = {t for lp, t in ranked if lp > edge + tol}
                 assert firm <= set(ids_saved[pos]), (which, pos, ids_saved[pos], ranked)
+
+
+def check_several_teachers(engine: Engine, dialect: str) -> int:
+    """Two named teachers on the engine: its teacher (in its chat template) and its base
+    model as a second teacher (plain). Records routed to each are the records a run with
+    that teacher alone gives; a 0.5/0.5 mixture is rebuilt position by position from the
+    engine's own lists mixed by the numpy twin. Returns the positions rebuilt."""
+    import numpy as np
+    from dualsample_rs import reference
+    from dualsample_rs.config import TeacherSettings
+    from dualsample_rs.sequence import WorkItem, stable_key
+
+    teachers = {
+        "chat": TeacherSettings(engine.teacher, model_name=engine.teacher_model, chat=True),
+        "plain": TeacherSettings(engine.theta, model_name=engine.theta_model),
+    }
+    route = ["chat", "plain", "plain", "chat"]
+
+    def items(mix: dict[str, float] | None = None) -> list[WorkItem]:
+        return [WorkItem(stable_key(i), PLAIN[i], QUESTIONS[i], i, teacher=None if mix else route[i], mix=mix)
+                for i in range(len(route))]  # fmt: skip
+
+    def generate(named: dict[str, TeacherSettings], work: list[WorkItem]) -> dict[Any, dict[str, Any]]:
+        async def go() -> dict[Any, dict[str, Any]]:
+            cfg = CoordinatorConfig(theta_url=engine.theta, teachers=named, dialect=dialect, seed=7)
+            async with DualVLLMCoordinator(cfg) as coord:
+                return {out.id: out.to_record() async for _, out in coord.iter_generate(work, 12, show_progress=False)}
+
+        return asyncio.run(go())
+
+    both = generate(teachers, items())
+    for name in teachers:
+        alone = generate({name: teachers[name]}, [i for i in items() if i.teacher == name])
+        for key, record in alone.items():
+            assert both[key] == record, (name, key)
+    assert all(r["error"] is None for r in both.values())
+
+    mixed = generate(teachers, items({"chat": 0.5, "plain": 0.5}))
+    prompts = {
+        "chat": [tokenize(engine.teacher, engine.teacher_model, messages=[{"role": "user", "content": q}])
+                 for q in QUESTIONS],
+        "plain": [tokenize(engine.theta, engine.theta_model, text=q) for q in QUESTIONS],
+    }  # fmt: skip
+    listed = {"chat": engine.topk("t", 20), "plain": engine.topk("theta", 20)}
+    checked = 0
+    for i, record in mixed.items():
+        assert record["error"] is None and record["teachers"] == {"chat": 0.5, "plain": 0.5}
+        ids = record["token_ids"]
+        p_theta = tokenize(engine.theta, engine.theta_model, text=PLAIN[i])
+
+        def mixed_topk(
+            context: list[int], i: int = i, ids: list[int] = ids, record: dict[str, Any] = record
+        ) -> rebuild.TopK:
+            done = context[len(prompts["chat"][i]) :]  # the generated part, after the chat prompt
+            tops = [listed[name](prompts[name][i] + done) for name in ("chat", "plain")]
+            for name, (t_ids, t_lp) in zip(("chat", "plain"), tops, strict=True):
+                pos = len(done)
+                if ids[pos] in t_ids:  # each teacher's value of the token is the engine's own
+                    got = record["logp_teachers"][name][pos]
+                    assert abs(got - t_lp[t_ids.index(ids[pos])]) < 1e-4, (name, pos)
+            m_ids, m_lp = reference.mix_teachers([np.array(t[0]) for t in tops], [np.array(t[1]) for t in tops],
+                                                 [0.5, 0.5])  # fmt: skip
+            keep = m_ids[0] >= 0
+            return m_ids[0][keep].tolist(), m_lp[0][keep].tolist()
+
+        checked += rebuild.check_record(
+            ids, p_theta, prompts["chat"][i], record["alpha"], record["logq"], record["logp_theta"], record["logp_t"],
+            engine.topk("theta", 20), mixed_topk, tol=1e-4,
+        )  # fmt: skip
+    return checked

@@ -113,3 +113,7 @@ def test_vllm_base_with_an_sglang_teacher(engine: Engine, models: Path) -> None:
             assert out.logp_t_exact is not None and out.logp_theta_exact is not None
         checks.check_records(mixed, outs, stats, _stop_ids(engine))
     assert coord.info is not None and [i.dialect for i in coord.info] == ["vllm-completions", "sglang"]
+
+
+def test_several_teachers_route_and_mix(engine: Engine) -> None:
+    assert checks.check_several_teachers(engine, "sglang") > 0

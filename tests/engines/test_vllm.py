@@ -158,3 +158,8 @@ def test_request_ids_and_prompt_tokens_are_echoed(engine: Engine) -> None:
 def test_top_k_over_the_vocabulary_is_refused(engine: Engine) -> None:
     with pytest.raises(ConfigurationError):
         checks.run(engine.theta, engine.teacher, top_k=100_000)
+
+
+@pytest.mark.parametrize("dialect", ["vllm-completions", "vllm-generate"])
+def test_several_teachers_route_and_mix(engine: Engine, dialect: str) -> None:
+    assert checks.check_several_teachers(engine, dialect) > 0
