@@ -19,10 +19,11 @@ EXPECTED = {
     "one_call.py": "->",
     "speculation.py": "tokens per round",
     "export_trainers.py": "axolotl-kd refused",
+    "several_teachers.py": "per teacher: chat=0.5,math=0.5",
 }
 # Examples that need servers started their own way (they start them when given no URLs):
 # slow, for the servers they start and the rounds they run.
-OWN_SERVERS = {"speculation.py"}
+OWN_SERVERS = {"speculation.py", "several_teachers.py"}
 
 
 @pytest.mark.parametrize(

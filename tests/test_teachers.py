@@ -229,23 +229,35 @@ def test_a_mixture_with_one_teacher_at_weight_one_is_that_teacher(
     assert stats["teachers"]["math"]["requests"] == before["teachers"]["math"]["requests"]
 
 
-def test_mixture_records_follow_the_numpy_reference(urls: tuple[str, str], math_teachers: dict) -> None:
+@pytest.mark.parametrize("temperatures", [(None, None), (0.8, 1.25)])
+def test_mixture_records_follow_the_numpy_reference(
+    urls: tuple[str, str], math_teachers: dict, temperatures: tuple[float | None, float | None]
+) -> None:
     """Every token of a 0.3/0.7 mixture, recomputed from the servers' own lists by the
-    numpy twins of the mixture and the step: the same token, α and log q* to 1e-9."""
+    numpy twins of the mixture and the step: the same token, α and log q* to 1e-9.
+    Teachers with their own temperatures τ_i are the mixture at weights ∝ w_i/τ_i
+    tempered by 1/Σ(w_i/τ_i)."""
     from dualsample_rs import reference
     from dualsample_rs.backends import Context
 
     weights = {"chat": 0.3, "math": 0.7}
     # No stop ids: every record runs its 12 tokens.
-    teachers = {"chat": TeacherSettings(urls[1], chat=True), "math": TeacherSettings(math_teachers["vllm"])}
+    teachers = {
+        "chat": TeacherSettings(urls[1], chat=True, temperature=temperatures[0]),
+        "math": TeacherSettings(math_teachers["vllm"], temperature=temperatures[1]),
+    }
     config = CoordinatorConfig(theta_url=urls[0], teachers=teachers, seed=13, top_k=8, stop_token_ids=())
     work = mix_items(3, weights)
+    mixed_weights, tau = list(weights.values()), 1.0
+    if temperatures[0] is not None and temperatures[1] is not None:
+        scaled = [w / t for w, t in zip(weights.values(), temperatures, strict=True)]
+        mixed_weights, tau = [x / sum(scaled) for x in scaled], 1 / sum(scaled)
 
     async def go() -> int:
         checked = 0
         async with DualVLLMCoordinator(config) as coord:
             outs = [o async for _, o in coord.iter_generate(work, 12, show_progress=False)]
-            sampler = config.sampler_config(coord.exclude_ids)
+            sampler = config.replace(temperature_t=tau).sampler_config(coord.exclude_ids)
             lanes = [coord.lanes["chat"].replicas, coord.lanes["math"].replicas]
             for out in outs:
                 item = work[int(out.id[1:])]
@@ -261,9 +273,7 @@ def test_mixture_records_follow_the_numpy_reference(urls: tuple[str, str], math_
                     done = out.token_ids[:j]
                     base = await coord.base.topk([Context(prompt_base + done)], 8)
                     tops = [await lane.topk([Context(p + done)], 8) for lane, p in zip(lanes, prompts_t, strict=True)]
-                    ids, logp = reference.mix_teachers(
-                        [t.ids for t in tops], [t.logp for t in tops], list(weights.values())
-                    )
+                    ids, logp = reference.mix_teachers([t.ids for t in tops], [t.logp for t in tops], mixed_weights)
                     ref = reference.step(base.ids, base.logp, ids, logp, config=sampler, seed=13,
                                          positions=[j], row_keys=[item.key], force_teacher=[j == 0])  # fmt: skip
                     assert int(ref.token_id[0]) == token
@@ -281,22 +291,21 @@ def test_mixture_records_follow_the_numpy_reference(urls: tuple[str, str], math_
 
 
 def test_mixture_refusals(urls: tuple[str, str]) -> None:
-    teachers = {"a": urls[1], "b": TeacherSettings(urls[1], temperature=0.5)}
+    two = {"a": urls[1], "c": urls[1]}
     with pytest.raises(ConfigurationError, match=r"mix: .*speculative"):
-        CoordinatorConfig(teachers={"a": urls[1], "c": urls[1]}, mix={"a": 0.5, "c": 0.5}, speculate=2)
+        CoordinatorConfig(teachers=two, mix={"a": 0.5, "c": 0.5}, speculate=2)
     with pytest.raises(ConfigurationError, match=r"mix: .*exact"):
-        CoordinatorConfig(teachers={"a": urls[1], "c": urls[1]}, mix={"a": 0.5, "c": 0.5}, scoring="exact")
-    with pytest.raises(ConfigurationError, match="share one temperature"):
-        CoordinatorConfig(teachers=teachers, mix={"a": 0.5, "b": 0.5})
-    # Per record: the record fails, the others go on.
-    config = CoordinatorConfig(theta_url=urls[0], teachers=teachers, seed=1)
-    work = [*mix_items(1, {"a": 0.5, "b": 0.5}), *mix_items(2, {"a": 0.5, "z": 0.5})[1:], *items([None, "b"])[0:1]]
-    work[-1].id, work[-1].key = "q9", stable_key("q9")
-    got, stats = generate(config, work)
-    assert "share one temperature" in got["q0"]["error"]
-    assert "unknown teacher 'z'" in got["q1"]["error"] and "teachers" in got["q1"]["error"]
-    assert got["q9"]["finish_reason"] != "error"
-    assert stats["errors"] == 2
+        CoordinatorConfig(teachers=two, mix={"a": 0.5, "c": 0.5}, scoring="exact")
+    # Per record: a mixture that names an unknown teacher, or that the run cannot sample,
+    # fails its own record; the others go on.
+    work = [*mix_items(1, {"a": 0.5, "z": 0.5}), WorkItem(stable_key("q9"), PLAIN[0], QUESTIONS[0], "q9", teacher="c")]
+    got, stats = generate(CoordinatorConfig(theta_url=urls[0], teachers=two, seed=1), work)
+    assert "teachers: unknown teacher 'z'" in got["q0"]["error"]
+    assert got["q9"]["finish_reason"] != "error" and stats["errors"] == 1
+    work = [*mix_items(1, {"a": 0.5, "c": 0.5}), work[1]]
+    got, stats = generate(CoordinatorConfig(theta_url=urls[0], teachers=two, seed=1, scoring="exact"), work)
+    assert "scoring topk, not exact" in got["q0"]["error"]
+    assert got["q9"]["finish_reason"] != "error" and stats["errors"] == 1
 
 
 @pytest.mark.slow

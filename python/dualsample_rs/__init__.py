@@ -6,9 +6,19 @@ GIL released; :mod:`dualsample_rs.reference` holds the same functions in numpy.
 
 from __future__ import annotations
 
-from ._core import SamplerConfig, StepResult, __version__, build_profile, merge_topk, mix, solve_alpha, step
+from ._core import (
+    SamplerConfig,
+    StepResult,
+    __version__,
+    build_profile,
+    merge_topk,
+    mix,
+    mix_teachers,
+    solve_alpha,
+    step,
+)
 from .backends import SGLangBackend, VLLMCompletionsBackend, VLLMGenerateBackend
-from .config import CoordinatorConfig, EnhancedCoordinatorConfig
+from .config import CoordinatorConfig, EnhancedCoordinatorConfig, TeacherSettings
 from .coordinator import DualVLLMCoordinator, EnhancedDualVLLMCoordinator, generate_with_dual_prompts
 from .exceptions import (
     APIConnectionError,
@@ -22,6 +32,7 @@ from .exceptions import (
     InvalidResponseError,
 )
 from .output import GenerationOutput
+from .sequence import WorkItem, stable_key
 
 # The vLLM completions backend under its earlier name.
 VLLMClient = VLLMCompletionsBackend
@@ -44,14 +55,18 @@ __all__ = [
     "SGLangBackend",
     "SamplerConfig",
     "StepResult",
+    "TeacherSettings",
     "VLLMClient",
     "VLLMCompletionsBackend",
     "VLLMGenerateBackend",
+    "WorkItem",
     "__version__",
     "build_profile",
     "generate_with_dual_prompts",
     "merge_topk",
     "mix",
+    "mix_teachers",
     "solve_alpha",
+    "stable_key",
     "step",
 ]

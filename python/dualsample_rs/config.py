@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -253,6 +254,11 @@ class SamplerSettings:
         except InvalidInputError as err:
             raise ConfigurationError(str(err)) from err
 
+    @property
+    def teacher_temperature(self) -> float:
+        """The temperature the teacher's log probabilities are divided by."""
+        return self.temperature if self.temperature_t is None else self.temperature_t
+
     def kernel_config(self, exclude_ids: tuple[int, ...] = (), diagnostics: bool = False) -> SamplerConfig:
         """The Rust step's settings, with the ids never sampled and whether to report
         divergences. The stability thresholds reach it only with ``auto_fallback`` (else
@@ -353,18 +359,25 @@ def mix_weights(value: Any, names: tuple[str, ...], where: str) -> tuple[tuple[s
     return tuple((name, float(value[name])) for name in names if name in value)
 
 
-def mixture_problem(config: CoordinatorConfig, names: list[str]) -> str | None:
-    """Why a run cannot sample from a mixture of these teachers (None: it can)."""
+def mixture_problem(config: CoordinatorConfig) -> str | None:
+    """Why a run cannot sample from mixtures of teachers (None: it can)."""
     if config.run.speculate:
         return "a mixture of teachers cannot run with speculative rounds (speculate): drafts come from one teacher"
     if config.run.scoring == "exact":
         return "a mixture of teachers runs with scoring topk, not exact"
-    teachers = dict(config.teachers)
-    temperatures = {teachers[name].temperature for name in names}
-    if len(temperatures) > 1:
-        have = sorted(map(str, temperatures))
-        return f"the teachers of a mixture share one temperature; {', '.join(names)} have {have}"
     return None
+
+
+def tempered_mixture(weights: list[float], temperatures: list[float]) -> tuple[list[float], float]:
+    """Teachers at weights w_i with their own temperatures τ_i, as one temperature for the
+    mixed teacher: Σ w_i log π_i / τ_i = (Σ w_i′ log π_i) / τ with w_i′ ∝ w_i / τ_i and
+    τ = 1 / Σ (w_i / τ_i) (docs/design.md, section 1.4.1). Equal temperatures keep the
+    weights as given, bit for bit."""
+    if len(set(temperatures)) == 1:
+        return weights, temperatures[0]
+    scaled = [w / t for w, t in zip(weights, temperatures, strict=True)]
+    total = math.fsum(scaled)
+    return [s / total for s in scaled], 1.0 / total
 
 
 @dataclass(frozen=True)
@@ -596,7 +609,7 @@ class CoordinatorConfig:
             value = dataclasses.replace(parts[name], **changed) if changed else parts[name]
             object.__setattr__(self, name, value)
         if self.mix is not None:
-            problem = mixture_problem(self, [name for name, w in self.mix if w > 0])
+            problem = mixture_problem(self)
             if problem is not None:
                 raise ConfigurationError(f"mix: {problem}")
         if self.run.save_topk > self.sampler.top_k:

@@ -25,7 +25,14 @@ from typing import Any
 
 from .backends import Backend, Connection, Context, DialectBackend, RequestStats, backend_for, open_backend
 from .backends.replicas import ReplicaSet
-from .config import CoordinatorConfig, ServerSettings, TeacherSettings, mix_weights, mixture_problem
+from .config import (
+    CoordinatorConfig,
+    ServerSettings,
+    TeacherSettings,
+    mix_weights,
+    mixture_problem,
+    tempered_mixture,
+)
 from .exceptions import (
     APIConnectionError,
     APIError,
@@ -343,15 +350,24 @@ class DualVLLMCoordinator:
         return_diagnostics: bool = False,
         show_progress: bool = True,
         teacher_chat: bool = False,
+        teachers: Seq[str | dict[str, float] | None] | None = None,
     ) -> list[GenerationOutput]:
         """Generate with a different prompt per model (e.g. plain for the base, a chat
         template for the teacher: ``teacher_chat=True`` wraps each teacher prompt as a
-        user message through the teacher server's template). Outputs come in order."""
+        user message through the teacher server's template). Outputs come in order.
+
+        With named teachers, ``teachers[i]`` says where prompt i goes: a teacher's name, a
+        mixture ``{name: weight}``, or None (the run's mixture, else the default teacher)."""
         if len(prompts_theta) != len(prompts_t):
             raise InvalidInputError(f"prompts_t: {len(prompts_t)} prompts, but prompts_theta has {len(prompts_theta)}")
+        if teachers is not None and len(teachers) != len(prompts_theta):
+            raise InvalidInputError(f"teachers: {len(teachers)} entries, but prompts_theta has {len(prompts_theta)}")
+        routes = [None] * len(prompts_theta) if teachers is None else list(teachers)
         items = [
-            WorkItem(i, a, b, i, teacher_chat) for i, (a, b) in enumerate(zip(prompts_theta, prompts_t, strict=True))
-        ]
+            WorkItem(i, a, b, i, teacher_chat, teacher=r if not isinstance(r, dict) else None,
+                     mix=r if isinstance(r, dict) else None)
+            for i, (a, b, r) in enumerate(zip(prompts_theta, prompts_t, routes, strict=True))
+        ]  # fmt: skip
         outs: list[GenerationOutput | None] = [None] * len(items)
         async for index, out in self.iter_generate(items, max_tokens, temperature, return_diagnostics, show_progress):
             outs[index] = out
@@ -392,16 +408,18 @@ class DualVLLMCoordinator:
             """The round of one teacher's sequences, or of one mixture's."""
             if key in self.lanes:
                 lane = self.lanes[key]
-                lanes, ask = [lane], choose(self._lane_config(cfg, lane, temperature), self.base, lane.replicas,
-                                            lane.speculate)  # fmt: skip
+                lanes, lane_cfg = [lane], self._lane_config(cfg, lane, temperature)
+                ask = choose(lane_cfg, self.base, lane.replicas, lane.speculate)
                 stop, exclude, speculate = lane.stop_ids, lane.exclude_ids, lane.speculate
             else:
                 mix = self._mixtures[key]
                 lanes, stop, exclude, speculate = mix.lanes, mix.stop_ids, mix.exclude_ids, 0
-                members = {lane.name: (lane.replicas, w) for lane, w in zip(mix.lanes, mix.weights, strict=True)}
+                # Teachers with their own temperatures: reweighted, one temperature for the mix.
+                taus = [self._lane_config(cfg, lane, temperature).sampler.teacher_temperature for lane in lanes]
+                weights, tau = tempered_mixture(list(mix.weights), taus)
+                lane_cfg = cfg.replace(temperature_t=tau)
+                members = {lane.name: (lane.replicas, w) for lane, w in zip(lanes, weights, strict=True)}
                 ask = Mixed(self.base, members, cfg.sampler.top_k, cfg.sampler.missing)
-            # A mixture's teachers share one temperature (checked when it is named).
-            lane_cfg = self._lane_config(cfg, lanes[0], temperature)
             return Round(
                 ask,
                 lane_cfg,
@@ -541,7 +559,7 @@ class DualVLLMCoordinator:
         key = "mix:" + ",".join(f"{name}={w!r}" for name, w in weights)
         if key in self._mixtures:
             return self._mixtures[key]
-        problem = mixture_problem(cfg, [name for name, _ in weights])
+        problem = mixture_problem(cfg)
         if problem is not None:
             raise InvalidInputError(f"{where}: {problem}")
         lanes = [self.lanes[name] for name, _ in weights]
