@@ -54,10 +54,14 @@ _README_CASES = [
 
 
 @pytest.mark.parametrize("index", _README_CASES)
-def test_readme_python_blocks_run_as_written(urls: tuple[str, str], tmp_path: Path, index: int) -> None:
+def test_readme_python_blocks_run_as_written(
+    urls: tuple[str, str], math_teachers: dict[str, str], tmp_path: Path, index: int
+) -> None:
     """Each Python block of the README, run as it is written, with only the servers'
-    addresses pointed at the reference servers (in a folder with a prompts file)."""
+    addresses pointed at the reference servers (in a folder with a prompts file):
+    localhost:8000 the base, 8001 the teacher, 8002 the second teacher."""
     code = README_BLOCKS[index].replace("http://localhost:8000", urls[0]).replace("http://localhost:8001", urls[1])
+    code = code.replace("http://localhost:8002", math_teachers["vllm"])
     (tmp_path / "prompts.jsonl").write_text(
         "".join(json.dumps({"id": i, "prompt": f"Question: {q}\nAnswer:", "teacher_prompt": q}) + "\n"
                 for i, q in enumerate(["Why is the sky blue?", "What causes wind?"]))

@@ -175,8 +175,8 @@ def check_several_teachers(engine: Engine, dialect: str) -> int:
     from dualsample_rs.sequence import WorkItem, stable_key
 
     teachers = {
-        "chat": TeacherSettings(engine.teacher, model_name=engine.teacher_model, chat=True),
-        "plain": TeacherSettings(engine.theta, model_name=engine.theta_model),
+        "chat": TeacherSettings(engine.teacher, chat=True),
+        "plain": TeacherSettings(engine.theta),
     }
     route = ["chat", "plain", "plain", "chat"]
 
@@ -222,7 +222,7 @@ def check_several_teachers(engine: Engine, dialect: str) -> int:
                 if ids[pos] in t_ids:  # each teacher's value of the token is the engine's own
                     got = record["logp_teachers"][name][pos]
                     assert abs(got - t_lp[t_ids.index(ids[pos])]) < 1e-4, (name, pos)
-            m_ids, m_lp = reference.mix_teachers([np.array(t[0]) for t in tops], [np.array(t[1]) for t in tops],
+            m_ids, m_lp = reference.mix_teachers([np.array([t[0]]) for t in tops], [np.array([t[1]]) for t in tops],
                                                  [0.5, 0.5])  # fmt: skip
             keep = m_ids[0] >= 0
             return m_ids[0][keep].tolist(), m_lp[0][keep].tolist()
