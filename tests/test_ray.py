@@ -188,3 +188,36 @@ def test_sigterm_ends_a_ray_run_and_resume_without_ray_completes_it(urls: tuple[
     records = read_records(out)
     assert sorted(r["id"] for r in records) == sorted(reference)
     assert all(r == reference[r["id"]] for r in records)
+
+
+@pytest.mark.slow
+def test_map_batches_with_named_teachers_gives_the_single_process_records(
+    cluster: None, urls: tuple[str, str], math_teachers: dict[str, str], tmp_path: Path
+) -> None:
+    """Lines routed to two teachers and to a mixture, through Ray: the records of one
+    process, teacher and mixture fields included."""
+    import ray
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "single.jsonl"
+    routes: list[dict] = [{"teacher": "chat"}, {"teacher": "math"}, {"teachers": {"chat": 0.5, "math": 0.5}}, {}]
+    with inp.open("w") as f:
+        for i in range(12):
+            f.write(json.dumps({"id": f"q{i}", "prompt": f"Question {i}: why?\nAnswer:", **routes[i % 4]}) + "\n")
+    teachers = ("--teacher", f"chat={urls[1]}", "--teacher", f"math={math_teachers['vllm']}")
+    p = subprocess.run(
+        [sys.executable, "-m", "dualsample_rs", "generate", "--theta-url", urls[0], *teachers, "--input", str(inp),
+         "--output", str(out), "--max-tokens", "25", "--seed", "11", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    reference = {r["id"]: r for r in read_records(out)}
+    config = CoordinatorConfig(theta_url=urls[0], teachers={"chat": urls[1], "math": math_teachers["vllm"]}, seed=11)
+    mapped = ray.data.read_json(str(inp)).map_batches(
+        DualSample, fn_constructor_kwargs={"config": config, "max_tokens": 25, "actors": 2}, concurrency=2,
+        batch_size=5, num_cpus=0.25,
+    )  # fmt: skip
+    records = [record_from_row(r) for r in mapped.take_all()]
+    assert sorted(r["id"] for r in records) == sorted(reference)
+    assert all(r == reference[r["id"]] for r in records)
+    assert {reference[f"q{i}"].get("teacher") for i in range(4)} == {"chat", "math", None}
+    assert reference["q2"]["teachers"] == {"chat": 0.5, "math": 0.5}

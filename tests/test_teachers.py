@@ -344,3 +344,41 @@ def test_command_line_routing_mixtures_rescoring_and_parquet(
             for name in weights:  # listed values are the model's own
                 if record["observed_teachers"][name][j]:
                     assert record["logp_teachers"][name][j] == pytest.approx(exact[name][j], abs=1e-6)
+
+
+def test_own_prompt_field_teacher_field_and_default_teacher_on_the_command_line(
+    urls: tuple[str, str], math_teachers: dict, tmp_path: Path
+) -> None:
+    """A teacher that reads its prompt from a field of its own, lines routed by another
+    field, and a default teacher that is not the first."""
+    from dualsample_rs.cli import main
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    problem = "Ana has 3 apples and gets 4 more. How many apples does Ana have now?"
+    lines = [{"who": "math", "problem": problem}, {"who": "chat"}, {}]
+    with inp.open("w") as f:
+        for i, extra in enumerate(lines):
+            f.write(json.dumps({"id": i, "prompt": PLAIN[i], "teacher_prompt": QUESTIONS[i], **extra}) + "\n")
+    status = main(["generate", "--theta-url", urls[0], "--teacher", f"chat={urls[1]}", "--teacher",
+                   f"math={math_teachers['vllm']};prompt_field=problem;chat=yes", "--teacher-field", "who",
+                   "--default-teacher", "math", "--input", str(inp), "--output", str(out), "--max-tokens", "8",
+                   "--quiet"])  # fmt: skip
+    assert status == 0
+    records = {r["id"]: r for r in read_records(out)}
+    assert [records[i]["teacher"] for i in range(3)] == ["math", "chat", "math"]
+    assert records[0]["teacher_prompt"] == problem  # its own field
+    assert records[1]["teacher_prompt"] == QUESTIONS[1]
+    assert records[2]["teacher_prompt"] == QUESTIONS[2]  # no "problem" field: the teacher prompt
+
+
+def test_the_progress_line_counts_per_teacher(urls: tuple[str, str]) -> None:
+    config = CoordinatorConfig(theta_url=urls[0], teachers={"a": urls[1], "b": urls[1]}, seed=1)
+
+    async def go() -> dict[str, str]:
+        async with DualVLLMCoordinator(config) as coord:
+            async for _ in coord.iter_generate(items(["a", "b", "b"]), 4, show_progress=False):
+                pass
+            return coord._postfix()
+
+    shown = asyncio.run(go())
+    assert shown["a"] == "1" and shown["b"] == "2"

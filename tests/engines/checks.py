@@ -167,8 +167,9 @@ def check_saved_topk(engine: Engine, outs: list[GenerationOutput], n: int, top_k
 def check_several_teachers(engine: Engine, dialect: str) -> int:
     """Two named teachers on the engine: its teacher (in its chat template) and its base
     model as a second teacher (plain). Records routed to each are the records a run with
-    that teacher alone gives; a 0.5/0.5 mixture is rebuilt position by position from the
-    engine's own lists mixed by the numpy twin. Returns the positions rebuilt."""
+    that teacher alone gives (on SGLang, the same tokens); a 0.5/0.5 mixture is rebuilt
+    position by position from the engine's own lists mixed by the numpy twin. Returns the
+    positions rebuilt."""
     import numpy as np
     from dualsample_rs import reference
     from dualsample_rs.config import TeacherSettings
@@ -196,7 +197,14 @@ def check_several_teachers(engine: Engine, dialect: str) -> int:
     for name in teachers:
         alone = generate({name: teachers[name]}, [i for i in items() if i.teacher == name])
         for key, record in alone.items():
-            assert both[key] == record, (name, key)
+            if engine.kind == "vllm":
+                assert both[key] == record, (name, key)
+                continue
+            # SGLang's numbers move with the batch it forms (a run with two teachers sends
+            # the base more at once): the same tokens, the numbers within 1e-4.
+            assert both[key]["token_ids"] == record["token_ids"], (name, key)
+            for field in ("alpha", "logq", "logp_theta", "logp_t"):
+                assert max(abs(a - b) for a, b in zip(both[key][field], record[field], strict=True)) < 1e-4
     assert all(r["error"] is None for r in both.values())
 
     mixed = generate(teachers, items({"chat": 0.5, "plain": 0.5}))
