@@ -66,7 +66,7 @@ def test_tokens_per_second(benchmark, slow_servers: tuple[str, tuple[str, str]],
         assert _generate(config, prompts, routes, []) == RECORDS * TOKENS
         walls.append(time.perf_counter() - t0)
 
-    benchmark.pedantic(run, rounds=2, iterations=1)
+    benchmark.pedantic(run, rounds=3, iterations=1)
     benchmark.extra_info["tokens_per_second"] = RECORDS * TOKENS / min(walls)
 
 
@@ -84,6 +84,6 @@ def test_coordinator_cpu(benchmark, fakes: tuple[str, tuple[str, str]], shape: s
     routes = (routes * 2)[:n]
     prompts = [[65 + i % 26] * 40 for i in range(n)]
     cpu: list[float] = []
-    steps = benchmark.pedantic(lambda: _generate(config, prompts, routes, cpu), rounds=2, iterations=1)
+    steps = benchmark.pedantic(lambda: _generate(config, prompts, routes, cpu), rounds=3, iterations=1)
     assert steps == n * TOKENS
     benchmark.extra_info["us_per_sequence_step"] = 1e6 * min(cpu) / steps

@@ -382,3 +382,19 @@ def test_the_progress_line_counts_per_teacher(urls: tuple[str, str]) -> None:
 
     shown = asyncio.run(go())
     assert shown["a"] == "1" and shown["b"] == "2"
+
+
+def test_the_base_is_asked_once_a_step_for_every_teacher(urls: tuple[str, str], math_teachers: dict) -> None:
+    """Eight records, half to each of two teachers: the base gets one request a step
+    (beyond start-up's), each teacher one a step too."""
+    common = {"theta_url": urls[0], "stop_token_ids": (), "seed": 2}
+    two = CoordinatorConfig(teachers={"chat": urls[1], "math": math_teachers["vllm"]}, **common)
+    _, idle = generate(two, [])  # start-up's requests alone
+    _, routed = generate(two, items(["chat", "math"] * 4))
+    steps = routed["steps"]
+    assert 24 <= steps <= 26  # 24 tokens; a step or two before all eight have joined
+    # Beyond start-up: a step's top-k, and per record its prompt tokenised and its text
+    # detokenised (the base), or its prompt tokenised (its teacher).
+    assert routed["requests_theta"] - idle["requests_theta"] == steps + 2 * 8
+    for name in ("chat", "math"):
+        assert routed["teachers"][name]["requests"] - idle["teachers"][name]["requests"] <= steps + 4

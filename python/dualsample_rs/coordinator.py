@@ -432,7 +432,7 @@ class DualVLLMCoordinator:
             )
 
         rounds = {name: round_for(name) for name in self.lanes}
-        advance = Routed(rounds, round_for)
+        advance = Routed(rounds, round_for, self.base, cfg.sampler.top_k, self.stats)
         if total is None:
             items = list(items)
             total = len(items)

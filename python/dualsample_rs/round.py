@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .backends import TopK
+from .backends import Backend, TopK
 from .config import CoordinatorConfig
 from .exceptions import APIError, BadRequestError, DualSampleError, InvalidInputError
 from .output import DIAGNOSTIC_NAMES, GenerationOutput
 from .reference import unlisted_bound
 from .sequence import Sequence
 from .statistics import Statistics
-from .strategies import Bundle, Strategy
+from .strategies import BothTopK, Bundle, Mixed, SharedBase, Strategy
 
 _COLUMNS = ("token_id", "alpha", "logp_theta", "logp_t", "logq", "observed_theta", "observed_t", "fallback")
 
@@ -93,10 +93,13 @@ class Routed:
     the batch in its own round, all at once (so each teacher gets one batched request,
     in parallel with the others, and one that is down fails only its own sequences)."""
 
-    def __init__(self, rounds: dict[str, Round], make: Callable[[str], Round]) -> None:
-        self.rounds, self.make = rounds, make
+    def __init__(
+        self, rounds: dict[str, Round], make: Callable[[str], Round], base: Backend, top_k: int, stats: Statistics
+    ) -> None:
+        self.rounds, self.make, self.base, self.top_k, self.stats = rounds, make, base, top_k, stats
 
     async def __call__(self, batch: list[Sequence]) -> None:
+        self.stats.steps += 1  # one step of a batch, whatever its teachers
         groups: dict[str, list[Sequence]] = {}
         for seq in batch:
             groups.setdefault(seq.teacher, []).append(seq)
@@ -107,7 +110,17 @@ class Routed:
             key, rows = next(iter(groups.items()))
             await self.rounds[key](rows)
             return
-        await asyncio.gather(*(self.rounds[key](rows) for key, rows in groups.items()))
+        # Where every share asks the base for its top-k beside its teacher, the base is
+        # asked once for the whole batch.
+        rounds = [self.rounds[key] for key in groups]
+        shared = None
+        if all(r.shares_base for r in rounds):
+            shared = SharedBase(self.base, batch, self.top_k)
+        try:
+            await asyncio.gather(*(r(rows, shared) for r, rows in zip(rounds, groups.values(), strict=True)))
+        finally:
+            if shared is not None:
+                await shared.close()
 
 
 class Round:
@@ -142,14 +155,21 @@ class Round:
         self.max_model_len = max_model_len
         self.stats, self.diagnostics = stats, diagnostics
 
-    async def __call__(self, batch: list[Sequence]) -> None:
+    @property
+    def shares_base(self) -> bool:
+        """Whether its strategy asks the base for its top-k at the next position, beside
+        the teacher (so a batch's base request can be shared, `SharedBase`)."""
+        return isinstance(self.ask, BothTopK | Mixed) and not self.speculate
+
+    async def __call__(self, batch: list[Sequence], shared: SharedBase | None = None) -> None:
         """One round for every sequence in `batch`; failures become per-sequence errors
         (a rejected request is split to find the sequences it was rejected for, and rows
-        the kernel refuses, for bad data from a server, are isolated the same way)."""
+        the kernel refuses, for bad data from a server, are isolated the same way).
+        `shared`: the base's top-k for a batch holding these sequences."""
 
         async def attempt(start: int, stop: int) -> None:
             rows = batch[start:stop]
-            bundle = await self.ask(rows, [self._length(s) for s in rows])
+            bundle = await self.ask(rows, [self._length(s) for s in rows], shared)
 
             async def apply(a: int, b: int) -> None:
                 self.apply(rows[a:b], bundle.rows(a, b))
@@ -184,7 +204,6 @@ class Round:
         spec, stats = bool(self.speculate), self.stats
         accepted = drawn.res.accepted.tolist()
         emitted = np.zeros(len(positions), dtype=bool)
-        stats.steps += 1
         offset = 0
         for seq, n in zip(rows, lengths, strict=True):
             # Speculative runs record each token's round and whether it was a draft kept.

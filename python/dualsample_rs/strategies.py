@@ -29,6 +29,7 @@ import numpy as np
 from . import _core
 from .backends import Backend, Positions, TopK
 from .config import CoordinatorConfig
+from .exceptions import BadRequestError
 from .sequence import Sequence
 
 
@@ -62,14 +63,50 @@ class Bundle:
         )
 
 
+class SharedBase:
+    """The base's top-k at the next position of every sequence of a batch, asked in one
+    request and shared by the rounds of the batch's teachers (docs/design.md, 3.2.1)."""
+
+    def __init__(self, base: Backend, batch: list[Sequence], top_k: int) -> None:
+        self.index = {id(s): i for i, s in enumerate(batch)}
+        self.task = asyncio.ensure_future(base.topk([s.ctx_base for s in batch], top_k))
+
+    async def rows(self, rows: list[Sequence]) -> TopK | None:
+        """The shared reply's rows for `rows`; None when some are not in it, or when the
+        server refused the request (each share then asks alone, so that the sequence it
+        was refused for is found)."""
+        at = [self.index.get(id(s)) for s in rows]
+        if any(i is None for i in at):
+            return None
+        try:
+            top = await asyncio.shield(self.task)
+        except BadRequestError:
+            return None
+        pick = np.array(at, dtype=np.int64)
+        return TopK(top.ids[pick], top.logp[pick])
+
+    async def close(self) -> None:
+        """Cancel the request if no share waited for it, else collect its error."""
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def _base_topk(base: Backend, rows: list[Sequence], top_k: int, shared: SharedBase | None) -> TopK:
+    """The base's top-k for `rows`: from the batch's shared request where it has them."""
+    got = None if shared is None else await shared.rows(rows)
+    return got if got is not None else await base.topk([s.ctx_base for s in rows], top_k)
+
+
 class Strategy(Protocol):
     """Asks both servers for a round's rows."""
 
     #: it asks the teacher, then the base (two workers or more keep both busy)
     serial: bool
 
-    async def __call__(self, rows: list[Sequence], lengths: list[int]) -> Bundle:
-        """The rows for ``lengths[s]`` positions of each sequence ``rows[s]``."""
+    async def __call__(self, rows: list[Sequence], lengths: list[int], shared: SharedBase | None = None) -> Bundle:
+        """The rows for ``lengths[s]`` positions of each sequence ``rows[s]`` (`shared`:
+        the base's answer for the whole batch, which strategies that ask the base for its
+        top-k at the next position may use instead of asking it)."""
         ...
 
 
@@ -107,9 +144,9 @@ class BothTopK:
     def __init__(self, base: Backend, teacher: Backend, top_k: int) -> None:
         self.base, self.teacher, self.top_k = base, teacher, top_k
 
-    async def __call__(self, rows: list[Sequence], lengths: list[int]) -> Bundle:
+    async def __call__(self, rows: list[Sequence], lengths: list[int], shared: SharedBase | None = None) -> Bundle:
         got = await asyncio.gather(
-            self.base.topk([s.ctx_base for s in rows], self.top_k),
+            _base_topk(self.base, rows, self.top_k, shared),
             self.teacher.topk([s.ctx_teacher for s in rows], self.top_k),
             return_exceptions=True,
         )
@@ -139,8 +176,8 @@ class Mixed:
     ) -> None:
         self.base, self.teachers, self.top_k, self.missing = base, teachers, top_k, missing
 
-    async def __call__(self, rows: list[Sequence], lengths: list[int]) -> Bundle:
-        asks = [self.base.topk([s.ctx_base for s in rows], self.top_k)]
+    async def __call__(self, rows: list[Sequence], lengths: list[int], shared: SharedBase | None = None) -> Bundle:
+        asks = [_base_topk(self.base, rows, self.top_k, shared)]
         for i, (backend, _) in enumerate(self.teachers.values()):
             asks.append(backend.topk([s.ctx_teacher if i == 0 else s.more_teachers[i - 1] for s in rows], self.top_k))
         got = await asyncio.gather(*asks, return_exceptions=True)
@@ -164,7 +201,7 @@ class TeacherThenBase:
     def __init__(self, base: Backend, teacher: Backend, top_k: int) -> None:
         self.base, self.teacher, self.top_k = base, teacher, top_k
 
-    async def __call__(self, rows: list[Sequence], lengths: list[int]) -> Bundle:
+    async def __call__(self, rows: list[Sequence], lengths: list[int], shared: SharedBase | None = None) -> Bundle:
         teacher = await self.teacher.topk([s.ctx_teacher for s in rows], self.top_k)
         scores = await self.base.score([s.ctx_base for s in rows], teacher.ids)
         return Bundle(np.ones(len(rows), dtype=np.int64), TopK(teacher.ids, scores), teacher, None, True)
@@ -181,7 +218,7 @@ class DraftThenVerify:
         self.base, self.teacher, self.top_k = base, teacher, top_k
         self.score_candidates = score_candidates
 
-    async def __call__(self, rows: list[Sequence], lengths: list[int]) -> Bundle:
+    async def __call__(self, rows: list[Sequence], lengths: list[int], shared: SharedBase | None = None) -> Bundle:
         # Each backend's reader checks that the reply has the positions asked for.
         drafted = await self.teacher.draft([s.ctx_teacher for s in rows], lengths, self.top_k)
         contexts = [s.ctx_base for s in rows]
