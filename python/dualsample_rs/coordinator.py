@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import AsyncIterator, Iterable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 from typing import Any
 
 from .backends import Backend, Connection, Context, DialectBackend, RequestStats, backend_for, open_backend
@@ -28,9 +27,6 @@ from .backends.replicas import ReplicaSet
 from .config import (
     CoordinatorConfig,
     ServerSettings,
-    TeacherSettings,
-    mix_weights,
-    mixture_problem,
     tempered_mixture,
 )
 from .exceptions import (
@@ -49,6 +45,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence, WorkItem, stable_key
 from .statistics import Statistics
 from .strategies import Mixed, choose, scored_ids, speculation_problem
+from .teachers import Lane, Mixture, Routes
 
 log = logging.getLogger("dualsample_rs")
 
@@ -58,44 +55,6 @@ STARTUP_RETRIES = 8
 SPECULATION_WORKERS = 8
 
 __all__ = ["DualVLLMCoordinator", "EnhancedDualVLLMCoordinator", "WorkItem", "generate_with_dual_prompts", "stable_key"]
-
-
-@dataclass
-class Lane:
-    """One teacher of a run: its settings, replicas, what its handshake found, and the
-    stop ids, excluded ids and speculation in effect for its sequences."""
-
-    name: str
-    settings: TeacherSettings
-    replicas: ReplicaSet
-    info: ServerInfo
-    stop_ids: tuple[int, ...] = ()
-    exclude_ids: tuple[int, ...] = ()
-    speculate: int | str = 0
-
-    @property
-    def key(self) -> str:
-        """What the rounds know its sequences by."""
-        return self.name
-
-    @property
-    def lanes(self) -> list[Lane]:
-        return [self]
-
-
-@dataclass
-class Mixture:
-    """A mixture of teachers some records are sampled from: its teachers (weight > 0) in
-    the run's order with their weights, and the stop and excluded ids of any of them."""
-
-    key: str
-    lanes: list[Lane]
-    weights: tuple[float, ...]
-    stop_ids: tuple[int, ...]
-    exclude_ids: tuple[int, ...]
-
-    def weights_by_name(self) -> dict[str, float]:
-        return {lane.name: w for lane, w in zip(self.lanes, self.weights, strict=True)}
 
 
 class DualVLLMCoordinator:
@@ -136,9 +95,7 @@ class DualVLLMCoordinator:
         )
         self._base: ReplicaSet | None = None
         #: per teacher by name (the unnamed one under ""): its replicas and what start-up found
-        self.lanes: dict[str, Lane] = {}
-        #: the mixtures records have named so far, by key
-        self._mixtures: dict[str, Mixture] = {}
+        self.routes: Routes | None = None
         self.default_teacher = self.config.default_teacher or next(iter(teachers))
         self.stats = Statistics()
         #: what the handshake found: (base, default teacher)
@@ -183,6 +140,12 @@ class DualVLLMCoordinator:
         await asyncio.gather(*(conn.close() for conns in self._connections for conn in conns))
 
     @property
+    def lanes(self) -> dict[str, Lane]:
+        """Each teacher's lane by name (the unnamed one under ""): its replicas and what
+        start-up found (empty before `start`)."""
+        return {} if self.routes is None else self.routes.lanes
+
+    @property
     def base(self) -> ReplicaSet:
         """The base model's replicas, in their dialect (after `start`)."""
         return self._started()[0]
@@ -196,6 +159,11 @@ class DualVLLMCoordinator:
     def teacher(self) -> ReplicaSet:
         """The (default) teacher's replicas, in their dialect (after `start`)."""
         return self._started()[1]
+
+    def _routes(self) -> Routes:
+        if self.routes is None:
+            raise DualSampleError("the coordinator has not started: use it with `async with`, or await start()")
+        return self.routes
 
     def _started(self) -> tuple[ReplicaSet, ReplicaSet]:
         if self._base is None:
@@ -225,8 +193,10 @@ class DualVLLMCoordinator:
             raise next(g for g in got if isinstance(g, BaseException))
         theta, info_a = started[0]
         self._base = theta
+        lanes: dict[str, Lane] = {}
+        self.routes = Routes(cfg, lanes, self.default_teacher)
         for name, (replicas, info_b) in zip(self._teacher_settings, started[1:], strict=True):
-            self.lanes[name] = lane = Lane(name, self._teacher_settings[name], replicas, info_b)
+            lanes[name] = lane = Lane(name, self._teacher_settings[name], replicas, info_b)
             try:
                 agree(info_a, info_b)
             except ConfigurationError as err:
@@ -242,7 +212,7 @@ class DualVLLMCoordinator:
                 )
             lane.speculate = cfg.run.speculate
             if cfg.run.speculate:
-                problem = await speculation_problem(self._lane_config(cfg, lane, 1.0), theta, replicas)
+                problem = await speculation_problem(lane.config(cfg, 1.0), theta, replicas)
                 if problem is not None:
                     log.warning("speculative rounds are off, one token per step%s: %s",
                                 f" (teacher {name!r})" if name else "", problem)  # fmt: skip
@@ -257,14 +227,6 @@ class DualVLLMCoordinator:
             self.stop_ids,
             self.exclude_ids,
         )
-
-    @staticmethod
-    def _lane_config(cfg: CoordinatorConfig, lane: Lane, temperature: float) -> CoordinatorConfig:
-        """The run's settings for one teacher's sequences: its own temperature, if it has
-        one (times the call's `temperature`)."""
-        if lane.settings.temperature is None:
-            return cfg
-        return cfg.replace(temperature_t=lane.settings.temperature * temperature)
 
     async def _start_model(
         self, connections: list[Connection], server: ServerSettings, retries: int, scored: int
@@ -406,17 +368,17 @@ class DualVLLMCoordinator:
 
         def round_for(key: str) -> Round:
             """The round of one teacher's sequences, or of one mixture's."""
-            if key in self.lanes:
-                lane = self.lanes[key]
-                lanes, lane_cfg = [lane], self._lane_config(cfg, lane, temperature)
+            route = self._routes()[key]
+            if isinstance(route, Lane):
+                lane = route
+                lanes, lane_cfg = [lane], lane.config(cfg, temperature)
                 ask = choose(lane_cfg, self.base, lane.replicas, lane.speculate)
                 stop, exclude, speculate = lane.stop_ids, lane.exclude_ids, lane.speculate
             else:
-                mix = self._mixtures[key]
-                lanes, stop, exclude, speculate = mix.lanes, mix.stop_ids, mix.exclude_ids, 0
+                lanes, stop, exclude, speculate = route.lanes, route.stop_ids, route.exclude_ids, 0
                 # Teachers with their own temperatures: reweighted, one temperature for the mix.
-                taus = [self._lane_config(cfg, lane, temperature).sampler.teacher_temperature for lane in lanes]
-                weights, tau = tempered_mixture(list(mix.weights), taus)
+                taus = [lane.config(cfg, temperature).sampler.teacher_temperature for lane in lanes]
+                weights, tau = tempered_mixture(list(route.weights), taus)
                 lane_cfg = cfg.replace(temperature_t=tau)
                 members = {lane.name: (lane.replicas, w) for lane, w in zip(lanes, weights, strict=True)}
                 ask = Mixed(self.base, members, cfg.sampler.top_k, cfg.sampler.missing)
@@ -523,8 +485,8 @@ class DualVLLMCoordinator:
 
     async def _prepare(self, index: int, item: WorkItem, max_tokens: int) -> Sequence:
         where = f"{item.where}, " if item.where else ""
-        route = self._route(item, where)
-        lanes = route.lanes if isinstance(route, Mixture) else [route]
+        route = self._routes().route(item, where)
+        lanes = route.lanes
         assert self.info is not None
         ids_base, *ids_teachers = await asyncio.gather(
             self._tokens(self.base, item.prompt, False, where + "prompt", self.info[0]),
@@ -549,55 +511,12 @@ class DualVLLMCoordinator:
         return Sequence(item, index, Context(ids_base), ctx[0], max_tokens, out, len(ids_base), len(ids_teachers[0]),
                         teacher=route.key, more_teachers=ctx[1:])  # fmt: skip
 
-    def _mixture(self, value: Any, where: str) -> Mixture:
-        """The mixture of teachers `value` names ({name: weight}), checked; teachers at
-        weight 0 take no part."""
-        cfg = self.config
-        if not cfg.teachers:
-            raise InvalidInputError(f"{where}: a mixture needs named teachers (--teacher NAME=URL)")
-        weights = [(name, w) for name, w in mix_weights(value, tuple(self.lanes), where) if w > 0]
-        key = "mix:" + ",".join(f"{name}={w!r}" for name, w in weights)
-        if key in self._mixtures:
-            return self._mixtures[key]
-        problem = mixture_problem(cfg)
-        if problem is not None:
-            raise InvalidInputError(f"{where}: {problem}")
-        lanes = [self.lanes[name] for name, _ in weights]
-        mix = Mixture(
-            key,
-            lanes,
-            tuple(w for _, w in weights),
-            tuple(sorted({i for lane in lanes for i in lane.stop_ids})),
-            tuple(sorted({i for lane in lanes for i in lane.exclude_ids})),
-        )
-        self._mixtures[key] = mix
-        return mix
-
-    def _route(self, item: WorkItem, where: str) -> Lane | Mixture:
-        """The teacher or mixture a record names (else the run's mixture, else the default
-        teacher); an unknown name, or a mixture the run cannot sample, fails the record."""
-        if item.mix is not None:
-            return self._mixture(item.mix, f"{where}teachers")
-        name = item.teacher
-        if name is None:
-            if self.config.mix is not None:
-                return self._mixture(dict(self.config.mix), "mix")
-            return self.lanes[self.default_teacher]
-        if not self.config.teachers:
-            raise InvalidInputError(f"{where}teacher: the record names teacher {name!r}, but the run has one "
-                                    "unnamed teacher (name them with --teacher NAME=URL)")  # fmt: skip
-        if not isinstance(name, str) or name not in self.lanes:
-            raise InvalidInputError(
-                f"{where}teacher: unknown teacher {name!r}; the run's teachers: {', '.join(self.lanes)}"
-            )
-        return self.lanes[name]
-
     async def _finish(self, seq: Sequence) -> None:
         """Summaries, the text, and (with `rescore`) each token's exact log probabilities."""
         out = seq.out
         if seq.diag:
             out.diagnostics = {name: summarise(values) for name, values in seq.diag.items()}
-        lanes = self._mixtures[seq.teacher].lanes if seq.teacher in self._mixtures else [self.lanes[seq.teacher]]
+        lanes = self._routes()[seq.teacher].lanes
         contexts = [seq.ctx_teacher, *seq.more_teachers]
         self.base.release([seq.ctx_base])
         for lane, ctx in zip(lanes, contexts, strict=True):
