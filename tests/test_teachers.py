@@ -398,3 +398,21 @@ def test_the_base_is_asked_once_a_step_for_every_teacher(urls: tuple[str, str], 
     assert routed["requests_theta"] - idle["requests_theta"] == steps + 2 * 8
     for name in ("chat", "math"):
         assert routed["teachers"][name]["requests"] - idle["teachers"][name]["requests"] <= steps + 4
+
+
+def test_each_teacher_speaks_its_own_dialect(flavors: dict, math_teachers: dict) -> None:
+    """A vLLM base, a teacher on vLLM's generate route and one on SGLang, in one run: each
+    record is the record of a run with its teacher alone."""
+    teachers = {
+        "chat": TeacherSettings(flavors["vllm"][1], dialect="vllm-generate"),
+        "math": TeacherSettings(math_teachers["sglang"], dialect="sglang"),
+    }
+    common = {"theta_url": flavors["vllm"][0], "dialect": "vllm-completions", "seed": 4}
+    route = ["chat", "math", "math", "chat"]
+    both, _ = generate(CoordinatorConfig(teachers=teachers, **common), items(route))
+    for name, teacher in teachers.items():
+        alone, _ = generate(CoordinatorConfig(teachers={name: teacher}, **common), [
+            i for i in items(route) if i.teacher == name
+        ])  # fmt: skip
+        assert alone and all(both[key] == record for key, record in alone.items())
+    assert {r["teacher"] for r in both.values()} == {"chat", "math"}

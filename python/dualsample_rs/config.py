@@ -285,9 +285,10 @@ class TeacherSettings:
 
     Args:
         urls: its server, or its replicas.
-        dialect: how to talk to it (``"auto"``: found at start-up).
+        dialect: how to talk to it (None: the run's teacher dialect; ``"auto"``: found at
+            start-up).
         model_name: the name to request (None: ask ``/v1/models``).
-        api_key: its key (None: none).
+        api_key: its key (None: the run's teacher key).
         temperature: its temperature (None: the run's ``temperature_t``).
         chat: wrap its prompt in its chat template (None: as the run or the call says).
         prompt_field: the input field its prompt is read from (None: the run's teacher
@@ -295,7 +296,7 @@ class TeacherSettings:
     """
 
     urls: str | tuple[str, ...]
-    dialect: str = "auto"
+    dialect: str | None = None
     model_name: str | None = None
     api_key: str | None = dataclasses.field(default=None, repr=False)
     temperature: float | None = None
@@ -308,7 +309,7 @@ class TeacherSettings:
         if problem is not None:
             raise ConfigurationError(f"urls: {problem}")
         object.__setattr__(self, "urls", urls)
-        if self.dialect not in DIALECT_NAMES:
+        if self.dialect is not None and self.dialect not in DIALECT_NAMES:
             raise ConfigurationError(f"dialect: expected one of {', '.join(DIALECT_NAMES)}, got {self.dialect!r}")
         if self.temperature is not None:
             check(BY_NAME["temperature_t"], self.temperature, "temperature")
@@ -316,7 +317,7 @@ class TeacherSettings:
             raise ConfigurationError(f"chat: expected True, False or None, got {self.chat!r}")
 
     def server(self) -> ServerSettings:
-        assert isinstance(self.urls, tuple)
+        assert isinstance(self.urls, tuple) and self.dialect is not None  # see teacher_settings()
         return ServerSettings(self.urls, self.model_name, self.dialect, self.api_key)
 
 
@@ -647,11 +648,19 @@ class CoordinatorConfig:
         return tuple(name for name, _ in self.teachers) or ("",)
 
     def teacher_settings(self) -> dict[str, TeacherSettings]:
-        """Every teacher by name (the unnamed one under ``""``), in order."""
-        if self.teachers:
-            return dict(self.teachers)
+        """Every teacher by name (the unnamed one under ``""``), in order; a named
+        teacher's dialect and key, where it gives none, are the run's teacher's."""
         server = self.transport.servers[1]
-        return {"": TeacherSettings(server.urls, server.dialect, server.model_name, server.api_key)}
+        if not self.teachers:
+            return {"": TeacherSettings(server.urls, server.dialect, server.model_name, server.api_key)}
+        return {
+            name: dataclasses.replace(
+                t,
+                dialect=server.dialect if t.dialect is None else t.dialect,
+                api_key=server.api_key if t.api_key is None else t.api_key,
+            )
+            for name, t in self.teachers
+        }
 
     def __getattr__(self, name: str) -> Any:
         """A setting read flat, under its name or its earlier keyword."""

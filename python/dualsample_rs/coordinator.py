@@ -84,9 +84,6 @@ class DualVLLMCoordinator:
         # One connection per replica, opened now (a bad URL fails here); the backends of
         # their dialects are built on them at start-up, which closes nothing: aclose does.
         teachers = self.config.teacher_settings()
-        if not self.config.teachers:  # the unnamed teacher keeps the run's key for it
-            server = self.config.servers[1]
-            teachers[""] = dataclasses.replace(teachers[""], api_key=server.api_key)
         self._teacher_settings = teachers
         self._base_server = self.config.servers[0]
         self._connections = (
