@@ -279,6 +279,7 @@ def test_mixture_records_follow_the_numpy_reference(
                     assert int(ref.token_id[0]) == token
                     assert abs(float(ref.alpha[0]) - out.alpha_history[j]) <= 1e-9
                     assert abs(float(ref.logq[0]) - out.logq[j]) <= 1e-9
+                    assert out.observed_t[j] == all(token in list(t.ids[0]) for t in tops)
                     for name, top in zip(weights, tops, strict=True):
                         row = list(top.ids[0])
                         if token in row:
@@ -341,6 +342,9 @@ def test_command_line_routing_mixtures_rescoring_and_parquet(
         exact = record["logp_teachers_exact"]
         for j, total in enumerate(record["logp_t_exact"]):
             assert total == pytest.approx(sum(w * exact[n][j] for n, w in weights.items()), abs=1e-12)
+            if record["observed_t"][j]:  # every teacher listed it: the mix of their own values
+                mixed = sum(w * record["logp_teachers"][n][j] for n, w in weights.items())
+                assert record["logp_t"][j] == pytest.approx(mixed, abs=1e-12)
             for name in weights:  # listed values are the model's own
                 if record["observed_teachers"][name][j]:
                     assert record["logp_teachers"][name][j] == pytest.approx(exact[name][j], abs=1e-6)

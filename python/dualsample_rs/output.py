@@ -46,7 +46,8 @@ class GenerationOutput:
     from a mixture of teachers, ``teachers`` gives their weights, ``logp_teachers[name][i]``
     and ``observed_teachers[name][i]`` each one's raw log probability of token i as
     ``logp_t`` is given for one teacher, and ``logp_t[i]`` is Σ w·log π of the token (the
-    mixed teacher, unnormalised; ``logq`` is normalised).
+    mixed teacher, unnormalised; ``logq`` is normalised), ``observed_t[i]`` true where every
+    teacher listed it; ``topk_*_t`` are then the mixed teacher's, on the same scale.
     A stop token, when one ended the sequence, is the
     last entry of ``token_ids`` and is not part of ``generated_text``.
     """

@@ -259,10 +259,14 @@ class Round:
             # A token a teacher did not list is valued as `missing` says, "drop" as "bound"
             # (the mixture keeps only tokens every teacher listed, where they share any).
             rule = "bound" if missing == "drop" else missing
+            every = np.ones(len(res.token_id), dtype=bool)
             for name, top in bundle.teachers.items():
                 listed = (top.ids == res.token_id[:, None]).any(axis=1)
                 values = _raw_log_probabilities(top, res.token_id, listed, rule, res_value=res.logp_t)
                 teacher_cols[name] = (values, listed.tolist())
+                every &= listed
+            # The mixed teacher's value is the teachers' own only where every one listed it.
+            cols[6] = every.tolist()
         return Drawn(res, force, cols, diag_cols, self._top_columns(bundle), teacher_cols)
 
     def _top_columns(self, bundle: Bundle) -> list[list[Any]]:
