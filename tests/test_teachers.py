@@ -420,3 +420,16 @@ def test_each_teacher_speaks_its_own_dialect(flavors: dict, math_teachers: dict)
         ])  # fmt: skip
         assert alone and all(both[key] == record for key, record in alone.items())
     assert {r["teacher"] for r in both.values()} == {"chat", "math"}
+
+
+def test_a_teacher_with_replicas(urls: tuple[str, str], flavors: dict) -> None:
+    """A named teacher with two replicas gives the records of one replica, and its
+    replicas' share is counted under "t:NAME"."""
+    replicas = (urls[1], flavors["vllm"][1])  # two servers of the same teacher model
+    common = {"theta_url": urls[0], "dialect": "vllm-completions", "seed": 8}
+    work = items(["two", "one"] * 4)
+    both, stats = generate(CoordinatorConfig(teachers={"two": replicas, "one": urls[1]}, **common), work)
+    single, _ = generate(CoordinatorConfig(teachers={"two": urls[1], "one": urls[1]}, **common), work)
+    assert both == single
+    assert sum(r.get("sequences", 0) for r in stats["replicas"]["t:two"]) == 4
+    assert all(r["requests"] > 0 for r in stats["replicas"]["t:two"])
