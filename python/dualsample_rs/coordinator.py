@@ -24,11 +24,7 @@ from typing import Any
 
 from .backends import Backend, Connection, Context, DialectBackend, RequestStats, backend_for, open_backend
 from .backends.replicas import ReplicaSet
-from .config import (
-    CoordinatorConfig,
-    ServerSettings,
-    tempered_mixture,
-)
+from .config import CoordinatorConfig, ServerSettings, tempered_mixture
 from .exceptions import (
     APIConnectionError,
     APIError,
@@ -91,7 +87,7 @@ class DualVLLMCoordinator:
             *(self._open(t.server()) for t in teachers.values()),
         )
         self._base: ReplicaSet | None = None
-        #: per teacher by name (the unnamed one under ""): its replicas and what start-up found
+        #: the teachers' lanes and where each record goes (from `start` on)
         self.routes: Routes | None = None
         self.default_teacher = self.config.default_teacher or next(iter(teachers))
         self.stats = Statistics()
@@ -168,7 +164,8 @@ class DualVLLMCoordinator:
         return self._base, self.lanes[self.default_teacher].replicas
 
     async def start(self) -> None:
-        """Probe both servers, check that they agree, and settle the stop and excluded ids."""
+        """Probe the base and every teacher, check that each teacher agrees with the base,
+        and settle each teacher's stop and excluded ids and speculation."""
         if self.info is not None:
             return
         cfg = self.config
@@ -190,10 +187,13 @@ class DualVLLMCoordinator:
             raise next(g for g in got if isinstance(g, BaseException))
         theta, info_a = started[0]
         self._base = theta
-        lanes: dict[str, Lane] = {}
-        self.routes = Routes(cfg, lanes, self.default_teacher)
-        for name, (replicas, info_b) in zip(self._teacher_settings, started[1:], strict=True):
-            lanes[name] = lane = Lane(name, self._teacher_settings[name], replicas, info_b)
+        lanes = {
+            name: Lane(name, self._teacher_settings[name], replicas, info_b)
+            for name, (replicas, info_b) in zip(self._teacher_settings, started[1:], strict=True)
+        }
+        self.routes = Routes(cfg, lanes, self.default_teacher)  # every replica set is closed by aclose now
+        for name, lane in lanes.items():
+            replicas, info_b = lane.replicas, lane.info
             try:
                 agree(info_a, info_b)
             except ConfigurationError as err:
