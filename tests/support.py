@@ -69,9 +69,14 @@ def write_input(path: Path, n: int) -> None:
             f.write(json.dumps({"id": f"q{i}", "prompt": f"Question: {q}\nAnswer:", "teacher_prompt": q}) + "\n")
 
 
-def generate_cli(urls: tuple[str, str], inp: Path, out: Path, *extra: str) -> subprocess.Popen:
+def generate_cli(
+    urls: tuple[str, str], inp: Path, out: Path, *extra: str, teachers: Sequence[str] = ()
+) -> subprocess.Popen:
+    """``dualsample generate`` in a subprocess: the base at ``urls[0]``, the teacher at
+    ``urls[1]``, or with `teachers` those ``--teacher`` values instead."""
+    servers = [flag for spec in teachers for flag in ("--teacher", spec)] or ["--t-url", urls[1]]
     return subprocess.Popen(
-        [sys.executable, "-m", "dualsample_rs", "generate", "--theta-url", urls[0], "--t-url", urls[1],
+        [sys.executable, "-m", "dualsample_rs", "generate", "--theta-url", urls[0], *servers,
          "--input", str(inp), "--output", str(out), "--max-tokens", "25", "--seed", "11", "--quiet", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

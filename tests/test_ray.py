@@ -203,13 +203,9 @@ def test_map_batches_with_named_teachers_gives_the_single_process_records(
     with inp.open("w") as f:
         for i in range(12):
             f.write(json.dumps({"id": f"q{i}", "prompt": f"Question {i}: why?\nAnswer:", **routes[i % 4]}) + "\n")
-    teachers = ("--teacher", f"chat={urls[1]}", "--teacher", f"math={math_teachers['vllm']}")
-    p = subprocess.run(
-        [sys.executable, "-m", "dualsample_rs", "generate", "--theta-url", urls[0], *teachers, "--input", str(inp),
-         "--output", str(out), "--max-tokens", "25", "--seed", "11", "--quiet"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert p.returncode == 0, p.stderr[-2000:]
+    teachers = [f"chat={urls[1]}", f"math={math_teachers['vllm']}"]
+    code, err = wait_cli(generate_cli(urls, inp, out, teachers=teachers))
+    assert code == 0, err
     reference = {r["id"]: r for r in read_records(out)}
     config = CoordinatorConfig(theta_url=urls[0], teachers={"chat": urls[1], "math": math_teachers["vllm"]}, seed=11)
     mapped = ray.data.read_json(str(inp)).map_batches(

@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator
+from dualsample_rs.backends import Context, TopK
 from dualsample_rs.config import TeacherSettings, mix_text, teacher_text
-from dualsample_rs.exceptions import ConfigurationError
-from dualsample_rs.sequence import WorkItem, stable_key
-from support import PLAIN, QUESTIONS, doomed_server, read_records, wait_cli
+from dualsample_rs.exceptions import BadRequestError, ConfigurationError, Response
+from dualsample_rs.output import GenerationOutput
+from dualsample_rs.sequence import Sequence, WorkItem, stable_key
+from support import PLAIN, QUESTIONS, doomed_server, generate_cli, read_records, wait_cli
 
 # (dialect, flavor of the servers)
 DIALECTS = [("vllm-completions", "vllm"), ("vllm-generate", "vllm"), ("sglang", "sglang")]
@@ -138,6 +141,9 @@ def test_teacher_flags_are_parsed_and_checked() -> None:
         ({"teachers": {"a": "http://x"}, "mix": {"z": 1.0}}, "unknown teacher 'z'"),
         ({"teachers": {"a": 5}}, r"teachers\['a'\]: expected a URL"),
         ({"teachers": {"a": {"urls": "http://x", "temperature": -1}}}, r"teachers\['a'\]"),
+        ({"teachers": (("a", "http://x"), ("a", "http://y"))}, "a name is given twice"),
+        ({"teachers": {"a": "http://x", "b": "http://y"}, "mix": {"a": 1.5, "b": -0.5}}, "finite number >= 0"),
+        ({"teachers": {"a": "http://x"}, "mix": {"a": "all"}}, "finite number >= 0"),
     ],
 )
 def test_bad_teacher_settings_are_refused(kwargs: dict, message: str) -> None:
@@ -145,14 +151,19 @@ def test_bad_teacher_settings_are_refused(kwargs: dict, message: str) -> None:
         CoordinatorConfig(**kwargs)
 
 
-def test_the_command_line_refuses_both_teacher_forms(tmp_path: Path) -> None:
+def test_the_command_line_refuses_both_teacher_forms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from dualsample_rs.cli import main
 
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"prompt": "x"}\n')
     common = ["generate", "--input", str(inp), "--output", str(tmp_path / "o.jsonl")]
-    assert main([*common, "--teacher", "a=http://127.0.0.1:9", "--t-url", "http://127.0.0.1:9"]) == 2
-    assert main([*common, "--default-teacher", "a"]) == 2
+    for flags, message in [
+        (["--teacher", "a=http://127.0.0.1:9", "--t-url", "http://127.0.0.1:9"], "--teacher: give named teachers"),
+        (["--default-teacher", "a"], "--default-teacher: only with named teachers"),
+        (["--mix", "a=1"], "--mix: only with named teachers"),
+    ]:
+        assert main([*common, *flags]) == 2
+        assert message in capsys.readouterr().err
 
 
 def _write_routed(path: Path, n: int) -> None:
@@ -164,13 +175,11 @@ def _write_routed(path: Path, n: int) -> None:
                                 "teacher": name}) + "\n")  # fmt: skip
 
 
-def _cli(base: str, chat: str, math: str, inp: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dualsample_rs", "generate", "--theta-url", base, "--teacher", f"chat={chat};chat",
-         "--teacher", f"math={math}", "--input", str(inp), "--output", str(out), "--max-tokens", "20", "--seed", "7",
-         "--quiet", "--max-retries", "1", "--retry-delay", "0.01", "--max-concurrency", "8", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+def _cli(urls: tuple[str, str], math: str, inp: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """The base and the chat teacher at `urls`, the maths teacher at `math`; few retries."""
+    teachers = [f"chat={urls[1]};chat", f"math={math}"]
+    flags = ("--max-retries", "1", "--retry-delay", "0.01", "--max-concurrency", "8")
+    return generate_cli(urls, inp, out, *flags, *extra, teachers=teachers)
 
 
 @pytest.mark.slow
@@ -179,9 +188,8 @@ def test_a_teacher_killed_mid_run_fails_only_its_records_and_resume_completes_th
 ) -> None:
     inp, out, whole = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "whole.jsonl"
     _write_routed(inp, 60)
-    base, chat = urls
     with doomed_server(model="teacher-math", latency=0.05) as (math_url, math_proc):
-        run = _cli(base, chat, math_url, inp, out)
+        run = _cli(urls, math_url, inp, out)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 6):
             time.sleep(0.05)
@@ -195,9 +203,9 @@ def test_a_teacher_killed_mid_run_fails_only_its_records_and_resume_completes_th
     assert all(r["finish_reason"] != "error" for r in records.values() if r["teacher"] == "chat")
     assert "teacher 'math'" not in err  # the run went on: no start-up error
     with doomed_server(model="teacher-math", latency=0.0) as (math_url, _):
-        status, err = wait_cli(_cli(base, chat, math_url, inp, out, "--resume", "--retry-errors"))
+        status, err = wait_cli(_cli(urls, math_url, inp, out, "--resume", "--retry-errors"))
         assert status == 0, err
-        status, err = wait_cli(_cli(base, chat, math_url, inp, whole))
+        status, err = wait_cli(_cli(urls, math_url, inp, whole))
         assert status == 0, err
     resumed = {r["id"]: r for r in read_records(out)}
     uninterrupted = {r["id"]: r for r in read_records(whole)}
@@ -303,6 +311,8 @@ def test_mixture_refusals(urls: tuple[str, str]) -> None:
     got, stats = generate(CoordinatorConfig(theta_url=urls[0], teachers=two, seed=1), work)
     assert "teachers: unknown teacher 'z'" in got["q0"]["error"]
     assert got["q9"]["finish_reason"] != "error" and stats["errors"] == 1
+    got, _ = generate(CoordinatorConfig(theta_url=urls[0], teachers=two, seed=1), mix_items(1, "a"))
+    assert "teachers: expected an object of teacher names to weights" in got["q0"]["error"]
     work = [*mix_items(1, {"a": 0.5, "c": 0.5}), work[1]]
     got, stats = generate(CoordinatorConfig(theta_url=urls[0], teachers=two, seed=1, scoring="exact"), work)
     assert "scoring topk, not exact" in got["q0"]["error"]
@@ -433,3 +443,76 @@ def test_a_teacher_with_replicas(urls: tuple[str, str], flavors: dict) -> None:
     assert both == single
     assert sum(r.get("sequences", 0) for r in stats["replicas"]["t:two"]) == 4
     assert all(r["requests"] > 0 for r in stats["replicas"]["t:two"])
+
+
+class _FakeModel:
+    """A model for `Routed` without a server: the same top-k at every context, a 400 for
+    any request holding a context with the `poison` id, and the size of each request."""
+
+    def __init__(self, k: int, seed: int, poison: int | None = None) -> None:
+        rng = np.random.default_rng(seed)
+        self.ids = rng.permutation(64)[:k].astype(np.int64)
+        self.logp = np.log(rng.dirichlet(np.ones(k)))
+        self.poison = poison
+        self.asked: list[int] = []
+
+    async def topk(self, contexts: list[Context], k: int) -> TopK:
+        self.asked.append(len(contexts))
+        if any(self.poison in c.ids() for c in contexts):
+            response = Response(400, {}, b"", "POST", "http://fake/v1/completions")
+            raise BadRequestError("the poisoned context", response)
+        n = len(contexts)
+        return TopK(np.tile(self.ids, (n, 1)), np.tile(self.logp, (n, 1)))
+
+
+def _routed_step(base: _FakeModel, poisoned: set[int]) -> list[Sequence]:
+    """One step of four sequences, two per teacher, the base poisoned in `poisoned`."""
+    from dualsample_rs.round import Round, Routed
+    from dualsample_rs.statistics import Statistics
+    from dualsample_rs.strategies import BothTopK
+
+    config, stats = CoordinatorConfig(top_k=8), Statistics()
+    rounds = {
+        name: Round(BothTopK(base, _FakeModel(8, seed), 8), config, config.sampler_config(()), 0, (), (99, 99),
+                    stats, False)
+        for name, seed in (("a", 1), ("b", 2))
+    }  # fmt: skip
+    batch = [
+        Sequence(item, i, Context([1, 2] + ([base.poison] if i in poisoned else [])), Context([1, 2]), 4,
+                 GenerationOutput(item.prompt), teacher=item.teacher)
+        for i, item in enumerate(items(["a", "b", "a", "b"]))
+    ]  # fmt: skip
+    asyncio.run(Routed(rounds, rounds.__getitem__, base, 8, stats)(batch))
+    return batch
+
+
+def test_the_base_is_asked_once_for_every_teachers_share_and_a_refusal_is_narrowed() -> None:
+    """One base request for the four sequences of a step; when the base refuses it, each
+    teacher's share asks alone and halves its request until the one sequence it was
+    refused for fails alone."""
+    base = _FakeModel(8, 0, poison=63)
+    batch = _routed_step(base, set())
+    assert base.asked == [4] and all(len(s.out.token_ids) == 1 for s in batch)
+    base = _FakeModel(8, 0, poison=63)
+    batch = _routed_step(base, {2})
+    assert [s.out.finish_reason for s in batch] == [None, None, "error", None]
+    assert "BadRequestError" in (batch[2].out.error or "")
+    assert [len(s.out.token_ids) for s in batch] == [1, 1, 0, 1]
+    # the shared request, each share alone, then the poisoned share halved
+    assert base.asked[0] == 4 and sorted(base.asked[1:]) == [1, 1, 2, 2]
+
+
+def test_a_teachers_own_temperature_and_chat_setting_take_effect(urls: tuple[str, str]) -> None:
+    """A named teacher at temperature 1.3 in its chat template gives the records of the
+    unnamed teacher with temperature_t 1.3 and teacher_chat; either setting changes them."""
+    work = items([None] * 4)
+    in_chat = [dataclasses.replace(i, teacher_chat=True) for i in work]
+    own = TeacherSettings(urls[1], temperature=1.3, chat=True)
+    named, _ = generate(CoordinatorConfig(theta_url=urls[0], teachers={"t": own}, seed=2), work)
+    unnamed = CoordinatorConfig(theta_url=urls[0], t_url=urls[1], temperature_t=1.3, seed=2)
+    same, _ = generate(unnamed, in_chat)
+    assert named == {key: {**record, "teacher": "t"} for key, record in same.items()}
+    cooler, _ = generate(unnamed.replace(temperature_t=None), in_chat)
+    plain, _ = generate(unnamed, work)
+    for other in (cooler, plain):
+        assert any(other[key]["logq"] != record["logq"] for key, record in same.items())

@@ -119,12 +119,10 @@ def mix_text(text: str) -> dict[str, float]:
     """``--mix``'s value: ``NAME=WEIGHT,NAME=WEIGHT...``."""
     weights: dict[str, float] = {}
     for part in text.split(","):
-        name, sep, value = part.partition("=")
+        name, _, value = part.partition("=")
         try:
             weights[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
+        except ValueError:  # no "=", or no number after it
             raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT,NAME=WEIGHT..., got {text!r}") from None
     return weights
 
@@ -641,11 +639,6 @@ class CoordinatorConfig:
         object.__setattr__(self, "teachers", checked)
         object.__setattr__(self, "default_teacher", default)
         object.__setattr__(self, "mix", weights)
-
-    @property
-    def teacher_names(self) -> tuple[str, ...]:
-        """The teachers' names in order; ``("",)`` for the one unnamed teacher at ``t_url``."""
-        return tuple(name for name, _ in self.teachers) or ("",)
 
     def teacher_settings(self) -> dict[str, TeacherSettings]:
         """Every teacher by name (the unnamed one under ``""``), in order; a named

@@ -354,41 +354,11 @@ class DualVLLMCoordinator:
             # The call's temperature scales both models, on top of the config's own.
             cfg = cfg.replace(
                 temperature=cfg.sampler.temperature * temperature,
-                temperature_t=(
-                    cfg.sampler.temperature_t if cfg.sampler.temperature_t is not None else cfg.sampler.temperature
-                )
-                * temperature,
+                temperature_t=cfg.sampler.teacher_temperature * temperature,
             )
-        want_diag = return_diagnostics or (cfg.sampler.enable_stability_check and not cfg.sampler.auto_fallback)
-        assert self.info is not None
-        base_len = self.info[0].max_model_len
 
         def round_for(key: str) -> Round:
-            """The round of one teacher's sequences, or of one mixture's."""
-            route = self._routes()[key]
-            if isinstance(route, Lane):
-                lane = route
-                lanes, lane_cfg = [lane], lane.config(cfg, temperature)
-                ask = choose(lane_cfg, self.base, lane.replicas, lane.speculate)
-                stop, exclude, speculate = lane.stop_ids, lane.exclude_ids, lane.speculate
-            else:
-                lanes, stop, exclude, speculate = route.lanes, route.stop_ids, route.exclude_ids, 0
-                # Teachers with their own temperatures: reweighted, one temperature for the mix.
-                taus = [lane.config(cfg, temperature).sampler.teacher_temperature for lane in lanes]
-                weights, tau = tempered_mixture(list(route.weights), taus)
-                lane_cfg = cfg.replace(temperature_t=tau)
-                members = {lane.name: (lane.replicas, w) for lane, w in zip(lanes, weights, strict=True)}
-                ask = Mixed(self.base, members, cfg.sampler.top_k, cfg.sampler.missing)
-            return Round(
-                ask,
-                lane_cfg,
-                lane_cfg.sampler_config(exclude, diagnostics=want_diag),
-                speculate,
-                stop,
-                (base_len, min(lane.info.max_model_len for lane in lanes)),
-                self.stats,
-                return_diagnostics,
-            )
+            return self._round(key, cfg, temperature, return_diagnostics)
 
         rounds = {name: round_for(name) for name in self.lanes}
         advance = Routed(rounds, round_for, self.base, cfg.sampler.top_k, self.stats)
@@ -420,6 +390,34 @@ class DualVLLMCoordinator:
                 yield got
         finally:
             progress.close()
+
+    def _round(self, key: str, cfg: CoordinatorConfig, temperature: float, diagnostics: bool) -> Round:
+        """The round of one teacher's sequences, or of one mixture's (`key`), under the
+        call's settings `cfg` and `temperature`."""
+        route = self._routes()[key]
+        if isinstance(route, Lane):
+            lane_cfg = route.config(cfg, temperature)
+            ask = choose(lane_cfg, self.base, route.replicas, route.speculate)
+            speculate = route.speculate
+        else:
+            # Teachers with their own temperatures: reweighted, one temperature for the mix.
+            taus = [lane.config(cfg, temperature).sampler.teacher_temperature for lane in route.lanes]
+            weights, tau = tempered_mixture(list(route.weights), taus)
+            lane_cfg = cfg.replace(temperature_t=tau)
+            members = {lane.name: (lane.replicas, w) for lane, w in zip(route.lanes, weights, strict=True)}
+            ask, speculate = Mixed(self.base, members, cfg.sampler.top_k, cfg.sampler.missing), 0
+        assert self.info is not None
+        want_diag = diagnostics or (cfg.sampler.enable_stability_check and not cfg.sampler.auto_fallback)
+        return Round(
+            ask,
+            lane_cfg,
+            lane_cfg.sampler_config(route.exclude_ids, diagnostics=want_diag),
+            speculate,
+            route.stop_ids,
+            (self.info[0].max_model_len, min(lane.info.max_model_len for lane in route.lanes)),
+            self.stats,
+            diagnostics,
+        )
 
     def get_statistics(self) -> dict[str, Any]:
         """Counts so far (see `Statistics.summary` for the keys), and per replica of each
@@ -505,27 +503,26 @@ class DualVLLMCoordinator:
         else:
             out = GenerationOutput(item.prompt, item.teacher_prompt(route.name), item.id, teacher=route.name or None)
         ctx = [Context(ids) for ids in ids_teachers]
-        return Sequence(item, index, Context(ids_base), ctx[0], max_tokens, out, len(ids_base), len(ids_teachers[0]),
-                        teacher=route.key, more_teachers=ctx[1:])  # fmt: skip
+        return Sequence(item, index, Context(ids_base), ctx[0], max_tokens, out, route.key, ctx[1:])
 
     async def _finish(self, seq: Sequence) -> None:
         """Summaries, the text, and (with `rescore`) each token's exact log probabilities."""
         out = seq.out
         if seq.diag:
             out.diagnostics = {name: summarise(values) for name, values in seq.diag.items()}
-        lanes = self._routes()[seq.teacher].lanes
-        contexts = [seq.ctx_teacher, *seq.more_teachers]
-        self.base.release([seq.ctx_base])
-        for lane, ctx in zip(lanes, contexts, strict=True):
-            lane.replicas.release([ctx])
+        # The base, then its teacher or its mixture's teachers, each with its context.
+        models = [self.base, *(lane.replicas for lane in self._routes()[seq.teacher].lanes)]
+        contexts = [seq.ctx_base, seq.ctx_teacher, *seq.more_teachers]
+        for model, ctx in zip(models, contexts, strict=True):
+            model.release([ctx])
         if out.finish_reason == "error":
             return
         text_ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
         jobs: list[Any] = [self.base.detokenize(text_ids) if text_ids else _constant("")]
-        if self.config.run.rescore:
-            jobs.append(self.base.sequence_logprobs(seq.ctx_base.ids(), seq.prompt_len_base))
-            for lane, ctx in zip(lanes, contexts, strict=True):
-                jobs.append(lane.replicas.sequence_logprobs(ctx.ids(), len(ctx) - len(out.token_ids)))
+        if self.config.run.rescore:  # each context is its prompt, then the generated tokens
+            n = len(out.token_ids)
+            pairs = zip(models, contexts, strict=True)
+            jobs += [model.sequence_logprobs(ctx.ids(), len(ctx) - n) for model, ctx in pairs]
         try:
             got = await asyncio.gather(*jobs)
         except APIError as err:

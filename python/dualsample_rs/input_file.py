@@ -21,11 +21,14 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .exceptions import InvalidInputError
+
+if TYPE_CHECKING:
+    from .config import TeacherSettings
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,12 @@ class Fields:
     route: str = "teacher"
     mix: str = "teachers"
     own: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, teachers: tuple[tuple[str, TeacherSettings], ...], route: str = "teacher") -> Fields:
+        """A run's fields: `route` names a line's teacher, and each teacher with a
+        ``prompt_field`` reads its prompt there."""
+        return cls(route, own=tuple((name, t.prompt_field) for name, t in teachers if t.prompt_field is not None))
 
 
 def id_text(value: Any) -> str:

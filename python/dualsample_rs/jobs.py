@@ -91,7 +91,7 @@ async def run_generate(args: argparse.Namespace, config: CoordinatorConfig) -> i
         )
         # The id column's type needs every id before the first row group (one schema per file).
         kind = parquet_file.id_kind(r.id for r in read_input(args.input, args.prompt_field)) if parquet else ""
-        fields = Fields(args.teacher_field, "teachers", own_prompt_fields(config)) if config.teachers else None
+        fields = Fields.of(config.teachers, args.teacher_field) if config.teachers else None
         items = (
             work_item(r, args.teacher_chat)
             for r in read_input(args.input, args.prompt_field, args.teacher_prompt_field, fields)
@@ -141,11 +141,6 @@ def work_item(r: InputRecord, teacher_chat: bool) -> WorkItem:
 
     return WorkItem(stable_key(r.id), r.prompt, r.teacher_prompt, r.id, teacher_chat, f"line {r.line}", r.teacher,
                     r.teacher_prompts, r.mix)  # fmt: skip
-
-
-def own_prompt_fields(config: CoordinatorConfig) -> tuple[tuple[str, str], ...]:
-    """The teachers that read their prompt from a field of their own, with the field."""
-    return tuple((name, t.prompt_field) for name, t in config.teachers if t.prompt_field is not None)
 
 
 def _open_writer(args: argparse.Namespace, schema: Any) -> Any:

@@ -9,6 +9,8 @@ from typing import Any
 from .prompts import Prompt
 
 DIAGNOSTIC_NAMES = ("kl_theta", "kl_t", "ess_theta", "ess_t", "entropy", "js")
+# A mixture record's fields, each a mapping by teacher name (the last only when rescored).
+MIXTURE_FIELDS = ("teachers", "logp_teachers", "observed_teachers", "logp_teachers_exact")
 
 
 def summarise(values: list[float]) -> dict[str, float]:

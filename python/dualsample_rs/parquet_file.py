@@ -42,7 +42,7 @@ import numpy as np
 
 from .exceptions import DualSampleError, InvalidInputError
 from .input_file import id_hash, id_text
-from .output import DIAGNOSTIC_NAMES
+from .output import DIAGNOSTIC_NAMES, MIXTURE_FIELDS
 from .output_file import ExistingOutput, _fsync_dir
 from .parquet_footer import FooterError, shift_offsets
 from .strategies import base_scores_candidates
@@ -187,13 +187,10 @@ def record_from_row(row: dict[str, Any], kind: str) -> dict[str, Any]:
     if kind == "json":
         record["id"] = json.loads(record["id"])
     record["diagnostics"] = record["diagnostics"] or {}
-    for name in _MAPS:  # a map column reads as (key, value) pairs
+    for name in MIXTURE_FIELDS:  # a map column reads as (key, value) pairs
         if record.get(name) is not None:
             record[name] = dict(record[name])
     return record
-
-
-_MAPS = ("teachers", "logp_teachers", "observed_teachers", "logp_teachers_exact")
 
 
 # Columns that are in every record even when null.

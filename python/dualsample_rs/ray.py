@@ -26,7 +26,8 @@ import numpy as np
 from .config import CoordinatorConfig
 from .coordinator import DualVLLMCoordinator
 from .exceptions import InvalidInputError
-from .output import GenerationOutput
+from .input_file import Fields
+from .output import MIXTURE_FIELDS, GenerationOutput
 from .sequence import WorkItem, stable_key
 from .strategies import base_scores_candidates
 
@@ -41,7 +42,6 @@ TOPK_T = ("topk_ids_t", "topk_logp_t")
 TOPK_THETA = ("topk_ids_theta", "topk_logp_theta")
 # With named teachers: the record's teacher, and a mixture's fields (as JSON text).
 TEACHER = ("teacher",)
-MIXTURE = ("teachers", "logp_teachers", "observed_teachers", "logp_teachers_exact")
 
 
 def _plain(value: Any) -> Any:
@@ -96,8 +96,7 @@ class DualSample:
                     (name, dataclasses.replace(t, urls=_share(t.urls, index, actors))) for name, t in cfg.teachers
                 ),
             )
-        self.route_field = route_field
-        self.own_fields = tuple((name, t.prompt_field) for name, t in cfg.teachers if t.prompt_field is not None)
+        self.fields = Fields.of(cfg.teachers, route_field)
         self.max_tokens, self.temperature = max_tokens, temperature
         self.teacher_chat, self.diagnostics = teacher_chat, diagnostics
         self.prompt_field, self.teacher_field = prompt_field, teacher_field
@@ -112,7 +111,7 @@ class DualSample:
             + (SPECULATED if self.coord.speculate else ())
             + (TOPK_T if run.save_topk else ())
             + (TOPK_THETA if run.save_topk and both else ())
-            + (TEACHER + MIXTURE if cfg.teachers else ())
+            + (TEACHER + MIXTURE_FIELDS if cfg.teachers else ())
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
@@ -122,10 +121,11 @@ class DualSample:
         prompts = _plain(batch[self.prompt_field])
         teacher = _plain(batch[self.teacher_field]) if self.teacher_field in batch else prompts
         n = len(ids)
-        routes = _plain(batch[self.route_field]) if self.route_field in batch else [None] * n
-        mixes = _plain(batch["teachers"]) if "teachers" in batch else [None] * n
+        fields = self.fields
+        routes = _plain(batch[fields.route]) if fields.route in batch else [None] * n
+        mixes = _plain(batch[fields.mix]) if fields.mix in batch else [None] * n
         own = [
-            {name: v for name, f in self.own_fields if f in batch and (v := _plain(batch[f][j])) is not None} or None
+            {name: v for name, f in fields.own if f in batch and (v := _plain(batch[f][j])) is not None} or None
             for j in range(n)
         ]
         items = [
@@ -153,7 +153,7 @@ class DualSample:
 
 def _row(out: GenerationOutput) -> dict[str, Any]:
     record = out.to_record()
-    for name in ("diagnostics", *MIXTURE):
+    for name in ("diagnostics", *MIXTURE_FIELDS):
         if name in record:
             record[name] = json.dumps(record[name])
     return record
@@ -167,7 +167,7 @@ def record_from_row(row: dict[str, Any]) -> dict[str, Any]:
     for name in (*RESCORED, *SPECULATED, *TOPK_T, *TOPK_THETA, *TEACHER):
         if row.get(name) is not None:
             record[name] = _plain(row[name])
-    for name in MIXTURE:
+    for name in MIXTURE_FIELDS:
         if row.get(name) is not None:
             record[name] = json.loads(row[name])
     return record

@@ -28,7 +28,7 @@ from .output import DIAGNOSTIC_NAMES, GenerationOutput
 from .reference import unlisted_bound
 from .sequence import Sequence
 from .statistics import Statistics
-from .strategies import BothTopK, Bundle, Mixed, SharedBase, Strategy
+from .strategies import Bundle, SharedBase, Strategy
 
 _COLUMNS = ("token_id", "alpha", "logp_theta", "logp_t", "logq", "observed_theta", "observed_t", "fallback")
 
@@ -110,11 +110,12 @@ class Routed:
             key, rows = next(iter(groups.items()))
             await self.rounds[key](rows)
             return
-        # Where every share asks the base for its top-k beside its teacher, the base is
+        # Where every share asks the base beside its teacher, not after it (a strategy that
+        # is not serial asks the base for its top-k at the next position), the base is
         # asked once for the whole batch.
         rounds = [self.rounds[key] for key in groups]
         shared = None
-        if all(r.shares_base for r in rounds):
+        if not any(r.ask.serial for r in rounds):
             shared = SharedBase(self.base, batch, self.top_k)
         try:
             await asyncio.gather(*(r(rows, shared) for r, rows in zip(rounds, groups.values(), strict=True)))
@@ -154,12 +155,6 @@ class Round:
         self.stop = frozenset(stop_ids)
         self.max_model_len = max_model_len
         self.stats, self.diagnostics = stats, diagnostics
-
-    @property
-    def shares_base(self) -> bool:
-        """Whether its strategy asks the base for its top-k at the next position, beside
-        the teacher (so a batch's base request can be shared, `SharedBase`)."""
-        return isinstance(self.ask, BothTopK | Mixed) and not self.speculate
 
     async def __call__(self, batch: list[Sequence], shared: SharedBase | None = None) -> None:
         """One round for every sequence in `batch`; failures become per-sequence errors

@@ -51,9 +51,8 @@ class Sequence:
     ctx_teacher: Context
     max_tokens: int
     out: GenerationOutput
-    prompt_len_base: int = 0
-    prompt_len_teacher: int = 0
-    teacher: str = ""  # the name of the teacher it was routed to ("": the one unnamed teacher)
+    #: its route: the name of its teacher ("": the one unnamed teacher), or a mixture's key
+    teacher: str = ""
     #: a mixture's contexts for its second teacher on (the first's is ctx_teacher)
     more_teachers: list[Context] = field(default_factory=list)
     diag: dict[str, list[float]] = field(default_factory=dict)

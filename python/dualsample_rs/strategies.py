@@ -100,13 +100,14 @@ async def _base_topk(base: Backend, rows: list[Sequence], top_k: int, shared: Sh
 class Strategy(Protocol):
     """Asks both servers for a round's rows."""
 
-    #: it asks the teacher, then the base (two workers or more keep both busy)
+    #: it asks the teacher, then the base (two workers or more keep both busy); if not, it
+    #: asks the base for its top-k at the next position beside the teacher, and takes it
+    #: from `shared` where given
     serial: bool
 
     async def __call__(self, rows: list[Sequence], lengths: list[int], shared: SharedBase | None = None) -> Bundle:
         """The rows for ``lengths[s]`` positions of each sequence ``rows[s]`` (`shared`:
-        the base's answer for the whole batch, which strategies that ask the base for its
-        top-k at the next position may use instead of asking it)."""
+        the base's top-k for the whole batch, for a strategy that is not serial)."""
         ...
 
 
