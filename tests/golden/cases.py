@@ -1,8 +1,8 @@
-"""Fixed runs whose records must stay byte-identical across refactors of the engine.
+"""Fixed runs whose records must stay the same across refactors of the engine.
 
 `python tests/golden/cases.py` writes one JSONL file per case from the current code
 (only when the records are meant to change); `tests/test_golden.py` compares a fresh
-run of every case with the stored file, byte for byte.
+run of every case with the stored file (tests/golden/compare.py says how exactly).
 """
 
 from __future__ import annotations
