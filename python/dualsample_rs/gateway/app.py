@@ -1,0 +1,372 @@
+"""The gateway's HTTP application (aiohttp): generation routes answered from q*, the
+base's informational routes and the engines' control routes forwarded, metrics, a
+queue limit, and cancellation of a departed client's sequences."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .errors import ErrorShape, GatewayError, busy
+from .metrics import CONTENT_TYPE, GatewayMetrics
+from .passthrough import ENGINE_ROUTES, FIRST_REPLICA_ROUTES, Forwarder, Reply
+from .request import Limits, parse_body
+from .response import Answer, Stream, render
+from .sampler import ChoiceResult, Route, Sampler, SampleRequest, TokenResult
+
+__all__ = ["GENERATION_ROUTES", "GatewayOptions", "make_app"]
+
+log = logging.getLogger("dualsample_rs.gateway")
+
+GENERATION_ROUTES: dict[str, Route] = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat",
+    "/inference/v1/generate": "vllm_generate",
+    "/generate": "sglang_generate",
+}
+METRICS_KEY = web.AppKey("metrics", GatewayMetrics)
+# How often a waiting handler checks that its client is still there.
+DISCONNECT_POLL_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    """Settings of the HTTP layer.
+
+    Attributes:
+        flavor: the base's engine, whose error body the OpenAI routes answer with
+            (``vllm``: ``{"error": {...}}``; ``sglang``: flat ``{"object": "error", ...}``).
+        model_name: the model name answers carry when the request names none.
+        limits: caps on one request (log probabilities, n, prompts).
+        max_concurrent_requests: requests sampled at once; more wait in the queue.
+        max_queued_requests: requests that may wait; past it, 503 with ``Retry-After``.
+        retry_after: the ``Retry-After`` seconds of that answer.
+        upstream_timeout: seconds a forwarded call may take.
+        client_max_size: the largest request body accepted, in bytes.
+    """
+
+    flavor: Literal["vllm", "sglang"] = "vllm"
+    model_name: str = "dualsample"
+    limits: Limits = field(default_factory=Limits)
+    max_concurrent_requests: int = 256
+    max_queued_requests: int = 1024
+    retry_after: float = 1.0
+    upstream_timeout: float = 600.0
+    client_max_size: int = 64 * 1024**2
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=json.dumps(body).encode(), status=status, content_type="application/json",
+                        headers=headers)  # fmt: skip
+
+
+class _Admission:
+    """At most `limit` requests run; up to `queue` more wait, in arrival order."""
+
+    def __init__(self, limit: int, queue: int, metrics: GatewayMetrics, retry_after: float) -> None:
+        self.slots = asyncio.Semaphore(limit)
+        self.queue = queue
+        self.waiting = 0
+        self.metrics = metrics
+        self.retry_after = retry_after
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.slots.locked():
+            if self.waiting >= self.queue:
+                raise busy(self.retry_after)
+            self.waiting += 1
+            self.metrics.queue_length.set(self.waiting)
+            try:
+                await self.slots.acquire()
+            finally:
+                self.waiting -= 1
+                self.metrics.queue_length.set(self.waiting)
+        else:
+            await self.slots.acquire()
+        self.metrics.requests_in_flight.inc()
+        try:
+            yield
+        finally:
+            self.metrics.requests_in_flight.dec()
+            self.slots.release()
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+class _Gateway:
+    def __init__(
+        self,
+        sampler: Sampler,
+        forwarder: Forwarder,
+        options: GatewayOptions,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.sampler = sampler
+        self.forwarder = forwarder
+        self.options = options
+        self.metrics = metrics
+        self.admission = _Admission(options.max_concurrent_requests, options.max_queued_requests, metrics,
+                                    options.retry_after)  # fmt: skip
+
+    def shape(self, route: Route | None) -> ErrorShape:
+        if route == "sglang_generate":
+            return "sglang-native"
+        if route == "vllm_generate":
+            return "vllm"
+        return self.options.flavor
+
+    def error(self, err: GatewayError, route: Route | None) -> web.Response:
+        return _json(err.body(self.shape(route)), status=err.status, headers=err.headers or None)
+
+    # ------------------------------------------------------------ generation
+    def handler(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            status = 500
+            try:
+                response = await self.generate(route, request)
+                status = response.status
+                return response
+            except GatewayError as err:
+                status = err.status
+                return self.error(err, route)
+            except web.HTTPException as err:  # body too large
+                status = err.status
+                return self.error(GatewayError(err.reason, status=err.status), route)
+            except Exception:
+                log.exception("gateway: %s failed", route)
+                return self.error(GatewayError("Internal server error", status=500, type_="InternalServerError"),
+                                  route)  # fmt: skip
+            finally:
+                self.metrics.requests.labels(route, str(status)).inc()
+
+        return handle
+
+    async def generate(self, route: Route, request: web.Request) -> web.StreamResponse:
+        req = parse_body(route, await request.read(), self.options.limits)
+        async with self.admission.slot():
+            prompt_ids = await self.sampler.tokenize(req)
+            echo_texts = None
+            if req.echo:
+                echo_texts = [
+                    p.text if p.text is not None else await self.sampler.detokenize(ids)
+                    for p, ids in zip(req.prompts, prompt_ids, strict=True)
+                ]
+            self.metrics.prompt_tokens.inc(sum(len(p) for p in prompt_ids))
+            ans = Answer(req, prompt_ids, req.model or self.options.model_name, echo_texts)
+            if req.stream:
+                return await self.stream(request, ans)
+            choices = await self.run(request, ans, None)
+            return _json(render(ans, choices))
+
+    async def _sample(
+        self, req: SampleRequest, index: int, prompt: list[int], on_token: Callable[[TokenResult], None]
+    ) -> ChoiceResult:
+        self.metrics.sequences_in_flight.inc()
+        try:
+            return await self.sampler.sample(req, index, prompt, on_token)
+        except asyncio.CancelledError:
+            self.metrics.cancelled.inc()
+            raise
+        finally:
+            self.metrics.sequences_in_flight.dec()
+
+    def _tasks(
+        self, ans: Answer, on_token: Callable[[int, TokenResult], None] | None
+    ) -> list[asyncio.Task[ChoiceResult]]:
+        def callback(index: int) -> Callable[[TokenResult], None]:
+            def seen(tok: TokenResult) -> None:
+                self.metrics.observe_token(tok)
+                if on_token is not None:
+                    on_token(index, tok)
+
+            return seen
+
+        return [
+            asyncio.ensure_future(self._sample(ans.req, i, ans.prompt_of(i), callback(i)))
+            for i in range(ans.req.num_choices)
+        ]
+
+    async def run(
+        self, request: web.Request, ans: Answer, on_token: Callable[[int, TokenResult], None] | None
+    ) -> list[ChoiceResult]:
+        """Every choice sampled at once; all dropped if the client leaves."""
+        tasks = self._tasks(ans, on_token)
+        try:
+            pending: set[asyncio.Task[ChoiceResult]] = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_SECONDS,
+                                                   return_when=asyncio.FIRST_EXCEPTION)  # fmt: skip
+                for t in done:
+                    exc = t.exception()
+                    if exc is not None:
+                        raise exc
+                if pending and _gone(request):
+                    raise asyncio.CancelledError
+            return [t.result() for t in tasks]
+        finally:
+            await _cancel(tasks)
+
+    async def stream(self, request: web.Request, ans: Answer) -> web.StreamResponse:
+        events: asyncio.Queue[tuple[int, TokenResult | ChoiceResult | BaseException]] = asyncio.Queue()
+        tasks = self._tasks(ans, lambda i, tok: events.put_nowait((i, tok)))
+        for i, t in enumerate(tasks):
+            t.add_done_callback(_on_done(events, i))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        stream = Stream(ans)
+        try:
+            await response.prepare(request)
+            for i in range(len(tasks)):
+                await _send(response, stream.start(i))
+            left = len(tasks)
+            while left:
+                try:
+                    index, item = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    if _gone(request):
+                        raise ConnectionResetError("client gone") from None
+                    continue
+                if isinstance(item, TokenResult):
+                    await _send(response, stream.token(index, item))
+                elif isinstance(item, ChoiceResult):
+                    left -= 1
+                    await _send(response, stream.finish(index, item))
+                else:
+                    err = item if isinstance(item, GatewayError) else GatewayError(
+                        "Internal server error", status=500, type_="InternalServerError")  # fmt: skip
+                    if not isinstance(item, GatewayError):
+                        log.error("gateway: a streamed choice failed", exc_info=item)
+                    await _send(response, [err.body(self.shape(ans.req.route))])
+                    break
+            else:
+                await _send(response, stream.end())
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionResetError, ConnectionError):
+            pass  # the client left: its sequences are dropped below
+        finally:
+            await _cancel(tasks)
+        return response
+
+    # ------------------------------------------------------------ forwarding
+    async def forward_every(self, request: web.Request) -> web.StreamResponse:
+        if not self.forwarder.base_urls:
+            return self.error(GatewayError("no base server to forward to", status=503,
+                                           type_="ServiceUnavailableError"), None)  # fmt: skip
+        replies = await self.forwarder.every(request)
+        for reply in replies:
+            if reply.status == 0:
+                return self._unreachable(reply)
+            if reply.status >= 400:
+                return reply.response()
+        return replies[0].response()
+
+    async def forward_first(self, request: web.Request) -> web.StreamResponse:
+        if not self.forwarder.base_urls:
+            return self.error(GatewayError("no base server to forward to", status=503,
+                                           type_="ServiceUnavailableError"), None)  # fmt: skip
+        reply = await self.forwarder.first(request)
+        return self._unreachable(reply) if reply.status == 0 else reply.response()
+
+    def _unreachable(self, reply: Reply) -> web.Response:
+        err = GatewayError(f"Upstream server {reply.url} is unavailable: {reply.body.decode(errors='replace')}",
+                           status=503, type_="ServiceUnavailableError")  # fmt: skip
+        return self.error(err, None)
+
+    async def metrics_route(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _on_done(
+    events: asyncio.Queue[tuple[int, TokenResult | ChoiceResult | BaseException]], index: int
+) -> Callable[[asyncio.Task[ChoiceResult]], None]:
+    def done(task: asyncio.Task[ChoiceResult]) -> None:
+        events.put_nowait((index, _outcome(task)))
+
+    return done
+
+
+def _outcome(task: asyncio.Task[ChoiceResult]) -> ChoiceResult | BaseException:
+    if task.cancelled():
+        return asyncio.CancelledError()
+    err = task.exception()
+    return err if err is not None else task.result()
+
+
+async def _send(response: web.StreamResponse, chunks: list[Any]) -> None:
+    for c in chunks:
+        await response.write(b"data: " + json.dumps(c).encode() + b"\n\n")
+
+
+async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Unknown routes and wrong methods answer JSON, as FastAPI does (``{"detail": ...}``)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        return _json({"detail": err.reason}, status=err.status)
+
+
+def make_app(
+    sampler: Sampler,
+    upstream_base_urls: Sequence[str],
+    passthrough_paths: Iterable[str] = (),
+    *,
+    options: GatewayOptions | None = None,
+    metrics: GatewayMetrics | None = None,
+) -> web.Application:
+    """The gateway application.
+
+    Args:
+        sampler: draws the tokens (see :class:`~dualsample_rs.gateway.sampler.Sampler`).
+        upstream_base_urls: the base server's replicas; the engines' control routes and
+            `passthrough_paths` go to every one (the answer is the first error, else the
+            first replica's), ``/v1/models``, ``/tokenize``, ``/detokenize`` and other
+            informational routes to the first.
+        passthrough_paths: more paths to forward to every replica (e.g. AReaL's
+            ``/areal_update_weights``), any method.
+        options: the HTTP layer's settings.
+        metrics: where to count (a sampler may share it for its upstream calls).
+    """
+    options = options or GatewayOptions()
+    metrics = metrics or GatewayMetrics()
+    forwarder = Forwarder(upstream_base_urls, metrics, options.upstream_timeout)
+    gw = _Gateway(sampler, forwarder, options, metrics)
+    app = web.Application(middlewares=[_json_errors], client_max_size=options.client_max_size)
+    app[METRICS_KEY] = metrics
+    for path, route in GENERATION_ROUTES.items():
+        app.router.add_post(path, gw.handler(route))
+    app.router.add_get("/metrics", gw.metrics_route)
+    taken = set(GENERATION_ROUTES) | {"/metrics"}
+    for path in FIRST_REPLICA_ROUTES:
+        app.router.add_route("*", path, gw.forward_first)
+        taken.add(path)
+    for path in dict.fromkeys((*ENGINE_ROUTES, *passthrough_paths)):
+        if path not in taken:
+            app.router.add_route("*", path, gw.forward_every)
+            taken.add(path)
+
+    async def close_forwarder(app: web.Application) -> None:
+        await forwarder.close()
+
+    app.on_cleanup.append(close_forwarder)
+    return app
