@@ -48,6 +48,11 @@ $(VENV)/.chromium: $(VENV)/.installed
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	touch $@
 
+# zig and auditwheel for `make wheel`.
+$(VENV)/.wheel: $(VENV)/.installed requirements-wheel.txt
+	$(PY) -m pip install -q -r requirements-wheel.txt
+	touch $@
+
 .PHONY: build-dev ## build the extension in debug mode into .venv
 build-dev: install
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop
@@ -90,8 +95,41 @@ check: install $(VENV)/.parquet $(VENV)/.report test-rust lint-source
 	$(PY) -m pytest -q -m "not slow" -n auto tests
 
 .PHONY: test ## build once (release), then every check: lint, cargo test, pytest with the slow tests (benches run once)
-test: build-prod $(VENV)/.ray $(VENV)/.parquet $(VENV)/.report $(VENV)/.chromium lint test-rust
+test: build-prod wheel $(VENV)/.ray $(VENV)/.parquet $(VENV)/.report $(VENV)/.chromium lint test-rust
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q
+
+# The release files: the sdist, then the wheel built from the unpacked sdist (so that every
+# wheel shows the sdist builds), for the stable ABI of CPython 3.10 (one wheel for 3.10 and
+# later) and manylinux_2_17, the oldest glibc Rust's x86_64-unknown-linux-gnu supports: zig
+# links it against glibc 2.17's symbols. `auditwheel show` must find the wheel consistent
+# with that tag. tests/test_wheel.py installs it into clean environments. Its own target
+# directory, so that it and build-prod do not rebuild each other; the sources are unpacked
+# with the time of unpacking (tar -m), since the sdist stamps every file with one fixed
+# date, which would leave cargo to take an older build of other sources for fresh.
+WHEEL_PLATFORM := manylinux_2_17_x86_64
+
+.PHONY: wheel ## the sdist and an abi3 manylinux_2_17 wheel built from it, in dist/, checked by auditwheel
+wheel: $(VENV)/.wheel
+	rm -rf dist target/sdist
+	$(VENV)/bin/maturin sdist --out dist
+	mkdir -p target/sdist
+	tar -xzmf dist/*.tar.gz -C target/sdist
+	cd target/sdist/dualsample_rs-* && PATH="$(abspath $(VENV))/bin:$$PATH" $(abspath $(VENV))/bin/maturin build \
+		--release --locked --zig --compatibility $(WHEEL_PLATFORM) --target-dir $(abspath target/wheel) --out $(abspath dist)
+	$(VENV)/bin/auditwheel show dist/*.whl | tee target/auditwheel.txt
+	tr -s ' \n' ' ' < target/auditwheel.txt | grep -q 'consistent with the following platform tag: "$(WHEEL_PLATFORM)"'
+	@ls -l dist
+
+# The extension built for .venv's interpreter only (not abi3), which benches/bench_abi3.py
+# puts beside the abi3 one when DUALSAMPLE_PER_VERSION names its folder (as `make bench` does).
+PER_VERSION := target/per-version
+
+.PHONY: per-version ## build the extension without abi3 (for .venv's Python only) into target/per-version, for the benches
+per-version: install
+	rm -rf $(PER_VERSION)/dist $(PER_VERSION)/pkg
+	$(VENV)/bin/maturin build --release --locked --no-default-features --features python \
+		--target-dir $(PER_VERSION) --out $(PER_VERSION)/dist
+	$(PY) -m zipfile -e $(PER_VERSION)/dist/*.whl $(PER_VERSION)/pkg
 
 # The commit whose package the benches put beside the current one (the last with the
 # hand-written HTTP client); `make previous` checks it out into .bench-previous.
@@ -112,6 +150,7 @@ test-engines: build-prod
 .PHONY: bench ## benchmark tables: Rust against the numpy reference on one core, then on all cores (release build)
 bench: build-prod
 	RAYON_NUM_THREADS=1 DUALSAMPLE_PREVIOUS=$(if $(wildcard $(PREVIOUS_PKG)/_core*.so),$(PREVIOUS_PKG),) \
+		DUALSAMPLE_PER_VERSION=$(if $(wildcard $(PER_VERSION)/pkg/dualsample_rs/_core*.so),$(abspath $(PER_VERSION)/pkg/dualsample_rs),) \
 		$(PY) -m pytest benches -q -p no:randomly --benchmark-enable --benchmark-sort=name
 	$(PY) -m pytest benches/bench_kernels.py -q --benchmark-enable --benchmark-sort=name -k "rust and 1024"
 
@@ -121,5 +160,5 @@ demo: build-prod
 
 .PHONY: clean ## remove build products and the venv
 clean:
-	rm -rf target $(VENV) .pytest_cache .benchmarks
+	rm -rf target dist $(VENV) .pytest_cache .benchmarks
 	git worktree remove --force .bench-previous 2>/dev/null || true
