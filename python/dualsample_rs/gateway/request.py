@@ -266,6 +266,8 @@ def _stop_ids(fields: _Fields) -> tuple[int, ...]:
 
 
 def _logprob_count(fields: _Fields, key: str, limits: Limits) -> int | None:
+    if isinstance(fields.get(key), bool):  # as pydantic reads it for vLLM: true is 1 (rLLM sends it)
+        return int(fields.get(key))
     value = fields.integer(key)
     if value is None:
         return None
@@ -274,7 +276,9 @@ def _logprob_count(fields: _Fields, key: str, limits: Limits) -> int | None:
         raise RequestError(f"`{name}` must be a non-negative value.", name)
     if value > limits.max_logprobs:
         raise RequestError(
-            f"Requested sample logprobs of {value}, which is greater than max allowed: {limits.max_logprobs}", name
+            f"Requested sample logprobs of {value}, which is greater than max allowed: {limits.max_logprobs} "
+            f"(parameter={name}, value={value})",
+            name,
         )
     return value
 

@@ -301,7 +301,7 @@ class Stream:
         self.sent[index] = ""
         if req.route == "chat":
             chunk = self._chunk(index, {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                        "finish_reason": None})  # fmt: skip
+                                        "finish_reason": None, EXTENSION: extension([], None)})  # fmt: skip
             if req.return_token_ids:
                 chunk["prompt_token_ids"] = self.ans.prompt_of(index)
             return [chunk]
@@ -311,6 +311,7 @@ class Stream:
             if req.return_token_ids:
                 choice["prompt_token_ids"] = self.ans.prompt_of(index)
                 choice["token_ids"] = []
+            choice[EXTENSION] = extension([], None)
             return [self._chunk(index, choice)]
         return []
 
