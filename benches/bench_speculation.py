@@ -19,7 +19,7 @@ import time
 
 import pytest
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, coordinator
-from dualsample_rs.jobs import DEMO_QUESTIONS
+from dualsample_rs.cli.jobs import DEMO_QUESTIONS
 from dualsample_rs.server import running_server
 from dualsample_rs.server.corpus import chat
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dualsample_rs.output_file import OutputLock
+from dualsample_rs.io.output_file import OutputLock
 from support import QUESTIONS, generate_cli, read_records, wait_cli, write_input
 
 DEAD = ("http://127.0.0.1:9", "http://127.0.0.1:9")  # nothing listens on the discard port

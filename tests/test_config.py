@@ -11,8 +11,8 @@ from typing import Any, get_args
 import pytest
 from dualsample_rs import CoordinatorConfig, EnhancedCoordinatorConfig, InvalidInputError, SamplerConfig
 from dualsample_rs.backends import DIALECTS
-from dualsample_rs.cli import _demo_parser, _generate_parser, config_from_args
-from dualsample_rs.config import (
+from dualsample_rs.cli.parsing import _demo_parser, _generate_parser, config_from_args
+from dualsample_rs.config.coordinator import (
     DIALECT_NAMES,
     SAMPLER,
     SETTINGS,
@@ -21,8 +21,8 @@ from dualsample_rs.config import (
     SamplerSettings,
     TransportSettings,
 )
+from dualsample_rs.config.declare import Range, Setting, check
 from dualsample_rs.exceptions import ConfigurationError
-from dualsample_rs.settings import Range, Setting, check
 
 # Every keyword CoordinatorConfig took before its settings were split into parts, with a
 # value other than the default.

@@ -12,7 +12,7 @@ from pathlib import Path
 import dualsample_rs as ds
 import pytest
 from dualsample_rs import ConfigurationError, CoordinatorConfig, DualVLLMCoordinator
-from dualsample_rs.coordinator import WorkItem
+from dualsample_rs.engine.coordinator import WorkItem
 from dualsample_rs.server import running_server
 from support import (
     PLAIN,

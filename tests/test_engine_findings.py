@@ -70,7 +70,7 @@ def test_c_sglang_rescoring_takes_the_last_id_of_the_vocabulary(sglang_pair: tup
 
 
 async def _vocab_of(backend: SGLangBackend) -> int:
-    from dualsample_rs.handshake import _vocab_size
+    from dualsample_rs.engine.handshake import _vocab_size
 
     size = await _vocab_size(backend, [72])
     assert size is not None

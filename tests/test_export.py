@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 from dualsample_rs import export as ex
-from dualsample_rs.cli import main
+from dualsample_rs.cli.parsing import main
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

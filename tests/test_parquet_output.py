@@ -18,7 +18,7 @@ from support import QUESTIONS, generate_cli, read_records, wait_cli, write_input
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from dualsample_rs.parquet_file import (  # noqa: E402
+from dualsample_rs.io.parquet_file import (  # noqa: E402
     ParquetRecordWriter,
     id_kind,
     iter_records,

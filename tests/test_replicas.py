@@ -101,7 +101,7 @@ def test_a_replica_with_another_vocabulary_is_refused(replicas) -> None:
 def test_cli_takes_repeated_and_comma_separated_urls(replicas) -> None:
     import argparse
 
-    from dualsample_rs.cli import _generate_parser, config_from_args
+    from dualsample_rs.cli.parsing import _generate_parser, config_from_args
 
     (a1, a2), (b1, b2) = replicas
     parser = argparse.ArgumentParser()

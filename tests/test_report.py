@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from dualsample_rs.cli import main
+from dualsample_rs.cli.parsing import main
 from dualsample_rs.exceptions import InvalidInputError
 from dualsample_rs.report import render_text, summarise
 from dualsample_rs.report.accumulate import Histogram, IntCounts, LogSumExp, PositionMeans, Reservoir
@@ -367,7 +367,7 @@ def test_html_page_renders_in_chromium(tmp_path: Path) -> None:
 def _peak_rss_kb(path: Path, *args: str) -> int:
     code = (
         "import resource, sys\n"
-        "from dualsample_rs.cli import main\n"
+        "from dualsample_rs.cli.parsing import main\n"
         "import io, contextlib\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         f"    assert main(['report', {str(path)!r}, *{list(args)!r}]) == 0\n"

@@ -26,8 +26,8 @@ from dualsample_rs.backends import (
     VLLMCompletionsBackend,
     VLLMGenerateBackend,
 )
+from dualsample_rs.engine.round import AUTO_RANGE, auto_drafts
 from dualsample_rs.exceptions import ConfigurationError, InvalidInputError, InvalidResponseError
-from dualsample_rs.round import AUTO_RANGE, auto_drafts
 from dualsample_rs.server import running_server
 from scipy import stats
 from support import doomed_server, generate_cli, pair_config, read_records, run_coordinator, wait_cli, write_input

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from dualsample_rs import DualVLLMCoordinator, GenerationOutput
-from dualsample_rs.handshake import agree
+from dualsample_rs.engine.handshake import agree
 from dualsample_rs.server import running_server
 from dualsample_rs.server.cli import MODELS
 from dualsample_rs.server.corpus import chat

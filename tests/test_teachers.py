@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator
 from dualsample_rs.backends import Context, TopK
-from dualsample_rs.config import TeacherSettings, mix_text, teacher_text
+from dualsample_rs.config.coordinator import TeacherSettings, mix_text, teacher_text
+from dualsample_rs.engine.sequence import Sequence, WorkItem, stable_key
 from dualsample_rs.exceptions import BadRequestError, ConfigurationError, Response
-from dualsample_rs.output import GenerationOutput
-from dualsample_rs.sequence import Sequence, WorkItem, stable_key
+from dualsample_rs.io.record import GenerationOutput
 from support import PLAIN, QUESTIONS, doomed_server, generate_cli, read_records, wait_cli
 
 # (dialect, flavor of the servers)
@@ -152,7 +152,7 @@ def test_bad_teacher_settings_are_refused(kwargs: dict, message: str) -> None:
 
 
 def test_the_command_line_refuses_both_teacher_forms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from dualsample_rs.cli import main
+    from dualsample_rs.cli.parsing import main
 
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"prompt": "x"}\n')
@@ -326,8 +326,8 @@ def test_command_line_routing_mixtures_rescoring_and_parquet(
     """``--teacher`` twice, ``--mix`` for lines that name none, a line's own ``teachers``;
     the Parquet output holds exactly the JSONL records; a mixture's exact values are its
     teachers' own, summed by weight."""
-    from dualsample_rs.cli import main
-    from dualsample_rs.parquet_file import iter_records
+    from dualsample_rs.cli.parsing import main
+    from dualsample_rs.io.parquet_file import iter_records
 
     inp = tmp_path / "in.jsonl"
     lines = [{"teacher": "chat"}, {"teacher": "math"}, {"teachers": {"chat": 0.25, "math": 0.75}}, {}, {}]
@@ -365,7 +365,7 @@ def test_own_prompt_field_teacher_field_and_default_teacher_on_the_command_line(
 ) -> None:
     """A teacher that reads its prompt from a field of its own, lines routed by another
     field, and a default teacher that is not the first."""
-    from dualsample_rs.cli import main
+    from dualsample_rs.cli.parsing import main
 
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     problem = "Ana has 3 apples and gets 4 more. How many apples does Ana have now?"
@@ -467,9 +467,9 @@ class _FakeModel:
 
 def _routed_step(base: _FakeModel, poisoned: set[int]) -> list[Sequence]:
     """One step of four sequences, two per teacher, the base poisoned in `poisoned`."""
-    from dualsample_rs.round import Round, Routed
-    from dualsample_rs.statistics import Statistics
-    from dualsample_rs.strategies import BothTopK
+    from dualsample_rs.engine.round import Round, Routed
+    from dualsample_rs.engine.stats import Statistics
+    from dualsample_rs.engine.strategies import BothTopK
 
     config, stats = CoordinatorConfig(top_k=8), Statistics()
     rounds = {

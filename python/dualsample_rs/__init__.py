@@ -18,8 +18,14 @@ from ._core import (
     step,
 )
 from .backends import SGLangBackend, VLLMCompletionsBackend, VLLMGenerateBackend
-from .config import CoordinatorConfig, EnhancedCoordinatorConfig, TeacherSettings
-from .coordinator import DualVLLMCoordinator, EnhancedDualVLLMCoordinator, generate_with_dual_prompts
+from .config.coordinator import CoordinatorConfig, EnhancedCoordinatorConfig, TeacherSettings
+from .engine.coordinator import (
+    Coordinator,
+    DualVLLMCoordinator,
+    EnhancedDualVLLMCoordinator,
+    generate_with_dual_prompts,
+)
+from .engine.sequence import WorkItem, stable_key
 from .exceptions import (
     APIConnectionError,
     APIError,
@@ -31,8 +37,7 @@ from .exceptions import (
     InvalidInputError,
     InvalidResponseError,
 )
-from .output import GenerationOutput
-from .sequence import WorkItem, stable_key
+from .io.record import GenerationOutput
 
 # The vLLM completions backend under its earlier name.
 VLLMClient = VLLMCompletionsBackend
@@ -43,6 +48,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "ConfigurationError",
+    "Coordinator",
     "CoordinatorConfig",
     "DualSampleError",
     "DualVLLMCoordinator",

@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .exceptions import DualSampleError, InvalidInputError
-from .input_file import id_text
-from .records import read_records
+from .io.input_file import id_text
+from .io.records import read_records
 
 FORMATS = ("axolotl-kd", "slime", "verl", "messages")
 #: Which of a record's prompts a conversation's user turn is.

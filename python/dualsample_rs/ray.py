@@ -23,13 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import CoordinatorConfig
-from .coordinator import DualVLLMCoordinator
+from .config.coordinator import CoordinatorConfig
+from .engine.coordinator import Coordinator
+from .engine.sequence import WorkItem, stable_key
 from .exceptions import InvalidInputError
-from .input_file import Fields
-from .output import MIXTURE_FIELDS, GenerationOutput
-from .sequence import WorkItem, stable_key
-from .strategies import base_scores_candidates
+from .io.input_file import Fields
+from .io.record import MIXTURE_FIELDS, GenerationOutput
 
 # The record's fields as columns; `diagnostics` (a nested mapping) goes as JSON text.
 COLUMNS = ("id", "prompt", "teacher_prompt", "text", "token_ids", "alpha", "logp_theta", "logp_t", "logq",
@@ -68,7 +67,7 @@ class DualSample:
     Args:
         config: a `CoordinatorConfig`, or its fields as a dict.
         max_tokens, temperature, teacher_chat, diagnostics: as for
-            :meth:`DualVLLMCoordinator.iter_generate`.
+            :meth:`Coordinator.iter_generate`.
         prompt_field, teacher_field: the input columns (the teacher's defaults to the prompt).
         actors: how many actors share the replicas; each takes its share of them (by a
             hash of its actor id), or all when there are fewer replicas than actors.
@@ -101,10 +100,10 @@ class DualSample:
         self.teacher_chat, self.diagnostics = teacher_chat, diagnostics
         self.prompt_field, self.teacher_field = prompt_field, teacher_field
         self.loop = asyncio.new_event_loop()
-        self.coord = DualVLLMCoordinator(cfg)
+        self.coord = Coordinator(cfg)
         self.loop.run_until_complete(self.coord.start())
         run = cfg.run
-        both = run.save_topk_of == "both" or base_scores_candidates(cfg)
+        both = run.save_topk_of == "both" or cfg.base_scores_candidates
         self.columns = (
             COLUMNS
             + (RESCORED if run.rescore else ())

@@ -507,7 +507,7 @@ def step(
 ) -> ReferenceStepResult:
     """numpy twin of :func:`dualsample_rs.step`; `config` is a :class:`SamplerConfig`."""
     if config is None:
-        from . import SamplerConfig
+        from ._core import SamplerConfig
 
         config = SamplerConfig()
     ia, _ = _as_rows(ids_theta, np.int64)

@@ -172,8 +172,8 @@ def check_several_teachers(engine: Engine, dialect: str) -> int:
     positions rebuilt."""
     import numpy as np
     from dualsample_rs import reference
-    from dualsample_rs.config import TeacherSettings
-    from dualsample_rs.sequence import WorkItem, stable_key
+    from dualsample_rs.config.coordinator import TeacherSettings
+    from dualsample_rs.engine.sequence import WorkItem, stable_key
 
     teachers = {
         "chat": TeacherSettings(engine.teacher, chat=True),

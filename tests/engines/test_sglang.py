@@ -94,7 +94,7 @@ def test_the_last_id_of_the_vocabulary_is_rescored(engine: Engine, models: Path)
 
     async def go() -> list[float]:
         async with SGLangBackend(engine.theta) as b:
-            from dualsample_rs.handshake import _vocab_size
+            from dualsample_rs.engine.handshake import _vocab_size
 
             vocab = await _vocab_size(b, [72])
             assert vocab is not None

@@ -26,17 +26,6 @@ from typing import Any, TypeVar, overload
 
 import aiohttp
 
-from .._constants import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_CONNECTIONS,
-    DEFAULT_MAX_REPLY_BYTES,
-    DEFAULT_MAX_RETRIES,
-    DEFAULT_TIMEOUT,
-    INITIAL_RETRY_DELAY,
-    MAX_RETRY_AFTER,
-    MAX_RETRY_DELAY,
-    RETRYABLE_STATUS,
-)
 from ..exceptions import (
     APIConnectionError,
     APIError,
@@ -49,6 +38,17 @@ from ..exceptions import (
     MismatchedReplyError,
     Response,
     status_error,
+)
+from .constants import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_CONNECTIONS,
+    DEFAULT_MAX_REPLY_BYTES,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    INITIAL_RETRY_DELAY,
+    MAX_RETRY_AFTER,
+    MAX_RETRY_DELAY,
+    RETRYABLE_STATUS,
 )
 from .facts import ModelCard
 from .transport import Transport

@@ -14,7 +14,9 @@ requests fail.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -31,6 +33,9 @@ log = logging.getLogger("dualsample_rs.replicas")
 T = TypeVar("T")
 # Seconds between probes of a replica out of rotation.
 PROBE_INTERVAL = 1.0
+# Prompts whose ids are remembered per model: users repeat prompts (n samples of each),
+# and a prompt's ids do not change while the model's tokenizer does not.
+TOKENIZE_CACHE = 4096
 
 
 @dataclass
@@ -64,6 +69,10 @@ class ReplicaSet:
         self._probe = probe
         self._expected: list[object] = [None] * len(replicas)
         self._probes: dict[int, asyncio.Task[None]] = {}
+        # Ids of prompts tokenised before, and requests under way (so that n copies of a
+        # prompt arriving together ask once).
+        self._tokenized: OrderedDict[tuple[object, ...], tuple[int, ...]] = OrderedDict()
+        self._tokenizing: dict[tuple[object, ...], asyncio.Future[list[int]]] = {}
 
     # ------------------------------------------------------------ bookkeeping
     @property
@@ -274,7 +283,29 @@ class ReplicaSet:
         messages: list[dict[str, str]] | None = None,
         add_special_tokens: bool = True,
     ) -> list[int]:
-        return await self._any(lambda b: b.tokenize(prompt, messages=messages, add_special_tokens=add_special_tokens))
+        """The ids, asked of one replica once per distinct prompt (see TOKENIZE_CACHE)."""
+        key = (prompt, None if messages is None else json.dumps(messages, sort_keys=True), add_special_tokens)
+        known = self._tokenized.get(key)
+        if known is not None:
+            self._tokenized.move_to_end(key)
+            return list(known)
+        pending = self._tokenizing.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(
+                self._any(lambda b: b.tokenize(prompt, messages=messages, add_special_tokens=add_special_tokens))
+            )
+            self._tokenizing[key] = pending
+            pending.add_done_callback(lambda done: self._remember(key, done))
+        # Shielded: one caller cancelled (its record dropped) leaves the others waiting.
+        return list(await asyncio.shield(pending))
+
+    def _remember(self, key: tuple[object, ...], done: asyncio.Future[list[int]]) -> None:
+        del self._tokenizing[key]
+        if done.cancelled() or done.exception() is not None:
+            return  # a failure is not remembered: the next record asks again
+        self._tokenized[key] = tuple(done.result())
+        if len(self._tokenized) > TOKENIZE_CACHE:
+            self._tokenized.popitem(last=False)
 
     async def detokenize(self, ids: list[int]) -> str:
         return await self._any(lambda b: b.detokenize(ids))

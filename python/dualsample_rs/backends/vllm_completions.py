@@ -191,7 +191,7 @@ class VLLMCompletionsBackend(HttpBackend):
             head["model"] = self.model
         sent = sum(len(c) for c in contexts) + sum(len(t) for t in tails or ())
         content = body_with_lists(head, "prompt", contexts, tails)
-        data = await self._request("POST", "/v1/completions", content=content, decode=_checked("id", sent))
+        data = await self._request("POST", "/v1/completions", content=content, decode=checked("id", sent))
         try:
             choices = sorted(data["choices"], key=lambda c: c["index"])
         except (KeyError, TypeError) as err:
@@ -206,7 +206,7 @@ class VLLMCompletionsBackend(HttpBackend):
         body: dict[str, Any] = {"prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
         if self.model:
             body["model"] = self.model
-        data = await self._request("POST", "/v1/completions", body, decode=_checked("id", len(ids)))
+        data = await self._request("POST", "/v1/completions", body, decode=checked("id", len(ids)))
         return self._prompt_logprobs(lambda: data["choices"][0]["prompt_logprobs"], ids, start)
 
     def _prompt_logprobs(self, entries_of: Callable[[], Any], ids: list[int], start: int) -> list[float]:
@@ -312,7 +312,7 @@ def chat_or_text(prompt: str | None, messages: list[dict[str, str]] | None, add_
     return {"prompt": prompt, "add_special_tokens": add_special_tokens}
 
 
-def _checked(id_key: str, sent: int) -> Callable[[bytes, str], Any]:
+def checked(id_key: str, sent: int) -> Callable[[bytes, str], Any]:
     """A decoder of a JSON reply that checks it against its request: its id (at
     `id_key`) and ``usage.prompt_tokens`` (`sent`), where it has them."""
 

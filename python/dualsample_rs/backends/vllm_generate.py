@@ -17,7 +17,7 @@ from .. import _core
 from ..exceptions import BadRequestError, InvalidInputError, LogprobsLimitError
 from .base import VLLM_MAX_SCORED_IDS, Positions, TopK, gather_scores, join
 from .context import Context, body_with_list
-from .vllm_completions import VLLMCompletionsBackend, _checked
+from .vllm_completions import VLLMCompletionsBackend, checked
 
 GENERATE_PATH = "/inference/v1/generate"
 
@@ -147,7 +147,7 @@ class VLLMGenerateBackend(VLLMCompletionsBackend):
         if self.model:
             head["model"] = self.model
         data = await self._request(
-            "POST", GENERATE_PATH, {**head, "token_ids": ids}, decode=_checked("request_id", len(ids))
+            "POST", GENERATE_PATH, {**head, "token_ids": ids}, decode=checked("request_id", len(ids))
         )
         return self._prompt_logprobs(lambda: data["prompt_logprobs"], ids, start)
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..output import DIAGNOSTIC_NAMES
+from ..io.record import DIAGNOSTIC_NAMES
 from .accumulate import Histogram, IntCounts, LogSumExp, PositionMeans, Reservoir
 from .reading import Chunk
 

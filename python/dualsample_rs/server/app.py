@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .. import __version__
+from .._core import __version__
 from . import completions as completion_api
 from . import generate_api
 from .errors import APIError, bad_request, valid_text

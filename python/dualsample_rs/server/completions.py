@@ -127,7 +127,7 @@ def validate_prompt(ids: list[int], model: Model, param: str = "prompt") -> None
         raise bad_request("max_tokens must be at least 1, got 0.", "max_tokens")
 
 
-def _logprob_count(body: dict[str, Any], name: str, cap: int, kind: str) -> int | None:
+def logprob_count(body: dict[str, Any], name: str, cap: int, kind: str) -> int | None:
     value = _int(body, name, None)
     if value is None:
         return None
@@ -177,8 +177,8 @@ def parse(body: Any, model: Model, max_logprobs: int) -> Request:
     if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
         raise bad_request("stop_token_ids must be a list of integers", "stop_token_ids")
     echo = _bool(body, "echo", False)
-    logprobs = _logprob_count(body, "logprobs", max_logprobs, "sample")
-    prompt_logprobs = _logprob_count(body, "prompt_logprobs", max_logprobs, "prompt")
+    logprobs = logprob_count(body, "logprobs", max_logprobs, "sample")
+    prompt_logprobs = logprob_count(body, "prompt_logprobs", max_logprobs, "prompt")
     if echo and logprobs is not None and prompt_logprobs is None:
         prompt_logprobs = logprobs
     seed = _int(body, "seed", None)
@@ -332,7 +332,7 @@ def wire(x: float) -> float:
     return x if math.isfinite(x) else NEG_INF_WIRE
 
 
-def _entry_ids(lp: np.ndarray, sampled: int, k: int, score_ids: list[int] | None) -> list[int]:
+def entry_ids(lp: np.ndarray, sampled: int, k: int, score_ids: list[int] | None) -> list[int]:
     """The ids reported at a generated position, in vLLM's order: the sampled token first,
     then the given ids when scoring, else the top k (each id once)."""
     rest = score_ids if score_ids is not None else [int(t) for t in top_ids(lp, k)]
@@ -353,7 +353,7 @@ def _top_logprobs(model: Model, lp: np.ndarray, sampled: int, req: Request) -> d
     assert req.logprobs is not None
     return {
         _key(model, t, req.ids_as_keys): wire(lp[t])
-        for t in _entry_ids(lp, sampled, req.logprobs, req.logprob_token_ids)
+        for t in entry_ids(lp, sampled, req.logprobs, req.logprob_token_ids)
     }
 
 

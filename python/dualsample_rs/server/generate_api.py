@@ -15,9 +15,9 @@ import numpy as np
 from .completions import (
     Request,
     Sequence,
-    _entry_ids,
-    _logprob_count,
     check_body,
+    entry_ids,
+    logprob_count,
     logprob_token_ids,
     prompt_logprob_entries,
     usage,
@@ -89,7 +89,7 @@ def parse(body: Any, model: Model, max_logprobs: int, trace_replay: bool = False
         )
     if params.get("logprobs") is None:
         score_ids = None  # as vLLM 0.32: the ids are not scored unless logprobs is set
-    logprobs = _logprob_count(params, "logprobs", max_logprobs, "sample") if score_ids is None else None
+    logprobs = logprob_count(params, "logprobs", max_logprobs, "sample") if score_ids is None else None
     temperature = params.get("temperature", 1.0)
     if not isinstance(temperature, (int, float)) or not 0.0 <= temperature <= 2.0:
         raise bad_request(f"temperature must be in [0, 2], got {temperature}.", "temperature")
@@ -103,7 +103,7 @@ def parse(body: Any, model: Model, max_logprobs: int, trace_replay: bool = False
         seed=params.get("seed"),
         n=1,
         logprobs=len(score_ids) if score_ids is not None else logprobs,
-        prompt_logprobs=_logprob_count(params, "prompt_logprobs", max_logprobs, "prompt"),
+        prompt_logprobs=logprob_count(params, "prompt_logprobs", max_logprobs, "prompt"),
         echo=False,
         ids_as_keys=True,
         stop=[],
@@ -123,7 +123,7 @@ def _generate_entry_ids(lp: np.ndarray, sampled: int, k: int, score_ids: list[in
     (`k` = ``logprobs``), the sampled token first, then the top k (so the sampled token
     and the top k - 1 when it is outside the top k), or the given ids (so the last is
     left out when the sampled token is not among them)."""
-    return _entry_ids(lp, sampled, k, score_ids)[:k]
+    return entry_ids(lp, sampled, k, score_ids)[:k]
 
 
 def respond(req: Request, model: Model, seq: Sequence, return_token_ids: bool) -> dict[str, Any]:

@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backends import RequestStats
-from .output import GenerationOutput
+from ..backends import RequestStats
+from ..io.record import GenerationOutput
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Defaults shared by the HTTP client and the coordinator."""
+"""Defaults and limits shared by the HTTP client, the handshake and the settings."""
 
 from __future__ import annotations
 

@@ -18,7 +18,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from ._constants import (
+from .._core import SamplerConfig
+from ..backends import Dialect
+from ..backends.constants import (
     DEFAULT_CONNECTIONS,
     DEFAULT_MAX_REPLY_BYTES,
     DEFAULT_MAX_RETRIES,
@@ -30,10 +32,8 @@ from ._constants import (
     MAX_SPECULATE,
     MIB,
 )
-from ._core import SamplerConfig
-from .backends import Dialect
-from .exceptions import ConfigurationError, InvalidInputError
-from .settings import Flag, Range, Setting, check, declared, document, setting
+from ..exceptions import ConfigurationError, InvalidInputError
+from .declare import Flag, Range, Setting, check, declared, document, setting
 
 AlphaMethod = Literal["kl_symmetry", "fixed", "entropy", "ess_balance"]
 Scoring = Literal["topk", "exact"]
@@ -680,6 +680,12 @@ class CoordinatorConfig:
     def servers(self) -> tuple[ServerSettings, ServerSettings]:
         """The per-server part of the transport: (base, teacher)."""
         return self.transport.servers
+
+    @property
+    def base_scores_candidates(self) -> bool:
+        """Whether the base is asked to score the teacher's candidates (exact scoring):
+        then records can hold the base's values of the teacher's top-k too."""
+        return self.run.scoring == "exact"
 
     def sampler_config(self, exclude_ids: tuple[int, ...], diagnostics: bool = False) -> SamplerConfig:
         """The Rust step's settings for this run (see `SamplerSettings.kernel_config`)."""

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin
 
-from .exceptions import ConfigurationError
+from ..exceptions import ConfigurationError
 
 _SAME: Any = object()
 

@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
-from .backends import Backend, TopK
-from .config import CoordinatorConfig
-from .exceptions import APIError, BadRequestError, DualSampleError, InvalidInputError
-from .output import DIAGNOSTIC_NAMES, GenerationOutput
-from .reference import unlisted_bound
+from .. import _core
+from ..backends import Backend, TopK
+from ..config.coordinator import CoordinatorConfig
+from ..exceptions import APIError, BadRequestError, DualSampleError, InvalidInputError
+from ..io.record import DIAGNOSTIC_NAMES, GenerationOutput
+from ..reference import unlisted_bound
 from .sequence import Sequence
-from .statistics import Statistics
+from .stats import Statistics
 from .strategies import Bundle, SharedBase, Strategy
 
 _COLUMNS = ("token_id", "alpha", "logp_theta", "logp_t", "logq", "observed_theta", "observed_t", "fallback")

@@ -9,7 +9,7 @@ and rewrites only the offset fields, copying every other byte as it is.
 
 from __future__ import annotations
 
-from .exceptions import DualSampleError
+from ..exceptions import DualSampleError
 
 # Compact protocol type codes.
 _TRUE, _FALSE, _BYTE, _I16, _I32, _I64, _DOUBLE, _BINARY, _LIST, _SET, _MAP, _STRUCT = range(1, 13)

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .exceptions import InvalidInputError
+from ..exceptions import InvalidInputError
 
 if TYPE_CHECKING:
-    from .config import TeacherSettings
+    from ..config.coordinator import TeacherSettings
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,12 @@ import sys
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import InvalidInputError
+from ..exceptions import InvalidInputError
 
 if TYPE_CHECKING:
-    from .config import CoordinatorConfig
-    from .input_file import InputRecord
-    from .sequence import WorkItem
+    from ..config.coordinator import CoordinatorConfig
+    from ..engine.sequence import WorkItem
+    from ..io.input_file import InputRecord
 
 
 def _check_paths(inp: str, out: str, directory: bool = False) -> None:
@@ -73,14 +73,14 @@ def _check_generate(args: argparse.Namespace) -> None:
 async def run_generate(args: argparse.Namespace, config: CoordinatorConfig) -> int:
     """``dualsample generate`` in this process: records appended as sequences finish
     (one JSON line each, or Parquet row groups when the output ends in ``.parquet``)."""
-    from .coordinator import DualVLLMCoordinator
-    from .input_file import Fields, check_input, read_input
-    from .output_file import OutputLock, prepare_resume, scan_output
+    from ..engine.coordinator import Coordinator
+    from ..io.input_file import Fields, check_input, read_input
+    from ..io.output_file import OutputLock, prepare_resume, scan_output
 
     _check_generate(args)
     parquet = args.output.endswith(".parquet")
     if parquet:
-        from . import parquet_file
+        from ..io import parquet_file
 
         parquet_file.require_pyarrow()
     with OutputLock(args.output):
@@ -98,7 +98,7 @@ async def run_generate(args: argparse.Namespace, config: CoordinatorConfig) -> i
             if existing is None or not existing.is_done(r.id)
         )
         failed = 0
-        async with DualVLLMCoordinator(config) as coord:
+        async with Coordinator(config) as coord:
             writer: Any
             if parquet:
                 # The schema follows the settings, known once the servers have answered
@@ -137,7 +137,7 @@ async def run_generate(args: argparse.Namespace, config: CoordinatorConfig) -> i
 
 def work_item(r: InputRecord, teacher_chat: bool) -> WorkItem:
     """What to generate for one line of the input."""
-    from .sequence import WorkItem, stable_key
+    from ..engine.sequence import WorkItem, stable_key
 
     return WorkItem(stable_key(r.id), r.prompt, r.teacher_prompt, r.id, teacher_chat, f"line {r.line}", r.teacher,
                     r.teacher_prompts, r.mix)  # fmt: skip
@@ -146,10 +146,10 @@ def work_item(r: InputRecord, teacher_chat: bool) -> WorkItem:
 def _open_writer(args: argparse.Namespace, schema: Any) -> Any:
     """The output's writer: Parquet row groups for a ``.parquet`` output, else JSON lines."""
     if schema is not None:
-        from .parquet_file import ParquetRecordWriter
+        from ..io.parquet_file import ParquetRecordWriter
 
         return ParquetRecordWriter(args.output, schema, append=args.resume)
-    from .output_file import RecordWriter
+    from ..io.output_file import RecordWriter
 
     return RecordWriter(args.output, append=args.resume)
 
@@ -217,8 +217,8 @@ def run_ray(args: argparse.Namespace, config: CoordinatorConfig) -> int:
         import ray
     except ImportError:
         raise InvalidInputError("--ray: the ray extra is not installed (pip install 'dualsample_rs[ray]')") from None
-    from .input_file import check_input
-    from .output_file import OutputLock
+    from ..io.input_file import check_input
+    from ..io.output_file import OutputLock
 
     address = _ray_address(args.ray)
 
@@ -256,8 +256,8 @@ def run_ray(args: argparse.Namespace, config: CoordinatorConfig) -> int:
 
 
 def _ray_job(args: argparse.Namespace, config: CoordinatorConfig, ray: Any) -> int:
-    from .output_file import RecordWriter
-    from .ray import DualSample, record_from_row
+    from ..io.output_file import RecordWriter
+    from ..ray import DualSample, record_from_row
 
     kwargs = {"config": config, "max_tokens": args.max_tokens, "teacher_chat": args.teacher_chat,
               "diagnostics": args.diagnostics, "prompt_field": args.prompt_field,
@@ -296,9 +296,9 @@ DEMO_QUESTIONS = [
 
 async def run_demo(args: argparse.Namespace) -> int:
     """``dualsample demo``: two reference servers, a few questions, samples printed."""
-    from .config import CoordinatorConfig
-    from .coordinator import DualVLLMCoordinator
-    from .server import running_server
+    from ..config.coordinator import CoordinatorConfig
+    from ..engine.coordinator import Coordinator
+    from ..server import running_server
 
     flavor: dict[str, Any] = (
         {"flavor": "sglang"}
@@ -309,7 +309,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     with running_server("base", **flavor) as theta_url, running_server("teacher", **flavor) as t_url:
         config = CoordinatorConfig(theta_url=theta_url, t_url=t_url, seed=args.seed, exclude_special_tokens=True,
                                    dialect=args.dialect, scoring=args.scoring, speculate=args.speculate)  # fmt: skip
-        async with DualVLLMCoordinator(config) as coord:
+        async with Coordinator(config) as coord:
             plain = [f"Question: {q}\nAnswer:" for q in DEMO_QUESTIONS]
             # the teacher's server renders each question in its chat template
             outs = await coord.generate_batch_dual_prompts(
@@ -341,8 +341,8 @@ async def run_bench(args: argparse.Namespace) -> int:
     """``dualsample bench``: the Rust step against the numpy reference."""
     import time
 
-    from . import _core, reference
-    from .synthetic import topk_pair
+    from .. import _core, reference
+    from ..synthetic import topk_pair
 
     data = topk_pair(args.rows, args.k, vocab=8192, seed=0)
     config = _core.SamplerConfig()

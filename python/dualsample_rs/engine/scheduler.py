@@ -12,8 +12,8 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
-from .exceptions import APIError, DualSampleError
-from .output import GenerationOutput
+from ..exceptions import APIError, DualSampleError
+from ..io.record import GenerationOutput
 from .sequence import Sequence, WorkItem
 
 # Items being prepared (tokenised) ahead of the workers at any moment.

@@ -6,9 +6,9 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backends import Context
-from .output import GenerationOutput
-from .prompts import Prompt
+from ..backends import Context
+from ..io.prompts import Prompt
+from ..io.record import GenerationOutput
 
 
 def stable_key(value: Any) -> int:

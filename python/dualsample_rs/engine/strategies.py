@@ -26,10 +26,10 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from . import _core
-from .backends import Backend, Positions, TopK
-from .config import CoordinatorConfig
-from .exceptions import BadRequestError
+from .. import _core
+from ..backends import Backend, Positions, TopK
+from ..config.coordinator import CoordinatorConfig
+from ..exceptions import BadRequestError
 from .sequence import Sequence
 
 
@@ -111,20 +111,15 @@ class Strategy(Protocol):
         ...
 
 
-def base_scores_candidates(config: CoordinatorConfig) -> bool:
-    """Whether the base will be asked to score the teacher's candidates."""
-    return config.run.scoring == "exact"
-
-
 def scored_ids(config: CoordinatorConfig) -> tuple[int, int]:
     """The most ids each server, (base, teacher), will be asked to score at one
     position (0: none), which start-up checks against the server's cap."""
-    return (config.sampler.top_k if base_scores_candidates(config) else 0), 0
+    return (config.sampler.top_k if config.base_scores_candidates else 0), 0
 
 
 def choose(config: CoordinatorConfig, base: Backend, teacher: Backend, speculate: int | str) -> Strategy:
     """The run's strategy (`speculate`: what start-up found the servers allow)."""
-    exact, k = base_scores_candidates(config), config.sampler.top_k
+    exact, k = config.base_scores_candidates, config.sampler.top_k
     if speculate:
         return DraftThenVerify(base, teacher, k, exact)
     return TeacherThenBase(base, teacher, k) if exact else BothTopK(base, teacher, k)
@@ -133,7 +128,7 @@ def choose(config: CoordinatorConfig, base: Backend, teacher: Backend, speculate
 async def speculation_problem(config: CoordinatorConfig, base: Backend, teacher: Backend) -> str | None:
     """Why speculative rounds cannot run on these servers (None: they can)."""
     return await teacher.speculation_problem(False, top_k=config.sampler.top_k) or await base.speculation_problem(
-        True, config.run.verify_prompt_logprobs, base_scores_candidates(config), config.sampler.top_k
+        True, config.run.verify_prompt_logprobs, config.base_scores_candidates, config.sampler.top_k
     )
 
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._constants import KNOWN_EOS_STRINGS, KNOWN_SPECIAL_STRINGS, VOCAB_PROBE_TEXT
-from .backends import Backend, Context
-from .backends.base import VLLM_MAX_SCORED_IDS
-from .exceptions import BadRequestError, ConfigurationError, LogprobsLimitError
+from ..backends import Backend, Context
+from ..backends.base import VLLM_MAX_SCORED_IDS
+from ..backends.constants import KNOWN_EOS_STRINGS, KNOWN_SPECIAL_STRINGS, VOCAB_PROBE_TEXT
+from ..exceptions import BadRequestError, ConfigurationError, LogprobsLimitError
 
 UNLIMITED_LEN = 1 << 62
 

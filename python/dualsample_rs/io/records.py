@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from .exceptions import DualSampleError, InvalidInputError
+from ..exceptions import DualSampleError, InvalidInputError
 
 #: Records read from Parquet per batch.
 BATCH = 256

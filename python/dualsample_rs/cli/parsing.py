@@ -7,11 +7,20 @@ import asyncio
 import sys
 from typing import Any, NoReturn, get_args
 
-from . import export, jobs, report
-from .config import DIALECT_NAMES, SETTINGS, CoordinatorConfig, Scoring, mix_text, speculate_text, teacher_text
-from .exceptions import ConfigurationError, DualSampleError
-from .server import cli as serve_cli
-from .settings import Setting, help_text, scalar_type
+from .. import export, report
+from ..config.coordinator import (
+    DIALECT_NAMES,
+    SETTINGS,
+    CoordinatorConfig,
+    Scoring,
+    mix_text,
+    speculate_text,
+    teacher_text,
+)
+from ..config.declare import Setting, help_text, scalar_type
+from ..exceptions import ConfigurationError, DualSampleError
+from ..server import cli as serve_cli
+from . import jobs
 
 
 class _Parser(argparse.ArgumentParser):

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backends.replicas import ReplicaSet
-from .config import CoordinatorConfig, TeacherSettings, mix_weights, mixture_problem
-from .exceptions import InvalidInputError
+from ..backends.replicas import ReplicaSet
+from ..config.coordinator import CoordinatorConfig, TeacherSettings, mix_weights, mixture_problem
+from ..exceptions import InvalidInputError
 from .handshake import ServerInfo
 from .sequence import WorkItem
 

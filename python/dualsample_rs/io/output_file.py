@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .exceptions import DualSampleError, InvalidInputError
+from ..exceptions import DualSampleError, InvalidInputError
 from .input_file import id_hash
 
 
@@ -155,7 +155,7 @@ def scan_output(path: str, retry_errors: bool = False) -> ExistingOutput:
     return ExistingOutput(done, records, failed, complete, size)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -183,7 +183,7 @@ def prepare_resume(path: str, existing: ExistingOutput, retry_errors: bool) -> N
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        _fsync_dir(path)
+        fsync_dir(path)
     elif existing.complete_bytes < existing.size:
         with open(path, "r+b") as f:
             f.truncate(existing.complete_bytes)

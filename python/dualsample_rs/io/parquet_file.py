@@ -40,18 +40,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .exceptions import DualSampleError, InvalidInputError
+from ..exceptions import DualSampleError, InvalidInputError
 from .input_file import id_hash, id_text
-from .output import DIAGNOSTIC_NAMES, MIXTURE_FIELDS
-from .output_file import ExistingOutput, _fsync_dir
+from .output_file import ExistingOutput, fsync_dir
 from .parquet_footer import FooterError, shift_offsets
-from .strategies import base_scores_candidates
+from .record import DIAGNOSTIC_NAMES, MIXTURE_FIELDS
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .config import CoordinatorConfig
+    from ..config.coordinator import CoordinatorConfig
 
 # When a row group is written: whichever comes first. Large enough that a file's footer
 # (one entry per row group and column) stays small; short enough that a crash loses
@@ -153,7 +152,7 @@ def run_schema(config: CoordinatorConfig, speculate: bool, kind: str) -> pa.Sche
         rescore=bool(run.rescore),
         speculate=speculate,
         topk_t=topk,
-        topk_theta=topk and (of == "both" or base_scores_candidates(config)),
+        topk_theta=topk and (of == "both" or config.base_scores_candidates),
         teacher=bool(config.teachers),
     )
 
@@ -398,7 +397,7 @@ def prepare_parquet_resume(path: str, existing: ExistingOutput, retry_errors: bo
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        _fsync_dir(path)
+        fsync_dir(path)
     else:
         tail = _serialize(meta)
         with open(path, "r+b") as f:

@@ -1,11 +1,13 @@
-"""`DualVLLMCoordinator`: the public face of a run. It wires the parts together:
+"""`Coordinator` (earlier `DualVLLMCoordinator`): the public face of a run. It wires
+the parts together:
 
-- :mod:`.handshake` probes both servers at start-up;
-- :mod:`.backends` speak each server's wire dialect;
+- :mod:`.startup` and :mod:`.handshake` probe the base and every teacher at start-up;
+- :mod:`..backends` speak each server's wire dialect;
 - :mod:`.scheduler` keeps sequences in flight and batches them;
 - :mod:`.strategies` asks the servers for a round's rows, the way the run chose at start;
 - :mod:`.round` advances a batch by a round (one Rust `step`, then the tokens applied);
-- :mod:`.statistics` counts.
+- :mod:`.teachers` says which teacher (or mixture) each record goes to;
+- :mod:`.stats` counts.
 
 The draw for a token is keyed by (seed, the sequence's key, position), so records do not
 depend on concurrency, batching or dialect.
@@ -22,24 +24,23 @@ from collections.abc import AsyncIterator, Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from .backends import Backend, Connection, Context, DialectBackend, RequestStats, backend_for, open_backend
-from .backends.replicas import ReplicaSet
-from .config import CoordinatorConfig, ServerSettings, tempered_mixture
-from .exceptions import (
-    APIConnectionError,
+from ..backends import Backend, Context, RequestStats
+from ..backends.replicas import ReplicaSet
+from ..config.coordinator import CoordinatorConfig, tempered_mixture
+from ..exceptions import (
     APIError,
     ConfigurationError,
     DualSampleError,
-    InternalServerError,
     InvalidInputError,
 )
-from .handshake import ServerInfo, agree, handshake, stop_and_excluded_ids
-from .output import GenerationOutput, summarise
-from .prompts import Prompt, check_prompt
+from ..io.prompts import Prompt, check_prompt
+from ..io.record import GenerationOutput, summarise
+from .handshake import ServerInfo, agree, stop_and_excluded_ids
 from .round import Round, Routed
 from .scheduler import Scheduler
 from .sequence import Sequence, WorkItem, stable_key
-from .statistics import Statistics
+from .startup import open_connections, start_model
+from .stats import Statistics
 from .strategies import Mixed, choose, scored_ids, speculation_problem
 from .teachers import Lane, Mixture, Routes
 
@@ -50,10 +51,17 @@ STARTUP_RETRIES = 8
 # Workers (concurrent batches) at least, with speculative rounds.
 SPECULATION_WORKERS = 8
 
-__all__ = ["DualVLLMCoordinator", "EnhancedDualVLLMCoordinator", "WorkItem", "generate_with_dual_prompts", "stable_key"]
+__all__ = [
+    "Coordinator",
+    "DualVLLMCoordinator",
+    "EnhancedDualVLLMCoordinator",
+    "WorkItem",
+    "generate_with_dual_prompts",
+    "stable_key",
+]
 
 
-class DualVLLMCoordinator:
+class Coordinator:
     """Generate from q* ∝ π_θ^(1−α)·π_t^α with a base and a teacher server.
 
     Use it as an async context manager: entering checks both servers (dialect, shared
@@ -68,7 +76,7 @@ class DualVLLMCoordinator:
         info: what the handshake found, per server.
 
     Example:
-        >>> async with DualVLLMCoordinator(CoordinatorConfig()) as coord:  # doctest: +SKIP
+        >>> async with Coordinator(CoordinatorConfig()) as coord:  # doctest: +SKIP
         ...     outs = await coord.generate_batch(["Why is the sky blue?"], max_tokens=64)
     """
 
@@ -83,8 +91,8 @@ class DualVLLMCoordinator:
         self._teacher_settings = teachers
         self._base_server = self.config.servers[0]
         self._connections = (
-            self._open(self._base_server),
-            *(self._open(t.server()) for t in teachers.values()),
+            open_connections(self._base_server, self.config.transport),
+            *(open_connections(t.server(), self.config.transport) for t in teachers.values()),
         )
         self._base: ReplicaSet | None = None
         #: the teachers' lanes and where each record goes (from `start` on)
@@ -98,25 +106,7 @@ class DualVLLMCoordinator:
         #: drafted tokens per speculative round in effect (0 when the servers cannot)
         self.speculate: int | str = self.config.run.speculate
 
-    def _open(self, server: ServerSettings) -> list[Connection]:
-        transport = self.config.transport
-        return [
-            Connection.open(
-                url,
-                api_key=server.api_key,
-                timeout=transport.request_timeout,
-                max_retries=transport.max_retries,
-                retry_delay=transport.retry_delay,
-                connection_pool_size=transport.connection_pool_size,
-                trust_env=transport.proxy_from_env,
-                ca_bundle=transport.ca_bundle,
-                insecure=transport.insecure,
-                max_reply_bytes=transport.max_reply_bytes,
-            )
-            for url in server.urls
-        ]
-
-    async def __aenter__(self) -> DualVLLMCoordinator:
+    async def __aenter__(self) -> Coordinator:
         try:
             await self.start()
         except BaseException:
@@ -176,7 +166,7 @@ class DualVLLMCoordinator:
         servers = (self._base_server, *(t.server() for t in self._teacher_settings.values()))
         got = await asyncio.gather(
             *(
-                self._start_model(conns, server, retries, scored[min(i, 1)])
+                start_model(conns, server, cfg.sampler.top_k, retries, scored[min(i, 1)])
                 for i, (conns, server) in enumerate(zip(self._connections, servers, strict=True))
             ),
             return_exceptions=True,
@@ -224,60 +214,6 @@ class DualVLLMCoordinator:
             self.stop_ids,
             self.exclude_ids,
         )
-
-    async def _start_model(
-        self, connections: list[Connection], server: ServerSettings, retries: int, scored: int
-    ) -> tuple[ReplicaSet, ServerInfo]:
-        """Handshake with every replica of one model; those that answer must serve the
-        same model, dialect and vocabulary. A replica that cannot be reached is left out
-        of rotation with a warning, and probed until it passes the same checks; only
-        when none answers does start-up fail. Returns the replicas in their dialect, and
-        what they serve. `retries`: per start-up request, whatever the run's."""
-        top_k = self.config.sampler.top_k
-
-        async def first(conn: Connection) -> tuple[DialectBackend, ServerInfo]:
-            backend = await open_backend(conn, server.dialect, detect_retries=retries)
-            return backend, await handshake(backend.with_options(max_retries=retries), server.model_name, top_k, scored)
-
-        found = await asyncio.gather(*(first(conn) for conn in connections), return_exceptions=True)
-        answered: list[tuple[DialectBackend, ServerInfo]] = []
-        failed: list[tuple[int, BaseException]] = []
-        for i, got in enumerate(found):
-            if not isinstance(got, BaseException):
-                answered.append(got)
-            elif _unreachable(got):
-                failed.append((i, got))
-            else:
-                raise got
-        if not answered:
-            raise failed[0][1]
-        info = answered[0][1]
-        for _, other in answered[1:]:
-            if (other.model, other.dialect) != (info.model, info.dialect):
-                raise ConfigurationError(
-                    f"replicas of one model must serve the same model in the same dialect: {info.url} serves "
-                    f"{info.model!r} ({info.dialect}), {other.url} serves {other.model!r} ({other.dialect})"
-                )
-            agree(info, other)
-        # A replica that did not answer speaks the dialect of those that did.
-        backends: list[DialectBackend] = [
-            got[0] if not isinstance(got, BaseException) else backend_for(info.dialect, conn)
-            for got, conn in zip(found, connections, strict=True)
-        ]
-        for backend in backends:
-            backend.model = info.model
-
-        async def probe(backend: Backend) -> tuple[object, ...]:
-            return _fingerprint(await handshake(backend, server.model_name, top_k, scored))
-
-        ready = ReplicaSet(backends, probe=probe)
-        for i, got in enumerate(found):
-            ready.expect(i, _fingerprint(got[1] if not isinstance(got, BaseException) else info))
-        for i, err in failed:
-            log.warning("replica %s does not answer (%s); starting without it", backends[i].base_url, err)
-            ready.start_down(i, err)
-        shortest = min(other.max_model_len for _, other in answered)
-        return ready, dataclasses.replace(info, max_model_len=shortest)
 
     @property
     def model_names(self) -> tuple[str | None, str | None]:
@@ -552,24 +488,6 @@ async def _constant(value: Any) -> Any:
     return value
 
 
-def _fingerprint(info: ServerInfo) -> tuple[object, ...]:
-    """What must not change when a replica out of rotation comes back: everything the
-    handshake found but its URL."""
-    return (
-        info.model,
-        info.dialect,
-        info.max_model_len,
-        info.probe_ids,
-        sorted(info.special_ids.items()),
-        info.eos_ids,
-    )
-
-
-def _unreachable(err: BaseException) -> bool:
-    """A start-up failure that says the replica is down, not that it is misconfigured."""
-    return isinstance(err, (APIConnectionError, InternalServerError))
-
-
 def _progress(total: int, show: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -584,9 +502,11 @@ async def generate_with_dual_prompts(
     **kwargs: Any,
 ) -> list[GenerationOutput]:
     """One call: start a coordinator, generate, close it. ``kwargs`` go to
-    :meth:`DualVLLMCoordinator.generate_batch_dual_prompts`."""
-    async with DualVLLMCoordinator(config) as coord:
+    :meth:`Coordinator.generate_batch_dual_prompts`."""
+    async with Coordinator(config) as coord:
         return await coord.generate_batch_dual_prompts(prompts_theta, prompts_t, **kwargs)
 
 
-EnhancedDualVLLMCoordinator = DualVLLMCoordinator
+# Earlier names of the class, kept for the code written against them.
+DualVLLMCoordinator = Coordinator
+EnhancedDualVLLMCoordinator = Coordinator

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .exceptions import InvalidInputError
+from ..exceptions import InvalidInputError
 
 Prompt = str | list[int]
 

@@ -1,0 +1,76 @@
+"""A prompt's ids are asked of a model once: n samples of a prompt, or a prompt repeated
+across a dataset, cost one /tokenize request per server, and a failure is not remembered."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from dualsample_rs.backends import replicas
+from dualsample_rs.backends.replicas import ReplicaSet
+from dualsample_rs.exceptions import APIConnectionError
+
+
+class CountingTokenizer:
+    """The parts of a backend `ReplicaSet.tokenize` uses; fails its first `fail` calls."""
+
+    dialect = "vllm-completions"
+    max_scored_ids = None
+    model = "m"
+
+    def __init__(self, fail: int = 0) -> None:
+        self.base_url = "http://counting"
+        self.calls: list[Any] = []
+        self.fail = fail
+
+    async def tokenize(self, prompt: Any = None, *, messages: Any = None, add_special_tokens: bool = True) -> list[int]:
+        self.calls.append((prompt, messages, add_special_tokens))
+        await asyncio.sleep(0.01)
+        if len(self.calls) <= self.fail:
+            raise APIConnectionError("down")
+        return [len(prompt or "") + (100 if messages else 0), int(add_special_tokens)]
+
+
+async def test_one_request_per_distinct_prompt() -> None:
+    backend = CountingTokenizer()
+    rs = ReplicaSet([backend])  # type: ignore[list-item]
+    together = await asyncio.gather(*(rs.tokenize("abc") for _ in range(8)))
+    later = [await rs.tokenize("abc") for _ in range(3)]
+    assert together + later == [[3, 1]] * 11
+    assert await rs.tokenize("abc", add_special_tokens=False) == [3, 0]
+    assert await rs.tokenize(messages=[{"role": "user", "content": "abc"}]) == [100, 1]
+    assert len(backend.calls) == 3
+    # The caller owns its list: changing it changes nothing remembered.
+    later[0].append(7)
+    assert await rs.tokenize("abc") == [3, 1]
+
+
+async def test_a_failure_is_not_remembered() -> None:
+    backend = CountingTokenizer(fail=1)
+    rs = ReplicaSet([backend])  # type: ignore[list-item]
+    with pytest.raises(APIConnectionError):
+        await rs.tokenize("abc")
+    assert await rs.tokenize("abc") == [3, 1]
+    assert len(backend.calls) == 2
+
+
+async def test_a_cancelled_caller_leaves_the_others_their_answer() -> None:
+    backend = CountingTokenizer()
+    rs = ReplicaSet([backend])  # type: ignore[list-item]
+    first = asyncio.ensure_future(rs.tokenize("abc"))
+    second = asyncio.ensure_future(rs.tokenize("abc"))
+    await asyncio.sleep(0)
+    first.cancel()
+    assert await second == [3, 1]
+    assert len(backend.calls) == 1
+
+
+async def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replicas, "TOKENIZE_CACHE", 2)
+    backend = CountingTokenizer()
+    rs = ReplicaSet([backend])  # type: ignore[list-item]
+    for prompt in ["a", "bb", "ccc", "a"]:
+        await rs.tokenize(prompt)
+    assert [c[0] for c in backend.calls] == ["a", "bb", "ccc", "a"]
