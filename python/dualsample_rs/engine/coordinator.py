@@ -437,7 +437,9 @@ class Coordinator:
                                    logp_teachers={lane.name: [] for lane in lanes},
                                    observed_teachers={lane.name: [] for lane in lanes})  # fmt: skip
         else:
-            out = GenerationOutput(item.prompt, item.teacher_prompt(route.name), item.id, teacher=route.name or None)
+            out = GenerationOutput(item.prompt, item.teacher_prompt(route.name), item.id, teacher=route.name or None,
+                                   teacher_prompt_token_ids=list(ids_teachers[0]))  # fmt: skip
+        out.prompt_token_ids = list(ids_base)
         ctx = [Context(ids) for ids in ids_teachers]
         return Sequence(item, index, Context(ids_base), ctx[0], max_tokens, out, route.key, ctx[1:])
 
