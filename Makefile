@@ -53,12 +53,18 @@ $(VENV)/.wheel: $(VENV)/.installed requirements-wheel.txt
 	$(PY) -m pip install -q -r requirements-wheel.txt
 	touch $@
 
+# The extension is built for the stable ABI (_core.abi3.so); Python would import a
+# _core.cpython-*.so that an older build left beside it first, so each build removes it.
+DROP_VERSIONED_CORE := rm -f python/dualsample_rs/_core.cpython-*.so
+
 .PHONY: build-dev ## build the extension in debug mode into .venv
 build-dev: install
+	$(DROP_VERSIONED_CORE)
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop
 
 .PHONY: build-prod ## build the extension in release mode into .venv
 build-prod: install
+	$(DROP_VERSIONED_CORE)
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release
 
 .PHONY: format ## format Rust and Python
@@ -91,6 +97,7 @@ test-rust:
 # in one directory each would rebuild pyo3 and the crate after the other (~25 s a run).
 .PHONY: check ## the fast loop: debug build, lint, cargo test, pytest without slow tests, Ray or benches
 check: install $(VENV)/.parquet $(VENV)/.report test-rust lint-source
+	$(DROP_VERSIONED_CORE)
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --target-dir target/extension
 	$(PY) -m pytest -q -m "not slow" -n auto tests
 
