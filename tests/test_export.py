@@ -24,6 +24,7 @@ import json
 import math
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -360,3 +361,15 @@ def test_a_run_with_save_topk_exports_the_same_from_jsonl_and_parquet(urls: tupl
         saved = records[json.dumps(row["messages"][0]["content"])]
         k = min(len(ids) for ids in saved["topk_ids_t"])
         assert row["target_token_ids"] == [ids[:k] for ids in saved["topk_ids_t"]]
+    # The records keep the base's prompt ids: verl needs no server to tokenise them, and
+    # they are the ids the base server gives the prompt.
+    rec = next(iter(records.values()))
+    ask = urllib.request.Request(f"{urls[0]}/tokenize", json.dumps({"prompt": rec["prompt"]}).encode(),
+                                 {"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(ask, timeout=30) as reply:
+        assert json.loads(reply.read())["tokens"] == rec["prompt_token_ids"]
+    for suffix in ("jsonl", "parquet"):
+        code, err = run_export("verl", str(tmp_path / f"run.{suffix}"), str(tmp_path / f"verl-{suffix}.parquet"))
+        assert code == 0, err
+        got = pq.read_table(tmp_path / f"verl-{suffix}.parquet").to_pylist()
+        assert sorted(r["prompt_ids"] for r in got) == sorted(r["prompt_token_ids"] for r in records.values())

@@ -322,6 +322,11 @@ class Context:
         return record.get("id") if self.json_ids else id_text(record.get("id"))
 
     def prompt_ids(self, where: str, record: dict[str, Any]) -> list[int]:
+        """The base's prompt ids: as the run's record keeps them, given as ids, or (records
+        of earlier versions) tokenised on --theta-url."""
+        kept = record.get("prompt_token_ids")
+        if isinstance(kept, list):
+            return [int(t) for t in kept]
         prompt = record.get("prompt")
         if isinstance(prompt, list):
             return [int(t) for t in prompt]
@@ -429,7 +434,7 @@ async def export(
 async def _tokenise(ctx: Context, kept: list[tuple[str, dict[str, Any]]]) -> None:
     """The text prompts of a batch tokenised on the base server, as the run did
     (``tokenize(prompt)``, the server's special tokens added), a batch at once."""
-    texts = [r for _, r in kept if isinstance(r.get("prompt"), str)]
+    texts = [r for _, r in kept if isinstance(r.get("prompt"), str) and r.get("prompt_token_ids") is None]
     got = await asyncio.gather(*(ctx.backend.tokenize(r["prompt"]) for r in texts))
     ctx.pending = {id(r): list(ids) for r, ids in zip(texts, got, strict=True)}
 

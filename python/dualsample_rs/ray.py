@@ -28,19 +28,8 @@ from .engine.coordinator import Coordinator
 from .engine.sequence import WorkItem, stable_key
 from .exceptions import InvalidInputError
 from .io.input_file import Fields
-from .io.record import MIXTURE_FIELDS, GenerationOutput
-
-# The record's fields as columns; `diagnostics` (a nested mapping) goes as JSON text.
-COLUMNS = ("id", "prompt", "teacher_prompt", "text", "token_ids", "alpha", "logp_theta", "logp_t", "logq",
-           "observed_theta", "observed_t", "fallback", "finish_reason", "error", "diagnostics")  # fmt: skip
-# Fields a record has only with rescoring, with speculative rounds, or with save_topk
-# (the base's too with save_topk_of="both" or exact scoring).
-RESCORED = ("logp_theta_exact", "logp_t_exact")
-SPECULATED = ("round", "drafted")
-TOPK_T = ("topk_ids_t", "topk_logp_t")
-TOPK_THETA = ("topk_ids_theta", "topk_logp_theta")
-# With named teachers: the record's teacher, and a mixture's fields (as JSON text).
-TEACHER = ("teacher",)
+from .io.record import GenerationOutput
+from .io.schema import FIELDS, from_row, produced, run_conditions
 
 
 def _plain(value: Any) -> Any:
@@ -102,16 +91,8 @@ class DualSample:
         self.loop = asyncio.new_event_loop()
         self.coord = Coordinator(cfg)
         self.loop.run_until_complete(self.coord.start())
-        run = cfg.run
-        both = run.save_topk_of == "both" or cfg.base_scores_candidates
-        self.columns = (
-            COLUMNS
-            + (RESCORED if run.rescore else ())
-            + (SPECULATED if self.coord.speculate else ())
-            + (TOPK_T if run.save_topk else ())
-            + (TOPK_THETA if run.save_topk and both else ())
-            + (TEACHER + MIXTURE_FIELDS if cfg.teachers else ())
-        )
+        # The record's fields as columns; the nested ones go as JSON text.
+        self.columns = tuple(f.name for f in produced(run_conditions(cfg, bool(self.coord.speculate))))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         if "id" not in batch:
@@ -152,24 +133,15 @@ class DualSample:
 
 def _row(out: GenerationOutput) -> dict[str, Any]:
     record = out.to_record()
-    for name in ("diagnostics", *MIXTURE_FIELDS):
-        if name in record:
-            record[name] = json.dumps(record[name])
+    for f in FIELDS:
+        if f.json_text_in_ray and f.name in record:
+            record[f.name] = json.dumps(record[f.name])
     return record
 
 
 def record_from_row(row: dict[str, Any]) -> dict[str, Any]:
     """A record as `dualsample generate` writes it, from a row `DualSample` returned."""
-    record = {name: _plain(row[name]) for name in COLUMNS}
-    record["diagnostics"] = json.loads(record["diagnostics"])
-    # A failed sequence of a rescored run has no exact values: its record has no such keys.
-    for name in (*RESCORED, *SPECULATED, *TOPK_T, *TOPK_THETA, *TEACHER):
-        if row.get(name) is not None:
-            record[name] = _plain(row[name])
-    for name in MIXTURE_FIELDS:
-        if row.get(name) is not None:
-            record[name] = json.loads(row[name])
-    return record
+    return from_row({name: _plain(value) for name, value in row.items()}, decode_json=True)
 
 
 def _actor_index() -> int:

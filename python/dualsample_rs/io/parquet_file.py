@@ -44,7 +44,7 @@ from ..exceptions import DualSampleError, InvalidInputError
 from .input_file import id_hash, id_text
 from .output_file import ExistingOutput, fsync_dir
 from .parquet_footer import FooterError, shift_offsets
-from .record import DIAGNOSTIC_NAMES, MIXTURE_FIELDS
+from .schema import Condition, arrow_schema, from_row, produced, run_conditions
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -59,7 +59,6 @@ ROW_GROUP_RECORDS = int(os.environ.get("DUALSAMPLE_PARQUET_ROWS", "1000"))
 ROW_GROUP_SECONDS = float(os.environ.get("DUALSAMPLE_PARQUET_SECONDS", "30"))
 _MAGIC = b"PAR1"
 _ID_KEY = b"dualsample.id"
-_SUMMARY = ("mean", "std", "min", "max")
 # Compressed with zstd: every reader here reads it, and it is markedly smaller than snappy
 # on log probabilities.
 _COMPRESSION = "zstd"
@@ -99,62 +98,22 @@ def record_schema(
     topk_theta: bool = False,
     teacher: bool = False,
 ) -> pa.Schema:
-    """The columns of a run's records: the fixed ones, then the optional ones it produces."""
+    """The columns of a run's records: those of :mod:`.schema` that the run produces."""
     import pyarrow as pa
 
-    floats, bools = pa.list_(pa.float64()), pa.list_(pa.bool_())
-    summary = pa.struct([(name, pa.float64()) for name in _SUMMARY])
-    fields = [
-        ("id", pa.int64() if kind == "int" else pa.string()),
-        ("prompt", pa.string()),
-        ("teacher_prompt", pa.string()),
-        ("text", pa.string()),
-        ("token_ids", pa.list_(pa.int64())),
-        ("alpha", floats),
-        ("logp_theta", floats),
-        ("logp_t", floats),
-        ("logq", floats),
-        ("observed_theta", bools),
-        ("observed_t", bools),
-        ("fallback", bools),
-        ("finish_reason", pa.string()),
-        ("error", pa.string()),
-        ("diagnostics", pa.struct([(name, summary) for name in DIAGNOSTIC_NAMES])),
-    ]
-    if rescore:
-        fields += [("logp_theta_exact", floats), ("logp_t_exact", floats)]
-    if speculate:
-        fields += [("round", pa.list_(pa.int64())), ("drafted", bools)]
-    if teacher:  # the teacher a record was routed to, or the mixture it was sampled from
-        fields += [
-            ("teacher", pa.string()),
-            ("teachers", pa.map_(pa.string(), pa.float64())),
-            ("logp_teachers", pa.map_(pa.string(), floats)),
-            ("observed_teachers", pa.map_(pa.string(), bools)),
-        ]
-        if rescore:
-            fields += [("logp_teachers_exact", pa.map_(pa.string(), floats))]
-    for side, wanted in (("t", topk_t), ("theta", topk_theta)):
-        if wanted:
-            fields += [(f"topk_ids_{side}", pa.list_(pa.list_(pa.int64()))),
-                       (f"topk_logp_{side}", pa.list_(floats))]  # fmt: skip
-    return pa.schema(fields, metadata={_ID_KEY: kind.encode()})
+    flags: dict[Condition, bool] = {"rescore": rescore, "speculate": speculate, "topk_t": topk_t,
+                                    "topk_theta": topk_theta, "teachers": teacher}  # fmt: skip
+    fields = produced(c for c, on in flags.items() if on)
+    return arrow_schema(fields, pa.int64() if kind == "int" else pa.string(), {_ID_KEY: kind.encode()})
 
 
 def run_schema(config: CoordinatorConfig, speculate: bool, kind: str) -> pa.Schema:
     """The schema of a run from its settings (`speculate`: whether the coordinator runs
-    speculative rounds). Top-k columns follow ``save_topk``/``save_topk_of``."""
-    run = config.run
-    topk = run.save_topk > 0
-    of = run.save_topk_of
-    return record_schema(
-        kind,
-        rescore=bool(run.rescore),
-        speculate=speculate,
-        topk_t=topk,
-        topk_theta=topk and (of == "both" or config.base_scores_candidates),
-        teacher=bool(config.teachers),
-    )
+    speculative rounds)."""
+    import pyarrow as pa
+
+    fields = produced(run_conditions(config, speculate))
+    return arrow_schema(fields, pa.int64() if kind == "int" else pa.string(), {_ID_KEY: kind.encode()})
 
 
 def _kind_of(schema: pa.Schema) -> str:
@@ -182,19 +141,10 @@ def to_table(records: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
 
 def record_from_row(row: dict[str, Any], kind: str) -> dict[str, Any]:
     """A record as the JSONL output has it, from a row of the file."""
-    record = {name: value for name, value in row.items() if value is not None or name in _ALWAYS}
+    record = from_row(row)
     if kind == "json":
         record["id"] = json.loads(record["id"])
-    record["diagnostics"] = record["diagnostics"] or {}
-    for name in MIXTURE_FIELDS:  # a map column reads as (key, value) pairs
-        if record.get(name) is not None:
-            record[name] = dict(record[name])
     return record
-
-
-# Columns that are in every record even when null.
-_ALWAYS = frozenset({"id", "prompt", "teacher_prompt", "text", "token_ids", "alpha", "logp_theta", "logp_t", "logq",
-                     "observed_theta", "observed_t", "fallback", "finish_reason", "error", "diagnostics"})  # fmt: skip
 
 
 def _encode(table: pa.Table | None, schema: pa.Schema) -> tuple[bytes, bytes]:

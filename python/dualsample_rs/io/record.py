@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .prompts import Prompt
+from .schema import DIAGNOSTIC_NAMES, FIELDS, MIXTURE_FIELDS
 
-DIAGNOSTIC_NAMES = ("kl_theta", "kl_t", "ess_theta", "ess_t", "entropy", "js")
-# A mixture record's fields, each a mapping by teacher name (the last only when rescored).
-MIXTURE_FIELDS = ("teachers", "logp_teachers", "observed_teachers", "logp_teachers_exact")
+__all__ = ["DIAGNOSTIC_NAMES", "MIXTURE_FIELDS", "GenerationOutput", "summarise"]
 
 
 def summarise(values: list[float]) -> dict[str, float]:
@@ -52,6 +51,10 @@ class GenerationOutput:
     teacher listed it; ``topk_*_t`` are then the mixed teacher's, on the same scale.
     A stop token, when one ended the sequence, is the
     last entry of ``token_ids`` and is not part of ``generated_text``.
+    ``prompt_token_ids`` and ``teacher_prompt_token_ids`` are the prompts as each model
+    tokenised them (None where the record was refused before; the teacher's is None for a
+    mixture, whose teachers each tokenise their own). The record's keys are declared in
+    :mod:`.schema`.
     """
 
     prompt: Prompt
@@ -82,6 +85,8 @@ class GenerationOutput:
     logp_teachers: dict[str, list[float]] | None = None
     observed_teachers: dict[str, list[bool]] | None = None
     logp_teachers_exact: dict[str, list[float]] | None = None
+    prompt_token_ids: list[int] | None = None
+    teacher_prompt_token_ids: list[int] | None = None
 
     @property
     def generated_tokens(self) -> list[int]:
@@ -95,41 +100,9 @@ class GenerationOutput:
     def to_record(self) -> dict[str, Any]:
         """The JSON object written per line by ``dualsample generate`` (the exact keys
         only when the sequence was rescored)."""
-        record = {
-            "id": self.id,
-            "prompt": self.prompt,
-            "teacher_prompt": self.prompt_t,
-            "text": self.generated_text,
-            "token_ids": self.token_ids,
-            "alpha": self.alpha_history,
-            "logp_theta": self.logp_theta,
-            "logp_t": self.logp_t,
-            "logq": self.logq,
-            "observed_theta": self.observed_theta,
-            "observed_t": self.observed_t,
-            "fallback": self.fallback,
-            "finish_reason": self.finish_reason,
-            "error": self.error,
-            "diagnostics": self.diagnostics,
-        }
-        if self.teacher is not None:
-            record["teacher"] = self.teacher
-        if self.teachers is not None:
-            record["teachers"] = self.teachers
-            record["logp_teachers"] = self.logp_teachers
-            record["observed_teachers"] = self.observed_teachers
-            if self.logp_teachers_exact is not None:
-                record["logp_teachers_exact"] = self.logp_teachers_exact
-        if self.logp_theta_exact is not None:
-            record["logp_theta_exact"] = self.logp_theta_exact
-            record["logp_t_exact"] = self.logp_t_exact
-        if self.round is not None:
-            record["round"] = self.round
-            record["drafted"] = self.drafted
-        if self.topk_ids_t is not None:
-            record["topk_ids_t"] = self.topk_ids_t
-            record["topk_logp_t"] = self.topk_logp_t
-        if self.topk_ids_theta is not None:
-            record["topk_ids_theta"] = self.topk_ids_theta
-            record["topk_logp_theta"] = self.topk_logp_theta
+        record = {}
+        for f in FIELDS:
+            value = getattr(self, f.attr)
+            if value is not None or f.always:
+                record[f.name] = value
         return record

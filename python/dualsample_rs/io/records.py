@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..exceptions import DualSampleError, InvalidInputError
+from .schema import from_row
 
 #: Records read from Parquet per batch.
 BATCH = 256
@@ -70,13 +71,6 @@ def _parquet_records(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def _from_row(row: dict[str, Any]) -> dict[str, Any]:
     """A record from a row of another Parquet file, e.g. the directory of a Ray run
-    (`generate --ray`), which keeps diagnostics as JSON text and has null where a
+    (`generate --ray`), which keeps the nested fields as JSON text and has null where a
     record lacks an optional key."""
-    record = {k: v for k, v in row.items() if v is not None or k in _NULLABLE}
-    if isinstance(record.get("diagnostics"), str):
-        record["diagnostics"] = json.loads(record["diagnostics"])
-    return record
-
-
-# Keys whose null is a value of the record, not a key it lacks.
-_NULLABLE = frozenset({"id", "prompt", "teacher_prompt", "text", "finish_reason", "error", "diagnostics"})
+    return from_row(row, decode_json=True)
