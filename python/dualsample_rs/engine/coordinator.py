@@ -36,9 +36,10 @@ from ..exceptions import (
 from ..io.prompts import Prompt, check_prompt
 from ..io.record import GenerationOutput, summarise
 from .handshake import ServerInfo, agree, stop_and_excluded_ids
-from .round import Round, Routed
+from .round import Round, RoundKey, Routed
 from .scheduler import Scheduler
 from .sequence import Sequence, WorkItem, stable_key
+from .serving import Serving
 from .startup import open_connections, start_model
 from .stats import Statistics
 from .strategies import Mixed, choose, scored_ids, speculation_problem
@@ -50,11 +51,14 @@ log = logging.getLogger("dualsample_rs")
 STARTUP_RETRIES = 8
 # Workers (concurrent batches) at least, with speculative rounds.
 SPECULATION_WORKERS = 8
+# A served item's token budget when neither it nor the call sets one: its context ends it.
+UNBOUNDED_TOKENS = 2**31 - 1
 
 __all__ = [
     "Coordinator",
     "DualVLLMCoordinator",
     "EnhancedDualVLLMCoordinator",
+    "Serving",
     "WorkItem",
     "generate_with_dual_prompts",
     "stable_key",
@@ -285,19 +289,6 @@ class Coordinator:
         await self.start()
         if self.stats.tokens == 0:
             self.stats.started = time.monotonic()
-        cfg = self.config
-        if temperature != 1.0:
-            # The call's temperature scales both models, on top of the config's own.
-            cfg = cfg.replace(
-                temperature=cfg.sampler.temperature * temperature,
-                temperature_t=cfg.sampler.teacher_temperature * temperature,
-            )
-
-        def round_for(key: str) -> Round:
-            return self._round(key, cfg, temperature, return_diagnostics)
-
-        rounds = {name: round_for(name) for name in self.lanes}
-        advance = Routed(rounds, round_for, self.base, cfg.sampler.top_k, self.stats)
         if total is None:
             items = list(items)
             total = len(items)
@@ -309,6 +300,48 @@ class Coordinator:
             if progress.n % 8 == 0 or progress.n == total:
                 progress.set_postfix(self._postfix(), refresh=False)
 
+        scheduler = self._scheduler(max_tokens, temperature, return_diagnostics, on_output)
+        try:
+            async for got in scheduler.run(items):
+                yield got
+        finally:
+            progress.close()
+
+    def serving(
+        self, max_tokens: int | None = None, temperature: float = 1.0, return_diagnostics: bool = False
+    ) -> Serving:
+        """A long-lived run that takes items while others are in flight (continuous
+        batching): ``async with coord.serving() as serve: out = await serve.generate(item)``.
+        Every item in flight shares the batched rounds, a new one joins at its batch's next
+        step, and each item's own `max_tokens`, `temperature`, stop ids and `on_token`
+        callback apply (None: these defaults; `max_tokens` None: up to the context).
+        Cancelling a ``generate`` call drops its sequence before its next round."""
+        if not 0 < temperature < math.inf:
+            raise InvalidInputError(f"temperature: must be a positive number, got {temperature!r}")
+
+        def make(on_output: Any) -> Scheduler:
+            return self._scheduler(max_tokens or UNBOUNDED_TOKENS, temperature, return_diagnostics, on_output)
+
+        return Serving(self, make)
+
+    def _scheduler(self, max_tokens: int, temperature: float, diagnostics: bool, on_output: Any) -> Scheduler:
+        """The scheduler of a call: its rounds (one per teacher or mixture and temperature,
+        made as sequences need them), workers and batch size."""
+        cfg = self.config
+
+        def round_for(key: RoundKey) -> Round:
+            name, t = key
+            call_cfg = cfg
+            if t != 1.0:
+                # The call's temperature scales both models, on top of the config's own.
+                call_cfg = cfg.replace(
+                    temperature=cfg.sampler.temperature * t,
+                    temperature_t=cfg.sampler.teacher_temperature * t,
+                )
+            return self._round(name, call_cfg, t, diagnostics)
+
+        rounds = {(name, float(temperature)): round_for((name, float(temperature))) for name in self.lanes}
+        advance = Routed(rounds, round_for, self.base, cfg.sampler.top_k, self.stats)
         # A strategy that asks the teacher, then the base, needs two workers or more to
         # keep both servers busy, each with its own half of the sequences in flight.
         least = 2 if any(r.ask.serial for r in rounds.values()) else 1
@@ -318,14 +351,14 @@ class Coordinator:
             least = min(cfg.run.max_concurrency, SPECULATION_WORKERS)
         workers = max(math.ceil(cfg.run.max_concurrency / cfg.run.max_batch_size), least)
         batch = max(1, min(cfg.run.max_batch_size, math.ceil(cfg.run.max_concurrency / workers)))
-        scheduler = Scheduler(
-            lambda index, item: self._prepare(index, item, max_tokens), advance, self._finish, workers, batch, on_output
+        return Scheduler(
+            lambda index, item: self._prepare(index, item, max_tokens, temperature),
+            advance,
+            self._finish,
+            workers,
+            batch,
+            on_output,
         )
-        try:
-            async for got in scheduler.run(items):
-                yield got
-        finally:
-            progress.close()
 
     def _round(self, key: str, cfg: CoordinatorConfig, temperature: float, diagnostics: bool) -> Round:
         """The round of one teacher's sequences, or of one mixture's (`key`), under the
@@ -414,7 +447,13 @@ class Coordinator:
             )
         return ids
 
-    async def _prepare(self, index: int, item: WorkItem, max_tokens: int) -> Sequence:
+    async def prompt_ids(self, model: Backend, prompt: Any, name: str, info: ServerInfo, chat: bool = False) -> list[int]:
+        """A prompt's ids on `model` (text tokenized, in its chat template with `chat`),
+        checked as a record's are: no ids, an id past the vocabulary, or no room left to
+        generate raise `InvalidInputError` naming `name`."""
+        return await self._tokens(model, prompt, chat, name, info)
+
+    async def _prepare(self, index: int, item: WorkItem, max_tokens: int, temperature: float = 1.0) -> Sequence:
         where = f"{item.where}, " if item.where else ""
         route = self._routes().route(item, where)
         lanes = route.lanes
@@ -441,7 +480,9 @@ class Coordinator:
                                    teacher_prompt_token_ids=list(ids_teachers[0]))  # fmt: skip
         out.prompt_token_ids = list(ids_base)
         ctx = [Context(ids) for ids in ids_teachers]
-        return Sequence(item, index, Context(ids_base), ctx[0], max_tokens, out, route.key, ctx[1:])
+        t = float(temperature if item.temperature is None else item.temperature)
+        limit = max_tokens if item.max_tokens is None else item.max_tokens
+        return Sequence(item, index, Context(ids_base), ctx[0], limit, out, route.key, ctx[1:], temperature=t)
 
     async def _finish(self, seq: Sequence) -> None:
         """Summaries, the text, and (with `rescore`) each token's exact log probabilities."""
@@ -453,7 +494,7 @@ class Coordinator:
         contexts = [seq.ctx_base, seq.ctx_teacher, *seq.more_teachers]
         for model, ctx in zip(models, contexts, strict=True):
             model.release([ctx])
-        if out.finish_reason == "error":
+        if out.finish_reason in ("error", "abort"):
             return
         text_ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
         jobs: list[Any] = [self.base.detokenize(text_ids) if text_ids else _constant("")]

@@ -88,23 +88,34 @@ class Drawn:
     teacher_cols: dict[str, tuple[list[float], list[bool]]] | None = None
 
 
+# A round's key: its teacher's name or mixture's key, and the temperature multiplying both
+# models' (a call's, or a served item's own).
+RoundKey = tuple[str, float]
+
+
 class Routed:
     """Advances a batch whose sequences go to several teachers: each teacher's share of
     the batch in its own round, all at once (so each teacher gets one batched request,
-    in parallel with the others, and one that is down fails only its own sequences)."""
+    in parallel with the others, and one that is down fails only its own sequences).
+    Sequences of one teacher at different temperatures are shares of their own."""
 
     def __init__(
-        self, rounds: dict[str, Round], make: Callable[[str], Round], base: Backend, top_k: int, stats: Statistics
+        self,
+        rounds: dict[RoundKey, Round],
+        make: Callable[[RoundKey], Round],
+        base: Backend,
+        top_k: int,
+        stats: Statistics,
     ) -> None:
         self.rounds, self.make, self.base, self.top_k, self.stats = rounds, make, base, top_k, stats
 
     async def __call__(self, batch: list[Sequence]) -> None:
         self.stats.steps += 1  # one step of a batch, whatever its teachers
-        groups: dict[str, list[Sequence]] = {}
+        groups: dict[RoundKey, list[Sequence]] = {}
         for seq in batch:
-            groups.setdefault(seq.teacher, []).append(seq)
+            groups.setdefault(seq.round_key, []).append(seq)
         for key in groups:
-            if key not in self.rounds:  # a mixture first named by a record
+            if key not in self.rounds:  # a mixture first named by a record, or another temperature
                 self.rounds[key] = self.make(key)
         if len(groups) == 1:
             key, rows = next(iter(groups.items()))
@@ -304,7 +315,8 @@ class Round:
         for ctx in seq.more_teachers:
             ctx.append(tok)
         max_base, max_teacher = self.max_model_len  # for a mixture, its teachers' least
-        if tok in self.stop:
+        item = seq.item
+        if tok in item.stop_token_ids or (tok in self.stop and not item.ignore_eos):
             out.finish_reason, seq.done = "stop", True
         elif (
             len(out.token_ids) >= seq.max_tokens
@@ -313,6 +325,8 @@ class Round:
             or any(len(c) >= max_teacher for c in seq.more_teachers)
         ):
             out.finish_reason, seq.done = "length", True
+        if item.on_token is not None:
+            item.on_token(out)
 
     def _count(self, drawn: Drawn, emitted: np.ndarray) -> None:
         """Count the statistics of the rows whose tokens were emitted."""

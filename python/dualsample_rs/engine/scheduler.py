@@ -9,7 +9,7 @@ join and leave independently; several workers overlap one another's network wait
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from ..exceptions import APIError, DualSampleError
@@ -46,9 +46,16 @@ class Scheduler:
         self.prepare, self.step, self.finish = prepare, step, finish
         self.workers, self.batch, self.on_output = workers, batch, on_output
 
-    async def run(self, items: Iterable[WorkItem]) -> AsyncIterator[tuple[int, GenerationOutput]]:
+    async def run(
+        self, items: Iterable[WorkItem] | AsyncIterable[WorkItem]
+    ) -> AsyncIterator[tuple[int, GenerationOutput]]:
         """Yield ``(position in items, output)`` as sequences finish; cancelling the
-        iteration (or an error in a task) stops every task it started."""
+        iteration (or an error in a task) stops every task it started.
+
+        `items` may be an async iterable that yields items as they arrive (serving): an
+        item joins a batch at that batch's next step, and the run ends when the iterable
+        does and every sequence has finished. An item whose ``cancelled`` is set is
+        dropped before its sequence's next step (finish reason ``"abort"``)."""
         ready: asyncio.Queue[Sequence | None] = asyncio.Queue(maxsize=2 * self.batch)
         # Outputs, None when a worker is done, or the exception that stopped a task.
         finished: asyncio.Queue[Finished] = asyncio.Queue()
@@ -72,7 +79,7 @@ class Scheduler:
             await asyncio.gather(feeder, *tasks, return_exceptions=True)
 
     async def _feed(
-        self, items: Iterable[WorkItem], ready: asyncio.Queue[Sequence | None], finished: asyncio.Queue[Finished]
+        self, items: Iterable[WorkItem] | AsyncIterable[WorkItem], ready: asyncio.Queue[Sequence | None], finished: asyncio.Queue[Finished]
     ) -> None:
         """Prepare items ahead of the workers: at most READ_AHEAD at once, and the queue
         is bounded too, so memory does not grow with the number of items. If reading the
@@ -85,6 +92,7 @@ class Scheduler:
                 try:
                     seq = await self.prepare(index, item)
                 except (APIError, DualSampleError) as err:
+                    item.failure = err
                     out = GenerationOutput(item.prompt, item.prompt_t, item.id, finish_reason="error", error=str(err))
                     await finished.put((index, out))
                     return
@@ -92,12 +100,21 @@ class Scheduler:
             finally:
                 slots.release()
 
+        async def take(index: int, item: WorkItem) -> None:
+            await slots.acquire()  # a slot is held until the item is queued
+            task = asyncio.create_task(prepare(index, item))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
         try:
-            for index, item in enumerate(items):
-                await slots.acquire()  # a slot is held until the item is queued
-                task = asyncio.create_task(prepare(index, item))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
+            if isinstance(items, AsyncIterable):
+                index = 0
+                async for item in items:
+                    await take(index, item)
+                    index += 1
+            else:
+                for index, item in enumerate(items):
+                    await take(index, item)
             if pending:
                 await asyncio.gather(*pending)
         except Exception as err:  # handed to the consumer, which raises it
@@ -127,7 +144,12 @@ class Scheduler:
                         active.append(seq)
                 if not active:
                     break
-                await self.step(active)
+                for seq in active:
+                    if seq.item.cancelled and not seq.done:
+                        seq.drop()
+                live = [seq for seq in active if not seq.done]
+                if live:
+                    await self.step(live)
                 for seq in active:
                     if seq.done:
                         # Finishing is a round trip or two: do it beside the next step.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,21 @@ class WorkItem:
     teacher_prompts: dict[str, Prompt] | None = None
     #: a mixture of teachers it names, {name: weight} (None: none)
     mix: Any = None
+    # Per-item settings (a served request's); None or empty: the call's.
+    #: tokens to generate at most
+    max_tokens: int | None = None
+    #: the temperature multiplying both models' (as a call's `temperature` does)
+    temperature: float | None = None
+    #: ids that end this item's sequence, beside its teacher's stop ids
+    stop_token_ids: tuple[int, ...] = ()
+    #: only `stop_token_ids` end the sequence, not the teacher's stop ids (EOS)
+    ignore_eos: bool = False
+    #: called with the output after each token is appended to it
+    on_token: Callable[[GenerationOutput], None] | None = None
+    #: set to drop the item's sequence before its next round (finish reason "abort")
+    cancelled: bool = False
+    #: the error that failed the item, if one did
+    failure: BaseException | None = None
 
     def teacher_prompt(self, name: str) -> Prompt:
         """The prompt teacher `name` is given."""
@@ -55,13 +71,26 @@ class Sequence:
     teacher: str = ""
     #: a mixture's contexts for its second teacher on (the first's is ctx_teacher)
     more_teachers: list[Context] = field(default_factory=list)
+    #: the temperature multiplying both models' (the call's, or the item's own)
+    temperature: float = 1.0
     diag: dict[str, list[float]] = field(default_factory=dict)
     done: bool = False
     # drafted tokens tested and accepted in speculative rounds (for speculate="auto")
     tested: int = 0
     accepted: int = 0
 
+    @property
+    def round_key(self) -> tuple[str, float]:
+        """The round that advances it: its teacher's (or mixture's) at its temperature."""
+        return self.teacher, self.temperature
+
     def fail(self, err: BaseException) -> None:
         self.out.finish_reason = "error"
         self.out.error = f"{type(err).__name__}: {err}"
+        self.item.failure = err
+        self.done = True
+
+    def drop(self) -> None:
+        """End it unfinished (its item was cancelled): finish reason ``"abort"``."""
+        self.out.finish_reason = "abort"
         self.done = True
