@@ -18,7 +18,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ._core import SamplerConfig
 from .exceptions import InvalidInputError
+
+# The kernel's defaults, read from the Rust side rather than written again here (the twin
+# must take the same defaults as what it is the twin of).
+DEFAULTS = SamplerConfig()
 
 __all__ = ["ReferenceStepResult", "merge_topk", "mix", "mix_teachers", "solve_alpha", "step", "uniform"]
 
@@ -259,15 +264,7 @@ def _solve_normalised(a: F64, b: F64, p: dict[str, Any]) -> F64:
 
 def _params(config: Any = None, **overrides: Any) -> dict[str, Any]:
     keys = ("method", "alpha", "alpha_min", "alpha_max", "tol", "max_iter")
-    defaults = {
-        "method": "kl_symmetry",
-        "alpha": 0.5,
-        "alpha_min": 0.0,
-        "alpha_max": 1.0,
-        "tol": 1e-10,
-        "max_iter": 100,
-    }
-    p = {k: getattr(config, k) for k in keys} if config is not None else defaults
+    p = {k: getattr(config if config is not None else DEFAULTS, k) for k in keys}
     p.update(overrides)
     return p
 
@@ -276,12 +273,12 @@ def solve_alpha(
     logp_theta: ArrayLike,
     logp_t: ArrayLike,
     *,
-    method: str = "kl_symmetry",
-    alpha: float = 0.5,
-    alpha_min: float = 0.0,
-    alpha_max: float = 1.0,
-    tol: float = 1e-10,
-    max_iter: int = 100,
+    method: str = DEFAULTS.method,
+    alpha: float = DEFAULTS.alpha,
+    alpha_min: float = DEFAULTS.alpha_min,
+    alpha_max: float = DEFAULTS.alpha_max,
+    tol: float = DEFAULTS.tol,
+    max_iter: int = DEFAULTS.max_iter,
 ) -> float | F64:
     """numpy twin of :func:`dualsample_rs.solve_alpha`."""
     a, one = _as_rows(logp_theta, np.float64)
@@ -370,7 +367,12 @@ def _merge(ids_a: np.ndarray, lp_a: F64, ids_b: np.ndarray, lp_b: F64, missing: 
 
 
 def merge_topk(
-    ids_theta: ArrayLike, logp_theta: ArrayLike, ids_t: ArrayLike, logp_t: ArrayLike, *, missing: str | float = "bound"
+    ids_theta: ArrayLike,
+    logp_theta: ArrayLike,
+    ids_t: ArrayLike,
+    logp_t: ArrayLike,
+    *,
+    missing: str | float = DEFAULTS.missing,
 ) -> tuple[np.ndarray, F64, F64]:
     """numpy twin of :func:`dualsample_rs.merge_topk`."""
     ia, one = _as_rows(ids_theta, np.int64)
@@ -405,7 +407,11 @@ def _mix_weights(weights: ArrayLike, teachers: int) -> F64:
 
 
 def mix_teachers(
-    ids_list: list[ArrayLike], logp_list: list[ArrayLike], weights: ArrayLike, *, missing: str | float = "bound"
+    ids_list: list[ArrayLike],
+    logp_list: list[ArrayLike],
+    weights: ArrayLike,
+    *,
+    missing: str | float = DEFAULTS.missing,
 ) -> tuple[np.ndarray, F64]:
     """numpy twin of :func:`dualsample_rs._core.mix_teachers`: the same column blocks and
     the same Σ w_i log π_i, summed in teacher order from −0.0 (so one teacher at weight 1
@@ -507,9 +513,7 @@ def step(
 ) -> ReferenceStepResult:
     """numpy twin of :func:`dualsample_rs.step`; `config` is a :class:`SamplerConfig`."""
     if config is None:
-        from ._core import SamplerConfig
-
-        config = SamplerConfig()
+        config = DEFAULTS
     ia, _ = _as_rows(ids_theta, np.int64)
     la, _ = _as_rows(logp_theta, np.float64)
     ib, _ = _as_rows(ids_t, np.int64)

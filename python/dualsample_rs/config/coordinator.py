@@ -44,6 +44,9 @@ SPECULATE_RANGE = Range(0, MAX_SPECULATE)
 POSITIVE = Range(0, lo_open=True, hi_open=True)
 AT_LEAST_ONE = Range(1, hi_open=True)
 UNIT = Range(0, 1)
+# The kernel's own defaults: every setting the Rust step takes starts from its value
+# there (tests/test_defaults.py holds the declarations, the flags and the numpy twin to it).
+KERNEL = SamplerConfig()
 
 
 def _ids_text(text: str) -> tuple[int, ...]:
@@ -176,43 +179,57 @@ class SamplerSettings:
         flag=Flag("--top-k", "sampling"),
     )  # fmt: skip
     method: AlphaMethod = setting(  # noqa: RUF009 (setting() is a dataclass field)
-        "kl_symmetry", "how alpha, the weight on the teacher, is chosen at each position", old="alpha_method",
+        KERNEL.method, "how alpha, the weight on the teacher, is chosen at each position", old="alpha_method",
         doc='``"kl_symmetry"`` (KL(q||pi_theta) = KL(q||pi_t)), ``"fixed"`` (``alpha``), ``"entropy"`` '
             '(H(pi_theta) / (H(pi_theta) + H(pi_t))) or ``"ess_balance"`` (equal effective sample sizes)',
         kernel=True, flag=Flag("--alpha-method", "sampling"),
     )  # fmt: skip
-    alpha: float = setting(0.5, "alpha for method fixed", range=UNIT, kernel=True, flag=Flag("--alpha", "sampling"))
+    alpha: float = setting(
+        KERNEL.alpha, "alpha for method fixed", range=UNIT, kernel=True, flag=Flag("--alpha", "sampling")
+    )
     alpha_min: float = setting(
-        0.0, "the least alpha any rule gives", range=UNIT, kernel=True, flag=Flag("--alpha-min", "sampling")
+        KERNEL.alpha_min,
+        "the least alpha any rule gives",
+        range=UNIT,
+        kernel=True,
+        flag=Flag("--alpha-min", "sampling"),
     )
     alpha_max: float = setting(
-        1.0, "the greatest alpha any rule gives", range=UNIT, kernel=True, flag=Flag("--alpha-max", "sampling")
+        KERNEL.alpha_max,
+        "the greatest alpha any rule gives",
+        range=UNIT,
+        kernel=True,
+        flag=Flag("--alpha-max", "sampling"),
     )
     tol: float = setting(
-        1e-10, "tolerance on alpha of the iterative rules", range=POSITIVE, old="alpha_tol", kernel=True,
+        KERNEL.tol, "tolerance on alpha of the iterative rules", range=POSITIVE, old="alpha_tol", kernel=True,
         flag=Flag("--alpha-tol", "sampling"),
     )  # fmt: skip
     max_iter: int = setting(
-        100, "iteration cap of the iterative rules", range=Range(1, (1 << 32) - 1), old="alpha_max_iter", kernel=True
+        KERNEL.max_iter,
+        "iteration cap of the iterative rules",
+        range=Range(1, (1 << 32) - 1),
+        old="alpha_max_iter",
+        kernel=True,
     )
     missing: Literal["bound", "drop"] | float = setting(
-        "bound", 'log probability of a token one model did not list: "bound", "drop" or a float log probability',
+        KERNEL.missing, 'log probability of a token one model did not list: "bound", "drop" or a float log probability',
         range=Range(hi=MAX_LOGP), kernel=True, flag=Flag("--missing", "sampling", text=_missing_text),
         doc='``"bound"`` is log min(smallest listed probability, unlisted mass); ``"drop"`` keeps only tokens '
             "both listed",
     )  # fmt: skip
     temperature: float = setting(
-        1.0, "divides the base model's log probabilities", range=POSITIVE, kernel=True,
+        KERNEL.temperature, "divides the base model's log probabilities", range=POSITIVE, kernel=True,
         flag=Flag("--temperature", "sampling"),
     )  # fmt: skip
     temperature_t: float | None = setting(
-        None, "the teacher's temperature (none: the base's)", range=POSITIVE, kernel=True,
+        KERNEL.temperature_t, "the teacher's temperature (none: the base's)", range=POSITIVE, kernel=True,
         flag=Flag("--temperature-t", "sampling"),
     )  # fmt: skip
     top_p: float | None = setting(
-        None, "restrict q* to the teacher's top-p support (none: no restriction)", range=Range(0, 1, lo_open=True),
-        doc="earlier releases: ``constraint_to_target`` and ``target_top_p``", kernel=True,
-        flag=Flag("--target-top-p", "sampling"),
+        KERNEL.top_p, "restrict q* to the teacher's top-p support (none: no restriction)",
+        range=Range(0, 1, lo_open=True), doc="earlier releases: ``constraint_to_target`` and ``target_top_p``",
+        kernel=True, flag=Flag("--target-top-p", "sampling"),
     )  # fmt: skip
     force_first_token: bool = setting(
         True, "take the first generated token from the teacher (alpha = 1)",
