@@ -447,7 +447,9 @@ class Coordinator:
             )
         return ids
 
-    async def prompt_ids(self, model: Backend, prompt: Any, name: str, info: ServerInfo, chat: bool = False) -> list[int]:
+    async def prompt_ids(
+        self, model: Backend, prompt: Any, name: str, info: ServerInfo, chat: bool = False
+    ) -> list[int]:
         """A prompt's ids on `model` (text tokenized, in its chat template with `chat`),
         checked as a record's are: no ids, an id past the vocabulary, or no room left to
         generate raise `InvalidInputError` naming `name`."""

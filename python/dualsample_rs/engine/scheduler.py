@@ -79,7 +79,10 @@ class Scheduler:
             await asyncio.gather(feeder, *tasks, return_exceptions=True)
 
     async def _feed(
-        self, items: Iterable[WorkItem] | AsyncIterable[WorkItem], ready: asyncio.Queue[Sequence | None], finished: asyncio.Queue[Finished]
+        self,
+        items: Iterable[WorkItem] | AsyncIterable[WorkItem],
+        ready: asyncio.Queue[Sequence | None],
+        finished: asyncio.Queue[Finished],
     ) -> None:
         """Prepare items ahead of the workers: at most READ_AHEAD at once, and the queue
         is bounded too, so memory does not grow with the number of items. If reading the

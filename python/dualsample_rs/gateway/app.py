@@ -112,7 +112,9 @@ class _Gateway:
         forwarder: Forwarder,
         options: GatewayOptions,
         metrics: GatewayMetrics,
+        on_forwarded: Callable[[str], None] | None = None,
     ) -> None:
+        self.on_forwarded = on_forwarded
         self.sampler = sampler
         self.forwarder = forwarder
         self.options = options
@@ -270,6 +272,8 @@ class _Gateway:
                 return self._unreachable(reply)
             if reply.status >= 400:
                 return reply.response()
+        if self.on_forwarded is not None:
+            self.on_forwarded(request.path)
         return replies[0].response()
 
     async def forward_first(self, request: web.Request) -> web.StreamResponse:
@@ -333,6 +337,7 @@ def make_app(
     *,
     options: GatewayOptions | None = None,
     metrics: GatewayMetrics | None = None,
+    on_forwarded: Callable[[str], None] | None = None,
 ) -> web.Application:
     """The gateway application.
 
@@ -346,11 +351,13 @@ def make_app(
             ``/areal_update_weights``), any method.
         options: the HTTP layer's settings.
         metrics: where to count (a sampler may share it for its upstream calls).
+        on_forwarded: called with the path of each control call every replica accepted
+            (e.g. to hold rounds while the base is paused).
     """
     options = options or GatewayOptions()
     metrics = metrics or GatewayMetrics()
     forwarder = Forwarder(upstream_base_urls, metrics, options.upstream_timeout)
-    gw = _Gateway(sampler, forwarder, options, metrics)
+    gw = _Gateway(sampler, forwarder, options, metrics, on_forwarded)
     app = web.Application(middlewares=[_json_errors], client_max_size=options.client_max_size)
     app[METRICS_KEY] = metrics
     for path, route in GENERATION_ROUTES.items():
