@@ -1,4 +1,4 @@
-"""`dualsample`: generate | serve | demo | bench. Parsing only; the work lives elsewhere."""
+"""The `dualsample` command's arguments: parsing only; jobs.py and the subpackages do the work."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from typing import Any, NoReturn, get_args
 
 from .. import export, report
+from .._core import __version__
 from ..config.coordinator import (
     DIALECT_NAMES,
     SETTINGS,
@@ -129,8 +130,17 @@ def _bench_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--repeat", type=int, default=20)
 
 
+# What `dualsample --help` opens with.
+DESCRIPTION = (
+    "Generate training data by sampling token by token from q* ∝ π_θ^(1−α)·π_t^α, the geometric "
+    "mixture of a base model and a teacher model served by vLLM or SGLang, with α chosen at each "
+    "position. Records carry every token's id, α and log probability under π_θ, π_t and q*."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="dualsample", description=__doc__)
+    parser = _Parser(prog="dualsample", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"dualsample {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _generate_parser(sub)
     serve_cli.add_parser(sub)
