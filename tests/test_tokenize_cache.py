@@ -7,10 +7,9 @@ import asyncio
 from typing import Any
 
 import pytest
-
 from dualsample_rs.backends import replicas
 from dualsample_rs.backends.replicas import ReplicaSet
-from dualsample_rs.exceptions import APIConnectionError
+from dualsample_rs.exceptions import APIConnectionError, APIError
 
 
 class CountingTokenizer:
@@ -74,3 +73,35 @@ async def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for prompt in ["a", "bb", "ccc", "a"]:
         await rs.tokenize(prompt)
     assert [c[0] for c in backend.calls] == ["a", "bb", "ccc", "a"]
+
+
+def test_a_server_refusing_a_share_of_requests_fails_no_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 30% of requests answered 503 (seeded, asked one after another), 300 prompts
+    tokenised with the run's three retries lose some; with the text requests' own
+    retries, none."""
+    from dualsample_rs.backends.http import Connection
+    from dualsample_rs.backends.vllm_completions import VLLMCompletionsBackend
+    from dualsample_rs.server import running_server
+
+    async def failures(url: str) -> int:
+        conn = Connection.open(url, max_retries=3)
+        rs = ReplicaSet([VLLMCompletionsBackend.on(conn)])
+        lost = 0
+        try:
+            for i in range(300):
+                try:
+                    await rs.tokenize(f"prompt {i}")
+                except APIError:
+                    lost += 1
+        finally:
+            await rs.aclose()
+            await conn.close()
+        return lost
+
+    options = {"error_503_rate": 0.3, "retry_after": 0.001, "fault_seed": 11}
+    with running_server("base", **options) as url:
+        monkeypatch.setattr(replicas, "TEXT_RETRIES", 3)
+        assert asyncio.run(failures(url)) > 0
+    with running_server("base", **options) as url:
+        monkeypatch.undo()
+        assert asyncio.run(failures(url)) == 0

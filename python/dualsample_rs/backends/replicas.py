@@ -36,6 +36,11 @@ PROBE_INTERVAL = 1.0
 # Prompts whose ids are remembered per model: users repeat prompts (n samples of each),
 # and a prompt's ids do not change while the model's tokenizer does not.
 TOKENIZE_CACHE = 4096
+# Retries, at least, of a /tokenize or /detokenize request: each is cheap and asked once
+# per record, so a record should not fail for want of them on a server that refuses a
+# share of requests (at 20% refused, three retries lose one request in 625, eight one in
+# two million).
+TEXT_RETRIES = 8
 
 
 @dataclass
@@ -46,6 +51,16 @@ class ReplicaStats:
     sequences: int = 0
     failures: int = 0
     down: bool = False
+
+
+def _patient(backend: Backend) -> Backend:
+    """The replica with at least TEXT_RETRIES retries (see there). A backend with no
+    retry limit of its own (one not over HTTP) is used as it is."""
+    retries = getattr(backend, "max_retries", TEXT_RETRIES)
+    if retries >= TEXT_RETRIES:
+        return backend
+    patient: Backend = backend.with_options(max_retries=TEXT_RETRIES)  # type: ignore[attr-defined]
+    return patient
 
 
 def _replica_failure(err: BaseException) -> bool:
@@ -292,7 +307,9 @@ class ReplicaSet:
         pending = self._tokenizing.get(key)
         if pending is None:
             pending = asyncio.ensure_future(
-                self._any(lambda b: b.tokenize(prompt, messages=messages, add_special_tokens=add_special_tokens))
+                self._any(
+                    lambda b: _patient(b).tokenize(prompt, messages=messages, add_special_tokens=add_special_tokens)
+                )
             )
             self._tokenizing[key] = pending
             pending.add_done_callback(lambda done: self._remember(key, done))
@@ -308,7 +325,7 @@ class ReplicaSet:
             self._tokenized.popitem(last=False)
 
     async def detokenize(self, ids: list[int]) -> str:
-        return await self._any(lambda b: b.detokenize(ids))
+        return await self._any(lambda b: _patient(b).detokenize(ids))
 
     async def tokenizer_info(self) -> TokenizerFacts | None:
         return await self._any(lambda b: b.tokenizer_info())
