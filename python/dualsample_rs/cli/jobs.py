@@ -135,6 +135,28 @@ async def run_generate(args: argparse.Namespace, config: CoordinatorConfig) -> i
     return 1 if failed else 0
 
 
+async def run_gateway(args: argparse.Namespace, config: CoordinatorConfig) -> int:
+    """``dualsample gateway``: serve until stopped by a signal."""
+    from ..gateway import GatewayOptions, Limits, serve
+
+    if not 0 <= args.port < 65536:
+        raise InvalidInputError(f"--port: must be in [0, 65535], got {args.port}")
+    for name in ("max_queued", "max_concurrent_requests", "max_logprobs"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name != "max_concurrent_requests" else 1):
+            raise InvalidInputError(f"--{name.replace('_', '-')}: must not be negative, got {value}")
+    for path in args.passthrough:
+        if not path.startswith("/"):
+            raise InvalidInputError(f"--passthrough: a path starts with '/', got {path!r}")
+    options = None
+    if args.max_concurrent_requests != 256 or args.max_logprobs != 20:
+        options = GatewayOptions(max_concurrent_requests=args.max_concurrent_requests,
+                                 limits=Limits(max_logprobs=args.max_logprobs))  # fmt: skip
+    await serve(config, args.host, args.port, args.passthrough, options=options, teacher_system=args.teacher_system,
+                max_queued_requests=args.max_queued)  # fmt: skip
+    return 0
+
+
 def work_item(r: InputRecord, teacher_chat: bool) -> WorkItem:
     """What to generate for one line of the input."""
     from ..engine.sequence import WorkItem, stable_key

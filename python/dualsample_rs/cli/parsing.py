@@ -53,7 +53,7 @@ def _add_flag(group: Any, s: Setting) -> None:
     group.add_argument(s.flag.name, **kwargs)
 
 
-def _setting_flags(p: argparse.ArgumentParser) -> None:
+def _setting_flags(p: argparse.ArgumentParser, generate: bool = True) -> None:
     groups = {"sampling": p.add_argument_group("sampling"), "servers": p.add_argument_group("servers")}
     added: set[str] = set()
     for s in _flagged():
@@ -62,8 +62,9 @@ def _setting_flags(p: argparse.ArgumentParser) -> None:
             added.add(s.flag.name)
             _add_flag(groups[s.flag.group], s)
     sampling = groups["sampling"]
-    sampling.add_argument("--max-tokens", type=int, default=100)
-    sampling.add_argument("--diagnostics", action="store_true", help="add per-sequence divergence summaries")
+    if generate:
+        sampling.add_argument("--max-tokens", type=int, default=100)
+        sampling.add_argument("--diagnostics", action="store_true", help="add per-sequence divergence summaries")
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
@@ -92,15 +93,8 @@ def _generate_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--teacher-prompt-field", default="teacher_prompt")
     p.add_argument("--teacher-chat", action="store_true", help="teacher prompt = prompt in the teacher's chat template")
-    t = p.add_argument_group("several teachers")
-    t.add_argument("--teacher", action="append", type=teacher_text, metavar="NAME=URL[,URL...][;OPTION=VALUE...]",
-                   help="a named teacher (repeat it for more): its URL or replicas, then options among dialect, "
-                   "model, temperature, chat (yes/no) and prompt_field; instead of --t-url")  # fmt: skip
+    t = _teacher_flags(p)
     t.add_argument("--teacher-field", default="teacher", help="the input field naming a line's teacher")
-    t.add_argument("--default-teacher", metavar="NAME", help="where a line that names none goes (default: the first)")
-    t.add_argument("--mix", type=mix_text, metavar="NAME=W,NAME=W",
-                   help="sample every line from the mixture of these teachers, weights summing to 1 "
-                   "(a line's 'teachers' field gives its own)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     r = p.add_argument_group("Ray (the ray extra)")
     r.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
@@ -108,6 +102,37 @@ def _generate_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     r.add_argument("--ray-actors", type=int, default=2, help="actors, each running a coordinator")
     r.add_argument("--ray-batch-size", type=int, default=256, help="prompts per batch an actor takes")
     _setting_flags(p)
+
+
+def _teacher_flags(p: argparse.ArgumentParser) -> Any:
+    """The flags of named teachers, the same for generate and the gateway."""
+    t = p.add_argument_group("several teachers")
+    t.add_argument("--teacher", action="append", type=teacher_text, metavar="NAME=URL[,URL...][;OPTION=VALUE...]",
+                   help="a named teacher (repeat it for more): its URL or replicas, then options among dialect, "
+                   "model, temperature, chat (yes/no) and prompt_field; instead of --t-url")  # fmt: skip
+    t.add_argument("--default-teacher", metavar="NAME", help="where a line that names none goes (default: the first)")
+    t.add_argument("--mix", type=mix_text, metavar="NAME=W,NAME=W",
+                   help="sample every line from the mixture of these teachers, weights summing to 1 "
+                   "(a line's 'teachers' field gives its own)")  # fmt: skip
+    return t
+
+
+def _gateway_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("gateway", help="an HTTP endpoint that answers as vLLM or SGLang, every token drawn from q*")
+    g = p.add_argument_group("gateway")
+    g.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    g.add_argument("--port", type=int, default=8000, help="the port to listen on (0: a free one)")
+    g.add_argument("--passthrough", action="append", default=[], metavar="PATH",
+                   help="another path forwarded to every base replica, any method (repeat it for more), "
+                   "e.g. /areal_update_weights")  # fmt: skip
+    g.add_argument("--max-queued", type=int, default=None, metavar="N",
+                   help="requests that may wait for a slot; past it, 503 with Retry-After (default 1024)")  # fmt: skip
+    g.add_argument("--max-concurrent-requests", type=int, default=256, metavar="N",
+                   help="requests sampled at once (their sequences share the rounds); more wait")  # fmt: skip
+    g.add_argument("--teacher-system", metavar="TEXT", help="a system message only the teacher sees (chat requests)")
+    g.add_argument("--max-logprobs", type=int, default=20, metavar="N", help="the cap on a request's logprobs")
+    _teacher_flags(p)
+    _setting_flags(p, generate=False)
 
 
 def _demo_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -143,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"dualsample {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _generate_parser(sub)
+    _gateway_parser(sub)
     serve_cli.add_parser(sub)
     _demo_parser(sub)
     _bench_parser(sub)
@@ -159,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.ray is not None:
                 return jobs.run_ray(args, config)
             return asyncio.run(jobs.stoppable(args.command, jobs.run_generate(args, config)))
+        if args.command == "gateway":
+            config = config_from_args(args)
+            return asyncio.run(jobs.stoppable(args.command, jobs.run_gateway(args, config)))
         runner = jobs.run_demo if args.command == "demo" else jobs.run_bench
         return asyncio.run(jobs.stoppable(args.command, runner(args)))
     except DualSampleError as err:
