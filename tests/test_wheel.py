@@ -167,11 +167,8 @@ def test_demo_runs(clean: CleanEnv) -> None:
 
 def test_version_flag(clean: CleanEnv) -> None:
     """`dualsample --version` prints the version the wheel's metadata and Cargo.toml carry."""
-    proc = clean.run(str(clean.venv / "bin" / "dualsample"), "--version")
-    if proc.returncode == 2 and "the following arguments are required: command" in proc.stderr:
-        pytest.xfail("dualsample has no --version flag yet (python/dualsample_rs/cli)")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["dualsample", _cargo_version()]
+    out = _must(clean.run(str(clean.venv / "bin" / "dualsample"), "--version"))
+    assert out.split() == ["dualsample", _cargo_version()]
 
 
 KERNEL_CHECK = """
