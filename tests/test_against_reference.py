@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dualsample_rs as ds
 import numpy as np
+import pytest
 from dualsample_rs import reference as ref
 from hypothesis import given
 from hypothesis import strategies as st
@@ -121,6 +122,30 @@ def test_solve_alpha_agrees(a: list[float], shift: list[float], method: str) -> 
                 assert abs(_ess_gap(x, y, al)) <= 1e-9
     for al in (0.0, got, 1.0):
         np.testing.assert_allclose(ds.mix(x, y, al), ref.mix(x, y, al), atol=1e-9)
+
+
+@given(data=topk_batches())
+def test_unlisted_bound_agrees(data: tuple) -> None:
+    """The "bound" rule's value of an unlisted token, per row of either list."""
+    for ids, lp in (data[:2], data[2:]):
+        np.testing.assert_allclose(ds._core.unlisted_bound(ids, lp), ref.unlisted_bound(ids, lp), atol=1e-12)
+
+
+def test_unlisted_bound_cases_and_bad_rows() -> None:
+    # smallest listed 0.1 below the unlisted 0.2; unlisted 0.05 below the smallest 0.3;
+    # a list holding all the mass: 1e-12 (never -inf); one row given as 1-D: a float
+    ids = np.array([[3, 4, -1], [1, 2, 5], [7, -1, -1]])
+    with np.errstate(divide="ignore"):
+        lp = np.log(np.array([[0.7, 0.1, 0.0], [0.3, 0.3, 0.35], [1.0, 0.0, 0.0]]))
+    got = ds._core.unlisted_bound(ids, lp)
+    np.testing.assert_allclose(got, np.log([0.1, 0.05, 1e-12]), rtol=1e-12)
+    assert isinstance(ds._core.unlisted_bound(ids[0], lp[0]), float)
+    bad = lp.copy()
+    bad[1, 2] = 0.5
+    with pytest.raises(ds.InvalidInputError, match=r"logp.*row 1.*above 0"):
+        ds._core.unlisted_bound(ids, bad)
+    with pytest.raises(ds.InvalidInputError, match=r"ids"):
+        ds._core.unlisted_bound(ids[:, :2], lp)
 
 
 @given(data=topk_batches(), missing=st.sampled_from(["bound", "drop", -7.5]))

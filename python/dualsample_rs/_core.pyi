@@ -21,6 +21,7 @@ __all__ = [
     "parse_sglang_topk",
     "solve_alpha",
     "step",
+    "unlisted_bound",
 ]
 
 __version__: str
@@ -172,6 +173,11 @@ def mix(logp_theta: ArrayLike, logp_t: ArrayLike, alpha: float | ArrayLike) -> N
 
     ``alpha`` is a float or one value per row.
     """
+
+def unlisted_bound(ids: ArrayLike, logp: ArrayLike) -> float | NDArray[np.float64]:
+    """Per row of a top-k list (ids -1 / -inf padded), the log probability the ``"bound"``
+    rule gives a token the list lacks: log min(smallest listed probability, unlisted
+    mass), the unlisted mass taken as at least 1e-12 (as the merge does)."""
 
 def merge_topk(
     ids_theta: ArrayLike,

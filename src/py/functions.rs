@@ -1,14 +1,14 @@
-//! `solve_alpha`, `mix` and `merge_topk`: the step's building blocks on their own.
+//! `solve_alpha`, `mix`, `merge_topk` and `unlisted_bound`: the step's building blocks on their own.
 use ndarray::Axis;
 use numpy::{IntoPyArray, PyArray1};
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyFloat, PyTuple};
 
 use crate::kernels::alpha::AlphaParams;
-use crate::kernels::batch::{merge_batch, mix_batch, solve_alpha_batch};
+use crate::kernels::batch::{merge_batch, mix_batch, solve_alpha_batch, unlisted_bound_batch};
 use crate::kernels::merge::Missing;
 use crate::py::args;
-use crate::py::arrays::{float_input, per_row_floats, same_shape, TopkInputs};
+use crate::py::arrays::{float_input, id_input, per_row_floats, same_shape, TopkInputs};
 use crate::py::config::parse_missing;
 
 #[pyfunction(name = "solve_alpha")]
@@ -96,5 +96,20 @@ pub fn merge_topk_py<'py>(
                 m.logp_t.into_pyarray(py).into_any(),
             ],
         )
+    }
+}
+
+#[pyfunction(name = "unlisted_bound")]
+#[pyo3(signature = (ids, logp), text_signature = "(ids, logp)")]
+pub fn unlisted_bound_py(py: Python<'_>, ids: &Bound<'_, PyAny>, logp: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    let (ids_in, lp_in) = (id_input(ids, "ids")?, float_input(logp, "logp")?);
+    let (i, l) = (ids_in.rows("ids")?, lp_in.rows("logp")?);
+    same_shape(&i, &l, ("ids", "logp"))?;
+    let (vi, vl) = (i.data.view(), l.data.view());
+    let values = py.detach(|| unlisted_bound_batch(vi, vl))?;
+    if i.one_row {
+        Ok(PyFloat::new(py, values[0]).into_any().unbind())
+    } else {
+        Ok(values.into_pyarray(py).into_any().unbind())
     }
 }

@@ -17,7 +17,7 @@ mod _core {
     #[pymodule_export]
     use crate::py::config::SamplerConfig;
     #[pymodule_export]
-    use crate::py::functions::{merge_topk_py, mix_py, solve_alpha_py};
+    use crate::py::functions::{merge_topk_py, mix_py, solve_alpha_py, unlisted_bound_py};
     #[pymodule_export]
     use crate::py::mixture::mix_teachers_py;
     #[pymodule_export]

@@ -25,7 +25,6 @@ from ..backends import Backend, TopK
 from ..config.coordinator import CoordinatorConfig
 from ..exceptions import APIError, BadRequestError, DualSampleError, InvalidInputError
 from ..io.record import DIAGNOSTIC_NAMES, GenerationOutput
-from ..reference import unlisted_bound
 from .sequence import Sequence
 from .stats import Statistics
 from .strategies import Bundle, SharedBase, Strategy
@@ -385,7 +384,7 @@ def _raw_log_probabilities(
     rows = np.flatnonzero(~observed)
     if len(rows):
         if missing == "bound":
-            out[rows] = unlisted_bound(top.ids[rows], top.logp[rows])
+            out[rows] = _core.unlisted_bound(top.ids[rows], top.logp[rows])
         elif isinstance(missing, float):
             out[rows] = missing
         else:
