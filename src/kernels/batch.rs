@@ -151,19 +151,15 @@ pub fn merge_batch(
 /// Per row, the value the `bound` rule gives a token the list does not hold (as in the
 /// merge): log min(smallest listed probability, unlisted mass).
 pub fn unlisted_bound_batch(ids: ArrayView2<'_, i64>, logp: ArrayView2<'_, f64>) -> KernelResult<Array1<f64>> {
-    let values = map_rows(
-        ids.nrows(),
-        ids.ncols(),
-        |s: &mut (Vec<i64>, Vec<f64>, Vec<f64>), r| {
-            let (id_buf, lp_buf, scratch) = s;
-            let row_ids = row_slice(ids.row(r), id_buf);
-            let row_lp = row_slice(logp.row(r), lp_buf);
-            let summary = summarise(row_ids, row_lp);
-            if summary.bad {
-                explain(row_ids, row_lp, ("ids", "logp"), r)?;
-            }
-            Ok(bound(row_lp, &summary, scratch))
-        },
-    )?;
+    let values = map_rows(ids.nrows(), ids.ncols(), |s: &mut (Vec<i64>, Vec<f64>, Vec<f64>), r| {
+        let (id_buf, lp_buf, scratch) = s;
+        let row_ids = row_slice(ids.row(r), id_buf);
+        let row_lp = row_slice(logp.row(r), lp_buf);
+        let summary = summarise(row_ids, row_lp);
+        if summary.bad {
+            explain(row_ids, row_lp, ("ids", "logp"), r)?;
+        }
+        Ok(bound(row_lp, &summary, scratch))
+    })?;
     Ok(Array1::from(values))
 }
