@@ -187,14 +187,16 @@ def test_repeated_resume_under_heavy_faults_converges_to_the_clean_records(
     from dualsample_rs.server import running_server
 
     inp, clean, out = tmp_path / "in.jsonl", tmp_path / "clean.jsonl", tmp_path / "out.jsonl"
-    write_input(inp, 12)
+    # 24 records and two retries a request: /tokenize and /detokenize retry more on their
+    # own, so the faults must fail some steps for the first run to lose records.
+    write_input(inp, 24)
     code, err = wait_cli(generate_cli(urls, inp, clean, "--max-tokens", "8", "--teacher-chat"))
     assert code == 0, err
     faults = {"error_503_rate": 0.1, "error_500_rate": 0.1, "drop_rate": 0.05, "malformed_rate": 0.05,
               "slow_body_rate": 0.05, "slow_body_seconds": 0.1, "retry_after": 0.01}  # fmt: skip
     codes = []
     with running_server("base", **faults) as a, running_server("teacher", fault_seed=7, **faults) as b:
-        flags = ("--max-tokens", "8", "--max-retries", "3", "--retry-delay", "0.01", "--max-concurrency", "4",
+        flags = ("--max-tokens", "8", "--max-retries", "2", "--retry-delay", "0.01", "--max-concurrency", "4",
                  "--teacher-chat")  # fmt: skip
         codes.append(wait_cli(generate_cli((a, b), inp, out, *flags))[0])
         while codes[-1] != 0 and len(codes) < 12:
