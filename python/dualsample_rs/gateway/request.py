@@ -339,13 +339,15 @@ def _teachers(fields: _Fields) -> tuple[str | None, Mapping[str, float] | None]:
     return None, {str(k): float(v) for k, v in mix.items()}
 
 
-def _request_id(fields: _Fields) -> str | None:
+def _request_id(fields: _Fields) -> str | int | None:
+    """The extension id, as sent: a string or an integer (each keys the draws as that
+    id in an input line does, so 5 and "5" differ)."""
     value = fields.get("id")
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise RequestError("id must be a string or an integer", "id")
-    return _text(str(value), "id")
+    return value if isinstance(value, int) else _text(value, "id")
 
 
 def _teacher_prompts(body: Mapping[str, Any], prompts: tuple[Prompt, ...], limits: Limits) -> tuple[Prompt, ...] | None:

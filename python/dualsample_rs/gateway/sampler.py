@@ -70,7 +70,7 @@ class SampleRequest:
     teacher_prompts: tuple[Prompt, ...] | None = None
     teacher: str | None = None
     teachers: Mapping[str, float] | None = None
-    id: str | None = None
+    id: str | int | None = None
     # SGLang /generate: one prompt sent bare (not a list), its rid(s), text in logprobs.
     single: bool = True
     rids: tuple[str, ...] | None = None

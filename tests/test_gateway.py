@@ -1,0 +1,398 @@
+"""`dualsample gateway` end to end: the gateway in front of the reference servers, in
+every dialect, asked through the official `openai` client and raw request bodies; its
+answers against `dualsample generate`'s records; disconnect, a killed teacher, and
+pause / resume passed through to the base."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from dualsample_rs.config.coordinator import CoordinatorConfig
+from dualsample_rs.gateway import choice_key, open_gateway
+from dualsample_rs.gateway.sampler import SampleRequest
+from support import pair_config, read_records
+
+QUESTION = "Question: Why is the sky blue?\nAnswer:"
+DIALECTS = {"vllm-completions": "vllm", "vllm-generate": "vllm", "sglang": "sglang"}
+
+
+def config_for(flavors: dict[str, tuple[str, str]], dialect: str, **options: Any) -> CoordinatorConfig:
+    return pair_config(flavors[DIALECTS[dialect]], dialect=dialect, seed=5, **options)
+
+
+# The openai clients a test made, closed before its event loop ends.
+closing: list[openai.AsyncOpenAI] = []
+
+
+def run(config: CoordinatorConfig, body: Callable[[Any], Awaitable[None]], **gateway: Any) -> None:
+    async def go() -> None:
+        async with open_gateway(config, **gateway) as gw:
+            try:
+                await body(gw)
+            finally:
+                while closing:
+                    await closing.pop().close()
+
+    asyncio.run(go())
+
+
+def ext(choice: Any) -> dict[str, Any]:
+    extra = choice.model_extra if hasattr(choice, "model_extra") else choice
+    return dict(extra["dualsample"])
+
+
+@pytest.mark.parametrize("dialect", sorted(DIALECTS))
+def test_openai_client_whole_and_streamed_in_every_dialect(flavors: dict[str, tuple[str, str]], dialect: str) -> None:
+    async def body(gw: Any) -> None:
+        client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0)
+        closing.append(client)
+        ask = {"model": "m", "prompt": QUESTION, "max_tokens": 12, "seed": 3, "n": 2, "logprobs": 0,
+               "extra_body": {"return_token_ids": True}}  # fmt: skip
+        whole = await client.completions.create(**ask)
+        assert len(whole.choices) == 2
+        for c in whole.choices:
+            e = ext(c)
+            ids = c.model_extra["token_ids"]
+            assert 1 <= len(ids) <= 12 and c.finish_reason in ("stop", "length")
+            assert len(c.logprobs.token_logprobs) == len(ids) == len(e["alpha"])
+            assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
+            assert all(0 <= a <= 1 for a in e["alpha"])
+        # choices are keyed by (seed, choice): different draws, same for the same seed
+        again = await client.completions.create(**ask)
+        assert [c.model_extra["token_ids"] for c in again.choices] == [
+            c.model_extra["token_ids"] for c in whole.choices
+        ]
+        streamed: dict[int, dict[str, Any]] = {}
+        async for chunk in await client.completions.create(**ask, stream=True):
+            for c in chunk.choices:
+                got = streamed.setdefault(c.index, {"text": "", "ids": [], "lp": []})
+                got["text"] += c.text
+                got["ids"] += c.model_extra.get("token_ids") or []
+                if c.logprobs is not None:
+                    got["lp"] += c.logprobs.token_logprobs
+        for c in whole.choices:
+            assert streamed[c.index] == {"text": c.text, "ids": c.model_extra["token_ids"],
+                                         "lp": c.logprobs.token_logprobs}  # fmt: skip
+
+        chat = {"model": "m", "messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 10,
+                "seed": 9, "logprobs": True, "n": 2, "extra_body": {"return_token_ids": True}}  # fmt: skip
+        whole_chat = await client.chat.completions.create(**chat)
+        parts: dict[int, dict[str, Any]] = {}
+        async for chunk in await client.chat.completions.create(**chat, stream=True):
+            for c in chunk.choices:
+                got = parts.setdefault(c.index, {"text": "", "lp": []})
+                got["text"] += c.delta.content or ""
+                if c.logprobs is not None and c.logprobs.content:
+                    got["lp"] += [x.logprob for x in c.logprobs.content]
+        for c in whole_chat.choices:
+            assert len(c.logprobs.content) == len(c.model_extra["token_ids"]) >= 1
+            assert parts[c.index] == {"text": c.message.content or "", "lp": [x.logprob for x in c.logprobs.content]}
+
+    run(config_for(flavors, dialect), body)
+
+
+def test_refusals_name_the_parameter(flavors: dict[str, tuple[str, str]]) -> None:
+    async def body(gw: Any) -> None:
+        client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0)
+        closing.append(client)
+        refused = [
+            ({"top_p": 0.9}, "top_p"),
+            ({"logprobs": 2}, "logprobs"),
+            ({"temperature": 0}, "temperature"),
+            ({"extra_body": {"top_k": 5}}, "top_k"),
+            ({"extra_body": {"min_p": 0.1}}, "min_p"),
+        ]
+        for extra, name in refused:
+            with pytest.raises(openai.BadRequestError) as err:
+                await client.completions.create(model="m", prompt=QUESTION, max_tokens=3, **extra)
+            assert name in str(err.value)
+        # neutral values pass (AReaL's top_k 1e8, prime-rl's -1 and min_p 0)
+        for extra in ({"top_p": 1.0, "extra_body": {"top_k": 10**8, "min_p": 0.0}}, {"extra_body": {"top_k": -1}}):
+            ok = await client.completions.create(model="m", prompt=QUESTION, max_tokens=3, seed=1, **extra)
+            assert ok.choices[0].text is not None
+
+    run(pair_config(flavors["vllm"], seed=5), body)
+
+
+def test_id_and_seed_draw_the_generate_record(flavors: dict[str, tuple[str, str]], tmp_path: Path) -> None:
+    urls = flavors["vllm"]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"id": "q7", "prompt": QUESTION, "teacher_prompt": "Why is the sky blue?"}, {"id": 12, "prompt": QUESTION}]
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    done = subprocess.run(
+        [sys.executable, "-m", "dualsample_rs", "generate", "--theta-url", urls[0], "--t-url", urls[1],
+         "--input", str(inp), "--output", str(out), "--max-tokens", "20", "--seed", "23", "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    records = {r["id"]: r for r in read_records(out)}
+
+    async def body(gw: Any) -> None:
+        async with aiohttp.ClientSession() as http:
+            for line in lines:
+                request = {"prompt": line["prompt"], "max_tokens": 20, "logprobs": 0, "id": line["id"], "seed": 1,
+                           "return_token_ids": True}  # fmt: skip
+                if "teacher_prompt" in line:
+                    request["teacher_prompt"] = line["teacher_prompt"]
+                async with http.post(gw.url + "/v1/completions", json=request) as resp:
+                    assert resp.status == 200, await resp.text()
+                    choice = (await resp.json())["choices"][0]
+                rec, e = records[line["id"]], choice["dualsample"]
+                assert choice["token_ids"] == rec["token_ids"]
+                assert choice["text"] == rec["text"]
+                assert choice["finish_reason"] == rec["finish_reason"]
+                for got, want in [(choice["logprobs"]["token_logprobs"], rec["logq"]), (e["alpha"], rec["alpha"]),
+                                  (e["logp_base"], rec["logp_theta"]), (e["logp_teacher"], rec["logp_t"])]:  # fmt: skip
+                    assert got == pytest.approx(want, abs=1e-12, rel=0)
+                assert e["observed_base"] == rec["observed_theta"] and e["observed_teacher"] == rec["observed_t"]
+
+    run(pair_config(urls, seed=23), body)
+
+
+def test_choice_keys_are_stated_functions_of_id_seed_and_index() -> None:
+    from dualsample_rs.engine.sequence import stable_key
+
+    req = SampleRequest("completions", (), n=3, id="r1")
+    assert [choice_key(req, i) for i in range(3)] == [stable_key("r1"), stable_key(("r1", 1)), stable_key(("r1", 2))]
+    seeded = SampleRequest("completions", (), n=2, seed=4)
+    assert choice_key(seeded, 1) == stable_key(("seed", 4, 1)) != choice_key(seeded, 0)
+    assert choice_key(SampleRequest("completions", ()), 0) != choice_key(SampleRequest("completions", ()), 0)
+
+
+def test_seeded_tokens_do_not_depend_on_what_else_is_in_flight(flavors: dict[str, tuple[str, str]]) -> None:
+    async def body(gw: Any) -> None:
+        async with aiohttp.ClientSession() as http:
+
+            async def ask(prompt: str, seed: int) -> list[int]:
+                body = {"prompt": prompt, "max_tokens": 15, "seed": seed, "return_token_ids": True}
+                async with http.post(gw.url + "/v1/completions", json=body) as resp:
+                    return list((await resp.json())["choices"][0]["token_ids"])
+
+            alone = await ask(QUESTION, 77)
+            crowd = await asyncio.gather(*(ask(f"Question: what is {i}?\nAnswer:", i) for i in range(6)),
+                                         ask(QUESTION, 77))  # fmt: skip
+            assert crowd[-1] == alone
+
+    run(pair_config(flavors["vllm"], seed=5, max_batch_size=4), body)
+
+
+def test_sglang_route_and_vllm_generate_route(flavors: dict[str, tuple[str, str]]) -> None:
+    async def body(gw: Any) -> None:
+        async with aiohttp.ClientSession() as http:
+            ids = await gw.coordinator.base.tokenize(QUESTION)
+            # slime's body (slime/rollout/sglang_rollout.py)
+            slime = {"input_ids": ids, "return_logprob": True, "sampling_params": {
+                "temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 8, "stop": None,
+                "stop_token_ids": None, "skip_special_tokens": False, "no_stop_trim": True,
+                "spaces_between_special_tokens": False}}  # fmt: skip
+            async with http.post(gw.url + "/generate", json=slime) as resp:
+                assert resp.status == 200, await resp.text()
+                got = await resp.json()
+            meta = got["meta_info"]
+            assert 1 <= meta["completion_tokens"] <= 8 and meta["finish_reason"]["type"] in ("stop", "length")
+            assert len(meta["output_token_logprobs"]) == meta["completion_tokens"]
+            assert all(lp <= 0 and isinstance(tid, int) for lp, tid, *_ in meta["output_token_logprobs"])
+            # prime-rl / SkyRL: vLLM's tokens-in/out route
+            skyrl = {"token_ids": ids, "model": "m", "sampling_params": {"min_tokens": 1, "skip_special_tokens": True,
+                     "include_stop_str_in_output": True, "max_tokens": 8, "temperature": 1.0, "top_p": 1.0,
+                     "top_k": -1, "min_p": 0.0, "logprobs": 0, "seed": 2}}  # fmt: skip
+            async with http.post(gw.url + "/inference/v1/generate", json=skyrl) as resp:
+                assert resp.status == 200, await resp.text()
+                choice = (await resp.json())["choices"][0]
+            assert 1 <= len(choice["token_ids"]) <= 8
+            assert len(choice["logprobs"]["content"]) == len(choice["token_ids"])
+
+    run(config_for(flavors, "sglang"), body)
+
+
+def test_stop_strings_cut_the_text(flavors: dict[str, tuple[str, str]]) -> None:
+    async def body(gw: Any) -> None:
+        client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0)
+        closing.append(client)
+        free = await client.completions.create(model="m", prompt=QUESTION, max_tokens=30, seed=8)
+        text = free.choices[0].text
+        word = next(w for w in text.split() if len(w) >= 2 and w[0].isalpha())
+        stop = word[:2]
+        cut = await client.completions.create(model="m", prompt=QUESTION, max_tokens=30, seed=8, stop=[stop])
+        c = cut.choices[0]
+        assert c.text == text[: text.index(stop)] and c.finish_reason == "stop" and c.stop_reason == stop
+        streamed = ""
+        async for chunk in await client.completions.create(model="m", prompt=QUESTION, max_tokens=30, seed=8,
+                                                           stop=[stop], stream=True):  # fmt: skip
+            streamed += "".join(x.text for x in chunk.choices)
+        assert streamed == c.text
+
+    run(pair_config(flavors["vllm"], seed=5), body)
+
+
+def test_a_disconnected_client_has_its_sequences_dropped(flavors: dict[str, tuple[str, str]]) -> None:
+    async def body(gw: Any) -> None:
+        async with aiohttp.ClientSession() as http:
+            req = {"prompt": QUESTION, "max_tokens": 100000, "ignore_eos": True, "stream": True, "n": 2}
+            async with http.post(gw.url + "/v1/completions", json=req) as resp:
+                got = 0
+                async for _ in resp.content:
+                    got += 1
+                    if got > 6:
+                        break
+            assert gw.serving.in_flight >= 1 or gw.metrics.cancelled._value.get() >= 1
+            for _ in range(100):
+                if gw.serving.in_flight == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert gw.serving.in_flight == 0
+            assert gw.metrics.cancelled._value.get() == 2
+            assert gw.coordinator.stats.sequences == 2  # dropped, not left running
+
+    run(pair_config(flavors["vllm"], seed=5), body)
+
+
+class _Proxy:
+    """A TCP proxy on a fixed port in front of a server: `stop` kills it (connections
+    refused and those open cut), `start` brings it back on the same port."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit("//", 1)[1].split(":")
+        self.target = (host, int(port))
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers |= {writer, up_writer}
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self.server is None:
+            return
+        self.server.close()
+        for w in self.writers:
+            w.transport.abort()
+        self.writers.clear()
+        await self.server.wait_closed()
+        self.server = None
+
+
+def test_a_killed_teacher_gives_503_naming_it_and_the_gateway_serves_again(flavors: dict[str, tuple[str, str]]) -> None:
+    base, teacher = flavors["vllm"]
+
+    async def go() -> None:
+        proxy = _Proxy(teacher)
+        teacher_url = await proxy.start()
+        config = pair_config((base, teacher_url), seed=5, max_retries=0, retry_delay=0.01, request_timeout=5.0)
+        try:
+            await killed_and_back(proxy, teacher_url, config)
+        finally:
+            await proxy.stop()
+
+    async def killed_and_back(proxy: _Proxy, teacher_url: str, config: CoordinatorConfig) -> None:
+        async with open_gateway(config) as gw, aiohttp.ClientSession() as http:
+            body = {"prompt": QUESTION, "max_tokens": 5, "seed": 1}
+            async with http.post(gw.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200
+            await proxy.stop()
+            async with http.post(gw.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 503
+                assert teacher_url in (await resp.json())["error"]["message"]
+            async with http.get(gw.url + "/health") as resp:
+                assert resp.status == 200  # the base still answers
+            await proxy.start()
+            for _ in range(40):
+                async with http.post(gw.url + "/v1/completions", json=body) as resp:
+                    if resp.status == 200:
+                        break
+                await asyncio.sleep(0.25)
+            assert resp.status == 200
+
+    asyncio.run(go())
+
+
+@contextlib.asynccontextmanager
+async def _base_with_pause(target: str) -> AsyncIterator[tuple[str, list[str]]]:
+    """An HTTP proxy in front of the base that answers the engines' control routes itself
+    (recording them) and forwards everything else."""
+    calls: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.path in ("/pause", "/resume", "/areal_update_weights"):
+            calls.append(request.path)
+            return web.json_response({"ok": True})
+        sent = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with aiohttp.ClientSession() as s, s.request(request.method, target + request.rel_url.path_qs,
+                                                           data=await request.read(), headers=sent) as r:  # fmt: skip
+            hop = ("content-length", "content-encoding", "transfer-encoding", "connection")
+            back = {k: v for k, v in r.headers.items() if k.lower() not in hop}
+            return web.Response(body=await r.read(), status=r.status, headers=back)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", calls
+    finally:
+        await runner.cleanup()
+
+
+def test_pause_and_resume_pass_through_and_rounds_wait(flavors: dict[str, tuple[str, str]]) -> None:
+    base, teacher = flavors["vllm"]
+
+    async def go() -> None:
+        async with _base_with_pause(base) as (base_url, calls):
+            config = pair_config((base_url, teacher), seed=5, dialect="vllm-completions")
+            async with open_gateway(config, passthrough_paths=["/areal_update_weights"]) as gw:
+                async with aiohttp.ClientSession() as http:
+                    async with http.post(gw.url + "/pause?mode=keep") as resp:
+                        assert resp.status == 200
+                    assert gw.serving.paused
+                    body = {"prompt": QUESTION, "max_tokens": 5, "seed": 1}
+                    waiting = asyncio.ensure_future(http.post(gw.url + "/v1/completions", json=body))
+                    await asyncio.sleep(0.5)
+                    assert not waiting.done()  # rounds wait while the base is paused
+                    async with http.post(gw.url + "/areal_update_weights", json={"path": "/x"}) as resp:
+                        assert resp.status == 200
+                    async with http.post(gw.url + "/resume") as resp:
+                        assert resp.status == 200
+                    resp = await asyncio.wait_for(waiting, 30)
+                    assert resp.status == 200
+                    assert len((await resp.json())["choices"][0]["text"]) >= 0
+                    resp.release()
+            assert calls == ["/pause", "/areal_update_weights", "/resume"]
+
+    asyncio.run(go())
+
+
+def test_cli_lists_and_parses_the_gateway(capsys: pytest.CaptureFixture[str]) -> None:
+    from dualsample_rs.cli.parsing import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0 and "gateway" in capsys.readouterr().out
+    assert main(["gateway", "--port", "70000"]) == 2
+    assert "--port: must be in [0, 65535]" in capsys.readouterr().err
