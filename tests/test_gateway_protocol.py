@@ -706,6 +706,7 @@ def test_disconnect_cancels_sampling(env: Env) -> None:
 
 def test_metrics(env: Env) -> None:
     post(env, "/v1/completions", {"prompt": "x", "max_tokens": 5, "seed": 1})
+    assert env.http.get(env.url + "/v1/models").status_code == 200  # a call the base answers
     text = env.http.get(env.url + "/metrics").text
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
     assert values["dualsample_gateway_generated_tokens_total"] > 0

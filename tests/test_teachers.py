@@ -472,9 +472,9 @@ def _routed_step(base: _FakeModel, poisoned: set[int]) -> list[Sequence]:
     from dualsample_rs.engine.strategies import BothTopK
 
     config, stats = CoordinatorConfig(top_k=8), Statistics()
-    rounds = {
-        name: Round(BothTopK(base, _FakeModel(8, seed), 8), config, config.sampler_config(()), 0, (), (99, 99),
-                    stats, False)
+    rounds = {  # keyed by (teacher, the sequence's temperature), as the engine keys them
+        (name, 1.0): Round(BothTopK(base, _FakeModel(8, seed), 8), config, config.sampler_config(()), 0, (),
+                           (99, 99), stats, False)
         for name, seed in (("a", 1), ("b", 2))
     }  # fmt: skip
     batch = [
