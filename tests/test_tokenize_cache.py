@@ -79,12 +79,12 @@ def test_a_server_refusing_a_share_of_requests_fails_no_prompt(monkeypatch: pyte
     """At 30% of requests answered 503 (seeded, asked one after another), 300 prompts
     tokenised with the run's three retries lose some; with the text requests' own
     retries, none."""
-    from dualsample_rs.backends.http import Connection
+    from dualsample_rs.backends.http import Connection, ConnectionOptions
     from dualsample_rs.backends.vllm_completions import VLLMCompletionsBackend
     from dualsample_rs.server import running_server
 
     async def failures(url: str) -> int:
-        conn = Connection.open(url, max_retries=3)
+        conn = Connection.open(url, options=ConnectionOptions(max_retries=3))
         rs = ReplicaSet([VLLMCompletionsBackend.on(conn)])
         lost = 0
         try:

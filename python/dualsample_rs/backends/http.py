@@ -102,6 +102,22 @@ class Limits:
     retry_delay: float
 
 
+@dataclass(frozen=True)
+class ConnectionOptions:
+    """How to reach a server: one object from the run's settings to the connection
+    (`CoordinatorConfig.transport.connection_options()`); `HttpBackend` documents each."""
+
+    timeout: float = DEFAULT_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    max_retries: int = DEFAULT_MAX_RETRIES
+    retry_delay: float = INITIAL_RETRY_DELAY
+    connection_pool_size: int | None = None
+    trust_env: bool = True
+    ca_bundle: str | None = None
+    insecure: bool = False
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
+
+
 @dataclass
 class Connection:
     """One server's connections and what every client of it shares: the transport, the
@@ -116,21 +132,7 @@ class Connection:
     limits: Limits
 
     @classmethod
-    def open(
-        cls,
-        base_url: str,
-        *,
-        api_key: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        retry_delay: float = INITIAL_RETRY_DELAY,
-        connection_pool_size: int | None = None,
-        trust_env: bool = True,
-        ca_bundle: str | None = None,
-        insecure: bool = False,
-        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
-    ) -> Connection:
+    def open(cls, base_url: str, *, api_key: str | None = None, options: ConnectionOptions | None = None) -> Connection:
         """The connection to `base_url` with these settings (see `HttpBackend`); no
         request is sent until a client asks.
 
@@ -138,17 +140,19 @@ class Connection:
             InvalidInputError: a setting is out of range, the URL is not http(s), or
                 the CA bundle cannot be read.
         """
+        o = options or ConnectionOptions()
+        timeout, ca_bundle = o.timeout, o.ca_bundle
         if not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
             raise InvalidInputError(f"timeout: must be a positive number of seconds, got {timeout!r}")
         try:
             transport = Transport(
                 base_url.rstrip("/"),
-                limit=connection_pool_size or DEFAULT_CONNECTIONS,
-                connect_timeout=min(connect_timeout, timeout),
-                trust_env=trust_env,
+                limit=o.connection_pool_size or DEFAULT_CONNECTIONS,
+                connect_timeout=min(o.connect_timeout, timeout),
+                trust_env=o.trust_env,
                 ca_bundle=ca_bundle,
-                insecure=insecure,
-                max_reply_bytes=max_reply_bytes,
+                insecure=o.insecure,
+                max_reply_bytes=o.max_reply_bytes,
             )
         except ValueError as err:
             raise InvalidInputError(f"base_url: {err}") from None
@@ -158,7 +162,7 @@ class Connection:
             raise InvalidInputError("api_key: the URL already carries credentials; give one or the other")
         auth = f"Bearer {api_key}" if api_key else transport.auth
         headers = {"Authorization": auth} if auth else {}
-        limits = Limits(float(timeout), max_retries, retry_delay)
+        limits = Limits(float(timeout), o.max_retries, o.retry_delay)
         return cls(transport, headers, transport.shown, RequestStats(), limits)
 
     async def close(self) -> None:
@@ -210,19 +214,9 @@ class HttpBackend:
         insecure: bool = False,
         max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> None:
-        connection = Connection.open(
-            base_url,
-            api_key=api_key,
-            timeout=timeout,
-            connect_timeout=connect_timeout,
-            max_retries=max_retries,
-            retry_delay=retry_delay,
-            connection_pool_size=connection_pool_size,
-            trust_env=trust_env,
-            ca_bundle=ca_bundle,
-            insecure=insecure,
-            max_reply_bytes=max_reply_bytes,
-        )
+        options = ConnectionOptions(timeout, connect_timeout, max_retries, retry_delay, connection_pool_size,
+                                    trust_env, ca_bundle, insecure, max_reply_bytes)  # fmt: skip
+        connection = Connection.open(base_url, api_key=api_key, options=options)
         self._attach(connection, connection.limits, owner=True)
 
     @classmethod

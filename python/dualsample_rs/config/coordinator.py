@@ -32,6 +32,7 @@ from ..backends.constants import (
     MAX_SPECULATE,
     MIB,
 )
+from ..backends.http import ConnectionOptions
 from ..exceptions import ConfigurationError, InvalidInputError
 from .declare import Flag, Range, Setting, check, declared, document, setting
 
@@ -462,6 +463,14 @@ class TransportSettings:
     @property
     def api_keys(self) -> tuple[str | None, str | None]:
         return self.api_key if isinstance(self.api_key, tuple) else (self.api_key, self.api_key)
+
+    def connection_options(self) -> ConnectionOptions:
+        """What every connection to the servers is opened with."""
+        return ConnectionOptions(
+            timeout=self.request_timeout, max_retries=self.max_retries, retry_delay=self.retry_delay,
+            connection_pool_size=self.connection_pool_size, trust_env=self.proxy_from_env, ca_bundle=self.ca_bundle,
+            insecure=self.insecure, max_reply_bytes=self.max_reply_bytes,
+        )  # fmt: skip
 
     @property
     def dialects(self) -> tuple[str, str]:

@@ -18,21 +18,8 @@ log = logging.getLogger("dualsample_rs")
 
 def open_connections(server: ServerSettings, transport: TransportSettings) -> list[Connection]:
     """One connection per replica of a model, opened now (a bad URL fails here)."""
-    return [
-        Connection.open(
-            url,
-            api_key=server.api_key,
-            timeout=transport.request_timeout,
-            max_retries=transport.max_retries,
-            retry_delay=transport.retry_delay,
-            connection_pool_size=transport.connection_pool_size,
-            trust_env=transport.proxy_from_env,
-            ca_bundle=transport.ca_bundle,
-            insecure=transport.insecure,
-            max_reply_bytes=transport.max_reply_bytes,
-        )
-        for url in server.urls
-    ]
+    options = transport.connection_options()
+    return [Connection.open(url, api_key=server.api_key, options=options) for url in server.urls]
 
 
 async def start_model(
