@@ -415,3 +415,17 @@ def test_replies_that_do_not_fit_the_round_are_refused() -> None:
             await sglang.continuation_topk(ctx, _tail(5, 6, 7), 1)
 
     asyncio.run(run())
+
+
+def test_the_command_line_says_when_speculation_is_off(flavors: dict[str, tuple[str, str]], tmp_path: Path) -> None:
+    """`--speculate` against a vLLM at its default logprob cap (20) with the default top-k
+    (20) cannot verify drafts: the run says so before its progress and in its summary."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, 2)
+    with running_server("base", enable_scale_out=True, enable_trace_replay=True) as base:
+        flags = ("--dialect", "vllm-generate", "--speculate", "4", "--max-tokens", "4")
+        code, err = wait_cli(generate_cli((base, flavors["vllm"][1]), inp, out, *flags))
+    assert code == 0, err
+    said = [line for line in err.splitlines() if "--speculate is off" in line]
+    assert len(said) == 1 and "--max-logprobs 21" in said[0]
+    assert "speculation: off, one token per step" in err

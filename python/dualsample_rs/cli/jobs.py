@@ -99,6 +99,11 @@ async def run_generate(args: argparse.Namespace, config: CoordinatorConfig) -> i
         )
         failed = 0
         async with Coordinator(config) as coord:
+            for name, problem in coord.speculation_off.items():
+                # Asked for by name: said where it is seen, before the progress bar, and
+                # again in the summary.
+                print(f"dualsample generate: --speculate is off{f' for teacher {name!r}' if name else ''}, one "
+                      f"token per step: {problem}", file=sys.stderr)  # fmt: skip
             writer: Any
             if parquet:
                 # The schema follows the settings, known once the servers have answered
@@ -132,6 +137,8 @@ async def run_generate(args: argparse.Namespace, config: CoordinatorConfig) -> i
     )
     if stats["rounds"]:
         print(f"dualsample generate: {_speculation_line(stats)}", file=sys.stderr)
+    elif config.run.speculate:
+        print("dualsample generate: speculation: off, one token per step (see why above)", file=sys.stderr)
     return 1 if failed else 0
 
 

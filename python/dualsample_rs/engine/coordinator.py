@@ -109,6 +109,8 @@ class Coordinator:
         self.exclude_ids: tuple[int, ...] = ()
         #: drafted tokens per speculative round in effect (0 when the servers cannot)
         self.speculate: int | str = self.config.run.speculate
+        #: why speculative rounds asked for are off, by teacher ("": the unnamed one)
+        self.speculation_off: dict[str, str] = {}
 
     async def __aenter__(self) -> Coordinator:
         try:
@@ -207,6 +209,7 @@ class Coordinator:
                 if problem is not None:
                     log.warning("speculative rounds are off, one token per step%s: %s",
                                 f" (teacher {name!r})" if name else "", problem)  # fmt: skip
+                    self.speculation_off[name] = problem
                     lane.speculate = 0
         default = self.lanes[self.default_teacher]
         self.stop_ids, self.exclude_ids, self.speculate = default.stop_ids, default.exclude_ids, default.speculate
