@@ -18,8 +18,9 @@ import contextlib
 import time
 
 import pytest
-from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, coordinator
+from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator
 from dualsample_rs.cli.jobs import DEMO_QUESTIONS
+from dualsample_rs.engine import coordinator
 from dualsample_rs.server import running_server
 from dualsample_rs.server.corpus import chat
 
