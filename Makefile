@@ -104,7 +104,7 @@ check: install $(VENV)/.parquet $(VENV)/.report test-rust lint-source
 .PHONY: test ## build once (release), then every check: lint, cargo test, pytest with the slow tests on every core (benches run once)
 test: build-prod wheel $(VENV)/.ray $(VENV)/.parquet $(VENV)/.report $(VENV)/.chromium lint test-rust
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -n auto --durations=10 tests
-	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q benches
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -n auto benches
 
 # The release files: the sdist, then the wheel built from the unpacked sdist (so that every
 # wheel shows the sdist builds), for the stable ABI of CPython 3.10 (one wheel for 3.10 and
