@@ -396,3 +396,33 @@ def test_cli_lists_and_parses_the_gateway(capsys: pytest.CaptureFixture[str]) ->
     assert done.value.code == 0 and "gateway" in capsys.readouterr().out
     assert main(["gateway", "--port", "70000"]) == 2
     assert "--port: must be in [0, 65535]" in capsys.readouterr().err
+
+
+def test_metrics_count_the_tokens_of_whole_and_streamed_answers(flavors: dict[str, tuple[str, str]]) -> None:
+    async def body(gw: Any) -> None:
+        async with aiohttp.ClientSession() as http:
+
+            async def generated() -> float:
+                async with http.get(gw.url + "/metrics") as resp:
+                    lines = (await resp.text()).splitlines()
+                return float(
+                    next(x for x in lines if x.startswith("dualsample_gateway_generated_tokens_total ")).split()[1]
+                )
+
+            counted = 0
+            for stream, stop in ((False, None), (True, None), (False, ["\u0000"])):
+                req = {
+                    "prompt": QUESTION,
+                    "max_tokens": 5,
+                    "ignore_eos": True,
+                    "stream": stream,
+                    "seed": 2,
+                    "stop": stop,
+                }
+                async with http.post(gw.url + "/v1/completions", json=req) as resp:
+                    assert resp.status == 200
+                    await resp.read()
+                counted += 5
+                assert await generated() == counted, (stream, stop)
+
+    run(pair_config(flavors["vllm"], seed=5), body)

@@ -273,6 +273,9 @@ class _Text:
         self.final_stop = got[-1][2] == "stop"
         if not self.incremental:
             self.tokens += new
+            if self.on_token is not None:  # counted as drawn (the answer's text comes at the end)
+                for tok in new:
+                    self.on_token(tok)
             return False
         start = len(self.ids)
         self.ids += [t.token_id for t in new]
