@@ -13,7 +13,7 @@ import httpx
 import pytest
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, SGLangBackend
 
-from . import checks
+from . import checks, gateway_checks
 from .checks import PLAIN, Engine
 from .sglang_engine import start_sglang
 from .vllm_engine import ensure_models, start_vllm
@@ -117,3 +117,35 @@ def test_vllm_base_with_an_sglang_teacher(engine: Engine, models: Path) -> None:
 
 def test_several_teachers_route_and_mix(engine: Engine) -> None:
     assert checks.check_several_teachers(engine, "sglang") > 0
+
+
+def test_gateway_answers_are_the_generate_records_and_sglangs_numbers(engine: Engine) -> None:
+    """The gateway in front of SGLang: completions (whole and streamed) and chat through
+    the openai client, and SGLang's /generate, each the `dualsample generate` record of
+    its id (the same tokens; SGLang's numbers move with the batch it forms, so within
+    1e-4), and rebuilt from SGLang's own top-k lists."""
+    done = gateway_checks.check_answers(engine, "sglang", tol=1e-4)
+    assert done["answers"] == 13 and done["positions"] >= 8
+
+
+def test_gateway_passes_sglangs_control_routes_to_the_base(engine: Engine) -> None:
+    """/flush_cache reaches the real base through the gateway (SGLang's own answer comes
+    back), and so do /pause_generation and /continue_generation; rounds wait between."""
+    prompt = checks.tokenize(engine.theta, "base", text=PLAIN[0])
+
+    async def body(gw: Any) -> None:
+        status, text = await gateway_checks.forward(gw, "POST", "/flush_cache")
+        assert status == 200 and text.startswith("Cache flushed."), text
+
+        async def pause() -> None:
+            status, text = await gateway_checks.forward(gw, "POST", "/pause_generation", {})
+            assert status == 200 and "paused" in text, text
+
+        waiting = await gateway_checks.held_while_paused(gw, prompt, pause())
+        status, text = await gateway_checks.forward(gw, "POST", "/continue_generation", {})
+        assert status == 200 and "continued" in text, text
+        assert not gw.serving.paused
+        answer = await asyncio.wait_for(waiting, 120)
+        assert 1 <= len(answer["choices"][0]["token_ids"]) <= 4
+
+    gateway_checks.with_gateway(engine, "sglang", body)

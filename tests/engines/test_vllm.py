@@ -14,7 +14,7 @@ import pytest
 from dualsample_rs import ConfigurationError, CoordinatorConfig, DualVLLMCoordinator, VLLMClient
 from dualsample_rs.backends import Context
 
-from . import checks
+from . import checks, gateway_checks
 from .checks import PLAIN, Engine
 from .vllm_engine import ensure_models, start_vllm
 
@@ -26,7 +26,12 @@ def models() -> Path:
 
 @pytest.fixture(scope="module")
 def engine(models: Path) -> Iterator[Engine]:
-    with start_vllm(models / "base", 0) as base, start_vllm(models / "teacher", 0) as teacher:
+    # The base in dev mode, for its control routes (/pause, /resume, /reset_prefix_cache, ...),
+    # which the gateway tests reach through the gateway.
+    with (
+        start_vllm(models / "base", 0, env={"VLLM_SERVER_DEV_MODE": "1"}) as base,
+        start_vllm(models / "teacher", 0) as teacher,
+    ):
         yield Engine("vllm", base.url, teacher.url, "base", "teacher")
 
 
@@ -163,3 +168,40 @@ def test_top_k_over_the_vocabulary_is_refused(engine: Engine) -> None:
 @pytest.mark.parametrize("dialect", ["vllm-completions", "vllm-generate"])
 def test_several_teachers_route_and_mix(engine: Engine, dialect: str) -> None:
     assert checks.check_several_teachers(engine, dialect) > 0
+
+
+def test_gateway_answers_are_the_generate_records_and_vllms_numbers(engine: Engine) -> None:
+    """The gateway in front of vLLM: completions (whole and streamed) and chat through the
+    openai client, and vLLM's /inference/v1/generate, each the `dualsample generate`
+    record of its id to the last bit, and rebuilt from vLLM's own top-k lists."""
+    done = gateway_checks.check_answers(engine, "vllm-completions", tol=0.0)
+    assert done["answers"] == 13 and done["positions"] >= 8
+
+
+def test_gateway_passes_vllms_control_routes_to_the_base(engine: Engine) -> None:
+    """/reset_prefix_cache and /pause, /resume reach the real base through the gateway
+    (vLLM says so itself on /is_paused); rounds wait while it is paused."""
+    prompt = checks.tokenize(engine.theta, "base", text=PLAIN[0])
+
+    def is_paused() -> bool:
+        r = httpx.get(engine.theta + "/is_paused", timeout=30)
+        assert r.status_code == 200, r.text
+        return bool(r.json()["is_paused"])
+
+    async def body(gw: Any) -> None:
+        status, text = await gateway_checks.forward(gw, "POST", "/reset_prefix_cache")
+        assert status == 200, text
+
+        async def pause() -> None:
+            status, text = await gateway_checks.forward(gw, "POST", "/pause?mode=keep")
+            assert status == 200 and json.loads(text) == {"status": "paused"}, text
+            assert is_paused()
+
+        waiting = await gateway_checks.held_while_paused(gw, prompt, pause())
+        status, text = await gateway_checks.forward(gw, "POST", "/resume")
+        assert status == 200 and json.loads(text) == {"status": "resumed"}, text
+        assert not is_paused() and not gw.serving.paused
+        answer = await asyncio.wait_for(waiting, 120)
+        assert 1 <= len(answer["choices"][0]["token_ids"]) <= 4
+
+    gateway_checks.with_gateway(engine, "vllm-completions", body)
