@@ -26,11 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
-import queue
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +36,7 @@ import numpy as np
 import pytest
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator
 from dualsample_rs.server import running_server
+from dualsample_rs.server.process import running_command
 
 CLIENTS = 64
 SEED = 3
@@ -53,36 +50,12 @@ def servers() -> Iterator[tuple[str, str]]:
         yield base, teacher
 
 
-@contextlib.contextmanager
-def gateway_process(servers: tuple[str, str]) -> Iterator[tuple[str, int]]:
+def gateway_process(servers: tuple[str, str]) -> contextlib.AbstractContextManager[tuple[str, int]]:
     """``dualsample gateway`` in front of `servers` on a free port: its URL and pid."""
     cmd = [sys.executable, "-m", "dualsample_rs", "gateway", "--theta-url", servers[0], "--t-url", servers[1],
            "--port", "0", "--seed", str(SEED), "--max-concurrency", str(CLIENTS), "--max-batch-size",
            str(CLIENTS), "--log-level", "WARNING"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        prefix = "dualsample gateway: listening on "
-        line = lines.get(timeout=60)
-        assert line.startswith(prefix), line
-        yield line[len(prefix) :].strip(), proc.pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    return running_command(cmd, "dualsample gateway: listening on ", 60, "gateway")
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ async def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(replicas, "TOKENIZE_CACHE", 2)
     backend = CountingTokenizer()
     rs = ReplicaSet([backend])  # type: ignore[list-item]
-    for prompt in ["a", "bb", "ccc", "a"]:
+    for prompt in ["a", "bb", "bb", "ccc", "a"]:  # "bb" again is remembered; "a" was pushed out by "ccc"
         await rs.tokenize(prompt)
     assert [c[0] for c in backend.calls] == ["a", "bb", "ccc", "a"]
 
@@ -91,6 +91,10 @@ def test_a_server_refusing_a_share_of_requests_fails_no_prompt(monkeypatch: pyte
             for i in range(300):
                 try:
                     await rs.tokenize(f"prompt {i}")
+                except APIError:
+                    lost += 1
+                try:
+                    await rs.detokenize([65 + i % 26])
                 except APIError:
                     lost += 1
         finally:

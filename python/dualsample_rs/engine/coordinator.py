@@ -424,10 +424,13 @@ class Coordinator:
         return summary
 
     # ------------------------------------------------------------ one sequence
-    async def _tokens(self, backend: Backend, prompt: Any, chat: bool, name: str, info: ServerInfo) -> list[int]:
-        """The prompt's ids on one server, checked against what that server's model
-        takes: an id it does not know, no id at all, or no room left to generate fail
-        this record (with the line and field in `name`), never the server."""
+    async def prompt_ids(
+        self, backend: Backend, prompt: Any, name: str, info: ServerInfo, chat: bool = False
+    ) -> list[int]:
+        """The prompt's ids on one server (text tokenized, in its chat template with
+        `chat`), checked against what that server's model takes: an id it does not know,
+        no id at all, or no room left to generate raise `InvalidInputError` naming `name`
+        (the line and field), never fail the server."""
         prompt = check_prompt(prompt, name)
         if isinstance(prompt, str):
             if chat:
@@ -450,28 +453,20 @@ class Coordinator:
             )
         return ids
 
-    async def prompt_ids(
-        self, model: Backend, prompt: Any, name: str, info: ServerInfo, chat: bool = False
-    ) -> list[int]:
-        """A prompt's ids on `model` (text tokenized, in its chat template with `chat`),
-        checked as a record's are: no ids, an id past the vocabulary, or no room left to
-        generate raise `InvalidInputError` naming `name`."""
-        return await self._tokens(model, prompt, chat, name, info)
-
     async def _prepare(self, index: int, item: WorkItem, max_tokens: int, temperature: float = 1.0) -> Sequence:
         where = f"{item.where}, " if item.where else ""
         route = self._routes().route(item, where)
         lanes = route.lanes
         assert self.info is not None
         ids_base, *ids_teachers = await asyncio.gather(
-            self._tokens(self.base, item.prompt, False, where + "prompt", self.info[0]),
+            self.prompt_ids(self.base, item.prompt, where + "prompt", self.info[0]),
             *(
-                self._tokens(
+                self.prompt_ids(
                     lane.replicas,
                     item.teacher_prompt(lane.name),
-                    item.teacher_chat if lane.settings.chat is None else lane.settings.chat,
                     where + "teacher_prompt",
                     lane.info,
+                    item.teacher_chat if lane.settings.chat is None else lane.settings.chat,
                 )
                 for lane in lanes
             ),

@@ -26,6 +26,7 @@ What a choice draws:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,7 +39,7 @@ from ..exceptions import APIError, BadRequestError, InvalidInputError
 from ..io.record import GenerationOutput
 from .errors import GatewayError, RequestError, UpstreamError
 from .metrics import GatewayMetrics
-from .sampler import ChoiceResult, FinishReason, SampleRequest, TokenResult
+from .sampler import ChoiceResult, FinishReason, Prompt, SampleRequest, TokenResult
 
 __all__ = ["EngineSampler", "choice_key"]
 
@@ -144,15 +145,16 @@ class EngineSampler:
         coord = self.coord
         assert coord.info is not None
         name = "messages" if req.route == "chat" else "prompt"
+        info = coord.info[0]
+
+        async def one(p: Prompt) -> list[int]:
+            value: Any = p.text if p.text is not None else p.token_ids
+            if p.messages is not None:
+                value = await coord.base.tokenize(messages=[dict(m) for m in p.messages])
+            return await coord.prompt_ids(coord.base, list(value) if p.text is None else value, name, info)
+
         try:
-            out = []
-            for p in req.prompts:
-                value: Any = p.text if p.text is not None else p.token_ids
-                if p.messages is not None:
-                    value = await coord.base.tokenize(messages=[dict(m) for m in p.messages])
-                out.append(await coord.prompt_ids(coord.base, list(value) if p.text is None else value, name,
-                                                  coord.info[0]))  # fmt: skip
-            return out
+            return list(await asyncio.gather(*(one(p) for p in req.prompts)))
         except (APIError, InvalidInputError) as err:
             raise gateway_error(err, self.metrics) from None
 
@@ -313,7 +315,7 @@ class _Text:
         text = full[len(self.sent) : max(cut, len(self.sent))]
         self.sent += text
         for i, tok in enumerate(new):
-            tok = _with_text(tok, text if i == len(new) - 1 else "")
+            tok = dataclasses.replace(tok, text=text if i == len(new) - 1 else "")
             self.tokens.append(tok)
             if self.on_token is not None:
                 self.on_token(tok)
@@ -332,16 +334,11 @@ class _Text:
             ids = out.token_ids
             if reason == "stop" and ids and ids[-1] in item.stop_token_ids:
                 stop_reason = ids[-1]
-            text_ids = ids[:-1] if reason == "stop" else ids
-            final = await self.sampler.detokenize(text_ids) if text_ids else ""
+            # The engine's finish step has detokenised a finished output already.
+            final = out.generated_text
         teacher = None
         if out is not None:
             teacher = out.teacher
             if out.teachers is not None:
                 teacher = ",".join(f"{name}={w:g}" for name, w in out.teachers.items())
         return ChoiceResult(tuple(self.tokens), final, finish, stop_reason, teacher)
-
-
-def _with_text(tok: TokenResult, text: str) -> TokenResult:
-    return TokenResult(tok.token_id, text, tok.logprob, tok.top, tok.pieces, tok.alpha, tok.logp_base,
-                       tok.logp_teacher, tok.observed_base, tok.observed_teacher, tok.fallback)  # fmt: skip

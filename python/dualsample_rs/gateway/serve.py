@@ -117,6 +117,5 @@ async def serve(
     """Serve the gateway until cancelled (see :func:`open_gateway`)."""
     async with open_gateway(config, host, port, passthrough_paths, options=options, teacher_system=teacher_system,
                             max_queued_requests=max_queued_requests) as gw:  # fmt: skip
-        log.warning("dualsample gateway: listening on %s", gw.url)
         print(f"dualsample gateway: listening on {gw.url}", flush=True)
         await asyncio.Event().wait()

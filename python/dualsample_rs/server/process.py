@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue
@@ -9,7 +10,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import IO
 
 from ..exceptions import DualSampleError
 
@@ -50,26 +52,40 @@ def running_server(
         ...     httpx.get(url + "/health")
     """
     cmd = [sys.executable, "-m", "dualsample_rs", "serve", "--host", host, "--port", "0", *serve_args(model, **options)]
+    with running_command(cmd, READY_PREFIX, timeout, "reference server") as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def running_command(
+    cmd: list[str], ready_prefix: str, timeout: float = 30.0, name: str = "server"
+) -> Iterator[tuple[str, int]]:
+    """Run `cmd` (a server that prints ``<ready_prefix><url>`` once it listens), yield
+    the URL and its pid, and stop it (SIGTERM, then SIGKILL after 10 s) on leaving.
+    Both its outputs are read all along (a full pipe would stall it); the last lines of
+    its stderr go into the error when it does not start."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()
+    errors: collections.deque[str] = collections.deque(maxlen=40)
 
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
+    def pump(stream: IO[str] | None, put: Callable[[str], object]) -> None:
+        assert stream is not None
+        for line in stream:
+            put(line)
 
-    threading.Thread(target=pump, daemon=True).start()
+    threading.Thread(target=pump, args=(proc.stdout, lines.put), daemon=True).start()
+    threading.Thread(target=pump, args=(proc.stderr, errors.append), daemon=True).start()
     try:
         try:
             line = lines.get(timeout=timeout)
         except queue.Empty:
             line = ""
-        if not line.startswith(READY_PREFIX):
+        if not line.startswith(ready_prefix):
             proc.kill()
-            err = proc.stderr.read() if proc.stderr else ""
-            raise ServerStartError(f"reference server did not start: {line.strip()} {err.strip()}")
-        yield line[len(READY_PREFIX) :].strip()
+            proc.wait()
+            raise ServerStartError(f"{name} did not start: {line.strip()} {''.join(errors).strip()}")
+        yield line[len(ready_prefix) :].strip(), proc.pid
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
