@@ -227,38 +227,44 @@ class _Gateway:
             t.add_done_callback(_on_done(events, i))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         stream = Stream(ans)
+        watch = asyncio.ensure_future(_watch(request, events))
         try:
             await response.prepare(request)
-            for i in range(len(tasks)):
-                await _send(response, stream.start(i))
+            await _send(response, [c for i in range(len(tasks)) for c in stream.start(i)])
             left = len(tasks)
-            while left:
-                try:
-                    index, item = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
-                except asyncio.TimeoutError:
-                    if _gone(request):
-                        raise ConnectionResetError("client gone") from None
-                    continue
-                if isinstance(item, TokenResult):
-                    await _send(response, stream.token(index, item))
-                elif isinstance(item, ChoiceResult):
-                    left -= 1
-                    await _send(response, stream.finish(index, item))
-                else:
-                    err = item if isinstance(item, GatewayError) else GatewayError(
-                        "Internal server error", status=500, type_="InternalServerError")  # fmt: skip
-                    if not isinstance(item, GatewayError):
-                        log.error("gateway: a streamed choice failed", exc_info=item)
-                    await _send(response, [err.body(self.shape(ans.req.route))])
-                    break
-            else:
-                await _send(response, stream.end())
+            failed = False
+            while left and not failed:
+                arrived = [await events.get()]
+                while not events.empty():
+                    arrived.append(events.get_nowait())
+                # Whatever has arrived goes out in one write.
+                chunks: list[Any] = []
+                for index, item in arrived:
+                    if failed:
+                        break
+                    if index == GONE:
+                        raise ConnectionResetError("client gone")
+                    if isinstance(item, TokenResult):
+                        chunks += stream.token(index, item)
+                    elif isinstance(item, ChoiceResult):
+                        left -= 1
+                        chunks += stream.finish(index, item)
+                    else:
+                        err = item if isinstance(item, GatewayError) else GatewayError(
+                            "Internal server error", status=500, type_="InternalServerError")  # fmt: skip
+                        if not isinstance(item, GatewayError):
+                            log.error("gateway: a streamed choice failed", exc_info=item)
+                        chunks.append(err.body(self.shape(ans.req.route)))
+                        failed = True
+                if not left and not failed:
+                    chunks += stream.end()
+                await _send(response, chunks)
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         except (ConnectionResetError, ConnectionError):
             pass  # the client left: its sequences are dropped below
         finally:
-            await _cancel(tasks)
+            await _cancel([*tasks, watch])
         return response
 
     # ------------------------------------------------------------ forwarding
@@ -292,6 +298,18 @@ class _Gateway:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
+# The index of the event that says a streaming client has gone.
+GONE = -1
+
+
+async def _watch(request: web.Request, events: asyncio.Queue[tuple[int, Any]]) -> None:
+    """Every DISCONNECT_POLL_SECONDS, whether a streaming client has gone (a stream
+    otherwise learns it only when a write fails, which may be long in coming)."""
+    while not _gone(request):
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+    events.put_nowait((GONE, None))
+
+
 def _on_done(
     events: asyncio.Queue[tuple[int, TokenResult | ChoiceResult | BaseException]], index: int
 ) -> Callable[[asyncio.Task[ChoiceResult]], None]:
@@ -309,8 +327,9 @@ def _outcome(task: asyncio.Task[ChoiceResult]) -> ChoiceResult | BaseException:
 
 
 async def _send(response: web.StreamResponse, chunks: list[Any]) -> None:
-    for c in chunks:
-        await response.write(b"data: " + json.dumps(c).encode() + b"\n\n")
+    """Server-sent events, one per chunk, in one write."""
+    if chunks:
+        await response.write(b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks))
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:

@@ -18,15 +18,20 @@ What a choice draws:
 - **Log probabilities.** Each token's ``logprob`` is the record's ``logq``: log q* of the
   law it was drawn from, after the temperature; α, log π_θ and log π_t (the record's
   ``logp_theta`` and ``logp_t``) and whether each model listed the token ride along.
-- **Text and stops.** Text comes from the base's detokenizer. Stop strings are found in
-  the text as tokens arrive: the sequence is dropped there, and streamed text is held
-  back while it could still become one.
+- **Text and stops.** Text comes from the base's detokenizer. A whole answer's is the
+  engine's decode of the finished output. A streamed one (or one cut by stop strings)
+  is built as tokens arrive: from each token's own text, cached, where the base's
+  tokenizer is additive (found once by a probe), so a step asks the base nothing; else
+  by decoding the output so far at each step. Stop strings are found in that text: the
+  sequence is dropped there, and streamed text is held back while it could still become
+  one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,8 +48,18 @@ from .sampler import ChoiceResult, FinishReason, Prompt, SampleRequest, TokenRes
 
 __all__ = ["EngineSampler", "choice_key"]
 
-# Token texts remembered for log probability keys (one detokenize call each otherwise).
+log = logging.getLogger(__name__)
+
+# Token texts remembered for log probability keys and streamed text (one detokenize call
+# each otherwise).
 PIECE_CACHE = 65536
+REPLACEMENT = "\ufffd"  # what a decoder gives for bytes that are not a whole character
+# Text whose pieces do not concatenate to its decode under a SentencePiece tokenizer (a
+# word's leading space), one that cleans up spaces (" ." and " 's"), or in the middle of
+# a character of several bytes.
+ADDITIVITY_PROBE = (
+    "Hello , world . It 's  two  spaces,\ttab\nline; don 't (x) [y] 12345 \u00e9t\u00e9 \u4e2d\u6587 \U0001f642!"
+)
 
 
 def choice_key(req: SampleRequest, choice_index: int) -> int:
@@ -103,6 +118,8 @@ class EngineSampler:
         self.teacher_system = teacher_system
         self.metrics = metrics
         self._pieces: dict[int, str] = {}
+        self._additive: bool | None = None
+        self._probe_lock = asyncio.Lock()
 
     # ------------------------------------------------------------ checks
     def check(self, req: SampleRequest) -> None:
@@ -190,8 +207,11 @@ class EngineSampler:
         prompt_ids: list[int],
         on_token: Callable[[TokenResult], None] | None = None,
     ) -> ChoiceResult:
-        """Choice `choice_index` of `req`, its tokens passed to `on_token` as drawn."""
-        arrived: asyncio.Queue[tuple[GenerationOutput, int, str | None]] = asyncio.Queue()
+        """Choice `choice_index` of `req`, its tokens passed to `on_token` as drawn (when
+        streamed or cut by stop strings; else all at once when the choice ends)."""
+        incremental = req.stream or bool(req.stop)
+        # Drawn tokens as (output, index, finish reason); None once the sequence has ended.
+        arrived: asyncio.Queue[tuple[GenerationOutput, int, str | None] | None] = asyncio.Queue()
 
         def seen(out: GenerationOutput) -> None:
             arrived.put_nowait((out, len(out.token_ids) - 1, out.finish_reason))
@@ -200,28 +220,28 @@ class EngineSampler:
             choice_key(req, choice_index), list(prompt_ids), list(prompt_ids), req.id,
             teacher=req.teacher, mix=dict(req.teachers) if req.teachers is not None else None,
             max_tokens=req.max_tokens, temperature=req.temperature, stop_token_ids=tuple(req.stop_token_ids),
-            ignore_eos=req.ignore_eos, on_token=seen,
+            ignore_eos=req.ignore_eos, on_token=seen if incremental else None,
         )  # fmt: skip
         try:
             await self._teacher_prompt(req, choice_index, item)
+            text = _Text(self, req, on_token, incremental and await self.additive())
         except (APIError, InvalidInputError) as err:
             raise gateway_error(err, self.metrics) from None
-        text = _Text(self, req, on_token)
         task = asyncio.ensure_future(self.serving.generate(item))
+        task.add_done_callback(lambda _: arrived.put_nowait(None))
         try:
-            while True:
-                waiter = asyncio.ensure_future(arrived.get())
-                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if not waiter.done():
-                    waiter.cancel()
-                    await asyncio.gather(waiter, return_exceptions=True)
-                got = [waiter.result()] if waiter.done() and not waiter.cancelled() else []
+            # Woken once per round that drew tokens for it (a whole answer: only at its end).
+            ended = False
+            while not ended:
+                got = [await arrived.get()]
                 while not arrived.empty():
                     got.append(arrived.get_nowait())
-                if got and await text.take(got):
+                ended = got[-1] is None
+                drawn = [g for g in got if g is not None]
+                if drawn and await text.take(drawn):
                     break  # a stop string: the sequence is dropped below
-                if task.done() and arrived.empty():
-                    break
+        except APIError as err:  # the base's detokenizer, for the text so far
+            raise gateway_error(err, self.metrics) from None
         finally:
             if not task.done():
                 task.cancel()
@@ -232,7 +252,40 @@ class EngineSampler:
                 raise gateway_error(out, self.metrics) if not isinstance(out, asyncio.CancelledError) else out
             if out.finish_reason == "error":
                 raise gateway_error(item.failure or RuntimeError(out.error or "failed"), self.metrics)
-        return await text.result(item, out if isinstance(out, GenerationOutput) else None)
+        try:
+            if not incremental and isinstance(out, GenerationOutput):
+                await text.whole(out)
+            return await text.result(item, out if isinstance(out, GenerationOutput) else None)
+        except APIError as err:
+            raise gateway_error(err, self.metrics) from None
+
+    async def additive(self) -> bool:
+        """Whether the base's text of any ids is the concatenation of each id's own text
+        (byte-level BPE tokenizers, without clean-up of spaces), so that streamed text
+        needs no detokenize request per step. Found once, on a probe text with the
+        cases that break it (a leading-space word piece, spaces before punctuation,
+        characters of several bytes); a choice whose pieces disagree with its final text
+        turns it off (:meth:`distrust_pieces`)."""
+        async with self._probe_lock:
+            if self._additive is None:
+                try:
+                    ids = await self.coord.base.tokenize(ADDITIVITY_PROBE, add_special_tokens=False)
+                    pieces = _Pieces(self)
+                    await pieces.add(ids)
+                    self._additive = pieces.run_from is None and pieces.text(len(ids)) == await self.detokenize(ids)
+                except APIError as err:
+                    raise gateway_error(err, self.metrics) from None
+                if not self._additive:
+                    log.info("gateway: the base's tokenizer is not additive; streamed text is detokenized per step")
+            return self._additive
+
+    def distrust_pieces(self, sent: str, final: str) -> None:
+        """A choice's text from pieces was not a prefix of its whole decode: detokenize
+        per step from now on."""
+        if self._additive:
+            log.warning("gateway: streamed text from token pieces (%r...) differs from the decoded text (%r...); "
+                        "detokenizing per step from now on", sent[:40], final[:40])  # fmt: skip
+        self._additive = False
 
     async def piece(self, token_id: int) -> str:
         """A token's own text (cached)."""
@@ -245,19 +298,62 @@ class EngineSampler:
         return known
 
 
+class _Pieces:
+    """A choice's text assembled from its tokens' own texts (cached pieces), for a
+    tokenizer whose text is the concatenation of its tokens' (see
+    :meth:`EngineSampler.additive`). A run of tokens whose pieces are not whole
+    characters (a multi-byte character split across tokens) is decoded together once
+    it ends in a whole one; until then its tokens add no text."""
+
+    def __init__(self, sampler: EngineSampler) -> None:
+        self.sampler = sampler
+        self.ids: list[int] = []
+        self.texts: list[str] = []  # the text each token adds
+        self.run_from: int | None = None  # where an undecoded run starts
+
+    async def add(self, ids: Sequence[int]) -> None:
+        for tid in ids:
+            piece = await self.sampler.piece(tid)
+            self.ids.append(tid)
+            if self.run_from is None and REPLACEMENT not in piece:
+                self.texts.append(piece)
+                continue
+            if self.run_from is None:
+                self.run_from = len(self.ids) - 1
+            self.texts.append("")
+        if self.run_from is not None:
+            text = await self.sampler.detokenize(self.ids[self.run_from :])
+            if not text.endswith(REPLACEMENT):  # the run ends in a whole character
+                self.texts[-1] = text
+                self.run_from = None
+
+    def text(self, count: int) -> str:
+        """The text of the first `count` tokens (a run not yet decoded adds none)."""
+        return "".join(self.texts[:count])
+
+
 class _Text:
     """One choice's tokens and text as they arrive: stop strings found, text held back
-    while it could still become one (or is an incomplete character)."""
+    while it could still become one (or is an incomplete character).
 
-    def __init__(self, sampler: EngineSampler, req: SampleRequest, on_token: Callable[[TokenResult], None] | None):
+    The text of the tokens so far comes from their cached pieces where the base's
+    tokenizer is additive, else from detokenizing the whole output at each step."""
+
+    def __init__(
+        self,
+        sampler: EngineSampler,
+        req: SampleRequest,
+        on_token: Callable[[TokenResult], None] | None,
+        additive: bool,
+    ):
         self.sampler, self.req, self.on_token = sampler, req, on_token
         self.tokens: list[TokenResult] = []
         self.ids: list[int] = []
+        self.pieces = _Pieces(sampler) if additive else None
         self.sent = ""
         self.stopped: tuple[str, int] | None = None  # (stop string, where it starts)
         self.final_stop = False  # the last token ended the sequence as a stop id
         self.hold = max((len(s) for s in req.stop), default=1) - 1
-        self.incremental = req.stream or bool(req.stop)
         self.want_pieces = req.logprobs is not None and (not req.tokens_as_ids or req.return_text_in_logprobs)
 
     async def _token(self, out: GenerationOutput, k: int) -> TokenResult:
@@ -269,20 +365,30 @@ class _Text:
             observed_teacher=bool(out.observed_t[k]), fallback=bool(out.fallback[k]),
         )  # fmt: skip
 
+    async def _text_of(self, count: int) -> str:
+        """The text of the first `count` tokens."""
+        if self.pieces is not None:
+            return self.pieces.text(count)
+        return await self.sampler.detokenize(self.ids[:count]) if count else ""
+
+    async def whole(self, out: GenerationOutput) -> None:
+        """Take a finished choice's tokens at once (its text is the engine's)."""
+        for k in range(len(out.token_ids)):
+            tok = await self._token(out, k)
+            self.tokens.append(tok)
+            if self.on_token is not None:
+                self.on_token(tok)
+
     async def take(self, got: Sequence[tuple[GenerationOutput, int, str | None]]) -> bool:
         """Take newly drawn tokens; True once a stop string has ended the choice."""
         new = [await self._token(out, k) for out, k, _ in got]
         self.final_stop = got[-1][2] == "stop"
-        if not self.incremental:
-            self.tokens += new
-            if self.on_token is not None:  # counted as drawn (the answer's text comes at the end)
-                for tok in new:
-                    self.on_token(tok)
-            return False
         start = len(self.ids)
         self.ids += [t.token_id for t in new]
-        text_ids = self.ids[:-1] if self.final_stop else self.ids
-        full = await self.sampler.detokenize(text_ids) if text_ids else ""
+        if self.pieces is not None:
+            await self.pieces.add(self.ids[start:])
+        # A stop id's own text is not output.
+        full = await self._text_of(len(self.ids) - 1 if self.final_stop else len(self.ids))
         cut = len(full)
         if self.req.stop:
             # Only a match that ends in the new text can be new.
@@ -296,8 +402,7 @@ class _Text:
                 end = at + len(s)
                 keep = len(new)
                 for n in range(1, len(new) + 1):
-                    part = self.ids[: start + n]
-                    if len(await self.sampler.detokenize(part)) >= end:
+                    if len(await self._text_of(start + n)) >= end:
                         keep = n
                         break
                 new = new[:keep]
@@ -307,8 +412,13 @@ class _Text:
                 cut = len(full)
         if self.stopped is None:
             cut = len(full) - self.hold if self.req.stop else len(full)
-            while cut > 0 and full[cut - 1] == "\ufffd":
+            while cut > 0 and full[cut - 1] == REPLACEMENT:
                 cut -= 1
+            if self.pieces is None:
+                # A decoder that cleans up spaces (" ." to ".") rewrites a trailing space
+                # once the next token comes: it waits for that token.
+                while cut > 0 and full[cut - 1].isspace():
+                    cut -= 1
         if not full.startswith(self.sent):
             cut = len(self.sent)  # the detokenizer rewrote earlier text: wait for the end
             full = self.sent
@@ -336,6 +446,9 @@ class _Text:
                 stop_reason = ids[-1]
             # The engine's finish step has detokenised a finished output already.
             final = out.generated_text
+            if self.pieces is not None and not final.startswith(self.sent):
+                # Pieces gave text the whole decode does not: stop trusting them.
+                self.sampler.distrust_pieces(self.sent, final)
         teacher = None
         if out is not None:
             teacher = out.teacher
