@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -322,14 +322,22 @@ class Coordinator:
         if not 0 < temperature < math.inf:
             raise InvalidInputError(f"temperature: must be a positive number, got {temperature!r}")
 
-        def make(on_output: Any) -> Scheduler:
-            return self._scheduler(max_tokens or UNBOUNDED_TOKENS, temperature, return_diagnostics, on_output)
+        def make(on_output: Any, gate: Callable[[], Awaitable[Any]]) -> Scheduler:
+            return self._scheduler(max_tokens or UNBOUNDED_TOKENS, temperature, return_diagnostics, on_output, gate)
 
         return Serving(self, make)
 
-    def _scheduler(self, max_tokens: int, temperature: float, diagnostics: bool, on_output: Any) -> Scheduler:
+    def _scheduler(
+        self,
+        max_tokens: int,
+        temperature: float,
+        diagnostics: bool,
+        on_output: Any,
+        gate: Callable[[], Awaitable[Any]] | None = None,
+    ) -> Scheduler:
         """The scheduler of a call: its rounds (one per teacher or mixture and temperature,
-        made as sequences need them), workers and batch size."""
+        made as sequences need them), workers and batch size; `gate` is awaited before
+        each step."""
         cfg = self.config
 
         def round_for(key: RoundKey) -> Round:
@@ -361,6 +369,7 @@ class Coordinator:
             workers,
             batch,
             on_output,
+            gate,
         )
 
     def _round(self, key: str, cfg: CoordinatorConfig, temperature: float, diagnostics: bool) -> Round:

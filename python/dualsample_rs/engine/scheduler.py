@@ -32,6 +32,7 @@ class Scheduler:
         finish: completes a finished sequence's output (text, rescoring).
         workers, batch: concurrent batches, and sequences per batch.
         on_output: called with each output as it is yielded (statistics, progress).
+        gate: awaited before each step (a serving run holds its rounds there while paused).
     """
 
     def __init__(
@@ -42,9 +43,11 @@ class Scheduler:
         workers: int,
         batch: int,
         on_output: Callable[[GenerationOutput], Any],
+        gate: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
         self.prepare, self.step, self.finish = prepare, step, finish
         self.workers, self.batch, self.on_output = workers, batch, on_output
+        self.gate = gate
 
     async def run(
         self, items: Iterable[WorkItem] | AsyncIterable[WorkItem]
@@ -152,7 +155,14 @@ class Scheduler:
                         seq.drop()
                 live = [seq for seq in active if not seq.done]
                 if live:
-                    await self.step(live)
+                    if self.gate is not None:
+                        await self.gate()
+                        for seq in live:  # cancelled while held
+                            if seq.item.cancelled:
+                                seq.drop()
+                        live = [seq for seq in live if not seq.done]
+                    if live:
+                        await self.step(live)
                 for seq in active:
                     if seq.done:
                         # Finishing is a round trip or two: do it beside the next step.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import DualSampleError
@@ -33,12 +33,18 @@ class Serving:
         in_flight: items submitted and not yet finished.
     """
 
-    def __init__(self, coordinator: Coordinator, make: Callable[[Callable[[GenerationOutput], Any]], Scheduler]):
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        make: Callable[[Callable[[GenerationOutput], Any], Callable[[], Awaitable[Any]]], Scheduler],
+    ):
         self.coordinator = coordinator
         self._make = make
-        self._queue: asyncio.Queue[WorkItem | None] = asyncio.Queue()
+        # Items with the futures their callers await, in the order submitted.
+        self._queue: asyncio.Queue[tuple[WorkItem, asyncio.Future[GenerationOutput]] | None] = asyncio.Queue()
+        # Futures by the index the scheduler gives their item (its place in _items()).
         self._waiting: dict[int, asyncio.Future[GenerationOutput]] = {}
-        self._submitted = 0
+        self._pending: set[asyncio.Future[GenerationOutput]] = set()
         self._task: asyncio.Task[None] | None = None
         self._resumed = asyncio.Event()
         self._resumed.set()
@@ -46,21 +52,15 @@ class Serving:
 
     @property
     def in_flight(self) -> int:
-        return len(self._waiting)
+        return len(self._pending)
 
     async def __aenter__(self) -> Serving:
         await self.coordinator.start()
         coord = self.coordinator
         if coord.stats.tokens == 0:
             coord.stats.started = time.monotonic()
-        scheduler = self._make(coord.stats.count_finished)
-        step = scheduler.step
-
-        async def gated(batch: Any) -> None:
-            await self._resumed.wait()  # paused: rounds wait until resumed
-            await step(batch)
-
-        scheduler.step = gated
+        # Paused: rounds wait at the scheduler's gate until resumed.
+        scheduler = self._make(coord.stats.count_finished, self._resumed.wait)
         self._task = asyncio.create_task(self._dispatch(scheduler))
         return self
 
@@ -72,7 +72,7 @@ class Serving:
         if self._task is None:
             return
         self._resumed.set()
-        for fut in self._waiting.values():
+        for fut in self._pending:
             fut.cancel()
         self._queue.put_nowait(None)
         task, self._task = self._task, None
@@ -98,33 +98,37 @@ class Serving:
         if self._task is None or self._task.done():
             raise DualSampleError(f"the serving run is not running: {self._failure!r}")
         fut: asyncio.Future[GenerationOutput] = asyncio.get_running_loop().create_future()
-        index = self._submitted
-        self._submitted += 1
-        self._waiting[index] = fut
-        self._queue.put_nowait(item)
+        self._pending.add(fut)
+        self._queue.put_nowait((item, fut))
         try:
             return await fut
         except asyncio.CancelledError:
             item.cancelled = True
             raise
         finally:
-            self._waiting.pop(index, None)
+            self._pending.discard(fut)
 
     async def _items(self) -> AsyncIterator[WorkItem]:
+        """The items as submitted; the scheduler numbers them in this order, so each
+        future is filed under its item's number as the item is handed over."""
+        index = 0
         while True:
-            item = await self._queue.get()
-            if item is None:
+            got = await self._queue.get()
+            if got is None:
                 return
+            item, fut = got
+            self._waiting[index] = fut
+            index += 1
             yield item
 
     async def _dispatch(self, scheduler: Scheduler) -> None:
         try:
             async for index, out in scheduler.run(self._items()):
-                fut = self._waiting.get(index)
+                fut = self._waiting.pop(index, None)
                 if fut is not None and not fut.done():
                     fut.set_result(out)
         except Exception as err:  # a bug: every caller learns of it
             self._failure = err
-            for fut in self._waiting.values():
+            for fut in self._pending:
                 if not fut.done():
                     fut.set_exception(err)
