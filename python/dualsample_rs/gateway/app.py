@@ -268,10 +268,16 @@ class _Gateway:
         return response
 
     # ------------------------------------------------------------ forwarding
+    def _no_base(self) -> web.Response | None:
+        """The answer to a forwarded call when there is no base server to forward to."""
+        if self.forwarder.base_urls:
+            return None
+        return self.error(GatewayError("no base server to forward to", status=503, type_="ServiceUnavailableError"),
+                          None)  # fmt: skip
+
     async def forward_every(self, request: web.Request) -> web.StreamResponse:
-        if not self.forwarder.base_urls:
-            return self.error(GatewayError("no base server to forward to", status=503,
-                                           type_="ServiceUnavailableError"), None)  # fmt: skip
+        if (refused := self._no_base()) is not None:
+            return refused
         replies = await self.forwarder.every(request)
         for reply in replies:
             if reply.status == 0:
@@ -283,9 +289,8 @@ class _Gateway:
         return replies[0].response()
 
     async def forward_first(self, request: web.Request) -> web.StreamResponse:
-        if not self.forwarder.base_urls:
-            return self.error(GatewayError("no base server to forward to", status=503,
-                                           type_="ServiceUnavailableError"), None)  # fmt: skip
+        if (refused := self._no_base()) is not None:
+            return refused
         reply = await self.forwarder.first(request)
         return self._unreachable(reply) if reply.status == 0 else reply.response()
 

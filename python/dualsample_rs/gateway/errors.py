@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from ..exceptions import DualSampleError
 from ..server.errors import APIError
@@ -14,8 +14,10 @@ __all__ = ["ErrorShape", "GatewayError", "RequestError", "UpstreamError", "busy"
 ErrorShape = Literal["vllm", "sglang", "sglang-native"]
 
 
-class GatewayError(DualSampleError):
-    """An error answered to the client with an HTTP status and an engine-shaped body.
+class GatewayError(DualSampleError, APIError):
+    """An error answered to the client with an HTTP status and an engine-shaped body
+    (:meth:`~dualsample_rs.server.errors.APIError.body`, with the shape of the route's
+    engine).
 
     Attributes:
         status: the HTTP status.
@@ -34,19 +36,7 @@ class GatewayError(DualSampleError):
         type_: str = "BadRequestError",
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.param = param
-        self.headers = headers or {}
-
-    def body(self, shape: ErrorShape) -> dict[str, Any]:
-        """The error body: vLLM's ``{"error": {...}}``, SGLang's flat OpenAI error, or
-        SGLang's native ``{"error": {"message": ...}}``."""
-        if shape == "sglang-native":
-            return {"error": {"message": self.message}}
-        return APIError(self.status, self.message, self.type, self.param).body(shape)
+        APIError.__init__(self, status, message, type_, param, headers)
 
 
 class RequestError(GatewayError):

@@ -7,12 +7,12 @@ guided decoding, images) is refused with a 400 naming it; its neutral value pass
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..server.completions import INT64, MAX_PROMPTS
+from ..server.errors import load_json, text_problem
 from .errors import RequestError
 from .sampler import Prompt, Route, SampleRequest
 
@@ -45,11 +45,9 @@ class Limits:
 def parse_json(raw: bytes) -> Any:
     """The decoded body, or a 400."""
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RequestError(f"JSON decode error: {err}") from None
-    except RecursionError:
-        raise RequestError("JSON decode error: nested too deeply") from None
+        return load_json(raw)
+    except ValueError as err:
+        raise RequestError(str(err)) from None
 
 
 def _is_int(v: Any) -> bool:
@@ -61,10 +59,9 @@ def _is_number(v: Any) -> bool:
 
 
 def _text(value: str, param: str) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise RequestError(f"{param} is not valid Unicode: {err.reason} at position {err.start}", param) from None
+    problem = text_problem(value, param)
+    if problem is not None:
+        raise RequestError(problem, param)
     return value
 
 

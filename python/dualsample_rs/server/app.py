@@ -23,7 +23,7 @@ from aiohttp.typedefs import Handler
 from .._core import __version__
 from . import completions as completion_api
 from . import generate_api
-from .errors import APIError, bad_request, valid_text
+from .errors import APIError, bad_request, load_json, valid_text
 from .faults import NO_FAULT, Fault, FaultConfig
 from .model import Model
 from .prefix_cache import PrefixCache
@@ -56,11 +56,9 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 async def _read_json(request: web.Request) -> Any:
     try:
-        return json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise APIError(400, f"JSON decode error: {err}", "Bad Request") from err
-    except RecursionError:
-        raise APIError(400, "JSON decode error: nested too deeply", "Bad Request") from None
+        return load_json(await request.read())
+    except ValueError as err:
+        raise APIError(400, str(err), "Bad Request") from None
 
 
 class Server:
