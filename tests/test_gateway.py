@@ -318,6 +318,9 @@ def test_a_killed_teacher_gives_503_naming_it_and_the_gateway_serves_again(flavo
             async with http.post(gw.url + "/v1/completions", json=body) as resp:
                 assert resp.status == 503
                 assert teacher_url in (await resp.json())["error"]["message"]
+            async with http.get(gw.url + "/metrics") as resp:
+                failed = f'dualsample_gateway_upstream_errors_total{{server="{teacher_url}"}} '
+                assert any(x.startswith(failed) and float(x.split()[1]) >= 1 for x in (await resp.text()).splitlines())
             async with http.get(gw.url + "/health") as resp:
                 assert resp.status == 200  # the base still answers
             await proxy.start()
@@ -430,5 +433,35 @@ def test_metrics_count_the_tokens_of_whole_and_streamed_answers(flavors: dict[st
                     await resp.read()
                 counted += 5
                 assert await generated() == counted, (stream, stop)
+
+    run(pair_config(flavors["vllm"], seed=5), body)
+
+
+def test_metrics_time_every_call_to_each_server(flavors: dict[str, tuple[str, str]]) -> None:
+    """Sampled requests' calls to the base and the teacher are timed per server (failed
+    calls are counted per server in test_a_killed_teacher...)."""
+    base, teacher = flavors["vllm"]
+
+    async def body(gw: Any) -> None:
+        async with aiohttp.ClientSession() as http:
+
+            async def series(name: str) -> dict[str, float]:
+                async with http.get(gw.url + "/metrics") as resp:
+                    text = await resp.text()
+                out = {}
+                for line in text.splitlines():
+                    if line.startswith(f"dualsample_gateway_{name}"):
+                        key, value = line.rsplit(" ", 1)
+                        out[key] = float(value)
+                return out
+
+            before = await series("upstream_seconds_count")
+            req = {"prompt": QUESTION, "max_tokens": 3, "ignore_eos": True, "seed": 1}
+            async with http.post(gw.url + "/v1/completions", json=req) as resp:
+                assert resp.status == 200
+            after = await series("upstream_seconds_count")
+            for url in (base, teacher):
+                key = f'dualsample_gateway_upstream_seconds_count{{server="{url}"}}'
+                assert after[key] > before.get(key, 0), (url, after)
 
     run(pair_config(flavors["vllm"], seed=5), body)

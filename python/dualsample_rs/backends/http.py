@@ -78,6 +78,12 @@ class RequestStats:
     failures: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    #: called after each attempt with its seconds and whether it failed (a gateway's metrics)
+    observer: Callable[[float, bool], None] | None = None
+
+    def observe(self, started: float, failed: bool) -> None:
+        if self.observer is not None:
+            self.observer(time.perf_counter() - started, failed)
 
     def count_cache(self, cached: int | None, prompt_tokens: int) -> None:
         if cached is not None:
@@ -346,6 +352,7 @@ class HttpBackend:
             self.stats.requests += 1
             rid = new_request_id()
             data = content(rid) if callable(content) else content if content is not None else fixed
+            started = time.perf_counter()
             try:
                 response = await self._send(method, path, data, rid)
             except asyncio.TimeoutError as exc:
@@ -359,7 +366,9 @@ class HttpBackend:
             else:
                 if 200 <= response.status_code < 300:
                     try:
-                        return decode(response.content, rid) if decode else json_body(response.content)
+                        result = decode(response.content, rid) if decode else json_body(response.content)
+                        self.stats.observe(started, False)
+                        return result
                     except InvalidResponseError as exc:
                         err = type(exc)(f"{method} {url}: {exc}", (method, url))
                         cause = exc
@@ -372,6 +381,7 @@ class HttpBackend:
                         data_ = None
                     err = self.read_error(response, data_)
                     cause = err
+            self.stats.observe(started, True)
             if probe and isinstance(err, APIStatusError) and not self.should_retry(err):
                 raise err
             if attempt < self.max_retries and self.should_retry(err):

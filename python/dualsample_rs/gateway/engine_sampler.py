@@ -78,7 +78,7 @@ def _server(err: APIError) -> str:
     return f"{parts.scheme}://{parts.netloc}" if parts.netloc else err.request[1]
 
 
-def gateway_error(err: BaseException, metrics: GatewayMetrics | None = None) -> GatewayError:
+def gateway_error(err: BaseException) -> GatewayError:
     """The answer for an engine error: bad input (or a server's 400) a 400, a server that
     stayed down or answered badly a 503 naming it."""
     if isinstance(err, GatewayError):
@@ -87,11 +87,8 @@ def gateway_error(err: BaseException, metrics: GatewayMetrics | None = None) -> 
         return RequestError(str(err))
     if isinstance(err, BadRequestError):
         return RequestError(f"{_server(err)} refused the request: {err.message}")
-    if isinstance(err, APIError):
-        server = _server(err)
-        if metrics is not None:
-            metrics.upstream_errors.labels(server).inc()
-        return UpstreamError(server, err.message)
+    if isinstance(err, APIError):  # each failed attempt was counted as it happened
+        return UpstreamError(_server(err), err.message)
     return GatewayError(f"{type(err).__name__}: {err}", status=500, type_="InternalServerError")
 
 
@@ -173,13 +170,13 @@ class EngineSampler:
         try:
             return list(await asyncio.gather(*(one(p) for p in req.prompts)))
         except (APIError, InvalidInputError) as err:
-            raise gateway_error(err, self.metrics) from None
+            raise gateway_error(err) from None
 
     async def detokenize(self, token_ids: list[int]) -> str:
         try:
             return await self.coord.base.detokenize(token_ids)
         except APIError as err:
-            raise gateway_error(err, self.metrics) from None
+            raise gateway_error(err) from None
 
     async def _teacher_prompt(self, req: SampleRequest, choice_index: int, item: WorkItem) -> None:
         """The teacher's context: the request's teacher prompt, else the base's prompt;
@@ -226,7 +223,7 @@ class EngineSampler:
             await self._teacher_prompt(req, choice_index, item)
             text = _Text(self, req, on_token, incremental and await self.additive())
         except (APIError, InvalidInputError) as err:
-            raise gateway_error(err, self.metrics) from None
+            raise gateway_error(err) from None
         task = asyncio.ensure_future(self.serving.generate(item))
         task.add_done_callback(lambda _: arrived.put_nowait(None))
         try:
@@ -241,7 +238,7 @@ class EngineSampler:
                 if drawn and await text.take(drawn):
                     break  # a stop string: the sequence is dropped below
         except APIError as err:  # the base's detokenizer, for the text so far
-            raise gateway_error(err, self.metrics) from None
+            raise gateway_error(err) from None
         finally:
             if not task.done():
                 task.cancel()
@@ -249,15 +246,15 @@ class EngineSampler:
         out = result[0]
         if text.stopped is None:
             if isinstance(out, BaseException):
-                raise gateway_error(out, self.metrics) if not isinstance(out, asyncio.CancelledError) else out
+                raise gateway_error(out) if not isinstance(out, asyncio.CancelledError) else out
             if out.finish_reason == "error":
-                raise gateway_error(item.failure or RuntimeError(out.error or "failed"), self.metrics)
+                raise gateway_error(item.failure or RuntimeError(out.error or "failed"))
         try:
             if not incremental and isinstance(out, GenerationOutput):
                 await text.whole(out)
             return await text.result(item, out if isinstance(out, GenerationOutput) else None)
         except APIError as err:
-            raise gateway_error(err, self.metrics) from None
+            raise gateway_error(err) from None
 
     async def additive(self) -> bool:
         """Whether the base's text of any ids is the concatenation of each id's own text
@@ -274,7 +271,7 @@ class EngineSampler:
                     await pieces.add(ids)
                     self._additive = pieces.run_from is None and pieces.text(len(ids)) == await self.detokenize(ids)
                 except APIError as err:
-                    raise gateway_error(err, self.metrics) from None
+                    raise gateway_error(err) from None
                 if not self._additive:
                     log.info("gateway: the base's tokenizer is not additive; streamed text is detokenized per step")
             return self._additive

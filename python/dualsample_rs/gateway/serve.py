@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -81,6 +82,11 @@ async def open_gateway(
             options = GatewayOptions(flavor="sglang" if sglang else "vllm", model_name=coord.base.model or "dualsample")
         if max_queued_requests is not None:
             options = dataclasses.replace(options, max_queued_requests=max_queued_requests)
+
+        # Every call to every server (each attempt), timed and counted per server.
+        for replicas in (coord.base, *(lane.replicas for lane in coord.lanes.values())):
+            for backend in replicas.replicas:
+                backend.stats.observer = functools.partial(metrics.observe_upstream, backend.base_url)
 
         def forwarded(path: str) -> None:
             if path in PAUSE_PATHS:
