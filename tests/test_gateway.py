@@ -6,22 +6,28 @@ pause / resume passed through to the base."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import openai
 import pytest
 from aiohttp import web
 from dualsample_rs.config.coordinator import CoordinatorConfig
 from dualsample_rs.gateway import choice_key, open_gateway
 from dualsample_rs.gateway.sampler import SampleRequest
+from hypothesis import given
+from hypothesis import strategies as st
 from support import pair_config, read_records
+from test_gateway_protocol import BODIES
 
 QUESTION = "Question: Why is the sky blue?\nAnswer:"
 DIALECTS = {"vllm-completions": "vllm", "vllm-generate": "vllm", "sglang": "sglang"}
@@ -335,15 +341,14 @@ def test_a_killed_teacher_gives_503_naming_it_and_the_gateway_serves_again(flavo
 
 
 @contextlib.asynccontextmanager
-async def _base_with_pause(target: str) -> AsyncIterator[tuple[str, list[str]]]:
-    """An HTTP proxy in front of the base that answers the engines' control routes itself
-    (recording them) and forwards everything else."""
-    calls: list[str] = []
+async def _http_proxy(target: str, answer: Callable[[web.Request], web.Response | None]) -> AsyncIterator[str]:
+    """An HTTP proxy in front of `target`: a request `answer` answers (not None) is
+    answered there, everything else forwarded."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        if request.path in ("/pause", "/resume", "/areal_update_weights"):
-            calls.append(request.path)
-            return web.json_response({"ok": True})
+        mine = answer(request)
+        if mine is not None:
+            return mine
         sent = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         async with aiohttp.ClientSession() as s, s.request(request.method, target + request.rel_url.path_qs,
                                                            data=await request.read(), headers=sent) as r:  # fmt: skip
@@ -358,9 +363,56 @@ async def _base_with_pause(target: str) -> AsyncIterator[tuple[str, list[str]]]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", calls
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def _base_with_pause(target: str) -> AsyncIterator[tuple[str, list[str]]]:
+    """The base behind a proxy that answers the engines' control routes itself
+    (recording them)."""
+    calls: list[str] = []
+
+    def control(request: web.Request) -> web.Response | None:
+        if request.path in ("/pause", "/resume", "/areal_update_weights"):
+            calls.append(request.path)
+            return web.json_response({"ok": True})
+        return None
+
+    async with _http_proxy(target, control) as url:
+        yield url, calls
+
+
+def test_a_server_refusing_a_round_is_a_400_naming_it_and_fails_only_that_request(
+    flavors: dict[str, tuple[str, str]],
+) -> None:
+    """A teacher that answers a round with vLLM's 400 fails the request whose round it
+    was with a 400 naming the server and its reason; the next request is served."""
+    base, teacher = flavors["vllm"]
+    refuse = {"on": False}
+
+    def refusing(request: web.Request) -> web.Response | None:
+        if refuse["on"] and request.path == "/v1/completions":
+            body = {"error": {"message": "the engine says no", "type": "BadRequestError", "param": None, "code": 400}}
+            return web.json_response(body, status=400)
+        return None
+
+    async def go() -> None:
+        async with _http_proxy(teacher, refusing) as teacher_url:
+            config = pair_config((base, teacher_url), seed=5, dialect="vllm-completions")
+            async with open_gateway(config) as gw, aiohttp.ClientSession() as http:
+                body = {"prompt": QUESTION, "max_tokens": 3, "seed": 1}
+                refuse["on"] = True
+                async with http.post(gw.url + "/v1/completions", json=body) as resp:
+                    assert resp.status == 400
+                    message = (await resp.json())["error"]["message"]
+                    assert teacher_url in message and "the engine says no" in message
+                refuse["on"] = False
+                async with http.post(gw.url + "/v1/completions", json=body) as resp:
+                    assert resp.status == 200
+
+    asyncio.run(go())
 
 
 def test_pause_and_resume_pass_through_and_rounds_wait(flavors: dict[str, tuple[str, str]]) -> None:
@@ -465,3 +517,50 @@ def test_metrics_time_every_call_to_each_server(flavors: dict[str, tuple[str, st
                 assert after[key] > before.get(key, 0), (url, after)
 
     run(pair_config(flavors["vllm"], seed=5), body)
+
+
+@pytest.fixture(scope="module")
+def live_gateway(flavors: dict[str, tuple[str, str]]) -> Iterator[str]:
+    """A gateway on the reference servers, in an event loop of its own thread, for
+    synchronous clients (the fuzzer)."""
+    loop = asyncio.new_event_loop()
+    url: concurrent.futures.Future[str] = concurrent.futures.Future()
+    done = asyncio.Event()
+
+    async def serve() -> None:
+        try:
+            async with open_gateway(pair_config(flavors["vllm"], seed=5)) as gw:
+                url.set_result(gw.url)
+                await done.wait()
+        except BaseException as err:
+            if not url.done():
+                url.set_exception(err)
+            raise
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        yield url.result(60)
+    finally:
+        loop.call_soon_threadsafe(done.set)
+        thread.join(30)
+
+
+@given(
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/inference/v1/generate", "/generate"]),
+    body=BODIES,
+    raw=st.none() | st.binary(max_size=40),
+)
+def test_fuzzed_bodies_never_fail_the_gateway_on_the_real_sampler(
+    live_gateway: str, path: str, body: Any, raw: bytes | None
+) -> None:
+    """Bodies from the protocol fuzzer, against the round engine: every answer is a 200
+    or an engine-shaped 400, and the gateway serves a plain request after each."""
+    content = raw if raw is not None else json.dumps(body).encode()
+    with httpx.Client(timeout=60) as http:
+        resp = http.post(live_gateway + path, content=content, headers={"Content-Type": "application/json"})
+        assert resp.status_code in (200, 400), resp.text
+        if resp.status_code == 400:
+            assert "error" in resp.json()
+        ok = http.post(live_gateway + "/v1/completions", json={"prompt": "ok", "max_tokens": 2})
+        assert ok.status_code == 200, ok.text

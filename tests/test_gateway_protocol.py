@@ -792,3 +792,70 @@ def test_fuzzed_bodies_never_fail_the_gateway(env: Env, path: str, body: Any, ra
     elif isinstance(body, dict) and body.get("stream") is True and raw is None:
         sse(resp)
     assert post(env, "/v1/completions", {"prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+# ------------------------------------------------------------------ faults inside the gateway
+class FailingSampler(FakeSampler):
+    """Draws `after` tokens, then fails with `error`."""
+
+    def __init__(self, after: int, error: BaseException) -> None:
+        super().__init__()
+        self.after, self.error = after, error
+
+    async def sample(
+        self,
+        req: SampleRequest,
+        choice_index: int,
+        prompt_ids: list[int],
+        on_token: Callable[[TokenResult], None] | None = None,
+    ) -> ChoiceResult:
+        for _ in range(self.after):
+            await asyncio.sleep(0)
+            if on_token is not None:
+                on_token(TokenResult(token_id=ord("a"), text="a", logprob=-1.0))
+        raise self.error
+
+
+def test_a_bug_in_the_sampler_is_an_engine_shaped_500_and_the_gateway_serves_on(env: Env) -> None:
+    url = env.loop.serve(make_app(FailingSampler(0, RuntimeError("boom")), env.bases))
+    resp = post(env, "/v1/completions", {"prompt": "hi", "max_tokens": 3}, url)
+    assert resp.status_code == 500
+    err = resp.json()["error"]
+    assert err["type"] == "InternalServerError" and err["code"] == 500 and "boom" not in err["message"]
+    resp = post(env, "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}, url)
+    assert resp.status_code == 500 and resp.json() == {"error": {"message": "Internal server error"}}
+    assert post(env, "/v1/completions", {"prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [(RuntimeError("boom"), "Internal server error"), (UpstreamError("http://t:1", "refused"), "http://t:1")],
+)
+def test_a_choice_failing_mid_stream_ends_the_stream_with_an_error_event(
+    env: Env, error: BaseException, message: str
+) -> None:
+    url = env.loop.serve(make_app(FailingSampler(2, error), env.bases))
+    resp = post(env, "/v1/completions", {"prompt": "hi", "max_tokens": 9, "stream": True}, url)
+    assert resp.status_code == 200  # the stream had begun
+    events = sse(resp)  # and ends with [DONE]
+    texts = [c["choices"][0]["text"] for c in events if c.get("choices")]
+    assert "".join(texts) == "aa"  # the two tokens drawn before the failure went out
+    assert message in events[-1]["error"]["message"]
+
+
+def test_an_oversized_body_is_a_413_in_the_engine_shape(env: Env) -> None:
+    url = env.loop.serve(make_app(FakeSampler(), env.bases, options=GatewayOptions(client_max_size=1000)))
+    resp = post(env, "/v1/completions", {"prompt": "x" * 2000, "max_tokens": 1}, url)
+    assert resp.status_code == 413
+    assert resp.json()["error"]["code"] == 413
+    assert post(env, "/v1/completions", {"prompt": "x" * 40, "max_tokens": 1}, url).status_code == 200
+
+
+def test_an_unreachable_replica_on_a_forwarded_route_is_a_503_naming_it(env: Env) -> None:
+    dead = "http://127.0.0.1:9"  # the discard port: nothing listens
+    url = env.loop.serve(make_app(FakeSampler(), [env.bases[0], dead]))
+    resp = env.http.post(url + "/pause")
+    assert resp.status_code == 503
+    assert dead in resp.json()["error"]["message"]
+    # A route answered by the first replica alone still works.
+    assert env.http.get(url + "/v1/models").status_code == 200

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
-from dualsample_rs import DualVLLMCoordinator
+import pytest
+from dualsample_rs import DualSampleError, DualVLLMCoordinator
 from dualsample_rs.engine.sequence import WorkItem
 from support import pair_config
 
@@ -57,5 +58,26 @@ def test_a_paused_run_holds_rounds_and_drops_an_item_cancelled_while_held(urls: 
                 assert dropped.cancelled()
                 assert drawn == []  # dropped at the gate, before the round it was held for
                 assert serving.in_flight == 0
+
+    asyncio.run(go())
+
+
+def test_a_failing_run_fails_every_caller_and_refuses_new_items(urls: tuple[str, str]) -> None:
+    """A bug that stops the run (here, finishing a sequence raises) reaches every caller
+    waiting on it, and later items are refused with the reason, instead of hanging."""
+
+    async def go() -> None:
+        async with DualVLLMCoordinator(pair_config(urls, seed=3, stop_token_ids=())) as coord:
+
+            async def broken(seq: object) -> None:
+                raise RuntimeError("finish broke")
+
+            coord._finish = broken  # type: ignore[method-assign]
+            async with coord.serving() as serving:
+                calls = [serving.generate(_item(i, p, 2)) for i, p in enumerate(PROMPTS)]
+                got = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
+                assert all(isinstance(g, RuntimeError) and "finish broke" in str(g) for g in got), got
+                with pytest.raises(DualSampleError, match="finish broke"):
+                    await serving.generate(_item(9, PROMPTS[0], 2))
 
     asyncio.run(go())

@@ -135,7 +135,11 @@ class Scheduler:
         finishing: set[asyncio.Task[None]] = set()
 
         async def finish(seq: Sequence) -> None:
-            await self.finish(seq)
+            try:
+                await self.finish(seq)
+            except Exception as err:  # a bug must surface, not leave its caller waiting
+                await finished.put(err)
+                return
             await finished.put((seq.index, seq.out))
 
         try:
