@@ -337,18 +337,32 @@ fn accept_or_residual(q: &mut [f64], ids: &[i64], d: i64, u_accept: f64, u: f64)
     (draw(q, u), false)
 }
 
-/// The candidates in `order` by descending log probability, ties to the lower token id
-/// (ids are unique within a row, so the order is total).
+/// Candidates by descending log probability, ties to the lower token id (ids are
+/// unique within a row, so the order is total).
 #[inline(always)]
-fn rank(logq: &[f64], ids: &[i64], order: &mut Vec<usize>) {
-    order.clear();
-    order.extend(0..logq.len());
-    order.sort_unstable_by(|&i, &j| {
+fn more_probable<'a>(logq: &'a [f64], ids: &'a [i64]) -> impl Fn(&usize, &usize) -> Ordering + 'a {
+    move |&i, &j| {
         logq[j]
             .partial_cmp(&logq[i])
             .unwrap_or(Ordering::Equal)
             .then(ids[i].cmp(&ids[j]))
-    });
+    }
+}
+
+/// Keep the `n` first of `order` by `more_probable`, sorted: a selection first, so
+/// that only those `n` are sorted.
+#[inline(always)]
+fn first_sorted(order: &mut Vec<usize>, n: usize, logq: &[f64], ids: &[i64]) {
+    let by = more_probable(logq, ids);
+    if n == 0 {
+        order.clear();
+        return;
+    }
+    if n < order.len() {
+        order.select_nth_unstable_by(n - 1, &by);
+        order.truncate(n);
+    }
+    order.sort_unstable_by(&by);
 }
 
 /// min_p: keep the candidates with q >= min_p · max q.
@@ -360,47 +374,49 @@ fn keep_min_p(q: &[f64], keep: &mut [bool], min_p: f64) {
     }
 }
 
-/// top_k: drop what is below the k-th largest kept value; candidates tied with it all
-/// stay, and with k or fewer kept nothing goes.
+/// top_k over the kept candidates in `order`: drop what is below the k-th largest;
+/// candidates tied with it all stay, and with k or fewer kept nothing goes. `order`
+/// is left holding the kept candidates, in no particular order.
 #[inline(always)]
-fn keep_top_k(logq: &[f64], order: &[usize], keep: &mut [bool], top_k: i64) {
+fn keep_top_k(logq: &[f64], ids: &[i64], order: &mut Vec<usize>, keep: &mut [bool], top_k: i64) {
     let k = usize::try_from(top_k).unwrap_or(usize::MAX);
-    let Some(&kth) = order.iter().filter(|&&i| keep[i]).nth(k.saturating_sub(1)) else {
+    if k >= order.len() {
         return;
-    };
+    }
+    let (_, &mut kth, _) = order.select_nth_unstable_by(k.saturating_sub(1), more_probable(logq, ids));
     let bar = logq[kth];
     for (kept, &x) in keep.iter_mut().zip(logq) {
         *kept &= x >= bar;
     }
+    order.retain(|&i| keep[i]);
 }
 
-/// top_p on the kept candidates renormalised: from the least probable up (at equal
-/// probability the higher id first), drop each while the kept mass up to and including
-/// it is at most (1 − top_p) of the kept total; the most probable is never dropped.
+/// top_p on the kept candidates renormalised, `order` holding them most probable first:
+/// from the least probable up (at equal probability the higher id first), drop each
+/// while the kept mass up to and including it is at most (1 − top_p) of the kept total;
+/// the most probable is never dropped.
 #[inline(always)]
 fn keep_top_p(q: &[f64], order: &[usize], keep: &mut [bool], top_p: f64) {
-    let Some(&top) = order.iter().find(|&&i| keep[i]) else {
+    let Some((&top, rest)) = order.split_first() else {
         return;
     };
     // Summed least probable first, the order the cumulative sums below take.
-    let total: f64 = order.iter().rev().filter(|&&i| keep[i]).map(|&i| q[i]).sum();
+    let total: f64 = order.iter().rev().map(|&i| q[i]).sum();
     let bar = (1.0 - top_p) * total;
     let mut cum = 0.0;
-    for &i in order.iter().rev() {
-        if !keep[i] {
-            continue;
-        }
+    for &i in rest.iter().rev() {
         cum += q[i];
-        if i == top || cum > bar {
+        if cum > bar {
             break;
         }
         keep[i] = false;
     }
+    debug_assert!(keep[top]);
 }
 
 /// The engine's truncation of q*, in vLLM v1's order: min_p, then top_k, then top_p.
 /// Dropped candidates get probability 0 and the rest are renormalised; a row that loses
-/// no candidate is left exactly as it was. `order` must hold `rank` of `logq`.
+/// no candidate is left exactly as it was. Only what top_k keeps is sorted (for top_p).
 ///
 /// vLLM's source read for this (vllm-project/vllm, v1 sampler): `vllm/v1/sample/sampler.py`
 /// applies temperature, then the argmax-invariant logits processors, of which min_p is
@@ -413,16 +429,21 @@ fn keep_top_p(q: &[f64], order: &[usize], keep: &mut [bool], top_p: f64) {
 /// vLLM leaves the order among equal probabilities open; here it is fixed (higher id
 /// dropped first) so that the twin and every run agree.
 #[inline(always)]
-fn truncate(logq: &mut [f64], q: &mut Vec<f64>, order: &[usize], keep: &mut Vec<bool>, t: Truncation) {
+fn truncate(s: &mut Scratch, t: Truncation) {
+    let (logq, q, ids) = (&mut s.logq, &mut s.q, &s.merged.ids);
+    let (order, keep) = (&mut s.order, &mut s.keep);
     keep.clear();
     keep.resize(logq.len(), true);
     if t.min_p > 0.0 {
         keep_min_p(q, keep, t.min_p);
     }
+    order.clear();
+    order.extend((0..logq.len()).filter(|&i| keep[i]));
     if t.top_k > 0 {
-        keep_top_k(logq, order, keep, t.top_k);
+        keep_top_k(logq, ids, order, keep, t.top_k);
     }
     if t.top_p < 1.0 {
+        order.sort_unstable_by(more_probable(logq, ids));
         keep_top_p(q, order, keep, t.top_p);
     }
     if keep.iter().all(|&k| k) {
@@ -437,12 +458,15 @@ fn truncate(logq: &mut [f64], q: &mut Vec<f64>, order: &[usize], keep: &mut Vec<
     normalise_with_probs(logq, q);
 }
 
-/// The row's `out.len()` most probable candidates under the final law, from `rank`'s
-/// `order` of it; candidates of probability zero are not listed (`out` stays padded).
+/// The row's `out.len()` most probable candidates under the final law; candidates of
+/// probability zero are not listed (`out` stays padded there).
 #[inline(always)]
-fn fill_alternatives(logq: &[f64], ids: &[i64], order: &[usize], out: &mut [Alternative]) {
-    let listed = order.iter().filter(|&&i| logq[i] > f64::NEG_INFINITY);
-    for (slot, &i) in out.iter_mut().zip(listed) {
+fn fill_alternatives(s: &mut Scratch, out: &mut [Alternative]) {
+    let (logq, ids, order) = (&s.logq, &s.merged.ids, &mut s.order);
+    order.clear();
+    order.extend((0..logq.len()).filter(|&i| logq[i] > f64::NEG_INFINITY));
+    first_sorted(order, out.len(), logq, ids);
+    for (slot, &i) in out.iter_mut().zip(order.iter()) {
         *slot = Alternative {
             id: ids[i],
             logq: logq[i],
@@ -454,15 +478,11 @@ fn fill_alternatives(logq: &[f64], ids: &[i64], order: &[usize], out: &mut [Alte
 /// the token will be drawn from. Rows that ask for neither touch nothing.
 #[inline(always)]
 fn truncate_and_list(s: &mut Scratch, t: Truncation, alts: &mut [Alternative]) {
-    let ids = &s.merged.ids;
     if !t.is_off() {
-        rank(&s.logq, ids, &mut s.order);
-        truncate(&mut s.logq, &mut s.q, &s.order, &mut s.keep, t);
+        truncate(s, t);
     }
     if !alts.is_empty() {
-        // Ranked afresh: renormalising may round two close values into a tie.
-        rank(&s.logq, ids, &mut s.order);
-        fill_alternatives(&s.logq, ids, &s.order, alts);
+        fill_alternatives(s, alts);
     }
 }
 
