@@ -103,7 +103,9 @@ def test_ties(impl: str) -> None:
     np.testing.assert_array_equal(run(q_top_p=[0.7]).top_ids[0], [5, 7, 8, -1])
     np.testing.assert_allclose(run(q_top_p=[0.7]).top_logq[0, :3], np.log([0.5, 0.25, 0.25]), rtol=RTOL)
     np.testing.assert_array_equal(run(q_min_p=[1.0]).top_ids[0], [5, -1, -1, -1])
-    assert run(q_top_p=[1e-9]).top_logq[0, 0] == 0.0
+    # A top_p so small that 1 − top_p rounds to 1: the most probable still stays.
+    assert run(q_top_p=[1e-17]).top_logq[0, 0] == 0.0
+    np.testing.assert_array_equal(run(q_top_p=[1e-17]).top_ids[0], [5, -1, -1, -1])
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))

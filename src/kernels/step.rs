@@ -922,9 +922,10 @@ mod tests {
         assert_eq!(alts(Truncation { top_k: 2, ..t }), alts(t));
         // top_p 0.7: one 0.2 must go (0.2 <= 0.3 < 0.4); the highest id goes first.
         assert_eq!(ids_of(&alts(Truncation { top_p: 0.7, ..t })), [5, 7, 8, -1]);
-        // top_p 0.01 keeps only the most probable, which is never dropped.
-        assert_eq!(ids_of(&alts(Truncation { top_p: 0.01, ..t })), [5, -1, -1, -1]);
-        assert_eq!(alts(Truncation { top_p: 0.01, ..t })[0].logq, 0.0);
+        // top_p 1e-17 (1 − top_p rounds to 1) keeps only the most probable, which is
+        // never dropped.
+        assert_eq!(ids_of(&alts(Truncation { top_p: 1e-17, ..t })), [5, -1, -1, -1]);
+        assert_eq!(alts(Truncation { top_p: 1e-17, ..t })[0].logq, 0.0);
         // min_p 1 keeps what ties with the largest: here only id 5.
         assert_eq!(ids_of(&alts(Truncation { min_p: 1.0, ..t })), [5, -1, -1, -1]);
     }
