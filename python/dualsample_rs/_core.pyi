@@ -117,12 +117,20 @@ class StepResult:
 
     ``logp_theta``, ``logp_t`` and ``logq`` are the sampled token's log probability
     under the distributions actually used: after exclusion, temperature, the support
-    constraint and renormalisation. ``n_candidates`` is the size of the support q*
-    was drawn from, ``n_merged`` the number of candidates before the support
-    constraint (so the constraint removed some where it is larger). ``no_overlap``
-    marks rows where ``missing="drop"`` found no common token and kept the teacher's
-    list; ``accepted`` rows whose drafted token was accepted. The diagnostics are None
-    unless the config asked for them.
+    constraint and renormalisation; ``logq`` after the caller's truncation of q*
+    (``q_top_k``, ``q_top_p``, ``q_min_p``), the law the token was drawn from.
+    ``n_candidates`` is the number of candidates q* was formed over (before that
+    truncation), ``n_merged`` the number of candidates before the support constraint
+    (so the constraint removed some where it is larger). ``no_overlap`` marks rows
+    where ``missing="drop"`` found no common token and kept the teacher's list;
+    ``accepted`` rows whose drafted token was accepted. The diagnostics are None unless
+    the config asked for them; they describe q* before the caller's truncation.
+
+    ``top_ids`` and ``top_logq`` (shape (rows, alternatives)) are None unless
+    :func:`step` was asked for alternatives: per row, the most probable candidates
+    under the final (truncated) law, most probable first, ties to the lower token id,
+    with their log probabilities; candidates of probability zero are not listed, and a
+    row with fewer is padded with -1 and -inf.
     """
 
     token_id: NDArray[np.int64]
@@ -143,6 +151,8 @@ class StepResult:
     ess_t: NDArray[np.float64] | None
     entropy: NDArray[np.float64] | None
     js: NDArray[np.float64] | None
+    top_ids: NDArray[np.int64] | None
+    top_logq: NDArray[np.float64] | None
     def __len__(self) -> int: ...
 
 def solve_alpha(
@@ -249,9 +259,13 @@ def step(
     row_keys: ArrayLike | None = None,
     force_teacher: ArrayLike | None = None,
     drafts: ArrayLike | None = None,
+    q_top_k: ArrayLike | None = None,
+    q_top_p: ArrayLike | None = None,
+    q_min_p: ArrayLike | None = None,
+    alternatives: int = 0,
 ) -> StepResult:
     """One sampling step from q* for every row: merge, exclude, temperature, normalise,
-    stability check, support constraint, α, q*, draw.
+    stability check, support constraint, α, q*, the caller's truncation of q*, draw.
 
     Args:
         ids_theta, logp_theta: the base model's top-k token ids and raw log
@@ -267,6 +281,20 @@ def step(
             accepted with probability q*(d) (``accepted``), else the token is drawn from
             q* without d, so the token's law is q* either way (speculative sampling
             with a point-mass draft). The test draws a second uniform at the same key.
+        q_top_k, q_top_p, q_min_p: an inference engine's sampling parameters, applied
+            to q* over the candidates as vLLM's sampler applies them to its
+            distribution, one value per row (None: off for every row). In that order:
+            min_p keeps the candidates with probability >= min_p times the largest;
+            top_k keeps those at or above the k-th largest probability (ties with it
+            all stay); top_p, on what is left renormalised, drops the least probable
+            (at equal probability the higher id first) while the mass up to them is at
+            most 1 − top_p, never the most probable. The rest are renormalised, and the
+            token, ``logq`` and the draft's test use that law, so a drafted token that
+            truncation drops is never accepted. Off per row at top_k <= 0, top_p 1,
+            min_p 0 (bit for bit as if not given); top_p must lie in (0, 1], min_p in
+            [0, 1].
+        alternatives: report this many most probable candidates per row
+            (``top_ids``, ``top_logq``); 0 for none.
 
     Raises:
         InvalidInputError: malformed input, naming the argument and the row.

@@ -483,6 +483,8 @@ class ReferenceStepResult:
     ess_t: F64 | None = None
     entropy: F64 | None = None
     js: F64 | None = None
+    top_ids: np.ndarray | None = None
+    top_logq: F64 | None = None
 
 
 def _top_p_keep(b: F64, pb: F64, top_p: float) -> np.ndarray:
@@ -498,6 +500,94 @@ def _top_p_keep(b: F64, pb: F64, top_p: float) -> np.ndarray:
     return keep
 
 
+def _per_row(values: ArrayLike | None, name: str, n: int, dtype: Any, neutral: float) -> np.ndarray:
+    """One value per row of an optional argument, `neutral` on every row when not given."""
+    if values is None:
+        return np.full(n, neutral, dtype=dtype)
+    arr = np.asarray(values, dtype=dtype)
+    if arr.shape != (n,) and not (arr.ndim == 0 and n == 1):
+        raise InvalidInputError(f"{name}: expected one entry per row ({n}), got shape {arr.shape}")
+    return arr.reshape(n)
+
+
+def _truncation_args(
+    n: int, top_k: ArrayLike | None, top_p: ArrayLike | None, min_p: ArrayLike | None
+) -> tuple[np.ndarray, F64, F64] | None:
+    """The per-row (top_k, top_p, min_p), checked as the Rust step checks them; None when
+    none was given (then q* is not touched at all)."""
+    if top_k is None and top_p is None and min_p is None:
+        return None
+    k = _per_row(top_k, "q_top_k", n, np.int64, 0)
+    p = _per_row(top_p, "q_top_p", n, np.float64, 1.0)
+    mp = _per_row(min_p, "q_min_p", n, np.float64, 0.0)
+    for name, values, bad, span in (
+        ("q_top_p", p, ~((p > 0) & (p <= 1)), "(0, 1]"),
+        ("q_min_p", mp, ~((mp >= 0) & (mp <= 1)), "[0, 1]"),
+    ):
+        if bad.any():
+            r = int(np.argmax(bad))
+            raise InvalidInputError(f"{name}, row {r}: must lie in {span}, got {values[r]}")
+    return k, p, mp
+
+
+def _rank(ids: np.ndarray, logq: F64) -> np.ndarray:
+    """Per row, the candidates by descending probability, ties to the lower token id
+    (padding, at -inf, after every real candidate with positive probability)."""
+    order: np.ndarray = np.lexsort((ids, -logq), axis=-1)
+    return order
+
+
+def _truncation_keep(ids: np.ndarray, logq: F64, q: F64, top_k: np.ndarray, top_p: F64, min_p: F64) -> np.ndarray:
+    """The candidates vLLM's sampler would keep: min_p against the most probable, then
+    top_k (ties at the k-th value all kept), then top_p on what is left, renormalised
+    (the least probable dropped while the mass up to them stays within 1 − top_p; the
+    most probable always kept; at equal probability the higher id goes first)."""
+    n = ids.shape[0]
+    r = np.arange(n)[:, None]
+    keep = ids >= 0
+    floor = min_p * q.max(axis=1)
+    keep &= ~((min_p > 0)[:, None] & (q < floor[:, None]))
+    order = _rank(ids, logq)
+    kept_sorted = keep[r, order]
+    count = np.cumsum(kept_sorted, axis=1)
+    has_k = (top_k > 0) & (count[:, -1] >= top_k)
+    kth = logq[r[:, 0], order[r[:, 0], np.argmax(count >= np.maximum(top_k, 1)[:, None], axis=1)]]
+    keep &= ~(has_k[:, None] & (logq < kth[:, None]))
+    kept_sorted = keep[r, order]
+    ascending = np.where(kept_sorted, q[r, order], 0.0)[:, ::-1]
+    cum = np.cumsum(ascending, axis=1)
+    threshold = (1.0 - top_p) * cum[:, -1]
+    drop_sorted = (cum <= threshold[:, None])[:, ::-1]
+    drop_sorted[r[:, 0], np.argmax(kept_sorted, axis=1)] = False
+    drop_sorted &= (top_p < 1.0)[:, None] & kept_sorted
+    drop = np.zeros_like(keep)
+    np.put_along_axis(drop, order, drop_sorted, axis=1)
+    kept: np.ndarray = keep & ~drop
+    return kept
+
+
+def _truncate(ids: np.ndarray, logq: F64, q: F64, top_k: np.ndarray, top_p: F64, min_p: F64) -> tuple[F64, F64]:
+    """q* truncated per row and renormalised over what is kept; rows that lose no
+    candidate come back as they are."""
+    keep = _truncation_keep(ids, logq, q, top_k, top_p, min_p)
+    changed = ((ids >= 0) & ~keep).any(axis=1)[:, None]
+    new_logq, new_q, _ = _normalise_probs(np.where(keep, logq, NEG_INF))
+    return np.where(changed, new_logq, logq), np.where(changed, new_q, q)
+
+
+def _alternatives(ids: np.ndarray, logq: F64, n: int) -> tuple[np.ndarray, F64]:
+    """The `n` most probable candidates of each row (ties to the lower id) and their log
+    probabilities, padded with -1 / -inf; candidates of probability zero left out."""
+    r = np.arange(ids.shape[0])[:, None]
+    order = _rank(ids, logq)[:, :n]
+    top_ids, top_logq = ids[r, order], logq[r, order]
+    listed = (top_ids >= 0) & (top_logq > NEG_INF)
+    pad = ((0, 0), (0, n - order.shape[1]))
+    out_ids = np.pad(np.where(listed, top_ids, -1).astype(np.int64), pad, constant_values=-1)
+    out_logq = np.pad(np.where(listed, top_logq, NEG_INF), pad, constant_values=NEG_INF)
+    return out_ids, out_logq
+
+
 def step(
     ids_theta: ArrayLike,
     logp_theta: ArrayLike,
@@ -510,6 +600,10 @@ def step(
     row_keys: ArrayLike | None = None,
     force_teacher: ArrayLike | None = None,
     drafts: ArrayLike | None = None,
+    q_top_k: ArrayLike | None = None,
+    q_top_p: ArrayLike | None = None,
+    q_min_p: ArrayLike | None = None,
+    alternatives: int = 0,
 ) -> ReferenceStepResult:
     """numpy twin of :func:`dualsample_rs.step`; `config` is a :class:`SamplerConfig`."""
     if config is None:
@@ -522,6 +616,9 @@ def step(
     keys = np.arange(n, dtype=np.int64) if row_keys is None else np.asarray(row_keys, dtype=np.int64).reshape(n)
     pos = np.zeros(n, dtype=np.int64) if positions is None else np.asarray(positions, dtype=np.int64).reshape(n)
     force = np.zeros(n, dtype=bool) if force_teacher is None else np.asarray(force_teacher, dtype=bool).reshape(n)
+    truncation = _truncation_args(n, q_top_k, q_top_p, q_min_p)
+    if alternatives < 0:
+        raise InvalidInputError(f"alternatives: must be >= 0, got {alternatives}")
 
     m = _merge(ia, la, ib, lb, config.missing)
     ids, a, b, obs_a, obs_b = m["ids"], m["a"], m["b"], m["obs_a"], m["obs_b"]
@@ -569,6 +666,21 @@ def step(
     to_a, to_b = (alpha <= 0)[:, None], (alpha >= 1)[:, None]
     logq = np.where(to_a, a, np.where(to_b, b, logq))
     q = np.where(to_a, pa, np.where(to_b, pb, q))
+    # The diagnostics describe q* itself, before the engine's truncation and the draw.
+    diag: dict[str, Any] = {}
+    if config.diagnostics:
+        diag = {
+            "kl_theta": _kl(logq, a),
+            "kl_t": _kl(logq, b),
+            "ess_theta": _ess(a, logq),
+            "ess_t": _ess(b, logq),
+            "entropy": _entropy(logq),
+            "js": _js(a, b),
+        }
+    if truncation is not None:
+        logq, q = _truncate(ids, logq, q, *truncation)
+    if alternatives > 0:
+        diag["top_ids"], diag["top_logq"] = _alternatives(ids, logq, alternatives)
 
     u = uniform(seed, keys, pos)
     r = np.arange(n)
@@ -585,16 +697,6 @@ def step(
     last_pos = q.shape[1] - 1 - np.argmax((q > 0)[:, ::-1], axis=1)
     k = np.where(hit.any(axis=1), np.argmax(hit, axis=1), last_pos)
     k = np.where(accepted, np.argmax(at, axis=1), k)
-    diag: dict[str, Any] = {}
-    if config.diagnostics:
-        diag = {
-            "kl_theta": _kl(logq, a),
-            "kl_t": _kl(logq, b),
-            "ess_theta": _ess(a, logq),
-            "ess_t": _ess(b, logq),
-            "entropy": _entropy(logq),
-            "js": _js(a, b),
-        }
     return ReferenceStepResult(
         token_id=ids[r, k].astype(np.int64),
         alpha=alpha,

@@ -30,3 +30,39 @@ where
         .collect();
     results.into_iter().collect()
 }
+
+/// `map_rows`, with `out` cut into one chunk of `per_row` entries per row that `f`
+/// fills for its row (so per-row results of any width need no allocation per row).
+pub fn map_rows_into<T, E, S, F>(
+    rows: usize,
+    entries_per_row: usize,
+    per_row: usize,
+    out: &mut [E],
+    f: F,
+) -> KernelResult<Vec<T>>
+where
+    T: Send,
+    E: Send,
+    S: Default,
+    F: Fn(&mut S, usize, &mut [E]) -> KernelResult<T> + Sync,
+{
+    if per_row == 0 {
+        return map_rows(rows, entries_per_row, |s, r| f(s, r, &mut []));
+    }
+    debug_assert_eq!(out.len(), rows * per_row);
+    if rows.saturating_mul(entries_per_row.max(1)) < PARALLEL_MIN_WORK || rayon::current_num_threads() == 1 {
+        let mut scratch = S::default();
+        return out
+            .chunks_mut(per_row)
+            .enumerate()
+            .map(|(r, chunk)| f(&mut scratch, r, chunk))
+            .collect();
+    }
+    let results: Vec<KernelResult<T>> = out
+        .par_chunks_mut(per_row)
+        .enumerate()
+        .with_min_len(4)
+        .map_init(S::default, |s, (r, chunk)| f(s, r, chunk))
+        .collect();
+    results.into_iter().collect()
+}

@@ -210,6 +210,23 @@ pub fn per_row_drafts(obj: Option<&Bound<'_, PyAny>>, rows: usize) -> PyResult<V
     }
 }
 
+/// An optional per-row integer (the engine's top_k of q*); empty when not given.
+pub fn optional_per_row_ints(obj: Option<&Bound<'_, PyAny>>, arg: &'static str, rows: usize) -> PyResult<Vec<i64>> {
+    match obj.filter(|o| !o.is_none()) {
+        None => Ok(Vec::new()),
+        Some(obj) => per_row(obj, arg, rows, ("iu", "int64", "integers, one per row")),
+    }
+}
+
+/// An optional per-row float (the engine's top_p or min_p of q*); empty when not given.
+/// The values are the kernel's to check.
+pub fn optional_per_row_floats(obj: Option<&Bound<'_, PyAny>>, arg: &'static str, rows: usize) -> PyResult<Vec<f64>> {
+    match obj.filter(|o| !o.is_none()) {
+        None => Ok(Vec::new()),
+        Some(obj) => per_row(obj, arg, rows, ("fiu", "float64", "floats, one per row")),
+    }
+}
+
 /// An optional per-row flag.
 pub fn per_row_flags(obj: Option<&Bound<'_, PyAny>>, arg: &'static str, rows: usize) -> PyResult<Vec<bool>> {
     match obj.filter(|o| !o.is_none()) {

@@ -1,10 +1,14 @@
 //! `step`: the fused sampling step over a batch, and its `StepResult`.
-use numpy::PyArray1;
+use ndarray::Array2;
+use numpy::{IntoPyArray, PyArray1};
 use pyo3::prelude::*;
 
 use crate::errors::KernelError;
-use crate::kernels::step::{step_batch, Batch, RowOutput, StepConfig};
-use crate::py::arrays::{per_row_counts, per_row_drafts, per_row_flags, per_row_keys, TopkInputs};
+use crate::kernels::step::{step_batch_with, Alternative, Batch, RowOutput, Sampling, StepConfig, StepOutput};
+use crate::py::arrays::{
+    optional_per_row_floats, optional_per_row_ints, per_row_counts, per_row_drafts, per_row_flags, per_row_keys,
+    TopkInputs,
+};
 use crate::py::config::SamplerConfig;
 
 /// One entry per row; diagnostics are None unless the config asked for them.
@@ -46,6 +50,10 @@ pub struct StepResult {
     entropy: Option<Py<PyAny>>,
     #[pyo3(get)]
     js: Option<Py<PyAny>>,
+    #[pyo3(get)]
+    top_ids: Option<Py<PyAny>>,
+    #[pyo3(get)]
+    top_logq: Option<Py<PyAny>>,
 }
 
 fn config_arg<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<PyRef<'py, SamplerConfig>>> {
@@ -65,10 +73,31 @@ fn column<T: numpy::Element>(py: Python<'_>, rows: &[RowOutput], f: impl Fn(&Row
     PyArray1::from_vec(py, rows.iter().map(f).collect()).into_any().unbind()
 }
 
+/// One field of the alternatives as a (rows, n) array.
+fn alternatives_column<T: numpy::Element>(
+    py: Python<'_>,
+    out: &StepOutput,
+    n: usize,
+    f: impl Fn(&Alternative) -> T,
+) -> PyResult<Py<PyAny>> {
+    let values = Array2::from_shape_vec((out.rows.len(), n), out.alternatives.iter().map(f).collect())
+        .map_err(|e| KernelError::arg("alternatives", e.to_string()))?;
+    Ok(values.into_pyarray(py).into_any().unbind())
+}
+
 impl StepResult {
-    fn new(py: Python<'_>, rows: &[RowOutput], diagnostics: bool) -> Self {
+    fn new(py: Python<'_>, out: &StepOutput, diagnostics: bool, alternatives: usize) -> PyResult<Self> {
+        let rows = &out.rows;
         let diag = |f: fn(&RowOutput) -> f64| diagnostics.then(|| column(py, rows, f));
-        StepResult {
+        let (top_ids, top_logq) = if alternatives > 0 {
+            (
+                Some(alternatives_column(py, out, alternatives, |a| a.id)?),
+                Some(alternatives_column(py, out, alternatives, |a| a.logq)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(StepResult {
             token_id: column(py, rows, |r| r.token_id),
             alpha: column(py, rows, |r| r.alpha),
             logq: column(py, rows, |r| r.logq),
@@ -87,7 +116,9 @@ impl StepResult {
             ess_t: diag(|r| r.diagnostics.ess_t),
             entropy: diag(|r| r.diagnostics.entropy),
             js: diag(|r| r.diagnostics.js),
-        }
+            top_ids,
+            top_logq,
+        })
     }
 }
 
@@ -117,8 +148,8 @@ fn seed_bits(seed: &Bound<'_, PyAny>) -> PyResult<u64> {
 
 #[pyfunction(name = "step")]
 #[pyo3(
-    signature = (ids_theta, logp_theta, ids_t, logp_t, *, config=None, seed=None, positions=None, row_keys=None, force_teacher=None, drafts=None),
-    text_signature = "(ids_theta, logp_theta, ids_t, logp_t, *, config=None, seed=0, positions=None, row_keys=None, force_teacher=None, drafts=None)"
+    signature = (ids_theta, logp_theta, ids_t, logp_t, *, config=None, seed=None, positions=None, row_keys=None, force_teacher=None, drafts=None, q_top_k=None, q_top_p=None, q_min_p=None, alternatives=0),
+    text_signature = "(ids_theta, logp_theta, ids_t, logp_t, *, config=None, seed=0, positions=None, row_keys=None, force_teacher=None, drafts=None, q_top_k=None, q_top_p=None, q_min_p=None, alternatives=0)"
 )]
 pub fn step_py(
     py: Python<'_>,
@@ -132,6 +163,10 @@ pub fn step_py(
     row_keys: Option<&Bound<'_, PyAny>>,
     force_teacher: Option<&Bound<'_, PyAny>>,
     drafts: Option<&Bound<'_, PyAny>>,
+    q_top_k: Option<&Bound<'_, PyAny>>,
+    q_top_p: Option<&Bound<'_, PyAny>>,
+    q_min_p: Option<&Bound<'_, PyAny>>,
+    alternatives: i64,
 ) -> PyResult<StepResult> {
     let inputs = TopkInputs::extract(ids_theta, logp_theta, ids_t, logp_t)?;
     let (ids_a, lp_a, ids_b, lp_b) = inputs.rows()?;
@@ -148,6 +183,16 @@ pub fn step_py(
     let positions = per_row_counts(positions, "positions", rows)?;
     let force_teacher = per_row_flags(force_teacher, "force_teacher", rows)?;
     let drafts = per_row_drafts(drafts, rows)?;
+    let top_k = optional_per_row_ints(q_top_k, "q_top_k", rows)?;
+    let top_p = optional_per_row_floats(q_top_p, "q_top_p", rows)?;
+    let min_p = optional_per_row_floats(q_min_p, "q_min_p", rows)?;
+    let sampling = Sampling {
+        top_k: &top_k,
+        top_p: &top_p,
+        min_p: &min_p,
+        alternatives: usize::try_from(alternatives)
+            .map_err(|_| KernelError::arg("alternatives", format!("must be >= 0, got {alternatives}")))?,
+    };
     let batch = Batch {
         ids_theta: ids_a.data.view(),
         logp_theta: lp_a.data.view(),
@@ -159,6 +204,6 @@ pub fn step_py(
         drafts: &drafts,
         seed,
     };
-    let out = py.detach(|| step_batch(&batch, cfg))?;
-    Ok(StepResult::new(py, &out, cfg.diagnostics))
+    let out = py.detach(|| step_batch_with(&batch, cfg, &sampling))?;
+    StepResult::new(py, &out, cfg.diagnostics, sampling.alternatives)
 }
