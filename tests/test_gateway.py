@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -108,25 +109,52 @@ def test_openai_client_whole_and_streamed_in_every_dialect(flavors: dict[str, tu
     run(config_for(flavors, dialect), body)
 
 
-def test_refusals_name_the_parameter(flavors: dict[str, tuple[str, str]]) -> None:
+def test_sampling_parameters_apply_to_q_star(flavors: dict[str, tuple[str, str]]) -> None:
+    """top_k, top_p, min_p and temperature 0 truncate q* itself: each token is drawn from,
+    and reported under, the law after them, whose alternatives (`logprobs` N) are that
+    law's most probable tokens; neutral values change nothing."""
+
     async def body(gw: Any) -> None:
         client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0)
         closing.append(client)
-        refused = [
-            ({"top_p": 0.9}, "top_p"),
-            ({"logprobs": 2}, "logprobs"),
-            ({"temperature": 0}, "temperature"),
-            ({"extra_body": {"top_k": 5}}, "top_k"),
-            ({"extra_body": {"min_p": 0.1}}, "min_p"),
-        ]
-        for extra, name in refused:
-            with pytest.raises(openai.BadRequestError) as err:
-                await client.completions.create(model="m", prompt=QUESTION, max_tokens=3, **extra)
-            assert name in str(err.value)
-        # neutral values pass (AReaL's top_k 1e8, prime-rl's -1 and min_p 0)
+
+        async def ask(seed: int = 1, logprobs: int = 5, extra_body: dict[str, Any] | None = None, **extra: Any) -> Any:
+            # tokens as ids: distinct tokens with the same text would share a key
+            body = {"return_tokens_as_token_ids": True, **(extra_body or {})}
+            got = await client.completions.create(model="m", prompt=QUESTION, max_tokens=12, seed=seed,
+                                                  logprobs=logprobs, extra_body=body, **extra)  # fmt: skip
+            return got.choices[0]
+
+        def laws(c: Any) -> list[tuple[float, dict[str, float]]]:
+            return list(zip(c.logprobs.token_logprobs, c.logprobs.top_logprobs, strict=True))
+
+        plain = await ask()
+        for lp, top in laws(plain):
+            # the sampled token is listed with its own log probability; the list is ranked
+            assert lp in top.values() and 5 <= len(top) <= 6
+            assert sum(math.exp(v) for v in top.values()) <= 1 + 1e-9
+        # top_k 1 and temperature 0: the most probable token of q*, with log probability 0
+        for extra in ({"extra_body": {"top_k": 1}}, {"temperature": 0}):
+            greedy = [await ask(seed=s, **extra) for s in (1, 2)]
+            assert greedy[0].text == greedy[1].text  # no randomness left
+            for lp, top in laws(greedy[0]):
+                assert abs(lp) < 1e-12 and len(top) == 1
+        # top_k 3: at most three tokens have mass, and their probabilities sum to 1
+        for _, top in laws(await ask(extra_body={"top_k": 3})):
+            assert len(top) <= 3 and abs(sum(math.exp(v) for v in top.values()) - 1) < 1e-9
+        # top_p 0.5: a few tokens keep all the mass (q*'s 20 most probable do not)
+        for _, top in laws(await ask(top_p=0.5, logprobs=20)):
+            assert abs(sum(math.exp(v) for v in top.values()) - 1) < 1e-9
+        # min_p 0.5: every kept token has at least half the probability of the most probable
+        for _, top in laws(await ask(extra_body={"min_p": 0.5}, logprobs=20)):
+            assert min(top.values()) >= max(top.values()) + math.log(0.5) - 1e-12
+        # neutral values (AReaL's top_k 1e8, prime-rl's -1 and min_p 0) draw what no value draws
         for extra in ({"top_p": 1.0, "extra_body": {"top_k": 10**8, "min_p": 0.0}}, {"extra_body": {"top_k": -1}}):
-            ok = await client.completions.create(model="m", prompt=QUESTION, max_tokens=3, seed=1, **extra)
-            assert ok.choices[0].text is not None
+            same = await ask(**extra)
+            assert (same.text, same.logprobs.token_logprobs) == (plain.text, plain.logprobs.token_logprobs)
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.completions.create(model="m", prompt=QUESTION, max_tokens=3, extra_body={"min_tokens": 3})
+        assert "min_tokens" in str(err.value)
 
     run(pair_config(flavors["vllm"], seed=5), body)
 

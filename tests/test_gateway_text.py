@@ -93,7 +93,7 @@ def _stream(sampler: EngineSampler, ids: list[int], stop: tuple[str, ...] = (), 
     tok: ByteLevel = sampler.coord.base.tok  # type: ignore[attr-defined]
 
     async def run() -> list[str]:
-        text = _Text(sampler, req, None, await sampler.additive())
+        text = _Text(sampler, req, WorkItem(0, [1], [1]), None, await sampler.additive())
         out = _out([])
         for start in range(0, len(ids), per_round):
             end = min(start + per_round, len(ids))
@@ -170,7 +170,7 @@ def test_pieces_that_disagree_with_the_final_text_are_dropped() -> None:
     req = SampleRequest(route="completions", prompts=(Prompt(token_ids=(1,)),), stream=True)
 
     async def run() -> Any:
-        text = _Text(sampler, req, None, True)
+        text = _Text(sampler, req, WorkItem(0, [1], [1]), None, True)
         out = _out(tok.encode("abc"))
         await text.take([(out, k, None) for k in range(3)])
         out.finish_reason = "length"

@@ -25,7 +25,7 @@ from ..backends import Backend, TopK
 from ..config.coordinator import CoordinatorConfig
 from ..exceptions import APIError, BadRequestError, DualSampleError, InvalidInputError
 from ..io.record import DIAGNOSTIC_NAMES, GenerationOutput
-from .sequence import Sequence
+from .sequence import Sequence, Truncation
 from .stats import Statistics
 from .strategies import Bundle, SharedBase, Strategy
 
@@ -85,6 +85,8 @@ class Drawn:
     top_cols: list[list[Any]]
     #: for a mixture, each teacher's (raw log probability, listed) of the token per row
     teacher_cols: dict[str, tuple[list[float], list[bool]]] | None = None
+    #: per row, the most probable tokens of the law drawn from, as [ids, log probabilities]
+    alternatives: list[list[Any]] | None = None
 
 
 # A round's key: its teacher's name or mixture's key, and the temperature multiplying both
@@ -205,7 +207,7 @@ class Round:
             [len(s.out.token_ids) + np.arange(n, dtype=np.int64) for s, n in zip(rows, lengths, strict=True)]
         )
         keys = np.repeat(np.fromiter((s.item.key for s in rows), dtype=np.int64, count=len(rows)), lengths)
-        drawn = self._kernel(bundle, positions, keys)
+        drawn = self._kernel(bundle, positions, keys, _law_arguments(rows, lengths))
         spec, stats = bool(self.speculate), self.stats
         accepted = drawn.res.accepted.tolist()
         emitted = np.zeros(len(positions), dtype=bool)
@@ -240,14 +242,15 @@ class Round:
             stats.round_tokens += int(emitted.sum())
         self._count(drawn, emitted)
 
-    def _kernel(self, bundle: Bundle, positions: np.ndarray, keys: np.ndarray) -> Drawn:
-        """The Rust step over the rows, as Python columns."""
+    def _kernel(self, bundle: Bundle, positions: np.ndarray, keys: np.ndarray, law: dict[str, Any]) -> Drawn:
+        """The Rust step over the rows, as Python columns; `law`: the per-row sampling
+        parameters and alternatives wanted (see `_law_arguments`)."""
         base, teacher = bundle.base, bundle.teacher
         force = positions == 0 if self.config.sampler.force_first_token else np.zeros(len(positions), dtype=bool)
         res = _core.step(
             base.ids, base.logp, teacher.ids, teacher.logp,
             config=self.sampler, seed=self.config.run.seed, positions=positions, row_keys=keys, force_teacher=force,
-            drafts=bundle.drafts,
+            drafts=bundle.drafts, **law,
         )  # fmt: skip
         cols: list[list[Any]] = [getattr(res, name).tolist() for name in _COLUMNS]
         # The record holds each model's own log probability of the token where its server
@@ -272,7 +275,10 @@ class Round:
                 every &= listed
             # The mixed teacher's value is the teachers' own only where every one listed it.
             cols[6] = every.tolist()
-        return Drawn(res, force, cols, diag_cols, self._top_columns(bundle), teacher_cols)
+        alternatives = None
+        if res.top_ids is not None and res.top_logq is not None:
+            alternatives = [res.top_ids.tolist(), res.top_logq.tolist()]
+        return Drawn(res, force, cols, diag_cols, self._top_columns(bundle), teacher_cols, alternatives)
 
     def _top_columns(self, bundle: Bundle) -> list[list[Any]]:
         """Per row, the kept top ids and values: the teacher's, then (when kept) the
@@ -305,6 +311,11 @@ class Round:
             seq.diag.setdefault(name, []).append(col[i])
         if drawn.top_cols:
             _keep_top(out, drawn.top_cols, i)
+        item = seq.item
+        if item.alternatives and drawn.alternatives is not None:
+            ids, logq = drawn.alternatives[0][i], drawn.alternatives[1][i]
+            n = min(item.alternatives, sum(1 for t in ids if t >= 0))  # padded with -1
+            item.top.append(tuple(zip(ids[:n], logq[:n], strict=True)))
         if drawn.teacher_cols is not None and out.logp_teachers is not None and out.observed_teachers is not None:
             for name, (values, listed) in drawn.teacher_cols.items():
                 out.logp_teachers[name].append(values[i])
@@ -314,7 +325,6 @@ class Round:
         for ctx in seq.more_teachers:
             ctx.append(tok)
         max_base, max_teacher = self.max_model_len  # for a mixture, its teachers' least
-        item = seq.item
         if tok in item.stop_token_ids or (tok in self.stop and not item.ignore_eos):
             out.finish_reason, seq.done = "stop", True
         elif (
@@ -338,6 +348,23 @@ class Round:
             s.stability_fallbacks += int((res.fallback & emitted).sum())
         if cfg.sampler.enable_stability_check and not cfg.sampler.auto_fallback and res.js is not None:
             s.stability_flagged += int(((res.js > cfg.sampler.stability_js_max) & emitted).sum())
+
+
+def _law_arguments(rows: list[Sequence], lengths: list[int]) -> dict[str, Any]:
+    """The kernel's per-row sampling parameters (``q_top_k``, ``q_top_p``, ``q_min_p``)
+    where any sequence has them, and ``alternatives`` where any wants them; nothing
+    otherwise, so the batch job's calls are unchanged."""
+    items = [s.item for s in rows]
+    law: dict[str, Any] = {}
+    if any(i.truncation is not None for i in items):
+        t = [i.truncation or Truncation() for i in items]
+        law["q_top_k"] = np.repeat(np.array([x.top_k for x in t], dtype=np.int64), lengths)
+        law["q_top_p"] = np.repeat(np.array([x.top_p for x in t], dtype=np.float64), lengths)
+        law["q_min_p"] = np.repeat(np.array([x.min_p for x in t], dtype=np.float64), lengths)
+    wanted = max((i.alternatives for i in items), default=0)
+    if wanted:
+        law["alternatives"] = wanted
+    return law
 
 
 def _most_likely(values: TopK, order_by: TopK, n: int) -> list[list[Any]]:

@@ -18,6 +18,22 @@ def stable_key(value: Any) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+@dataclass(frozen=True)
+class Truncation:
+    """An inference engine's sampling parameters, applied to q* as vLLM applies them to
+    its own distribution (min_p, then top_k, then top_p; see the kernel's ``q_top_k``):
+    the token is drawn from, and its log probability reported under, the law after them.
+    Neutral values (top_k 0, top_p 1, min_p 0) change nothing."""
+
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    @property
+    def neutral(self) -> bool:
+        return self.top_k <= 0 and self.top_p >= 1.0 and self.min_p <= 0.0
+
+
 @dataclass
 class WorkItem:
     """One prompt pair to generate from. ``key`` keys the random draws."""
@@ -45,6 +61,12 @@ class WorkItem:
     ignore_eos: bool = False
     #: called with the output after each token is appended to it
     on_token: Callable[[GenerationOutput], None] | None = None
+    #: sampling parameters applied to q* (None: none)
+    truncation: Truncation | None = None
+    #: how many of the most probable tokens under the law drawn from to keep per token
+    alternatives: int = 0
+    #: per token drawn, those tokens as (id, log probability), most probable first
+    top: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
     #: set to drop the item's sequence before its next round (finish reason "abort")
     cancelled: bool = False
     #: the error that failed the item, if one did

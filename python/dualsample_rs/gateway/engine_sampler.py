@@ -11,13 +11,15 @@ What a choice draws:
   Without an id, a request with ``seed`` is keyed by ``stable_key(("seed", seed, i))``
   (the same tokens whatever else is in flight), and one with neither by a random key.
 - **Sampling parameters.** ``temperature`` multiplies both models' temperatures, as a
-  generate call's does. ``top_p``, ``top_k``, ``min_p`` pass only at their neutral values
-  (``top_k`` -1, 0 or at least the vocabulary; ``top_p`` 1; ``min_p`` 0); any other value
-  is a 400 naming it, as is ``temperature`` 0 (greedy), ``logprobs`` (or
-  ``top_logprobs``) above 0 alternatives, and ``min_tokens`` above 1.
+  generate call's does; ``temperature`` 0 is greedy (the most probable token of q*).
+  ``min_p``, ``top_k`` and ``top_p`` are applied to q* by the kernel as vLLM applies them
+  to its distribution (in that order), and the token is drawn from the law after them;
+  their neutral values (``top_k`` -1, 0 or at least the vocabulary; ``top_p`` 1;
+  ``min_p`` 0) change nothing. ``min_tokens`` above 1 is a 400 naming it.
 - **Log probabilities.** Each token's ``logprob`` is the record's ``logq``: log q* of the
-  law it was drawn from, after the temperature; α, log π_θ and log π_t (the record's
-  ``logp_theta`` and ``logp_t``) and whether each model listed the token ride along.
+  law it was drawn from, after the sampling parameters; ``logprobs`` N gives the N most
+  probable tokens of that same law. α, log π_θ and log π_t (the record's ``logp_theta``
+  and ``logp_t``) and whether each model listed the token ride along.
 - **Text and stops.** Text comes from the base's detokenizer. A whole answer's is the
   engine's decode of the finished output. A streamed one (or one cut by stop strings)
   is built as tokens arrive: from each token's own text, cached, where the base's
@@ -38,7 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..engine.coordinator import Coordinator
-from ..engine.sequence import WorkItem, stable_key
+from ..engine.sequence import Truncation, WorkItem, stable_key
 from ..engine.serving import Serving
 from ..exceptions import APIError, BadRequestError, InvalidInputError
 from ..io.record import GenerationOutput
@@ -122,23 +124,6 @@ class EngineSampler:
     def check(self, req: SampleRequest) -> None:
         """Refuse what the gateway cannot honour, naming the field."""
         sglang = req.route == "sglang_generate"
-        if req.temperature is not None and req.temperature == 0:
-            raise RequestError("temperature 0 (greedy decoding) is not supported by the gateway: "
-                               "q* is sampled, give a positive temperature", "temperature")  # fmt: skip
-        if req.top_p is not None and req.top_p != 1:
-            raise RequestError(f"top_p {req.top_p} is not supported by the gateway: q* is not truncated "
-                               "(only top_p 1 passes)", "top_p")  # fmt: skip
-        vocab = self.coord.info[0].vocab_size if self.coord.info is not None else None
-        if req.top_k is not None and req.top_k > 0 and (vocab is None or req.top_k < vocab):
-            raise RequestError(f"top_k {req.top_k} is not supported by the gateway: q* is not truncated "
-                               "(only -1, 0 or at least the vocabulary pass)", "top_k")  # fmt: skip
-        if req.min_p is not None and req.min_p != 0:
-            raise RequestError(f"min_p {req.min_p} is not supported by the gateway: q* is not truncated "
-                               "(only min_p 0 passes)", "min_p")  # fmt: skip
-        if req.logprobs is not None and req.logprobs > 0:
-            name = {"chat": "top_logprobs", "sglang_generate": "top_logprobs_num"}.get(req.route, "logprobs")
-            raise RequestError(f"{name} {req.logprobs}: alternatives are not served by the gateway; ask for the "
-                               "sampled token's log probability only (0)", name)  # fmt: skip
         if req.min_tokens > 1:
             name = "min_new_tokens" if sglang else "min_tokens"
             raise RequestError(f"{name} {req.min_tokens} is not supported by the gateway: it would change the "
@@ -151,6 +136,18 @@ class EngineSampler:
                 raise RequestError("tools are not supported by the gateway", "tools")
             if req.chat_template_kwargs:
                 raise RequestError("chat_template_kwargs are not supported by the gateway", "chat_template_kwargs")
+
+    def _truncation(self, req: SampleRequest) -> Truncation | None:
+        """The request's top_k, top_p and min_p for q* (None where all are neutral; a
+        top_k of at least the vocabulary keeps every candidate)."""
+        vocab = self.coord.info[0].vocab_size if self.coord.info is not None else None
+        top_k = req.top_k or 0
+        if vocab is not None and top_k >= vocab:
+            top_k = 0
+        if req.temperature == 0:  # greedy: the most probable token of q*
+            top_k = 1
+        law = Truncation(top_k, 1.0 if req.top_p is None else req.top_p, req.min_p or 0.0)
+        return None if law.neutral else law
 
     # ------------------------------------------------------------ Sampler
     async def tokenize(self, req: SampleRequest) -> list[list[int]]:
@@ -216,12 +213,13 @@ class EngineSampler:
         item = WorkItem(
             choice_key(req, choice_index), list(prompt_ids), list(prompt_ids), req.id,
             teacher=req.teacher, mix=dict(req.teachers) if req.teachers is not None else None,
-            max_tokens=req.max_tokens, temperature=req.temperature, stop_token_ids=tuple(req.stop_token_ids),
-            ignore_eos=req.ignore_eos, on_token=seen if incremental else None,
+            max_tokens=req.max_tokens, temperature=req.temperature or None, stop_token_ids=tuple(req.stop_token_ids),
+            ignore_eos=req.ignore_eos, on_token=seen if incremental else None, truncation=self._truncation(req),
+            alternatives=req.logprobs or 0,
         )  # fmt: skip
         try:
             await self._teacher_prompt(req, choice_index, item)
-            text = _Text(self, req, on_token, incremental and await self.additive())
+            text = _Text(self, req, item, on_token, incremental and await self.additive())
         except (APIError, InvalidInputError) as err:
             raise gateway_error(err) from None
         task = asyncio.ensure_future(self.serving.generate(item))
@@ -340,10 +338,11 @@ class _Text:
         self,
         sampler: EngineSampler,
         req: SampleRequest,
+        item: WorkItem,
         on_token: Callable[[TokenResult], None] | None,
         additive: bool,
     ):
-        self.sampler, self.req, self.on_token = sampler, req, on_token
+        self.sampler, self.req, self.item, self.on_token = sampler, req, item, on_token
         self.tokens: list[TokenResult] = []
         self.ids: list[int] = []
         self.pieces = _Pieces(sampler) if additive else None
@@ -355,9 +354,10 @@ class _Text:
 
     async def _token(self, out: GenerationOutput, k: int) -> TokenResult:
         tid = out.token_ids[k]
-        pieces = {tid: await self.sampler.piece(tid)} if self.want_pieces else {}
+        top = self.item.top[k] if self.item.alternatives else ()
+        pieces = {t: await self.sampler.piece(t) for t in (tid, *(t for t, _ in top))} if self.want_pieces else {}
         return TokenResult(
-            token_id=tid, text="", logprob=out.logq[k], pieces=pieces, alpha=out.alpha_history[k],
+            token_id=tid, text="", logprob=out.logq[k], top=top, pieces=pieces, alpha=out.alpha_history[k],
             logp_base=out.logp_theta[k], logp_teacher=out.logp_t[k], observed_base=bool(out.observed_theta[k]),
             observed_teacher=bool(out.observed_t[k]), fallback=bool(out.fallback[k]),
         )  # fmt: skip
