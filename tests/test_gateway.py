@@ -592,3 +592,44 @@ def test_fuzzed_bodies_never_fail_the_gateway_on_the_real_sampler(
             assert "error" in resp.json()
         ok = http.post(live_gateway + "/v1/completions", json={"prompt": "ok", "max_tokens": 2})
         assert ok.status_code == 200, ok.text
+
+
+def test_the_frameworks_bodies_on_the_round_engine(live_gateway: str) -> None:
+    """The frameworks' own request bodies (their sources are cited beside the same bodies
+    in test_gateway_protocol.py), answered by the round engine and read as each client
+    reads them: token ids and one log probability per token, each ≤ 0."""
+    prompt = list(b"Why is the sky blue?")
+    areal = {"top_p": 1.0, "top_k": int(1e8), "max_tokens": 8, "temperature": 1.0, "stop_token_ids": [],
+             "ignore_eos": False, "skip_special_tokens": True, "return_tokens_as_token_ids": True, "logprobs": 0,
+             "use_beam_search": False, "stream": False, "prompt": prompt}  # fmt: skip
+    rllm = {"model": "m", "prompt": "Why is the sky blue?", "max_tokens": 6, "logprobs": True,
+            "return_token_ids": True}  # fmt: skip
+    prime = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "logprobs": True,
+             "top_k": -1, "min_p": 0.0, "return_token_ids": True, "cache_salt": "7"}  # fmt: skip
+    sky = {"model": "m", "token_ids": prompt, "sampling_params": {"min_tokens": 1, "skip_special_tokens": True,
+           "include_stop_str_in_output": True, "max_tokens": 8, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
+           "min_p": 0.0, "logprobs": 0, "stop": None, "n": 1}}  # fmt: skip
+    slime = {"input_ids": prompt, "return_logprob": True, "sampling_params": {"temperature": 1.0, "top_p": 1.0,
+             "top_k": -1, "max_new_tokens": 9, "stop": None, "stop_token_ids": None, "skip_special_tokens": True,
+             "no_stop_trim": True, "spaces_between_special_tokens": False, "sampling_seed": 11}}  # fmt: skip
+    with httpx.Client(timeout=60) as http:
+
+        def post(path: str, body: Any) -> Any:
+            resp = http.post(live_gateway + path, json=body)
+            assert resp.status_code == 200, (path, resp.text)
+            return resp.json()
+
+        c = post("/v1/completions", areal)["choices"][0]  # AReaL: "token_id:N" strings and token_logprobs
+        tokens = [int(t.split(":")[1]) for t in c["logprobs"]["tokens"]]
+        assert len(tokens) == len(c["logprobs"]["token_logprobs"]) > 0
+        c = post("/v1/completions", rllm)["choices"][0]  # rLLM: logprobs true reads as 1 alternative
+        assert c["prompt_token_ids"] == prompt and len(c["token_ids"]) == len(c["logprobs"]["token_logprobs"]) > 0
+        assert all(1 <= len(top) <= 2 for top in c["logprobs"]["top_logprobs"])
+        c = post("/v1/chat/completions", prime)["choices"][0]  # prime-rl
+        assert len(c["token_ids"]) == len(c["logprobs"]["content"]) > 0
+        c = post("/inference/v1/generate", sky)["choices"][0]  # SkyRL
+        assert len(c["token_ids"]) == len([x["logprob"] for x in c["logprobs"]["content"]]) > 0
+        out = post("/generate", slime)  # slime: meta_info.output_token_logprobs as (logprob, id, text)
+        pairs = out["meta_info"]["output_token_logprobs"]
+        assert [p[1] for p in pairs] == out["output_ids"] and len(pairs) == out["meta_info"]["completion_tokens"]
+        assert all(p[0] <= 0 for p in pairs)
