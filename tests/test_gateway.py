@@ -25,6 +25,7 @@ from aiohttp import web
 from dualsample_rs.config.coordinator import CoordinatorConfig
 from dualsample_rs.gateway import choice_key, open_gateway
 from dualsample_rs.gateway.sampler import SampleRequest
+from dualsample_rs.server.app import PROMPT_KEY_IDS
 from hypothesis import given
 from hypothesis import strategies as st
 from support import pair_config, read_records
@@ -633,3 +634,92 @@ def test_the_frameworks_bodies_on_the_round_engine(live_gateway: str) -> None:
         pairs = out["meta_info"]["output_token_logprobs"]
         assert [p[1] for p in pairs] == out["output_ids"] and len(pairs) == out["meta_info"]["completion_tokens"]
         assert all(p[0] <= 0 for p in pairs)
+
+
+def test_named_teachers_and_a_mixture_per_request_draw_the_generate_records(
+    flavors: dict[str, tuple[str, str]], math_teachers: dict[str, str], tmp_path: Path
+) -> None:
+    """`teacher` and `teachers` in a request route it as those fields route an input line
+    of `dualsample generate` with the same named teachers: the same records."""
+    base, chat_url = flavors["vllm"]
+    math_url = math_teachers["vllm"]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines: list[dict[str, Any]] = [
+        {"id": "m", "prompt": QUESTION, "teacher": "math"},
+        {"id": "c", "prompt": QUESTION},  # the default teacher
+        {"id": "x", "prompt": QUESTION, "teachers": {"chat": 0.25, "math": 0.75}},
+    ]
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    done = subprocess.run(
+        [sys.executable, "-m", "dualsample_rs", "generate", "--theta-url", base, "--teacher", f"chat={chat_url}",
+         "--teacher", f"math={math_url}", "--default-teacher", "chat", "--input", str(inp), "--output", str(out),
+         "--max-tokens", "12", "--seed", "23", "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    records = {r["id"]: r for r in read_records(out)}
+    config = CoordinatorConfig(theta_url=base, teachers={"chat": chat_url, "math": math_url}, default_teacher="chat",
+                               seed=23)  # fmt: skip
+
+    async def body(gw: Any) -> None:
+        async with aiohttp.ClientSession() as http:
+            for line in lines:
+                routing = {k: line[k] for k in ("teacher", "teachers") if k in line}
+                request = {"prompt": QUESTION, "max_tokens": 12, "logprobs": 0, "id": line["id"],
+                           "return_token_ids": True, **routing}  # fmt: skip
+                async with http.post(gw.url + "/v1/completions", json=request) as resp:
+                    assert resp.status == 200, await resp.text()
+                    choice = (await resp.json())["choices"][0]
+                rec, e = records[line["id"]], choice["dualsample"]
+                assert choice["token_ids"] == rec["token_ids"], line
+                assert choice["logprobs"]["token_logprobs"] == pytest.approx(rec["logq"], abs=1e-12, rel=0)
+                assert e["logp_teacher"] == pytest.approx(rec["logp_t"], abs=1e-12, rel=0)
+                assert e["teacher"] == {"m": "math", "c": "chat", "x": "chat=0.25,math=0.75"}[line["id"]]
+            # The two teachers differ: routing shows in the numbers.
+            assert records["m"]["logp_t"] != records["c"]["logp_t"]
+
+    run(config, body)
+
+
+def test_teacher_messages_and_the_teacher_system_message(flavors: dict[str, tuple[str, str]]) -> None:
+    """A chat request's `teacher_messages`, with the gateway's `--teacher-system` put first,
+    reach the teacher rendered by its own chat template; the base renders `messages`. The
+    same draws as a completions request given both renderings as ids, with the same seed."""
+    base, teacher = flavors["vllm"]
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    # Short, and different from the first id on, so that the servers' prompt keys (their
+    # first PROMPT_KEY_IDS ids) tell the teacher's prompt from the base's.
+    teacher_messages = [{"role": "user", "content": "Hint: Rayleigh scattering. Why is the sky blue?"}]
+    system = "T"
+
+    async def body(gw: Any) -> None:
+        async with aiohttp.ClientSession() as http:
+
+            async def rendered(url: str, msgs: list[dict[str, str]]) -> list[int]:
+                payload = {"messages": msgs, "add_generation_prompt": True, "add_special_tokens": False}
+                async with http.post(url + "/tokenize", json=payload) as resp:
+                    return list((await resp.json())["tokens"])
+
+            base_ids = await rendered(base, messages)
+            teacher_ids = await rendered(teacher, [{"role": "system", "content": system}, *teacher_messages])
+            ask = {"max_tokens": 10, "seed": 4, "logprobs": True, "return_token_ids": True}
+            chat_body = {**ask, "messages": messages, "teacher_messages": teacher_messages}
+            async with http.post(gw.url + "/v1/chat/completions", json=chat_body) as resp:
+                assert resp.status == 200, await resp.text()
+                chat = await resp.json()
+            # The servers count the prompts they were asked to continue, by their first ids:
+            # the teacher was given its own messages after the system message, the base not.
+            key = ",".join(map(str, teacher_ids[:PROMPT_KEY_IDS]))
+            for url, seen in ((teacher, True), (base, False)):
+                async with http.get(url + "/dualsample/prompts") as resp:
+                    assert (key in await resp.json()) is seen, url
+            plain_body = {**ask, "logprobs": 0, "prompt": base_ids, "teacher_prompt": teacher_ids}
+            async with http.post(gw.url + "/v1/completions", json=plain_body) as resp:
+                assert resp.status == 200, await resp.text()
+                plain = (await resp.json())["choices"][0]
+            c = chat["choices"][0]
+            assert chat["prompt_token_ids"] == base_ids
+            assert c["token_ids"] == plain["token_ids"]
+            assert c["dualsample"]["logp_teacher"] == plain["dualsample"]["logp_teacher"]
+
+    run(pair_config((base, teacher), seed=5), body, teacher_system=system)
