@@ -187,7 +187,7 @@ class Loop:
 
     def serve(self, app: web.Application) -> str:
         async def start() -> str:
-            runner = web.AppRunner(app, access_log=None)
+            runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()

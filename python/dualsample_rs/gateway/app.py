@@ -33,8 +33,8 @@ GENERATION_ROUTES: dict[str, Route] = {
     "/generate": "sglang_generate",
 }
 METRICS_KEY = web.AppKey("metrics", GatewayMetrics)
-# How often a waiting handler checks that its client is still there.
-DISCONNECT_POLL_SECONDS = 0.05
+# The status a request is counted under when its client left before the answer (nginx's).
+CLIENT_GONE = 499
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,6 @@ class _Admission:
             self.slots.release()
 
 
-def _gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
 class _Gateway:
     def __init__(
         self,
@@ -146,6 +141,9 @@ class _Gateway:
             except web.HTTPException as err:  # body too large
                 status = err.status
                 return self.error(GatewayError(err.reason, status=err.status), route)
+            except asyncio.CancelledError:  # the client left (handler_cancellation)
+                status = CLIENT_GONE
+                raise
             except Exception:
                 log.exception("gateway: %s failed", route)
                 return self.error(GatewayError("Internal server error", status=500, type_="InternalServerError"),
@@ -206,18 +204,13 @@ class _Gateway:
         """Every choice sampled at once; all dropped if the client leaves."""
         tasks = self._tasks(ans, on_token)
         try:
-            pending: set[asyncio.Task[ChoiceResult]] = set(tasks)
-            while pending:
-                done, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_SECONDS,
-                                                   return_when=asyncio.FIRST_EXCEPTION)  # fmt: skip
-                for t in done:
-                    exc = t.exception()
-                    if exc is not None:
-                        raise exc
-                if pending and _gone(request):
-                    raise asyncio.CancelledError
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                exc = t.exception()
+                if exc is not None:
+                    raise exc
             return [t.result() for t in tasks]
-        finally:
+        finally:  # a client that left cancels the handler (handler_cancellation): its choices go
             await _cancel(tasks)
 
     async def stream(self, request: web.Request, ans: Answer) -> web.StreamResponse:
@@ -227,7 +220,6 @@ class _Gateway:
             t.add_done_callback(_on_done(events, i))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         stream = Stream(ans)
-        watch = asyncio.ensure_future(_watch(request, events))
         try:
             await response.prepare(request)
             await _send(response, [c for i in range(len(tasks)) for c in stream.start(i)])
@@ -242,8 +234,6 @@ class _Gateway:
                 for index, item in arrived:
                     if failed:
                         break
-                    if index == GONE:
-                        raise ConnectionResetError("client gone")
                     if isinstance(item, TokenResult):
                         chunks += stream.token(index, item)
                     elif isinstance(item, ChoiceResult):
@@ -264,7 +254,7 @@ class _Gateway:
         except (ConnectionResetError, ConnectionError):
             pass  # the client left: its sequences are dropped below
         finally:
-            await _cancel([*tasks, watch])
+            await _cancel(tasks)
         return response
 
     # ------------------------------------------------------------ forwarding
@@ -301,18 +291,6 @@ class _Gateway:
 
     async def metrics_route(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
-
-
-# The index of the event that says a streaming client has gone.
-GONE = -1
-
-
-async def _watch(request: web.Request, events: asyncio.Queue[tuple[int, Any]]) -> None:
-    """Every DISCONNECT_POLL_SECONDS, whether a streaming client has gone (a stream
-    otherwise learns it only when a write fails, which may be long in coming)."""
-    while not _gone(request):
-        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-    events.put_nowait((GONE, None))
 
 
 def _on_done(
@@ -363,7 +341,9 @@ def make_app(
     metrics: GatewayMetrics | None = None,
     on_forwarded: Callable[[str], None] | None = None,
 ) -> web.Application:
-    """The gateway application.
+    """The gateway application. Run it with ``handler_cancellation=True`` (as
+    :func:`~dualsample_rs.gateway.open_gateway` does): a client that leaves then cancels
+    its handler, which drops its sequences before their next round.
 
     Args:
         sampler: draws the tokens (see :class:`~dualsample_rs.gateway.sampler.Sampler`).

@@ -98,7 +98,8 @@ async def open_gateway(
 
         app = make_app(sampler, config.servers[0].urls, passthrough_paths, options=options, metrics=metrics,
                        on_forwarded=forwarded)  # fmt: skip
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        # A client that leaves cancels its handler, which drops its sequences.
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, port)
