@@ -702,6 +702,8 @@ def test_disconnect_cancels_sampling(env: Env) -> None:
     metrics = env.http.get(env.url + "/metrics").text
     assert _wait(lambda: "dualsample_gateway_sequences_in_flight 0.0" in env.http.get(env.url + "/metrics").text)
     assert "dualsample_gateway_cancelled_sequences_total" in metrics
+    # Both requests are counted as the client's leaving (499), neither as answered.
+    assert _wait(lambda: 'route="completions",status="499"} 2.0' in env.http.get(env.url + "/metrics").text)
 
 
 def test_metrics(env: Env) -> None:

@@ -179,3 +179,37 @@ def test_pieces_that_disagree_with_the_final_text_are_dropped() -> None:
 
     assert asyncio.run(run()).text == "xyz"
     assert asyncio.run(sampler.additive()) is False
+
+
+@pytest.mark.parametrize("per_round", [1, 3, 100])
+@pytest.mark.parametrize("tok", [ByteLevel(), SentencePieceLike()], ids=type)
+def test_a_stop_string_after_a_split_character_keeps_the_same_tokens_in_any_batch(
+    tok: ByteLevel, per_round: int
+) -> None:
+    """Tokens arriving many at once (speculative rounds, or rounds ahead of the reader)
+    keep exactly the tokens up to the one that completed the stop string, also after a
+    character of several bytes: what decoding the output at each token would keep."""
+    sampler = _sampler(tok)
+    ids = tok.encode("caf\u00e9STOP more words")
+    *sent, rest = _stream(sampler, ids, stop=("STOP",), per_round=per_round)
+    assert len(sent) == len(tok.encode("caf\u00e9STOP"))
+    assert "".join(sent) + rest == "caf\u00e9"
+
+
+class MergedLead(ByteLevel):
+    """Byte tokens, plus id 1000: the bytes ``!\\xe4`` (a merge of "!" with the first byte
+    of a character of three bytes)."""
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(b"!\xe4" if i == 1000 else bytes([i]) for i in ids).decode(errors="replace")
+
+
+@pytest.mark.parametrize("additive", [True, False])
+def test_a_stop_string_inside_a_character_not_yet_whole_is_found(additive: bool) -> None:
+    """The stop string "!" is in a token whose piece is not whole ("!" and half a
+    character), and the output ends there: it is found and cut in either mode."""
+    tok = MergedLead()
+    sampler = _sampler(tok)
+    sampler._additive = additive
+    *sent, rest = _stream(sampler, [*tok.encode("ab"), 1000], stop=("!",))
+    assert len(sent) == 3 and "".join(sent) + rest == "ab"

@@ -5,10 +5,12 @@ finish in, and a paused run holds its rounds at the scheduler's gate."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
-from dualsample_rs import DualSampleError, DualVLLMCoordinator
+from dualsample_rs import DualVLLMCoordinator
 from dualsample_rs.engine.sequence import WorkItem
+from dualsample_rs.engine.serving import ServingStoppedError
 from support import pair_config
 
 PROMPTS = [[72, 105, 32, 116, 104, 101, 114, 101], [84, 104, 101, 32, 99, 97, 116], [65, 32, 98, 105, 114, 100]]
@@ -62,22 +64,44 @@ def test_a_paused_run_holds_rounds_and_drops_an_item_cancelled_while_held(urls: 
     asyncio.run(go())
 
 
-def test_a_failing_run_fails_every_caller_and_refuses_new_items(urls: tuple[str, str]) -> None:
-    """A bug that stops the run (here, finishing a sequence raises) reaches every caller
-    waiting on it, and later items are refused with the reason, instead of hanging."""
+def test_a_bug_in_finishing_fails_its_own_items_and_the_run_goes_on(urls: tuple[str, str]) -> None:
+    """A bug in finishing a sequence (here, raising once per item) fails that item alone,
+    with the error on its output, instead of leaving its caller waiting or ending the run
+    for everyone."""
 
     async def go() -> None:
         async with DualVLLMCoordinator(pair_config(urls, seed=3, stop_token_ids=())) as coord:
+            finish = coord._finish
+            broken_keys = {0, 1}
 
-            async def broken(seq: object) -> None:
-                raise RuntimeError("finish broke")
+            async def sometimes(seq: Any) -> None:
+                if seq.item.key in broken_keys:
+                    raise RuntimeError("finish broke")
+                await finish(seq)
 
-            coord._finish = broken  # type: ignore[method-assign]
+            coord._finish = sometimes  # type: ignore[method-assign]
             async with coord.serving() as serving:
                 calls = [serving.generate(_item(i, p, 2)) for i, p in enumerate(PROMPTS)]
-                got = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
-                assert all(isinstance(g, RuntimeError) and "finish broke" in str(g) for g in got), got
-                with pytest.raises(DualSampleError, match="finish broke"):
+                outs = await asyncio.wait_for(asyncio.gather(*calls), 30)
+                assert [o.finish_reason for o in outs] == ["error", "error", "length"]
+                assert "finish broke" in (outs[0].error or "")
+                later = await asyncio.wait_for(serving.generate(_item(9, PROMPTS[0], 2)), 30)
+                assert later.finish_reason == "length" and len(later.token_ids) == 2
+
+    asyncio.run(go())
+
+
+def test_a_stopped_run_refuses_new_items_with_its_reason(urls: tuple[str, str]) -> None:
+    """A run a bug has ended (here, the scheduler itself) fails what waits on it and
+    refuses later items with ServingStoppedError (the gateway's 503)."""
+
+    async def go() -> None:
+        async with DualVLLMCoordinator(pair_config(urls, seed=3, stop_token_ids=())) as coord:
+            async with coord.serving() as serving:
+                assert serving._task is not None
+                serving._task.cancel()  # as if the run had ended
+                await asyncio.gather(serving._task, return_exceptions=True)
+                with pytest.raises(ServingStoppedError):
                     await serving.generate(_item(9, PROMPTS[0], 2))
 
     asyncio.run(go())

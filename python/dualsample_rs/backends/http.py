@@ -21,7 +21,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar, overload
 
 import aiohttp
@@ -78,8 +78,14 @@ class RequestStats:
     failures: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    #: called after each attempt with its seconds and whether it failed (a gateway's metrics)
-    observer: Callable[[float, bool], None] | None = None
+    #: called after each attempt with its seconds and whether it failed (a gateway's
+    #: metrics); not a counter, so not part of a sum over replicas (see `counters`)
+    observer: Callable[[float, bool], None] | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def counters(cls) -> tuple[str, ...]:
+        """The names of the counts (what adds up over replicas)."""
+        return tuple(f.name for f in fields(cls) if f.name != "observer")
 
     def observe(self, started: float, failed: bool) -> None:
         if self.observer is not None:
@@ -381,8 +387,9 @@ class HttpBackend:
                         data_ = None
                     err = self.read_error(response, data_)
                     cause = err
-            self.stats.observe(started, True)
-            if probe and isinstance(err, APIStatusError) and not self.should_retry(err):
+            expected = probe and isinstance(err, APIStatusError) and not self.should_retry(err)
+            self.stats.observe(started, not expected)  # a probe's expected answer is no failure
+            if expected:
                 raise err
             if attempt < self.max_retries and self.should_retry(err):
                 delay = self.retry_delay(attempt, response)

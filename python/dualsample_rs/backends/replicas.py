@@ -103,9 +103,7 @@ class ReplicaSet:
     def stats(self) -> RequestStats:
         if len(self.replicas) == 1:
             return self.replicas[0].stats
-        return RequestStats(
-            *(sum(getattr(r.stats, f) for r in self.replicas) for f in RequestStats.__dataclass_fields__)
-        )
+        return RequestStats(**{f: sum(getattr(r.stats, f) for r in self.replicas) for f in RequestStats.counters()})
 
     def expect(self, index: int, fingerprint: object) -> None:
         """What replica `index` answered at start-up, to compare when it comes back."""

@@ -9,12 +9,15 @@ join and leave independently; several workers overlap one another's network wait
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from ..exceptions import APIError, DualSampleError
 from ..io.record import GenerationOutput
 from .sequence import Sequence, WorkItem
+
+log = logging.getLogger(__name__)
 
 # Items being prepared (tokenised) ahead of the workers at any moment.
 READ_AHEAD = 64
@@ -97,7 +100,9 @@ class Scheduler:
             try:
                 try:
                     seq = await self.prepare(index, item)
-                except (APIError, DualSampleError) as err:
+                except Exception as err:  # bad input, a server, or a bug: this item fails alone
+                    if not isinstance(err, (APIError, DualSampleError)):
+                        log.exception("preparing an item failed")
                     item.failure = err
                     out = GenerationOutput(item.prompt, item.prompt_t, item.id, finish_reason="error", error=str(err))
                     await finished.put((index, out))
@@ -137,9 +142,9 @@ class Scheduler:
         async def finish(seq: Sequence) -> None:
             try:
                 await self.finish(seq)
-            except Exception as err:  # a bug must surface, not leave its caller waiting
-                await finished.put(err)
-                return
+            except Exception as err:  # a bug: it fails this sequence, which its caller learns
+                log.exception("finishing a sequence failed")
+                seq.fail(err)
             await finished.put((seq.index, seq.out))
 
         try:

@@ -22,7 +22,11 @@ from .sequence import WorkItem
 if TYPE_CHECKING:
     from .coordinator import Coordinator
 
-__all__ = ["Serving"]
+__all__ = ["Serving", "ServingStoppedError"]
+
+
+class ServingStoppedError(DualSampleError):
+    """The serving run has stopped (a bug ended it): no item can be taken."""
 
 
 class Serving:
@@ -96,7 +100,7 @@ class Serving:
         (finish reason ``"error"`` with ``item.failure`` set when it failed). Cancelling
         the call drops the sequence at its next round."""
         if self._task is None or self._task.done():
-            raise DualSampleError(f"the serving run is not running: {self._failure!r}")
+            raise ServingStoppedError(f"the serving run is not running: {self._failure!r}")
         fut: asyncio.Future[GenerationOutput] = asyncio.get_running_loop().create_future()
         self._pending.add(fut)
         self._queue.put_nowait((item, fut))

@@ -135,6 +135,9 @@ class _Gateway:
                 response = await self.generate(route, request)
                 status = response.status
                 return response
+            except _ClientLeft as left:  # mid-stream
+                status = CLIENT_GONE
+                return left.response
             except GatewayError as err:
                 status = err.status
                 return self.error(err, route)
@@ -252,7 +255,7 @@ class _Gateway:
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         except (ConnectionResetError, ConnectionError):
-            pass  # the client left: its sequences are dropped below
+            raise _ClientLeft(response) from None  # its sequences are dropped below
         finally:
             await _cancel(tasks)
         return response
@@ -291,6 +294,14 @@ class _Gateway:
 
     async def metrics_route(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+class _ClientLeft(Exception):
+    """A streaming client left while its answer was being written."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("the client left")
+        self.response = response
 
 
 def _on_done(

@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 
 from ..engine.coordinator import Coordinator
 from ..engine.sequence import Truncation, WorkItem, stable_key
-from ..engine.serving import Serving
+from ..engine.serving import Serving, ServingStoppedError
 from ..exceptions import APIError, BadRequestError, InvalidInputError
 from ..io.record import GenerationOutput
 from .errors import GatewayError, RequestError, UpstreamError
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 # Token texts remembered for log probability keys and streamed text (one detokenize call
 # each otherwise).
 PIECE_CACHE = 65536
+# Token texts asked for at once (a whole answer's new tokens and their alternatives).
+PIECE_REQUESTS = 16
 REPLACEMENT = "\ufffd"  # what a decoder gives for bytes that are not a whole character
 # Text whose pieces do not concatenate to its decode under a SentencePiece tokenizer (a
 # word's leading space), one that cleans up spaces (" ." and " 's"), or in the middle of
@@ -87,6 +89,8 @@ def gateway_error(err: BaseException) -> GatewayError:
         return err
     if isinstance(err, InvalidInputError):
         return RequestError(str(err))
+    if isinstance(err, ServingStoppedError):
+        return GatewayError(str(err), status=503, type_="ServiceUnavailableError")
     if isinstance(err, BadRequestError):
         return RequestError(f"{_server(err)} refused the request: {err.message}")
     if isinstance(err, APIError):  # each failed attempt was counted as it happened
@@ -144,7 +148,7 @@ class EngineSampler:
         top_k = req.top_k or 0
         if vocab is not None and top_k >= vocab:
             top_k = 0
-        if req.temperature == 0:  # greedy: the most probable token of q*
+        if req.temperature == 0:  # greedy: the most probable token of q* (drawn among ties)
             top_k = 1
         law = Truncation(top_k, 1.0 if req.top_p is None else req.top_p, req.min_p or 0.0)
         return None if law.neutral else law
@@ -292,38 +296,63 @@ class EngineSampler:
             self._pieces[token_id] = known
         return known
 
+    async def pieces(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's own text, those not cached asked for at once (at most
+        PIECE_REQUESTS at a time)."""
+        missing = [t for t in dict.fromkeys(token_ids) if t not in self._pieces]
+        if missing:
+            slots = asyncio.Semaphore(PIECE_REQUESTS)
+
+            async def one(t: int) -> None:
+                async with slots:
+                    await self.piece(t)
+
+            await asyncio.gather(*(one(t) for t in missing))
+        return [self._pieces[t] if t in self._pieces else await self.piece(t) for t in token_ids]
+
 
 class _Pieces:
     """A choice's text assembled from its tokens' own texts (cached pieces), for a
     tokenizer whose text is the concatenation of its tokens' (see
-    :meth:`EngineSampler.additive`). A run of tokens whose pieces are not whole
-    characters (a multi-byte character split across tokens) is decoded together once
-    it ends in a whole one; until then its tokens add no text."""
+    :meth:`EngineSampler.additive`).
+
+    A run of tokens whose pieces are not whole characters (a character of several bytes
+    split across tokens) is decoded together, as each of its tokens arrives, until it
+    ends in a whole character: the run's text then belongs to its last token. While a
+    run is open, its decode so far (ending in U+FFFD) stands for the text of its tokens,
+    so that a stop string inside it is found where decoding the whole output would find
+    it."""
 
     def __init__(self, sampler: EngineSampler) -> None:
         self.sampler = sampler
         self.ids: list[int] = []
-        self.texts: list[str] = []  # the text each token adds
-        self.run_from: int | None = None  # where an undecoded run starts
+        self.texts: list[str] = []  # the text each token adds ("" inside a run)
+        # For a token inside a run (closed or open): where the run starts, and the run's
+        # decode up to and including the token.
+        self.partial: dict[int, tuple[int, str]] = {}
+        self.run_from: int | None = None  # where an open run starts
 
     async def add(self, ids: Sequence[int]) -> None:
-        for tid in ids:
-            piece = await self.sampler.piece(tid)
+        for tid, piece in zip(ids, await self.sampler.pieces(ids), strict=True):
             self.ids.append(tid)
             if self.run_from is None and REPLACEMENT not in piece:
                 self.texts.append(piece)
                 continue
             if self.run_from is None:
                 self.run_from = len(self.ids) - 1
-            self.texts.append("")
-        if self.run_from is not None:
             text = await self.sampler.detokenize(self.ids[self.run_from :])
-            if not text.endswith(REPLACEMENT):  # the run ends in a whole character
-                self.texts[-1] = text
+            if text.endswith(REPLACEMENT):  # still inside a character
+                self.texts.append("")
+                self.partial[len(self.ids) - 1] = (self.run_from, text)
+            else:
+                self.texts.append(text)
                 self.run_from = None
 
     def text(self, count: int) -> str:
-        """The text of the first `count` tokens (a run not yet decoded adds none)."""
+        """The text of the first `count` tokens, as decoding them would give it."""
+        if count and count - 1 in self.partial:
+            start, so_far = self.partial[count - 1]
+            return "".join(self.texts[:start]) + so_far
         return "".join(self.texts[:count])
 
 
@@ -355,7 +384,10 @@ class _Text:
     async def _token(self, out: GenerationOutput, k: int) -> TokenResult:
         tid = out.token_ids[k]
         top = self.item.top[k] if self.item.alternatives else ()
-        pieces = {t: await self.sampler.piece(t) for t in (tid, *(t for t, _ in top))} if self.want_pieces else {}
+        pieces: dict[int, str] = {}
+        if self.want_pieces:
+            ids = [tid, *(t for t, _ in top)]
+            pieces = dict(zip(ids, await self.sampler.pieces(ids), strict=True))
         return TokenResult(
             token_id=tid, text="", logprob=out.logq[k], top=top, pieces=pieces, alpha=out.alpha_history[k],
             logp_base=out.logp_theta[k], logp_teacher=out.logp_t[k], observed_base=bool(out.observed_theta[k]),
@@ -370,6 +402,8 @@ class _Text:
 
     async def whole(self, out: GenerationOutput) -> None:
         """Take a finished choice's tokens at once (its text is the engine's)."""
+        if self.want_pieces:  # every text the answer names, asked for at once
+            await self.sampler.pieces([*out.token_ids, *(t for top in self.item.top for t, _ in top)])
         for k in range(len(out.token_ids)):
             tok = await self._token(out, k)
             self.tokens.append(tok)
@@ -434,6 +468,10 @@ class _Text:
         stop_reason: int | str | None = None
         if self.stopped is not None:
             finish, stop_reason, final = "stop", self.stopped[0], self.sent
+            if self.pieces is not None:  # the text came from pieces alone: check it once
+                decoded = await self.sampler.detokenize(self.ids) if self.ids else ""
+                if not decoded.startswith(final):
+                    self.sampler.distrust_pieces(final, decoded)
         else:
             assert out is not None
             reason = out.finish_reason
