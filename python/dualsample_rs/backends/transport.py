@@ -26,6 +26,7 @@ import ssl
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,8 @@ LARGE_BODY = 1 << 20
 @dataclass
 class Reply:
     status: int
-    headers: dict[str, str]
+    #: as aiohttp parsed them (a read-only, case-insensitive mapping)
+    headers: Mapping[str, str]
     body: bytes
 
 
@@ -177,11 +179,13 @@ class Transport:
                     resp.close()  # never reuse a connection with an unread body
                     raise self._too_large(f"{declared} bytes declared")
                 try:
-                    data = await self._read(resp)
+                    # A declared length within the cap is read in one call (aiohttp ends the
+                    # body there); a body without one is read piece by piece, counted.
+                    data = await resp.read() if declared is not None else await self._read(resp)
                 except BaseException:
                     resp.close()
                     raise
-                return Reply(resp.status, dict(resp.headers), data)
+                return Reply(resp.status, resp.headers, data)
         except aiohttp.ClientConnectorCertificateError as err:
             raise CertificateError(
                 f"{self.shown}: the server's TLS certificate did not verify ({err.certificate_error}); give its CA "
