@@ -179,9 +179,9 @@ class Transport:
                     resp.close()  # never reuse a connection with an unread body
                     raise self._too_large(f"{declared} bytes declared")
                 try:
-                    # A declared length within the cap is read in one call (aiohttp ends the
-                    # body there); a body without one is read piece by piece, counted.
-                    data = await resp.read() if declared is not None else await self._read(resp)
+                    # Read piece by piece and counted even with a declared length: that length
+                    # is of the encoded body, and a compressed one may inflate past the cap.
+                    data = await self._read(resp)
                 except BaseException:
                     resp.close()
                     raise
