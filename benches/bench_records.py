@@ -4,15 +4,17 @@ tokens/s for longer ones (64 tokens × 256 prompts), side by side with the earli
 `dualsample generate` against two reference servers on loopback, the whole CLI run timed
 (start-up included). With ``make previous`` each round runs this package and the one at
 `de326a7` (see `previous`) one after the other against the same servers, so that both
-see the same load; the best of the rounds is kept for each. ``extra_info`` has
-records/s or tokens/s for each package, their ratio, the requests each server was sent
-per record (counted by the reference server), and the machine's load average.
+see the same load (which goes first alternates); the best of the rounds is kept for each. ``extra_info`` has
+records/s or tokens/s for each package, their ratio, the CLI process's own CPU per record,
+the requests each server was sent per record (counted by the reference server), and the
+machine's load average.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -52,6 +54,9 @@ def _environment(package: str) -> dict[str, str]:
     """The environment that runs this package's CLI, or the earlier one's (its folder
     first on the path, before the installed package)."""
     env = dict(os.environ)
+    # Both from bytecode, as an installed package runs: the first round writes it (into
+    # the ignored __pycache__ folders), and compiling ~50 modules each run is no cost of theirs.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if package == "previous":
         root = os.path.dirname(os.path.abspath(os.environ["DUALSAMPLE_PREVIOUS"]))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -71,17 +76,21 @@ def test_generate_side_by_side(benchmark, servers: tuple[str, str], tmp_path: Pa
             prompt = f"Question {i}: why?" if tokens <= 2 else f"Question {i}: why is the sky blue?\nAnswer:"
             f.write(json.dumps({"id": i, "prompt": prompt, "teacher_prompt": f"Q{i}"}) + "\n")
     walls: dict[str, list[float]] = {p: [] for p in packages}
+    cpu: dict[str, list[float]] = {p: [] for p in packages}
     sent: dict[str, dict[str, dict[str, int]]] = {}
     generated: dict[str, int] = {}
 
     def run() -> None:
-        for package in packages:
+        order = packages if len(walls["now"]) % 2 == 0 else packages[::-1]
+        for package in order:
             out = tmp_path / f"out-{package}.jsonl"
             before = [_requests(u) for u in servers]
-            t0 = time.perf_counter()
+            t0, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
             subprocess.run(_command(servers, inp, out, tokens), check=True, capture_output=True,
                            env=_environment(package))  # fmt: skip
             walls[package].append(time.perf_counter() - t0)
+            now = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[package].append(now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime)
             after = [_requests(u) for u in servers]
             sent[package] = {
                 model: {path: n - b.get(path, 0) for path, n in a.items() if n > b.get(path, 0)}
@@ -97,6 +106,9 @@ def test_generate_side_by_side(benchmark, servers: tuple[str, str], tmp_path: Pa
         # Sequences that meet the end-of-sequence id stop early: count the tokens made.
         done = records if tokens <= 2 else generated[package]
         benchmark.extra_info[f"{unit} {package}"] = done / min(walls[package])
+        # The CLI process's own CPU (start-up included), which the load on the machine
+        # sways less than the wall time.
+        benchmark.extra_info[f"client CPU ms per record {package}"] = 1e3 * min(cpu[package]) / records
         benchmark.extra_info[f"requests per record {package}"] = {
             model: {path: n / records for path, n in counts.items()} for model, counts in sent[package].items()
         }
