@@ -5,10 +5,12 @@ list, and no per-record work for a progress bar nobody sees."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import urllib.request
 from typing import Any
 
+import numpy as np
 import pytest
 from dualsample_rs.backends import replicas
 from dualsample_rs.backends.replicas import ReplicaSet
@@ -139,3 +141,35 @@ async def test_text_requests_reuse_one_patient_client_per_replica() -> None:
         assert rs._patient(backend) is first and first.model == "named later"
     finally:
         await rs.aclose()
+
+
+def test_rounds_of_one_token_take_the_short_path_with_the_same_records(
+    urls: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without speculation every round has one row per sequence: it skips the drafts'
+    bookkeeping, and its records are those of the general path."""
+    from dualsample_rs.engine.round import Round
+
+    prompts = [f"Question {i}: why?" for i in range(6)]
+
+    def records() -> list[tuple[Any, ...]]:
+        outs = run_coordinator(pair_config(urls, seed=5), prompts, max_tokens=6).outputs
+        return [(o.token_ids, o.alpha_history, o.logp_theta, o.logp_t, o.logq, o.finish_reason) for o in outs]
+
+    short: list[int] = []
+    one_each = Round._apply_one_each
+
+    def counted(self: Round, rows: Any, bundle: Any) -> None:
+        short.append(len(rows))
+        one_each(self, rows, bundle)
+
+    def general(self: Round, rows: Any, bundle: Any) -> None:
+        # Rows marked "nothing drafted" (-1) one by one: the general path, whose kernel
+        # call draws every row afresh just the same.
+        self.apply(rows, dataclasses.replace(bundle, drafts=np.full(len(bundle.lengths), -1, dtype=np.int64)))
+
+    monkeypatch.setattr(Round, "_apply_one_each", counted)
+    fast = records()
+    assert short and sum(short) >= len(prompts)
+    monkeypatch.setattr(Round, "_apply_one_each", general)
+    assert records() == fast
