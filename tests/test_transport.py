@@ -141,6 +141,17 @@ def test_a_declared_length_over_the_cap_is_refused_before_reading() -> None:
     assert "999999999999 bytes declared" in str(result)
 
 
+def test_a_compressed_body_that_inflates_past_the_cap_is_refused() -> None:
+    """The declared length is of the encoded body: the cap is on what it inflates to."""
+    import gzip
+
+    packed = gzip.compress(b'{"tokens": [' + b"1," * (1 << 20) + b"1]}")
+    reply = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(packed), packed)
+    assert len(packed) < 1 << 16
+    result, _ = tokenize_against(answering(reply), max_reply_bytes=1 << 20)
+    assert isinstance(result, ReplyTooLargeError), result
+
+
 @pytest.mark.parametrize(
     "reply",
     [

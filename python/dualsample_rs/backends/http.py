@@ -249,6 +249,8 @@ class HttpBackend:
         self._connection = connection
         self._transport = connection.transport
         self._headers = connection.headers
+        # The headers of a request with a body, made once rather than per request.
+        self._json_headers = {**connection.headers, "Content-Type": "application/json"}
         self.base_url = connection.base_url
         self.stats = connection.stats
         self.timeout = limits.timeout
@@ -299,9 +301,7 @@ class HttpBackend:
         return min(self.initial_retry_delay * 2.0**attempt, MAX_RETRY_DELAY) * (1 - 0.25 * random.random())
 
     async def _send(self, method: str, path: str, data: bytes | None, request_id: str | None) -> Response:
-        headers = dict(self._headers)
-        if data is not None:
-            headers["Content-Type"] = "application/json"
+        headers = dict(self._json_headers if data is not None else self._headers)
         if request_id is not None:
             headers["X-Request-Id"] = request_id
         if _timeout_scope is not None:  # no extra task per request, unlike wait_for

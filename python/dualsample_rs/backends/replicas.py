@@ -19,7 +19,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -36,6 +36,12 @@ PROBE_INTERVAL = 1.0
 # Prompts whose ids are remembered per model: users repeat prompts (n samples of each),
 # and a prompt's ids do not change while the model's tokenizer does not.
 TOKENIZE_CACHE = 4096
+# Texts of generated ids remembered per model, for id lists of at most DETOKENIZE_IDS:
+# short records (labels, short answers, `--max-tokens 2`) repeat the same few ids, and
+# each repeat would otherwise cost a /detokenize request. Longer lists seldom repeat, so
+# they are asked every time and never held.
+DETOKENIZE_CACHE = 4096
+DETOKENIZE_IDS = 16
 # Retries, at least, of a /tokenize or /detokenize request: each is cheap and asked once
 # per record, so a record should not fail for want of them on a server that refuses a
 # share of requests (at 20% refused, three retries lose one request in 625, eight one in
@@ -86,8 +92,11 @@ class ReplicaSet:
         self._probes: dict[int, asyncio.Task[None]] = {}
         # Ids of prompts tokenised before, and requests under way (so that n copies of a
         # prompt arriving together ask once).
-        self._tokenized: OrderedDict[tuple[object, ...], tuple[int, ...]] = OrderedDict()
-        self._tokenizing: dict[tuple[object, ...], asyncio.Future[list[int]]] = {}
+        self._tokenized: _Remembered[tuple[object, ...], tuple[int, ...]] = _Remembered(lambda: TOKENIZE_CACHE)
+        # The same for the texts of short id lists (see DETOKENIZE_CACHE).
+        self._detokenized: _Remembered[tuple[int, ...], str] = _Remembered(lambda: DETOKENIZE_CACHE)
+        # Each replica's client for text requests (see `_patient`), made once.
+        self._patients: dict[int, Backend] = {}
 
     # ------------------------------------------------------------ bookkeeping
     @property
@@ -289,6 +298,15 @@ class ReplicaSet:
     async def models(self) -> list[ModelCard]:
         return await self._any(lambda b: b.models())
 
+    def _patient(self, backend: Backend) -> Backend:
+        """`backend` with at least TEXT_RETRIES retries, the same client every time (a
+        new one per request cost as much as the rest of the client's work on it)."""
+        patient = self._patients.get(id(backend))
+        if patient is None:
+            patient = self._patients[id(backend)] = _patient(backend)
+        patient.model = backend.model  # the handshake may name it after the first use
+        return patient
+
     async def tokenize(
         self,
         prompt: str | None = None,
@@ -298,32 +316,24 @@ class ReplicaSet:
     ) -> list[int]:
         """The ids, asked of one replica once per distinct prompt (see TOKENIZE_CACHE)."""
         key = (prompt, None if messages is None else json.dumps(messages, sort_keys=True), add_special_tokens)
-        known = self._tokenized.get(key)
-        if known is not None:
-            self._tokenized.move_to_end(key)
-            return list(known)
-        pending = self._tokenizing.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(
-                self._any(
-                    lambda b: _patient(b).tokenize(prompt, messages=messages, add_special_tokens=add_special_tokens)
-                )
-            )
-            self._tokenizing[key] = pending
-            pending.add_done_callback(lambda done: self._remember(key, done))
-        # Shielded: one caller cancelled (its record dropped) leaves the others waiting.
-        return list(await asyncio.shield(pending))
-
-    def _remember(self, key: tuple[object, ...], done: asyncio.Future[list[int]]) -> None:
-        del self._tokenizing[key]
-        if done.cancelled() or done.exception() is not None:
-            return  # a failure is not remembered: the next record asks again
-        self._tokenized[key] = tuple(done.result())
-        if len(self._tokenized) > TOKENIZE_CACHE:
-            self._tokenized.popitem(last=False)
+        ids = await self._tokenized.get(
+            key,
+            lambda: self._any(
+                lambda b: self._patient(b).tokenize(prompt, messages=messages, add_special_tokens=add_special_tokens)
+            ),
+            tuple,
+        )
+        return list(ids)
 
     async def detokenize(self, ids: list[int]) -> str:
-        return await self._any(lambda b: _patient(b).detokenize(ids))
+        """The text of `ids`; for a short list, asked of one replica once per distinct list
+        (see DETOKENIZE_CACHE)."""
+        if len(ids) > DETOKENIZE_IDS:
+            return await self._any(lambda b: self._patient(b).detokenize(ids))
+        key = tuple(ids)
+        return await self._detokenized.get(
+            key, lambda: self._any(lambda b: self._patient(b).detokenize(list(key))), str
+        )
 
     async def tokenizer_info(self) -> TokenizerFacts | None:
         return await self._any(lambda b: b.tokenizer_info())
@@ -336,3 +346,44 @@ class ReplicaSet:
             task.cancel()
         await asyncio.gather(*self._probes.values(), return_exceptions=True)
         await asyncio.gather(*(r.aclose() for r in self.replicas))
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Remembered(Generic[K, V]):
+    """Answers by key, the latest `size()` of them, and the requests under way, so that
+    callers asking for one key together send one request. A failure is not remembered:
+    the next caller asks again."""
+
+    def __init__(self, size: Callable[[], int]) -> None:
+        self._size = size  # read at each insertion, so a test can shrink the module's constant
+        self._done: OrderedDict[K, V] = OrderedDict()
+        self._pending: dict[K, asyncio.Future[V]] = {}
+
+    async def get(self, key: K, ask: Callable[[], Awaitable[T]], keep: Callable[[T], V]) -> V:
+        """The answer remembered for `key`, else `keep(await ask())`, remembered."""
+        known = self._done.get(key)
+        if known is not None:
+            self._done.move_to_end(key)
+            return known
+        pending = self._pending.get(key)
+        if pending is None:
+
+            async def asking() -> V:
+                return keep(await ask())
+
+            pending = asyncio.ensure_future(asking())
+            self._pending[key] = pending
+            pending.add_done_callback(lambda done: self._remember(key, done))
+        # Shielded: one caller cancelled (its record dropped) leaves the others waiting.
+        return await asyncio.shield(pending)
+
+    def _remember(self, key: K, done: asyncio.Future[V]) -> None:
+        del self._pending[key]
+        if done.cancelled() or done.exception() is not None:
+            return
+        self._done[key] = done.result()
+        if len(self._done) > self._size():
+            self._done.popitem(last=False)

@@ -26,6 +26,7 @@ import ssl
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,8 @@ LARGE_BODY = 1 << 20
 @dataclass
 class Reply:
     status: int
-    headers: dict[str, str]
+    #: as aiohttp parsed them (a read-only, case-insensitive mapping)
+    headers: Mapping[str, str]
     body: bytes
 
 
@@ -177,11 +179,13 @@ class Transport:
                     resp.close()  # never reuse a connection with an unread body
                     raise self._too_large(f"{declared} bytes declared")
                 try:
+                    # Read piece by piece and counted even with a declared length: that length
+                    # is of the encoded body, and a compressed one may inflate past the cap.
                     data = await self._read(resp)
                 except BaseException:
                     resp.close()
                     raise
-                return Reply(resp.status, dict(resp.headers), data)
+                return Reply(resp.status, resp.headers, data)
         except aiohttp.ClientConnectorCertificateError as err:
             raise CertificateError(
                 f"{self.shown}: the server's TLS certificate did not verify ({err.certificate_error}); give its CA "

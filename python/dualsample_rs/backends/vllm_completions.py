@@ -299,7 +299,9 @@ def _wire(value: Any) -> float:
 def token_list(data: Any, where: str) -> list[int]:
     """The ids of a ``/tokenize`` reply (``{"tokens": [...], ...}``)."""
     tokens = data.get("tokens") if isinstance(data, dict) else None
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+    # Each id's type looked at in C (a JSON reply's ids are plain ints; a bool, float or
+    # string is another type): a Python loop over a long prompt cost as much as the request.
+    if not isinstance(tokens, list) or not set(map(type, tokens)) <= {int}:
         raise IncompleteReplyError(f"{where}: a /tokenize reply without a list of token ids: {str(data)[:200]}")
     return tokens
 

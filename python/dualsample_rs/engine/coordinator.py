@@ -300,7 +300,9 @@ class Coordinator:
         def on_output(out: GenerationOutput) -> None:
             self.stats.count_finished(out)
             progress.update(1)
-            if progress.n % 8 == 0 or progress.n == total:
+            # A hidden bar counts nothing (its n stays 0), and the figures cost a summary
+            # of every counter: only for a bar that is shown.
+            if not progress.disable and (progress.n % 8 == 0 or progress.n == total):
                 progress.set_postfix(self._postfix(), refresh=False)
 
         scheduler = self._scheduler(max_tokens, temperature, return_diagnostics, on_output)

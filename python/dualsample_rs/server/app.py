@@ -72,16 +72,22 @@ class Server:
         # Generation requests per prompt, keyed by the prompt's first ids: lets a test see
         # which server each sequence's steps went to (GET /dualsample/prompts).
         self.prompt_counts: collections.Counter[str] = collections.Counter()
+        # Requests by path (GET /dualsample/requests): lets a test or bench see how many
+        # requests of each kind a run sent, e.g. per record.
+        self.request_counts: collections.Counter[str] = collections.Counter()
         self.prefix_cache = PrefixCache()
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors, self._auth, self._faults], client_max_size=64 * 1024**2)
+        app = web.Application(
+            middlewares=[self._count, self._errors, self._auth, self._faults], client_max_size=64 * 1024**2
+        )
         add = app.router
         add.add_post("/tokenize", self.tokenize)
         add.add_post("/detokenize", self.detokenize)
         add.add_get("/v1/models", self.models)
         add.add_get("/health", self.health)
         add.add_get("/dualsample/prompts", self.prompts)
+        add.add_get("/dualsample/requests", self.requests)
         if self.options.flavor == "sglang":
             add.add_post("/generate", self.sglang_generate)
             add.add_get("/health_generate", self.health)
@@ -100,6 +106,12 @@ class Server:
         return _json(err.body(self.options.flavor), status=err.status, headers=headers)
 
     # ------------------------------------------------------------ middlewares
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/dualsample/"):
+            self.request_counts[request.path] += 1
+        return await handler(request)
+
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
@@ -179,6 +191,9 @@ class Server:
 
     async def prompts(self, request: web.Request) -> web.Response:
         return _json(dict(self.prompt_counts))
+
+    async def requests(self, request: web.Request) -> web.Response:
+        return _json(dict(self.request_counts))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = completion_api.parse(await _read_json(request), self.model, self.options.max_logprobs)
