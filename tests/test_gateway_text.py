@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from dualsample_rs.engine.sequence import WorkItem
-from dualsample_rs.gateway.engine_sampler import EngineSampler, _Text
+from dualsample_rs.gateway.engine_sampler import CHECK_EVERY, EngineSampler, _Text
 from dualsample_rs.gateway.sampler import Prompt, SampleRequest
 from dualsample_rs.io.record import GenerationOutput
 
@@ -213,3 +213,50 @@ def test_a_stop_string_inside_a_character_not_yet_whole_is_found(additive: bool)
     sampler._additive = additive
     *sent, rest = _stream(sampler, [*tok.encode("ab"), 1000], stop=("!",))
     assert len(sent) == 3 and "".join(sent) + rest == "ab"
+
+
+def test_whole_answers_text_from_pieces_is_the_decode_and_is_checked() -> None:
+    """A whole answer's text comes from its pieces, without a decode, where every piece is
+    whole characters, and from one decode where one is not; one in CHECK_EVERY made from
+    pieces is decoded after the fact."""
+    tok = ByteLevel()
+    sampler = _sampler(tok)
+    base: Base = sampler.coord.base  # type: ignore[assignment]
+    plain, wide = tok.encode("plain words, more words"), tok.encode("caf\u00e9 \u4e2d\u6587")
+
+    async def run() -> None:
+        assert await sampler.additive()
+        await sampler.text_of(plain)
+        await sampler.text_of(wide)  # the pieces are known from here on
+        before = base.detokenize_calls
+        for _ in range(CHECK_EVERY - 2):
+            assert await sampler.text_of(plain) == tok.decode(plain)
+        assert base.detokenize_calls == before
+        assert await sampler.text_of(wide) == tok.decode(wide)
+        assert base.detokenize_calls == before + 1
+        assert await sampler.text_of(plain) == tok.decode(plain)  # the CHECK_EVERY-th
+        await asyncio.gather(*sampler._checks)
+        assert base.detokenize_calls == before + 2
+
+    asyncio.run(run())
+
+
+class RewritesOneWord(ByteLevel):
+    """Additive except for one word its decode rewrites (which the probe does not hold)."""
+
+    def decode(self, ids: list[int]) -> str:
+        return super().decode(ids).replace("xyzzy", "plugh")
+
+
+def test_a_checked_whole_answer_that_disagrees_turns_pieces_off() -> None:
+    tok = RewritesOneWord()
+    sampler = _sampler(tok)
+
+    async def run() -> None:
+        assert await sampler.additive()
+        for _ in range(CHECK_EVERY):
+            await sampler.text_of(tok.encode("say xyzzy"))
+        await asyncio.gather(*sampler._checks)
+        assert not await sampler.additive()
+
+    asyncio.run(run())

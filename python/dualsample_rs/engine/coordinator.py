@@ -508,7 +508,8 @@ class Coordinator:
         if out.finish_reason in ("error", "abort"):
             return
         text_ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
-        jobs: list[Any] = [self.base.detokenize(text_ids) if text_ids else _constant("")]
+        decode = seq.item.text or self.base.detokenize
+        jobs: list[Any] = [decode(text_ids) if text_ids else _constant("")]
         if self.config.run.rescore:  # each context is its prompt, then the generated tokens
             n = len(out.token_ids)
             pairs = zip(models, contexts, strict=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +61,8 @@ class WorkItem:
     ignore_eos: bool = False
     #: called with the output after each token is appended to it
     on_token: Callable[[GenerationOutput], None] | None = None
+    #: makes the finished sequence's text from its ids (None: the base's /detokenize)
+    text: Callable[[list[int]], Awaitable[str]] | None = None
     #: sampling parameters applied to q* (None: none)
     truncation: Truncation | None = None
     #: how many of the most probable tokens under the law drawn from to keep per token

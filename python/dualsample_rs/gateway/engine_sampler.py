@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 # Token texts remembered for log probability keys and streamed text (one detokenize call
 # each otherwise).
 PIECE_CACHE = 65536
+# One whole answer's text from pieces in this many is checked against the base's decode.
+CHECK_EVERY = 64
 # Token texts asked for at once (a whole answer's new tokens and their alternatives).
 PIECE_REQUESTS = 16
 REPLACEMENT = "\ufffd"  # what a decoder gives for bytes that are not a whole character
@@ -123,6 +125,8 @@ class EngineSampler:
         self._pieces: dict[int, str] = {}
         self._additive: bool | None = None
         self._probe_lock = asyncio.Lock()
+        self._texts = 0  # whole answers' texts made from pieces
+        self._checks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ checks
     def check(self, req: SampleRequest) -> None:
@@ -223,7 +227,13 @@ class EngineSampler:
         )  # fmt: skip
         try:
             await self._teacher_prompt(req, choice_index, item)
-            text = _Text(self, req, item, on_token, incremental and await self.additive())
+            additive = await self.additive()
+            text = _Text(self, req, item, on_token, incremental and additive)
+            if additive and not incremental:
+                # A whole answer's text from the cached pieces too: no /detokenize request,
+                # so the answer leaves a round sooner (streamed ones keep the engine's
+                # decode, which checks their pieces).
+                item.text = self.text_of
         except (APIError, InvalidInputError) as err:
             raise gateway_error(err) from None
         task = asyncio.ensure_future(self.serving.generate(item))
@@ -277,6 +287,30 @@ class EngineSampler:
                 if not self._additive:
                     log.info("gateway: the base's tokenizer is not additive; streamed text is detokenized per step")
             return self._additive
+
+    async def text_of(self, token_ids: list[int]) -> str:
+        """The text of ids from their cached pieces (an additive tokenizer's), or, where a
+        piece is not whole characters, the base's decode (one request, as without pieces).
+        One in CHECK_EVERY made from pieces is also decoded by the base, after the fact, to
+        keep the pieces honest."""
+        pieces = await self.pieces(token_ids)
+        if any(REPLACEMENT in p for p in pieces):
+            return await self.detokenize(token_ids)
+        text = "".join(pieces)
+        self._texts += 1
+        if self._texts % CHECK_EVERY == 0:
+            task = asyncio.ensure_future(self._check(token_ids, text))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+        return text
+
+    async def _check(self, token_ids: list[int], text: str) -> None:
+        try:
+            decoded = await self.detokenize(token_ids)
+        except GatewayError:
+            return  # the base is down: the request that needs it will say so
+        if decoded != text:
+            self.distrust_pieces(text, decoded)
 
     def distrust_pieces(self, sent: str, final: str) -> None:
         """A choice's text from pieces was not a prefix of its whole decode: detokenize
