@@ -137,7 +137,11 @@ def servers(engine: str, base: str, teacher: str, device: str) -> Iterator[tuple
                         started.append(f.result())
                 for f in futures:
                     f.result()  # raises the first failure, once both have settled
-            flags = [Path(s.log_path).read_text(errors="replace").splitlines()[0] for s in started]
+            # The environment changes what the CPU build runs (e.g. the executor), so it
+            # is part of the flags.
+            env = {**{k: v for k, v in os.environ.items() if k.startswith("VLLM_")}, **vllm_engine.CPU_ENV}
+            shown = " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith(("VLLM_", "OMP_")))
+            flags = [shown + " " + Path(s.log_path).read_text(errors="replace").splitlines()[0] for s in started]
         else:
             args = ["--enable-metrics", *extra]
             cpu = device == "cpu"
@@ -145,7 +149,8 @@ def servers(engine: str, base: str, teacher: str, device: str) -> Iterator[tuple
                 started.append(sglang_engine.start_sglang(m, 0, *args, wait=False, python=python, cpu=cpu))
             for s in started:
                 s.wait_ready(900)
-            flags = [" ".join(s.argv) for s in started]
+            shown = " ".join(f"{k}={v}" for k, v in sorted(sglang_engine.CPU_ENV.items())) + " " if cpu else ""
+            flags = [shown + " ".join(s.argv) for s in started]
         yield started[0], started[1], flags
     finally:
         for s in started:
