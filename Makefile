@@ -155,6 +155,14 @@ test-engines: build-prod
 	bash tests/engines/install_sglang.sh
 	DUALSAMPLE_ENGINES=1 $(PY) -m pytest -q -p no:randomly -o timeout=1800 tests/engines
 
+# The engines and models of test-engines; sizes and targets from DUALSAMPLE_BENCH_* (see the
+# script's docstring), e.g. DUALSAMPLE_BENCH_SMALL=1 for a quick pass over every path.
+.PHONY: bench-engines ## q* tokens/s against plain generation on real vLLM (CPU build) and SGLang, one table per engine
+bench-engines: build-prod
+	bash tests/engines/install_vllm.sh
+	bash tests/engines/install_sglang.sh
+	$(PY) benches/engine_table.py
+
 .PHONY: bench ## benchmark tables: Rust against the numpy reference on one core, then on all cores (release build)
 bench: build-prod
 	RAYON_NUM_THREADS=1 DUALSAMPLE_PREVIOUS=$(if $(wildcard $(PREVIOUS_PKG)/_core*.so),$(PREVIOUS_PKG),) \

@@ -273,27 +273,37 @@ def stop_all(*servers: SGLangServer, grace: float = STOP_GRACE) -> None:
 
 
 def server_command(
-    model_dir: str | os.PathLike[str], port: int, *extra_args: str, python: str | os.PathLike[str] | None = None
+    model_dir: str | os.PathLike[str],
+    port: int,
+    *extra_args: str,
+    python: str | os.PathLike[str] | None = None,
+    cpu: bool = True,
 ) -> list[str]:
-    """The argv that starts a CPU server for ``model_dir`` on ``127.0.0.1:port``."""
+    """The argv that starts a server for ``model_dir`` on ``127.0.0.1:port`` (with the
+    CPU flags unless ``cpu`` is false)."""
     py = str(python or SGLANG_PYTHON)
     head = [py, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--host", "127.0.0.1",
             "--port", str(port)]  # fmt: skip
-    return head + _merge_flags(CPU_FLAGS, extra_args)
+    return head + _merge_flags(CPU_FLAGS if cpu else (), extra_args)
 
 
-def server_env(env: Mapping[str, str] | None = None, tmp_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
+def server_env(
+    env: Mapping[str, str] | None = None, tmp_dir: str | os.PathLike[str] | None = None, cpu: bool = True
+) -> dict[str, str]:
     """The server's environment: this one, without the caller's venv, plus the CPU settings,
     the stub ``sgl_kernel`` first on ``PYTHONPATH``, then ``env`` on top (its ``PYTHONPATH``,
-    if any, goes after the stub)."""
+    if any, goes after the stub). Without ``cpu``, neither the CPU settings nor the stub:
+    on a GPU the real ``sgl_kernel`` must load."""
     out = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-    out.update(CPU_ENV)
+    if cpu:
+        out.update(CPU_ENV)
     extra = dict(env or {})
-    paths = [str(STUB_DIR)]
+    paths = [str(STUB_DIR)] if cpu else []
     if extra.get("PYTHONPATH"):
         paths.append(extra.pop("PYTHONPATH"))
     out.update(extra)
-    out["PYTHONPATH"] = os.pathsep.join(paths)
+    if paths:
+        out["PYTHONPATH"] = os.pathsep.join(paths)
     out.setdefault("PYTHONUNBUFFERED", "1")
     out.setdefault("HF_HUB_OFFLINE", "1")
     out.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -312,6 +322,7 @@ def start_sglang(
     timeout: float = START_TIMEOUT,
     wait: bool = True,
     python: str | os.PathLike[str] | None = None,
+    cpu: bool = True,
 ) -> SGLangServer:
     """Start ``python -m sglang.launch_server`` from the engine venv on CPU and wait until
     ``/health`` answers (unless ``wait`` is false; then call ``wait_ready()``).
@@ -320,11 +331,13 @@ def start_sglang(
     there replaces the default of the same name (e.g. ``"--max-total-tokens", "8192"``).
     The log goes to ``log_path`` (default: a file in a fresh temp dir, kept after stop).
     Raises ``RuntimeError`` with the log tail when the server dies or is not ready in time.
+    ``cpu`` false drops the CPU flags, environment and stub (a GPU machine); ``model_dir``
+    may then be a Hugging Face name.
     """
     py = Path(python) if python else SGLANG_PYTHON
     if not py.exists():
         raise FileNotFoundError(f"no SGLang venv at {py}: run bash {INSTALL_SCRIPT}")
-    if not Path(model_dir).is_dir():
+    if cpu and not Path(model_dir).is_dir():
         raise FileNotFoundError(f"no model directory {model_dir}")
     port = port or free_port()
     tmp_dir = Path(tempfile.mkdtemp(prefix=f"sglang-{port}-"))
@@ -333,13 +346,13 @@ def start_sglang(
         log_path = log_dir / "server.log"
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    argv = server_command(model_dir, port, *extra_args, python=py)
+    argv = server_command(model_dir, port, *extra_args, python=py, cpu=cpu)
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(argv) + "\n").encode())
         log.flush()
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env=server_env(env, tmp_dir), cwd=tmp_dir, start_new_session=True,
+            env=server_env(env, tmp_dir, cpu), cwd=tmp_dir, start_new_session=True,
         )  # fmt: skip
     server = SGLangServer(proc, port, log_path, tmp_dir, argv, str(model_dir))
     if wait:

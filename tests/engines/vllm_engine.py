@@ -186,6 +186,7 @@ def start_vllm(
     timeout: float = 300.0,
     log_path: Path | None = None,
     default_args: Sequence[str] = DEFAULT_ARGS,
+    python: str | os.PathLike[str] | None = None,
 ) -> VllmServer:
     """Starts ``vllm.entrypoints.openai.api_server`` on 127.0.0.1 and waits for /health.
 
@@ -193,10 +194,16 @@ def start_vllm(
     repeated flag such as ``--max-logprobs`` wins; pass ``default_args=()`` for a server
     without the opt-in routes). ``--max-model-len`` defaults to the model's
     max_position_embeddings. ``name`` is the served model name (default: the directory's
-    name). On failure the exception carries the log's tail.
+    name). ``python`` runs the server (default: the venv of ``install_vllm.sh``);
+    ``model_dir`` may also be a Hugging Face name, served as given (then pass
+    ``--max-model-len`` yourself if the model's own is too long). On failure the
+    exception carries the log's tail.
     """
-    model_dir = Path(model_dir).resolve()
-    python = ensure_vllm()
+    model_dir = Path(model_dir)
+    # A local folder is passed absolute (the server runs elsewhere); a hub name as given.
+    if model_dir.is_dir():
+        model_dir = model_dir.resolve()
+    python = Path(python) if python else ensure_vllm()
     port = port or free_port()
     name = name or model_dir.name
     args = [
@@ -213,7 +220,7 @@ def start_vllm(
         str(port),
         *default_args,
     ]
-    if not _has_flag(extra_args, "--max-model-len"):
+    if not _has_flag(extra_args, "--max-model-len") and (model_dir / "config.json").is_file():
         args += ["--max-model-len", str(_max_model_len(model_dir))]
     args += list(extra_args)
 
