@@ -144,7 +144,12 @@ async def run_generate(args: argparse.Namespace, config: CoordinatorConfig) -> i
 
 async def run_gateway(args: argparse.Namespace, config: CoordinatorConfig) -> int:
     """``dualsample gateway``: serve until stopped by a signal."""
-    from ..gateway import GatewayOptions, Limits, serve
+    try:
+        from ..gateway import GatewayOptions, Limits, serve
+    except ImportError as err:
+        raise InvalidInputError(
+            f"gateway: the gateway extra is not installed ({err.name} is missing; pip install 'dualsample_rs[gateway]')"
+        ) from None
 
     if not 0 <= args.port < 65536:
         raise InvalidInputError(f"--port: must be in [0, 65535], got {args.port}")

@@ -443,13 +443,16 @@ class Coordinator:
         no id at all, or no room left to generate raise `InvalidInputError` naming `name`
         (the line and field), never fail the server."""
         prompt = check_prompt(prompt, name)
-        if isinstance(prompt, str):
-            if chat:
-                ids = await backend.tokenize(messages=[{"role": "user", "content": prompt}])
-            else:
-                ids = await backend.tokenize(prompt)
+        if not isinstance(prompt, str):
+            return self._checked(prompt, name, info)
+        if chat:
+            ids = await backend.tokenize(messages=[{"role": "user", "content": prompt}])
         else:
-            ids = prompt
+            ids = await backend.tokenize(prompt)
+        return self._checked(ids, name, info)
+
+    @staticmethod
+    def _checked(ids: list[int], name: str, info: ServerInfo) -> list[int]:
         if not ids:
             raise InvalidInputError(f"{name}: the prompt is no tokens on {info.url}")
         if info.vocab_size is not None and max(ids) >= info.vocab_size:
@@ -464,23 +467,44 @@ class Coordinator:
             )
         return ids
 
+    async def _prompts(self, asks: list[tuple[Backend, Any, str, ServerInfo, bool]]) -> list[list[int]]:
+        """`prompt_ids` of each ask: token ids checked in place and texts tokenized
+        together. Ids take no task, so a served item is ready within the round it
+        arrives in rather than after a few more turns of a busy event loop."""
+        got: list[Any] = [None] * len(asks)
+        texts = []
+        for i, (_, prompt, name, info, _) in enumerate(asks):
+            prompt = check_prompt(prompt, name)
+            if isinstance(prompt, str):
+                texts.append(i)
+            else:
+                got[i] = self._checked(prompt, name, info)
+        if len(texts) == 1:
+            got[texts[0]] = await self.prompt_ids(*asks[texts[0]])
+        elif texts:
+            for i, ids in zip(texts, await asyncio.gather(*(self.prompt_ids(*asks[i]) for i in texts)), strict=True):
+                got[i] = ids
+        return got
+
     async def _prepare(self, index: int, item: WorkItem, max_tokens: int, temperature: float = 1.0) -> Sequence:
         where = f"{item.where}, " if item.where else ""
         route = self._routes().route(item, where)
         lanes = route.lanes
         assert self.info is not None
-        ids_base, *ids_teachers = await asyncio.gather(
-            self.prompt_ids(self.base, item.prompt, where + "prompt", self.info[0]),
-            *(
-                self.prompt_ids(
-                    lane.replicas,
-                    item.teacher_prompt(lane.name),
-                    where + "teacher_prompt",
-                    lane.info,
-                    item.teacher_chat if lane.settings.chat is None else lane.settings.chat,
-                )
-                for lane in lanes
-            ),
+        ids_base, *ids_teachers = await self._prompts(
+            [
+                (self.base, item.prompt, where + "prompt", self.info[0], False),
+                *(
+                    (
+                        lane.replicas,
+                        item.teacher_prompt(lane.name),
+                        where + "teacher_prompt",
+                        lane.info,
+                        item.teacher_chat if lane.settings.chat is None else lane.settings.chat,
+                    )
+                    for lane in lanes
+                ),
+            ]
         )
         if isinstance(route, Mixture):
             out = GenerationOutput(item.prompt, item.prompt_t, item.id, teachers=route.weights_by_name(),
@@ -515,7 +539,8 @@ class Coordinator:
             pairs = zip(models, contexts, strict=True)
             jobs += [model.sequence_logprobs(ctx.ids(), len(ctx) - n) for model, ctx in pairs]
         try:
-            got = await asyncio.gather(*jobs)
+            # One job is awaited in place: a task would cost the answer more turns of the loop.
+            got = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)
         except APIError as err:
             seq.fail(err)
             return

@@ -99,18 +99,27 @@ class Serving:
         """Sample `item` among the others in flight; its output when its sequence ends
         (finish reason ``"error"`` with ``item.failure`` set when it failed). Cancelling
         the call drops the sequence at its next round."""
+        return await self.submit(item)
+
+    def submit(self, item: WorkItem) -> asyncio.Future[GenerationOutput]:
+        """Queue `item` at once (no task to wait for); the future of its output, as
+        :meth:`generate` returns it. Cancelling the future drops the sequence at its
+        next round."""
         if self._task is None or self._task.done():
             raise ServingStoppedError(f"the serving run is not running: {self._failure!r}")
         fut: asyncio.Future[GenerationOutput] = asyncio.get_running_loop().create_future()
         self._pending.add(fut)
+        fut.add_done_callback(self._settled(item))
         self._queue.put_nowait((item, fut))
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            item.cancelled = True
-            raise
-        finally:
+        return fut
+
+    def _settled(self, item: WorkItem) -> Callable[[asyncio.Future[GenerationOutput]], None]:
+        def settled(fut: asyncio.Future[GenerationOutput]) -> None:
             self._pending.discard(fut)
+            if fut.cancelled():
+                item.cancelled = True
+
+        return settled
 
     async def _items(self) -> AsyncIterator[WorkItem]:
         """The items as submitted; the scheduler numbers them in this order, so each

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from .errors import ErrorShape, GatewayError, busy
 from .metrics import CONTENT_TYPE, GatewayMetrics
 from .passthrough import ENGINE_ROUTES, FIRST_REPLICA_ROUTES, Forwarder, Reply
 from .request import Limits, parse_body
-from .response import Answer, Stream, render
+from .response import Answer, Stream, dumps, render
 from .sampler import ChoiceResult, Route, Sampler, SampleRequest, TokenResult
 
 __all__ = ["GENERATION_ROUTES", "GatewayOptions", "make_app"]
@@ -64,7 +63,7 @@ class GatewayOptions:
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=json.dumps(body).encode(), status=status, content_type="application/json",
+    return web.Response(body=dumps(body), status=status, content_type="application/json",
                         headers=headers)  # fmt: skip
 
 
@@ -323,7 +322,7 @@ def _outcome(task: asyncio.Task[ChoiceResult]) -> ChoiceResult | BaseException:
 async def _send(response: web.StreamResponse, chunks: list[Any]) -> None:
     """Server-sent events, one per chunk, in one write."""
     if chunks:
-        await response.write(b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks))
+        await response.write(b"".join(b"data: " + dumps(c) + b"\n\n" for c in chunks))
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:

@@ -32,7 +32,6 @@ What a choice draws:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 from collections.abc import Callable, Sequence
@@ -229,14 +228,17 @@ class EngineSampler:
             await self._teacher_prompt(req, choice_index, item)
             additive = await self.additive()
             text = _Text(self, req, item, on_token, incremental and additive)
-            if additive and not incremental:
-                # A whole answer's text from the cached pieces too: no /detokenize request,
-                # so the answer leaves a round sooner (streamed ones keep the engine's
-                # decode, which checks their pieces).
+            if additive:
+                # The finished text from the cached pieces too: no /detokenize request, so
+                # the answer leaves a round sooner (one in CHECK_EVERY is decoded after
+                # the fact, which keeps the pieces honest).
                 item.text = self.text_of
         except (APIError, InvalidInputError) as err:
             raise gateway_error(err) from None
-        task = asyncio.ensure_future(self.serving.generate(item))
+        try:
+            task = self.serving.submit(item)
+        except ServingStoppedError as err:
+            raise gateway_error(err) from None
         task.add_done_callback(lambda _: arrived.put_nowait(None))
         try:
             # Woken once per round that drew tokens for it (a whole answer: only at its end).
@@ -253,9 +255,10 @@ class EngineSampler:
             raise gateway_error(err) from None
         finally:
             if not task.done():
-                task.cancel()
-            result = await asyncio.gather(task, return_exceptions=True)
-        out = result[0]
+                task.cancel()  # a future: cancelled at once, its sequence dropped at its next round
+        out: GenerationOutput | BaseException = (
+            asyncio.CancelledError() if task.cancelled() else (task.exception() or task.result())
+        )
         if text.stopped is None:
             if isinstance(out, BaseException):
                 raise gateway_error(out) if not isinstance(out, asyncio.CancelledError) else out
@@ -333,6 +336,10 @@ class EngineSampler:
     async def pieces(self, token_ids: Sequence[int]) -> list[str]:
         """Each token's own text, those not cached asked for at once (at most
         PIECE_REQUESTS at a time)."""
+        try:  # the usual case, every piece known: no set to build
+            return [self._pieces[t] for t in token_ids]
+        except KeyError:
+            pass
         missing = [t for t in dict.fromkeys(token_ids) if t not in self._pieces]
         if missing:
             slots = asyncio.Semaphore(PIECE_REQUESTS)
@@ -360,7 +367,10 @@ class _Pieces:
     def __init__(self, sampler: EngineSampler) -> None:
         self.sampler = sampler
         self.ids: list[int] = []
-        self.texts: list[str] = []  # the text each token adds ("" inside a run)
+        # The text so far, and where each token's text ends in it ("" inside a run): a
+        # step's text is a slice, not a join of every piece (quadratic over a long answer).
+        self.joined = ""
+        self.ends: list[int] = []
         # For a token inside a run (closed or open): where the run starts, and the run's
         # decode up to and including the token.
         self.partial: dict[int, tuple[int, str]] = {}
@@ -370,24 +380,31 @@ class _Pieces:
         for tid, piece in zip(ids, await self.sampler.pieces(ids), strict=True):
             self.ids.append(tid)
             if self.run_from is None and REPLACEMENT not in piece:
-                self.texts.append(piece)
+                self._append(piece)
                 continue
             if self.run_from is None:
                 self.run_from = len(self.ids) - 1
             text = await self.sampler.detokenize(self.ids[self.run_from :])
             if text.endswith(REPLACEMENT):  # still inside a character
-                self.texts.append("")
+                self._append("")
                 self.partial[len(self.ids) - 1] = (self.run_from, text)
             else:
-                self.texts.append(text)
+                self._append(text)
                 self.run_from = None
+
+    def _append(self, text: str) -> None:
+        self.joined += text
+        self.ends.append(len(self.joined))
+
+    def _upto(self, count: int) -> str:
+        return self.joined[: self.ends[count - 1]] if count else ""
 
     def text(self, count: int) -> str:
         """The text of the first `count` tokens, as decoding them would give it."""
         if count and count - 1 in self.partial:
             start, so_far = self.partial[count - 1]
-            return "".join(self.texts[:start]) + so_far
-        return "".join(self.texts[:count])
+            return self._upto(start) + so_far
+        return self._upto(count)
 
 
 class _Text:
@@ -415,7 +432,7 @@ class _Text:
         self.hold = max((len(s) for s in req.stop), default=1) - 1
         self.want_pieces = req.logprobs is not None and (not req.tokens_as_ids or req.return_text_in_logprobs)
 
-    async def _token(self, out: GenerationOutput, k: int) -> TokenResult:
+    async def _token(self, out: GenerationOutput, k: int, text: str = "") -> TokenResult:
         tid = out.token_ids[k]
         top = self.item.top[k] if self.item.alternatives else ()
         pieces: dict[int, str] = {}
@@ -423,7 +440,7 @@ class _Text:
             ids = [tid, *(t for t, _ in top)]
             pieces = dict(zip(ids, await self.sampler.pieces(ids), strict=True))
         return TokenResult(
-            token_id=tid, text="", logprob=out.logq[k], top=top, pieces=pieces, alpha=out.alpha_history[k],
+            token_id=tid, text=text, logprob=out.logq[k], top=top, pieces=pieces, alpha=out.alpha_history[k],
             logp_base=out.logp_theta[k], logp_teacher=out.logp_t[k], observed_base=bool(out.observed_theta[k]),
             observed_teacher=bool(out.observed_t[k]), fallback=bool(out.fallback[k]),
         )  # fmt: skip
@@ -446,10 +463,10 @@ class _Text:
 
     async def take(self, got: Sequence[tuple[GenerationOutput, int, str | None]]) -> bool:
         """Take newly drawn tokens; True once a stop string has ended the choice."""
-        new = [await self._token(out, k) for out, k, _ in got]
         self.final_stop = got[-1][2] == "stop"
         start = len(self.ids)
-        self.ids += [t.token_id for t in new]
+        self.ids += [out.token_ids[k] for out, k, _ in got]
+        new = len(got)  # of them, the tokens kept
         if self.pieces is not None:
             await self.pieces.add(self.ids[start:])
         # A stop id's own text is not output.
@@ -465,12 +482,12 @@ class _Text:
                 self.stopped = (s, at)
                 # The tokens up to the one that completed the match.
                 end = at + len(s)
-                keep = len(new)
-                for n in range(1, len(new) + 1):
+                keep = new
+                for n in range(1, new + 1):
                     if len(await self._text_of(start + n)) >= end:
                         keep = n
                         break
-                new = new[:keep]
+                new = keep
                 self.ids = self.ids[: start + keep]
                 self.final_stop = False
                 full = full[: at + len(s)] if self.req.include_stop_str_in_output else full[:at]
@@ -489,8 +506,8 @@ class _Text:
             full = self.sent
         text = full[len(self.sent) : max(cut, len(self.sent))]
         self.sent += text
-        for i, tok in enumerate(new):
-            tok = dataclasses.replace(tok, text=text if i == len(new) - 1 else "")
+        for i, (out, k, _) in enumerate(got[:new]):
+            tok = await self._token(out, k, text if i == new - 1 else "")
             self.tokens.append(tok)
             if self.on_token is not None:
                 self.on_token(tok)

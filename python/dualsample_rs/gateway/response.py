@@ -14,12 +14,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from ..server.completions import wire
 from .sampler import ChoiceResult, SampleRequest, TokenResult
 
-__all__ = ["EXTENSION", "Answer", "Stream", "render"]
+__all__ = ["EXTENSION", "Answer", "Stream", "dumps", "render"]
 
 EXTENSION = "dualsample"
+
+
+def dumps(body: Any) -> bytes:
+    """An answer's JSON. orjson takes about a tenth of the json module's time for a
+    streamed event, which the gateway writes one per sequence per round. It would write
+    NaN and infinities as null, but none reach it: every log probability in an answer
+    has been through `wire` (-inf as vLLM's -9999.0) and α is in [0, 1]."""
+    return orjson.dumps(body, default=_plain)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds (orjson takes only Python's)."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 @dataclass
