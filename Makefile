@@ -161,7 +161,8 @@ test-engines: build-prod
 bench-engines: build-prod
 	bash tests/engines/install_vllm.sh
 	bash tests/engines/install_sglang.sh
-	$(PY) benches/engine_table.py
+	DUALSAMPLE_BENCH_PREVIOUS=$${DUALSAMPLE_BENCH_PREVIOUS-$(if $(wildcard $(PREVIOUS_PKG)/_core*.so),$(PREVIOUS_PKG),)} \
+		$(PY) benches/engine_table.py
 
 .PHONY: bench ## benchmark tables: Rust against the numpy reference on one core, then on all cores (release build)
 bench: build-prod

@@ -54,6 +54,11 @@ Sizes and targets come from the environment, so the same script runs on a GPU ma
                                     figures are printed apart and marked so)
 ``DUALSAMPLE_BENCH_JSON``           where to write every figure as JSON
                                     (``target/bench-engines.json``)
+``DUALSAMPLE_BENCH_PREVIOUS``       an earlier build's ``dualsample_rs`` package folder
+                                    (``make previous`` leaves one; ``make bench-engines``
+                                    passes it when present): each q* run is made with it
+                                    too, right after this build's, on the same servers,
+                                    and the table gives the two side by side
 =================================  ==========================================================
 
 ``python benches/engine_table.py --summarize FILE`` prints the top frames of a raw
@@ -238,8 +243,10 @@ def qstar(
     top_k: int,
     args: list[str],
     work: Path,
+    package: Path | None = None,
 ) -> dict[str, Any]:
-    """A whole `dualsample generate` run; its wall time, from launch to exit."""
+    """A whole `dualsample generate` run; its wall time, from launch to exit. `package`:
+    an earlier build's package folder to run instead of this one."""
     inp, out = work / "prompts.jsonl", work / "records.jsonl"
     inp.write_text(
         "".join(
@@ -271,8 +278,9 @@ def qstar(
         "",
         *args,
     ]
+    env = None if package is None else dict(os.environ, PYTHONPATH=str(package.parent))
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} exited with {done.returncode}:\n{done.stderr[-3000:]}")
@@ -441,6 +449,7 @@ def run_engine(
     base_model: str,
     teacher_model: str,
     pyspy: Path | None,
+    previous: Path | None = None,
 ) -> dict[str, Any]:
     n, tokens = sizes
     plain_text, questions = prompts(n)
@@ -467,19 +476,22 @@ def run_engine(
                     f"  {engine}: {row['what']}: {row['tokens_per_s']:,.0f} tokens/s (load {row['load']})", flush=True
                 )
         for label, args in modes(engine):
-            row = {"what": label, "kind": "q*", "args": args, "metrics": {}}
-            try:
-                with moved(both, row["metrics"]):
-                    row |= qstar(base, teacher, plain_text, questions, tokens, top_k, args, Path(tmp))
-                print(
-                    f"  {engine}: {label}: {row['tokens_per_s']:,.1f} tokens/s in {row['seconds']:.1f} s "
-                    f"(load {row['load']}, errors {row['errors']})",
-                    flush=True,
-                )
-            except RuntimeError as err:
-                row["failed"] = str(err).splitlines()[-1][:300]
-                print(f"  {engine}: {label}: failed: {row['failed']}", flush=True)
-            result["rows"].append(row)
+            # This build, then the earlier one (when given) on the same servers right after.
+            for package in (None, previous) if previous is not None else (None,):
+                what = label if package is None else f"{label} [previous]"
+                row = {"what": what, "kind": "q*", "args": args, "metrics": {}, "previous": package is not None}
+                try:
+                    with moved(both, row["metrics"]):
+                        row |= qstar(base, teacher, plain_text, questions, tokens, top_k, args, Path(tmp), package)
+                    print(
+                        f"  {engine}: {what}: {row['tokens_per_s']:,.1f} tokens/s in {row['seconds']:.1f} s "
+                        f"(load {row['load']}, errors {row['errors']})",
+                        flush=True,
+                    )
+                except RuntimeError as err:
+                    row["failed"] = str(err).splitlines()[-1][:300]
+                    print(f"  {engine}: {what}: failed: {row['failed']}", flush=True)
+                result["rows"].append(row)
         if pyspy is not None:
             pyspy.mkdir(parents=True, exist_ok=True)
             result["profiles"] = []
@@ -518,21 +530,26 @@ def table(result: dict[str, Any]) -> str:
         f"### {result['engine']}: {result['prompts']} prompts x {result['tokens']} tokens, top-k {result['top_k']} "
         f"(servers up in {result['startup_s']:.0f} s, engine total {result['total_s']:.0f} s)",
         "",
-        "| run | tokens | seconds | tokens/s | / slower plain | / slower plain with logprobs | load (1 min) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | tokens | seconds | tokens/s | / slower plain | / slower plain with logprobs | / previous build "
+        "| load (1 min) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    earlier = {r["what"]: r for r in rows if r.get("previous") and "failed" not in r}
     for r in rows:
         if "failed" in r:
-            out.append(f"| {r['what']} | failed: {r['failed']} | | | | | |")
+            out.append(f"| {r['what']} | failed: {r['failed']} | | | | | | |")
             continue
-        ratio = lp_ratio = ""
+        ratio = lp_ratio = against = ""
         if r["kind"] == "q*":
             ratio = f"{r['tokens_per_s'] / slower['tokens_per_s']:.3f}"
             lp_ratio = f"{r['tokens_per_s'] / slower_lp['tokens_per_s']:.3f}"
+            then = earlier.get(f"{r['what']} [previous]")
+            if then is not None:
+                against = f"{r['tokens_per_s'] / then['tokens_per_s']:.2f}"
         note = f" ({r['errors']} errors)" if r.get("errors") else ""
         out.append(
             f"| {r['what']}{note} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:,.1f} | {ratio} "
-            f"| {lp_ratio} | {r['load']} |"
+            f"| {lp_ratio} | {against} | {r['load']} |"
         )
     out += ["", f"slower plain: {slower['what']}; slower plain with logprobs: {slower_lp['what']}", "", "server flags:"]
     out += [f"    {f}" for f in result["flags"]]
@@ -569,6 +586,9 @@ def main() -> None:
         base_model, teacher_model = base_model or str(root / "base"), teacher_model or str(root / "teacher")
     pyspy = Path(os.environ["DUALSAMPLE_BENCH_PYSPY"]) if os.environ.get("DUALSAMPLE_BENCH_PYSPY") else None
     json_path = Path(os.environ.get("DUALSAMPLE_BENCH_JSON") or ROOT / "target" / "bench-engines.json")
+    previous = Path(os.environ["DUALSAMPLE_BENCH_PREVIOUS"]) if os.environ.get("DUALSAMPLE_BENCH_PREVIOUS") else None
+    if previous is not None and not (previous / "__init__.py").is_file():
+        raise SystemExit(f"DUALSAMPLE_BENCH_PREVIOUS: {previous} is not a dualsample_rs package folder")
     print(
         f"bench-engines: {engines}, {sizes[0]} prompts x {sizes[1]} tokens, base {base_model}, teacher "
         f"{teacher_model}, {os.cpu_count()} CPUs, load {load()}",
@@ -577,7 +597,7 @@ def main() -> None:
     t0 = time.perf_counter()
     results = []
     for engine in engines:
-        results.append(run_engine(engine, sizes, top_k, repeats, device, base_model, teacher_model, pyspy))
+        results.append(run_engine(engine, sizes, top_k, repeats, device, base_model, teacher_model, pyspy, previous))
     print()
     for r in results:
         print(table(r) + "\n")
