@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 from aiohttp import web
+from dualsample_rs.backends.replicas import DETOKENIZE_IDS
 from dualsample_rs.config.coordinator import CoordinatorConfig
 from dualsample_rs.gateway import choice_key, open_gateway
 from dualsample_rs.gateway.sampler import SampleRequest
@@ -725,3 +726,48 @@ def test_teacher_messages_and_the_teacher_system_message(flavors: dict[str, tupl
             assert c["dualsample"]["logp_teacher"] == plain["dualsample"]["logp_teacher"]
 
     run(pair_config((base, teacher), seed=5), body, teacher_system=system)
+
+
+def test_answers_whole_and_streamed_ask_the_base_no_detokenize_once_pieces_are_known(
+    flavors: dict[str, tuple[str, str]],
+) -> None:
+    """With the reference base's additive tokenizer, an answer's text, whole or streamed,
+    comes from the cached pieces: after a first answer has taught them, more answers over
+    the same ids cost the base no /detokenize (the sampled check, one in CHECK_EVERY, is
+    not reached), and the text is still the base's decode of the token ids. Answers of 24
+    tokens: the base's client remembers the texts of id lists of at most DETOKENIZE_IDS."""
+    base, teacher = flavors["vllm"]
+    prompt = [72, 105, 33, 32]  # "Hi! " in the byte-level vocabulary
+
+    async def body(gw: Any) -> None:
+        async with aiohttp.ClientSession() as http:
+
+            async def count() -> int:
+                async with http.get(base + "/dualsample/requests") as resp:
+                    return int((await resp.json()).get("/detokenize", 0))
+
+            async def answer(stream: bool, seed: int) -> tuple[list[int], str]:
+                ask = {"prompt": prompt, "max_tokens": 24, "seed": seed, "return_token_ids": True, "stream": stream}
+                async with http.post(gw.url + "/v1/completions", json=ask) as resp:
+                    assert resp.status == 200, await resp.text()
+                    if not stream:
+                        c = (await resp.json())["choices"][0]
+                        return c["token_ids"], c["text"]
+                    ids, text = [], ""
+                    for event in (await resp.text()).split("\n\n"):
+                        if event.startswith("data: {"):
+                            for c in json.loads(event[6:])["choices"]:
+                                ids += c.get("token_ids") or []
+                                text += c.get("text") or ""
+                    return ids, text
+
+            for stream in (False, True):
+                await answer(stream, 1)  # learns the pieces of these draws
+                before = await count()
+                ids, text = await answer(stream, 1)
+                assert len(ids) > DETOKENIZE_IDS
+                assert await count() == before, f"stream={stream}: the text was decoded by the base"
+                async with http.post(base + "/detokenize", json={"tokens": ids}) as resp:
+                    assert text == (await resp.json())["prompt"]
+
+    run(pair_config((base, teacher), seed=5), body)

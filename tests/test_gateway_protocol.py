@@ -861,3 +861,25 @@ def test_an_unreachable_replica_on_a_forwarded_route_is_a_503_naming_it(env: Env
     assert dead in resp.json()["error"]["message"]
     # A route answered by the first replica alone still works.
     assert env.http.get(url + "/v1/models").status_code == 200
+
+
+def test_answers_json_has_numbers_where_numpy_or_infinities_were() -> None:
+    """The answers' encoder takes numpy scalars as the numbers they hold, and an
+    infinite log probability reaches it as vLLM's -9999.0 (orjson would write an
+    infinity as null)."""
+    import numpy as np
+    from dualsample_rs.gateway.response import completion_logprobs, dumps, extension
+    from dualsample_rs.gateway.sampler import SampleRequest, TokenResult
+
+    assert json.loads(dumps({"a": np.float64(0.25), "b": np.int64(3), "c": [np.float32(0.5)]})) == {
+        "a": 0.25, "b": 3, "c": [0.5]}  # fmt: skip
+    with pytest.raises(TypeError):
+        dumps({"a": object()})
+    tok = TokenResult(token_id=5, text="x", logprob=float("-inf"), top=((5, float("-inf")), (6, -1.0)), pieces={},
+                      alpha=0.5, logp_base=float("-inf"), logp_teacher=None, observed_base=True,
+                      observed_teacher=False, fallback=False)  # fmt: skip
+    req = SampleRequest(route="completions", prompts=(Prompt(token_ids=(1,)),), logprobs=2, tokens_as_ids=True)
+    body = json.loads(dumps({"logprobs": completion_logprobs(req, [tok]), "ext": extension([tok], None)}))
+    assert body["logprobs"]["token_logprobs"] == [-9999.0]
+    assert body["logprobs"]["top_logprobs"] == [{"token_id:5": -9999.0, "token_id:6": -1.0}]
+    assert body["ext"]["logp_base"] == [-9999.0] and body["ext"]["logp_teacher"] == [None]
