@@ -10,6 +10,8 @@ __all__ = [
     "SamplerConfig",
     "StepResult",
     "__version__",
+    "_solve_alpha_sweeps",
+    "_with_alpha_solver",
     "build_profile",
     "merge_topk",
     "mix",
