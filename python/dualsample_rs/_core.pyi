@@ -10,6 +10,8 @@ __all__ = [
     "SamplerConfig",
     "StepResult",
     "__version__",
+    "_solve_alpha_sweeps",
+    "_with_alpha_solver",
     "build_profile",
     "merge_topk",
     "mix",
@@ -177,6 +179,34 @@ def solve_alpha(
         >>> solve_alpha(np.log([0.9, 0.1]), np.log([0.1, 0.9]))
         0.5
     """
+
+def _solve_alpha_sweeps(
+    logp_theta: ArrayLike,
+    logp_t: ArrayLike,
+    *,
+    solver: Literal["halley", "bisect"],
+    method: _Method = "kl_symmetry",
+    alpha: float = 0.5,
+    alpha_min: float = 0.0,
+    alpha_max: float = 1.0,
+    tol: float = 1e-10,
+    max_iter: int = 100,
+) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    """Not public API: :func:`solve_alpha` by the named root solver, one α per row, and
+    each row's count of sweeps over its common support (evaluations of the equation
+    whose root α is; 0 where no root is needed).
+
+    ``"halley"`` is what :func:`solve_alpha` and :func:`step` run; ``"bisect"`` is plain
+    bisection of the same equation to the same ``tol`` (~34 sweeps at 1e-10), kept only as
+    the baseline that ``benches/bench_kernels.py`` and ``tests/test_alpha_solver.py`` put
+    beside it. Input is always taken as a batch (1-D: one row).
+    """
+
+def _with_alpha_solver(config: SamplerConfig, solver: Literal["halley", "bisect"]) -> SamplerConfig:
+    """Not public API: a copy of ``config`` whose α is found by the named root solver (see
+    :func:`_solve_alpha_sweeps`), so that the benches can time :func:`step` with
+    bisection. The copy compares unequal to ``config`` when the solver differs; its repr
+    does not show the solver."""
 
 def mix(logp_theta: ArrayLike, logp_t: ArrayLike, alpha: float | ArrayLike) -> NDArray[np.float64]:
     """Normalised log q* ∝ (1 − α)·logp_theta + α·logp_t, exact at α = 0 and 1.

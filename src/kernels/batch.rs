@@ -57,19 +57,31 @@ fn solve_row(
     p: &AlphaParams,
     r: usize,
     s: &mut PairScratch,
-) -> KernelResult<f64> {
+) -> KernelResult<(f64, u32)> {
     read_logp(lp_a, "logp_theta", r, &mut s.a, &mut s.pa)?;
     read_logp(lp_b, "logp_t", r, &mut s.b, &mut s.pb)?;
-    Ok(alpha::solve(&s.a, &s.b, &s.pa, &s.pb, p, &mut s.support))
+    Ok(alpha::solve_counted(&s.a, &s.b, &s.pa, &s.pb, p, &mut s.support))
 }
 
-with_avx2_twin!(solve_row_best, solve_row_avx2, solve_row, (lp_a: ArrayView1<'_, f64>, lp_b: ArrayView1<'_, f64>, p: &AlphaParams, r: usize, s: &mut PairScratch) -> KernelResult<f64>);
+with_avx2_twin!(solve_row_best, solve_row_avx2, solve_row, (lp_a: ArrayView1<'_, f64>, lp_b: ArrayView1<'_, f64>, p: &AlphaParams, r: usize, s: &mut PairScratch) -> KernelResult<(f64, u32)>);
 
 pub fn solve_alpha_batch(
     lp_a: ArrayView2<'_, f64>,
     lp_b: ArrayView2<'_, f64>,
     p: &AlphaParams,
 ) -> KernelResult<Vec<f64>> {
+    debug_assert_eq!(lp_a.dim(), lp_b.dim(), "callers check shapes");
+    map_rows(lp_a.nrows(), lp_a.ncols(), |s: &mut PairScratch, r| {
+        solve_row_best(lp_a.row(r), lp_b.row(r), p, r, s).map(|(alpha, _)| alpha)
+    })
+}
+
+/// `solve_alpha_batch`, with each row's count of sweeps over its common support.
+pub fn solve_alpha_batch_counted(
+    lp_a: ArrayView2<'_, f64>,
+    lp_b: ArrayView2<'_, f64>,
+    p: &AlphaParams,
+) -> KernelResult<Vec<(f64, u32)>> {
     debug_assert_eq!(lp_a.dim(), lp_b.dim(), "callers check shapes");
     map_rows(lp_a.nrows(), lp_a.ncols(), |s: &mut PairScratch, r| {
         solve_row_best(lp_a.row(r), lp_b.row(r), p, r, s)

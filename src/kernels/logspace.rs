@@ -68,6 +68,28 @@ pub fn normalise_with_probs(xs: &mut [f64], probs: &mut Vec<f64>) -> f64 {
     z
 }
 
+/// `normalise_with_probs`, taking exp(x − shift) from `known` instead of computing it
+/// when `shift` is the maximum of `xs` (bit for bit, so the exponentials are the very
+/// ones it would take, and the result is the same to the last bit).
+#[inline(always)]
+pub fn normalise_reusing(xs: &mut [f64], probs: &mut Vec<f64>, known: &[f64], shift: Option<f64>) -> f64 {
+    let m = max(xs);
+    let reuse = shift.is_some_and(|s| s.to_bits() == m.to_bits()) && known.len() == xs.len();
+    if !reuse || m == f64::NEG_INFINITY {
+        return normalise_with_probs(xs, probs);
+    }
+    probs.clear();
+    probs.extend_from_slice(known);
+    let s = sum(probs);
+    let z = m + s.ln();
+    let inv = 1.0 / s;
+    for (x, p) in xs.iter_mut().zip(probs.iter_mut()) {
+        *x -= z;
+        *p *= inv;
+    }
+    z
+}
+
 /// Log weight of π_θ^(1−α) π_t^α for one candidate, with 0·(−inf) = 0 so that the
 /// endpoints α = 0 and α = 1 are exactly π_θ and π_t.
 #[inline(always)]

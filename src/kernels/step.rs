@@ -6,7 +6,7 @@ use ndarray::ArrayView2;
 
 use crate::errors::{KernelError, KernelResult};
 use crate::kernels::alpha::{self, AlphaParams, Support};
-use crate::kernels::logspace::{entropy, ess, geometric, js, kl, normalise_with_probs};
+use crate::kernels::logspace::{entropy, ess, geometric, js, kl, normalise_reusing, normalise_with_probs};
 use crate::kernels::merge::{merge, IdTable, Merged, Missing, RowBuffers};
 use crate::kernels::parallel::map_rows_into;
 use crate::kernels::rng::{accept_uniform, uniform};
@@ -526,9 +526,11 @@ fn exclude(m: &mut Merged, exclude_ids: &[i64], row: usize) -> KernelResult<()> 
 fn apply_temperature(m: &mut Merged, cfg: &StepConfig) {
     if cfg.temperature != 1.0 {
         m.a.iter_mut().for_each(|x| *x /= cfg.temperature);
+        m.shift_a = None;
     }
     if cfg.temperature_t != 1.0 {
         m.b.iter_mut().for_each(|x| *x /= cfg.temperature_t);
+        m.shift_b = None;
     }
 }
 
@@ -541,8 +543,10 @@ fn normalise_both(
     pb: &mut Vec<f64>,
     row: usize,
 ) -> KernelResult<(Option<f64>, bool)> {
-    let za = normalise_with_probs(&mut m.a, pa);
-    let zb = normalise_with_probs(&mut m.b, pb);
+    // The merge's exponentials where still valid: the same values, half the exponentials.
+    let za = normalise_reusing(&mut m.a, pa, &m.exp_a, m.shift_a);
+    let zb = normalise_reusing(&mut m.b, pb, &m.exp_b, m.shift_b);
+    m.forget_exps();
     let forced = match (za.is_finite(), zb.is_finite()) {
         (false, false) => {
             return Err(KernelError::row(

@@ -5,7 +5,7 @@ use crate::py::args;
 use pyo3::types::{PyFloat, PyString, PyTuple};
 
 use crate::errors::KernelError;
-use crate::kernels::alpha::AlphaParams;
+use crate::kernels::alpha::{AlphaParams, Solver};
 use crate::kernels::merge::Missing;
 use crate::kernels::step::StepConfig;
 
@@ -168,4 +168,17 @@ impl SamplerConfig {
             .cast::<SamplerConfig>()
             .is_ok_and(|o| o.get().inner == self.inner && o.get().temperature_t == self.temperature_t)
     }
+}
+
+/// A copy of `config` whose α is found by the named root solver (`"halley"`, the
+/// default, or `"bisect"`): how the benches time `step` with bisection beside Halley.
+/// Not public API, and the copy's repr does not show the solver.
+#[pyfunction(name = "_with_alpha_solver")]
+pub fn with_alpha_solver_py(config: PyRef<'_, SamplerConfig>, solver: &str) -> PyResult<SamplerConfig> {
+    let mut inner = config.inner.clone();
+    inner.alpha.solver = Solver::parse(solver)?;
+    Ok(SamplerConfig {
+        inner,
+        temperature_t: config.temperature_t,
+    })
 }

@@ -4,8 +4,10 @@ use numpy::{IntoPyArray, PyArray1};
 use pyo3::prelude::*;
 use pyo3::types::{PyFloat, PyTuple};
 
-use crate::kernels::alpha::AlphaParams;
-use crate::kernels::batch::{merge_batch, mix_batch, solve_alpha_batch, unlisted_bound_batch};
+use crate::kernels::alpha::{AlphaParams, Solver};
+use crate::kernels::batch::{
+    merge_batch, mix_batch, solve_alpha_batch, solve_alpha_batch_counted, unlisted_bound_batch,
+};
 use crate::kernels::merge::Missing;
 use crate::py::args;
 use crate::py::arrays::{float_input, id_input, per_row_floats, same_shape, TopkInputs};
@@ -38,6 +40,45 @@ pub fn solve_alpha_py(
     } else {
         Ok(PyArray1::from_vec(py, alphas).into_any().unbind())
     }
+}
+
+/// `solve_alpha` by the named root solver, with each row's sweep count: for the benches
+/// and tests that put the Halley solver beside plain bisection. Not public API.
+#[pyfunction(name = "_solve_alpha_sweeps")]
+#[pyo3(
+    signature = (logp_theta, logp_t, *, solver, method="kl_symmetry".to_owned(), alpha=0.5, alpha_min=0.0, alpha_max=1.0, tol=1e-10, max_iter=100),
+    text_signature = "(logp_theta, logp_t, *, solver, method='kl_symmetry', alpha=0.5, alpha_min=0.0, alpha_max=1.0, tol=1e-10, max_iter=100)"
+)]
+pub fn solve_alpha_sweeps_py<'py>(
+    py: Python<'py>,
+    logp_theta: &Bound<'py, PyAny>,
+    logp_t: &Bound<'py, PyAny>,
+    solver: &str,
+    #[pyo3(from_py_with = args::method)] method: String,
+    #[pyo3(from_py_with = args::alpha)] alpha: f64,
+    #[pyo3(from_py_with = args::alpha_min)] alpha_min: f64,
+    #[pyo3(from_py_with = args::alpha_max)] alpha_max: f64,
+    #[pyo3(from_py_with = args::tol)] tol: f64,
+    #[pyo3(from_py_with = args::max_iter)] max_iter: i64,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let params = AlphaParams {
+        solver: Solver::parse(solver)?,
+        ..AlphaParams::new(&method, alpha, alpha_min, alpha_max, tol, max_iter)?
+    };
+    let (a_in, b_in) = (float_input(logp_theta, "logp_theta")?, float_input(logp_t, "logp_t")?);
+    let (a, b) = (a_in.rows("logp_theta")?, b_in.rows("logp_t")?);
+    same_shape(&a, &b, ("logp_theta", "logp_t"))?;
+    let (va, vb) = (a.data.view(), b.data.view());
+    let rows = py.detach(|| solve_alpha_batch_counted(va, vb, &params))?;
+    let alphas: Vec<f64> = rows.iter().map(|&(x, _)| x).collect();
+    let sweeps: Vec<i64> = rows.iter().map(|&(_, n)| i64::from(n)).collect();
+    PyTuple::new(
+        py,
+        [
+            PyArray1::from_vec(py, alphas).into_any(),
+            PyArray1::from_vec(py, sweeps).into_any(),
+        ],
+    )
 }
 
 #[pyfunction(name = "mix")]

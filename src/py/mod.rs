@@ -15,9 +15,9 @@ mod _core {
     use pyo3::prelude::*;
 
     #[pymodule_export]
-    use crate::py::config::SamplerConfig;
+    use crate::py::config::{with_alpha_solver_py, SamplerConfig};
     #[pymodule_export]
-    use crate::py::functions::{merge_topk_py, mix_py, solve_alpha_py, unlisted_bound_py};
+    use crate::py::functions::{merge_topk_py, mix_py, solve_alpha_py, solve_alpha_sweeps_py, unlisted_bound_py};
     #[pymodule_export]
     use crate::py::mixture::mix_teachers_py;
     #[pymodule_export]
