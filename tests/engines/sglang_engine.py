@@ -67,7 +67,10 @@ CPU_FLAGS: tuple[str, ...] = (
     "--log-level", "info",
 )  # fmt: skip
 
-CPU_ENV: dict[str, str] = {"SGLANG_USE_CPU_ENGINE": "1"}
+# One torch thread per server: two servers share the cores, and with torch's default (a
+# thread per core each) they oversubscribe them; q* one token per step ran 4.9x faster
+# with one (docs/engine-time.md). An OMP_NUM_THREADS in the `env` given wins.
+CPU_ENV: dict[str, str] = {"SGLANG_USE_CPU_ENGINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def is_installed() -> bool:
