@@ -283,8 +283,13 @@ def qstar(
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} exited with {done.returncode}:\n{done.stderr[-3000:]}")
-    records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+        # A run whose every record failed says why in its records, not on stderr.
+        why = next((r["error"] for r in _records(out) if r.get("error")), "") if out.exists() else ""
+        raise RuntimeError(
+            f"{shlex.join(cmd)} exited with {done.returncode}:\n{done.stderr[-3000:]}"
+            + (f"\nfirst record's error: {why}" if why else "")
+        )
+    records = _records(out)
     errors = [r.get("error") for r in records if r.get("error")]
     made = sum(len(r.get("token_ids") or []) for r in records)
     return {
@@ -297,6 +302,10 @@ def qstar(
         "first_error": errors[0] if errors else None,
         "warnings": [ln for ln in done.stderr.splitlines() if "warn" in ln.lower()][:3],
     }
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def modes(engine: str) -> list[tuple[str, list[str]]]:
