@@ -278,6 +278,7 @@ def qstar(
         "",
         *args,
     ]
+    out.unlink(missing_ok=True)  # an earlier run's records must not stand for this one's
     env = None if package is None else dict(os.environ, PYTHONPATH=str(package.parent))
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
