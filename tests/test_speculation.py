@@ -26,7 +26,7 @@ from dualsample_rs.backends import (
     VLLMCompletionsBackend,
     VLLMGenerateBackend,
 )
-from dualsample_rs.engine.round import AUTO_RANGE, auto_drafts
+from dualsample_rs.engine.pace import Pace
 from dualsample_rs.exceptions import ConfigurationError, InvalidInputError, InvalidResponseError
 from dualsample_rs.server import running_server
 from scipy import stats
@@ -189,7 +189,9 @@ def test_same_records_whatever_the_concurrency(flavors: dict[str, tuple[str, str
         generate(flavors[f], DIALECT[f], prompts, 30, seed=5, speculate=speculate, max_concurrency=c, max_batch_size=b)
         for f, c, b in (("vllm", 1, 1), ("vllm", 64, 8), ("sglang", 36, 36), ("sglang", 5, 2))
     ]
-    records = [[o.to_record() for o in outs] for outs, _ in runs]
+    # Under "auto" the rounds' kinds follow the timings: the records but their rounds.
+    strip = ("round", "drafted") if speculate == "auto" else ()
+    records = [[{k: v for k, v in o.to_record().items() if k not in strip} for o in outs] for outs, _ in runs]
     # Each dialect, whatever the batching. (Across dialects the servers' sums differ in
     # the last bits, which can tip a greedy draft between near-equal tokens.)
     assert records[0] == records[1] and records[2] == records[3]
@@ -296,9 +298,112 @@ def test_exact_scoring_rounds_fit_vllm_cap_of_128_ids() -> None:
     _assert_same_numbers(one, spec, at_least=20)
 
 
-def test_auto_drafts_more_where_more_is_accepted() -> None:
-    ks = [auto_drafts(100, accepted) for accepted in (5, 30, 60, 85, 99)]
-    assert ks == sorted(ks) and ks[0] == 1 and ks[-1] == max(AUTO_RANGE)
+# ------------------------------------------------------------ speculate="auto"
+def _drive(pace: Pace, rounds: int, cost: dict[int, float]) -> list[int]:
+    """`rounds` rounds one after another, a round of kind K taking ``cost[K]`` seconds
+    per token over a batch of 8 sequences making 1 + 0.75·K tokens each: the kinds chosen."""
+    chosen = []
+    for _ in range(rounds):
+        k = pace.choose()
+        tokens = int(8 * (1 + 0.75 * k))
+        pace.observe(k, cost[k] * tokens, tokens, pace.start(k))
+        chosen.append(k)
+    return chosen
+
+
+def test_auto_settles_on_one_token_where_drafting_costs_more_per_token() -> None:
+    pace = Pace()
+    chosen = _drive(pace, 2048, {0: 1.0, 2: 1.5, 4: 2.0, 8: 3.0})
+    after = chosen[4 * pace.block :]  # one block of each kind first
+    assert Counter(chosen[: 4 * pace.block]) == dict.fromkeys(pace.arms, pace.block)
+    assert pace.faster() == 0
+    assert sum(k != 0 for k in after) <= len(after) / 16
+    assert set(after) == {0, 2, 4, 8}  # every other kind still probed
+
+
+def test_auto_settles_on_drafting_where_it_pays() -> None:
+    pace = Pace()
+    chosen = _drive(pace, 2048, {0: 1.0, 2: 0.5, 4: 0.3, 8: 0.4})
+    after = chosen[4 * pace.block :]
+    assert sum(k != 4 for k in after) <= len(after) / 16
+    assert pace.summary()[4]["rounds"] == chosen.count(4)
+
+
+def test_auto_follows_the_costs_when_they_swap() -> None:
+    pace = Pace()
+    cheap_drafts, dear_drafts = {0: 1.0, 2: 0.6, 4: 0.4, 8: 0.5}, {0: 1.0, 2: 2.0, 4: 3.0, 8: 5.0}
+    first = _drive(pace, 1024, cheap_drafts)
+    second = _drive(pace, 2048, dear_drafts)
+    third = _drive(pace, 2048, cheap_drafts)
+    assert first[-256:].count(4) >= 240
+    # noticed within two cycles of probes (each other kind is probed every third one)
+    assert second[-1024:].count(0) >= 1024 * 15 / 16 and third[-1024:].count(4) >= 1024 * 15 / 16
+
+
+def test_auto_measures_only_rounds_without_another_kind_beside_them() -> None:
+    """A round that ran beside a round of another kind measured their queue, not its
+    own cost: it is not counted."""
+    pace = Pace(arms=(0, 4), block=2)
+    a = pace.start(0)
+    b = pace.start(4)  # began beside a
+    pace.observe(0, 1.0, 8, a)
+    pace.observe(4, 1.0, 8, b)
+    assert pace.measured == {0: 0, 4: 0}
+    c = pace.start(0)
+    pace.observe(0, 1.0, 8, c)
+    assert pace.measured == {0: 1, 4: 0} and pace.rate(0) == 8.0
+
+
+def test_bad_pace_settings_are_refused() -> None:
+    for bad in ({"block": 0}, {"period": 1}, {"weight": 0.0}, {"arms": (0,)}, {"arms": (0, -1)}, {"block": True}):
+        with pytest.raises(InvalidInputError, match=next(iter(bad))) as err:
+            Pace(**bad)  # type: ignore[arg-type]
+        assert isinstance(err.value, ValueError)
+
+
+def _auto_against(urls: tuple[str, str], prompts: list[str], tokens: int) -> tuple[list[GenerationOutput], dict[str, Any], list[GenerationOutput]]:
+    """`speculate="auto"` and one token per step on the same servers and seed."""
+    options = {"seed": 7, "max_concurrency": 32, "max_batch_size": 32, "stop_token_ids": ()}
+    auto, st = generate(urls, "sglang", prompts, tokens, speculate="auto", **options)
+    one, _ = generate(urls, "sglang", prompts, tokens, **options)
+    return auto, st, one
+
+
+def _same_records_but_rounds(a: list[GenerationOutput], b: list[GenerationOutput]) -> None:
+    """`auto` draws every position as one token per step does: the same records (but
+    the rounds they came in, which depend on the machine's timings)."""
+    strip = ("round", "drafted")
+    assert [{k: v for k, v in o.to_record().items() if k not in strip} for o in a] == [
+        {k: v for k, v in o.to_record().items() if k not in strip} for o in b
+    ]
+
+
+def test_auto_makes_one_token_per_step_where_each_position_costs() -> None:
+    """Servers whose every computed position costs 2 ms, one after another (a CPU
+    engine): drafting rounds make fewer tokens per second, and after its first blocks
+    `auto` runs one token per step but for its probes."""
+    prompts = [f"({i}) Question: Why is the sky blue?\nAnswer:" for i in range(32)]
+    busy = {"flavor": "sglang", "latency_per_position": 0.002}
+    with running_server("base", **busy) as a, running_server("teacher", **busy) as b:
+        auto, st, one = _auto_against((a, b), prompts, 64)
+    modes = st["mode_rounds"]
+    warm = 3 * 16  # one block of each drafting kind
+    assert modes["drafting"] <= warm + modes["one_token"] / 15 + 16
+    assert modes["one_token"] >= 0.8 * (modes["one_token"] + modes["drafting"])
+    _same_records_but_rounds(auto, one)
+
+
+def test_auto_drafts_where_round_trips_cost() -> None:
+    """Servers whose every request takes 20 ms whatever its positions: drafting rounds
+    pay, and `auto` drafts."""
+    prompts = [f"({i}) Question: Why is the sky blue?\nAnswer:" for i in range(32)]
+    slow = {"flavor": "sglang", "latency": 0.02, "latency_rate": 1.0}
+    with running_server("base", **slow) as a, running_server("teacher", **slow) as b:
+        auto, st, one = _auto_against((a, b), prompts, 64)
+    modes = st["mode_rounds"]
+    assert modes["drafting"] >= 4 * modes["one_token"] and st["tokens_per_round"] > 2
+    assert st["tokens_per_drafting_round"] > 2 and st["drafting_rounds"] > 0
+    _same_records_but_rounds(auto, one)
 
 
 def test_bad_speculate_values_are_refused() -> None:

@@ -36,6 +36,7 @@ from ..exceptions import (
 from ..io.prompts import Prompt, check_prompt
 from ..io.record import GenerationOutput, summarise
 from .handshake import ServerInfo, agree, stop_and_excluded_ids
+from .pace import Pace
 from .round import Round, RoundKey, Routed
 from .scheduler import Scheduler
 from .sequence import Sequence, WorkItem, stable_key
@@ -111,6 +112,8 @@ class Coordinator:
         self.speculate: int | str = self.config.run.speculate
         #: why speculative rounds asked for are off, by teacher ("": the unnamed one)
         self.speculation_off: dict[str, str] = {}
+        #: under speculate="auto", each lane's (name, temperature) choice of round kind
+        self._paces: dict[RoundKey, Pace] = {}
 
     async def __aenter__(self) -> Coordinator:
         try:
@@ -382,6 +385,11 @@ class Coordinator:
             lane_cfg = route.config(cfg, temperature)
             ask = choose(lane_cfg, self.base, route.replicas, route.speculate)
             speculate = route.speculate
+            # "auto" also runs rounds of one token per sequence, asked as without speculation.
+            one = choose(lane_cfg, self.base, route.replicas, 0) if speculate == "auto" else None
+            # One pace per lane and temperature for the coordinator's life: what it
+            # measured carries over from one call to the next.
+            pace = self._paces.setdefault((key, temperature), Pace()) if one is not None else None
         else:
             # Teachers with their own temperatures: reweighted, one temperature for the mix.
             taus = [lane.config(cfg, temperature).sampler.teacher_temperature for lane in route.lanes]
@@ -389,6 +397,7 @@ class Coordinator:
             lane_cfg = cfg.replace(temperature_t=tau)
             members = {lane.name: (lane.replicas, w) for lane, w in zip(route.lanes, weights, strict=True)}
             ask, speculate = Mixed(self.base, members, cfg.sampler.top_k, cfg.sampler.missing), 0
+            one = pace = None
         assert self.info is not None
         want_diag = diagnostics or (cfg.sampler.enable_stability_check and not cfg.sampler.auto_fallback)
         return Round(
@@ -400,6 +409,8 @@ class Coordinator:
             (self.info[0].max_model_len, min(lane.info.max_model_len for lane in route.lanes)),
             self.stats,
             diagnostics,
+            one,
+            pace,
         )
 
     def get_statistics(self) -> dict[str, Any]:
