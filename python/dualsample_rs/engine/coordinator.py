@@ -36,7 +36,7 @@ from ..exceptions import (
 from ..io.prompts import Prompt, check_prompt
 from ..io.record import GenerationOutput, summarise
 from .handshake import ServerInfo, agree, stop_and_excluded_ids
-from .pace import Pace
+from .pace import Pace, block_for
 from .round import Round, RoundKey, Routed
 from .scheduler import Scheduler
 from .sequence import Sequence, WorkItem, stable_key
@@ -358,14 +358,9 @@ class Coordinator:
 
         rounds = {(name, float(temperature)): round_for((name, float(temperature))) for name in self.lanes}
         advance = Routed(rounds, round_for, self.base, cfg.sampler.top_k, self.stats)
-        # A strategy that asks the teacher, then the base, needs two workers or more to
-        # keep both servers busy, each with its own half of the sequences in flight.
-        least = 2 if any(r.ask.serial for r in rounds.values()) else 1
-        if any(lane.speculate for lane in self.lanes.values()):
-            # Rounds vary in length and each waits for its slowest sequence: more, smaller
-            # batches keep both servers busier (bench_speculation: +1-11% tokens/s over two).
-            least = min(cfg.run.max_concurrency, SPECULATION_WORKERS)
-        workers = max(math.ceil(cfg.run.max_concurrency / cfg.run.max_batch_size), least)
+        workers = self._workers(
+            cfg, any(r.ask.serial for r in rounds.values()), any(lane.speculate for lane in self.lanes.values())
+        )
         batch = max(1, min(cfg.run.max_batch_size, math.ceil(cfg.run.max_concurrency / workers)))
         return Scheduler(
             lambda index, item: self._prepare(index, item, max_tokens, temperature),
@@ -376,6 +371,19 @@ class Coordinator:
             on_output,
             gate,
         )
+
+    @staticmethod
+    def _workers(cfg: CoordinatorConfig, serial: bool, speculate: bool = True) -> int:
+        """Concurrent batches of a call, for a strategy that asks in series or not,
+        with or without speculation."""
+        # A strategy that asks the teacher, then the base, needs two workers or more to
+        # keep both servers busy, each with its own half of the sequences in flight.
+        least = 2 if serial else 1
+        if speculate:
+            # Rounds vary in length and each waits for its slowest sequence: more, smaller
+            # batches keep both servers busier (bench_speculation: +1-11% tokens/s over two).
+            least = min(cfg.run.max_concurrency, SPECULATION_WORKERS)
+        return max(math.ceil(cfg.run.max_concurrency / cfg.run.max_batch_size), least)
 
     def _round(self, key: str, cfg: CoordinatorConfig, temperature: float, diagnostics: bool) -> Round:
         """The round of one teacher's sequences, or of one mixture's (`key`), under the
@@ -389,7 +397,9 @@ class Coordinator:
             one = choose(lane_cfg, self.base, route.replicas, 0) if speculate == "auto" else None
             # One pace per lane and temperature for the coordinator's life: what it
             # measured carries over from one call to the next.
-            pace = self._paces.setdefault((key, temperature), Pace()) if one is not None else None
+            pace = None
+            if one is not None:
+                pace = self._paces.setdefault((key, temperature), Pace(block=block_for(self._workers(cfg, True))))
         else:
             # Teachers with their own temperatures: reweighted, one temperature for the mix.
             taus = [lane.config(cfg, temperature).sampler.teacher_temperature for lane in route.lanes]

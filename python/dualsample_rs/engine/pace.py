@@ -15,11 +15,12 @@ trip) is wrong both ways, since a drafting round is two round trips in series wh
 one-token round's two requests run side by side, and on a CPU engine a position costs
 about as much as a round trip.
 
-Choices come in blocks of `block` rounds of one kind. With several workers a round of
-one kind waits behind the others' requests on the same servers, so a lone probe round
-among rounds of the other kind would measure their queue, not its own cost; a block
-long enough for every worker's rounds to be of its kind is measured as that kind runs.
-Rounds that ran beside a round of another kind are not measured.
+Choices come in blocks of rounds of one kind. With several workers a round of one kind
+waits behind the others' requests on the same servers, so a lone probe round among
+rounds of another kind would measure their queue, not its own cost (a one-token round
+queued behind drafts of five positions looks as slow as they are); a block of four
+rounds per worker runs its middle half with only rounds of its kind beside them, and
+only such rounds are measured.
 
 Everything here is a function of the calls made to it, so tests drive it with
 synthetic timings; the records never depend on it (`Round` draws every position of an
@@ -32,17 +33,27 @@ from ..exceptions import InvalidInputError
 
 # The kinds of round: K drafted tokens per sequence, 0 for one token per sequence. Few
 # values, since SGLang takes one generation length per request.
-ARMS = (0, 2, 4, 8)
-# Rounds per block of one kind: twice the workers of a speculative run
-# (coordinator.SPECULATION_WORKERS), so that about half of a block's rounds run with
-# only rounds of their kind beside them.
-BLOCK = 16
-# One block in PERIOD goes to a kind not chosen (in turn): at most 1/16 of the rounds
-# after the first blocks (one of each kind) are exploration.
+ARMS = (0, 4, 2, 8)
+# Kinds tried in a block each at the start (the first of ARMS); the others are first
+# tried by exploration, so that where drafting does not pay, the start costs one block
+# of it rather than three.
+FIRST = 2
+# Rounds per block of one kind when the coordinator does not say (it gives 4 per worker,
+# see `block_for`).
+BLOCK = 32
+# One block in PERIOD goes to a kind not chosen: at most 1/16 of the rounds after the
+# first blocks are exploration.
 PERIOD = 16
 # Weight of a new measurement in each kind's moving averages (about the last 1/WEIGHT
 # measured rounds count).
 WEIGHT = 0.2
+
+
+def block_for(workers: int) -> int:
+    """Rounds per block for `workers` concurrent batches: four each, so that the
+    middle half of a block's rounds run with no round of another kind beside them
+    (those of the block before have ended; those of the next have not begun)."""
+    return 4 * max(1, workers)
 
 
 class Pace:
@@ -51,30 +62,41 @@ class Pace:
 
     Args:
         arms: the kinds, as drafted tokens per sequence (0: one token per step).
+        first: how many of them (in order) get a block each at the start.
         block: rounds per block of one kind.
         period: blocks per cycle after the first ones; the cycle's last block is a
-            kind not chosen, each in turn (exploration: 1/`period` of the rounds).
+            kind not chosen (exploration: 1/`period` of the rounds): one never
+            measured first, else each in turn.
         weight: weight of a new measurement in the moving averages.
 
     `choose` returns the next round's K; the round calls `start` as it begins and then
-    ``observe(k, seconds, tokens, lap)`` with the lap `start` gave. The first blocks try
-    each kind once, in order; from then on the kind with the higher moving average of
-    tokens per second is chosen (ties: the one listed first).
+    ``observe(k, seconds, tokens, lap)`` with the lap `start` gave. A first kind left
+    unmeasured by its block (every round ran beside another kind's) gets a block again,
+    once per first kind at most. From then on the kind with the highest moving average
+    of tokens per second is chosen (ties: the one listed first).
     """
 
     def __init__(
-        self, arms: tuple[int, ...] = ARMS, block: int = BLOCK, period: int = PERIOD, weight: float = WEIGHT
+        self,
+        arms: tuple[int, ...] = ARMS,
+        first: int = FIRST,
+        block: int = BLOCK,
+        period: int = PERIOD,
+        weight: float = WEIGHT,
     ) -> None:
         if len(arms) < 2 or len(set(arms)) != len(arms) or any(not isinstance(k, int) or k < 0 for k in arms):
             raise InvalidInputError(f"arms: two or more distinct draft lengths >= 0, got {arms!r}")
-        for name, value in (("block", block), ("period", period)):
+        for name, value in (("first", first), ("block", block), ("period", period)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidInputError(f"{name}: must be a positive integer, got {value!r}")
+        if first > len(arms):
+            raise InvalidInputError(f"first: at most the {len(arms)} arms, got {first!r}")
         if period < 2:
             raise InvalidInputError(f"period: must be at least 2 (one block in it explores), got {period!r}")
         if not isinstance(weight, (int, float)) or not 0 < weight <= 1:
             raise InvalidInputError(f"weight: must lie in (0, 1], got {weight!r}")
-        self.arms, self.block, self.period, self.weight = tuple(arms), block, period, float(weight)
+        self.arms, self.first, self.block = tuple(arms), first, block
+        self.period, self.weight = period, float(weight)
         #: rounds chosen of each kind
         self.rounds: dict[int, int] = dict.fromkeys(self.arms, 0)
         #: rounds measured of each kind (the others ran beside a round of another kind)
@@ -82,14 +104,16 @@ class Pace:
         # Moving averages of a measured round's seconds and tokens, per kind (None: none yet).
         self._seconds: dict[int, float | None] = dict.fromkeys(self.arms, None)
         self._tokens: dict[int, float | None] = dict.fromkeys(self.arms, None)
-        self._chosen = 0
-        self._probes = 0
         self._kind = self.arms[0]  # the current block's
+        self._left = 0  # rounds left in it
+        self._begun = 0  # blocks begun at the start (the first kinds, and their retries)
+        self._cycle = 0  # blocks begun since
+        self._turn = 0  # exploration blocks of measured kinds so far
         # A round is measured when no round of another kind ran beside it: none in
-        # flight when it started, none started since.
+        # flight when it began, none begun before it ended.
         self._in_flight: dict[int, int] = dict.fromkeys(self.arms, 0)
-        self._started: dict[int, int] = dict.fromkeys(self.arms, 0)
-        self._started_all = 0
+        self._begun_of: dict[int, int] = dict.fromkeys(self.arms, 0)
+        self._begun_all = 0
 
     def rate(self, k: int) -> float | None:
         """Tokens per second of round time of kind `k` (moving averages), None before
@@ -106,33 +130,41 @@ class Pace:
         return max(rates)[2] if rates else self.arms[0]
 
     def choose(self) -> int:
-        """The next round's K. Blocks: each kind once, in order; then in each cycle of
-        `period` blocks, `period` − 1 of the fastest kind (as measured when the block
-        begins) and one of another, each in turn."""
-        n = self._chosen
-        self._chosen += 1
-        if n % self.block == 0:
-            b = n // self.block
-            if b < len(self.arms):
-                self._kind = self.arms[b]
-            else:
-                best = self.faster()
-                self._kind = best
-                if (b - len(self.arms)) % self.period == self.period - 1:
-                    others = [k for k in self.arms if k != best]
-                    self._kind = others[self._probes % len(others)]
-                    self._probes += 1
+        """The next round's K (see the class)."""
+        if self._left == 0:
+            self._left = self.block
+            self._kind = self._next_block()
+        self._left -= 1
         self.rounds[self._kind] += 1
         return self._kind
 
+    def _next_block(self) -> int:
+        if self._begun < self.first:
+            self._begun += 1
+            return self.arms[self._begun - 1]
+        firsts = self.arms[: self.first]
+        unmeasured = [k for k in firsts if self.rate(k) is None]
+        if unmeasured and self._begun < 2 * self.first:
+            self._begun += 1
+            return unmeasured[0]
+        best = self.faster()
+        self._cycle += 1
+        if self._cycle % self.period:
+            return best
+        others = [k for k in self.arms if k != best]
+        never = [k for k in others if self.rate(k) is None]
+        if never:
+            return never[0]
+        self._turn += 1
+        return others[(self._turn - 1) % len(others)]
+
     def start(self, k: int) -> tuple[int, bool]:
         """A round of kind `k` begins: its lap, for `observe`."""
-        others_started = self._started_all - self._started[k]
-        alone = all(n == 0 for kind, n in self._in_flight.items() if kind != k)
+        lap = (self._begun_all - self._begun_of[k], all(n == 0 for j, n in self._in_flight.items() if j != k))
         self._in_flight[k] += 1
-        self._started[k] += 1
-        self._started_all += 1
-        return others_started, alone
+        self._begun_of[k] += 1
+        self._begun_all += 1
+        return lap
 
     def observe(self, k: int, seconds: float, tokens: int, lap: tuple[int, bool] | None = None) -> None:
         """A round of kind `k` took `seconds` and made `tokens` (over its batch). With
@@ -140,8 +172,8 @@ class Pace:
         kind ran beside it; without, it counts (a caller running one round at a time)."""
         if lap is not None:
             self._in_flight[k] -= 1
-            others_started, alone = lap
-            if not alone or self._started_all - self._started[k] != others_started:
+            others_begun, alone = lap
+            if not alone or self._begun_all - self._begun_of[k] != others_begun:
                 return
         if not seconds > 0 or tokens < 0:
             return  # nothing to learn from a round that took no time

@@ -22,6 +22,7 @@ whichever kinds the timings chose, instead of depending on the machine's speed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from .stats import Statistics
 from .strategies import Bundle, SharedBase, Strategy
 
 _COLUMNS = ("token_id", "alpha", "logp_theta", "logp_t", "logq", "observed_theta", "observed_t", "fallback")
+
 
 async def narrow(
     rows: list[Sequence],
@@ -237,7 +239,12 @@ class Round:
         spec, stats = bool(self.speculate), self.stats
         if self.auto:
             # Every row drawn afresh, as one token per step draws it (no drafts given to
-            # the kernel); a draft is accepted where the draw is the drafted token.
+            # the kernel); a draft is accepted where the draw is the drafted token. The
+            # draw walks the candidates in the order the servers listed them, and routes
+            # list in different orders (vLLM's generate route puts the sampled or
+            # replayed token first): each row is put in id order, so a token is the same
+            # whichever kind of round reached its position.
+            bundle = _in_id_order(bundle)
             drawn = self._kernel(bundle, positions, keys, _law_arguments(rows, lengths), drafts=False)
             drafts = bundle.drafts
             if drafts is None:
@@ -405,6 +412,21 @@ class Round:
             s.stability_fallbacks += int((res.fallback & emitted).sum())
         if cfg.sampler.enable_stability_check and not cfg.sampler.auto_fallback and res.js is not None:
             s.stability_flagged += int(((res.js > cfg.sampler.stability_js_max) & emitted).sum())
+
+
+def _in_id_order(bundle: Bundle) -> Bundle:
+    """The bundle with each row's entries by ascending id, padding (-1) last; a base
+    row that holds its values of the teacher's ids keeps their order."""
+
+    def order(top: TopK) -> np.ndarray:
+        return np.argsort(np.where(top.ids < 0, np.iinfo(np.int64).max, top.ids), axis=1, kind="stable")
+
+    def take(top: TopK, at: np.ndarray) -> TopK:
+        return TopK(np.take_along_axis(top.ids, at, axis=1), np.take_along_axis(top.logp, at, axis=1))
+
+    by_t = order(bundle.teacher)
+    base = take(bundle.base, by_t if bundle.base_scores_teacher_ids else order(bundle.base))
+    return dataclasses.replace(bundle, base=base, teacher=take(bundle.teacher, by_t))
 
 
 def _law_arguments(rows: list[Sequence], lengths: list[int]) -> dict[str, Any]:

@@ -377,4 +377,3 @@ class _Busy:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
-
