@@ -416,6 +416,7 @@ def test_auto_records_do_not_depend_on_the_kinds_chosen(
     assert s8["acceptance_rate"] == pytest.approx(s2["acceptance_rate"], abs=0.1)
 
 
+@pytest.mark.slow
 def test_auto_makes_one_token_per_step_where_each_position_costs() -> None:
     """Servers busy 4 ms per position they compute, one position after another (a CPU
     engine): drafting rounds make fewer tokens per second, and after its first blocks
