@@ -1,8 +1,9 @@
 """Fixed runs whose records must stay the same across refactors of the engine.
 
 `python tests/golden/cases.py [NAME ...]` writes one JSONL file per case (those named,
-else every case) from the current code (only when the records are meant to change); `tests/test_golden.py` compares a fresh
-run of every case with the stored file (tests/golden/compare.py says how exactly).
+else every case) from the current code (only when the records are meant to change);
+`tests/test_golden.py` compares a fresh run of every case with the stored file
+(tests/golden/compare.py says how exactly).
 """
 
 from __future__ import annotations
