@@ -4,9 +4,10 @@ second on these servers, as the run goes.
 
 Whether drafting pays is a property of the engines, not of the sampler: against servers
 whose time is a round trip (the reference servers with latency) a drafting round's
-extra positions are almost free and it makes 2-3x the tokens per second; on a
-compute-bound CPU engine every position scored costs a forward pass and the same rounds
-ran at a third of one token per step (docs/engine-time.md). So `Pace` measures instead
+extra positions are almost free and it makes up to 3x the tokens per second; on a
+compute-bound CPU engine every position scored costs a forward pass, and the same
+rounds ran at a third to a half of one token per step in some runs
+(docs/engine-time.md). So `Pace` measures instead
 of assuming: each round reports its wall time and the tokens it made, and the fastest
 kind is chosen, with a bounded share of rounds of the others so that a change (a
 neighbour's load, longer contexts) is noticed. The draft length is one of the kinds:
@@ -23,8 +24,9 @@ rounds per worker runs its middle half with only rounds of its kind beside them,
 only such rounds are measured.
 
 Everything here is a function of the calls made to it, so tests drive it with
-synthetic timings; the records never depend on it (`Round` draws every position of an
-``auto`` run as one token per step would, see round.py).
+synthetic timings; the records do not depend on it but for their `round` and `drafted`
+lists (`Round` draws every position of an ``auto`` run alike, whatever its kind of
+round; see round.py).
 """
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ the law of one token per step.
 Under `speculate="auto"` a `Pace` chooses each round's kind from measured speed (K
 drafts, or one token per sequence through the run's one-token strategy), and every
 row is drawn as one token per step draws it, from q* at its context with the position's
-uniform; a draft counts as accepted when the draw is the drafted token. For a greedy
-(point-mass) draft that is the speculative test itself, accepted with probability
-q*(d), so rounds yield as many tokens; and the records are those of one token per step
-whichever kinds the timings chose, instead of depending on the machine's speed.
+uniform, over the candidates in id order; a draft counts as accepted when the draw is
+the drafted token. For a greedy (point-mass) draft that is the speculative test itself,
+accepted with probability q*(d), so rounds yield as many tokens; and a token does not
+depend on which kind of round reached its position, so the records do not depend on
+the machine's timings (but for `round` and `drafted`, which say how the run went).
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class Round:
         diagnostics: keep the kernel's per-position divergences in the records.
         one: under ``"auto"``, the strategy of a round of one token per sequence (the
             run's without speculation); `pace` chooses each round's kind (a new one
-            when not given).
+            when not given), from round times read from `clock`.
 
     With ``save_topk`` N in the config, each token's record also keeps the teacher's N
     most likely ids at its position with their raw log probabilities, and the base's
