@@ -315,11 +315,26 @@ def _drive(pace: Pace, rounds: int, cost: dict[int, float]) -> list[int]:
 def test_auto_settles_on_one_token_where_drafting_costs_more_per_token() -> None:
     pace = Pace()
     chosen = _drive(pace, 4096, {0: 1.0, 2: 1.5, 4: 2.0, 8: 3.0})
-    first, after = chosen[: 2 * pace.block], chosen[2 * pace.block :]  # a block of 0, then of 4
-    assert first == [0] * pace.block + [4] * pace.block
+    # a block of one token, then K = 4 until two of its rounds were measured slower
+    start = pace.block + 2
+    assert chosen[:start] == [0] * pace.block + [4, 4] and chosen[start] == 0
+    after = chosen[start:]
     assert pace.faster() == 0
     assert sum(k != 0 for k in after) <= len(after) / 16
     assert set(after) == {0, 2, 4, 8}  # every other kind still explored
+
+
+def test_auto_explores_at_most_a_sixteenth_of_the_time() -> None:
+    """Where a drafting round takes ten times as long per token, exploring it is
+    bounded by its time, not only by its rounds."""
+    pace = Pace()
+    cost = {0: 1.0, 2: 10.0, 4: 10.0, 8: 10.0}
+    _drive(pace, pace.block + 2, cost)  # the start
+    before = dict(pace.seconds)
+    chosen = _drive(pace, 8192, cost)
+    explored = pace.seconds["exploring"] - before["exploring"]
+    chosen_time = pace.seconds["chosen"] - before["chosen"]
+    assert explored <= (explored + chosen_time) / 16 and set(chosen) == {0, 2, 4, 8}
 
 
 def test_auto_settles_on_drafting_where_it_pays() -> None:

@@ -43,8 +43,8 @@ FIRST = 2
 # Rounds per block of one kind when the coordinator does not say (it gives 4 per worker,
 # see `block_for`).
 BLOCK = 32
-# One block in PERIOD goes to a kind not chosen: at most 1/16 of the rounds after the
-# first blocks are exploration.
+# At most one block in PERIOD, and 1/PERIOD of the round time, explores a kind not
+# chosen (after the first blocks).
 PERIOD = 16
 # Weight of a new measurement in each kind's moving averages (about the last 1/WEIGHT
 # measured rounds count).
@@ -66,16 +66,20 @@ class Pace:
         arms: the kinds, as drafted tokens per sequence (0: one token per step).
         first: how many of them (in order) get a block each at the start.
         block: rounds per block of one kind.
-        period: blocks per cycle after the first ones; the cycle's last block is a
-            kind not chosen (exploration: 1/`period` of the rounds): one never
-            measured first, else each in turn.
+        period: after the start, one block in `period` at most explores a kind not
+            chosen (one never measured first, else each in turn), and only once the
+            rounds since the last exploration took `period` − 1 times as long as its
+            rounds did: exploration is at most 1/`period` of the rounds and of the
+            round time.
         weight: weight of a new measurement in the moving averages.
 
     `choose` returns the next round's K; the round calls `start` as it begins and then
     ``observe(k, seconds, tokens, lap)`` with the lap `start` gave. A first kind left
     unmeasured by its block (every round ran beside another kind's) gets a block again,
     once per first kind at most. From then on the kind with the highest moving average
-    of tokens per second is chosen (ties: the one listed first).
+    of tokens per second is chosen (ties: the one listed first). A block that explores
+    (or tries a kind at the start) ends early once two of its rounds were measured
+    slower than the best kind's rate: a kind that loses costs little to look at.
     """
 
     def __init__(
@@ -103,13 +107,20 @@ class Pace:
         self.rounds: dict[int, int] = dict.fromkeys(self.arms, 0)
         #: rounds measured of each kind (the others ran beside a round of another kind)
         self.measured: dict[int, int] = dict.fromkeys(self.arms, 0)
+        #: seconds of round time spent exploring (with the start's blocks) and choosing
+        self.seconds = {"exploring": 0.0, "chosen": 0.0}
         # Moving averages of a measured round's seconds and tokens, per kind (None: none yet).
         self._seconds: dict[int, float | None] = dict.fromkeys(self.arms, None)
         self._tokens: dict[int, float | None] = dict.fromkeys(self.arms, None)
         self._kind = self.arms[0]  # the current block's
         self._left = 0  # rounds left in it
+        self._block = 0  # blocks begun
+        self._exploring = False  # the current block explores (or tries a kind at the start)
+        self._here = [0, 0.0, 0.0]  # the current block's measured rounds, their seconds, tokens
         self._begun = 0  # blocks begun at the start (the first kinds, and their retries)
-        self._cycle = 0  # blocks begun since
+        self._since = 0  # blocks chosen since the last exploration
+        self._since_seconds = 0.0  # their round time
+        self._explored_seconds = 0.0  # round time of the last exploration (and the start's)
         self._turn = 0  # exploration blocks of measured kinds so far
         # A round is measured when no round of another kind ran beside it: none in
         # flight when it began, none begun before it ended.
@@ -125,22 +136,34 @@ class Pace:
             return None
         return tokens / max(seconds, 1e-9)
 
-    def faster(self) -> int:
+    def faster(self, among: tuple[int, ...] | None = None) -> int:
         """The measured kind with the highest rate (ties, and nothing measured yet: the
-        first listed)."""
-        rates = [(r, -i, k) for i, k in enumerate(self.arms) if (r := self.rate(k)) is not None]
-        return max(rates)[2] if rates else self.arms[0]
+        first listed), among `among` (every kind)."""
+        arms = self.arms if among is None else among
+        rates = [(r, -i, k) for i, k in enumerate(arms) if (r := self.rate(k)) is not None]
+        return max(rates)[2] if rates else arms[0]
 
     def choose(self) -> int:
         """The next round's K (see the class)."""
-        if self._left == 0:
-            self._left = self.block
+        if self._left == 0 or (self._exploring and self._losing()):
             self._kind = self._next_block()
+            self._left = self.block
+            self._block += 1
+            self._here = [0, 0.0, 0.0]
         self._left -= 1
         self.rounds[self._kind] += 1
         return self._kind
 
+    def _losing(self) -> bool:
+        """The exploring block's kind measured slower than the best other kind, over
+        two rounds or more of this block."""
+        n, seconds, tokens = self._here
+        others = tuple(k for k in self.arms if k != self._kind)
+        best = self.rate(self.faster(others))
+        return n >= 2 and best is not None and tokens / max(seconds, 1e-9) < best
+
     def _next_block(self) -> int:
+        self._exploring = True
         if self._begun < self.first:
             self._begun += 1
             return self.arms[self._begun - 1]
@@ -150,9 +173,11 @@ class Pace:
             self._begun += 1
             return unmeasured[0]
         best = self.faster()
-        self._cycle += 1
-        if self._cycle % self.period:
+        if self._since < self.period - 1 or self._since_seconds < (self.period - 1) * self._explored_seconds:
+            self._exploring = False
+            self._since += 1
             return best
+        self._since, self._since_seconds, self._explored_seconds = 0, 0.0, 0.0
         others = [k for k in self.arms if k != best]
         never = [k for k in others if self.rate(k) is None]
         if never:
@@ -160,26 +185,40 @@ class Pace:
         self._turn += 1
         return others[(self._turn - 1) % len(others)]
 
-    def start(self, k: int) -> tuple[int, bool]:
+    def start(self, k: int) -> tuple[int, bool, int, bool]:
         """A round of kind `k` begins: its lap, for `observe`."""
-        lap = (self._begun_all - self._begun_of[k], all(n == 0 for j, n in self._in_flight.items() if j != k))
+        alone = all(n == 0 for j, n in self._in_flight.items() if j != k)
+        lap = (self._begun_all - self._begun_of[k], alone, self._block, self._exploring)
         self._in_flight[k] += 1
         self._begun_of[k] += 1
         self._begun_all += 1
         return lap
 
-    def observe(self, k: int, seconds: float, tokens: int, lap: tuple[int, bool] | None = None) -> None:
+    def observe(self, k: int, seconds: float, tokens: int, lap: tuple[int, bool, int, bool] | None = None) -> None:
         """A round of kind `k` took `seconds` and made `tokens` (over its batch). With
-        the `lap` of `start`, the round ends, and counts only if no round of another
-        kind ran beside it; without, it counts (a caller running one round at a time)."""
+        the `lap` of `start`, the round ends, and is measured only if no round of
+        another kind ran beside it; without, it is (a caller running one round at a
+        time, in the current block)."""
+        block, exploring = (self._block, self._exploring) if lap is None else lap[2:]
+        if seconds > 0:  # the time it took counts towards the next exploration either way
+            if exploring:
+                self._explored_seconds += seconds
+                self.seconds["exploring"] += seconds
+            else:
+                self._since_seconds += seconds
+                self.seconds["chosen"] += seconds
         if lap is not None:
             self._in_flight[k] -= 1
-            others_begun, alone = lap
+            others_begun, alone = lap[:2]
             if not alone or self._begun_all - self._begun_of[k] != others_begun:
                 return
         if not seconds > 0 or tokens < 0:
             return  # nothing to learn from a round that took no time
         self.measured[k] += 1
+        if block == self._block and k == self._kind:
+            self._here[0] += 1
+            self._here[1] += seconds
+            self._here[2] += tokens
         w = self.weight
         old_s, old_t = self._seconds[k], self._tokens[k]
         self._seconds[k] = seconds if old_s is None else (1 - w) * old_s + w * seconds
