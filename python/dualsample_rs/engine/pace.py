@@ -21,7 +21,9 @@ waits behind the others' requests on the same servers, so a lone probe round amo
 rounds of another kind would measure their queue, not its own cost (a one-token round
 queued behind drafts of five positions looks as slow as they are); a block of four
 rounds per worker runs its middle half with only rounds of its kind beside them, and
-only such rounds are measured.
+only such rounds are measured. Exploration is bounded by round time as well as by
+rounds, since on a CPU engine a drafting round can take ten times a one-token round,
+and a block that explores ends early once it has measured slower than the best kind.
 
 Everything here is a function of the calls made to it, so tests drive it with
 synthetic timings; the records do not depend on it but for their `round` and `drafted`
