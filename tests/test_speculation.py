@@ -433,28 +433,31 @@ def test_auto_records_do_not_depend_on_the_kinds_chosen(
 
 @pytest.mark.slow
 def test_auto_makes_one_token_per_step_where_each_position_costs() -> None:
-    """Servers busy 4 ms per position they compute, one position after another (a CPU
+    """Servers busy 6 ms per position they compute, one position after another (a CPU
     engine): drafting rounds make fewer tokens per second, and after its first blocks
     `auto` makes one token per step but for its exploration (one block in 16)."""
-    busy = {"flavor": "sglang", "latency_per_position": 0.004}
+    busy = {"flavor": "sglang", "latency_per_position": 0.006}
     with running_server("base", **busy) as a, running_server("teacher", **busy) as b:
-        _, st = generate((a, b), "sglang", AUTO_PROMPTS, 48, speculate="auto", **AUTO_OPTIONS)
+        _, st = generate((a, b), "sglang", AUTO_PROMPTS, 40, speculate="auto", **AUTO_OPTIONS)
     modes, block = st["mode_rounds"], 4 * 8  # four rounds per worker
-    # a block of K = 4 at the start, and again if none of its rounds could be measured
-    assert modes["drafting"] <= 2 * block + modes["one_token"] / 15
-    assert modes["one_token"] >= 0.7 * (modes["one_token"] + modes["drafting"])
+    # a block of K = 4 at the start (cut short once measured slower), again if none of
+    # its rounds could be measured, and one to spare for a machine loaded by others
+    assert modes["drafting"] <= 3 * block + modes["one_token"] / 15
+    assert modes["one_token"] >= 0.6 * (modes["one_token"] + modes["drafting"])
 
 
+@pytest.mark.slow
 def test_auto_drafts_where_round_trips_cost() -> None:
-    """Servers whose every request takes 20 ms whatever its positions: drafting rounds
+    """Servers whose every request takes 50 ms whatever its positions: drafting rounds
     pay, and `auto` drafts."""
-    slow = {"flavor": "sglang", "latency": 0.02, "latency_rate": 1.0}
+    slow = {"flavor": "sglang", "latency": 0.05, "latency_rate": 1.0}
     with running_server("base", **slow) as a, running_server("teacher", **slow) as b:
         _, st = generate((a, b), "sglang", AUTO_PROMPTS, 96, speculate="auto", **AUTO_OPTIONS)
     modes, block = st["mode_rounds"], 4 * 8
-    # a block of one token at the start, and again if none of its rounds could be measured
-    assert modes["one_token"] <= 2 * block + modes["drafting"] / 15
-    assert modes["drafting"] >= 0.7 * (modes["one_token"] + modes["drafting"])
+    # a block of one token at the start, again if none of its rounds could be measured,
+    # and one to spare for a machine loaded by others
+    assert modes["one_token"] <= 3 * block + modes["drafting"] / 15
+    assert modes["drafting"] >= 0.6 * (modes["one_token"] + modes["drafting"])
     assert st["tokens_per_drafting_round"] > 2 and st["tokens_per_round"] > 2
 
 
