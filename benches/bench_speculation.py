@@ -9,6 +9,13 @@ tokens per round, the generation requests per token (tokenising and detokenising
 out), round trips per token of a sequence, and the context ids sent per token. The
 models and prompts are the demo's: plain questions for the base, the same questions in
 the teacher's chat template. A second group compares 2 and 8 batches per run at K = 4.
+
+A third group sets ``--speculate auto`` beside K = 0 and K = 4 on servers of two kinds:
+"round trip" (20 ms per request whatever it asks, where drafting pays) and "per
+position" (1 ms per position computed, one position after another, as on a CPU engine,
+where it does not). Each case's ``vs_one_token`` is its tokens/s over K = 0's in the
+same session, also printed (``-s``). This group runs 96 tokens per sequence, so that
+auto's first blocks (one of each kind, each coordinator anew) weigh less.
 """
 
 from __future__ import annotations
@@ -57,13 +64,38 @@ def test_speculation_batches(benchmark, monkeypatch, dialect: str, in_flight: in
     _measure(benchmark, dialect, in_flight, 4)
 
 
-def _measure(benchmark, dialect: str, in_flight: int, speculate: int | str) -> None:
+COSTS = {
+    "round trip": {"latency": LATENCY, "latency_rate": 1.0},
+    "per position": {"latency_per_position": 0.001},
+}
+_ONE_TOKEN: dict[str, float] = {}  # K = 0's tokens/s per cost, for the ratios
+
+
+@pytest.mark.parametrize("speculate", [0, 4, "auto"])
+@pytest.mark.parametrize("cost", list(COSTS))
+def test_speculation_auto(benchmark, cost: str, speculate: int | str) -> None:
+    """`auto` against one token per step and K = 4, where drafting pays and where not."""
+    benchmark.group = f"sglang, 32 in flight: auto on servers costing per {cost}"
+    found = _measure(benchmark, "sglang", 32, speculate, server=COSTS[cost], tokens=2 * TOKENS)
+    rate = found["tokens_per_second"]
+    if speculate == 0:
+        _ONE_TOKEN[cost] = rate
+    if cost in _ONE_TOKEN:
+        benchmark.extra_info["vs_one_token"] = round(rate / _ONE_TOKEN[cost], 3)
+        print(
+            f"\n{cost}, speculate={speculate}: {rate:.0f} tokens/s, {rate / _ONE_TOKEN[cost]:.2f}x one token per step"
+        )
+
+
+def _measure(
+    benchmark, dialect: str, in_flight: int, speculate: int | str, server: dict | None = None, tokens: int = TOKENS
+) -> dict[str, float]:
     questions = [DEMO_QUESTIONS[i % len(DEMO_QUESTIONS)] for i in range(in_flight)]
     plain = [f"Question: {q}\nAnswer:" for q in questions]
     teacher = [chat([{"role": "user", "content": q}], True) for q in questions]
     with contextlib.ExitStack() as stack:
-        urls = [stack.enter_context(running_server(m, latency=LATENCY, latency_rate=1.0, **FLAVOR[dialect]))
-                for m in ("base", "teacher")]  # fmt: skip
+        costs = server if server is not None else {"latency": LATENCY, "latency_rate": 1.0}
+        urls = [stack.enter_context(running_server(m, **costs, **FLAVOR[dialect])) for m in ("base", "teacher")]
         config = CoordinatorConfig(theta_url=urls[0], t_url=urls[1], dialect=dialect, speculate=speculate,  # type: ignore[arg-type]
                                    max_concurrency=in_flight, max_batch_size=32, stop_token_ids=(), seed=1)  # fmt: skip
         found: dict[str, float] = {}
@@ -72,25 +104,29 @@ def _measure(benchmark, dialect: str, in_flight: int, speculate: int | str) -> N
             async with DualVLLMCoordinator(config) as coord:
                 before = coord.get_statistics()["total_requests"]
                 t0, cpu0 = time.perf_counter(), time.process_time()
-                outs = await coord.generate_batch_dual_prompts(plain, teacher, max_tokens=TOKENS, show_progress=False)
+                outs = await coord.generate_batch_dual_prompts(plain, teacher, max_tokens=tokens, show_progress=False)
                 wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
                 st = coord.get_statistics()
-            tokens = sum(len(o.token_ids) for o in outs)
-            assert tokens == in_flight * TOKENS and not any(o.error for o in outs)
+            made = sum(len(o.token_ids) for o in outs)
+            assert made == in_flight * tokens and not any(o.error for o in outs)
             # Each sequence is tokenised on both servers and detokenised once.
             generation_requests = st["total_requests"] - before - 3 * in_flight
+            modes = st["mode_rounds"]
             sent = coord.theta.stats.prompt_tokens + coord.teacher.stats.prompt_tokens
             found.update(
                 # The best of the rounds: this VM's neighbours add noise, never speed.
-                tokens_per_second=max(found.get("tokens_per_second", 0.0), tokens / wall),
+                tokens_per_second=max(found.get("tokens_per_second", 0.0), made / wall),
                 # The coordinator's own CPU (the servers run in other processes).
-                cpu_us_per_token=min(found.get("cpu_us_per_token", float("inf")), 1e6 * cpu / tokens),
+                cpu_us_per_token=min(found.get("cpu_us_per_token", float("inf")), 1e6 * cpu / made),
                 acceptance_rate=st["acceptance_rate"],
                 tokens_per_round=st["tokens_per_round"] if st["rounds"] else 1.0,
-                requests_per_token=generation_requests / tokens,
-                round_trips_per_token=2 * (st["rounds"] or tokens) / tokens,
-                context_ids_per_token=sent / tokens,
+                requests_per_token=generation_requests / made,
+                round_trips_per_token=2 * (st["rounds"] or made) / made,
+                context_ids_per_token=sent / made,
+                # under auto, the share of batch rounds that drafted
+                drafting_share=modes["drafting"] / max(1, modes["drafting"] + modes["one_token"]),
             )
 
         benchmark.pedantic(lambda: asyncio.run(go()), rounds=ROUNDS, iterations=1)
     benchmark.extra_info.update({k: round(v, 3) for k, v in found.items()})
+    return found

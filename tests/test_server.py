@@ -477,3 +477,24 @@ def test_trace_replay_reports_the_model_at_each_given_token(generate_pair: tuple
     # a teacher serving the generate route without trace replay
     r = httpx.post(generate_pair[1] + "/inference/v1/generate", json=body, timeout=30)
     assert r.status_code == 400 and "trace replay is not enabled" in r.json()["error"]["message"]
+
+
+def test_latency_per_position_holds_the_model_per_position_computed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--latency-per-position: the model waits that long per context it computes (one
+    lock, so positions of concurrent requests wait one after another), and computes the
+    same log probabilities."""
+    from dualsample_rs.server import app
+    from dualsample_rs.server.model import load_preset
+
+    waited: list[float] = []
+    monkeypatch.setattr(app.time, "sleep", waited.append)
+    model = load_preset("base")
+    busy = app.Server(model, app.ServerOptions(latency_per_position=0.25)).model
+    contexts = [[5, 6], [5, 6, 7], [8]]
+    np.testing.assert_array_equal(busy.next_logprobs(contexts), model.next_logprobs(contexts))
+    assert waited == [0.75] and busy.vocab_size == model.vocab_size
+    assert app.Server(model, app.ServerOptions()).model is model  # no wrapper by default
+    with pytest.raises(ValueError, match="latency_per_position"):
+        app.Server(model, app.ServerOptions(latency_per_position=-1.0))
+    cli = subprocess.run([sys.executable, "-m", "dualsample_rs", "serve", "--help"], capture_output=True, text=True)
+    assert "--latency-per-position" in cli.stdout

@@ -26,7 +26,8 @@ from dualsample_rs.backends import (
     VLLMCompletionsBackend,
     VLLMGenerateBackend,
 )
-from dualsample_rs.engine.round import AUTO_RANGE, auto_drafts
+from dualsample_rs.engine import coordinator
+from dualsample_rs.engine.pace import Pace
 from dualsample_rs.exceptions import ConfigurationError, InvalidInputError, InvalidResponseError
 from dualsample_rs.server import running_server
 from scipy import stats
@@ -189,7 +190,9 @@ def test_same_records_whatever_the_concurrency(flavors: dict[str, tuple[str, str
         generate(flavors[f], DIALECT[f], prompts, 30, seed=5, speculate=speculate, max_concurrency=c, max_batch_size=b)
         for f, c, b in (("vllm", 1, 1), ("vllm", 64, 8), ("sglang", 36, 36), ("sglang", 5, 2))
     ]
-    records = [[o.to_record() for o in outs] for outs, _ in runs]
+    # Under "auto" the rounds' kinds follow the timings: the records but their rounds.
+    strip = ("round", "drafted") if speculate == "auto" else ()
+    records = [[{k: v for k, v in o.to_record().items() if k not in strip} for o in outs] for outs, _ in runs]
     # Each dialect, whatever the batching. (Across dialects the servers' sums differ in
     # the last bits, which can tip a greedy draft between near-equal tokens.)
     assert records[0] == records[1] and records[2] == records[3]
@@ -296,9 +299,166 @@ def test_exact_scoring_rounds_fit_vllm_cap_of_128_ids() -> None:
     _assert_same_numbers(one, spec, at_least=20)
 
 
-def test_auto_drafts_more_where_more_is_accepted() -> None:
-    ks = [auto_drafts(100, accepted) for accepted in (5, 30, 60, 85, 99)]
-    assert ks == sorted(ks) and ks[0] == 1 and ks[-1] == max(AUTO_RANGE)
+# ------------------------------------------------------------ speculate="auto"
+def _drive(pace: Pace, rounds: int, cost: dict[int, float]) -> list[int]:
+    """`rounds` rounds one after another, a round of kind K taking ``cost[K]`` seconds
+    per token over a batch of 8 sequences making 1 + 0.75·K tokens each: the kinds chosen."""
+    chosen = []
+    for _ in range(rounds):
+        k = pace.choose()
+        tokens = int(8 * (1 + 0.75 * k))
+        pace.observe(k, cost[k] * tokens, tokens, pace.start(k))
+        chosen.append(k)
+    return chosen
+
+
+def test_auto_settles_on_one_token_where_drafting_costs_more_per_token() -> None:
+    pace = Pace()
+    chosen = _drive(pace, 4096, {0: 1.0, 2: 1.5, 4: 2.0, 8: 3.0})
+    # a block of one token, then K = 4 until two of its rounds were measured slower
+    start = pace.block + 2
+    assert chosen[:start] == [0] * pace.block + [4, 4] and chosen[start] == 0
+    after = chosen[start:]
+    assert pace.faster() == 0
+    assert sum(k != 0 for k in after) <= len(after) / 16
+    assert set(after) == {0, 2, 4, 8}  # every other kind still explored
+
+
+def test_auto_explores_at_most_a_sixteenth_of_the_time() -> None:
+    """Where a drafting round takes ten times as long per token, exploring it is
+    bounded by its time, not only by its rounds."""
+    pace = Pace()
+    cost = {0: 1.0, 2: 10.0, 4: 10.0, 8: 10.0}
+    _drive(pace, pace.block + 2, cost)  # the start
+    before = dict(pace.seconds)
+    chosen = _drive(pace, 8192, cost)
+    explored = pace.seconds["exploring"] - before["exploring"]
+    chosen_time = pace.seconds["chosen"] - before["chosen"]
+    assert explored <= (explored + chosen_time) / 16 and set(chosen) == {0, 2, 4, 8}
+
+
+def test_auto_settles_on_drafting_where_it_pays() -> None:
+    pace = Pace()
+    chosen = _drive(pace, 4096, {0: 1.0, 2: 0.5, 4: 0.4, 8: 0.3})
+    after = chosen[2 * pace.block :]
+    # K = 4 until exploration finds K = 8 (the first kind never measured it tries)
+    assert pace.faster() == 8 and chosen[-1024:].count(8) >= 1024 * 15 / 16
+    assert sum(k == 0 for k in after) <= len(after) / 16
+    assert pace.summary()[8]["rounds"] == chosen.count(8)
+
+
+def test_auto_follows_the_costs_when_they_swap() -> None:
+    pace = Pace()
+    cheap_drafts, dear_drafts = {0: 1.0, 2: 0.6, 4: 0.4, 8: 0.5}, {0: 1.0, 2: 2.0, 4: 3.0, 8: 5.0}
+    first = _drive(pace, 2048, cheap_drafts)
+    second = _drive(pace, 2048, dear_drafts)
+    third = _drive(pace, 4096, cheap_drafts)
+    assert first[-512:].count(4) >= 480
+    # the kind in use is measured as it runs, and the next best drafting kind's rate is
+    # older: leaving drafting takes at most a block of each drafting kind (and the one under way)
+    assert second[4 * pace.block :].count(0) >= (2048 - 4 * pace.block) * 15 / 16
+    # back to drafting at the first exploration block of a drafting kind, then to the best
+    assert sum(k != 0 for k in third[-2048:]) >= 2048 * 15 / 16 and pace.faster() == 4
+
+
+def test_auto_measures_only_rounds_without_another_kind_beside_them() -> None:
+    """A round that ran beside a round of another kind would measure their queue on
+    the servers, not its own cost: it is not counted."""
+    pace = Pace(arms=(0, 4), block=2)
+    a = pace.start(0)
+    b = pace.start(4)  # began while `a` was in flight
+    pace.observe(0, 1.0, 8, a)
+    pace.observe(4, 1.0, 8, b)
+    assert pace.measured == {0: 0, 4: 0}
+    c = pace.start(0)
+    pace.observe(0, 1.0, 8, c)  # alone
+    assert pace.measured == {0: 1, 4: 0} and pace.rate(0) == 8.0 and pace.rate(4) is None
+    pace.observe(4, 0.5, 8)  # without a lap: one round at a time, counted
+    assert pace.rate(4) == 16.0 and pace.faster() == 4
+
+
+def test_auto_tries_again_a_first_kind_it_could_not_measure() -> None:
+    pace = Pace(arms=(0, 4), block=1)
+    k0 = pace.choose()
+    lap0 = pace.start(k0)
+    k4 = pace.choose()
+    lap4 = pace.start(k4)  # beside the first: neither is measured
+    pace.observe(k0, 1.0, 8, lap0)
+    pace.observe(k4, 1.0, 32, lap4)
+    assert (k0, k4) == (0, 4) and pace.choose() == 0  # their blocks again
+    pace.observe(0, 1.0, 8)
+    assert pace.choose() == 4
+    pace.observe(4, 1.0, 32)
+    assert pace.choose() == 4 and pace.faster() == 4
+
+
+def test_bad_pace_settings_are_refused() -> None:
+    bads = ({"block": 0}, {"period": 1}, {"weight": 0.0}, {"arms": (0,)}, {"arms": (0, -1)}, {"block": True},
+            {"first": 5})  # fmt: skip
+    for bad in bads:
+        with pytest.raises(InvalidInputError, match=next(iter(bad))) as err:
+            Pace(**bad)  # type: ignore[arg-type]
+        assert isinstance(err.value, ValueError)
+
+
+AUTO_PROMPTS = [f"({i}) Question: Why is the sky blue?\nAnswer:" for i in range(32)]
+AUTO_OPTIONS: dict[str, Any] = {"seed": 7, "max_concurrency": 32, "max_batch_size": 32, "stop_token_ids": ()}
+
+
+def _without_rounds(outs: list[GenerationOutput]) -> list[dict[str, Any]]:
+    """The records but the rounds they came in (which depend on the kinds chosen)."""
+    return [{k: v for k, v in o.to_record().items() if k not in ("round", "drafted")} for o in outs]
+
+
+@pytest.mark.parametrize("flavor", ["vllm", "sglang"])
+def test_auto_records_do_not_depend_on_the_kinds_chosen(
+    flavors: dict[str, tuple[str, str]], flavor: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`auto` draws every position as one token per step does, in one order of the
+    candidates whichever route listed them: runs held to one token per step, to K = 2
+    and to K = 8 (and one left to choose) give the same records."""
+    runs = []
+    for arms in ((0, 8), (2, 0), (8, 0), None):
+        if arms is not None:  # one kind only: a block longer than the run
+            monkeypatch.setattr(coordinator, "Pace", lambda block, arms=arms: Pace(arms=arms, first=1, block=10**6))
+        else:
+            monkeypatch.undo()
+        runs.append(generate(flavors[flavor], DIALECT[flavor], AUTO_PROMPTS, 24, speculate="auto", **AUTO_OPTIONS))
+    (one, s0), (two, s2), (eight, s8), (chosen, _) = runs
+    assert s0["mode_rounds"]["K=0"] == s0["mode_rounds"]["one_token"] > 0 and s0["tokens_per_round"] == 1
+    assert s8["mode_rounds"]["K=8"] > 0 and s8["tokens_per_round"] > 2 and s2["tokens_per_drafting_round"] > 1.5
+    assert _without_rounds(one) == _without_rounds(two) == _without_rounds(eight) == _without_rounds(chosen)
+    assert s8["acceptance_rate"] == pytest.approx(s2["acceptance_rate"], abs=0.1)
+
+
+@pytest.mark.slow
+def test_auto_makes_one_token_per_step_where_each_position_costs() -> None:
+    """Servers busy 6 ms per position they compute, one position after another (a CPU
+    engine): drafting rounds make fewer tokens per second, and after its first blocks
+    `auto` makes one token per step but for its exploration (one block in 16)."""
+    busy = {"flavor": "sglang", "latency_per_position": 0.006}
+    with running_server("base", **busy) as a, running_server("teacher", **busy) as b:
+        _, st = generate((a, b), "sglang", AUTO_PROMPTS, 40, speculate="auto", **AUTO_OPTIONS)
+    modes, block = st["mode_rounds"], 4 * 8  # four rounds per worker
+    # a block of K = 4 at the start (cut short once measured slower), again if none of
+    # its rounds could be measured, and one to spare for a machine loaded by others
+    assert modes["drafting"] <= 3 * block + modes["one_token"] / 15
+    assert modes["one_token"] >= 0.6 * (modes["one_token"] + modes["drafting"])
+
+
+@pytest.mark.slow
+def test_auto_drafts_where_round_trips_cost() -> None:
+    """Servers whose every request takes 50 ms whatever its positions: drafting rounds
+    pay, and `auto` drafts."""
+    slow = {"flavor": "sglang", "latency": 0.05, "latency_rate": 1.0}
+    with running_server("base", **slow) as a, running_server("teacher", **slow) as b:
+        _, st = generate((a, b), "sglang", AUTO_PROMPTS, 96, speculate="auto", **AUTO_OPTIONS)
+    modes, block = st["mode_rounds"], 4 * 8
+    # a block of one token at the start, again if none of its rounds could be measured,
+    # and one to spare for a machine loaded by others
+    assert modes["one_token"] <= 3 * block + modes["drafting"] / 15
+    assert modes["drafting"] >= 0.6 * (modes["one_token"] + modes["drafting"])
+    assert st["tokens_per_drafting_round"] > 2 and st["tokens_per_round"] > 2
 
 
 def test_bad_speculate_values_are_refused() -> None:

@@ -195,10 +195,14 @@ async def _flush_when_due(writer: Any) -> None:
 
 
 def _speculation_line(stats: dict[str, Any]) -> str:
-    return (
+    line = (
         f"speculation: {stats['rounds']} rounds, {stats['tokens_per_round']:.2f} tokens per round, "
         f"acceptance rate {stats['acceptance_rate']:.2f}, {stats['requests_per_token']:.2f} requests per token"
     )
+    modes = stats.get("mode_rounds", {})
+    if any(modes.values()):  # --speculate auto: how its rounds split
+        line += f"; auto: {modes['drafting']} batch rounds drafting, {modes['one_token']} one token per step"
+    return line
 
 
 # Seconds allowed to reach a Ray cluster's address before giving up (Ray itself retries

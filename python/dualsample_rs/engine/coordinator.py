@@ -36,6 +36,7 @@ from ..exceptions import (
 from ..io.prompts import Prompt, check_prompt
 from ..io.record import GenerationOutput, summarise
 from .handshake import ServerInfo, agree, stop_and_excluded_ids
+from .pace import Pace, block_for
 from .round import Round, RoundKey, Routed
 from .scheduler import Scheduler
 from .sequence import Sequence, WorkItem, stable_key
@@ -111,6 +112,8 @@ class Coordinator:
         self.speculate: int | str = self.config.run.speculate
         #: why speculative rounds asked for are off, by teacher ("": the unnamed one)
         self.speculation_off: dict[str, str] = {}
+        #: under speculate="auto", each lane's (name, temperature) choice of round kind
+        self._paces: dict[RoundKey, Pace] = {}
 
     async def __aenter__(self) -> Coordinator:
         try:
@@ -355,14 +358,9 @@ class Coordinator:
 
         rounds = {(name, float(temperature)): round_for((name, float(temperature))) for name in self.lanes}
         advance = Routed(rounds, round_for, self.base, cfg.sampler.top_k, self.stats)
-        # A strategy that asks the teacher, then the base, needs two workers or more to
-        # keep both servers busy, each with its own half of the sequences in flight.
-        least = 2 if any(r.ask.serial for r in rounds.values()) else 1
-        if any(lane.speculate for lane in self.lanes.values()):
-            # Rounds vary in length and each waits for its slowest sequence: more, smaller
-            # batches keep both servers busier (bench_speculation: +1-11% tokens/s over two).
-            least = min(cfg.run.max_concurrency, SPECULATION_WORKERS)
-        workers = max(math.ceil(cfg.run.max_concurrency / cfg.run.max_batch_size), least)
+        workers = self._workers(
+            cfg, any(r.ask.serial for r in rounds.values()), any(lane.speculate for lane in self.lanes.values())
+        )
         batch = max(1, min(cfg.run.max_batch_size, math.ceil(cfg.run.max_concurrency / workers)))
         return Scheduler(
             lambda index, item: self._prepare(index, item, max_tokens, temperature),
@@ -374,6 +372,19 @@ class Coordinator:
             gate,
         )
 
+    @staticmethod
+    def _workers(cfg: CoordinatorConfig, serial: bool, speculate: bool = True) -> int:
+        """Concurrent batches of a call, for a strategy that asks in series or not,
+        with or without speculation."""
+        # A strategy that asks the teacher, then the base, needs two workers or more to
+        # keep both servers busy, each with its own half of the sequences in flight.
+        least = 2 if serial else 1
+        if speculate:
+            # Rounds vary in length and each waits for its slowest sequence: more, smaller
+            # batches keep both servers busier (bench_speculation: +1-11% tokens/s over two).
+            least = min(cfg.run.max_concurrency, SPECULATION_WORKERS)
+        return max(math.ceil(cfg.run.max_concurrency / cfg.run.max_batch_size), least)
+
     def _round(self, key: str, cfg: CoordinatorConfig, temperature: float, diagnostics: bool) -> Round:
         """The round of one teacher's sequences, or of one mixture's (`key`), under the
         call's settings `cfg` and `temperature`."""
@@ -382,6 +393,13 @@ class Coordinator:
             lane_cfg = route.config(cfg, temperature)
             ask = choose(lane_cfg, self.base, route.replicas, route.speculate)
             speculate = route.speculate
+            # "auto" also runs rounds of one token per sequence, asked as without speculation.
+            one = choose(lane_cfg, self.base, route.replicas, 0) if speculate == "auto" else None
+            # One pace per lane and temperature for the coordinator's life: what it
+            # measured carries over from one call to the next.
+            pace = None
+            if one is not None:
+                pace = self._paces.setdefault((key, temperature), Pace(block=block_for(self._workers(cfg, True))))
         else:
             # Teachers with their own temperatures: reweighted, one temperature for the mix.
             taus = [lane.config(cfg, temperature).sampler.teacher_temperature for lane in route.lanes]
@@ -389,6 +407,7 @@ class Coordinator:
             lane_cfg = cfg.replace(temperature_t=tau)
             members = {lane.name: (lane.replicas, w) for lane, w in zip(route.lanes, weights, strict=True)}
             ask, speculate = Mixed(self.base, members, cfg.sampler.top_k, cfg.sampler.missing), 0
+            one = pace = None
         assert self.info is not None
         want_diag = diagnostics or (cfg.sampler.enable_stability_check and not cfg.sampler.auto_fallback)
         return Round(
@@ -400,6 +419,8 @@ class Coordinator:
             (self.info[0].max_model_len, min(lane.info.max_model_len for lane in route.lanes)),
             self.stats,
             diagnostics,
+            one,
+            pace,
         )
 
     def get_statistics(self) -> dict[str, Any]:

@@ -9,11 +9,22 @@ residual, q* without it, and ends the round; when all are accepted the last row'
 is drawn from q*. Each position's draws are keyed by (seed, sequence, position), so the
 records do not depend on batching, concurrency or K: speculative rounds have exactly
 the law of one token per step.
+
+Under `speculate="auto"` a `Pace` chooses each round's kind from measured speed (K
+drafts, or one token per sequence through the run's one-token strategy), and every
+row is drawn as one token per step draws it, from q* at its context with the position's
+uniform, over the candidates in id order; a draft counts as accepted when the draw is
+the drafted token. For a greedy (point-mass) draft that is the speculative test itself,
+accepted with probability q*(d), so rounds yield as many tokens; and a token does not
+depend on which kind of round reached its position, so the records do not depend on
+the machine's timings (but for `round` and `drafted`, which say how the run went).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,29 +36,12 @@ from ..backends import Backend, TopK
 from ..config.coordinator import CoordinatorConfig
 from ..exceptions import APIError, BadRequestError, DualSampleError, InvalidInputError
 from ..io.record import DIAGNOSTIC_NAMES, GenerationOutput
+from .pace import Pace
 from .sequence import Sequence, Truncation
 from .stats import Statistics
 from .strategies import Bundle, SharedBase, Strategy
 
 _COLUMNS = ("token_id", "alpha", "logp_theta", "logp_t", "logq", "observed_theta", "observed_t", "fallback")
-
-# `speculate="auto"`: the drafted tokens per round are chosen among these (few values,
-# since SGLang takes one generation length per request).
-AUTO_RANGE = (1, 2, 4, 8)
-# A drafted position's cost relative to a round trip, for choosing K under "auto".
-AUTO_POSITION_COST = 0.1
-
-
-def auto_drafts(tested: int, accepted: int) -> int:
-    """The K that maximises expected tokens per unit of cost at the sequence's
-    acceptance rate so far (Laplace-smoothed): a round with K drafts gives
-    (1 − a^(K+1)) / (1 − a) tokens and costs 1 + c·(K + 1)."""
-    a = min((accepted + 1) / (tested + 2), 0.999)
-
-    def value(k: int) -> float:
-        return (1 - a ** (k + 1)) / (1 - a) / (1 + AUTO_POSITION_COST * (k + 1))
-
-    return max(AUTO_RANGE, key=value)
 
 
 async def narrow(
@@ -146,6 +140,9 @@ class Round:
         speculate: drafted tokens per round, ``"auto"``, or 0 for one token per step.
         stop_ids: ids that end a sequence; `max_model_len` each server's context length.
         diagnostics: keep the kernel's per-position divergences in the records.
+        one: under ``"auto"``, the strategy of a round of one token per sequence (the
+            run's without speculation); `pace` chooses each round's kind (a new one
+            when not given), from round times read from `clock`.
 
     With ``save_topk`` N in the config, each token's record also keeps the teacher's N
     most likely ids at its position with their raw log probabilities, and the base's
@@ -162,21 +159,49 @@ class Round:
         max_model_len: tuple[int, int],
         stats: Statistics,
         diagnostics: bool,
+        one: Strategy | None = None,
+        pace: Pace | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.ask, self.config, self.sampler, self.speculate = ask, config, sampler, speculate
         self.stop = frozenset(stop_ids)
         self.max_model_len = max_model_len
         self.stats, self.diagnostics = stats, diagnostics
+        self.auto = speculate == "auto" and one is not None
+        self.one = one
+        self.pace = (pace or Pace()) if self.auto else None
+        self.clock = clock
 
     async def __call__(self, batch: list[Sequence], shared: SharedBase | None = None) -> None:
         """One round for every sequence in `batch`; failures become per-sequence errors
         (a rejected request is split to find the sequences it was rejected for, and rows
         the kernel refuses, for bad data from a server, are isolated the same way).
         `shared`: the base's top-k for a batch holding these sequences."""
+        if self.pace is None:
+            await self._round(batch, shared, None)
+            return
+        # "auto": the pace chooses K (0: one token); it learns the round's time and tokens.
+        pace = self.pace
+        k = pace.choose()
+        lap = pace.start(k)
+        self.stats.mode_rounds[k] = self.stats.mode_rounds.get(k, 0) + 1
+        before = sum(len(s.out.token_ids) for s in batch)
+        t0 = self.clock()
+        try:
+            await self._round(batch, shared, k)
+        finally:
+            made = sum(len(s.out.token_ids) for s in batch) - before
+            pace.observe(k, self.clock() - t0, made, lap)
+
+    async def _round(self, batch: list[Sequence], shared: SharedBase | None, k: int | None) -> None:
+        """The round, with `k` drafts per sequence under ``"auto"`` (0: one token,
+        asked as without speculation; None: the run's `speculate`)."""
+        ask = self.one if k == 0 and self.one is not None else self.ask
 
         async def attempt(start: int, stop: int) -> None:
             rows = batch[start:stop]
-            bundle = await self.ask(rows, [self._length(s) for s in rows], shared)
+            lengths = [1] * len(rows) if k == 0 else [self._length(s, k) for s in rows]
+            bundle = await ask(rows, lengths, shared)
 
             async def apply(a: int, b: int) -> None:
                 self.apply(rows[a:b], bundle.rows(a, b))
@@ -185,12 +210,14 @@ class Round:
 
         await narrow(batch, attempt, BadRequestError)
 
-    def _length(self, seq: Sequence) -> int:
-        """Positions in this round: K drafts to test plus one, within the sequence's
-        token budget and both servers' context lengths (so every draft fits)."""
-        if not self.speculate:
-            return 1
-        k = auto_drafts(seq.tested, seq.accepted) if self.speculate == "auto" else int(self.speculate)
+    def _length(self, seq: Sequence, k: int | None = None) -> int:
+        """Positions in this round: K drafts to test plus one (`k`, else the run's
+        `speculate`), within the sequence's token budget and both servers' context
+        lengths (so every draft fits)."""
+        if k is None:
+            if not self.speculate or self.speculate == "auto":  # auto without a pace: one token
+                return 1
+            k = int(self.speculate)
         max_base, max_teacher = self.max_model_len
         room = min(
             seq.max_tokens - len(seq.out.token_ids),
@@ -210,9 +237,23 @@ class Round:
             [len(s.out.token_ids) + np.arange(n, dtype=np.int64) for s, n in zip(rows, lengths, strict=True)]
         )
         keys = np.repeat(np.fromiter((s.item.key for s in rows), dtype=np.int64, count=len(rows)), lengths)
-        drawn = self._kernel(bundle, positions, keys, _law_arguments(rows, lengths))
         spec, stats = bool(self.speculate), self.stats
-        accepted = drawn.res.accepted.tolist()
+        if self.auto:
+            # Every row drawn afresh, as one token per step draws it (no drafts given to
+            # the kernel); a draft is accepted where the draw is the drafted token. The
+            # draw walks the candidates in the order the servers listed them, and routes
+            # list in different orders (vLLM's generate route puts the sampled or
+            # replayed token first): each row is put in id order, so a token is the same
+            # whichever kind of round reached its position.
+            bundle = _in_id_order(bundle)
+            drawn = self._kernel(bundle, positions, keys, _law_arguments(rows, lengths), drafts=False)
+            drafts = bundle.drafts
+            if drafts is None:
+                drafts = np.full(len(positions), -1, dtype=np.int64)
+            accepted = ((drawn.res.token_id == drafts) & (drafts >= 0)).tolist()
+        else:
+            drawn = self._kernel(bundle, positions, keys, _law_arguments(rows, lengths))
+            accepted = drawn.res.accepted.tolist()
         emitted = np.zeros(len(positions), dtype=bool)
         offset = 0
         for seq, n in zip(rows, lengths, strict=True):
@@ -242,7 +283,11 @@ class Round:
                 stats.rounds += 1
             offset += n
         if spec:
-            stats.round_tokens += int(emitted.sum())
+            made = int(emitted.sum())
+            stats.round_tokens += made
+            if bundle.drafts is not None:  # a drafting round (every speculative one but auto's one-token rounds)
+                stats.drafting_rounds += len(rows)
+                stats.drafting_round_tokens += made
         self._count(drawn, emitted)
 
     def _apply_one_each(self, rows: list[Sequence], bundle: Bundle) -> None:
@@ -259,15 +304,18 @@ class Round:
             emit(seq, drawn, i)
         self._count(drawn, np.ones(n, dtype=bool))
 
-    def _kernel(self, bundle: Bundle, positions: np.ndarray, keys: np.ndarray, law: dict[str, Any]) -> Drawn:
+    def _kernel(
+        self, bundle: Bundle, positions: np.ndarray, keys: np.ndarray, law: dict[str, Any], drafts: bool = True
+    ) -> Drawn:
         """The Rust step over the rows, as Python columns; `law`: the per-row sampling
-        parameters and alternatives wanted (see `_law_arguments`)."""
+        parameters and alternatives wanted (see `_law_arguments`); without `drafts`,
+        every row is drawn afresh whatever the bundle drafted."""
         base, teacher = bundle.base, bundle.teacher
         force = positions == 0 if self.config.sampler.force_first_token else np.zeros(len(positions), dtype=bool)
         res = _core.step(
             base.ids, base.logp, teacher.ids, teacher.logp,
             config=self.sampler, seed=self.config.run.seed, positions=positions, row_keys=keys, force_teacher=force,
-            drafts=bundle.drafts, **law,
+            drafts=bundle.drafts if drafts else None, **law,
         )  # fmt: skip
         cols: list[list[Any]] = [getattr(res, name).tolist() for name in _COLUMNS]
         # The record holds each model's own log probability of the token where its server
@@ -365,6 +413,21 @@ class Round:
             s.stability_fallbacks += int((res.fallback & emitted).sum())
         if cfg.sampler.enable_stability_check and not cfg.sampler.auto_fallback and res.js is not None:
             s.stability_flagged += int(((res.js > cfg.sampler.stability_js_max) & emitted).sum())
+
+
+def _in_id_order(bundle: Bundle) -> Bundle:
+    """The bundle with each row's entries by ascending id, padding (-1) last; a base
+    row that holds its values of the teacher's ids keeps their order."""
+
+    def order(top: TopK) -> np.ndarray:
+        return np.argsort(np.where(top.ids < 0, np.iinfo(np.int64).max, top.ids), axis=1, kind="stable")
+
+    def take(top: TopK, at: np.ndarray) -> TopK:
+        return TopK(np.take_along_axis(top.ids, at, axis=1), np.take_along_axis(top.logp, at, axis=1))
+
+    by_t = order(bundle.teacher)
+    base = take(bundle.base, by_t if bundle.base_scores_teacher_ids else order(bundle.base))
+    return dataclasses.replace(bundle, base=base, teacher=take(bundle.teacher, by_t))
 
 
 def _law_arguments(rows: list[Sequence], lengths: list[int]) -> dict[str, Any]:

@@ -26,6 +26,13 @@ class Statistics:
     round_tokens: int = 0  # tokens the rounds made (finished sequences or not)
     drafted: int = 0
     accepted: int = 0
+    # sequence-rounds that drafted, and their tokens (all speculative rounds but the
+    # one-token rounds `speculate="auto"` chose)
+    drafting_rounds: int = 0
+    drafting_round_tokens: int = 0
+    # batch rounds of each kind `speculate="auto"` chose, by drafts per sequence (0: one
+    # token; engine/pace.py)
+    mode_rounds: dict[int, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     # per named teacher, and per mixture ("a=0.5,b=0.5"): [sequences, errors, tokens]
     teachers: dict[str, list[int]] = field(default_factory=dict)
@@ -68,7 +75,11 @@ class Statistics:
         ``stability_fallbacks``, ``stability_flagged``, ``mean_alpha``, ``elapsed_s`` and
         ``tokens_per_second``.
         With speculative rounds: ``rounds``, ``drafted`` (drafted tokens tested),
-        ``accepted``, ``acceptance_rate``, ``tokens_per_round``; and always
+        ``accepted``, ``acceptance_rate``, ``tokens_per_round`` (every round's), and the
+        split: ``drafting_rounds`` and ``tokens_per_drafting_round`` (the rounds that
+        drafted), ``one_token_rounds`` (rounds of one token that ``"auto"`` chose), and
+        ``mode_rounds``, the batch rounds ``"auto"`` chose of each kind: ``one_token``,
+        ``drafting``, and by drafts per sequence ``"K=0"``, ``"K=2"``, ...; and always
         ``requests_per_token``. The teachers' requests are counted together (``requests_t``);
         with named teachers the coordinator adds each one's under ``teachers``."""
         elapsed = max(time.monotonic() - self.started, 1e-9)
@@ -101,6 +112,16 @@ class Statistics:
             "accepted": self.accepted,
             "acceptance_rate": self.accepted / self.drafted if self.drafted else math.nan,
             "tokens_per_round": self.round_tokens / self.rounds if self.rounds else math.nan,
+            "drafting_rounds": self.drafting_rounds,
+            "tokens_per_drafting_round": (
+                self.drafting_round_tokens / self.drafting_rounds if self.drafting_rounds else math.nan
+            ),
+            "one_token_rounds": self.rounds - self.drafting_rounds,
+            "mode_rounds": {
+                "one_token": self.mode_rounds.get(0, 0),
+                "drafting": sum(n for k, n in self.mode_rounds.items() if k),
+                **{f"K={k}": n for k, n in sorted(self.mode_rounds.items())},
+            },
             "requests_per_token": requests / self.tokens if self.tokens else math.nan,
             "elapsed_s": elapsed,
             "tokens_per_second": self.tokens / elapsed,

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -48,6 +48,8 @@ class ServerOptions:
     enable_prompt_tokens_details: bool = False
     enable_trace_replay: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
+    #: seconds per position computed, positions of all requests one after another
+    latency_per_position: float = 0.0
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -63,7 +65,10 @@ async def _read_json(request: web.Request) -> Any:
 
 class Server:
     def __init__(self, model: Model, options: ServerOptions) -> None:
-        self.model = model
+        if options.latency_per_position < 0:
+            raise ValueError(f"latency_per_position must be >= 0, got {options.latency_per_position}")
+        busy = _Busy(model, options.latency_per_position) if options.latency_per_position else None
+        self.model: Model = model if busy is None else cast(Model, busy)
         self.options = options
         self.in_flight = 0
         self.created = int(time.time())
@@ -353,3 +358,22 @@ async def serve(model: Model, options: ServerOptions, host: str, port: int, read
     finally:
         server.stopping.set()
         await runner.cleanup()
+
+
+class _Busy:
+    """A model that holds one lock for `seconds` per position it computes, so positions
+    cost time one after another across requests, as on a compute-bound engine (the
+    generation work runs in worker threads, so the wait holds no other request back but
+    through the lock)."""
+
+    def __init__(self, model: Model, seconds: float) -> None:
+        self._model, self._seconds = model, seconds
+        self._lock = threading.Lock()
+
+    def next_logprobs(self, contexts: list[list[int]]) -> Any:
+        with self._lock:
+            time.sleep(self._seconds * len(contexts))
+        return self._model.next_logprobs(contexts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)

@@ -30,6 +30,10 @@ def add_parser(sub: argparse._SubParsersAction[_P]) -> None:
     p.add_argument("--enable-tokenizer-info-endpoint", action="store_true")
     p.add_argument("--enable-prompt-tokens-details", action="store_true",
                    help="vllm flavor: report cached prompt tokens in usage (SGLang always does)")  # fmt: skip
+    p.add_argument("--latency-per-position", type=float, default=0.0, metavar="SECONDS",
+                   help="seconds the model is busy per position whose log probabilities it computes "
+                        "(generated, scored or prompt-logprob positions), one position after another across "
+                        "requests: a compute-bound engine, where each drafted position costs")  # fmt: skip
     f = p.add_argument_group("faults (rates are per request; deterministic under --fault-seed)")
     f.add_argument("--fault-seed", type=int, default=0)
     f.add_argument("--latency", type=float, default=0.0, help="seconds added to a delayed request")
@@ -75,6 +79,7 @@ async def _serve(args: argparse.Namespace) -> int:
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         enable_trace_replay=args.enable_trace_replay,
         faults=faults,
+        latency_per_position=args.latency_per_position,
     )
     model = load_preset(args.model, max_model_len=args.max_model_len)
     if args.served_model_name:
