@@ -72,6 +72,20 @@ def _rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process `pid` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _servers_cpu(gateway_pid: int) -> float:
+    """CPU time so far of this process's children (the reference servers) but the gateway."""
+    me = os.getpid()
+    with open(f"/proc/{me}/task/{me}/children") as f:
+        return sum(_cpu_seconds(int(c)) for c in f.read().split() if int(c) != gateway_pid)
+
+
 def _prompts(count: int) -> list[list[int]]:
     """Token-id prompts of 20-40 ids (the reference servers' byte vocabulary)."""
     return [[65 + (i * 7 + j) % 26 for j in range(20 + i % 21)] for i in range(count)]
@@ -140,28 +154,43 @@ def test_tokens_per_second_against_the_batch_engine(
     config = CoordinatorConfig(theta_url=servers[0], t_url=servers[1], seed=SEED, max_concurrency=CLIENTS,
                                max_batch_size=CLIENTS, stop_token_ids=())  # fmt: skip
     rates: dict[str, list[float]] = {"gateway": [], "batch": []}
+    # CPU seconds over each side's runs: (the gateway process, this process: the clients
+    # or the batch engine, the two servers), and the tokens they made
+    cpu = {"gateway": [0.0, 0.0, 0.0], "batch": [0.0, 0.0, 0.0]}
+    pid = gateway[1]
+
+    def used() -> list[float]:
+        return [_cpu_seconds(pid), time.process_time(), _servers_cpu(pid)]
 
     async def compare(url: str) -> None:
         async with DualVLLMCoordinator(config) as coord:
             for _ in range(rounds):
-                t0 = time.perf_counter()
-                tokens = await _clients(url, prompts, max_tokens, stream)
-                rates["gateway"].append(tokens / (time.perf_counter() - t0))
-                assert tokens == requests * max_tokens
-                t0 = time.perf_counter()
-                tokens = await _batch(coord, prompts, max_tokens)
-                rates["batch"].append(tokens / (time.perf_counter() - t0))
-                assert tokens == requests * max_tokens
+                for side in ("gateway", "batch"):
+                    c0, t0 = used(), time.perf_counter()
+                    if side == "gateway":
+                        tokens = await _clients(url, prompts, max_tokens, stream)
+                    else:
+                        tokens = await _batch(coord, prompts, max_tokens)
+                    rates[side].append(tokens / (time.perf_counter() - t0))
+                    cpu[side] = [a + b - c for a, b, c in zip(cpu[side], used(), c0, strict=True)]
+                    assert tokens == requests * max_tokens
 
     url = gateway[0]
     asyncio.run(_clients(url, prompts[:CLIENTS], 2, stream))  # warm: connections, caches
     benchmark.pedantic(lambda: asyncio.run(compare(url)), rounds=1, iterations=1)
     gateway, batch = max(rates["gateway"]), max(rates["batch"])
+    made = rounds * requests * max_tokens
+    per_token = {side: [round(1e6 * x / made, 1) for x in cpu[side]] for side in cpu}
     benchmark.extra_info.update(gateway_tokens_per_second=round(gateway), batch_tokens_per_second=round(batch),
-                                ratio=round(gateway / batch, 3), requests=requests, max_tokens=max_tokens)  # fmt: skip
+                                ratio=round(gateway / batch, 3), requests=requests, max_tokens=max_tokens,
+                                cpu_us_per_token_gateway_clients_servers=per_token["gateway"],
+                                cpu_us_per_token_batch_servers=per_token["batch"][1:])  # fmt: skip
+    g, b = per_token["gateway"], per_token["batch"]
     print(
         f"\ngateway ({'streamed' if stream else 'whole'}): {gateway:.0f} tokens/s, batch engine {batch:.0f} "
         f"tokens/s, ratio {gateway / batch:.2f} ({requests} requests x {max_tokens} tokens, {CLIENTS} clients)"
+        f"\n  CPU us per token: gateway {g[0]}, its clients {g[1]}, servers {g[2]}; "
+        f"batch engine {b[1]}, servers {b[2]}"
     )
 
 

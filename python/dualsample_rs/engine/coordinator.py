@@ -466,10 +466,14 @@ class Coordinator:
         prompt = check_prompt(prompt, name)
         if not isinstance(prompt, str):
             return self._checked(prompt, name, info)
+        return await self._text_ids(backend, prompt, name, info, chat)
+
+    async def _text_ids(self, backend: Backend, text: str, name: str, info: ServerInfo, chat: bool) -> list[int]:
+        """`prompt_ids` of a text already checked."""
         if chat:
-            ids = await backend.tokenize(messages=[{"role": "user", "content": prompt}])
+            ids = await backend.tokenize(messages=[{"role": "user", "content": text}])
         else:
-            ids = await backend.tokenize(prompt)
+            ids = await backend.tokenize(text)
         return self._checked(ids, name, info)
 
     @staticmethod
@@ -493,18 +497,15 @@ class Coordinator:
         together. Ids take no task, so a served item is ready within the round it
         arrives in rather than after a few more turns of a busy event loop."""
         got: list[Any] = [None] * len(asks)
-        texts = []
-        for i, (_, prompt, name, info, _) in enumerate(asks):
+        texts: list[tuple[int, Awaitable[list[int]]]] = []
+        for i, (backend, prompt, name, info, chat) in enumerate(asks):
             prompt = check_prompt(prompt, name)
             if isinstance(prompt, str):
-                texts.append(i)
+                texts.append((i, self._text_ids(backend, prompt, name, info, chat)))
             else:
                 got[i] = self._checked(prompt, name, info)
-        if len(texts) == 1:
-            got[texts[0]] = await self.prompt_ids(*asks[texts[0]])
-        elif texts:
-            for i, ids in zip(texts, await asyncio.gather(*(self.prompt_ids(*asks[i]) for i in texts)), strict=True):
-                got[i] = ids
+        for (i, _), ids in zip(texts, await _together([job for _, job in texts]), strict=True):
+            got[i] = ids
         return got
 
     async def _prepare(self, index: int, item: WorkItem, max_tokens: int, temperature: float = 1.0) -> Sequence:
@@ -560,8 +561,7 @@ class Coordinator:
             pairs = zip(models, contexts, strict=True)
             jobs += [model.sequence_logprobs(ctx.ids(), len(ctx) - n) for model, ctx in pairs]
         try:
-            # One job is awaited in place: a task would cost the answer more turns of the loop.
-            got = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)
+            got = await _together(jobs)
         except APIError as err:
             seq.fail(err)
             return
@@ -583,6 +583,14 @@ class Coordinator:
         for name, counts in st.get("teachers", {}).items():  # sequences done per teacher
             shown[name] = str(counts["sequences"])
         return shown
+
+
+async def _together(jobs: list[Awaitable[Any]]) -> list[Any]:
+    """The jobs' results, awaited together; one job (the usual case) is awaited in place,
+    since a task would cost its caller more turns of a busy event loop."""
+    if len(jobs) == 1:
+        return [await jobs[0]]
+    return list(await asyncio.gather(*jobs)) if jobs else []
 
 
 async def _constant(value: Any) -> Any:

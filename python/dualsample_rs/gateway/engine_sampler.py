@@ -368,7 +368,9 @@ class _Pieces:
         self.sampler = sampler
         self.ids: list[int] = []
         # The text so far, and where each token's text ends in it ("" inside a run): a
-        # step's text is a slice, not a join of every piece (quadratic over a long answer).
+        # step's text is one slice of it, where a join of every piece so far went through
+        # a Python list per step (both are linear in the answer's length, as is the
+        # caller's comparison with the text already sent; the slice is cheaper).
         self.joined = ""
         self.ends: list[int] = []
         # For a token inside a run (closed or open): where the run starts, and the run's

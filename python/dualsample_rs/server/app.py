@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .._core import __version__
+from ..exceptions import InvalidInputError
 from . import completions as completion_api
 from . import generate_api
 from .errors import APIError, bad_request, load_json, valid_text
@@ -66,7 +67,7 @@ async def _read_json(request: web.Request) -> Any:
 class Server:
     def __init__(self, model: Model, options: ServerOptions) -> None:
         if options.latency_per_position < 0:
-            raise ValueError(f"latency_per_position must be >= 0, got {options.latency_per_position}")
+            raise InvalidInputError(f"latency_per_position: must be >= 0, got {options.latency_per_position}")
         busy = _Busy(model, options.latency_per_position) if options.latency_per_position else None
         self.model: Model = model if busy is None else cast(Model, busy)
         self.options = options
