@@ -405,3 +405,158 @@ def test_a_tokenize_reply_of_the_wrong_shape_is_a_clear_error() -> None:
     reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     result, _ = tokenize_against(answering(reply))
     assert isinstance(result, IncompleteReplyError) and "without a list of token ids" in str(result)
+
+
+# ------------------------------------------------------------ the lean path for plain http
+def counting(handler: Handler, opened: list[int]) -> Handler:
+    """`handler`, counting the connections it is given."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened.append(1)
+        await handler(reader, writer)
+
+    return handle
+
+
+def calls_against(handler: Handler, calls: int, **client: object) -> list[object]:
+    """`calls` /tokenize calls in turn on one client against a raw server: each result or error."""
+
+    async def go() -> list[object]:
+        async with raw_server(handler) as url:
+            c = VLLMClient(url, max_retries=0, timeout=3.0, **client)  # type: ignore[arg-type]
+            got: list[object] = []
+            for _ in range(calls):
+                try:
+                    got.append(await c.tokenize("x"))
+                except Exception as err:
+                    got.append(err)
+            await c.aclose()
+            return got
+
+    return asyncio.run(go())
+
+
+def test_plain_http_keeps_one_connection_alive_and_says_who_asks() -> None:
+    opened: list[int] = []
+    heads: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            heads.append(head)
+            writer.write(OK)
+            await writer.drain()
+
+    assert calls_against(counting(handle, opened), 20) == [[1, 2]] * 20
+    assert len(opened) == 1
+    assert all(b"User-Agent: dualsample_rs/" in h and b"X-Request-Id: " in h for h in heads)
+
+
+def test_a_body_that_runs_to_the_end_of_the_stream_is_read_whole_and_its_connection_not_reused() -> None:
+    opened: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + OK_BODY)
+        await writer.drain()
+        writer.close()
+
+    assert calls_against(counting(handle, opened), 3) == [[1, 2]] * 3
+    assert len(opened) == 3
+
+
+def test_a_connection_the_server_closes_while_idle_is_not_used_again() -> None:
+    """One reply per connection, each kept alive by its headers and then closed a moment
+    later: every next request opens a new connection, with no error and no retry."""
+    opened: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+
+    async def go() -> list[object]:
+        async with raw_server(counting(handle, opened)) as url:
+            c = VLLMClient(url, max_retries=0, timeout=3.0)
+            got: list[object] = []
+            for _ in range(4):
+                got.append(await c.tokenize("x"))
+                await asyncio.sleep(0.05)  # the server has closed it by now
+            await c.aclose()
+            return got
+
+    assert asyncio.run(go()) == [[1, 2]] * 4
+    assert len(opened) == 4
+
+
+def test_bytes_after_a_whole_reply_close_the_connection() -> None:
+    """A reply followed by stray bytes (in the same packet or later) answers its request,
+    and the connection is not used for the next one."""
+    opened: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    assert calls_against(counting(handle, opened), 3) == [[1, 2]] * 3
+    assert len(opened) == 3
+
+
+def test_a_cancelled_request_drops_its_connection_and_the_next_one_is_answered() -> None:
+    opened: list[int] = []
+    first = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        if not first.is_set():  # the first request is never answered
+            first.set()
+            await asyncio.sleep(30)
+        writer.write(OK)
+        await writer.drain()
+
+    async def go() -> object:
+        async with raw_server(counting(handle, opened)) as url:
+            c = VLLMClient(url, max_retries=0, timeout=5.0)
+            task = asyncio.ensure_future(c.tokenize("x"))
+            await first.wait()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            got = await c.tokenize("x")
+            await c.aclose()
+            return got
+
+    assert asyncio.run(go()) == [1, 2]
+    assert len(opened) == 2
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_a_compressed_body_is_inflated(coding: str) -> None:
+    import zlib
+
+    packer = zlib.compressobj(wbits=31 if coding == "gzip" else 15)
+    packed = packer.compress(OK_BODY) + packer.flush()
+    reply = b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+        coding.encode(), len(packed), packed)  # fmt: skip
+    assert calls_against(answering(reply), 2) == [[1, 2]] * 2
+
+
+def test_an_api_key_with_a_line_break_is_refused_naming_it() -> None:
+    with pytest.raises(InvalidInputError, match="api_key"):
+        VLLMClient("http://127.0.0.1:9", api_key="key\r\nX-Injected: 1")
+
+
+def test_the_client_gives_the_same_records_under_uvloop(urls: tuple[str, str]) -> None:
+    """uvloop (which Ray and the engines' servers run) gives transports that are not
+    asyncio's classes: the lean path must not depend on them."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def run() -> list[tuple]:
+        cfg = CoordinatorConfig(theta_url=urls[0], t_url=urls[1], seed=3, max_concurrency=4, max_batch_size=2)
+        async with DualVLLMCoordinator(cfg) as coord:
+            outs = await coord.generate_batch(QUESTIONS[:5], max_tokens=8, show_progress=False)
+        return [(o.token_ids, o.logq, o.logp_theta, o.logp_t, o.generated_text) for o in outs]
+
+    assert uvloop.run(run()) == asyncio.run(run())

@@ -3,9 +3,10 @@
 Transient failures (connection errors, timeouts, torn or malformed bodies, replies to
 another request, 408/409/429/5xx) are retried with exponential back-off and jitter,
 honouring Retry-After; other errors are raised at once as typed exceptions. The timeout
-is a deadline for each whole request. Requests go through `transport.Transport`
-(aiohttp); every request carries an id of its own, which the dialects ask the server to
-echo so that a reply is checked against its request before it is used.
+is a deadline for each whole request. Requests go through `transport.Transport` (plain
+http on llhttp, TLS and proxies on aiohttp); every request carries an id of its own,
+which the dialects ask the server to echo so that a reply is checked against its
+request before it is used.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar, overload
-
-import aiohttp
 
 from ..exceptions import (
     APIConnectionError,
@@ -172,6 +171,8 @@ class Connection:
             raise InvalidInputError(f"ca_bundle: {ca_bundle}: {err}") from None
         if api_key and transport.auth is not None:
             raise InvalidInputError("api_key: the URL already carries credentials; give one or the other")
+        if api_key and any(c in api_key for c in "\r\n\0"):  # it goes into a header line as it is
+            raise InvalidInputError("api_key: holds a line break or NUL, which no HTTP header may carry")
         auth = f"Bearer {api_key}" if api_key else transport.auth
         headers = {"Authorization": auth} if auth else {}
         limits = Limits(float(timeout), o.max_retries, o.retry_delay)
@@ -366,7 +367,7 @@ class HttpBackend:
                 cause: BaseException = exc
             except APIError as exc:  # a certificate that did not verify, a reply over the cap
                 err, cause = exc, exc
-            except (aiohttp.ClientError, OSError) as exc:  # refused, reset, torn body, not HTTP
+            except OSError as exc:  # refused, reset, torn body, not HTTP
                 err = APIConnectionError(f"connection error: {method} {url}: {exc!r}", (method, url))
                 cause = exc
             else:

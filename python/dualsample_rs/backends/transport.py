@@ -1,8 +1,10 @@
-"""HTTP for one server, through aiohttp: kept-alive connections, proxies, TLS, a size cap.
+"""HTTP for one server: kept-alive connections, proxies, TLS, a size cap.
 
-aiohttp parses HTTP with llhttp (C) and is what vLLM's and SGLang's own benchmark
-clients use; its cost per request here is in `benches/bench_http.py`. This module adds
-what a sampling run needs on top of it and nothing else:
+Plain ``http://`` with no proxy goes through `http11.Http11Pool` (asyncio connections,
+replies parsed by llhttp through httptools), everything else through aiohttp, which
+parses with the same llhttp and is what vLLM's and SGLang's own benchmark clients use;
+each one's cost per request is in `benches/bench_http.py`. This module adds what a
+sampling run needs on top of them and nothing else:
 
 - one session per server (created in the running event loop, made again if the loop
   changes), its connections capped by the pool size;
@@ -28,11 +30,13 @@ import urllib.request
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from ..exceptions import CertificateError, ReplyTooLargeError
+from .http11 import Http11Pool, ReplyError
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("dualsample_rs.client")
 # aiohttp's threshold for its warning about large byte bodies (see `Transport.request`).
@@ -137,14 +141,24 @@ class Transport:
         # Looked up once: aiohttp's trust_env reads the environment (and ~/.netrc) again on
         # every request, which tripled the client's cost per request.
         self.proxy = env_proxy(self.url) if trust_env else None
+        # Plain http with no proxy between (the usual case: servers on this host or
+        # network) goes through the lean pool; TLS and proxies through aiohttp.
+        parts = urllib.parse.urlsplit(self.url)
+        self._plain: Http11Pool | None = None
+        if parts.scheme == "http" and self.proxy is None:
+            self._plain = Http11Pool(parts.hostname or "", parts.port or 80, parts.path, limit=limit,
+                                     connect_timeout=connect_timeout, max_reply_bytes=max_reply_bytes,
+                                     too_large=self._too_large)  # fmt: skip
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     def _current(self) -> aiohttp.ClientSession:
+        # Imported here: a run whose servers are all plain http never needs it, and it
+        # is a sixth of the command's start-up.
+        import aiohttp
+
         loop = asyncio.get_running_loop()
-        if self._closed:
-            raise aiohttp.ClientConnectionError("the client is closed")
         if self._session is None or self._loop is not loop or self._session.closed:
             if self.insecure:
                 warnings.warn(f"{self.shown}: TLS certificates are not verified (insecure)", stacklevel=3)
@@ -162,8 +176,16 @@ class Transport:
         Raises:
             ReplyTooLargeError: the reply is larger than the cap.
             CertificateError: the server's TLS certificate did not verify.
-            aiohttp.ClientError, OSError: the connection failed or the reply is not HTTP.
+            OSError: the connection failed or the reply is not HTTP (`ReplyError` where
+                the cause is not an OSError of the socket's own).
         """
+        if self._closed:
+            raise ReplyError("the client is closed")
+        if self._plain is not None:
+            status, got, data = await self._plain.request(method, path, headers, body)
+            return Reply(status, got, data)
+        import aiohttp
+
         session = self._current()
         payload: Any = body
         if body is not None and len(body) > LARGE_BODY:
@@ -191,6 +213,8 @@ class Transport:
                 f"{self.shown}: the server's TLS certificate did not verify ({err.certificate_error}); give its CA "
                 "with --ca-bundle (or SSL_CERT_FILE), or --insecure to skip verification"
             ) from None
+        except aiohttp.ClientError as err:  # refused, reset, torn body, not HTTP
+            raise ReplyError(f"{type(err).__name__}: {err}") from err
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
         cap = self.max_reply_bytes
@@ -215,12 +239,17 @@ class Transport:
         """Drop every connection (requests in flight on them fail and are retried): a
         reply showed that some connection's stream no longer lines up with its requests."""
         session, self._session = self._session, None
-        if session is not None and not session.closed:
+        if self._plain is not None or (session is not None and not session.closed):
             log.warning("%s: a reply did not answer its request; reconnecting", self.shown)
+        if self._plain is not None:
+            self._plain.close_all()
+        if session is not None and not session.closed:
             await session.close()
 
     async def close(self) -> None:
         self._closed = True
+        if self._plain is not None:
+            self._plain.close_all()
         session, self._session = self._session, None
         if session is not None and not session.closed:
             await session.close()

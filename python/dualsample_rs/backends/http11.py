@@ -1,0 +1,283 @@
+"""Plain HTTP/1.1 to one server with no proxy between: kept-alive connections on asyncio,
+replies parsed by llhttp (through httptools, the parser aiohttp's C extension also wraps).
+
+A sampling run spends most of its client time on small requests to servers on the same
+host or network (a ``/tokenize`` per prompt, a step per round), where aiohttp's session
+costs about 1.7 times this path's CPU per request (``benches/bench_http.py``). So
+`transport.Transport` sends plain ``http://`` requests that no proxy takes through
+`Http11Pool`, and everything else (TLS, proxies) through aiohttp.
+
+What it keeps of aiohttp's checks: llhttp's strict parsing (a malformed reply is an error
+at once, never a hang), the reply's size cap while reading (a declared length past it is
+refused before reading; a gzip or deflate body is capped as it inflates), a connection
+used again only when its reply ended cleanly and nothing arrived after it (a duplicated
+or stray reply closes the connection instead of answering the next request), connections
+dropped when their request is cancelled or times out, and idle connections the server
+closed never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import Callable
+from typing import cast
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .._core import __version__
+from ..exceptions import ReplyTooLargeError
+
+USER_AGENT = f"dualsample_rs/{__version__}"
+
+
+class ReplyError(ConnectionError):
+    """The connection ended before a whole reply, or what came is not HTTP."""
+
+
+class _Connection(asyncio.Protocol):
+    """One kept-alive connection: at most one request in flight, its reply read by llhttp."""
+
+    def __init__(self, cap: int, too_large: Callable[[str], ReplyTooLargeError]) -> None:
+        self._cap, self._too_large = cap, too_large
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._waiter: asyncio.Future[tuple[int, CIMultiDictProxy[str], bytes]] | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._reset_reply()
+
+    def _reset_reply(self) -> None:
+        self._headers: list[tuple[str, str]] = []
+        self._body: list[bytes] = []
+        self._size = 0
+        self._inflate: zlib._Decompress | None = None
+        self._status = 0
+        self._headers_done = False
+        self._to_close = False  # the reply's length is where the connection ends
+
+    # ------------------------------------------------------------ asyncio's side
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport, though not always a subclass of asyncio's (uvloop's is not).
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiter is None or self._waiter.done():
+            # Bytes with no request waiting: a stray or duplicated reply. The stream no
+            # longer lines up with its requests, so the connection is never used again.
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as err:  # raised by one of ours below
+            cause = err.__context__
+            self._fail(cause if isinstance(cause, (ReplyError, ReplyTooLargeError)) else ReplyError(repr(cause)))
+        except httptools.HttpParserUpgrade:
+            self._fail(ReplyError("the server switched protocols"))
+        except httptools.HttpParserError as err:
+            self._fail(ReplyError(f"the reply is not valid HTTP: {err}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if self._headers_done and self._to_close:  # a body that runs to the end of the stream
+            self._finish()
+            return
+        why = f": {exc!r}" if exc is not None else ""
+        waiter.set_exception(ReplyError(f"the server closed the connection before a whole reply{why}"))
+
+    # ------------------------------------------------------------ llhttp's callbacks
+    def on_message_begin(self) -> None:
+        if self._headers_done and not self._is_interim():
+            raise ReplyError("a second reply to one request")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+        self._headers_done = True
+        if self._is_interim():
+            return
+        headers = CIMultiDict(self._headers)
+        declared = headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > self._cap:
+            raise self._too_large(f"{declared} bytes declared")
+        coding = headers.get("Content-Encoding", "identity").strip().lower()
+        if coding in ("gzip", "x-gzip"):
+            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == "deflate":
+            self._inflate = zlib.decompressobj()
+        elif coding != "identity":
+            raise ReplyError(f"a body in an encoding not asked for: {coding}")
+        self._to_close = declared is None and "chunked" not in headers.get("Transfer-Encoding", "").lower()
+
+    def on_body(self, chunk: bytes) -> None:
+        if self._inflate is not None:
+            room = self._cap - self._size + 1
+            chunk = self._inflate.decompress(chunk, room)
+            if self._inflate.unconsumed_tail:
+                raise self._too_large(f"over {self._size + len(chunk)} bytes inflated")
+        self._size += len(chunk)
+        if self._size > self._cap:
+            raise self._too_large(f"over {self._size} bytes read")
+        self._body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        if self._is_interim():  # 1xx: the reply proper is still to come
+            self._reset_reply()
+            return
+        if not self._parser.should_keep_alive():
+            self._to_close = True
+        self._finish()
+
+    # ------------------------------------------------------------ ours
+    def _is_interim(self) -> bool:
+        return 100 <= self._status < 200
+
+    def _finish(self) -> None:
+        if self._inflate is not None:
+            tail = self._inflate.flush()
+            self._size += len(tail)
+            if self._size > self._cap:
+                self._fail(self._too_large(f"over {self._size} bytes inflated"))
+                return
+            self._body.append(tail)
+        waiter, self._waiter = self._waiter, None
+        if self._to_close:
+            self.close()
+        if waiter is not None and not waiter.done():
+            waiter.set_result((self._status, CIMultiDictProxy(CIMultiDict(self._headers)), b"".join(self._body)))
+
+    def _fail(self, err: BaseException) -> None:
+        waiter, self._waiter = self._waiter, None
+        self.close()
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(err)
+
+    @property
+    def reusable(self) -> bool:
+        return not self.closed and self._waiter is None
+
+    async def send(self, request: bytes) -> tuple[int, CIMultiDictProxy[str], bytes]:
+        """Write one request and wait for its whole reply."""
+        assert self.transport is not None and self._waiter is None
+        self._reset_reply()
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self._waiter
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Http11Pool:
+    """Kept-alive HTTP/1.1 connections to one ``http://`` server, at most `limit` of them.
+
+    Args:
+        host, port: where the server listens.
+        prefix: the base URL's path, put before every request's path.
+        limit: connections open at once (requests past it wait for one).
+        connect_timeout: seconds allowed to connect.
+        max_reply_bytes: the largest reply body accepted (after inflating).
+        too_large: the error for a reply past the cap, given what was seen.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        prefix: str,
+        *,
+        limit: int,
+        connect_timeout: float,
+        max_reply_bytes: int,
+        too_large: Callable[[str], ReplyTooLargeError],
+    ) -> None:
+        self.host, self.port, self.prefix = host, port, prefix
+        self.limit, self.connect_timeout = limit, connect_timeout
+        self.max_reply_bytes, self._too_large = max_reply_bytes, too_large
+        hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._fixed = f"Host: {hostport}\r\nUser-Agent: {USER_AGENT}\r\nAccept: */*\r\n"
+        self._idle: list[_Connection] = []
+        self._open: set[_Connection] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _bind(self) -> asyncio.Semaphore:
+        """The pool's slots in the running loop; a new loop starts with no connections
+        (those of an earlier loop cannot be used in this one)."""
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._loop is not loop:
+            self._idle.clear()
+            self._open.clear()
+            self._slots = asyncio.Semaphore(self.limit)
+            self._loop = loop
+        return self._slots
+
+    def head(self, method: str, path: str, headers: dict[str, str], length: int | None) -> bytes:
+        """The request line and headers (`length`: the body's, None without a body)."""
+        lines = [f"{method} {self.prefix}{path} HTTP/1.1\r\n", self._fixed]
+        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        if length is not None:
+            lines.append(f"Content-Length: {length}\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1")
+
+    async def request(
+        self, method: str, path: str, headers: dict[str, str], body: bytes | None
+    ) -> tuple[int, CIMultiDictProxy[str], bytes]:
+        """``(status, headers, body)`` of one request's reply.
+
+        Raises:
+            ReplyTooLargeError: the reply is larger than the cap.
+            ReplyError, OSError: the connection failed or the reply is not HTTP.
+        """
+        message = self.head(method, path, headers, None if body is None else len(body))
+        if body:
+            message += body
+        async with self._bind():
+            conn = self._take() or await self._connect()
+            try:
+                reply = await conn.send(message)
+            except BaseException:  # cancelled, timed out or failed: its stream is unknown
+                conn.close()
+                self._open.discard(conn)
+                raise
+            if conn.reusable:
+                self._idle.append(conn)
+            else:
+                self._open.discard(conn)
+            return reply
+
+    def _take(self) -> _Connection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.reusable:
+                return conn
+            self._open.discard(conn)
+        return None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> _Connection:
+            return _Connection(self.max_reply_bytes, self._too_large)
+
+        connecting = loop.create_connection(protocol, self.host, self.port)
+        _, conn = await asyncio.wait_for(connecting, self.connect_timeout)
+        self._open.add(conn)
+        return conn
+
+    def close_all(self) -> None:
+        """Close every connection: idle ones, and those with a request in flight (which
+        then fail)."""
+        for conn in list(self._open):
+            conn.close()
+        self._open.clear()
+        self._idle.clear()
