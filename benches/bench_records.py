@@ -28,7 +28,12 @@ from dualsample_rs.server import running_server
 
 # (records, tokens per record): many short records, where the per-record requests set
 # the pace, and fewer long ones, where the steps do.
-WORKLOADS = {"records at --max-tokens 2": (2000, 2), "tokens at 64 tokens": (256, 64)}
+WORKLOADS = {
+    "records at --max-tokens 2": (2000, 2),
+    # the same, long enough that start-up is a small share of the run
+    "records at --max-tokens 2, 16,000 records": (16000, 2),
+    "tokens at 64 tokens": (256, 64),
+}
 
 
 @pytest.fixture(scope="module")

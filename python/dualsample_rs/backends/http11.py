@@ -3,7 +3,7 @@ replies parsed by llhttp (through httptools, the parser aiohttp's C extension al
 
 A sampling run spends most of its client time on small requests to servers on the same
 host or network (a ``/tokenize`` per prompt, a step per round), where aiohttp's session
-costs about 1.7 times this path's CPU per request (``benches/bench_http.py``). So
+costs a third or more above this path's CPU per request (``benches/bench_http.py``). So
 `transport.Transport` sends plain ``http://`` requests that no proxy takes through
 `Http11Pool`, and everything else (TLS, proxies) through aiohttp.
 
