@@ -56,14 +56,23 @@ async def test_a_failure_is_not_remembered() -> None:
 
 
 async def test_a_cancelled_caller_leaves_the_others_their_answer() -> None:
+    """A waiter cancelled: the others share the one request. The caller whose request it
+    is cancelled: its request goes with it (it asks in place, with no task), and one of
+    the waiters asks again for all of them."""
     backend = CountingTokenizer()
     rs = ReplicaSet([backend])  # type: ignore[list-item]
-    first = asyncio.ensure_future(rs.tokenize("abc"))
-    second = asyncio.ensure_future(rs.tokenize("abc"))
+    asker, waiter, other = (asyncio.ensure_future(rs.tokenize("abc")) for _ in range(3))
     await asyncio.sleep(0)
-    first.cancel()
-    assert await second == [3, 1]
+    waiter.cancel()
+    assert await asyncio.gather(asker, other) == [[3, 1]] * 2
     assert len(backend.calls) == 1
+
+    asker, *waiters = (asyncio.ensure_future(rs.tokenize("xyz")) for _ in range(3))
+    await asyncio.sleep(0)
+    asker.cancel()
+    assert await asyncio.gather(*waiters) == [[3, 1]] * 2
+    assert asker.cancelled()
+    assert len(backend.calls) == 3  # one more for "xyz" from its cancelled asker, one by a waiter
 
 
 async def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
