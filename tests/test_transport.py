@@ -18,6 +18,8 @@ from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, VLLMClient
 from dualsample_rs.backends.transport import redact
 from dualsample_rs.exceptions import (
     APIConnectionError,
+    APIError,
+    APITimeoutError,
     CertificateError,
     IncompleteReplyError,
     InvalidInputError,
@@ -560,3 +562,145 @@ def test_the_client_gives_the_same_records_under_uvloop(urls: tuple[str, str]) -
         return [(o.token_ids, o.logq, o.logp_theta, o.logp_t, o.generated_text) for o in outs]
 
     assert uvloop.run(run()) == asyncio.run(run())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("first", [b"", b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"],  # noqa: E501
+                         ids=["closes at once", "answers 503 and closes"])  # fmt: skip
+def test_a_server_that_closes_on_accept_fails_the_request_at_once(loop: str, first: bytes) -> None:
+    """As a port proxy does while the server behind it starts: an error at once (retried
+    as any connection error), never a wait for the deadline nor a raw RuntimeError."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(first)
+        await writer.drain()
+
+    async def go() -> list[tuple[object, float]]:
+        async with raw_server(handle) as url:
+            return [(await tokenize_once(url, max_retries=0, timeout=3.0))[:2] for _ in range(3)]
+
+    run = pytest.importorskip("uvloop").run if loop == "uvloop" else asyncio.run
+    for result, took in run(go()):
+        assert isinstance(result, APIError) and not isinstance(result, APITimeoutError), result
+        assert took < 1.5
+
+
+def test_a_client_used_in_one_event_loop_closes_in_another(urls: tuple[str, str]) -> None:
+    import gc
+    import warnings
+
+    client = VLLMClient(urls[0])
+    assert asyncio.run(client.tokenize("x"))
+    asyncio.run(client.aclose())  # its connections' loop is gone: nothing to raise
+    # Their sockets close when collected (nothing else can close them without their
+    # loop), with the ResourceWarning asyncio gives any transport left so: collected
+    # here, so that the warning does not land in another test.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        del client
+        gc.collect()
+
+
+def test_a_204_keeps_the_connection() -> None:
+    opened: list[int] = []
+    answers = [b"HTTP/1.1 204 No Content\r\n\r\n", OK]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for answer in answers * 2:
+            await read_request(reader)
+            writer.write(answer)
+            await writer.drain()
+
+    got = calls_against(counting(handle, opened), 4)
+    assert [r for r in got if r == [1, 2]] == [[1, 2]] * 2
+    assert len(opened) == 1
+
+
+def test_reply_headers_past_the_limit_are_refused_at_once() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+        for _ in range(1024):  # 64 MiB of one header, if it were all read
+            writer.write(b"a" * 65536)
+            await writer.drain()
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result, took = tokenize_against(handle, timeout=20.0)
+    assert isinstance(result, APIConnectionError) and "headers are over" in str(result), result
+    assert took < 2.5
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 100
+
+
+def test_a_compressed_body_cut_short_is_an_error() -> None:
+    import zlib
+
+    packer = zlib.compressobj()
+    packed = (packer.compress(OK_BODY) + packer.flush())[:-4]
+    reply = b"HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\n\r\n" + packed
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(reply)  # the body runs to the end of the stream, which comes early
+        await writer.drain()
+
+    result, _ = tokenize_against(handle)
+    assert isinstance(result, APIConnectionError) and "end mark" in str(result), result
+
+
+def test_a_name_with_a_dead_address_first_reaches_the_next_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Happy eyeballs: a name whose first address drops connections (a full backlog on
+    127.0.0.2) and whose second serves is reached in about a quarter second, not after
+    the connect timeout."""
+    import socket
+
+    async def go() -> tuple[object, float]:
+        async with raw_server(answering(OK)) as url:
+            port = int(url.rsplit(":", 1)[1])
+            dead = socket.socket()
+            dead.bind(("127.0.0.2", port))
+            dead.listen(0)
+            fillers = []
+            for _ in range(3):  # fill the backlog, so that further SYNs are dropped
+                s = socket.socket()
+                s.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    s.connect(("127.0.0.2", port))
+                fillers.append(s)
+            loop = asyncio.get_running_loop()
+            real = loop.getaddrinfo
+
+            async def two_homes(host: str, *args: object, **kwargs: object) -> list:
+                if host != "twohomes.test":
+                    return await real(host, *args, **kwargs)  # type: ignore[arg-type]
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in ("127.0.0.2", "127.0.0.1")]
+
+            monkeypatch.setattr(loop, "getaddrinfo", two_homes)
+            try:
+                result, took, _ = await tokenize_once(f"http://twohomes.test:{port}", max_retries=0,
+                                                      timeout=30.0, connect_timeout=5.0)  # fmt: skip
+            finally:
+                for s in [dead, *fillers]:
+                    s.close()
+            return result, took
+
+    result, took = asyncio.run(go())
+    assert result == [1, 2]
+    assert took < 3
+
+
+def test_a_pool_of_no_connections_is_refused_naming_it() -> None:
+    with pytest.raises(InvalidInputError, match="connection_pool_size"):
+        VLLMClient("http://127.0.0.1:9", connection_pool_size=0)
+
+
+def test_an_api_key_beyond_ascii_is_sent_as_utf8_as_aiohttp_sent_it() -> None:
+    heads: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        heads.append(head)
+        writer.write(OK)
+        await writer.drain()
+
+    assert calls_against(handle, 1, api_key="sk-abc\u00a0") == [[1, 2]]
+    assert b"Authorization: Bearer sk-abc\xc2\xa0\r\n" in heads[0]

@@ -155,6 +155,8 @@ class Connection:
         timeout, ca_bundle = o.timeout, o.ca_bundle
         if not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
             raise InvalidInputError(f"timeout: must be a positive number of seconds, got {timeout!r}")
+        if o.connection_pool_size is not None and o.connection_pool_size < 1:
+            raise InvalidInputError(f"connection_pool_size: must be at least 1, got {o.connection_pool_size}")
         try:
             transport = Transport(
                 base_url.rstrip("/"),
@@ -173,6 +175,10 @@ class Connection:
             raise InvalidInputError("api_key: the URL already carries credentials; give one or the other")
         if api_key and any(c in api_key for c in "\r\n\0"):  # it goes into a header line as it is
             raise InvalidInputError("api_key: holds a line break or NUL, which no HTTP header may carry")
+        try:
+            (api_key or "").encode()
+        except UnicodeEncodeError:
+            raise InvalidInputError("api_key: is not text that UTF-8 can carry (a lone surrogate)") from None
         auth = f"Bearer {api_key}" if api_key else transport.auth
         headers = {"Authorization": auth} if auth else {}
         limits = Limits(float(timeout), o.max_retries, o.retry_delay)

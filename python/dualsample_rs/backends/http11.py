@@ -19,10 +19,14 @@ closed never reused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import urllib.parse
 import zlib
 from collections.abc import Callable
 from typing import cast
 
+import aiohappyeyeballs
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -30,6 +34,11 @@ from .._core import __version__
 from ..exceptions import ReplyTooLargeError
 
 USER_AGENT = f"dualsample_rs/{__version__}"
+# The most bytes of a reply's status line and headers (aiohttp allows 8190 a line): past
+# it the reply is refused, before llhttp's joining of header pieces gets costly.
+MAX_HEAD_BYTES = 1 << 16
+# Replies that have no body whatever their headers say (RFC 9110, 6.4.1).
+NO_BODY = (204, 304)
 
 
 class ReplyError(ConnectionError):
@@ -54,6 +63,7 @@ class _Connection(asyncio.Protocol):
         self._inflate: zlib._Decompress | None = None
         self._status = 0
         self._headers_done = False
+        self._head_bytes = 0
         self._to_close = False  # the reply's length is where the connection ends
 
     # ------------------------------------------------------------ asyncio's side
@@ -67,6 +77,8 @@ class _Connection(asyncio.Protocol):
             # longer lines up with its requests, so the connection is never used again.
             self.close()
             return
+        if not self._headers_done:
+            self._head_bytes += len(data)  # with the first body bytes, in the chunk that ends the head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as err:  # raised by one of ours below
@@ -76,6 +88,9 @@ class _Connection(asyncio.Protocol):
             self._fail(ReplyError("the server switched protocols"))
         except httptools.HttpParserError as err:
             self._fail(ReplyError(f"the reply is not valid HTTP: {err}"))
+        else:
+            if not self._headers_done and self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(ReplyError(f"the reply's headers are over {MAX_HEAD_BYTES} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -112,7 +127,8 @@ class _Connection(asyncio.Protocol):
             self._inflate = zlib.decompressobj()
         elif coding != "identity":
             raise ReplyError(f"a body in an encoding not asked for: {coding}")
-        self._to_close = declared is None and "chunked" not in headers.get("Transfer-Encoding", "").lower()
+        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        self._to_close = declared is None and not chunked and self._status not in NO_BODY
 
     def on_body(self, chunk: bytes) -> None:
         if self._inflate is not None:
@@ -139,6 +155,9 @@ class _Connection(asyncio.Protocol):
 
     def _finish(self) -> None:
         if self._inflate is not None:
+            if not self._inflate.eof and self._size:
+                self._fail(ReplyError("the compressed body ends before its end mark"))
+                return
             tail = self._inflate.flush()
             self._size += len(tail)
             if self._size > self._cap:
@@ -159,21 +178,34 @@ class _Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return not self.closed and self._waiter is None
+        return (
+            not self.closed and self._waiter is None and self.transport is not None and not self.transport.is_closing()
+        )
 
     async def send(self, request: bytes) -> tuple[int, CIMultiDictProxy[str], bytes]:
         """Write one request and wait for its whole reply."""
-        assert self.transport is not None and self._waiter is None
+        assert self._waiter is None
+        if not self.reusable or self.transport is None:
+            # Closed by the server before the request was written (a port proxy accepts
+            # and closes while the server behind it starts): asyncio would drop the bytes
+            # and leave the reply to the deadline.
+            raise ReplyError("the server closed the connection before the request was sent")
         self._reset_reply()
         self._parser = httptools.HttpResponseParser(self)
         self._waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(request)
+        try:
+            self.transport.write(request)
+        except RuntimeError as err:  # uvloop: a transport closed under us
+            self._waiter = None
+            raise ReplyError(f"the connection closed before the request was sent: {err}") from None
         return await self._waiter
 
     def close(self) -> None:
+        """Close it, also where its event loop has gone (nothing more can be done there)."""
         self.closed = True
         if self.transport is not None:
-            self.transport.close()
+            with contextlib.suppress(RuntimeError):  # its loop is closed
+                self.transport.close()
 
 
 class Http11Pool:
@@ -199,23 +231,28 @@ class Http11Pool:
         max_reply_bytes: int,
         too_large: Callable[[str], ReplyTooLargeError],
     ) -> None:
-        self.host, self.port, self.prefix = host, port, prefix
+        if limit < 1:
+            raise ValueError(f"the pool needs at least one connection, got {limit}")
+        self.host, self.port = host, port
+        # Percent-encoded as aiohttp's URLs are, so that the request line is ASCII.
+        self.prefix = urllib.parse.quote(prefix, safe="/%:@!$&'()*+,;=-._~")
         self.limit, self.connect_timeout = limit, connect_timeout
         self.max_reply_bytes, self._too_large = max_reply_bytes, too_large
-        hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        name = f"[{host}]" if ":" in host else host
+        hostport = name if port == 80 else f"{name}:{port}"
         self._fixed = f"Host: {hostport}\r\nUser-Agent: {USER_AGENT}\r\nAccept: */*\r\n"
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
         self._slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     def _bind(self) -> asyncio.Semaphore:
         """The pool's slots in the running loop; a new loop starts with no connections
         (those of an earlier loop cannot be used in this one)."""
         loop = asyncio.get_running_loop()
         if self._slots is None or self._loop is not loop:
-            self._idle.clear()
-            self._open.clear()
+            self.close_all()
             self._slots = asyncio.Semaphore(self.limit)
             self._loop = loop
         return self._slots
@@ -227,7 +264,7 @@ class Http11Pool:
         if length is not None:
             lines.append(f"Content-Length: {length}\r\n")
         lines.append("\r\n")
-        return "".join(lines).encode("latin-1")
+        return "".join(lines).encode()  # UTF-8, as aiohttp sends header values
 
     async def request(
         self, method: str, path: str, headers: dict[str, str], body: bytes | None
@@ -243,6 +280,10 @@ class Http11Pool:
             message += body
         async with self._bind():
             conn = self._take() or await self._connect()
+            if self._closed:  # closed while connecting
+                conn.close()
+                self._open.discard(conn)
+                raise ReplyError("the client is closed")
             try:
                 reply = await conn.send(message)
             except BaseException:  # cancelled, timed out or failed: its stream is unknown
@@ -266,11 +307,22 @@ class Http11Pool:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
 
-        def protocol() -> _Connection:
-            return _Connection(self.max_reply_bytes, self._too_large)
+        async def connecting() -> _Connection:
+            # Every address of the name, tried in turn a quarter second apart with both
+            # families interleaved (aiohttp's "happy eyeballs", by the same library), so
+            # that a dead address (a broken IPv6 route) costs no connect timeout.
+            found = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            sock = await aiohappyeyeballs.start_connection(found, happy_eyeballs_delay=0.25, interleave=1)
+            try:
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self.max_reply_bytes, self._too_large), sock=sock
+                )
+            except BaseException:
+                sock.close()
+                raise
+            return conn
 
-        connecting = loop.create_connection(protocol, self.host, self.port)
-        _, conn = await asyncio.wait_for(connecting, self.connect_timeout)
+        conn = await asyncio.wait_for(connecting(), self.connect_timeout)
         self._open.add(conn)
         return conn
 
@@ -281,3 +333,8 @@ class Http11Pool:
             conn.close()
         self._open.clear()
         self._idle.clear()
+
+    def close(self) -> None:
+        """Close every connection, and open no more."""
+        self._closed = True
+        self.close_all()

@@ -249,7 +249,7 @@ class Transport:
     async def close(self) -> None:
         self._closed = True
         if self._plain is not None:
-            self._plain.close_all()
+            self._plain.close()
         session, self._session = self._session, None
         if session is not None and not session.closed:
             await session.close()
