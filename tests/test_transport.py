@@ -704,3 +704,46 @@ def test_an_api_key_beyond_ascii_is_sent_as_utf8_as_aiohttp_sent_it() -> None:
 
     assert calls_against(handle, 1, api_key="sk-abc\u00a0") == [[1, 2]]
     assert b"Authorization: Bearer sk-abc\xc2\xa0\r\n" in heads[0]
+
+
+def test_a_connection_made_while_the_client_closes_is_closed_and_its_request_fails() -> None:
+    """The name is resolved slowly; the client is closed meanwhile: the connection that
+    then opens is closed at once (the server sees its end) and the request fails."""
+    ended: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client's end
+        ended.append(1)
+
+    async def go() -> object:
+        async with raw_server(handle) as url:
+            loop = asyncio.get_running_loop()
+            real = loop.getaddrinfo
+
+            async def slow(*args: object, **kwargs: object) -> list:
+                await asyncio.sleep(0.2)
+                return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+            loop.getaddrinfo = slow  # type: ignore[method-assign]
+            c = VLLMClient(url, max_retries=0, timeout=3.0)
+            task = asyncio.ensure_future(c.tokenize("x"))
+            await asyncio.sleep(0.05)
+            await c.aclose()
+            try:
+                result: object = await task
+            except Exception as err:
+                result = err
+            for _ in range(100):
+                if ended:
+                    break
+                await asyncio.sleep(0.01)
+            return result
+
+    result = asyncio.run(go())
+    assert isinstance(result, APIConnectionError) and "closed" in str(result), result
+    assert ended == [1]
+
+
+def test_an_api_key_utf8_cannot_carry_is_refused_naming_it() -> None:
+    with pytest.raises(InvalidInputError, match="api_key"):
+        VLLMClient("http://127.0.0.1:9", api_key="sk-\ud800")

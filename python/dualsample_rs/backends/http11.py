@@ -53,11 +53,14 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._waiter: asyncio.Future[tuple[int, CIMultiDictProxy[str], bytes]] | None = None
+        # One parser for the connection's life: llhttp reads consecutive replies on a
+        # kept-alive stream, and after an error the connection is closed.
         self._parser = httptools.HttpResponseParser(self)
         self._reset_reply()
 
     def _reset_reply(self) -> None:
         self._headers: list[tuple[str, str]] = []
+        self._reply_headers: CIMultiDict[str] = CIMultiDict()
         self._body: list[bytes] = []
         self._size = 0
         self._inflate: zlib._Decompress | None = None
@@ -116,7 +119,7 @@ class _Connection(asyncio.Protocol):
         self._headers_done = True
         if self._is_interim():
             return
-        headers = CIMultiDict(self._headers)
+        headers = self._reply_headers = CIMultiDict(self._headers)
         declared = headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > self._cap:
             raise self._too_large(f"{declared} bytes declared")
@@ -168,7 +171,7 @@ class _Connection(asyncio.Protocol):
         if self._to_close:
             self.close()
         if waiter is not None and not waiter.done():
-            waiter.set_result((self._status, CIMultiDictProxy(CIMultiDict(self._headers)), b"".join(self._body)))
+            waiter.set_result((self._status, CIMultiDictProxy(self._reply_headers), b"".join(self._body)))
 
     def _fail(self, err: BaseException) -> None:
         waiter, self._waiter = self._waiter, None
@@ -191,7 +194,6 @@ class _Connection(asyncio.Protocol):
             # and leave the reply to the deadline.
             raise ReplyError("the server closed the connection before the request was sent")
         self._reset_reply()
-        self._parser = httptools.HttpResponseParser(self)
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             self.transport.write(request)
@@ -231,8 +233,6 @@ class Http11Pool:
         max_reply_bytes: int,
         too_large: Callable[[str], ReplyTooLargeError],
     ) -> None:
-        if limit < 1:
-            raise ValueError(f"the pool needs at least one connection, got {limit}")
         self.host, self.port = host, port
         # Percent-encoded as aiohttp's URLs are, so that the request line is ASCII.
         self.prefix = urllib.parse.quote(prefix, safe="/%:@!$&'()*+,;=-._~")

@@ -358,7 +358,7 @@ class _Remembered(Generic[K, V]):
     the next caller asks again.
 
     The first caller for a key asks in place, with no task of its own: a task and the
-    shield around it cost ten times the rest of the call, and a short record makes two.
+    shield around it cost more than the rest of the call, and a short record makes two.
     Callers that come while it asks wait for its answer; if it is cancelled (its record
     dropped), its request goes with it and they ask again, one of them in its place."""
 

@@ -154,8 +154,8 @@ class Transport:
         self._closed = False
 
     def _current(self) -> aiohttp.ClientSession:
-        # Imported here: a run whose servers are all plain http never needs it, and it
-        # is a sixth of the command's start-up.
+        # Imported here: a run whose servers are all plain http never needs it, and its
+        # import (an SSL context with the system's certificates among it) is not cheap.
         import aiohttp
 
         loop = asyncio.get_running_loop()
