@@ -322,6 +322,11 @@ def _modes(engine: str) -> list[tuple[str, list[str]]]:
         return [
             ("q*, 1 token/step, vllm-completions", ["--dialect", "vllm-completions"]),
             ("q*, 1 token/step, vllm-generate", ["--dialect", "vllm-generate"]),
+            # auto's layout: eight workers of eight sequences, each asking alone
+            (
+                "q*, 1 token/step, vllm-completions, batches of 8",
+                ["--dialect", "vllm-completions", "--max-batch-size", "8"],
+            ),
             (
                 "q*, K=4, --verify-prompt-logprobs",
                 ["--dialect", "vllm-completions", "--speculate", "4", "--verify-prompt-logprobs"],
@@ -333,6 +338,7 @@ def _modes(engine: str) -> list[tuple[str, list[str]]]:
         ]
     return [
         ("q*, 1 token/step, sglang", ["--dialect", "sglang"]),
+        ("q*, 1 token/step, sglang, batches of 8", ["--dialect", "sglang", "--max-batch-size", "8"]),  # auto's layout
         ("q*, K=4, sglang", ["--dialect", "sglang", "--speculate", "4"]),
         ("q*, auto, sglang", ["--dialect", "sglang", "--speculate", "auto"]),
     ]

@@ -431,6 +431,25 @@ def test_auto_records_do_not_depend_on_the_kinds_chosen(
     assert s8["acceptance_rate"] == pytest.approx(s2["acceptance_rate"], abs=0.1)
 
 
+def test_auto_one_token_rounds_of_every_worker_share_requests(
+    flavors: dict[str, tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`auto` runs eight workers of four sequences here; its rounds of one token per
+    sequence ask as one token per step does, about one request per step for all 32,
+    not one per worker (192 for 24 tokens), and the records are the same."""
+    urls = flavors["sglang"]
+    _, s_plain = generate(urls, "sglang", AUTO_PROMPTS, 24, **AUTO_OPTIONS)
+    monkeypatch.setattr(coordinator, "Pace", lambda block: Pace(arms=(0, 8), first=1, block=10**6))
+    joined, s_joined = generate(urls, "sglang", AUTO_PROMPTS, 24, speculate="auto", **AUTO_OPTIONS)
+    monkeypatch.setattr(coordinator, "Joined", lambda inner, limit: inner)  # each worker asks alone
+    alone, s_alone = generate(urls, "sglang", AUTO_PROMPTS, 24, speculate="auto", **AUTO_OPTIONS)
+    # eight workers' rounds (more where a worker began before its batch was full)
+    assert min(s_joined["mode_rounds"]["one_token"], s_alone["mode_rounds"]["one_token"]) >= 8 * 24
+    for server in ("requests_theta", "requests_t"):
+        assert s_joined[server] <= s_plain[server] + 24 < s_alone[server] - 100
+    assert _without_rounds(joined) == _without_rounds(alone)
+
+
 @pytest.mark.slow
 def test_auto_makes_one_token_per_step_where_each_position_costs() -> None:
     """Servers busy 6 ms per position they compute, one position after another (a CPU

@@ -43,7 +43,7 @@ from .sequence import Sequence, WorkItem, stable_key
 from .serving import Serving
 from .startup import open_connections, start_model
 from .stats import Statistics
-from .strategies import Mixed, choose, scored_ids, speculation_problem
+from .strategies import Joined, Mixed, choose, scored_ids, speculation_problem
 from .teachers import Lane, Mixture, Routes
 
 log = logging.getLogger("dualsample_rs")
@@ -393,8 +393,11 @@ class Coordinator:
             lane_cfg = route.config(cfg, temperature)
             ask = choose(lane_cfg, self.base, route.replicas, route.speculate)
             speculate = route.speculate
-            # "auto" also runs rounds of one token per sequence, asked as without speculation.
-            one = choose(lane_cfg, self.base, route.replicas, 0) if speculate == "auto" else None
+            # "auto" also runs rounds of one token per sequence, asked as without
+            # speculation, its workers' rounds joined into requests as one worker's would be.
+            one = None
+            if speculate == "auto":
+                one = Joined(choose(lane_cfg, self.base, route.replicas, 0), cfg.run.max_batch_size)
             # One pace per lane and temperature for the coordinator's life: what it
             # measured carries over from one call to the next.
             pace = None
