@@ -293,8 +293,12 @@ def qstar(
     records = _records(out)
     errors = [r.get("error") for r in records if r.get("error")]
     made = sum(len(r.get("token_ids") or []) for r in records)
+    # Speculative and auto runs say which round made each token: their tokens per round
+    # (1.0 where auto chose one token per step throughout).
+    rounds = sum(len(set(r["round"])) for r in records if r.get("round"))
     return {
         "tokens": made,
+        "tokens_per_round": made / rounds if rounds else None,
         "seconds": seconds,
         "tokens_per_s": made / seconds,
         "load": load(),
@@ -501,7 +505,9 @@ def run_engine(
                         row |= qstar(base, teacher, plain_text, questions, tokens, top_k, args, Path(tmp), package)
                     print(
                         f"  {engine}: {what}: {row['tokens_per_s']:,.1f} tokens/s in {row['seconds']:.1f} s "
-                        f"(load {row['load']}, errors {row['errors']})",
+                        f"(load {row['load']}, errors {row['errors']}"
+                        + (f", {row['tokens_per_round']:.2f} tokens per round" if row.get("tokens_per_round") else "")
+                        + ")",
                         flush=True,
                     )
                 except RuntimeError as err:

@@ -27,7 +27,7 @@ from dualsample_rs.backends import (
     VLLMGenerateBackend,
 )
 from dualsample_rs.engine import coordinator
-from dualsample_rs.engine.pace import Pace
+from dualsample_rs.engine.pace import WEIGHT, Pace
 from dualsample_rs.exceptions import ConfigurationError, InvalidInputError, InvalidResponseError
 from dualsample_rs.server import running_server
 from scipy import stats
@@ -324,6 +324,23 @@ def test_auto_settles_on_one_token_where_drafting_costs_more_per_token() -> None
     assert set(after) == {0, 2, 4, 8}  # every other kind still explored
 
 
+def test_auto_is_not_lured_into_drafting_by_a_figure_measured_long_ago() -> None:
+    """Contexts grow, so every kind's rounds slow down together (here 17x over the run),
+    drafting always at twice one token's cost per token. The kind in use is measured as
+    it slows and the others' figures date from when they were explored, so they come to
+    look faster than they are; a block chosen for such a figure is a trial, cut short
+    once it measures slower (a whole block each time: 208 drafting rounds; now 26)."""
+    pace = Pace()
+    chosen = []
+    for i in range(4096):
+        k = pace.choose()
+        tokens = int(8 * (1 + 0.75 * k))
+        cost = {0: 1.0, 2: 1.6, 4: 2.0, 8: 3.0}[k] * (1 + i / 256)
+        pace.observe(k, cost * tokens, tokens, pace.start(k))
+        chosen.append(k)
+    assert sum(k != 0 for k in chosen) <= 48 and pace.faster() == 0
+
+
 def test_auto_explores_at_most_a_sixteenth_of_the_time() -> None:
     """Where a drafting round takes ten times as long per token, exploring it is
     bounded by its time, not only by its rounds."""
@@ -377,6 +394,27 @@ def test_auto_measures_only_rounds_without_another_kind_beside_them() -> None:
     assert pace.rate(4) == 16.0 and pace.faster() == 4
 
 
+def test_joined_one_token_rounds_weigh_as_one_measurement() -> None:
+    """Eight one-token rounds that shared one request end together with one time: one
+    slow request moves the average as one slow round would, not as eight."""
+    alone, joined = Pace(arms=(0, 4), block=100), Pace(arms=(0, 4), block=100, joined=8)
+    for pace, rounds in ((alone, 1), (joined, 8)):
+        for _ in range(5 * rounds):
+            pace.observe(0, 1.0, 8)
+        for _ in range(rounds):
+            pace.observe(0, 4.0, 8)  # a slow request
+    assert alone.rate(0) == pytest.approx(joined.rate(0), rel=1e-9)
+    assert joined.rate(0) == pytest.approx(8 / (0.8 + 0.2 * 4.0))
+    # drafting rounds are not joined: each is a measurement of its own
+    one, eight = Pace(arms=(0, 4), joined=1), Pace(arms=(0, 4), joined=8)
+    for pace in (one, eight):
+        pace.observe(4, 1.0, 8)
+        pace.observe(4, 4.0, 8)
+    assert one.rate(4) == eight.rate(4) == pytest.approx(8 / (1 - WEIGHT + WEIGHT * 4.0))
+    with pytest.raises(InvalidInputError, match="joined"):
+        Pace(joined=0)
+
+
 def test_auto_tries_again_a_first_kind_it_could_not_measure() -> None:
     pace = Pace(arms=(0, 4), block=1)
     k0 = pace.choose()
@@ -420,7 +458,8 @@ def test_auto_records_do_not_depend_on_the_kinds_chosen(
     runs = []
     for arms in ((0, 8), (2, 0), (8, 0), None):
         if arms is not None:  # one kind only: a block longer than the run
-            monkeypatch.setattr(coordinator, "Pace", lambda block, arms=arms: Pace(arms=arms, first=1, block=10**6))
+            held = lambda block, joined, arms=arms: Pace(arms=arms, first=1, block=10**6)  # noqa: E731
+            monkeypatch.setattr(coordinator, "Pace", held)
         else:
             monkeypatch.undo()
         runs.append(generate(flavors[flavor], DIALECT[flavor], AUTO_PROMPTS, 24, speculate="auto", **AUTO_OPTIONS))
@@ -439,7 +478,7 @@ def test_auto_one_token_rounds_of_every_worker_share_requests(
     not one per worker (192 for 24 tokens), and the records are the same."""
     urls = flavors["sglang"]
     _, s_plain = generate(urls, "sglang", AUTO_PROMPTS, 24, **AUTO_OPTIONS)
-    monkeypatch.setattr(coordinator, "Pace", lambda block: Pace(arms=(0, 8), first=1, block=10**6))
+    monkeypatch.setattr(coordinator, "Pace", lambda block, joined: Pace(arms=(0, 8), first=1, block=10**6))
     joined, s_joined = generate(urls, "sglang", AUTO_PROMPTS, 24, speculate="auto", **AUTO_OPTIONS)
     monkeypatch.setattr(coordinator, "Joined", lambda inner, limit: inner)  # each worker asks alone
     alone, s_alone = generate(urls, "sglang", AUTO_PROMPTS, 24, speculate="auto", **AUTO_OPTIONS)

@@ -402,9 +402,9 @@ class Coordinator:
             # measured carries over from one call to the next.
             pace = None
             if one is not None:
-                pace = self._paces.setdefault(
-                    (key, temperature), Pace(block=block_for(self._workers(cfg, serial=True, speculate=True)))
-                )
+                workers = self._workers(cfg, serial=True, speculate=True)
+                joined = max(1, workers // (2 if one.serial else 1))  # rounds per joined request
+                pace = self._paces.setdefault((key, temperature), Pace(block=block_for(workers), joined=joined))
         else:
             # Teachers with their own temperatures: reweighted, one temperature for the mix.
             taus = [lane.config(cfg, temperature).sampler.teacher_temperature for lane in route.lanes]

@@ -23,7 +23,8 @@ queued behind drafts of five positions looks as slow as they are); a block of fo
 rounds per worker runs its middle half with only rounds of its kind beside them, and
 only such rounds are measured. Exploration is bounded by round time as well as by
 rounds, since on a CPU engine a drafting round can take ten times a one-token round,
-and a block that explores ends early once it has measured slower than the best kind.
+and a block that explores, or leaves the kind in use, ends early once it has measured
+slower than the best kind.
 
 Everything here is a function of the calls made to it, so tests drive it with
 synthetic timings; the records do not depend on it but for their `round` and `drafted`
@@ -74,14 +75,22 @@ class Pace:
             rounds did: exploration is at most 1/`period` of the rounds and of the
             round time.
         weight: weight of a new measurement in the moving averages.
+        joined: rounds of one token per sequence (K = 0) that go together in one
+            request (`strategies.Joined`: every worker's), and so end together with
+            one time between them: each counts as 1/`joined` of a measurement, so
+            that one slow request weighs as one round does, not as `joined`.
 
     `choose` returns the next round's K; the round calls `start` as it begins and then
     ``observe(k, seconds, tokens, lap)`` with the lap `start` gave. A first kind left
     unmeasured by its block (every round ran beside another kind's) gets a block again,
     once per first kind at most. From then on the kind with the highest moving average
-    of tokens per second is chosen (ties: the one listed first). A block that explores
-    (or tries a kind at the start) ends early once two of its rounds were measured
-    slower than the best kind's rate: a kind that loses costs little to look at.
+    of tokens per second is chosen (ties: the one listed first). A block on trial ends
+    early once two of its rounds were measured slower than the best other kind's rate,
+    and what it measured then replaces its kind's older figures: a kind that loses
+    costs little to look at. A block is on trial when it explores (or tries a kind at
+    the start), and when it leaves the kind that last ran a whole block, since it was
+    chosen for a figure that may be old: the kind in use slows as contexts grow and is
+    measured as it does, while the others' figures stay as they were when explored.
     """
 
     def __init__(
@@ -91,10 +100,11 @@ class Pace:
         block: int = BLOCK,
         period: int = PERIOD,
         weight: float = WEIGHT,
+        joined: int = 1,
     ) -> None:
         if len(arms) < 2 or len(set(arms)) != len(arms) or any(not isinstance(k, int) or k < 0 for k in arms):
             raise InvalidInputError(f"arms: two or more distinct draft lengths >= 0, got {arms!r}")
-        for name, value in (("first", first), ("block", block), ("period", period)):
+        for name, value in (("first", first), ("block", block), ("period", period), ("joined", joined)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidInputError(f"{name}: must be a positive integer, got {value!r}")
         if first > len(arms):
@@ -105,6 +115,8 @@ class Pace:
             raise InvalidInputError(f"weight: must lie in (0, 1], got {weight!r}")
         self.arms, self.first, self.block = tuple(arms), first, block
         self.period, self.weight = period, float(weight)
+        # The weight of one of `joined` rounds that together make one measurement.
+        self._joined_weight = 1 - (1 - self.weight) ** (1 / joined)
         #: rounds chosen of each kind
         self.rounds: dict[int, int] = dict.fromkeys(self.arms, 0)
         #: rounds measured of each kind (the others ran beside a round of another kind)
@@ -118,6 +130,7 @@ class Pace:
         self._left = 0  # rounds left in it
         self._block = 0  # blocks begun
         self._exploring = False  # the current block explores (or tries a kind at the start)
+        self._settled: int | None = None  # the kind of the last block that ran to its end
         self._here = [0, 0.0, 0.0]  # the current block's measured rounds, their seconds, tokens
         self._begun = 0  # blocks begun at the start (the first kinds, and their retries)
         self._since = 0  # blocks chosen since the last exploration
@@ -147,7 +160,13 @@ class Pace:
 
     def choose(self) -> int:
         """The next round's K (see the class)."""
-        if self._left == 0 or (self._exploring and self._losing()):
+        cut = self._left > 0 and self._on_trial() and self._losing()
+        if self._left == 0 or cut:
+            if cut:  # what the block measured replaces its kind's older figures
+                n, seconds, tokens = self._here
+                self._seconds[self._kind], self._tokens[self._kind] = seconds / n, tokens / n
+            elif self._block:
+                self._settled = self._kind
             self._kind = self._next_block()
             self._left = self.block
             self._block += 1
@@ -155,6 +174,13 @@ class Pace:
         self._left -= 1
         self.rounds[self._kind] += 1
         return self._kind
+
+    def _on_trial(self) -> bool:
+        """The current block explores, or leaves the kind that last ran a whole block.
+        A block chosen for a kind's rate measured long ago (a kind in use slows as
+        contexts grow, the others' figures stay as they were) is a trial too, so that
+        a stale figure costs a few rounds, not a block."""
+        return self._exploring or (self._settled is not None and self._kind != self._settled)
 
     def _losing(self) -> bool:
         """The exploring block's kind measured slower than the best other kind, over
@@ -221,7 +247,7 @@ class Pace:
             self._here[0] += 1
             self._here[1] += seconds
             self._here[2] += tokens
-        w = self.weight
+        w = self._joined_weight if k == 0 else self.weight
         old_s, old_t = self._seconds[k], self._tokens[k]
         self._seconds[k] = seconds if old_s is None else (1 - w) * old_s + w * seconds
         self._tokens[k] = tokens if old_t is None else (1 - w) * old_t + w * tokens
