@@ -23,7 +23,6 @@ the machine's timings (but for `round` and `drafted`, which say how the run went
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -229,9 +228,13 @@ class Round:
     def apply(self, rows: list[Sequence], bundle: Bundle) -> None:
         """One kernel call over the bundle's rows, then each sequence takes its tokens
         in order up to its first rejected draft, a stop id, or a length limit."""
-        if bundle.drafts is None and not self.speculate and len(bundle.lengths) == len(bundle.base.ids):
-            self._apply_one_each(rows, bundle)
-            return
+        if bundle.drafts is None and len(bundle.lengths) == len(bundle.base.ids):
+            if not self.speculate:
+                self._apply_one_each(rows, bundle)
+                return
+            if self.auto:  # auto's round of one token per sequence: rows in id order (below)
+                self._apply_one_each(rows, bundle.in_id_order(), speculative=True)
+                return
         lengths = bundle.lengths.tolist()
         positions = np.concatenate(
             [len(s.out.token_ids) + np.arange(n, dtype=np.int64) for s, n in zip(rows, lengths, strict=True)]
@@ -245,7 +248,7 @@ class Round:
             # list in different orders (vLLM's generate route puts the sampled or
             # replayed token first): each row is put in id order, so a token is the same
             # whichever kind of round reached its position.
-            bundle = _in_id_order(bundle)
+            bundle = bundle.in_id_order()
             drawn = self._kernel(bundle, positions, keys, _law_arguments(rows, lengths), drafts=False)
             drafts = bundle.drafts
             if drafts is None:
@@ -290,18 +293,32 @@ class Round:
                 stats.drafting_round_tokens += made
         self._count(drawn, emitted)
 
-    def _apply_one_each(self, rows: list[Sequence], bundle: Bundle) -> None:
+    def _apply_one_each(self, rows: list[Sequence], bundle: Bundle, speculative: bool = False) -> None:
         """`apply` for a round of one row per sequence and nothing drafted (every round
-        without speculation): each sequence takes its row's token. The same records,
-        without the per-row bookkeeping of drafts, which cost a third of the
-        coordinator's time per sequence-step there."""
+        without speculation, and `auto`'s one-token rounds, `speculative`): each
+        sequence takes its row's token. The same records, without the per-row
+        bookkeeping of drafts, which cost a third of the coordinator's time per
+        sequence-step there; a `speculative` run's records also note each token's round
+        (none of them a kept draft)."""
         n = len(rows)
         positions = np.fromiter((len(s.out.token_ids) for s in rows), dtype=np.int64, count=n)
         keys = np.fromiter((s.item.key for s in rows), dtype=np.int64, count=n)
         drawn = self._kernel(bundle, positions, keys, _law_arguments(rows, [1] * n))
         emit = self._emit
         for i, seq in enumerate(rows):
-            emit(seq, drawn, i)
+            if speculative:
+                out = seq.out
+                if out.round is None or out.drafted is None:
+                    out.round, out.drafted = [], []
+                this_round = out.round[-1] + 1 if out.round else 0
+                emit(seq, drawn, i)
+                out.round.append(this_round)
+                out.drafted.append(False)
+            else:
+                emit(seq, drawn, i)
+        if speculative:
+            self.stats.rounds += n
+            self.stats.round_tokens += n
         self._count(drawn, np.ones(n, dtype=bool))
 
     def _kernel(
@@ -413,21 +430,6 @@ class Round:
             s.stability_fallbacks += int((res.fallback & emitted).sum())
         if cfg.sampler.enable_stability_check and not cfg.sampler.auto_fallback and res.js is not None:
             s.stability_flagged += int(((res.js > cfg.sampler.stability_js_max) & emitted).sum())
-
-
-def _in_id_order(bundle: Bundle) -> Bundle:
-    """The bundle with each row's entries by ascending id, padding (-1) last; a base
-    row that holds its values of the teacher's ids keeps their order."""
-
-    def order(top: TopK) -> np.ndarray:
-        return np.argsort(np.where(top.ids < 0, np.iinfo(np.int64).max, top.ids), axis=1, kind="stable")
-
-    def take(top: TopK, at: np.ndarray) -> TopK:
-        return TopK(np.take_along_axis(top.ids, at, axis=1), np.take_along_axis(top.logp, at, axis=1))
-
-    by_t = order(bundle.teacher)
-    base = take(bundle.base, by_t if bundle.base_scores_teacher_ids else order(bundle.base))
-    return dataclasses.replace(bundle, base=base, teacher=take(bundle.teacher, by_t))
 
 
 def _law_arguments(rows: list[Sequence], lengths: list[int]) -> dict[str, Any]:

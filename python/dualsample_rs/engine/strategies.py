@@ -20,6 +20,7 @@ This is the one module that knows what exact scoring changes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -47,6 +48,24 @@ class Bundle:
     drafts: np.ndarray | None = None
     base_scores_teacher_ids: bool = False
     teachers: dict[str, TopK] | None = None
+    #: each row's entries are by ascending id (see `in_id_order`)
+    by_id: bool = False
+
+    def in_id_order(self) -> Bundle:
+        """The bundle with each row's entries by ascending id, padding (-1) last; a base
+        row that holds its values of the teacher's ids keeps their order."""
+        if self.by_id:
+            return self
+
+        def order(top: TopK) -> np.ndarray:
+            return np.argsort(np.where(top.ids < 0, np.iinfo(np.int64).max, top.ids), axis=1, kind="stable")
+
+        def take(top: TopK, at: np.ndarray) -> TopK:
+            return TopK(np.take_along_axis(top.ids, at, axis=1), np.take_along_axis(top.logp, at, axis=1))
+
+        by_t = order(self.teacher)
+        base = take(self.base, by_t if self.base_scores_teacher_ids else order(self.base))
+        return dataclasses.replace(self, base=base, teacher=take(self.teacher, by_t), by_id=True)
 
     def rows(self, start: int, stop: int) -> Bundle:
         """The rows of sequences ``start`` to ``stop``."""
@@ -60,6 +79,7 @@ class Bundle:
             None if self.drafts is None else self.drafts[a:b],
             self.base_scores_teacher_ids,
             None if self.teachers is None else {name: top.rows(a, b) for name, top in self.teachers.items()},
+            self.by_id,
         )
 
 
@@ -314,6 +334,9 @@ class Joined:
             for _, future in groups:
                 _settle(future, error=err)
             return
+        # `auto` draws every row in id order (round.py): put so once per request here,
+        # not once per round.
+        bundle = bundle.in_id_order()
         start = 0
         for group, future in groups:
             _settle(future, bundle.rows(start, start + len(group)))
