@@ -341,6 +341,17 @@ def test_auto_is_not_lured_into_drafting_by_a_figure_measured_long_ago() -> None
     assert sum(k != 0 for k in chosen) <= 48 and pace.faster() == 0
 
 
+def test_a_trial_far_slower_ends_after_one_measured_round() -> None:
+    """Drafting at three times one token's cost per token (under half its rate): the
+    start's block of K = 4 ends after its first measured round; at twice the cost
+    (exactly half the rate) it takes two, as any block slower than the best does."""
+    far, near = Pace(), Pace()
+    chosen_far = _drive(far, far.block + 4, {0: 1.0, 2: 3.0, 4: 3.0, 8: 3.0})
+    chosen_near = _drive(near, near.block + 4, {0: 1.0, 2: 2.0, 4: 2.0, 8: 2.0})
+    assert chosen_far[far.block :] == [4, 0, 0, 0]
+    assert chosen_near[near.block :] == [4, 4, 0, 0]
+
+
 def test_auto_explores_at_most_a_sixteenth_of_the_time() -> None:
     """Where a drafting round takes ten times as long per token, exploring it is
     bounded by its time, not only by its rounds."""

@@ -49,6 +49,9 @@ BLOCK = 32
 # At most one block in PERIOD, and 1/PERIOD of the round time, explores a kind not
 # chosen (after the first blocks).
 PERIOD = 16
+# A block on trial ends after one measured round below this share of the best other
+# kind's rate (else after two below it).
+FAR_SLOWER = 0.5
 # Weight of a new measurement in each kind's moving averages (about the last 1/WEIGHT
 # measured rounds count).
 WEIGHT = 0.2
@@ -85,12 +88,13 @@ class Pace:
     unmeasured by its block (every round ran beside another kind's) gets a block again,
     once per first kind at most. From then on the kind with the highest moving average
     of tokens per second is chosen (ties: the one listed first). A block on trial ends
-    early once two of its rounds were measured slower than the best other kind's rate,
-    and what it measured then replaces its kind's older figures: a kind that loses
-    costs little to look at. A block is on trial when it explores (or tries a kind at
-    the start), and when it leaves the kind that last ran a whole block, since it was
-    chosen for a figure that may be old: the kind in use slows as contexts grow and is
-    measured as it does, while the others' figures stay as they were when explored.
+    early once two of its rounds were measured slower than the best other kind's rate
+    (one, at under `FAR_SLOWER` of it), and what it measured then replaces its kind's
+    older figures: a kind that loses costs little to look at. A block is on trial when
+    it explores (or tries a kind at the start), and when it leaves the kind that last
+    ran a whole block, since it was chosen for a figure that may be old: the kind in
+    use slows as contexts grow and is measured as it does, while the others' figures
+    stay as they were when explored.
     """
 
     def __init__(
@@ -183,12 +187,16 @@ class Pace:
         return self._exploring or (self._settled is not None and self._kind != self._settled)
 
     def _losing(self) -> bool:
-        """The exploring block's kind measured slower than the best other kind, over
-        two rounds or more of this block."""
+        """The block's kind measured slower than the best other kind over two rounds or
+        more of this block, or at under half its rate over one (on a CPU engine a
+        losing drafting round takes about ten one-token rounds' time: one is enough)."""
         n, seconds, tokens = self._here
         others = tuple(k for k in self.arms if k != self._kind)
         best = self.rate(self.faster(others))
-        return n >= 2 and best is not None and tokens / max(seconds, 1e-9) < best
+        if not n or best is None:
+            return False
+        rate = tokens / max(seconds, 1e-9)
+        return rate < (best if n >= 2 else best * FAR_SLOWER)
 
     def _next_block(self) -> int:
         self._exploring = True
