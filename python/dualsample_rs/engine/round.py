@@ -250,9 +250,8 @@ class Round:
             # whichever kind of round reached its position.
             bundle = bundle.in_id_order()
             drawn = self._kernel(bundle, positions, keys, _law_arguments(rows, lengths), drafts=False)
-            drafts = bundle.drafts
-            if drafts is None:
-                drafts = np.full(len(positions), -1, dtype=np.int64)
+            drafts = bundle.drafts  # a drafting round: auto's one-token rounds took the path above
+            assert drafts is not None
             accepted = ((drawn.res.token_id == drafts) & (drafts >= 0)).tolist()
         else:
             drawn = self._kernel(bundle, positions, keys, _law_arguments(rows, lengths))
