@@ -51,6 +51,22 @@ class Scheduler:
         self.prepare, self.step, self.finish = prepare, step, finish
         self.workers, self.batch, self.on_output = workers, batch, on_output
         self.gate = gate
+        # Items being prepared, and the workers waiting for one of them to be done.
+        self._preparing = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def _prepared(self) -> None:
+        self._preparing -= 1
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _next_prepared(self) -> None:
+        """Wait until an item being prepared is done (queued or failed)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
 
     async def run(
         self, items: Iterable[WorkItem] | AsyncIterable[WorkItem]
@@ -110,9 +126,11 @@ class Scheduler:
                 await ready.put(seq)
             finally:
                 slots.release()
+                self._prepared()
 
         async def take(index: int, item: WorkItem) -> None:
             await slots.acquire()  # a slot is held until the item is queued
+            self._preparing += 1
             task = asyncio.create_task(prepare(index, item))
             pending.add(task)
             task.add_done_callback(pending.discard)
@@ -149,9 +167,17 @@ class Scheduler:
 
         try:
             while True:
+                # A batch started from empty (the run's start, or after every sequence
+                # ended) waits for the items being prepared: steps of a few sequences
+                # while the rest are tokenized would leave the batch's sequences
+                # staggered, and each step of the stagger is one more request per server.
+                filling = not active
                 while not exhausted and len(active) < self.batch:
                     if active and ready.empty():
-                        break
+                        if not (filling and self._preparing):
+                            break
+                        await self._next_prepared()
+                        continue
                     seq = await ready.get()
                     if seq is None:
                         exhausted = True
