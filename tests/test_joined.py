@@ -161,3 +161,24 @@ def test_a_batch_of_several_teachers_asks_alone() -> None:
         return inner
 
     assert asyncio.run(main()).requests == _groups(2, 2)
+
+
+def test_rounds_cancelled_while_asked_again_take_their_requests_with_them() -> None:
+    """The rounds of a refused joined request, cancelled while each is asked again on
+    its own: those requests go too, and a round asking later is served."""
+
+    async def main() -> tuple[Asked, Bundle]:
+        inner = Asked(bad=frozenset({0}), seconds=0.05)
+        joined = Joined(inner, limit=64)
+        rounds = [asyncio.ensure_future(joined(g, [1] * len(g))) for g in ([0], [1])]  # type: ignore[arg-type]
+        await asyncio.sleep(0.07)  # the joined request was refused; each round is asked again
+        assert inner.in_flight == 2
+        for r in rounds:
+            r.cancel()
+        await asyncio.gather(*rounds, return_exceptions=True)
+        await asyncio.sleep(0)
+        assert inner.in_flight == 0
+        return inner, await joined([2], [1])  # type: ignore[list-item]
+
+    inner, got = asyncio.run(main())
+    assert inner.requests == [[0, 1], [0], [1], [2]] and inner.cancelled == 2 and _ids(got) == [2]
