@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator, VLLMClient
+from dualsample_rs.backends.http11 import ReplyError, _Connection
 from dualsample_rs.backends.transport import redact
 from dualsample_rs.exceptions import (
     APIConnectionError,
@@ -747,3 +748,25 @@ def test_a_connection_made_while_the_client_closes_is_closed_and_its_request_fai
 def test_an_api_key_utf8_cannot_carry_is_refused_naming_it() -> None:
     with pytest.raises(InvalidInputError, match="api_key"):
         VLLMClient("http://127.0.0.1:9", api_key="sk-\ud800")
+
+
+def test_a_write_refused_by_a_closed_transport_is_a_reply_error() -> None:
+    """uvloop's transport raises RuntimeError on a write once closed under us, where
+    asyncio's drops the bytes: the request fails at once as a connection error would,
+    and the connection holds no request."""
+
+    class ClosedUnderUs(asyncio.Transport):
+        def is_closing(self) -> bool:
+            return False
+
+        def write(self, data: bytes | bytearray | memoryview) -> None:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+    async def send() -> _Connection:
+        conn = _Connection(1024, lambda seen: ReplyTooLargeError(seen))
+        conn.connection_made(ClosedUnderUs())
+        with pytest.raises(ReplyError, match="closed before the request was sent: unable to perform"):
+            await asyncio.wait_for(conn.send(b"GET / HTTP/1.1\r\n\r\n"), timeout=5)
+        return conn
+
+    assert asyncio.run(send())._waiter is None
