@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from dualsample_rs.engine import scheduler
 from dualsample_rs.engine.scheduler import Scheduler
 from dualsample_rs.engine.sequence import WorkItem
 from dualsample_rs.exceptions import InvalidInputError
@@ -101,3 +102,13 @@ def test_a_full_batch_does_not_wait(batch: int) -> None:
     run = _Run(length=2, delays={i: 0.002 * i for i in range(8)}, batch=batch)
     assert asyncio.run(_collect(run, _items(8))) == list(range(8))
     assert run.steps[0] == min(batch, 8)
+
+
+def test_an_item_stuck_in_preparation_holds_the_batch_for_fill_wait_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler, "FILL_WAIT", 0.05)
+    run = _Run(length=2, delays={0: 0.0, 1: 0.0, 2: 1.0})
+
+    assert asyncio.run(_collect(run, _items(3))) == [0, 1, 2]
+    # Items 0 and 1 ran without item 2, which ran on its own once prepared (waiting for
+    # it would have given [3, 3]).
+    assert run.steps == [2, 2, 1, 1]

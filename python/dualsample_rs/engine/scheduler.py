@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 # Items being prepared (tokenised) ahead of the workers at any moment.
 READ_AHEAD = 64
+# The longest a batch started from empty waits for items being prepared (one stuck in
+# retries must not hold the others for long).
+FILL_WAIT = 0.5
 
 Finished = tuple[int, GenerationOutput] | BaseException | None
 
@@ -62,11 +65,17 @@ class Scheduler:
             if not w.done():
                 w.set_result(None)
 
-    async def _next_prepared(self) -> None:
-        """Wait until an item being prepared is done (queued or failed)."""
-        waiter = asyncio.get_running_loop().create_future()
+    async def _next_prepared(self, deadline: float) -> bool:
+        """Wait until an item being prepared is done (queued or failed); False if the
+        loop's clock reached `deadline` first."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self._waiters.append(waiter)
-        await waiter
+        try:
+            await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def run(
         self, items: Iterable[WorkItem] | AsyncIterable[WorkItem]
@@ -168,15 +177,16 @@ class Scheduler:
         try:
             while True:
                 # A batch started from empty (the run's start, or after every sequence
-                # ended) waits for the items being prepared: steps of a few sequences
-                # while the rest are tokenized would leave the batch's sequences
-                # staggered, and each step of the stagger is one more request per server.
+                # ended) waits for the items being prepared, FILL_WAIT at most: steps of
+                # a few sequences while the rest are tokenized would leave the batch's
+                # sequences staggered, each step of the stagger one more request per server.
                 filling = not active
+                deadline = asyncio.get_running_loop().time() + FILL_WAIT
                 while not exhausted and len(active) < self.batch:
                     if active and ready.empty():
                         if not (filling and self._preparing):
                             break
-                        await self._next_prepared()
+                        filling = await self._next_prepared(deadline)
                         continue
                     seq = await ready.get()
                     if seq is None:
