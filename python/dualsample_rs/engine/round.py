@@ -388,8 +388,11 @@ class Round:
         out.observed_theta.append(cols[5][i])
         out.observed_t.append(cols[6][i])
         out.fallback.append(cols[7][i])
-        for name, col in zip(DIAGNOSTIC_NAMES, drawn.diag_cols, strict=False):
-            seq.diag.setdefault(name, []).append(col[i])
+        # Each branch below is taken only where its feature is in use: this runs once
+        # per sequence per step, and the batch job's records need none of them.
+        if drawn.diag_cols:
+            for name, col in zip(DIAGNOSTIC_NAMES, drawn.diag_cols, strict=False):
+                seq.diag.setdefault(name, []).append(col[i])
         if drawn.top_cols:
             _keep_top(out, drawn.top_cols, i)
         item = seq.item
@@ -403,8 +406,10 @@ class Round:
                 out.observed_teachers[name].append(listed[i])
         seq.ctx_base.append(tok)
         seq.ctx_teacher.append(tok)
-        for ctx in seq.more_teachers:
-            ctx.append(tok)
+        more = seq.more_teachers
+        if more:
+            for ctx in more:
+                ctx.append(tok)
         max_base, max_teacher = self.max_model_len  # for a mixture, its teachers' least
         if tok in item.stop_token_ids or (tok in self.stop and not item.ignore_eos):
             out.finish_reason, seq.done = "stop", True
@@ -412,7 +417,7 @@ class Round:
             len(out.token_ids) >= seq.max_tokens
             or len(seq.ctx_base) >= max_base
             or len(seq.ctx_teacher) >= max_teacher
-            or any(len(c) >= max_teacher for c in seq.more_teachers)
+            or (more and any(len(c) >= max_teacher for c in more))
         ):
             out.finish_reason, seq.done = "length", True
         if item.on_token is not None:
