@@ -12,7 +12,6 @@ request before it is used.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import itertools
 import json
 import logging
@@ -470,6 +469,8 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
         return value if math.isfinite(value) else None
     except ValueError:
         pass
+    import email.utils  # here: an HTTP date is rare, and the email package slows start-up
+
     try:
         when = email.utils.parsedate_to_datetime(raw)
     except (TypeError, ValueError):

@@ -26,7 +26,6 @@ import base64
 import logging
 import ssl
 import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,6 +91,10 @@ def redact(url: str) -> str:
 def env_proxy(url: str) -> str | None:
     """The proxy ``HTTP_PROXY`` / ``HTTPS_PROXY`` (either case) name for `url`, unless
     ``NO_PROXY`` covers its host."""
+    # Imported here: urllib.request brings http.client and the email package, a tenth
+    # of the command's start-up, for two calls per server at start-up.
+    import urllib.request
+
     parts = urllib.parse.urlsplit(url)
     proxy = urllib.request.getproxies().get(parts.scheme)
     if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
