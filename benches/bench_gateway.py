@@ -35,7 +35,7 @@ import aiohttp
 import numpy as np
 import pytest
 from dualsample_rs import CoordinatorConfig, DualVLLMCoordinator
-from dualsample_rs.server import running_server
+from dualsample_rs.server import request_counts, running_server
 from dualsample_rs.server.process import running_command
 
 CLIENTS = 64
@@ -157,6 +157,9 @@ def test_tokens_per_second_against_the_batch_engine(
     # CPU seconds over each side's runs: (the gateway process, this process: the clients
     # or the batch engine, the two servers), and the tokens they made
     cpu = {"gateway": [0.0, 0.0, 0.0], "batch": [0.0, 0.0, 0.0]}
+    # completions requests the base answered for each side (a slot left empty between a
+    # client's requests makes the gateway's rounds smaller, so more of them)
+    asked = {"gateway": 0, "batch": 0}
     pid = gateway[1]
 
     def used() -> list[float]:
@@ -166,6 +169,7 @@ def test_tokens_per_second_against_the_batch_engine(
         async with DualVLLMCoordinator(config) as coord:
             for _ in range(rounds):
                 for side in ("gateway", "batch"):
+                    n0 = request_counts(servers[0]).get("/v1/completions", 0)
                     c0, t0 = used(), time.perf_counter()
                     if side == "gateway":
                         tokens = await _clients(url, prompts, max_tokens, stream)
@@ -173,6 +177,7 @@ def test_tokens_per_second_against_the_batch_engine(
                         tokens = await _batch(coord, prompts, max_tokens)
                     rates[side].append(tokens / (time.perf_counter() - t0))
                     cpu[side] = [a + b - c for a, b, c in zip(cpu[side], used(), c0, strict=True)]
+                    asked[side] += request_counts(servers[0]).get("/v1/completions", 0) - n0
                     assert tokens == requests * max_tokens
 
     url = gateway[0]
@@ -184,13 +189,16 @@ def test_tokens_per_second_against_the_batch_engine(
     benchmark.extra_info.update(gateway_tokens_per_second=round(gateway), batch_tokens_per_second=round(batch),
                                 ratio=round(gateway / batch, 3), requests=requests, max_tokens=max_tokens,
                                 cpu_us_per_token_gateway_clients_servers=per_token["gateway"],
-                                cpu_us_per_token_batch_servers=per_token["batch"][1:])  # fmt: skip
+                                cpu_us_per_token_batch_servers=per_token["batch"][1:],
+                                base_completions_requests={side: n / rounds for side, n in asked.items()})  # fmt: skip
     g, b = per_token["gateway"], per_token["batch"]
     print(
         f"\ngateway ({'streamed' if stream else 'whole'}): {gateway:.0f} tokens/s, batch engine {batch:.0f} "
         f"tokens/s, ratio {gateway / batch:.2f} ({requests} requests x {max_tokens} tokens, {CLIENTS} clients)"
         f"\n  CPU us per token: gateway {g[0]}, its clients {g[1]}, servers {g[2]}; "
         f"batch engine {b[1]}, servers {b[2]}"
+        f"\n  base completions requests per run: gateway {asked['gateway'] / rounds:.0f}, "
+        f"batch engine {asked['batch'] / rounds:.0f}"
     )
 
 

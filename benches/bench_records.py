@@ -18,13 +18,12 @@ import resource
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import previous
 import pytest
-from dualsample_rs.server import running_server
+from dualsample_rs.server import request_counts, running_server
 
 # (records, tokens per record): many short records, where the per-record requests set
 # the pace, and fewer long ones, where the steps do.
@@ -40,13 +39,6 @@ WORKLOADS = {
 def servers() -> Iterator[tuple[str, str]]:
     with running_server("base") as a, running_server("teacher") as b:
         yield a, b
-
-
-def _requests(url: str) -> dict[str, int]:
-    """The reference server's count of requests by path so far."""
-    with urllib.request.urlopen(url + "/dualsample/requests") as r:
-        counts: dict[str, int] = json.loads(r.read())
-    return counts
 
 
 def _command(servers: tuple[str, str], inp: Path, out: Path, tokens: int) -> list[str]:
@@ -89,14 +81,14 @@ def test_generate_side_by_side(benchmark, servers: tuple[str, str], tmp_path: Pa
         order = packages if len(walls["now"]) % 2 == 0 else packages[::-1]
         for package in order:
             out = tmp_path / f"out-{package}.jsonl"
-            before = [_requests(u) for u in servers]
+            before = [request_counts(u) for u in servers]
             t0, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
             subprocess.run(_command(servers, inp, out, tokens), check=True, capture_output=True,
                            env=_environment(package))  # fmt: skip
             walls[package].append(time.perf_counter() - t0)
             now = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu[package].append(now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime)
-            after = [_requests(u) for u in servers]
+            after = [request_counts(u) for u in servers]
             sent[package] = {
                 model: {path: n - b.get(path, 0) for path, n in a.items() if n > b.get(path, 0)}
                 for model, b, a in zip(("base", "teacher"), before, after, strict=True)

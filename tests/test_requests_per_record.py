@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
-import urllib.request
 from typing import Any
 
 import numpy as np
@@ -17,6 +15,7 @@ from dualsample_rs.backends.replicas import ReplicaSet
 from dualsample_rs.backends.vllm_completions import token_list
 from dualsample_rs.engine.coordinator import Coordinator
 from dualsample_rs.exceptions import APIConnectionError, IncompleteReplyError
+from dualsample_rs.server import request_counts
 from support import pair_config, run_coordinator
 
 
@@ -72,12 +71,6 @@ async def test_a_failed_text_is_asked_again_and_the_texts_are_bounded(monkeypatc
     assert backend.calls == [[1], [1], [2], [3], [1]]
 
 
-def _requests(url: str) -> dict[str, int]:
-    with urllib.request.urlopen(url + "/dualsample/requests") as r:
-        counts: dict[str, int] = json.loads(r.read())
-    return counts
-
-
 def test_requests_per_record_on_the_reference_servers(urls: tuple[str, str]) -> None:
     """Records of one token: one /tokenize per record on each server, and a /detokenize
     on the base only per distinct text (the first token is drawn from the teacher's
@@ -85,12 +78,12 @@ def test_requests_per_record_on_the_reference_servers(urls: tuple[str, str]) -> 
     record first gives what start-up costs."""
 
     def sent(records: int) -> tuple[list[dict[str, int]], set[tuple[int, ...]]]:
-        before = [_requests(u) for u in urls]
+        before = [request_counts(u) for u in urls]
         outs = run_coordinator(pair_config(urls, seed=3), [f"Question {i}: why?" for i in range(records)],
                                [f"Q{i}" for i in range(records)], max_tokens=1).outputs  # fmt: skip
         assert all(o.error is None for o in outs)
         texts = {tuple(o.token_ids) for o in outs if o.finish_reason != "stop"}
-        after = [_requests(u) for u in urls]
+        after = [request_counts(u) for u in urls]
         return [{path: n - b.get(path, 0) for path, n in a.items()} for a, b in zip(after, before, strict=True)], texts
 
     one, _ = sent(1)

@@ -97,11 +97,27 @@ def test_an_item_that_arrives_alone_is_not_held_for_later_ones() -> None:
     assert run.steps == [1, 1, 1, 1, 1, 1]
 
 
-@pytest.mark.parametrize("batch", [4, 64])
-def test_a_full_batch_does_not_wait(batch: int) -> None:
-    run = _Run(length=2, delays={i: 0.002 * i for i in range(8)}, batch=batch)
-    assert asyncio.run(_collect(run, _items(8))) == list(range(8))
-    assert run.steps[0] == min(batch, 8)
+def test_a_batch_filled_from_what_is_ready_does_not_wait_for_the_rest() -> None:
+    """Four items are ready at once and four more only later: a batch of four starts
+    with the first four, without waiting for the others' preparation (one of eight
+    waits for them all)."""
+    prepared_at_first_step: dict[int, int] = {}
+
+    def first_step(batch: int) -> int:
+        run = _Run(length=2, delays={i: 0.0 if i < 4 else 0.05 for i in range(8)}, batch=batch)
+        step = run.step
+
+        async def noting(rows: list[Any]) -> None:
+            prepared_at_first_step.setdefault(batch, len(run.counts))
+            await step(rows)
+
+        run.scheduler.step = noting
+        assert asyncio.run(_collect(run, _items(8))) == list(range(8))
+        assert run.steps[0] == min(batch, 8)
+        return prepared_at_first_step[batch]
+
+    assert first_step(4) == 4
+    assert first_step(8) == 8
 
 
 def test_an_item_stuck_in_preparation_holds_the_batch_for_fill_wait_at_most(monkeypatch: pytest.MonkeyPatch) -> None:

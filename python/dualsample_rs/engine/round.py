@@ -263,10 +263,7 @@ class Round:
             rounds: list[int] | None = None
             kept: list[bool] | None = None
             if spec:
-                out = seq.out
-                if out.round is None or out.drafted is None:
-                    out.round, out.drafted = [], []
-                rounds, kept = out.round, out.drafted
+                rounds, kept = _round_lists(seq.out)
             this_round = rounds[-1] + 1 if rounds else 0
             for i in range(offset, offset + n):
                 self._emit(seq, drawn, i)
@@ -304,20 +301,18 @@ class Round:
         keys = np.fromiter((s.item.key for s in rows), dtype=np.int64, count=n)
         drawn = self._kernel(bundle, positions, keys, _law_arguments(rows, [1] * n))
         emit = self._emit
-        for i, seq in enumerate(rows):
-            if speculative:
-                out = seq.out
-                if out.round is None or out.drafted is None:
-                    out.round, out.drafted = [], []
-                this_round = out.round[-1] + 1 if out.round else 0
-                emit(seq, drawn, i)
-                out.round.append(this_round)
-                out.drafted.append(False)
-            else:
-                emit(seq, drawn, i)
         if speculative:
+            for i, seq in enumerate(rows):
+                rounds, kept = _round_lists(seq.out)
+                this_round = rounds[-1] + 1 if rounds else 0
+                emit(seq, drawn, i)
+                rounds.append(this_round)
+                kept.append(False)
             self.stats.rounds += n
             self.stats.round_tokens += n
+        else:
+            for i, seq in enumerate(rows):
+                emit(seq, drawn, i)
         self._count(drawn, np.ones(n, dtype=bool))
 
     def _kernel(
@@ -434,6 +429,14 @@ class Round:
             s.stability_fallbacks += int((res.fallback & emitted).sum())
         if cfg.sampler.enable_stability_check and not cfg.sampler.auto_fallback and res.js is not None:
             s.stability_flagged += int(((res.js > cfg.sampler.stability_js_max) & emitted).sum())
+
+
+def _round_lists(out: GenerationOutput) -> tuple[list[int], list[bool]]:
+    """A speculative run's per-token ``round`` and ``drafted`` lists of `out`, made
+    empty on its first round."""
+    if out.round is None or out.drafted is None:
+        out.round, out.drafted = [], []
+    return out.round, out.drafted
 
 
 def _law_arguments(rows: list[Sequence], lengths: list[int]) -> dict[str, Any]:

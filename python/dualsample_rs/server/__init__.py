@@ -6,6 +6,15 @@ demo, tests and benchmarks run over real sockets with real probabilities, no GPU
 
 from .faults import FaultConfig
 from .model import Model, NGramModel, load_preset
-from .process import ServerStartError, running_flavors, running_server
+from .process import ServerStartError, request_counts, running_flavors, running_server
 
-__all__ = ["FaultConfig", "Model", "NGramModel", "ServerStartError", "load_preset", "running_flavors", "running_server"]
+__all__ = [
+    "FaultConfig",
+    "Model",
+    "NGramModel",
+    "ServerStartError",
+    "load_preset",
+    "request_counts",
+    "running_flavors",
+    "running_server",
+]

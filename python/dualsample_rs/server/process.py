@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import queue
 import signal
@@ -54,6 +55,16 @@ def running_server(
     cmd = [sys.executable, "-m", "dualsample_rs", "serve", "--host", host, "--port", "0", *serve_args(model, **options)]
     with running_command(cmd, READY_PREFIX, timeout, "reference server") as (url, _):
         yield url
+
+
+def request_counts(url: str) -> dict[str, int]:
+    """The requests a running reference server at `url` has answered so far, by path
+    (its ``/dualsample/requests``)."""
+    import urllib.request  # here: the command imports this module, and urllib.request is slow to import
+
+    with urllib.request.urlopen(url + "/dualsample/requests") as r:
+        counts: dict[str, int] = json.loads(r.read())
+    return counts
 
 
 @contextlib.contextmanager
