@@ -128,3 +128,51 @@ def test_an_item_stuck_in_preparation_holds_the_batch_for_fill_wait_at_most(monk
     # Items 0 and 1 ran without item 2, which ran on its own once prepared (waiting for
     # it would have given [3, 3]).
     assert run.steps == [2, 2, 1, 1]
+
+
+def test_a_burst_of_items_arriving_one_by_one_starts_as_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serving: sixteen items arrive 10 ms apart (a framework's burst of requests, each
+    parsed in turn); with ARRIVAL_GAP at 50 ms the first step holds them all, where a step
+    taken on the first arrival would stagger them over the first steps."""
+    monkeypatch.setattr(scheduler, "ARRIVAL_GAP", 0.05)
+    run = _Run(length=3, delays={})
+
+    async def arriving() -> AsyncIterator[WorkItem]:
+        for i in range(16):
+            yield WorkItem(i, [1, 2], [1, 2])
+            await asyncio.sleep(0.01)
+
+    async def go() -> list[int]:
+        return sorted([index async for index, _ in run.scheduler.run(arriving())])
+
+    assert asyncio.run(asyncio.wait_for(go(), timeout=10)) == list(range(16))
+    assert run.steps == [16, 16, 16]
+
+
+def test_a_lone_arrival_waits_arrival_gap_not_fill_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler, "ARRIVAL_GAP", 0.05)
+    monkeypatch.setattr(scheduler, "FILL_WAIT", 5.0)
+    run = _Run(length=1, delays={})
+    step = run.step
+    started: list[float] = []
+
+    async def timed(rows: list[Any]) -> None:
+        started.append(asyncio.get_running_loop().time())
+        await step(rows)
+
+    run.scheduler.step = timed
+    gate = asyncio.Event()
+
+    async def arriving() -> AsyncIterator[WorkItem]:
+        yield WorkItem(0, [1, 2], [1, 2])
+        await gate.wait()
+
+    async def go() -> float:
+        t0 = asyncio.get_running_loop().time()
+        async for _ in run.scheduler.run(arriving()):
+            gate.set()
+        return started[0] - t0
+
+    waited = asyncio.run(asyncio.wait_for(go(), timeout=10))
+    assert 0.05 <= waited < 2.0  # held for the gap, not for FILL_WAIT
+    assert run.steps == [1]

@@ -24,6 +24,12 @@ READ_AHEAD = 64
 # The longest a batch started from empty waits for items being prepared (one stuck in
 # retries must not hold the others for long).
 FILL_WAIT = 0.5
+# Serving: a batch started from empty also waits while items keep arriving, until none has
+# come for this long. A framework sends its rollouts in bursts (a step's prompts at once,
+# or the next request of every client whose answer just went out), which reach the server
+# over tens of milliseconds; starting on the first few would stagger the batch as above.
+# A request that arrives alone waits this long once.
+ARRIVAL_GAP = 0.002
 
 Finished = tuple[int, GenerationOutput] | BaseException | None
 
@@ -54,20 +60,24 @@ class Scheduler:
         self.prepare, self.step, self.finish = prepare, step, finish
         self.workers, self.batch, self.on_output = workers, batch, on_output
         self.gate = gate
-        # Items being prepared, and the workers waiting for one of them to be done.
+        # Items being prepared, and the workers waiting for one of them to arrive or be done.
         self._preparing = 0
         self._waiters: list[asyncio.Future[None]] = []
+        self._serving = False  # items arrive one by one (an async iterable)
 
     def _prepared(self) -> None:
         self._preparing -= 1
+        self._wake()
+
+    def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             if not w.done():
                 w.set_result(None)
 
-    async def _next_prepared(self, deadline: float) -> bool:
-        """Wait until an item being prepared is done (queued or failed); False if the
-        loop's clock reached `deadline` first."""
+    async def _next_event(self, deadline: float) -> bool:
+        """Wait until an item arrives or an item being prepared is done (queued or
+        failed); False if the loop's clock reached `deadline` first."""
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         self._waiters.append(waiter)
@@ -87,6 +97,7 @@ class Scheduler:
         item joins a batch at that batch's next step, and the run ends when the iterable
         does and every sequence has finished. An item whose ``cancelled`` is set is
         dropped before its sequence's next step (finish reason ``"abort"``)."""
+        self._serving = isinstance(items, AsyncIterable)
         ready: asyncio.Queue[Sequence | None] = asyncio.Queue(maxsize=2 * self.batch)
         # Outputs, None when a worker is done, or the exception that stopped a task.
         finished: asyncio.Queue[Finished] = asyncio.Queue()
@@ -140,6 +151,7 @@ class Scheduler:
         async def take(index: int, item: WorkItem) -> None:
             await slots.acquire()  # a slot is held until the item is queued
             self._preparing += 1
+            self._wake()
             task = asyncio.create_task(prepare(index, item))
             pending.add(task)
             task.add_done_callback(pending.discard)
@@ -177,16 +189,23 @@ class Scheduler:
         try:
             while True:
                 # A batch started from empty (the run's start, or after every sequence
-                # ended) waits for the items being prepared, FILL_WAIT at most: steps of
-                # a few sequences while the rest are tokenized would leave the batch's
-                # sequences staggered, each step of the stagger one more request per server.
+                # ended) waits for the items being prepared, FILL_WAIT at most, and while
+                # serving for items still arriving (ARRIVAL_GAP): steps of a few sequences
+                # while the rest are tokenized would leave the batch's sequences
+                # staggered, each step of the stagger one more request per server.
                 filling = not active
-                deadline = asyncio.get_running_loop().time() + FILL_WAIT
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + FILL_WAIT
                 while not exhausted and len(active) < self.batch:
                     if active and ready.empty():
-                        if not (filling and self._preparing):
+                        if not filling:
                             break
-                        filling = await self._next_prepared(deadline)
+                        if self._preparing:
+                            filling = await self._next_event(deadline)
+                        elif self._serving:
+                            filling = await self._next_event(min(deadline, loop.time() + ARRIVAL_GAP))
+                        else:
+                            break
                         continue
                     seq = await ready.get()
                     if seq is None:
