@@ -92,10 +92,12 @@ def _prompts(count: int) -> list[list[int]]:
 
 
 async def _ask(http: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int, stream: bool,
-               seed: int) -> int:  # fmt: skip
-    """One completion request; the tokens it returned."""
+               seed: int, interval: int | None = None) -> int:  # fmt: skip
+    """One completion request (streamed: `interval` tokens per event); the tokens it returned."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "seed": seed, "logprobs": 0,
             "return_token_ids": True, "stream": stream}  # fmt: skip
+    if interval is not None:
+        body["stream_interval"] = interval
     async with http.post(url + "/v1/completions", json=body) as resp:
         if resp.status != 200:
             raise AssertionError(f"{resp.status}: {await resp.text()}")
@@ -114,7 +116,7 @@ async def _ask(http: aiohttp.ClientSession, url: str, prompt: list[int], max_tok
 
 
 async def _clients(url: str, prompts: list[list[int]], max_tokens: int, stream: bool,
-                   checkpoints: dict[int, Any] | None = None) -> int:  # fmt: skip
+                   checkpoints: dict[int, Any] | None = None, interval: int | None = None) -> int:  # fmt: skip
     """`CLIENTS` clients sending `prompts` one after another each; the tokens returned.
     At each count of answered requests in `checkpoints`, its callable is called."""
     todo = iter(enumerate(prompts))
@@ -126,7 +128,7 @@ async def _clients(url: str, prompts: list[list[int]], max_tokens: int, stream: 
         async def client() -> None:
             nonlocal done, tokens
             for i, prompt in todo:
-                got = await _ask(http, url, prompt, max_tokens, stream, i)
+                got = await _ask(http, url, prompt, max_tokens, stream, i, interval)
                 tokens += got  # after the await: `tokens += await ...` would read it before
                 done += 1
                 if checkpoints is not None and done in checkpoints:
@@ -142,10 +144,14 @@ async def _batch(coord: DualVLLMCoordinator, prompts: list[list[int]], max_token
     return sum(len(o.token_ids) for o in outs)
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("stream,interval", [(False, None), (True, None), (True, 8)],
+                         ids=["whole", "streamed", "streamed-interval-8"])  # fmt: skip
 def test_tokens_per_second_against_the_batch_engine(
-    benchmark, servers: tuple[str, str], gateway: tuple[str, int], stream: bool
+    benchmark, servers: tuple[str, str], gateway: tuple[str, int], stream: bool, interval: int | None
 ) -> None:
+    """Streamed answers with one event per token (the engines' default) and with a
+    request's ``stream_interval`` of 8 (an event per 8 tokens, as ``--stream-interval 8``
+    makes vLLM and SGLang send)."""
     benchmark.group = f"gateway: {CLIENTS} clients against the batch engine, same prompts and servers"
     full = not benchmark.disabled
     requests, max_tokens, rounds = (512, 32, 3) if full else (CLIENTS, 4, 1)
@@ -172,7 +178,7 @@ def test_tokens_per_second_against_the_batch_engine(
                     n0 = request_counts(servers[0]).get("/v1/completions", 0)
                     c0, t0 = used(), time.perf_counter()
                     if side == "gateway":
-                        tokens = await _clients(url, prompts, max_tokens, stream)
+                        tokens = await _clients(url, prompts, max_tokens, stream, interval=interval)
                     else:
                         tokens = await _batch(coord, prompts, max_tokens)
                     rates[side].append(tokens / (time.perf_counter() - t0))
@@ -181,19 +187,21 @@ def test_tokens_per_second_against_the_batch_engine(
                     assert tokens == requests * max_tokens
 
     url = gateway[0]
-    asyncio.run(_clients(url, prompts[:CLIENTS], 2, stream))  # warm: connections, caches
+    asyncio.run(_clients(url, prompts[:CLIENTS], 2, stream, interval=interval))  # warm: connections, caches
     benchmark.pedantic(lambda: asyncio.run(compare(url)), rounds=1, iterations=1)
     gateway, batch = max(rates["gateway"]), max(rates["batch"])
     made = rounds * requests * max_tokens
     per_token = {side: [round(1e6 * x / made, 1) for x in cpu[side]] for side in cpu}
     benchmark.extra_info.update(gateway_tokens_per_second=round(gateway), batch_tokens_per_second=round(batch),
                                 ratio=round(gateway / batch, 3), requests=requests, max_tokens=max_tokens,
+                                stream_interval=interval or 1,
                                 cpu_us_per_token_gateway_clients_servers=per_token["gateway"],
                                 cpu_us_per_token_batch_servers=per_token["batch"][1:],
                                 base_completions_requests={side: n / rounds for side, n in asked.items()})  # fmt: skip
     g, b = per_token["gateway"], per_token["batch"]
+    kind = f"streamed, interval {interval or 1}" if stream else "whole"
     print(
-        f"\ngateway ({'streamed' if stream else 'whole'}): {gateway:.0f} tokens/s, batch engine {batch:.0f} "
+        f"\ngateway ({kind}): {gateway:.0f} tokens/s, batch engine {batch:.0f} "
         f"tokens/s, ratio {gateway / batch:.2f} ({requests} requests x {max_tokens} tokens, {CLIENTS} clients)"
         f"\n  CPU us per token: gateway {g[0]}, its clients {g[1]}, servers {g[2]}; "
         f"batch engine {b[1]}, servers {b[2]}"

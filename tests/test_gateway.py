@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from dualsample_rs.backends.replicas import DETOKENIZE_IDS
 from dualsample_rs.config.coordinator import CoordinatorConfig
-from dualsample_rs.gateway import choice_key, open_gateway
+from dualsample_rs.gateway import GatewayOptions, choice_key, open_gateway
 from dualsample_rs.gateway.sampler import SampleRequest
 from dualsample_rs.server.app import PROMPT_KEY_IDS
 from hypothesis import given
@@ -221,6 +221,71 @@ def test_seeded_tokens_do_not_depend_on_what_else_is_in_flight(flavors: dict[str
             assert crowd[-1] == alone
 
     run(pair_config(flavors["vllm"], seed=5, max_batch_size=4), body)
+
+
+async def _events(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The JSON events of a streamed answer, in order."""
+    async with http.post(url, json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        raw = (await resp.read()).decode()
+    return [json.loads(e[len("data: ") :]) for e in raw.split("\n\n") if e.startswith("data: {")]
+
+
+def test_stream_interval_groups_tokens_as_the_engines_do(flavors: dict[str, tuple[str, str]]) -> None:
+    """The gateway's --stream-interval 3: a choice's first token in an event of its own,
+    then three per event, the rest with the finish (an event of its own, without tokens,
+    when none are left: the end is known only after the last token). A request's stream_interval raises it
+    on the OpenAI routes (vLLM's rule: 2 stays 3, 5 makes 5) and replaces it on SGLang's
+    /generate (2 makes 2). The events add up to the whole answer."""
+
+    def counts(events: list[dict[str, Any]], key: str) -> dict[int, list[int]]:
+        per: dict[int, list[int]] = {}
+        for e in events:
+            for c in e["choices"]:
+                if (ids := c.get(key)) is not None and (ids or c.get("finish_reason")):
+                    per.setdefault(c["index"], []).append(len(ids))
+        return per
+
+    async def body(gw: Any) -> None:
+        async with aiohttp.ClientSession() as http:
+            ask = {"model": "m", "prompt": QUESTION, "max_tokens": 11, "ignore_eos": True, "seed": 4, "n": 2,
+                   "logprobs": 1, "return_token_ids": True}  # fmt: skip
+            async with http.post(gw.url + "/v1/completions", json=ask) as resp:
+                whole = (await resp.json())["choices"]
+            for own, sizes in ((2, [1, 3, 3, 3, 1]), (5, [1, 5, 5, 0]), (None, [1, 3, 3, 3, 1])):
+                extra = {} if own is None else {"stream_interval": own}
+                events = await _events(http, gw.url + "/v1/completions", {**ask, **extra, "stream": True})
+                assert counts(events, "token_ids") == {0: sizes, 1: sizes}, own
+                for c in whole:
+                    mine = [x for e in events for x in e["choices"] if x["index"] == c["index"]]
+                    assert "".join(x["text"] for x in mine) == c["text"]
+                    assert [i for x in mine for i in x["token_ids"]] == c["token_ids"]
+                    lps = [lp for x in mine if x["logprobs"] for lp in x["logprobs"]["token_logprobs"]]
+                    assert lps == c["logprobs"]["token_logprobs"]
+                    tops = [t for x in mine if x["logprobs"] for t in x["logprobs"]["top_logprobs"]]
+                    assert tops == c["logprobs"]["top_logprobs"]
+                    alphas = [a for x in mine for a in x["dualsample"]["alpha"]]
+                    assert alphas == c["dualsample"]["alpha"]
+            chat = {
+                "model": "m",
+                "messages": [{"role": "user", "content": "Why?"}],
+                "max_tokens": 7,
+                "ignore_eos": True,
+                "seed": 2,
+                "stream": True,
+                "stream_interval": 5,
+                "return_token_ids": True,
+            }
+            events = await _events(http, gw.url + "/v1/chat/completions", chat)
+            assert counts(events, "token_ids") == {0: [1, 5, 1]}
+            ids = await gw.coordinator.base.tokenize(QUESTION)
+            sgl = {"input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": 7, "ignore_eos": True,
+                   "stream_interval": 2, "sampling_seed": 1}}  # fmt: skip
+            events = await _events(http, gw.url + "/generate", sgl)
+            assert [len(e["output_ids"]) for e in events] == [1, 3, 5, 7, 7]  # the last: with its finish
+            assert events[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 7}
+
+    run(pair_config(flavors["vllm"], seed=5), body, options=GatewayOptions(stream_interval=3))
 
 
 def test_sglang_route_and_vllm_generate_route(flavors: dict[str, tuple[str, str]]) -> None:
@@ -487,6 +552,23 @@ def test_cli_lists_and_parses_the_gateway(capsys: pytest.CaptureFixture[str]) ->
     assert done.value.code == 0 and "gateway" in capsys.readouterr().out
     assert main(["gateway", "--port", "70000"]) == 2
     assert "--port: must be in [0, 65535]" in capsys.readouterr().err
+    assert main(["gateway", "--stream-interval", "0"]) == 2
+    assert "--stream-interval: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_options_given_still_follow_the_base_for_error_shape_and_model(flavors: dict[str, tuple[str, str]]) -> None:
+    """Options that leave flavor and model_name out (as the command passes its flags)
+    take them from the base: an SGLang base's flat error body."""
+
+    async def body(gw: Any) -> None:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(gw.url + "/v1/completions", json={"prompt": "x", "n": 0}) as resp:
+                got = await resp.json()
+            assert resp.status == 400 and got["object"] == "error" and got["param"] == "n", got
+            async with http.post(gw.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}) as resp:
+                assert (await resp.json())["model"] == gw.coordinator.base.model
+
+    run(config_for(flavors, "sglang"), body, options=GatewayOptions(max_concurrent_requests=8, stream_interval=2))
 
 
 def test_metrics_count_the_tokens_of_whole_and_streamed_answers(flavors: dict[str, tuple[str, str]]) -> None:

@@ -153,17 +153,19 @@ async def run_gateway(args: argparse.Namespace, config: CoordinatorConfig) -> in
 
     if not 0 <= args.port < 65536:
         raise InvalidInputError(f"--port: must be in [0, 65535], got {args.port}")
-    for name in ("max_queued", "max_concurrent_requests", "max_logprobs"):
+    for name, least in (("max_queued", 0), ("max_concurrent_requests", 1), ("max_logprobs", 0),
+                        ("stream_interval", 1)):  # fmt: skip
         value = getattr(args, name)
-        if value is not None and value < (0 if name != "max_concurrent_requests" else 1):
-            raise InvalidInputError(f"--{name.replace('_', '-')}: must not be negative, got {value}")
+        if value is not None and value < least:
+            raise InvalidInputError(f"--{name.replace('_', '-')}: must be at least {least}, got {value}")
     for path in args.passthrough:
         if not path.startswith("/"):
             raise InvalidInputError(f"--passthrough: a path starts with '/', got {path!r}")
-    options = None
-    if args.max_concurrent_requests != 256 or args.max_logprobs != 20:
-        options = GatewayOptions(max_concurrent_requests=args.max_concurrent_requests,
-                                 limits=Limits(max_logprobs=args.max_logprobs))  # fmt: skip
+    options = GatewayOptions(
+        max_concurrent_requests=args.max_concurrent_requests,
+        limits=Limits(max_logprobs=args.max_logprobs),
+        stream_interval=args.stream_interval,
+    )
     await serve(config, args.host, args.port, args.passthrough, options=options, teacher_system=args.teacher_system,
                 max_queued_requests=args.max_queued)  # fmt: skip
     return 0

@@ -131,6 +131,9 @@ def _gateway_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
                    help="requests sampled at once (their sequences share the rounds); more wait")  # fmt: skip
     g.add_argument("--teacher-system", metavar="TEXT", help="a system message only the teacher sees (chat requests)")
     g.add_argument("--max-logprobs", type=int, default=20, metavar="N", help="the cap on a request's logprobs")
+    g.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                   help="tokens per streamed event, as the engines' flag: a choice's first token at once, then "
+                   "every N (a request's stream_interval may raise it)")  # fmt: skip
     _teacher_flags(p)
     _setting_flags(p, generate=False)
 

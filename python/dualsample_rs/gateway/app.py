@@ -42,24 +42,33 @@ class GatewayOptions:
 
     Attributes:
         flavor: the base's engine, whose error body the OpenAI routes answer with
-            (``vllm``: ``{"error": {...}}``; ``sglang``: flat ``{"object": "error", ...}``).
-        model_name: the model name answers carry when the request names none.
+            (``vllm``: ``{"error": {...}}``; ``sglang``: flat ``{"object": "error", ...}``);
+            None: the base's dialect under :func:`~dualsample_rs.gateway.open_gateway`,
+            else ``vllm``.
+        model_name: the model name answers carry when the request names none; None: the
+            base's model under :func:`~dualsample_rs.gateway.open_gateway`, else
+            ``dualsample``.
         limits: caps on one request (log probabilities, n, prompts).
         max_concurrent_requests: requests sampled at once; more wait in the queue.
         max_queued_requests: requests that may wait; past it, 503 with ``Retry-After``.
         retry_after: the ``Retry-After`` seconds of that answer.
         upstream_timeout: seconds a forwarded call may take.
         client_max_size: the largest request body accepted, in bytes.
+        stream_interval: tokens per streamed event, as the engines' ``--stream-interval``:
+            a choice's first token is sent at once, then whenever this many are unsent,
+            and the rest with its end. A request's ``stream_interval`` raises it on the
+            OpenAI routes (vLLM's rule) and replaces it on ``/generate`` (SGLang's).
     """
 
-    flavor: Literal["vllm", "sglang"] = "vllm"
-    model_name: str = "dualsample"
+    flavor: Literal["vllm", "sglang"] | None = None
+    model_name: str | None = None
     limits: Limits = field(default_factory=Limits)
     max_concurrent_requests: int = 256
     max_queued_requests: int = 1024
     retry_after: float = 1.0
     upstream_timeout: float = 600.0
     client_max_size: int = 64 * 1024**2
+    stream_interval: int = 1
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -121,10 +130,17 @@ class _Gateway:
             return "sglang-native"
         if route == "vllm_generate":
             return "vllm"
-        return self.options.flavor
+        return self.options.flavor or "vllm"
 
     def error(self, err: GatewayError, route: Route | None) -> web.Response:
         return _json(err.body(self.shape(route)), status=err.status, headers=err.headers or None)
+
+    def stream_interval(self, req: SampleRequest) -> int:
+        """Tokens per streamed event for `req` (see :class:`GatewayOptions`)."""
+        own = req.stream_interval
+        if own is None:
+            return self.options.stream_interval
+        return own if req.route == "sglang_generate" else max(own, self.options.stream_interval)
 
     # ------------------------------------------------------------ generation
     def handler(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -166,7 +182,7 @@ class _Gateway:
                     for p, ids in zip(req.prompts, prompt_ids, strict=True)
                 ]
             self.metrics.prompt_tokens.inc(sum(len(p) for p in prompt_ids))
-            ans = Answer(req, prompt_ids, req.model or self.options.model_name, echo_texts)
+            ans = Answer(req, prompt_ids, req.model or self.options.model_name or "dualsample", echo_texts)
             if req.stream:
                 return await self.stream(request, ans)
             choices = await self.run(request, ans, None)
@@ -216,15 +232,25 @@ class _Gateway:
             await _cancel(tasks)
 
     async def stream(self, request: web.Request, ans: Answer) -> web.StreamResponse:
-        events: asyncio.Queue[tuple[int, TokenResult | ChoiceResult | BaseException]] = asyncio.Queue()
-        tasks = self._tasks(ans, lambda i, tok: events.put_nowait((i, tok)))
+        # Each choice's events as its tokens make them (built in the token callback, so
+        # that a token that completes no event under the stream interval wakes nobody),
+        # then its result or failure.
+        events: asyncio.Queue[tuple[int, list[Any] | ChoiceResult | BaseException]] = asyncio.Queue()
+        stream = Stream(ans, self.stream_interval(ans.req))
+        first = [c for i in range(ans.req.num_choices) for c in stream.start(i)]
+
+        def on_token(index: int, tok: TokenResult) -> None:
+            chunks = stream.token(index, tok)
+            if chunks:
+                events.put_nowait((index, chunks))
+
+        tasks = self._tasks(ans, on_token)
         for i, t in enumerate(tasks):
             t.add_done_callback(_on_done(events, i))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        stream = Stream(ans)
         try:
             await response.prepare(request)
-            await _send(response, [c for i in range(len(tasks)) for c in stream.start(i)])
+            await _send(response, first)
             left = len(tasks)
             failed = False
             while left and not failed:
@@ -236,8 +262,8 @@ class _Gateway:
                 for index, item in arrived:
                     if failed:
                         break
-                    if isinstance(item, TokenResult):
-                        chunks += stream.token(index, item)
+                    if isinstance(item, list):
+                        chunks += item
                     elif isinstance(item, ChoiceResult):
                         left -= 1
                         chunks += stream.finish(index, item)
@@ -304,7 +330,7 @@ class _ClientLeft(Exception):
 
 
 def _on_done(
-    events: asyncio.Queue[tuple[int, TokenResult | ChoiceResult | BaseException]], index: int
+    events: asyncio.Queue[tuple[int, list[Any] | ChoiceResult | BaseException]], index: int
 ) -> Callable[[asyncio.Task[ChoiceResult]], None]:
     def done(task: asyncio.Task[ChoiceResult]) -> None:
         events.put_nowait((index, _outcome(task)))

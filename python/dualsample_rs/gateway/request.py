@@ -309,6 +309,7 @@ def _common(fields: _Fields, limits: Limits, temperature_max: float | None) -> d
         "skip_special_tokens": fields.flag("skip_special_tokens", True),
         "include_stop_str_in_output": fields.flag("include_stop_str_in_output", False),
         "min_tokens": fields.integer("min_tokens", 0) or 0,
+        "stream_interval": fields.integer("stream_interval", 1),
     }
 
 

@@ -292,15 +292,20 @@ class Stream:
     starts, a token is drawn, a choice ends, the stream ends. Each returns the JSON
     objects to send as ``data:`` events (``data: [DONE]`` is the caller's).
 
-    OpenAI routes send deltas (the text, ids and log probabilities of the new token);
+    OpenAI routes send deltas (the text, ids and log probabilities of the new tokens);
     SGLang's ``/generate`` sends the choice so far each time (its default, cumulative
     output), with ``index``. The deltas of a choice add up to its whole answer: the
-    finishing event carries the text the sampler held back.
+    finishing event carries the tokens not sent yet and the text the sampler held back.
+
+    `interval` is the engines' stream interval: a choice's first token goes out at once,
+    then an event whenever `interval` tokens are unsent, and the rest with the end.
     """
 
-    def __init__(self, ans: Answer) -> None:
+    def __init__(self, ans: Answer, interval: int = 1) -> None:
         self.ans = ans
+        self.interval = interval
         self.tokens: dict[int, list[TokenResult]] = {}
+        self.unsent: dict[int, list[TokenResult]] = {}
         self.sent: dict[int, str] = {}
 
     def _chunk(self, index: int, choice: dict[str, Any]) -> dict[str, Any]:
@@ -316,6 +321,7 @@ class Stream:
     def start(self, index: int) -> list[Any]:
         req = self.ans.req
         self.tokens[index] = []
+        self.unsent[index] = []
         self.sent[index] = ""
         if req.route == "chat":
             chunk = self._chunk(index, {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -334,47 +340,50 @@ class Stream:
         return []
 
     def token(self, index: int, tok: TokenResult) -> list[Any]:
+        tokens, unsent = self.tokens[index], self.unsent[index]
+        tokens.append(tok)
+        unsent.append(tok)
+        if len(tokens) > 1 and len(unsent) < self.interval:
+            return []
+        self.unsent[index] = []
+        if self.ans.req.route == "sglang_generate":
+            text = self.sent[index] = self.sent[index] + "".join(t.text for t in unsent)
+            return [{**sglang_item(self.ans, index, tokens, text, None), "index": index}]
+        return [self._chunk(index, self._delta(index, unsent, "".join(t.text for t in unsent), None))]
+
+    def _delta(self, index: int, toks: list[TokenResult], text: str, c: ChoiceResult | None) -> dict[str, Any]:
+        """The choice of an OpenAI route's event: `toks` and `text` new since the last
+        event, and the finish reason once `c` has ended."""
         req = self.ans.req
-        self.tokens[index].append(tok)
-        self.sent[index] += tok.text
-        if req.route == "sglang_generate":
-            return [{**sglang_item(self.ans, index, self.tokens[index], self.sent[index], None), "index": index}]
-        ext = extension([tok], None)
+        offset = len(self.sent[index])
+        self.sent[index] += text
+        finish = None if c is None else c.finish_reason
+        logprobs: dict[str, Any] | None = None
+        if req.logprobs is not None and toks:
+            logprobs = chat_logprobs(req, toks) if req.route == "chat" else completion_logprobs(req, toks, offset)
+        choice: dict[str, Any]
         if req.route == "chat":
-            choice: dict[str, Any] = {
-                "delta": {"content": tok.text},
-                "logprobs": None if req.logprobs is None else chat_logprobs(req, [tok]),
-                "finish_reason": None,
-            }
+            delta = {"content": text} if text or c is None else {}
+            choice = {"delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            if c is not None:
+                choice["stop_reason"] = c.stop_reason
         else:
-            offset = len(self.sent[index]) - len(tok.text)
-            choice = {
-                "text": tok.text,
-                "logprobs": None if req.logprobs is None else completion_logprobs(req, [tok], offset),
-                "finish_reason": None,
-                "stop_reason": None,
-            }
+            choice = {"text": text, "logprobs": logprobs, "finish_reason": finish,
+                      "stop_reason": None if c is None else c.stop_reason}  # fmt: skip
         if req.return_token_ids:
-            choice["token_ids"] = [tok.token_id]
-        choice[EXTENSION] = ext
-        return [self._chunk(index, choice)]
+            choice["token_ids"] = [t.token_id for t in toks]
+        choice[EXTENSION] = extension(toks, None if c is None else c.teacher)
+        return choice
 
     def finish(self, index: int, c: ChoiceResult) -> list[Any]:
-        req = self.ans.req
-        sent = self.sent[index]
-        rest = c.text[len(sent) :] if c.text.startswith(sent) else ""
-        self.sent[index] = sent + rest
-        if req.route == "sglang_generate":
+        unsent, self.unsent[index] = self.unsent[index], []
+        if self.ans.req.route == "sglang_generate":
+            self.sent[index] = c.text
             return [{**sglang_item(self.ans, index, self.tokens[index], c.text, c), "index": index}]
-        if req.route == "chat":
-            choice: dict[str, Any] = {"delta": {"content": rest} if rest else {}, "logprobs": None,
-                                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}  # fmt: skip
-        else:
-            choice = {"text": rest, "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-        if req.return_token_ids:
-            choice["token_ids"] = []
-        choice[EXTENSION] = extension([], c.teacher)
-        return [self._chunk(index, choice)]
+        # The text of the tokens not sent yet, then what the sampler held back.
+        sent = self.sent[index] + "".join(t.text for t in unsent)
+        rest = c.text[len(sent) :] if c.text.startswith(sent) else ""
+        return [self._chunk(index, self._delta(index, unsent, sent[len(self.sent[index]) :] + rest, c))]
 
     def end(self) -> list[Any]:
         """The usage chunk (when asked for), after every choice."""

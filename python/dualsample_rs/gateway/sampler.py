@@ -60,6 +60,8 @@ class SampleRequest:
     tokens_as_ids: bool = False
     stream: bool = False
     include_usage: bool = False
+    # Tokens per streamed event (the engines' ``stream_interval``); None: the gateway's.
+    stream_interval: int | None = None
     model: str | None = None
     # Chat only: passed to the chat template.
     add_generation_prompt: bool = True

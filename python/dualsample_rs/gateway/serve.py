@@ -69,7 +69,7 @@ async def open_gateway(
         config: the run's settings, as ``dualsample generate`` takes them.
         passthrough_paths: more paths forwarded to every base replica (any method).
         options: the HTTP layer's settings (its ``flavor`` follows the base's dialect
-            and ``model_name`` the base's model unless given).
+            and ``model_name`` the base's model where they are None).
         teacher_system: a system message only the teacher sees (chat requests).
         max_queued_requests: overrides the options' queue limit.
     """
@@ -77,9 +77,10 @@ async def open_gateway(
     async with Coordinator(config) as coord, coord.serving() as serving:
         assert coord.info is not None
         sampler = EngineSampler(coord, serving, teacher_system, metrics)
-        if options is None:
-            sglang = coord.info[0].dialect == "sglang"
-            options = GatewayOptions(flavor="sglang" if sglang else "vllm", model_name=coord.base.model or "dualsample")
+        options = options or GatewayOptions()
+        sglang = coord.info[0].dialect == "sglang"
+        options = dataclasses.replace(options, flavor=options.flavor or ("sglang" if sglang else "vllm"),
+                                      model_name=options.model_name or coord.base.model or "dualsample")  # fmt: skip
         if max_queued_requests is not None:
             options = dataclasses.replace(options, max_queued_requests=max_queued_requests)
 
