@@ -243,3 +243,51 @@ async def held_while_paused(gw: RunningGateway, prompt: list[int], pause: Awaita
     await asyncio.sleep(1.0)
     assert not waiting.done()  # rounds wait while the base is paused
     return waiting
+
+
+async def _event_sizes(http: aiohttp.ClientSession, url: str, body: dict[str, Any], cumulative: bool) -> list[int]:
+    """The tokens each event of a streamed answer carries (on SGLang's cumulative
+    /generate, what each adds), leaving out events that carry none (the start, or an
+    end sent apart from the last tokens)."""
+    async with http.post(url, json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        raw = (await resp.read()).decode()
+    sizes, seen = [], 0
+    for event in raw.split("\n\n"):
+        if not event.startswith("data: {"):
+            continue
+        got = json.loads(event[len("data: ") :])
+        if cumulative:
+            count = len(got["output_ids"]) - seen
+            seen += count
+        else:
+            count = sum(len(c.get("token_ids") or ()) for c in got["choices"])
+        if count:
+            sizes.append(count)
+    return sizes
+
+
+def check_stream_interval(engine: Engine, dialect: str) -> list[int]:
+    """A request's stream_interval of 3 groups a streamed answer's tokens as the engine
+    groups its own: the gateway's events carry as many tokens each as the base's do for
+    the same request (vLLM's /v1/completions, or SGLang's /generate). The sizes."""
+    sglang = dialect == "sglang"
+    prompt = checks.tokenize(engine.theta, engine.theta_model, text=PLAIN[0])
+    if sglang:
+        path = "/generate"
+        body: dict[str, Any] = {"input_ids": prompt, "stream": True, "sampling_params": {
+            "max_new_tokens": 11, "ignore_eos": True, "stream_interval": 3}}  # fmt: skip
+    else:
+        path = "/v1/completions"
+        body = {"model": engine.theta_model, "prompt": prompt, "max_tokens": 11, "ignore_eos": True, "stream": True,
+                "stream_interval": 3, "return_token_ids": True}  # fmt: skip
+
+    async def both(gw: RunningGateway) -> tuple[list[int], list[int]]:
+        async with aiohttp.ClientSession() as http:
+            own = await _event_sizes(http, engine.theta + path, body, sglang)
+            ours = await _event_sizes(http, gw.url + path, body, sglang)
+            return own, ours
+
+    own, ours = with_gateway(engine, dialect, both)
+    assert sum(own) == 11 and ours == own, (own, ours)
+    return own

@@ -128,6 +128,10 @@ def test_gateway_answers_are_the_generate_records_and_sglangs_numbers(engine: En
     assert done["answers"] == 13 and done["positions"] >= 8
 
 
+def test_gateway_streams_at_a_requests_stream_interval_as_sglang_does(engine: Engine) -> None:
+    assert gateway_checks.check_stream_interval(engine, "sglang") == [1, 3, 3, 3, 1]
+
+
 def test_gateway_passes_sglangs_control_routes_to_the_base(engine: Engine) -> None:
     """/flush_cache reaches the real base through the gateway (SGLang's own answer comes
     back), and so do /pause_generation and /continue_generation; rounds wait between."""

@@ -178,6 +178,10 @@ def test_gateway_answers_are_the_generate_records_and_vllms_numbers(engine: Engi
     assert done["answers"] == 13 and done["positions"] >= 8
 
 
+def test_gateway_streams_at_a_requests_stream_interval_as_vllm_does(engine: Engine) -> None:
+    assert gateway_checks.check_stream_interval(engine, "vllm-completions") == [1, 3, 3, 3, 1]
+
+
 def test_gateway_passes_vllms_control_routes_to_the_base(engine: Engine) -> None:
     """/reset_prefix_cache and /pause, /resume reach the real base through the gateway
     (vLLM says so itself on /is_paused); rounds wait while it is paused."""
