@@ -434,13 +434,27 @@ class _Text:
         self.hold = max((len(s) for s in req.stop), default=1) - 1
         self.want_pieces = req.logprobs is not None and (not req.tokens_as_ids or req.return_text_in_logprobs)
 
-    async def _token(self, out: GenerationOutput, k: int, text: str = "") -> TokenResult:
+    async def _texts(self, got: Sequence[tuple[GenerationOutput, int]]) -> dict[int, str]:
+        """The own texts of the tokens at `got` and of their alternatives, asked for at
+        once, where the answer names them (else none)."""
+        if not self.want_pieces:
+            return {}
+        top = self.item.top if self.item.alternatives else None
+        ids = [out.token_ids[k] for out, k in got]
+        if top is not None:
+            ids += [t for _, k in got for t, _ in top[k]]
+        ids = list(dict.fromkeys(ids))
+        return dict(zip(ids, await self.sampler.pieces(ids), strict=True))
+
+    def _token(self, out: GenerationOutput, k: int, texts: dict[int, str], text: str = "") -> TokenResult:
+        """The token at `k` of `out`, its texts from `texts` (see :meth:`_texts`)."""
         tid = out.token_ids[k]
         top = self.item.top[k] if self.item.alternatives else ()
         pieces: dict[int, str] = {}
         if self.want_pieces:
-            ids = [tid, *(t for t, _ in top)]
-            pieces = dict(zip(ids, await self.sampler.pieces(ids), strict=True))
+            pieces = {tid: texts[tid]}
+            for t, _ in top:
+                pieces[t] = texts[t]
         return TokenResult(
             token_id=tid, text=text, logprob=out.logq[k], top=top, pieces=pieces, alpha=out.alpha_history[k],
             logp_base=out.logp_theta[k], logp_teacher=out.logp_t[k], observed_base=bool(out.observed_theta[k]),
@@ -455,10 +469,9 @@ class _Text:
 
     async def whole(self, out: GenerationOutput) -> None:
         """Take a finished choice's tokens at once (its text is the engine's)."""
-        if self.want_pieces:  # every text the answer names, asked for at once
-            await self.sampler.pieces([*out.token_ids, *(t for top in self.item.top for t, _ in top)])
+        texts = await self._texts([(out, k) for k in range(len(out.token_ids))])
         for k in range(len(out.token_ids)):
-            tok = await self._token(out, k)
+            tok = self._token(out, k, texts)
             self.tokens.append(tok)
             if self.on_token is not None:
                 self.on_token(tok)
@@ -508,8 +521,9 @@ class _Text:
             full = self.sent
         text = full[len(self.sent) : max(cut, len(self.sent))]
         self.sent += text
+        texts = await self._texts([(out, k) for out, k, _ in got[:new]])
         for i, (out, k, _) in enumerate(got[:new]):
-            tok = await self._token(out, k, text if i == new - 1 else "")
+            tok = self._token(out, k, texts, text if i == new - 1 else "")
             self.tokens.append(tok)
             if self.on_token is not None:
                 self.on_token(tok)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    Summary,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.registry import Collector
 
 from .sampler import TokenResult
 
@@ -32,9 +36,8 @@ class GatewayMetrics:
         self.requests = Counter(PREFIX + "requests", "Requests answered, by route and status", ["route", "status"],
                                 registry=r)  # fmt: skip
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of requests sampled", registry=r)
-        self.generated_tokens = Counter(PREFIX + "generated_tokens", "Tokens drawn from q*", registry=r)
-        self.fallback_tokens = Counter(PREFIX + "fallback_tokens", "Tokens at positions that fell back", registry=r)
-        self.alpha = Summary(PREFIX + "alpha", "α at each generated token", registry=r)
+        self.tokens = _TokenCounts()
+        r.register(self.tokens)
         self.sequences_in_flight = Gauge(PREFIX + "sequences_in_flight", "Sequences being sampled", registry=r)
         self.requests_in_flight = Gauge(PREFIX + "requests_in_flight", "Requests being sampled", registry=r)
         self.queue_length = Gauge(PREFIX + "queue_length", "Requests waiting for a slot", registry=r)
@@ -46,10 +49,11 @@ class GatewayMetrics:
 
     def observe_token(self, tok: TokenResult) -> None:
         """Count one generated token."""
-        self.generated_tokens.inc()
-        self.alpha.observe(tok.alpha)
+        counts = self.tokens
+        counts.generated += 1
+        counts.alpha_sum += tok.alpha
         if tok.fallback:
-            self.fallback_tokens.inc()
+            counts.fallback += 1
 
     def observe_upstream(self, server: str, seconds: float, error: bool) -> None:
         """Record one call to `server`."""
@@ -60,3 +64,24 @@ class GatewayMetrics:
     def render(self) -> bytes:
         """The Prometheus text format."""
         return generate_latest(self.registry)
+
+
+class _TokenCounts(Collector):
+    """The per-token series (generated and fallback tokens, the α summary), kept as plain
+    numbers and read at scrape time: they move once per generated token, where the
+    library's metric objects take a lock per update (three per token). The gateway's
+    updates all come from its one event loop thread."""
+
+    def __init__(self) -> None:
+        self.generated = 0
+        self.fallback = 0
+        self.alpha_sum = 0.0
+        self.created = time.time()
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(PREFIX + "generated_tokens", "Tokens drawn from q*", value=self.generated,
+                                  created=self.created)  # fmt: skip
+        yield CounterMetricFamily(PREFIX + "fallback_tokens", "Tokens at positions that fell back",
+                                  value=self.fallback, created=self.created)  # fmt: skip
+        yield SummaryMetricFamily(PREFIX + "alpha", "α at each generated token", count_value=self.generated,
+                                  sum_value=self.alpha_sum)  # fmt: skip
