@@ -129,7 +129,8 @@ def test_gateway_answers_are_the_generate_records_and_sglangs_numbers(engine: En
 
 
 def test_gateway_streams_at_a_requests_stream_interval_as_sglang_does(engine: Engine) -> None:
-    assert gateway_checks.check_stream_interval(engine, "sglang") == [1, 3, 3, 3, 1]
+    own, _ = gateway_checks.check_stream_interval(engine, "sglang")
+    assert own == [1, 3, 3, 3, 1]  # SGLang's scheduler decides each event by the count
 
 
 def test_gateway_passes_sglangs_control_routes_to_the_base(engine: Engine) -> None:
